@@ -1,0 +1,164 @@
+"""SnellConfig: every choice that defines a SNELL adapter, validated on creation and JSON round-trippable."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
+SPARSIFY_MODES = ("reference", "mask", "soft")
+
+#: Version of the adapter file format. Bumped when a saved adapter could be misread by older code.
+FORMAT_VERSION = 1
+
+
+def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
+    """The kernel coefficients used by the reference code (piecewise) or chosen to start near zero (others).
+
+    - piecewise_linear: α_p alternating +0.1, −0.1 (the reference code's fixed (+0.1, −0.1) for P = 2);
+    - linear: one scale (1.0, i.e. LoRA with lora_alpha = r);
+    - rbf: (α, β, γ) = (1, 1, −1) so that κ = exp(−‖a−b‖²) − 1 starts close to 0;
+    - sigmoid: (α, β, γ) = (1, 1, −0.5) so that κ = σ(a·b) − 0.5 starts close to 0.
+    """
+    if kernel == "piecewise_linear":
+        return [0.1 if p % 2 == 0 else -0.1 for p in range(num_pieces)]
+    if kernel == "linear":
+        return [1.0]
+    if kernel == "rbf":
+        return [1.0, 1.0, -1.0]
+    return [1.0, 1.0, -0.5]
+
+
+def expected_num_coefficients(kernel: str, num_pieces: int) -> int:
+    return {"piecewise_linear": num_pieces, "linear": 1}.get(kernel, 3)
+
+
+@dataclass
+class SnellConfig:
+    """Configuration of SNELL adapters.
+
+    Attributes:
+        r: rank of the factors A (in_features × r) and B (out_features × r).
+        kernel: how ΔW[j, i] = κ(A[i], B[j]) is built: "linear" (LoRA), "piecewise_linear" (default),
+            "rbf" or "sigmoid".
+        num_pieces: P, the number of contiguous column blocks of width r/P for piecewise_linear.
+        coefficients: kernel coefficients (see :func:`default_coefficients`); None = the defaults.
+        learnable_coefficients: train the kernel coefficients too (the paper says learnable, the
+            reference code keeps them fixed).
+        sparsity: fraction of the entries of each ΔW that is zeroed (0 <= s < 1; 0.9 keeps the top 10 %).
+        sparsify_mode: "reference" (kept entries become ΔW·|ΔW|, |ΔW| detached: the published numbers),
+            "mask" (kept entries stay ΔW) or "soft" (ΔW·max(|ΔW| − τ, 0), the paper's Eq. 5).
+            At sparsity 0 every mode uses the dense ΔW (the reference code does the same).
+        target_modules: module-name suffixes (list), a regular expression matched against the full
+            module name (str), or None for the preset of the detected model family.
+        exclude_modules: like target_modules, modules never adapted (None = nothing excluded).
+        modules_to_save: module-name suffixes trained fully (e.g. the classifier head).
+        dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the fused fast path).
+        drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
+        split_fused_qkv: give fused q/k/v projections (timm's ``qkv``) one adapter per q, k and v, so each
+            is sparsified as its own matrix, as the reference code does.
+    """
+
+    r: int = 8
+    kernel: str = "piecewise_linear"
+    num_pieces: int = 2
+    coefficients: list[float] | None = None
+    learnable_coefficients: bool = False
+    sparsity: float = 0.9
+    sparsify_mode: str = "reference"
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    split_fused_qkv: bool = True
+    format_version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value and the allowed range."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.sparsify_mode not in SPARSIFY_MODES:
+            raise ValueError(f"sparsify_mode must be one of {SPARSIFY_MODES}, got {self.sparsify_mode!r}")
+        if isinstance(self.num_pieces, bool) or not isinstance(self.num_pieces, int) or self.num_pieces < 1:
+            raise ValueError(f"num_pieces must be an integer >= 1, got {self.num_pieces!r}")
+        if self.kernel == "piecewise_linear" and self.r % self.num_pieces:
+            raise ValueError(
+                f"r must be divisible by num_pieces for piecewise_linear, got r={self.r}, num_pieces={self.num_pieces}"
+            )
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (fraction of entries zeroed), got {self.sparsity!r}")
+        for name in ("dropout", "drop_path"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.coefficients is not None:
+            expected = expected_num_coefficients(self.kernel, self.num_pieces)
+            if len(self.coefficients) != expected:
+                raise ValueError(f"kernel {self.kernel!r} takes {expected} coefficients, got {len(self.coefficients)}")
+            self.coefficients = [float(c) for c in self.coefficients]
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ValueError(f"{name} is not a valid regular expression: {value!r} ({err})") from None
+            elif value is not None:
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{name} must be a list of names, a regex string or None, got {value!r}")
+                setattr(self, name, list(value))
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(v, str) for v in self.modules_to_save
+            ):
+                raise ValueError(f"modules_to_save must be a list of names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
+        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this adapter config has format_version {self.format_version!r}, but this snell reads "
+                f"versions <= {FORMAT_VERSION}; upgrade snell to load it"
+            )
+
+    @property
+    def kernel_coefficients(self) -> list[float]:
+        return (
+            self.coefficients if self.coefficients is not None else default_coefficients(self.kernel, self.num_pieces)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SnellConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a SNELL config must be a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"this adapter config has format_version {version!r}, but this snell reads versions "
+                f"<= {FORMAT_VERSION}; upgrade snell to load it"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SNELL config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SnellConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"SNELL config is not valid JSON: {err}") from None
+        return cls.from_dict(data)

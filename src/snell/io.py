@@ -1,0 +1,163 @@
+"""Small adapter files: the factors (and modules_to_save) as safetensors, the config as JSON.
+
+A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. The safetensors metadata
+records every adapted layer's op and weight shape, so loading into another architecture fails with a
+clear message before the model is touched. Files are written to temporary names and renamed, so an
+interrupted save never leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from snell import __version__
+from snell.config import FORMAT_VERSION, SnellConfig
+from snell.function import SnellSpec
+from snell.layers import build_spec, factor_shapes, iter_snell_layers
+from snell.model import inject, resolve_modules_to_save
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+_FORMAT_TAG = "snell"
+
+
+def _layer_record(spec: SnellSpec) -> dict:
+    return {"op": spec.op, "weight_shape": list(spec.weight_shape), "groups": spec.groups}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything an adapter file holds: factors, learnable coefficients, modules_to_save tensors."""
+    config: SnellConfig | None = getattr(model, "snell_config", None)
+    layers = list(iter_snell_layers(model))
+    if config is None or not layers:
+        raise ValueError(f"{type(model).__name__} has no SNELL adapters to save")
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{name}.snell_A"] = layer.snell_A
+        tensors[f"{name}.snell_B"] = layer.snell_B
+        if config.learnable_coefficients:
+            tensors[f"{name}.snell_coefficients"] = layer.snell_coefficients
+    for module_name, module in resolve_modules_to_save(model, config).items():
+        for key, value in module.state_dict().items():
+            tensors[f"{module_name}.{key}"] = value
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed) and return the directory."""
+    tensors = adapter_state_dict(model)
+    config: SnellConfig = model.snell_config
+    if any(layer.snell_merged for _, layer in iter_snell_layers(model)):
+        raise ValueError("adapters are merged into the weights; unmerge_adapters(model) before saving")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": _FORMAT_TAG,
+        "format_version": str(FORMAT_VERSION),
+        "snell_version": __version__,
+        "layers": json.dumps({name: _layer_record(layer.snell_spec) for name, layer in iter_snell_layers(model)}),
+    }
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    return out
+
+
+def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.Tensor]]:
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"no SNELL adapter at {directory}: {path.name} is missing")
+    try:
+        config = SnellConfig.from_json(config_path.read_text())
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{weights_path} is not a readable adapter file (corrupt or truncated?): {err}") from None
+    if metadata.get("format") != _FORMAT_TAG or "layers" not in metadata:
+        raise ValueError(f"{weights_path} is not a SNELL adapter file (no snell metadata)")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{weights_path} has format_version {version}, but this snell reads versions <= {FORMAT_VERSION}; "
+            "upgrade snell to load it"
+        )
+    return config, json.loads(metadata["layers"]), tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Inject the adapter saved in ``directory`` into ``model`` (in place) and load its tensors.
+
+    Everything is checked against the model first (layer names, ops, shapes, tensor shapes); on any
+    mismatch a ValueError names it and the model is left untouched.
+    """
+    directory = Path(directory)
+    config, records, tensors = _read_adapter(directory)
+    modules = dict(model.named_modules())
+    specs: dict[str, SnellSpec] = {}
+    for name, record in records.items():
+        if name not in modules:
+            raise ValueError(
+                f"the adapter in {directory} was made for another architecture: {type(model).__name__} "
+                f"has no module {name!r}"
+            )
+        spec = build_spec(name, modules[name], config)
+        if _layer_record(spec) != record:
+            raise ValueError(
+                f"the adapter in {directory} was made for another architecture: layer {name!r} is "
+                f"{record} in the file but {_layer_record(spec)} in the model"
+            )
+        specs[name] = spec
+        expected = dict(zip(("snell_A", "snell_B"), factor_shapes(spec, config.r), strict=True))
+        if config.learnable_coefficients:
+            expected["snell_coefficients"] = (len(config.kernel_coefficients),)
+        for key, shape in expected.items():
+            tensor = tensors.get(f"{name}.{key}")
+            if tensor is None or tuple(tensor.shape) != shape:
+                found = None if tensor is None else tuple(tensor.shape)
+                raise ValueError(f"{directory / WEIGHTS_NAME}: {name}.{key} should have shape {shape}, found {found}")
+    module_states: dict[nn.Module, dict[str, torch.Tensor]] = {}
+    for module_name, module in resolve_modules_to_save(model, config).items():
+        state = {}
+        for key, value in module.state_dict().items():
+            tensor = tensors.get(f"{module_name}.{key}")
+            if tensor is None or tensor.shape != value.shape:
+                found = None if tensor is None else tuple(tensor.shape)
+                raise ValueError(
+                    f"{directory / WEIGHTS_NAME}: {module_name}.{key} should have shape {tuple(value.shape)} "
+                    f"for this model, found {found}"
+                )
+            state[key] = tensor
+        module_states[module] = state
+    inject(model, config, specs)
+    with torch.no_grad():
+        for name, layer in iter_snell_layers(model):
+            layer.snell_A.copy_(tensors[f"{name}.snell_A"])
+            layer.snell_B.copy_(tensors[f"{name}.snell_B"])
+            if config.learnable_coefficients:
+                layer.snell_coefficients.copy_(tensors[f"{name}.snell_coefficients"])
+    for module, state in module_states.items():
+        module.load_state_dict(state)
+    return model

@@ -1,0 +1,216 @@
+"""SNELL layers: an existing Linear / Conv2d / Conv1D gains factors A, B in place.
+
+Injection changes the module's class to a subclass of its own class (minLoRA's spirit: no model surgery),
+so the module tree, isinstance checks and the state_dict keys of the base weights stay as they were;
+the adapter adds ``snell_A`` and ``snell_B`` next to ``weight``. Unloading restores the original class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from snell.config import SnellConfig
+from snell.function import FusedSnell, SnellSpec, layer_op, sparse_delta, to_weight_layout
+
+# Fused projections whose output rows stack several matrices (q, k, v) that the reference code adapts
+# and sparsifies separately.
+FUSED_QKV_NAMES = frozenset({"qkv", "c_attn", "qkv_proj", "Wqkv"})
+
+
+def describe_support(module: nn.Module) -> str | None:
+    """The op SNELL uses for ``module``, or None when the layer type is not supported."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    # transformers' Conv1D (GPT-2 family): a linear layer whose weight is stored (in, out).
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2 and hasattr(module, "nf"):
+        return "linear_t"
+    return None
+
+
+def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
+    """Describe how ``module`` is adapted; raises TypeError/ValueError before anything is changed."""
+    op = describe_support(module)
+    if op is None:
+        raise TypeError(
+            f"module {name!r} of type {type(module).__name__} cannot take a SNELL adapter; supported: "
+            "nn.Linear, nn.Conv2d, transformers Conv1D"
+        )
+    weight_shape = tuple(module.weight.shape)
+    conv = {}
+    if op == "conv2d":
+        if module.padding_mode != "zeros":
+            raise ValueError(f"conv {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
+        padding = module.padding
+        if isinstance(padding, str):
+            if padding == "valid" or module.kernel_size == (1, 1):
+                padding = (0, 0)
+            else:
+                raise ValueError(f"conv {name!r} uses padding={padding!r}; give explicit integer padding")
+        conv = dict(
+            stride=tuple(module.stride),
+            padding=tuple(padding),
+            dilation=tuple(module.dilation),
+            conv_groups=module.groups,
+        )
+    out_features = weight_shape[1] if op == "linear_t" else weight_shape[0]
+    groups = 1
+    if config.split_fused_qkv and name.rsplit(".", 1)[-1] in FUSED_QKV_NAMES and out_features % 3 == 0:
+        groups = 3
+    return SnellSpec(
+        op=op,
+        weight_shape=weight_shape,
+        kernel=config.kernel,
+        num_pieces=config.num_pieces if config.kernel == "piecewise_linear" else 1,
+        mode=config.sparsify_mode,
+        sparsity=float(config.sparsity),
+        groups=groups,
+        **conv,
+    )
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Zero whole samples with probability p (stochastic depth), rescaling the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
+
+
+class SnellLayer(nn.Module):
+    """Mixin placed in front of the original layer class; never instantiated directly."""
+
+    snell_spec: SnellSpec
+    snell_dropout: float
+    snell_drop_path: float
+    snell_merged: bool
+    snell_disabled: bool
+
+    @property
+    def A(self) -> nn.Parameter:
+        """(in_features, r), or (groups, in_features, r) for a split fused projection."""
+        return self.snell_A
+
+    @property
+    def B(self) -> nn.Parameter:
+        """(out_features, r), or (groups, out_features / groups, r) for a split fused projection."""
+        return self.snell_B
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.snell_merged or self.snell_disabled:
+            return super().forward(x)
+        spec = self.snell_spec
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        factors = (self.snell_A, self.snell_B, self.snell_coefficients)
+        fuse = not self.training or (self.snell_dropout == 0.0 and self.snell_drop_path == 0.0)
+        if fuse:
+            return FusedSnell.apply(x, self.weight, self.bias, *factors, spec)
+        base = layer_op(spec, x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        branch_in = nn.functional.dropout(x, self.snell_dropout, training=True)
+        branch = FusedSnell.apply(branch_in, None, None, *factors, spec)
+        return base + drop_path(branch, self.snell_drop_path, training=True)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """The sparsified update ΔWˢ in the layout and dtype of the base weight (no gradient)."""
+        delta_s, _, _ = sparse_delta(self.snell_spec, self.snell_A, self.snell_B, self.snell_coefficients)
+        return to_weight_layout(self.snell_spec, delta_s).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔWˢ into the base weight: inference then costs exactly the base layer."""
+        if not self.snell_merged:
+            self.weight.add_(self.delta_weight())
+            self.snell_merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.snell_merged:
+            self.snell_merged = False
+            self.weight.sub_(self.delta_weight())
+
+    def extra_repr(self) -> str:
+        spec = self.snell_spec
+        return (
+            f"{super().extra_repr()}, snell(r={self.snell_A.shape[-1]}, kernel={spec.kernel}, "
+            f"sparsity={spec.sparsity}, mode={spec.mode}, groups={spec.groups})"
+        )
+
+
+_snell_classes: dict[type, type] = {}
+
+
+def _snell_class(base_cls: type) -> type:
+    """The SnellLayer subclass of ``base_cls`` (one per base class, registered here for pickling)."""
+    if base_cls not in _snell_classes:
+        name = f"Snell{base_cls.__name__}"
+        cls = type(name, (SnellLayer, base_cls), {"__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, cls)
+        _snell_classes[base_cls] = cls
+    return _snell_classes[base_cls]
+
+
+def factor_shapes(spec: SnellSpec, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    m, n = spec.matrix_shape
+    if spec.groups == 1:
+        return (n, r), (m, r)
+    return (spec.groups, n, r), (spec.groups, m // spec.groups, r)
+
+
+def init_factors(a: Tensor, b: Tensor, num_pieces: int) -> None:
+    """The reference code's initialisation: kaiming_uniform(a=√5) on (P, n, r/P) and (P, m, r/P) tensors.
+
+    That is A ~ U(±1/√(n·r/P)) and B ~ U(±1/√(m·r/P)); ΔW is therefore not zero at step 0.
+    """
+    r = a.shape[-1]
+    with torch.no_grad():
+        for t in (a, b):
+            bound = 1.0 / math.sqrt(t.shape[-2] * r / num_pieces)
+            t.uniform_(-bound, bound)
+
+
+def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
+    """Turn ``module`` into a SNELL layer in place and return it."""
+    weight = module.weight
+    shape_a, shape_b = factor_shapes(spec, config.r)
+    a = nn.Parameter(torch.empty(shape_a, device=weight.device, dtype=weight.dtype))
+    b = nn.Parameter(torch.empty(shape_b, device=weight.device, dtype=weight.dtype))
+    init_factors(a, b, spec.num_pieces)
+    coefficients = torch.tensor(config.kernel_coefficients, device=weight.device, dtype=torch.float32)
+    module.__class__ = _snell_class(type(module))
+    module.snell_A = a
+    module.snell_B = b
+    if config.learnable_coefficients:
+        module.snell_coefficients = nn.Parameter(coefficients)
+    else:
+        module.register_buffer("snell_coefficients", coefficients, persistent=False)
+    module.snell_spec = spec
+    module.snell_dropout = float(config.dropout)
+    module.snell_drop_path = float(config.drop_path)
+    module.snell_merged = False
+    module.snell_disabled = False
+    return module
+
+
+def detach(module: SnellLayer) -> nn.Module:
+    """Remove the adapter (without merging) and give the module back its original class."""
+    for name in ("snell_A", "snell_B", "snell_coefficients"):
+        delattr(module, name)
+    for name in ("snell_spec", "snell_dropout", "snell_drop_path", "snell_merged", "snell_disabled"):
+        module.__dict__.pop(name, None)
+    module.__class__ = next(base for base in type(module).__mro__[1:] if not issubclass(base, SnellLayer))
+    return module
+
+
+def iter_snell_layers(model: nn.Module) -> Iterator[tuple[str, SnellLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SnellLayer):
+            yield name, module

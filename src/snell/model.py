@@ -1,0 +1,153 @@
+"""Injecting SNELL into a model, and everything done to an adapted model as a whole."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from snell.config import SnellConfig
+from snell.function import SnellSpec
+from snell.layers import SnellLayer, attach, build_spec, detach, iter_snell_layers
+from snell.presets import detect_preset
+
+logger = logging.getLogger("snell")
+
+
+def _name_matches(name: str, selector: Sequence[str] | str) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == s or name.endswith("." + s) for s in selector)
+
+
+def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpec]:
+    """The layers ``config`` adapts in ``model``, each with its spec. Changes nothing; raises on bad input."""
+    selector = config.target_modules
+    if selector is None:
+        preset = detect_preset(model)
+        logger.info("snell: target_modules=None, using preset %r (%s)", preset.name, preset.pattern)
+        selector = preset.pattern
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n and _name_matches(n, selector)]
+    if config.exclude_modules is not None:
+        names = [n for n in names if not _name_matches(n, config.exclude_modules)]
+    if not names:
+        sample = ", ".join(n for n in list(modules)[1:9])
+        raise ValueError(
+            f"target_modules={selector!r} matches no module of {type(model).__name__} "
+            f"(module names look like: {sample}, ...)"
+        )
+    return {name: build_spec(name, modules[name], config) for name in names}
+
+
+def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, nn.Module]:
+    if not config.modules_to_save:
+        return {}
+    found = {n: m for n, m in model.named_modules() if n and _name_matches(n, config.modules_to_save)}
+    missing = [s for s in config.modules_to_save if not any(_name_matches(n, [s]) for n in found)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+    # A module inside another saved module is saved with it.
+    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
+
+
+def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -> nn.Module:
+    """Attach adapters per ``specs``; on any failure the model is restored exactly as it was."""
+    if any(True for _ in iter_snell_layers(model)):
+        raise ValueError("this model already has SNELL adapters; merge_and_unload() it or use a fresh model")
+    to_save = resolve_modules_to_save(model, config)
+    modules = dict(model.named_modules())
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    attached: list[SnellLayer] = []
+    try:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name, spec in specs.items():
+            attached.append(attach(modules[name], spec, config))
+        for module in to_save.values():
+            module.requires_grad_(True)
+    except BaseException:
+        for layer in attached:
+            detach(layer)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        raise
+    model.snell_config = copy.deepcopy(config)
+    return model
+
+
+def get_snell_model(model: nn.Module, config: SnellConfig) -> nn.Module:
+    """Inject SNELL adapters into ``model`` in place and return it.
+
+    Every parameter is frozen except the adapter factors and ``config.modules_to_save``.
+    """
+    return inject(model, config, resolve_targets(model, config))
+
+
+def snell_layers(model: nn.Module) -> Iterator[tuple[str, SnellLayer]]:
+    """(name, layer) for every SNELL layer of ``model``."""
+    return iter_snell_layers(model)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _require_adapters(model: nn.Module) -> list[SnellLayer]:
+    layers = [layer for _, layer in iter_snell_layers(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SNELL adapters")
+    return layers
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside this block (adapters off); modules_to_save keep their trained values."""
+    layers = _require_adapters(model)
+    if any(layer.snell_merged for layer in layers):
+        raise ValueError("adapters are merged into the weights; unmerge_adapters(model) before disabling them")
+    previous = [layer.snell_disabled for layer in layers]
+    for layer in layers:
+        layer.snell_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer.snell_disabled = flag
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every ΔWˢ into its base weight (reversible with unmerge_adapters)."""
+    for layer in _require_adapters(model):
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    for layer in _require_adapters(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain model (original layer classes)."""
+    for layer in _require_adapters(model):
+        layer.merge()
+        detach(layer)
+    model.__dict__.pop("snell_config", None)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging: the base model as it was before injection."""
+    for layer in _require_adapters(model):
+        layer.unmerge()
+        detach(layer)
+    model.__dict__.pop("snell_config", None)
+    return model

@@ -1,0 +1,104 @@
+"""Competition-based sparsification: keep the largest-magnitude entries of ΔW, with no stored indices.
+
+The threshold τ is the k-th largest |ΔW| of each matrix (k = round((1 − s)·N)), found by selection, not
+by a sort or torch.quantile (which refuses more than 2^24 entries and anything but fp32/fp64). It stays
+a tensor on ΔW's device, so no host synchronisation happens on an accelerator. τ is one scalar per
+matrix: the forward saves it and the backward reuses it instead of selecting again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MODES = ("reference", "mask", "soft")
+
+# Sample-then-band selection is used on the CPU for matrices above this many entries.
+_BAND_MIN_NUMEL = 1 << 18
+_SAMPLE_SIZE = 1 << 16
+_sampler = torch.Generator().manual_seed(0)
+
+
+def keep_count(numel: int, sparsity: float) -> int:
+    """Number of entries a matrix of ``numel`` entries keeps at ``sparsity`` (fraction zeroed)."""
+    return round((1.0 - sparsity) * numel)
+
+
+def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
+    """Exact k-th largest of a flat CPU tensor from a small random sample and one pass over the data.
+
+    The sample brackets the answer in a narrow band [lo, hi]; counting the entries above hi tells which
+    entry of the band is wanted, and only the band (about 1 % of the data) is selected from. Returns
+    None in the rare case the band misses, so the caller can fall back to a full selection.
+    """
+    n = values.numel()
+    sample = values[torch.randint(n, (_SAMPLE_SIZE,), generator=_sampler)]
+    q = 1.0 - k / n  # the wanted quantile of the magnitudes
+    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
+    lo_rank = max(int((q - margin) * _SAMPLE_SIZE), 1)
+    hi_rank = min(math.ceil((q + margin) * _SAMPLE_SIZE), _SAMPLE_SIZE)
+    lo = torch.kthvalue(sample, lo_rank).values
+    hi = torch.kthvalue(sample, hi_rank).values
+    above = int((values > hi).sum())
+    if above >= k:
+        return None
+    band = values[(values >= lo) & (values <= hi)]
+    needed = k - above  # the needed-th largest inside the band
+    if needed > band.numel():
+        return None
+    return torch.kthvalue(band, band.numel() - needed + 1).values
+
+
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """Per row of ``values`` (shape (G, N)), the k-th largest entry, shape (G, 1).
+
+    ``k = 0`` gives +inf (nothing is kept). Ties at the threshold are all kept.
+    """
+    groups, n = values.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    if k == 0:
+        return values.new_full((groups, 1), math.inf)
+    if values.device.type == "cpu" and n >= _BAND_MIN_NUMEL:
+        rows = []
+        for row in values:
+            tau = _kth_largest_banded(row, k)
+            rows.append(tau if tau is not None else torch.kthvalue(row, n - k + 1).values)
+        return torch.stack(rows).unsqueeze(-1)
+    return torch.kthvalue(values, n - k + 1, dim=-1, keepdim=True).values
+
+
+def threshold(delta: Tensor, sparsity: float) -> Tensor:
+    """τ per matrix for ΔW of shape (G, m, n): entries with |ΔW| >= τ survive. Shape (G, 1, 1)."""
+    flat = delta.detach().abs().flatten(1)
+    return kth_largest(flat, keep_count(flat.shape[1], sparsity)).unsqueeze(-1)
+
+
+def apply(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
+    """The sparsified update ΔWˢ (a new tensor). ``tau`` broadcasts against ``delta``."""
+    magnitude = delta.abs()
+    if mode == "mask":
+        return delta * (magnitude >= tau)
+    if mode == "reference":
+        return delta * magnitude.mul_(magnitude >= tau)
+    if mode == "soft":
+        return delta * magnitude.sub_(tau).clamp_min_(0.0)
+    raise ValueError(f"sparsify_mode must be one of {MODES}, got {mode!r}")
+
+
+def backward(delta: Tensor, tau: Tensor, mode: str, grad: Tensor) -> Tensor:
+    """Gradient w.r.t. the dense ΔW given the gradient w.r.t. ΔWˢ (dropped entries get zero).
+
+    reference: ∂(ΔW·|ΔW|ₛ)/∂ΔW = |ΔW| (the magnitude factor is detached, as in the reference code);
+    mask: 1 on survivors; soft: ∂(ΔW·(|ΔW| − τ))/∂ΔW = 2|ΔW| − τ above τ, with τ treated as a constant.
+    """
+    magnitude = delta.abs()
+    if mode == "mask":
+        return grad * (magnitude >= tau)
+    if mode == "reference":
+        return grad * magnitude.mul_(magnitude >= tau)
+    if mode == "soft":
+        return grad * (2.0 * magnitude - tau).mul_(magnitude > tau)
+    raise ValueError(f"sparsify_mode must be one of {MODES}, got {mode!r}")
