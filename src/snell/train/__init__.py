@@ -1,0 +1,1 @@
+"""Training package: data loading, training loops and evaluation for SNELL fine-tuning runs."""

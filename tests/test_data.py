@@ -1,0 +1,407 @@
+"""Data layer: committed subsets, split files with pointed errors, few-shot splits, transforms."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from snell.train.data import (
+    VTAB_SPLITS,
+    ArrayImageDataset,
+    DataFormatError,
+    FgvcJson,
+    ImageTask,
+    TextClassificationFile,
+    VtabFolder,
+    build_transforms,
+    class_balanced_split,
+    export_vtab_folder,
+    few_shot_split,
+    image_folder,
+    load_bbc_news,
+    load_builtin_task,
+    load_idx_task,
+    read_idx,
+)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> ImageTask:
+    return load_builtin_task("fashion_mnist")
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    return load_bbc_news()
+
+
+def _png(path: Path, value: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 6), value, dtype=np.uint8)).save(path)
+
+
+# ---------------------------------------------------------------------------------------------- built-in tasks
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "mnist"])
+def test_committed_subsets_are_balanced_vtab1k_tasks(name):
+    task = load_builtin_task(name)
+    assert task.name == name and task.num_classes == 10
+    for split, n in (("train800", 800), ("val200", 200), ("train800val200", 1000), ("test", 1000)):
+        images, labels = task.split(split)
+        assert images.shape == (n, 28, 28) and images.dtype == np.uint8
+        assert labels.shape == (n,) and labels.dtype == np.int64
+        assert np.array_equal(np.bincount(labels, minlength=10), np.full(10, n // 10))
+    assert task.train_images.max() == 255 and task.train_images.min() == 0  # real pixels, not a blank array
+
+
+def test_fashion_mnist_class_names(fashion):
+    assert fashion.class_names[0] == "T-shirt/top" and fashion.class_names[9] == "Ankle boot"
+
+
+def test_digits_task_uses_all_1797_images_once():
+    task = load_builtin_task("digits")
+    assert task.train_images.shape == (800, 8, 8) and task.val_images.shape == (200, 8, 8)
+    assert task.test_images.shape == (797, 8, 8)
+    assert np.array_equal(np.bincount(task.train_labels), np.full(10, 80))
+    assert np.array_equal(np.bincount(task.val_labels), np.full(10, 20))
+    assert task.test_images.max() == 255
+    # The test set is exactly what train and val left over: all 1797 images, each once.
+    from sklearn.datasets import load_digits
+
+    expected = np.rint(load_digits().images * (255 / 16)).astype(np.uint8).reshape(1797, -1)
+    together = np.concatenate([task.train_images, task.val_images, task.test_images]).reshape(1797, -1)
+    assert sorted(map(bytes, together)) == sorted(map(bytes, expected))
+
+
+def test_unknown_builtin_task():
+    with pytest.raises(ValueError, match="cifar"):
+        load_builtin_task("cifar")
+
+
+def test_class_balanced_split_is_disjoint_deterministic_and_seeded():
+    labels = np.repeat(np.arange(3), [10, 12, 9])
+    a, b = class_balanced_split(labels, [6, 3], seed=1)
+    assert np.array_equal(np.bincount(labels[a]), [2, 2, 2]) and np.array_equal(np.bincount(labels[b]), [1, 1, 1])
+    assert not set(a) & set(b)
+    assert all(np.array_equal(x, y) for x, y in zip((a, b), class_balanced_split(labels, [6, 3], seed=1), strict=True))
+    assert not np.array_equal(a, class_balanced_split(labels, [6, 3], seed=2)[0])
+    with pytest.raises(ValueError, match="class 2 has 9 examples"):
+        class_balanced_split(labels, [30], seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- IDX files
+
+
+def _write_idx(path: Path, array: np.ndarray, code: int) -> None:
+    header = bytes([0, 0, code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+
+
+def test_read_idx_gz_and_plain(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", images, 0x08)
+    _write_idx(tmp_path / "b", np.array([1, -70000], dtype=np.int32), 0x0C)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), images)
+    assert read_idx(tmp_path / "b").tolist() == [1, -70000]
+    (tmp_path / "c").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05abc")
+    with pytest.raises(DataFormatError, match="shape \\(5,\\)"):
+        read_idx(tmp_path / "c")
+    (tmp_path / "d").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataFormatError, match="not an IDX file"):
+        read_idx(tmp_path / "d")
+
+
+def test_load_idx_task_from_a_full_idx_directory(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 30)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 5, 5), dtype=np.uint8), 0x08)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 3, 0x08)
+    task = load_idx_task(tmp_path, "toy", ["a", "b", "c"], n_train=12, n_val=6, n_test=9)
+    assert task.train_images.shape == (12, 5, 5) and task.test_images.shape == (9, 5, 5)
+    assert np.array_equal(np.bincount(task.val_labels), [2, 2, 2])
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte\.gz \(or t10k-images-idx3-ubyte\) not found"):
+        load_idx_task(tmp_path, "toy", ["a", "b", "c"], n_train=12, n_val=6, n_test=9)
+
+
+# ---------------------------------------------------------------------------------------------- in-memory images
+
+
+def test_array_dataset_serves_rgb_images(fashion):
+    dataset = fashion.dataset("val200")
+    image, label = dataset[3]
+    assert image.mode == "RGB" and image.size == (28, 28) and label == fashion.val_labels[3]
+    assert np.array_equal(np.asarray(image), np.repeat(fashion.val_images[3][..., None], 3, axis=2))
+    tensor, _ = fashion.dataset("test", build_transforms("vtab", 32))[0]
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    with pytest.raises(ValueError, match="uint8"):
+        ArrayImageDataset(np.zeros((2, 4, 4), dtype=np.float32), [0, 1])
+
+
+def test_exported_vtab_folder_reads_back_identically(fashion, tmp_path):
+    root = export_vtab_folder(fashion, tmp_path / "vtab")
+    assert sorted(p.name for p in root.glob("*.txt")) == sorted(f"{split}.txt" for split in VTAB_SPLITS)
+    assert len(list((root / "images").rglob("*.png"))) == 2000
+    for split in VTAB_SPLITS:
+        from_disk, in_memory = VtabFolder(root, split), fashion.dataset(split)
+        assert len(from_disk) == len(in_memory) and from_disk.num_classes == 10
+        assert from_disk.targets == in_memory.labels.tolist()
+        for (disk_image, _), (memory_image, _) in zip(from_disk, in_memory, strict=True):
+            assert np.array_equal(np.asarray(disk_image), np.asarray(memory_image))
+
+
+# ---------------------------------------------------------------------------------------------- VTAB folders
+
+
+def _vtab_root(tmp_path: Path, lists: dict[str, str]) -> Path:
+    for i in range(3):
+        _png(tmp_path / "images" / f"{i}.png", value=40 * i)
+    for split, text in lists.items():
+        (tmp_path / f"{split}.txt").write_text(text)
+    return tmp_path
+
+
+GOOD_LISTS = {
+    "train800": "images/0.png 0\nimages/1.png 1\n",
+    "val200": "images/2.png 2\n",
+    "train800val200": "images/0.png 0\nimages/1.png 1\nimages/2.png 2\n",
+    "test": "images/1.png 1\n\nimages/2.png 4\n",
+}
+
+
+def test_vtab_folder_reads_lists_and_infers_num_classes(tmp_path):
+    root = _vtab_root(tmp_path, GOOD_LISTS)
+    train = VtabFolder(root, "train800")
+    assert len(train) == 2 and train.targets == [0, 1]
+    assert train.num_classes == 5  # max label over all list files (4, in test.txt) + 1
+    image, label = train[1]
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (40, 40, 40) and label == 1
+    assert VtabFolder(root, "train800", num_classes=3).num_classes == 3
+
+
+def test_vtab_missing_list_file_is_named(tmp_path):
+    root = _vtab_root(tmp_path, {"train800": GOOD_LISTS["train800"]})
+    with pytest.raises(FileNotFoundError, match=r"test\.txt.*list files in .*\['train800\.txt'\]"):
+        VtabFolder(root, "test")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("images/1.png", r"train800\.txt:2: expected '<relative/image/path> <label>'"),
+        ("images/1.png one", r"train800\.txt:2: label 'one' is not an integer"),
+        ("images/1.png -1", r"train800\.txt:2: label -1 is out of range \[0, 3\)"),
+        ("images/1.png 3", r"train800\.txt:2: label 3 is out of range \[0, 3\)"),
+        ("images/9.png 1", r"train800\.txt:2: image .*9\.png not found"),
+    ],
+)
+def test_vtab_bad_lines_name_file_and_line(tmp_path, line, message):
+    root = _vtab_root(tmp_path, {"train800": f"images/0.png 0\n{line}\n"})
+    with pytest.raises((DataFormatError, FileNotFoundError), match=message):
+        VtabFolder(root, "train800", num_classes=3)
+
+
+def test_vtab_inferred_range_covers_every_list_file(tmp_path):
+    root = _vtab_root(tmp_path, {"train800": "images/0.png 0\n", "test": "images/1.png 1\nimages/2.png x\n"})
+    with pytest.raises(DataFormatError, match=r"test\.txt:2: label 'x'"):
+        VtabFolder(root, "train800")
+
+
+def test_vtab_undecodable_image_fails_when_loaded_and_names_it(tmp_path):
+    root = _vtab_root(tmp_path, {"train800": "images/0.png 0\nimages/broken.png 1\n"})
+    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    dataset = VtabFolder(root, "train800")
+    assert dataset[0][1] == 0
+    with pytest.raises(DataFormatError, match=r"broken\.png: cannot decode image.*train800\.txt:2"):
+        dataset[1]
+
+
+def test_vtab_unknown_split(tmp_path):
+    with pytest.raises(ValueError, match="train1000"):
+        VtabFolder(tmp_path, "train1000")
+
+
+# ---------------------------------------------------------------------------------------------- FGVC JSON
+
+
+def test_fgvc_json_reads_splits_relative_to_image_dir(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "images" / f"c{i}" / f"{i}.png", value=i)
+    (tmp_path / "train.json").write_text(json.dumps({"c0/0.png": 0, "c1/1.png": 1}, indent=2))
+    (tmp_path / "test.json").write_text(json.dumps({"c2/2.png": 2}))
+    train = FgvcJson(tmp_path, "train", image_dir=tmp_path / "images")
+    assert len(train) == 2 and train.targets == [0, 1] and train.num_classes == 3
+    assert train[1][0].mode == "RGB"
+    with pytest.raises(FileNotFoundError, match=r"val\.json"):
+        FgvcJson(tmp_path, "val", image_dir=tmp_path / "images")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{\n  "a.png": 0,\n  "b.png": "1"\n}', r"train\.json:3: label '1' of 'b\.png' is not an integer"),
+        ('{\n  "a.png": 0,\n  "b.png": true\n}', r"train\.json:3: label True"),
+        ('{\n  "a.png": 0,\n  "a.png": 1\n}', r"train\.json:3: image 'a\.png' is listed twice"),
+        ('{\n  "a.png": 0,\n  "b.png": 1,\n}', r"train\.json:4: invalid JSON"),
+        ('[["a.png", 0]]', r"train\.json:1: expected a JSON object"),
+        ('{\n  "a.png": 0,\n  "b.png": 7\n}', r"train\.json:3: label 7 is out of range \[0, 2\)"),
+    ],
+)
+def test_fgvc_bad_entries_name_file_and_line(tmp_path, text, message):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "train.json").write_text(text)
+    with pytest.raises(DataFormatError, match=message):
+        FgvcJson(tmp_path, "train", num_classes=2)
+
+
+# ---------------------------------------------------------------------------------------------- class folders
+
+
+def test_image_folder_names_undecodable_image(tmp_path):
+    _png(tmp_path / "cat" / "a.png")
+    _png(tmp_path / "dog" / "b.png", value=200)
+    (tmp_path / "dog" / "c.png").write_bytes(b"garbage")
+    dataset = image_folder(tmp_path)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 3
+    assert dataset[1][0].getpixel((0, 0)) == (200, 200, 200)
+    with pytest.raises(DataFormatError, match=r"dog/c\.png: cannot decode image"):
+        dataset[2]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        image_folder(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------- text files
+
+
+def test_csv_with_string_labels_and_multiline_text(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('id,text,label\n1,"first\nstill first",sport\n2,second,business\n\n3,third,sport\n')
+    data = TextClassificationFile(path)
+    assert data.class_names == ["business", "sport"]
+    assert data.labels.tolist() == [1, 0, 1] and data[0] == ("first\nstill first", 1)
+    # The held-out file reuses the training classes, even though it lacks "business".
+    (tmp_path / "test.csv").write_text("text,label\nx,sport\n")
+    assert TextClassificationFile(tmp_path / "test.csv", class_names=data.class_names).labels.tolist() == [1]
+
+
+def test_csv_integer_labels_and_line_numbers_after_multiline_field(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"a\nb\nc",0\nshort,2\n')
+    assert TextClassificationFile(path).labels.tolist() == [0, 2]
+    assert TextClassificationFile(path).class_names == ["0", "1", "2"]
+    path.write_text('text,label\n"a\nb\nc",0\nshort\n')
+    with pytest.raises(DataFormatError, match=r"d\.csv:5: expected 2 fields, got 1"):
+        TextClassificationFile(path)
+    path.write_text("words,label\na,0\n")
+    with pytest.raises(DataFormatError, match=r"d\.csv:1: header must name columns 'text' and 'label'"):
+        TextClassificationFile(path)
+    path.write_text("text,label\na,0\nb,9\n")
+    with pytest.raises(DataFormatError, match=r"d\.csv:3: label 9 is out of range \[0, 2\)"):
+        TextClassificationFile(path, class_names=["x", "y"])
+
+
+def test_jsonl_labels_and_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n')
+    data = TextClassificationFile(path)
+    assert data.labels.tolist() == [1, 0] and data.num_classes == 2
+    for body, message in [
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n', r"d\.jsonl:2: label 'x' is a str but line 1"),
+        ('{"text": "a", "label": 1}\n{"text": "b" "label": 0}\n', r"d\.jsonl:2: invalid JSON"),
+        ('{"text": "a"}\n', r"d\.jsonl:1: expected an object with keys 'text' and 'label'"),
+        ('{"text": "", "label": 0}\n', r"d\.jsonl:1: 'text' must be a non-empty string"),
+        ('{"text": "a", "label": 1.5}\n', r"d\.jsonl:1: 'label' must be an integer or a string"),
+        ('{"text": "a", "label": "x"}\n{"text": "b", "label": "z"}\n', r"d\.jsonl:2: label 'z' is not one of"),
+    ]:
+        path.write_text(body)
+        with pytest.raises(DataFormatError, match=message):
+            TextClassificationFile(path, class_names=["x", "y"] if "z" in body else None)
+    path.write_bytes(b'{"text": "a", "label": 0}\n{"text": "\xff", "label": 0}\n')
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:2: not UTF-8"):
+        TextClassificationFile(path)
+
+
+# ---------------------------------------------------------------------------------------------- BBC News
+
+
+def test_bbc_news_classes_and_duplicates(bbc):
+    assert bbc.class_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(bbc) == 2225 - 98  # the corpus' exact duplicates are dropped
+    assert len(set(bbc.texts)) == len(bbc)
+    assert np.bincount(bbc.labels).min() > 300
+    text, label = bbc[0]
+    assert isinstance(text, str) and len(text) > 100 and label == 0
+    assert any("£" in t for t in bbc.texts)  # the Windows-1252 article decodes
+
+
+def test_few_shot_split_is_seeded_disjoint_and_keeps_holdout_fixed(bbc):
+    split = few_shot_split(bbc.labels, shots=8, seed=0)
+    assert np.array_equal(np.bincount(bbc.labels[split.train]), np.full(5, 8))
+    assert np.array_equal(np.bincount(bbc.labels[split.val]), np.full(5, 20))
+    assert np.array_equal(np.bincount(bbc.labels[split.test]), np.full(5, 100))
+    assert not set(split.train) & set(split.test) and not set(split.train) & set(split.val)
+    assert not set(split.val) & set(split.test)
+    assert not {bbc.texts[i] for i in split.train} & {bbc.texts[i] for i in split.test}
+
+    again, other_seed, more_shots = (
+        few_shot_split(bbc.labels, shots=8, seed=0),
+        few_shot_split(bbc.labels, shots=8, seed=1),
+        few_shot_split(bbc.labels, shots=16, seed=0),
+    )
+    assert np.array_equal(again.train, split.train)
+    assert not np.array_equal(other_seed.train, split.train)
+    for variant in (other_seed, more_shots):
+        assert np.array_equal(variant.val, split.val) and np.array_equal(variant.test, split.test)
+    assert set(split.train) <= set(more_shots.train)
+
+    subset = bbc.subset(split.train)
+    assert len(subset) == 40 and subset.class_names == bbc.class_names
+    assert subset[0] == (bbc.texts[split.train[0]], int(bbc.labels[split.train[0]]))
+    with pytest.raises(ValueError, match="shots"):
+        few_shot_split(bbc.labels, shots=1000, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+
+def _kinds(transform: T.Compose) -> list[type]:
+    return [type(step) for step in transform.transforms]
+
+
+def test_vtab_transforms_resize_straight_without_augmentation():
+    for train in (True, False):
+        transform = build_transforms("vtab", 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), train=train)
+        assert _kinds(transform) == [T.Resize, T.ToTensor, T.Normalize]
+        assert transform.transforms[0].size == (64, 64)
+        assert transform.transforms[2].mean == [0.5, 0.5, 0.5]
+        out = transform(Image.new("RGB", (100, 30), (255, 0, 0)))
+        assert out.shape == (3, 64, 64) and torch.allclose(out[0], torch.ones(64, 64))
+
+
+def test_fgvc_transforms():
+    train = build_transforms("fgvc", 224, train=True, color_jitter=0.4)
+    assert _kinds(train) == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter, T.ToTensor, T.Normalize]
+    assert _kinds(build_transforms("fgvc", 224, train=True))[:3] == [
+        T.RandomResizedCrop,
+        T.RandomHorizontalFlip,
+        T.ToTensor,
+    ]
+    evaluation = build_transforms("fgvc", 224)
+    assert _kinds(evaluation) == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert evaluation.transforms[0].size == 256
+    assert evaluation.transforms[3].mean == [0.485, 0.456, 0.406]  # ImageNet by default
+    assert evaluation(Image.new("RGB", (300, 500))).shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="color_jitter"):
+        build_transforms("vtab", 224, train=True, color_jitter=0.4)
+    with pytest.raises(ValueError, match="protocol"):
+        build_transforms("imagenet", 224)
