@@ -24,13 +24,14 @@ def _squared_distances(b: Tensor, a: Tensor) -> Tensor:
 
 
 def _pairwise_grads(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of Σ_ji g[j, i]·f(a_i − b_j) w.r.t. a and b when ∂f/∂(a_i − b_j) = g[j, i]·(a_i − b_j).
+    """Gradients w.r.t. a and b of a loss whose derivative w.r.t. (a_i − b_j) is g[j, i]·(a_i − b_j).
 
-    Σ_j g[j, i](a_i − b_j) = a_i·Σ_j g[j, i] − (gᵀ b)_i, and symmetrically for b, so two GEMMs suffice.
+    Σ_j g[j, i](a_i − b_j) = a_i·Σ_j g[j, i] − (gᵀ b)_i, and symmetrically Σ_i g[j, i](b_j − a_i) for b,
+    so two GEMMs suffice.
     """
     grad_a = a * g.sum(-2).unsqueeze(-1) - torch.matmul(g.mT, b)
     grad_b = b * g.sum(-1, keepdim=True) - torch.matmul(g, a)
-    return grad_a, -grad_b
+    return grad_a, grad_b
 
 
 def kernel_delta(kernel: str, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int = 1) -> Tensor:

@@ -1,0 +1,72 @@
+import pytest
+
+from snell.config import FORMAT_VERSION, SnellConfig, default_coefficients
+
+
+def test_defaults_match_the_reference_setup():
+    cfg = SnellConfig()
+    assert (cfg.r, cfg.kernel, cfg.num_pieces, cfg.sparsity, cfg.sparsify_mode) == (
+        8,
+        "piecewise_linear",
+        2,
+        0.9,
+        "reference",
+    )
+    assert cfg.kernel_coefficients == [0.1, -0.1]
+    assert (cfg.dropout, cfg.drop_path, cfg.split_fused_qkv, cfg.learnable_coefficients) == (0.0, 0.0, True, False)
+
+
+def test_json_round_trip_keeps_every_field():
+    cfg = SnellConfig(
+        r=16,
+        kernel="rbf",
+        coefficients=[0.5, 2.0, -0.5],
+        sparsity=0.5,
+        sparsify_mode="soft",
+        target_modules=r".*fc\d",
+        exclude_modules=["fc2"],
+        modules_to_save=["head"],
+        dropout=0.1,
+        drop_path=0.1,
+        learnable_coefficients=True,
+    )
+    again = SnellConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert again.kernel_coefficients == [0.5, 2.0, -0.5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\).*1.0"),
+        ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\).*-0.1"),
+        ({"r": 0}, r"r must be an integer >= 1, got 0"),
+        ({"r": 9}, r"divisible by num_pieces.*r=9, num_pieces=2"),
+        ({"kernel": "cubic"}, r"kernel must be one of .*'cubic'"),
+        ({"sparsify_mode": "hard"}, r"sparsify_mode must be one of .*'hard'"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+        ({"drop_path": -1}, r"drop_path must be in \[0, 1\)"),
+        ({"target_modules": "(unclosed"}, r"not a valid regular expression"),
+        ({"target_modules": [1, 2]}, r"target_modules must be a list of names"),
+        ({"kernel": "rbf", "coefficients": [1.0]}, r"kernel 'rbf' takes 3 coefficients, got 1"),
+        ({"format_version": FORMAT_VERSION + 1}, r"format_version .* upgrade snell"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SnellConfig(**kwargs)
+
+
+def test_from_json_rejects_unknown_keys_and_newer_versions():
+    with pytest.raises(ValueError, match="unknown SNELL config keys"):
+        SnellConfig.from_dict({"r": 8, "rank_pattern": {}})
+    with pytest.raises(ValueError, match="upgrade snell"):
+        SnellConfig.from_dict({"format_version": FORMAT_VERSION + 1})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SnellConfig.from_json("{r: 8")
+
+
+def test_linear_kernel_needs_no_divisibility_and_defaults_to_lora_scale():
+    cfg = SnellConfig(r=5, kernel="linear")
+    assert cfg.kernel_coefficients == [1.0]
+    assert default_coefficients("piecewise_linear", 4) == [0.1, -0.1, 0.1, -0.1]

@@ -1,0 +1,291 @@
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import snell
+from snell.layers import SnellLayer
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.pw(torch.relu(self.conv(x))).mean((2, 3))
+        return self.head(self.fc2(torch.relu(self.fc1(self.norm(x)))))
+
+
+def _tiny_vit(seed=0, depth=12):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=depth)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _assert_unchanged(model, snapshot):
+    state, types = snapshot
+    assert [type(m) for m in model.modules()] == types
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(now[key], value), key
+
+
+def test_vit_preset_splits_qkv_and_keeps_base_keys():
+    model = _tiny_vit()
+    keys_before = set(model.state_dict())
+    names_before = [n for n, _ in model.named_modules()]
+    snell.get_snell_model(model, snell.SnellConfig(r=8, modules_to_save=["head"]))
+    layers = dict(snell.snell_layers(model))
+    assert sorted(layers) == sorted(
+        f"blocks.{i}.{m}" for i in range(12) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    )
+    qkv = layers["blocks.0.attn.qkv"]
+    assert isinstance(qkv, nn.Linear)  # still a Linear: isinstance checks in user code keep working
+    assert qkv.A.shape == (3, 192, 8) and qkv.B.shape == (3, 192, 8)
+    fc1 = layers["blocks.0.mlp.fc1"]
+    assert fc1.A.shape == (192, 8) and fc1.B.shape == (768, 8)
+    assert fc1.delta_weight().shape == fc1.weight.shape
+    assert [n for n, _ in model.named_modules()] == names_before
+    base_keys = {k for k in model.state_dict() if "snell_" not in k}
+    assert base_keys == keys_before
+    trainable, total = snell.trainable_parameters(model)
+    # r·(n + m) per matrix; the split qkv is three 192×192 matrices.
+    per_block = 8 * (3 * (192 + 192) + (192 + 192) + (192 + 768) + (768 + 192))
+    adapter = 12 * per_block
+    assert trainable == adapter + sum(p.numel() for p in model.head.parameters())
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_fused_qkv_is_sparsified_per_matrix():
+    model = _tiny_vit()
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.9, target_modules=["qkv"]))
+    qkv = model.blocks[0].attn.qkv
+    delta = qkv.delta_weight().reshape(3, 192, 192)
+    kept = (delta != 0).flatten(1).sum(1)
+    assert kept.tolist() == [round(0.1 * 192 * 192)] * 3
+
+
+def test_only_adapters_and_modules_to_save_change_during_training():
+    model = _tiny_vit()
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.5, modules_to_save=["head"]))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    expected = {n for n in before if "snell_" in n or n.startswith("head.")}
+    assert changed == expected
+
+
+def test_linear_kernel_at_zero_sparsity_is_exactly_peft_lora():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = TinyNet()
+    lora_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"], lora_dropout=0.0)
+    )
+    ours = snell.get_snell_model(
+        copy.deepcopy(base), snell.SnellConfig(r=4, kernel="linear", sparsity=0.0, target_modules=["fc1", "fc2"])
+    )
+    for name, layer in snell.snell_layers(ours):
+        lora_layer = lora_model.get_submodule(f"base_model.model.{name}")
+        with torch.no_grad():
+            lora_layer.lora_A["default"].weight.copy_(layer.A.T)
+            lora_layer.lora_B["default"].weight.copy_(layer.B)
+    x = torch.randn(5, 3, 6, 6)
+    out_lora, out_ours = lora_model(x), ours(x)
+    torch.testing.assert_close(out_ours, out_lora, rtol=1e-5, atol=1e-6)
+    out_lora.square().sum().backward()
+    out_ours.square().sum().backward()
+    for name, layer in snell.snell_layers(ours):
+        lora_layer = lora_model.get_submodule(f"base_model.model.{name}")
+        torch.testing.assert_close(layer.A.grad, lora_layer.lora_A["default"].weight.grad.T, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.B.grad, lora_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_conv_layers_are_adapted_as_matrices():
+    torch.manual_seed(0)
+    model = TinyNet()
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=["conv", "pw"]))
+    assert model.conv.A.shape == (3 * 3 * 3, 4) and model.conv.B.shape == (8, 4)
+    assert model.conv.delta_weight().shape == (8, 3, 3, 3)
+    x = torch.randn(2, 3, 6, 6)
+    out = model(x)
+    out.sum().backward()
+    assert model.conv.A.grad.abs().sum() > 0 and model.pw.B.grad.abs().sum() > 0
+
+
+def test_merge_unmerge_disable_and_unload_keep_outputs():
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    base_out = model.eval()(x)
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.7))
+    with torch.no_grad():
+        for _, layer in snell.snell_layers(model):
+            layer.B.mul_(20)  # a visible update
+    adapted = model(x)
+    assert (adapted - base_out).abs().max() > 1e-3
+    with snell.disable_adapters(model):
+        torch.testing.assert_close(model(x), base_out)
+    snell.merge_adapters(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unmerge"), snell.disable_adapters(model):
+        pass
+    snell.unmerge_adapters(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+    merged = snell.merge_and_unload(copy.deepcopy(model))
+    assert not any(isinstance(m, SnellLayer) for m in merged.modules())
+    assert type(merged.blocks[0].attn.qkv) is nn.Linear
+    torch.testing.assert_close(merged(x), adapted, rtol=1e-4, atol=1e-5)
+    assert set(merged.state_dict()) == set(_tiny_vit().state_dict())
+    restored = snell.unload(model)
+    torch.testing.assert_close(restored(x), base_out, rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_into_a_fresh_model_gives_identical_outputs(tmp_path):
+    model = _tiny_vit(seed=0)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.8, modules_to_save=["head"]))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    out = snell.save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = _tiny_vit(seed=123)  # other random factors would be drawn at injection
+    fresh.load_state_dict(base_state)
+    torch.manual_seed(999)
+    snell.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(fresh.eval()(x), expected)
+    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < 0.2 * sum(v.numel() * 4 for v in base_state.values())
+
+
+def test_learnable_coefficients_train_and_round_trip(tmp_path):
+    model = _tiny_vit()
+    snell.get_snell_model(model, snell.SnellConfig(learnable_coefficients=True, sparsity=0.5))
+    layer = model.blocks[0].mlp.fc1
+    assert layer.snell_coefficients.requires_grad
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert layer.snell_coefficients.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.snell_coefficients.mul_(3)
+    snell.save_adapter(model, tmp_path)
+    fresh = _tiny_vit()
+    snell.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh.blocks[0].mlp.fc1.snell_coefficients, layer.snell_coefficients)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_and_backward(dtype):
+    model = _tiny_vit()
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.9, modules_to_save=["head"]))
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    grad = model.blocks[0].attn.qkv.A.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_adapter_dropout_and_drop_path_branch():
+    model = _tiny_vit()
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.5, dropout=0.1, drop_path=0.1))
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.allclose(a, b)  # stochastic in training
+    a.sum().backward()
+    assert model.blocks[0].mlp.fc2.B.grad.abs().sum() > 0
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+
+
+def test_deepcopy_state_dict_and_compile():
+    model = _tiny_vit(depth=2)
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.9))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), expected)
+    assert clone.blocks[0].attn.qkv.A is not model.blocks[0].attn.qkv.A
+    other = snell.get_snell_model(_tiny_vit(depth=2), snell.SnellConfig(sparsity=0.9)).eval()
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(x), expected)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    model.train()
+    compiled(x).sum().backward()
+    assert model.blocks[0].attn.qkv.A.grad is not None
+
+
+def test_large_llama_mlp_matrix_trains():
+    layer = nn.Sequential(nn.Linear(4096, 11008, bias=False))
+    snell.get_snell_model(layer, snell.SnellConfig(target_modules=["0"], sparsity=0.9))
+    out = layer(torch.randn(2, 4096))
+    out.square().sum().backward()
+    assert torch.isfinite(layer[0].A.grad).all() and layer[0].B.grad.abs().sum() > 0
+    kept = int((layer[0].delta_weight() != 0).sum())
+    assert abs(kept - round(0.1 * 11008 * 4096)) <= 1
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "message"),
+    [
+        (snell.SnellConfig(target_modules=["nothing_like_this"]), ValueError, "matches no module"),
+        (snell.SnellConfig(target_modules=["norm"]), TypeError, "LayerNorm cannot take a SNELL adapter"),
+        (snell.SnellConfig(target_modules=["fc1"], modules_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
+    ],
+)
+def test_bad_targets_raise_and_leave_the_model_as_it_was(config, error, message):
+    model = TinyNet()
+    snapshot = _snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(error, match=message):
+        snell.get_snell_model(model, config)
+    _assert_unchanged(model, snapshot)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_injecting_twice_is_refused():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="already has SNELL adapters"):
+        snell.get_snell_model(model, snell.SnellConfig(target_modules=["fc2"]))
+
+
+def test_preset_detection_for_timm_families():
+    def targets(name, **kwargs):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        snell.get_snell_model(model, snell.SnellConfig())
+        return [n for n, _ in snell.snell_layers(model)]
+
+    convnext = targets("convnext_atto")
+    assert convnext and all(n.endswith(("mlp.fc1", "mlp.fc2")) for n in convnext)
+    effnet = targets("efficientnet_lite0")
+    assert "conv_head" in effnet and any(n.endswith("conv_pwl") for n in effnet)
+    effnet_model = timm.create_model("efficientnet_lite0")
+    assert all(effnet_model.get_submodule(n).kernel_size == (1, 1) for n in effnet)
+    swin = targets("swin_tiny_patch4_window7_224")
+    assert "layers.0.blocks.0.attn.qkv" in swin and "layers.0.blocks.0.mlp.fc2" in swin
+    with pytest.raises(ValueError, match="no SNELL preset fits model class TinyNet"):
+        snell.get_snell_model(TinyNet(), snell.SnellConfig())

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from naive import naive_sparsify, reference_code_delta
+
+from snell import sparsify
+from snell.kernels import kernel_delta
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 0.99, 0.995])
+def test_each_matrix_keeps_exactly_round_1_minus_s_times_n(sparsity):
+    torch.manual_seed(0)
+    delta = torch.randn(3, 64, 48)
+    tau = sparsify.threshold(delta, sparsity)
+    kept = (delta.abs() >= tau).flatten(1).sum(1)
+    expected = round((1 - sparsity) * 64 * 48)
+    assert kept.tolist() == [expected] * 3
+
+
+@pytest.mark.parametrize("keep_fraction", [0.005, 0.1, 0.5, 0.63, 0.9, 1.0])
+def test_banded_selection_is_exact_on_large_matrices(keep_fraction):
+    torch.manual_seed(1)
+    values = torch.randn(2, 600_000).abs()
+    k = round(keep_fraction * values.shape[1])
+    got = sparsify.kth_largest(values, k)
+    expected = values.topk(k, dim=1).values[:, -1:]
+    assert torch.equal(got, expected)
+
+
+def test_selection_with_many_ties_is_still_the_kth_largest():
+    values = torch.randint(0, 5, (1, 400_000)).float()
+    for k in (1, 1000, 200_000, 399_999):
+        assert torch.equal(sparsify.kth_largest(values, k), values.topk(k, dim=1).values[:, -1:])
+
+
+def test_keep_nothing_and_out_of_range_k():
+    values = torch.rand(1, 10)
+    assert torch.isinf(sparsify.kth_largest(values, 0)).all()
+    with pytest.raises(ValueError, match=r"k must be in \[0, 10\], got 11"):
+        sparsify.kth_largest(values, 11)
+
+
+def test_llama_mlp_sized_matrix_works():
+    # 11008 × 4096 = 45M entries, above the 2^24 that torch.quantile accepted in the reference's torch.
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(1, 11008, 4096, generator=gen)
+    tau = sparsify.threshold(delta, 0.9)
+    assert isinstance(tau, torch.Tensor) and tau.shape == (1, 1, 1)
+    kept = int((delta.abs() >= tau).sum())
+    assert abs(kept - round(0.1 * delta.numel())) <= 1
+
+
+@pytest.mark.parametrize("mode", sparsify.MODES)
+def test_modes_match_their_formulas_and_gradients(mode):
+    torch.manual_seed(2)
+    delta = torch.randn(1, 20, 30, dtype=torch.float64)
+    tau = sparsify.threshold(delta, 0.8)
+    leaf = delta.clone().requires_grad_()
+    expected = naive_sparsify(leaf, 0.8, mode)
+    torch.testing.assert_close(sparsify.apply(delta, tau, mode), expected.detach())
+    grad = torch.randn_like(delta)
+    expected.backward(grad)
+    torch.testing.assert_close(sparsify.backward(delta, tau, mode, grad), leaf.grad)
+    dropped = delta.abs() < tau
+    assert (sparsify.apply(delta, tau, mode)[dropped] == 0).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.99])
+def test_reference_mode_equals_the_reference_code_up_to_one_boundary_element(sparsity):
+    torch.manual_seed(3)
+    n, m, r, pieces = 48, 40, 8, 2
+    a = torch.empty(pieces, n, r // pieces).uniform_(-0.3, 0.3)
+    b = torch.empty(pieces, m, r // pieces).uniform_(-0.3, 0.3)
+    expected = reference_code_delta(a, b, sparsity)
+    # Our layout: A is (n, r) with piece p in columns [p·r/P, (p+1)·r/P).
+    ours_a = torch.cat(list(a), dim=-1)
+    ours_b = torch.cat(list(b), dim=-1)
+    delta = kernel_delta("piecewise_linear", ours_a, ours_b, torch.tensor([0.1, -0.1]), num_pieces=2)[None]
+    ours = sparsify.apply(delta, sparsify.threshold(delta, sparsity), "reference")[0]
+    differing = ~torch.isclose(ours, expected, rtol=1e-5, atol=1e-9)
+    assert int(differing.sum()) <= 1
