@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import snell
+from snell.config import FORMAT_VERSION
+from snell.io import CONFIG_NAME, WEIGHTS_NAME
+
+
+def _vit(embed_dim=192, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=2, embed_dim=embed_dim
+    )
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = snell.get_snell_model(_vit(), snell.SnellConfig(sparsity=0.5, modules_to_save=["head"]))
+    snell.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def _assert_unchanged(model, snapshot):
+    state, types = snapshot
+    assert [type(m) for m in model.modules()] == types
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not list(snell.snell_layers(model))
+
+
+def test_config_file_is_a_plain_snell_config(saved):
+    cfg = snell.SnellConfig.from_json((saved / CONFIG_NAME).read_text())
+    assert cfg.sparsity == 0.5 and cfg.modules_to_save == ["head"]
+    tensors = load_file(saved / WEIGHTS_NAME)
+    assert "blocks.0.attn.qkv.snell_A" in tensors and "head.weight" in tensors
+    assert not any(k.endswith(".weight") and "head" not in k for k in tensors)  # no base weights
+
+
+def test_adapter_for_another_architecture_is_refused(saved):
+    other = _vit(embed_dim=96)
+    snapshot = _snapshot(other)
+    with pytest.raises(ValueError, match=r"made for another architecture: layer 'blocks.0.attn.qkv'"):
+        snell.load_adapter(other, saved)
+    _assert_unchanged(other, snapshot)
+
+
+def test_adapter_naming_a_missing_module_is_refused(saved):
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=1)
+    snapshot = _snapshot(other)
+    with pytest.raises(ValueError, match=r"has no module 'blocks.1.attn.qkv'"):
+        snell.load_adapter(other, saved)
+    _assert_unchanged(other, snapshot)
+
+
+def test_head_of_another_size_is_refused(saved):
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=7, depth=2)
+    snapshot = _snapshot(other)
+    with pytest.raises(ValueError, match=r"head.weight should have shape \(7, 192\)"):
+        snell.load_adapter(other, saved)
+    _assert_unchanged(other, snapshot)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_or_truncated_file_is_refused(saved, damage):
+    path = saved / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x13" * 200, "empty": b""}[damage])
+    model = _vit()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        snell.load_adapter(model, saved)
+    _assert_unchanged(model, snapshot)
+
+
+def test_newer_format_versions_are_refused(saved):
+    model = _vit()
+    snapshot = _snapshot(model)
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["format_version"] = FORMAT_VERSION + 1
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="upgrade snell"):
+        snell.load_adapter(model, saved)
+    config["format_version"] = FORMAT_VERSION
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    tensors = load_file(saved / WEIGHTS_NAME)
+    with safe_open(str(saved / WEIGHTS_NAME), "pt") as f:
+        metadata = dict(f.metadata())
+    metadata["format_version"] = str(FORMAT_VERSION + 1)
+    save_file(tensors, saved / WEIGHTS_NAME, metadata=metadata)
+    with pytest.raises(ValueError, match=r"format_version 2.*upgrade snell"):
+        snell.load_adapter(model, saved)
+    _assert_unchanged(model, snapshot)
+
+
+def test_a_file_that_is_not_a_snell_adapter(tmp_path, saved):
+    save_file({"w": torch.zeros(2)}, saved / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="not a SNELL adapter file"):
+        snell.load_adapter(_vit(), saved)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json is missing"):
+        snell.load_adapter(_vit(), tmp_path / "nowhere")
+
+
+def test_failed_saves_leave_existing_files_alone(saved):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(ValueError, match="has no SNELL adapters"):
+        snell.save_adapter(_vit(), saved)
+    merged = snell.merge_adapters(snell.get_snell_model(_vit(), snell.SnellConfig()))
+    with pytest.raises(ValueError, match="unmerge"):
+        snell.save_adapter(merged, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
