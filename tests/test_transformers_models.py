@@ -1,0 +1,71 @@
+"""SNELL on transformers models built from tiny configs (no downloads): presets, Conv1D, merge."""
+
+import pytest
+import torch
+
+import snell
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "expected_suffixes", "count"),
+    [
+        (
+            _bert,
+            ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+            12,
+        ),
+        (_llama, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 14),
+        (_gpt2, ("c_attn", "c_proj", "c_fc"), 8),
+    ],
+)
+def test_presets_pick_the_attention_and_mlp_projections(build, expected_suffixes, count):
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    before = model(input_ids=ids).logits
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
+    names = [n for n, _ in snell.snell_layers(model)]
+    assert len(names) == count
+    assert all(n.endswith(expected_suffixes) for n in names)
+    with torch.no_grad():
+        for _, layer in snell.snell_layers(model):
+            layer.B.mul_(30)
+    adapted = model(input_ids=ids).logits
+    assert (adapted - before).abs().max() > 1e-4
+    adapted.sum().backward()
+    assert all(layer.A.grad is not None for _, layer in snell.snell_layers(model))
+    merged = snell.merge_and_unload(model)
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_conv1d_fused_c_attn_is_split_and_transposed():
+    model = _gpt2()
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.9, target_modules=["c_attn"]))
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.weight.shape == (32, 96)  # Conv1D stores (in, out)
+    assert layer.A.shape == (3, 32, 4) and layer.B.shape == (3, 32, 4)
+    delta = layer.delta_weight()
+    assert delta.shape == (32, 96)
+    kept = (delta.T.reshape(3, 32, 32) != 0).flatten(1).sum(1)
+    assert kept.tolist() == [round(0.1 * 32 * 32)] * 3
