@@ -17,7 +17,7 @@ def test_each_matrix_keeps_exactly_round_1_minus_s_times_n(sparsity):
 
 
 @pytest.mark.parametrize("keep_fraction", [0.005, 0.1, 0.5, 0.63, 0.9, 1.0])
-def test_banded_selection_is_exact_on_large_matrices(keep_fraction):
+def test_sampled_selection_is_exact_on_large_matrices(keep_fraction):
     torch.manual_seed(1)
     values = torch.randn(2, 600_000).abs()
     k = round(keep_fraction * values.shape[1])
@@ -30,6 +30,13 @@ def test_selection_with_many_ties_is_still_the_kth_largest():
     values = torch.randint(0, 5, (1, 400_000)).float()
     for k in (1, 1000, 200_000, 399_999):
         assert torch.equal(sparsify.kth_largest(values, k), values.topk(k, dim=1).values[:, -1:])
+
+
+def test_selection_falls_back_when_the_sample_misses():
+    values = torch.zeros(1, 600_000)
+    values[0, :100] = 1.0  # the sample almost surely sees only zeros: the cut at 0 leaves 100 < k candidates
+    assert sparsify.kth_largest(values, 1000).item() == 0.0
+    assert sparsify.kth_largest(values, 100).item() == 1.0
 
 
 def test_keep_nothing_and_out_of_range_k():

@@ -15,7 +15,7 @@ from torch import Tensor
 
 MODES = ("reference", "mask", "soft")
 
-# Sample-then-band selection is used on the CPU for matrices above this many entries.
+# Sample-then-select is used on the CPU for matrices above this many entries.
 _BAND_MIN_NUMEL = 1 << 18
 _SAMPLE_SIZE = 1 << 16
 _sampler = torch.Generator().manual_seed(0)
@@ -26,29 +26,30 @@ def keep_count(numel: int, sparsity: float) -> int:
     return round((1.0 - sparsity) * numel)
 
 
-def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
+def _kth_largest_sampled(values: Tensor, k: int) -> Tensor | None:
     """Exact k-th largest of a flat CPU tensor from a small random sample and one pass over the data.
 
-    The sample brackets the answer in a narrow band [lo, hi]; counting the entries above hi tells which
-    entry of the band is wanted, and only the band (about 1 % of the data) is selected from. Returns
-    None in the rare case the band misses, so the caller can fall back to a full selection.
+    A sample quantile gives a cut safely beyond the answer; the entries on the answer's side of the cut
+    (about the kept fraction plus a 1 % margin) are the only ones selected from. When k is more than
+    half the entries, the same is done from below. Returns None in the rare case the cut lands on the
+    wrong side, so the caller can fall back to a full selection.
     """
     n = values.numel()
     sample = values[torch.randint(n, (_SAMPLE_SIZE,), generator=_sampler)]
-    q = 1.0 - k / n  # the wanted quantile of the magnitudes
+    q = 1.0 - k / n  # the answer's quantile
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
-    lo_rank = max(int((q - margin) * _SAMPLE_SIZE), 1)
-    hi_rank = min(math.ceil((q + margin) * _SAMPLE_SIZE), _SAMPLE_SIZE)
-    lo = torch.kthvalue(sample, lo_rank).values
-    hi = torch.kthvalue(sample, hi_rank).values
-    above = int((values > hi).sum())
-    if above >= k:
+    if k <= n // 2:
+        cut = torch.kthvalue(sample, max(int((q - margin) * _SAMPLE_SIZE), 1)).values
+        candidates = values[values > cut]  # holds the k largest whenever it has at least k entries
+        if candidates.numel() < k:
+            return None
+        return torch.kthvalue(candidates, candidates.numel() - k + 1).values
+    rank_from_below = n - k + 1
+    cut = torch.kthvalue(sample, min(math.ceil((q + margin) * _SAMPLE_SIZE), _SAMPLE_SIZE)).values
+    candidates = values[values < cut]
+    if candidates.numel() < rank_from_below:
         return None
-    band = values[(values >= lo) & (values <= hi)]
-    needed = k - above  # the needed-th largest inside the band
-    if needed > band.numel():
-        return None
-    return torch.kthvalue(band, band.numel() - needed + 1).values
+    return torch.kthvalue(candidates, rank_from_below).values
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -64,7 +65,7 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     if values.device.type == "cpu" and n >= _BAND_MIN_NUMEL:
         rows = []
         for row in values:
-            tau = _kth_largest_banded(row, k)
+            tau = _kth_largest_sampled(row, k)
             rows.append(tau if tau is not None else torch.kthvalue(row, n - k + 1).values)
         return torch.stack(rows).unsqueeze(-1)
     return torch.kthvalue(values, n - k + 1, dim=-1, keepdim=True).values
