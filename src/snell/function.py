@@ -5,6 +5,9 @@ op once; it saves only x, the factors and τ (W0 and b are parameters, already a
 ΔWˢ with the saved τ (no second selection), runs the two GEMMs every trained layer needs (dx and
 dW = gyᵀx) and sends dW through the sparsifier and the kernel to A and B. No m×n tensor lives between
 forward and backward: that is where SNELL's memory goes in the reference layout.
+
+Everything is done on the weight seen as an (m, n) matrix: a Linear's weight, a Conv1D's weight
+transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
 """
 
 from __future__ import annotations
@@ -43,78 +46,95 @@ class SnellSpec:
     def matrix_shape(self) -> tuple[int, int]:
         if self.op == "linear_t":
             return self.weight_shape[1], self.weight_shape[0]
-        out = self.weight_shape[0]
-        return out, int(torch.Size(self.weight_shape[1:]).numel())
+        return self.weight_shape[0], int(torch.Size(self.weight_shape[1:]).numel())
+
+    @property
+    def grouped_shape(self) -> tuple[int, int, int]:
+        m, n = self.matrix_shape
+        return self.groups, m // self.groups, n
+
+
+def weight_matrix(spec: SnellSpec, weight: Tensor) -> Tensor:
+    """The base weight as the (m, n) matrix the adapter updates (a view)."""
+    return weight.mT if spec.op == "linear_t" else weight.reshape(spec.matrix_shape)
+
+
+def to_weight_layout(spec: SnellSpec, matrix: Tensor) -> Tensor:
+    """An (m, n) matrix (or its grouped (G, m/G, n) form) in the layout of the layer's weight."""
+    matrix = matrix.reshape(spec.matrix_shape)
+    return matrix.mT if spec.op == "linear_t" else matrix.reshape(spec.weight_shape)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def dense_delta(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, keep_pieces: bool = False
+) -> tuple[Tensor, list[Tensor] | None]:
+    """ΔW as (G, m/G, n) in at least float32, and the piecewise distances if asked to keep them."""
+    compute = _compute_dtype(a.dtype)
+    a, b, coefficients = a.to(compute), b.to(compute), coefficients.to(compute)
+    pieces = kernels.piece_distances(a, b, spec.num_pieces) if keep_pieces else None
+    delta = kernels.kernel_delta(spec.kernel, a, b, coefficients, spec.num_pieces, pieces)
+    return delta.reshape(spec.grouped_shape), pieces
+
+
+def survivor_scale(spec: SnellSpec, delta: Tensor, tau: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    """(S, τ) with ΔWˢ = ΔW ⊙ S; S is None at sparsity 0, where every mode keeps the dense ΔW (as the
+    reference code does) and τ is -inf."""
+    if spec.sparsity == 0.0:
+        return None, delta.new_full((spec.groups, 1, 1), -torch.inf)
+    magnitude = delta.abs()
+    if tau is None:
+        tau = sparsify.magnitude_threshold(magnitude, spec.sparsity)
+    return sparsify.survivor_scale_(magnitude, tau, spec.mode), tau
 
 
 def sparse_delta(
     spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, tau: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(ΔWˢ, τ, ΔW), each shaped (groups, m/groups, n), computed in at least float32.
-
-    At sparsity 0 every mode keeps the dense ΔW (the reference code's behaviour) and τ is -inf.
-    """
-    compute = torch.promote_types(a.dtype, torch.float32)
-    a, b, coefficients = a.to(compute), b.to(compute), coefficients.to(compute)
-    m, n = spec.matrix_shape
-    delta = kernels.kernel_delta(spec.kernel, a, b, coefficients, spec.num_pieces).reshape(
-        spec.groups, m // spec.groups, n
-    )
-    if spec.sparsity == 0.0:
-        return delta, delta.new_full((spec.groups, 1, 1), -torch.inf), delta
-    if tau is None:
-        tau = sparsify.threshold(delta, spec.sparsity)
-    return sparsify.apply(delta, tau, spec.mode), tau, delta
+) -> tuple[Tensor, Tensor]:
+    """(ΔWˢ as (G, m/G, n), τ)."""
+    delta, _ = dense_delta(spec, a, b, coefficients)
+    scale, tau = survivor_scale(spec, delta, tau)
+    return (delta if scale is None else delta.mul_(scale)), tau
 
 
-def to_weight_layout(spec: SnellSpec, delta: Tensor) -> Tensor:
-    """Turn a (groups, m/groups, n) update into the layout of the layer's weight."""
-    m, n = spec.matrix_shape
-    matrix = delta.reshape(m, n)
-    return matrix.mT if spec.op == "linear_t" else matrix.reshape(spec.weight_shape)
+def _effective_matrix(spec: SnellSpec, weight: Tensor | None, delta: Tensor, scale: Tensor | None) -> Tensor:
+    """W0 + ΔW ⊙ S as an (m, n) matrix in ΔW's dtype, in one pass (or ΔW ⊙ S alone without W0)."""
+    if weight is None:
+        update = delta if scale is None else delta * scale
+        return update.reshape(spec.matrix_shape)
+    base = weight_matrix(spec, weight).to(delta.dtype).reshape(spec.grouped_shape)
+    merged = base + delta if scale is None else torch.addcmul(base, delta, scale)
+    return merged.reshape(spec.matrix_shape)
 
 
-def from_weight_layout(spec: SnellSpec, grad_weight: Tensor) -> Tensor:
-    m, n = spec.matrix_shape
-    matrix = grad_weight.mT if spec.op == "linear_t" else grad_weight.reshape(m, n)
-    return matrix.reshape(spec.groups, m // spec.groups, n)
-
-
-def layer_op(spec: SnellSpec, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The layer's own forward with a given weight (in the weight's layout)."""
-    if spec.op == "linear":
-        return F.linear(x, weight, bias)
-    if spec.op == "linear_t":
-        return F.linear(x, weight.mT, bias)
-    return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
-
-
-def _grad_input(spec: SnellSpec, x: Tensor, weight: Tensor, grad_out: Tensor) -> Tensor:
-    if spec.op == "linear":
-        return grad_out.matmul(weight)
-    if spec.op == "linear_t":
-        return grad_out.matmul(weight.mT)
-    return torch.nn.grad.conv2d_input(
-        x.shape, weight, grad_out, spec.stride, spec.padding, spec.dilation, spec.conv_groups
-    )
-
-
-def _grad_weight(spec: SnellSpec, x: Tensor, grad_out: Tensor) -> Tensor:
-    """dL/dW in the weight's layout."""
+def layer_op(spec: SnellSpec, x: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's own forward with its weight given as the (m, n) matrix."""
     if spec.op == "conv2d":
-        return torch.nn.grad.conv2d_weight(
+        weight = matrix.reshape(spec.weight_shape)
+        return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
+    return F.linear(x, matrix, bias)
+
+
+def _grad_input(spec: SnellSpec, x: Tensor, matrix: Tensor, grad_out: Tensor) -> Tensor:
+    if spec.op == "conv2d":
+        weight = matrix.reshape(spec.weight_shape)
+        return torch.nn.grad.conv2d_input(
+            x.shape, weight, grad_out, spec.stride, spec.padding, spec.dilation, spec.conv_groups
+        )
+    return grad_out.matmul(matrix)
+
+
+def _grad_matrix(spec: SnellSpec, x: Tensor, grad_out: Tensor) -> Tensor:
+    """dL/dW as the (m, n) matrix."""
+    if spec.op == "conv2d":
+        grad = torch.nn.grad.conv2d_weight(
             x, spec.weight_shape, grad_out, spec.stride, spec.padding, spec.dilation, spec.conv_groups
         )
-    gy = grad_out.reshape(-1, grad_out.shape[-1])
-    xs = x.reshape(-1, x.shape[-1])
-    return gy.mT.matmul(xs) if spec.op == "linear" else xs.mT.matmul(gy)
-
-
-def _effective_weight(spec: SnellSpec, weight: Tensor | None, delta_s: Tensor, dtype: torch.dtype) -> Tensor:
-    update = to_weight_layout(spec, delta_s)
-    if weight is None:
-        return update.to(dtype)
-    return (weight.to(update.dtype) + update).to(dtype)
+        return grad.reshape(spec.matrix_shape)
+    return grad_out.reshape(-1, grad_out.shape[-1]).mT.matmul(x.reshape(-1, x.shape[-1]))
 
 
 def _bias_grad(spec: SnellSpec, grad_out: Tensor) -> Tensor:
@@ -134,10 +154,11 @@ class FusedSnell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
         with torch.autocast(x.device.type, enabled=False):
-            delta_s, tau, _ = sparse_delta(spec, a, b, coefficients)
-            w = _effective_weight(spec, weight, delta_s, x.dtype)
-            del delta_s
-            out = layer_op(spec, x, w, None if bias is None else bias.to(x.dtype))
+            delta, _ = dense_delta(spec, a, b, coefficients)
+            scale, tau = survivor_scale(spec, delta)
+            matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
+            del delta, scale
+            out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
         return out
@@ -147,34 +168,36 @@ class FusedSnell(torch.autograd.Function):
         x, weight, bias, a, b, coefficients, tau = ctx.saved_tensors
         spec: SnellSpec = ctx.spec
         need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
+        need_factors = need_a or need_b or need_coef
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
         with torch.autocast(x.device.type, enabled=False):
             grad_out = grad_out.to(x.dtype)
-            delta_s, _, delta = sparse_delta(spec, a, b, coefficients, tau)
+            keep_pieces = need_factors and spec.kernel == "piecewise_linear"
+            delta, pieces = dense_delta(spec, a, b, coefficients, keep_pieces)
+            scale, _ = survivor_scale(spec, delta, tau)
             if need_x:
-                w = _effective_weight(spec, weight, delta_s, x.dtype)
-                grad_x = _grad_input(spec, x, w, grad_out)
-                del w
-            del delta_s
-            if need_w or need_a or need_b or need_coef:
-                grad_weight = _grad_weight(spec, x, grad_out)
+                matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
+                grad_x = _grad_input(spec, x, matrix, grad_out)
+                del matrix
+            if need_w or need_factors:
+                grad_matrix = _grad_matrix(spec, x, grad_out)
                 if need_w:
-                    grad_w = grad_weight.to(weight.dtype)
-                if need_a or need_b or need_coef:
-                    grad_delta = from_weight_layout(spec, grad_weight).to(delta.dtype)
-                    if spec.sparsity > 0.0:
-                        grad_delta = sparsify.backward(delta, tau, spec.mode, grad_delta)
-                    del delta
-                    compute = grad_delta.dtype
-                    m = spec.matrix_shape[0] // spec.groups
+                    grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
+                if need_factors:
+                    grad_delta = grad_matrix.to(delta.dtype).reshape(spec.grouped_shape)
+                    if scale is not None:
+                        factor = sparsify.gradient_scale(scale, tau, spec.mode)
+                        grad_delta = grad_delta * factor if need_w else grad_delta.mul_(factor)
+                    del scale
                     grad_a, grad_b, grad_coef = kernels.kernel_backward(
                         spec.kernel,
-                        a.to(compute),
-                        b.to(compute),
-                        coefficients.to(compute),
-                        grad_delta.reshape(*b.shape[:-2], m, -1),
+                        a.to(delta.dtype),
+                        b.to(delta.dtype),
+                        coefficients.to(delta.dtype),
+                        grad_delta.reshape(*b.shape[:-2], b.shape[-2], -1),
                         spec.num_pieces,
                         need_coef,
+                        pieces,
                     )
                     grad_a, grad_b = grad_a.to(a.dtype), grad_b.to(b.dtype)
                     if grad_coef is not None:

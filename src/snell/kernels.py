@@ -2,8 +2,9 @@
 
 Factors may carry leading batch dimensions (one per adapter group, e.g. q, k and v of a fused projection):
 A has shape (..., n, r), B has shape (..., m, r) and ΔW has shape (..., m, n). Every kernel is written
-with GEMMs plus element-wise passes over ΔW, so forward and backward cost O(m·n·r) with no (m, n, r)
-tensor. The backward recomputes what it needs from A and B, so nothing of size m×n is kept.
+with GEMMs plus a few in-place element-wise passes over ΔW, so forward and backward cost O(m·n·r) with
+no (m, n, r) tensor. Element-wise passes over m×n matrices are what a kernel costs beyond its GEMMs, so
+the code below counts them: the distance kernels get ‖a − b‖² from a single GEMM of augmented factors.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ def _piece(t: Tensor, piece: int, width: int) -> Tensor:
 
 
 def _squared_distances(b: Tensor, a: Tensor) -> Tensor:
-    """‖b_j − a_i‖² for every pair, (..., m, n), via one GEMM (clamped at 0 against cancellation)."""
-    d2 = torch.matmul(b, a.mT).mul_(-2.0)
-    d2.add_(b.square().sum(-1, keepdim=True)).add_(a.square().sum(-1).unsqueeze(-2))
-    return d2.clamp_min_(0.0)
+    """‖b_j − a_i‖² for every pair, (..., m, n): one GEMM of [b, ‖b‖², 1]·[−2a, 1, ‖a‖²]ᵀ, clamped at 0."""
+    b_aug = torch.cat([b, b.square().sum(-1, keepdim=True), torch.ones_like(b[..., :1])], -1)
+    a_aug = torch.cat([a * -2.0, torch.ones_like(a[..., :1]), a.square().sum(-1, keepdim=True)], -1)
+    return torch.matmul(b_aug, a_aug.mT).clamp_min_(0.0)
 
 
 def _pairwise_grads(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,16 +35,28 @@ def _pairwise_grads(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return grad_a, grad_b
 
 
-def kernel_delta(kernel: str, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int = 1) -> Tensor:
-    """The dense kernelized update ΔW with shape (..., m, n)."""
+def piece_distances(a: Tensor, b: Tensor, num_pieces: int) -> list[Tensor]:
+    """‖A_p[i] − B_p[j]‖ for each of the P contiguous column blocks: what the piecewise kernel is made of."""
+    width = a.shape[-1] // num_pieces
+    return [_squared_distances(_piece(b, p, width), _piece(a, p, width)).sqrt_() for p in range(num_pieces)]
+
+
+def kernel_delta(
+    kernel: str, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int = 1, pieces: list[Tensor] | None = None
+) -> Tensor:
+    """The dense kernelized update ΔW with shape (..., m, n).
+
+    For piecewise_linear, ``pieces`` may hold :func:`piece_distances` already computed (and kept, e.g.
+    for the backward); otherwise they are computed here and consumed in place.
+    """
     if kernel == "linear":
         return torch.matmul(b, a.mT).mul_(coefficients[0])
     if kernel == "piecewise_linear":
-        width = a.shape[-1] // num_pieces
-        delta = None
-        for p in range(num_pieces):
-            dist = _squared_distances(_piece(b, p, width), _piece(a, p, width)).sqrt_().mul_(coefficients[p])
-            delta = dist if delta is None else delta.add_(dist)
+        keep = pieces is not None
+        distances = pieces if keep else piece_distances(a, b, num_pieces)
+        delta = distances[0] * coefficients[0] if keep else distances[0].mul_(coefficients[0])
+        for p in range(1, num_pieces):
+            delta.addcmul_(distances[p], coefficients[p])
         return delta
     alpha, beta, gamma = coefficients[0], coefficients[1], coefficients[2]
     if kernel == "rbf":
@@ -51,6 +64,11 @@ def kernel_delta(kernel: str, a: Tensor, b: Tensor, coefficients: Tensor, num_pi
     if kernel == "sigmoid":
         return torch.matmul(b, a.mT).mul_(beta).sigmoid_().mul_(alpha).add_(gamma)
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _safe_divide(g: Tensor, d: Tensor) -> Tensor:
+    """g / d, with 0 where d = 0 (the zero subgradient of ‖a − b‖ at a = b): two passes."""
+    return torch.div(g, d).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def kernel_backward(
@@ -61,11 +79,12 @@ def kernel_backward(
     grad_delta: Tensor,
     num_pieces: int = 1,
     need_coefficients: bool = False,
+    pieces: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients (dA, dB, dcoefficients) of Σ grad_delta ⊙ ΔW.
 
     The distance kernel's derivative at a_i = b_j is undefined; we use the zero subgradient there so
-    the result is always finite.
+    the result is always finite. ``pieces``: the piecewise distances, if the caller still has them.
     """
     g = grad_delta
     grad_coef = torch.zeros_like(coefficients) if need_coefficients else None
@@ -75,17 +94,15 @@ def kernel_backward(
         return torch.matmul(g.mT, b).mul_(coefficients[0]), torch.matmul(g, a).mul_(coefficients[0]), grad_coef
     if kernel == "piecewise_linear":
         width = a.shape[-1] // num_pieces
+        distances = pieces if pieces is not None else piece_distances(a, b, num_pieces)
         grads_a, grads_b = [], []
-        for p in range(num_pieces):
-            a_p, b_p = _piece(a, p, width), _piece(b, p, width)
-            dist = _squared_distances(b_p, a_p).sqrt_()
+        for p, dist in enumerate(distances):
             if need_coefficients:
                 grad_coef[p] = (g * dist).sum()
-            # ∂‖a−b‖/∂a = (a − b)/‖a − b‖; zero where the distance is zero.
-            scaled = torch.where(dist > 0, g / dist, 0.0).mul_(coefficients[p])
-            grad_a, grad_b = _pairwise_grads(scaled, a_p, b_p)
-            grads_a.append(grad_a)
-            grads_b.append(grad_b)
+            # ∂‖a − b‖/∂a = (a − b)/‖a − b‖; the coefficient scales the small results, not the m×n matrix.
+            grad_a, grad_b = _pairwise_grads(_safe_divide(g, dist), _piece(a, p, width), _piece(b, p, width))
+            grads_a.append(grad_a.mul_(coefficients[p]))
+            grads_b.append(grad_b.mul_(coefficients[p]))
         return torch.cat(grads_a, -1), torch.cat(grads_b, -1), grad_coef
     alpha, beta = coefficients[0], coefficients[1]
     if kernel == "rbf":
@@ -96,18 +113,18 @@ def kernel_backward(
             grad_coef[1] = -(g * e * d2).sum() * alpha
             grad_coef[2] = g.sum()
         # ∂ΔW/∂(a − b) = −2αβ·e·(a − b)
-        scaled = (g * e).mul_(-2.0 * alpha * beta)
-        grad_a, grad_b = _pairwise_grads(scaled, a, b)
-        return grad_a, grad_b, grad_coef
+        grad_a, grad_b = _pairwise_grads(e.mul_(g), a, b)
+        scale = -2.0 * alpha * beta
+        return grad_a.mul_(scale), grad_b.mul_(scale), grad_coef
     if kernel == "sigmoid":
         dot = torch.matmul(b, a.mT)
         s = dot.mul(beta).sigmoid_()
         if need_coefficients:
             grad_coef[0] = (g * s).sum()
             grad_coef[2] = g.sum()
-        inner = (g * s * (1.0 - s)).mul_(alpha)  # ∂/∂(β a·b)
+        inner = s.sub_(s.square()).mul_(g)  # g·σ'(β a·b)
         if need_coefficients:
-            grad_coef[1] = (inner * dot).sum()
-        inner.mul_(beta)
-        return torch.matmul(inner.mT, b), torch.matmul(inner, a), grad_coef
+            grad_coef[1] = (inner * dot).sum() * alpha
+        scale = alpha * beta
+        return torch.matmul(inner.mT, b).mul_(scale), torch.matmul(inner, a).mul_(scale), grad_coef
     raise ValueError(f"unknown kernel {kernel!r}")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from snell.config import SnellConfig
-from snell.function import FusedSnell, SnellSpec, layer_op, sparse_delta, to_weight_layout
+from snell.function import FusedSnell, SnellSpec, sparse_delta, to_weight_layout
 
 # Fused projections whose output rows stack several matrices (q, k, v) that the reference code adapts
 # and sparsifies separately.
@@ -113,7 +113,7 @@ class SnellLayer(nn.Module):
         fuse = not self.training or (self.snell_dropout == 0.0 and self.snell_drop_path == 0.0)
         if fuse:
             return FusedSnell.apply(x, self.weight, self.bias, *factors, spec)
-        base = layer_op(spec, x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        base = super().forward(x)
         branch_in = nn.functional.dropout(x, self.snell_dropout, training=True)
         branch = FusedSnell.apply(branch_in, None, None, *factors, spec)
         return base + drop_path(branch, self.snell_drop_path, training=True)
@@ -121,7 +121,7 @@ class SnellLayer(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The sparsified update ΔWˢ in the layout and dtype of the base weight (no gradient)."""
-        delta_s, _, _ = sparse_delta(self.snell_spec, self.snell_A, self.snell_B, self.snell_coefficients)
+        delta_s, _ = sparse_delta(self.snell_spec, self.snell_A, self.snell_B, self.snell_coefficients)
         return to_weight_layout(self.snell_spec, delta_s).to(self.weight.dtype)
 
     @torch.no_grad()

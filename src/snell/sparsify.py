@@ -71,35 +71,48 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     return torch.kthvalue(values, n - k + 1, dim=-1, keepdim=True).values
 
 
-def threshold(delta: Tensor, sparsity: float) -> Tensor:
-    """τ per matrix for ΔW of shape (G, m, n): entries with |ΔW| >= τ survive. Shape (G, 1, 1)."""
-    flat = delta.detach().abs().flatten(1)
+def magnitude_threshold(magnitude: Tensor, sparsity: float) -> Tensor:
+    """τ per matrix for |ΔW| of shape (G, m, n): entries with |ΔW| >= τ survive. Shape (G, 1, 1)."""
+    flat = magnitude.flatten(1)
     return kth_largest(flat, keep_count(flat.shape[1], sparsity)).unsqueeze(-1)
+
+
+def threshold(delta: Tensor, sparsity: float) -> Tensor:
+    """τ per matrix for ΔW of shape (G, m, n)."""
+    return magnitude_threshold(delta.detach().abs(), sparsity)
+
+
+def survivor_scale_(magnitude: Tensor, tau: Tensor, mode: str) -> Tensor:
+    """The factor S with ΔWˢ = ΔW ⊙ S, computed in place over ``magnitude`` (= |ΔW|, consumed).
+
+    reference: S = |ΔW| on survivors (ΔW·|ΔW|); mask: S = 1 on survivors; soft: S = max(|ΔW| − τ, 0).
+    In the reference and mask modes S is also the factor the gradient w.r.t. ΔW gets (|ΔW| is detached).
+    """
+    if mode == "reference":
+        return magnitude.masked_fill_(magnitude < tau, 0.0)
+    if mode == "mask":
+        return (magnitude >= tau).to(magnitude.dtype)
+    if mode == "soft":
+        return magnitude.sub_(tau).clamp_min_(0.0)
+    raise ValueError(f"sparsify_mode must be one of {MODES}, got {mode!r}")
+
+
+def gradient_scale(scale: Tensor, tau: Tensor, mode: str) -> Tensor:
+    """dΔWˢ/dΔW element-wise, from the survivor factor S of :func:`survivor_scale_`.
+
+    reference and mask: S itself. soft: ∂(ΔW·(|ΔW| − τ))/∂ΔW = 2|ΔW| − τ = 2S + τ above τ, with τ treated
+    as a constant (it is a selection, not a differentiable function of one entry).
+    """
+    if mode == "soft":
+        return torch.where(scale > 0, scale * 2.0 + tau, 0.0)
+    return scale
 
 
 def apply(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
     """The sparsified update ΔWˢ (a new tensor). ``tau`` broadcasts against ``delta``."""
-    magnitude = delta.abs()
-    if mode == "mask":
-        return delta * (magnitude >= tau)
-    if mode == "reference":
-        return delta * magnitude.mul_(magnitude >= tau)
-    if mode == "soft":
-        return delta * magnitude.sub_(tau).clamp_min_(0.0)
-    raise ValueError(f"sparsify_mode must be one of {MODES}, got {mode!r}")
+    return delta * survivor_scale_(delta.abs(), tau, mode)
 
 
 def backward(delta: Tensor, tau: Tensor, mode: str, grad: Tensor) -> Tensor:
-    """Gradient w.r.t. the dense ΔW given the gradient w.r.t. ΔWˢ (dropped entries get zero).
-
-    reference: ∂(ΔW·|ΔW|ₛ)/∂ΔW = |ΔW| (the magnitude factor is detached, as in the reference code);
-    mask: 1 on survivors; soft: ∂(ΔW·(|ΔW| − τ))/∂ΔW = 2|ΔW| − τ above τ, with τ treated as a constant.
-    """
-    magnitude = delta.abs()
-    if mode == "mask":
-        return grad * (magnitude >= tau)
-    if mode == "reference":
-        return grad * magnitude.mul_(magnitude >= tau)
-    if mode == "soft":
-        return grad * (2.0 * magnitude - tau).mul_(magnitude > tau)
-    raise ValueError(f"sparsify_mode must be one of {MODES}, got {mode!r}")
+    """Gradient w.r.t. the dense ΔW given the gradient w.r.t. ΔWˢ (dropped entries get zero)."""
+    return grad * gradient_scale(survivor_scale_(delta.abs(), tau, mode), tau, mode)
