@@ -180,3 +180,16 @@ def test_half_precision_inputs(dtype):
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.1)
     out.float().sum().backward()
     assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
+
+
+def test_no_host_synchronisation_off_the_cpu():
+    # On the meta device every data-dependent host read (.item(), nonzero, boolean indexing) raises,
+    # so a full forward and backward there proves accelerators never wait for the threshold.
+    spec = _spec(shape=(768, 512), sparsity=0.9)
+    x = torch.empty(4, 512, device="meta", requires_grad=True)
+    a = torch.empty(512, 8, device="meta", requires_grad=True)
+    b = torch.empty(768, 8, device="meta", requires_grad=True)
+    weight = torch.empty(768, 512, device="meta")
+    out = FusedSnell.apply(x, weight, None, a, b, torch.empty(2, device="meta"), spec)
+    out.sum().backward()
+    assert out.shape == (4, 768) and a.grad.shape == (512, 8) and b.grad.shape == (768, 8)

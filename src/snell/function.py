@@ -12,6 +12,7 @@ transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,13 @@ def _bias_grad(spec: SnellSpec, grad_out: Tensor) -> Tensor:
     return grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
 
 
+def _without_autocast(device_type: str) -> AbstractContextManager:
+    """Autocast off inside the function: dtypes are chosen explicitly (no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 class FusedSnell(torch.autograd.Function):
     """y = op(x, W0 + ΔWˢ(A, B)) + b, saving only x, A, B, the coefficients and τ for backward.
 
@@ -153,7 +161,7 @@ class FusedSnell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
-        with torch.autocast(x.device.type, enabled=False):
+        with _without_autocast(x.device.type):
             delta, _ = dense_delta(spec, a, b, coefficients)
             scale, tau = survivor_scale(spec, delta)
             matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
@@ -170,7 +178,7 @@ class FusedSnell(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
         need_factors = need_a or need_b or need_coef
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _without_autocast(x.device.type):
             grad_out = grad_out.to(x.dtype)
             keep_pieces = need_factors and spec.kernel == "piecewise_linear"
             delta, pieces = dense_delta(spec, a, b, coefficients, keep_pieces)

@@ -107,7 +107,7 @@ class SnellLayer(nn.Module):
             return super().forward(x)
         spec = self.snell_spec
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))
         factors = (self.snell_A, self.snell_B, self.snell_coefficients)
         fuse = not self.training or (self.snell_dropout == 0.0 and self.snell_drop_path == 0.0)
