@@ -1,0 +1,89 @@
+"""The `snell` command: train, eval, merge and demo. Thin: parsing here, the work in snell.train.
+
+User mistakes (a bad file, flag, recipe or checkpoint) end with one line on stderr and exit code 2, no
+traceback; set SNELL_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from snell.train.config import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="snell", description="SNELL sparse fine-tuning: train, evaluate, merge.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model (snell, lora, dora, full or linear)")
+    add_train_arguments(train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's saved adapter")
+    evaluate.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
+    evaluate.add_argument("--split", default="test", choices=("test", "val"))
+    evaluate.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: RUN_DIR/adapter)")
+    evaluate.add_argument("--data", default=None, help="evaluate on other data with the same classes")
+
+    merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
+    merge.add_argument("run_dir", type=Path)
+    merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
+
+    demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
+    demo.add_argument("--task", default="image", choices=("image", "text"))
+    demo.add_argument("--output-dir", type=Path, default=None, help="results folder (default: demo_results/<task>)")
+    demo.add_argument("--methods", default="snell,lora,full,linear", help="comma-separated methods to compare")
+    demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from snell.train.config import config_from_args
+        from snell.train.loop import train
+
+        train(config_from_args(args), resume=args.resume)
+    elif args.command == "eval":
+        from snell.train.evaluate import evaluate_run
+
+        result = evaluate_run(args.run_dir, args.split, args.adapter, args.data)
+        print(f"{result['split']} accuracy: {result['accuracy']:.4f} ({result['examples']} examples)")
+        print(json.dumps(result))
+    elif args.command == "merge":
+        from snell.train.evaluate import merge_run
+
+        print(f"merged model written to {merge_run(args.run_dir, args.output)}")
+    else:
+        from snell.train.demo import run_demo
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        run_demo(args.task, methods, args.output_dir, args.epochs, args.progress)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `snell` console script and of `python -m snell`."""
+    args = _build_parser().parse_args(argv)
+    from snell.train.config import UserError
+    from snell.train.data import DataFormatError
+
+    try:
+        return _run(args)
+    except (UserError, DataFormatError, FileNotFoundError) as err:
+        if os.environ.get("SNELL_DEBUG"):
+            raise
+        print(f"snell {args.command}: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"snell {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Training options: one dataclass that is at once the CLI, the recipe format and the record of a run.
+
+Values are resolved in a fixed order, later wins: the defaults below < the recipe (``--recipe vtab/cifar``
+or a YAML file) < flags given on the command line. The resolved config is written to the run folder, so a
+run can be resumed, evaluated or merged without repeating its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("snell", "lora", "dora", "full", "linear")
+DATA_FORMATS = ("auto", "vtab", "fgvc", "imagefolder", "text", "builtin")
+BUILTIN_DATA = ("fashion_mnist", "mnist", "digits", "bbc_news")
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, flag, recipe, checkpoint): reported without a traceback."""
+
+
+def _meta(help: str, choices: tuple | None = None) -> dict[str, Any]:
+    return {"help": help, "choices": choices}
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata=_meta(help, choices))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; field names are the YAML keys and (with dashes) the flags."""
+
+    # data
+    data: str | None = _opt(None, "dataset folder/file, or a built-in task: " + ", ".join(BUILTIN_DATA))
+    data_format: str = _opt("auto", "how --data is laid out (auto: detected from the files)", DATA_FORMATS)
+    shots: int = _opt(16, "training examples per class for the few-shot text task bbc_news")
+    data_seed: int = _opt(0, "seed of the few-shot draw (kept apart from --seed so methods see the same data)")
+    max_length: int = _opt(128, "text: tokens per example")
+    img_size: int | None = _opt(None, "image side in pixels (default: the model's own input size)")
+    augment: str | None = _opt(None, "image protocol: vtab (resize, no augmentation) or fgvc (default: by format)")
+    color_jitter: float = _opt(0.0, "colour jitter strength for fgvc training transforms")
+    max_eval_samples: int | None = _opt(None, "evaluate on the first N examples of each split (a fixed subset)")
+    # model
+    model: str = _opt("vit_base_patch16_224.orig_in21k", "timm model name, or a transformers model directory")
+    checkpoint: str | None = _opt(None, "local backbone weights for a timm model (.safetensors, .pth, .npz)")
+    pretrained: bool = _opt(False, "let timm download its pretrained weights (needs hub access)")
+    model_kwargs: dict = field(
+        default_factory=dict, metadata=_meta("extra timm.create_model arguments as JSON, e.g. '{\"img_size\": 32}'")
+    )
+    drop_path_rate: float = _opt(0.0, "stochastic depth in the backbone (timm models)")
+    # method
+    method: str = _opt("snell", "what is trained", METHODS)
+    r: int = _opt(8, "rank of SNELL / LoRA / DoRA factors")
+    kernel: str = _opt("piecewise_linear", "SNELL kernel", ("linear", "piecewise_linear", "rbf", "sigmoid"))
+    num_pieces: int = _opt(2, "SNELL piecewise-linear kernel: number of pieces")
+    coefficients: list | None = field(
+        default=None, metadata=_meta("SNELL kernel coefficients, comma-separated (default: the kernel's)")
+    )
+    learnable_coefficients: bool = _opt(False, "train the SNELL kernel coefficients")
+    sparsity: float = _opt(0.9, "SNELL: fraction of each update matrix zeroed (0.9 keeps the top 10 %%)")
+    sparsify_mode: str = _opt("reference", "SNELL sparsifier", ("reference", "mask", "soft"))
+    target_modules: list | str | None = field(
+        default=None,
+        metadata=_meta("adapted layers: comma-separated name suffixes, or re:<regex> (default: the family's preset)"),
+    )
+    exclude_modules: list | str | None = field(
+        default=None, metadata=_meta("layers never adapted, same syntax as --target-modules")
+    )
+    split_fused_qkv: bool = _opt(True, "SNELL: one adapter per q, k and v of a fused qkv projection")
+    adapter_dropout: float = _opt(0.0, "dropout on the adapter input (SNELL dropout, LoRA lora_dropout)")
+    adapter_drop_path: float = _opt(0.0, "SNELL: DropPath on the adapter output")
+    lora_alpha: float | None = _opt(None, "LoRA/DoRA alpha (default: r, i.e. scale 1)")
+    train_cls_token: bool = _opt(True, "train the cls_token fully for snell/lora/dora, as the reference code does")
+    # optimisation
+    epochs: int = _opt(10, "training epochs")
+    batch_size: int = _opt(32, "global batch size (split across processes)")
+    grad_accum: int = _opt(1, "gradient accumulation steps (the effective batch is batch_size * grad_accum)")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay (never on 1-D params, biases, pos_embed, cls_token)")
+    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs, from --warmup-lr to --lr")
+    warmup_lr: float = _opt(1e-6, "learning rate at the first step")
+    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
+    seed: int = _opt(0, "seed of initialisation, data order and dropout")
+    bf16: bool = _opt(False, "bfloat16 autocast")
+    eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")
+    eval_batch_size: int = _opt(128, "batch size of evaluation")
+    num_workers: int = _opt(0, "data loader worker processes")
+    # protocol and output
+    select_on: str = _opt(
+        "none",
+        "val: train on train800, pick the epoch on val200, report test there; none: train on train800val200",
+        ("none", "val"),
+    )
+    protocol: str = _opt(
+        "standard",
+        "reference: report the MAXIMUM test accuracy over evaluations, as the paper's code does",
+        ("standard", "reference"),
+    )
+    output_dir: str | None = _opt(None, "run folder (default: runs/<data>-<method>-seed<seed>)")
+    merge: bool = _opt(False, "also write the model with the adapter merged into its weights")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError on values that cannot work, before anything is loaded or written."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise UserError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.augment not in (None, "vtab", "fgvc"):
+            raise UserError(f"augment must be vtab or fgvc, got {self.augment!r}")
+        if self.select_on == "val" and self.protocol == "reference":
+            raise UserError(
+                "--protocol reference selects on test by definition; it cannot be combined with --select-on val"
+            )
+        if not isinstance(self.model_kwargs, dict):
+            raise UserError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise UserError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"{source}: unknown keys {unknown}")
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def _recipe_root() -> Path:
+    return Path(str(resources.files("snell") / "recipes"))
+
+
+def known_recipes() -> list[str]:
+    """Names accepted by --recipe, such as "vtab/cifar" and "fgvc/cub"."""
+    root = _recipe_root()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.yaml"))
+
+
+def _key_line(text: str, key: str) -> int | None:
+    match = re.search(rf"^{re.escape(key)}\s*:", text, flags=re.MULTILINE)
+    return None if match is None else text.count("\n", 0, match.start()) + 1
+
+
+def load_recipe(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """The values of a recipe and where they came from; errors name the file and line."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
+        if name_or_path not in known_recipes():
+            raise UserError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(known_recipes())}")
+        path = _recipe_root() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"{path}:1: a recipe must be a mapping of option: value")
+    known = {f.name for f in fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            line = _key_line(text, str(key))
+            where = f"{path}:{line}" if line else str(path)
+            raise UserError(f"{where}: unknown option {key!r} (options are the `snell train` flags, with underscores)")
+    return values, str(path)
+
+
+def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < recipe < overrides (the flags given on the command line)."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if recipe is not None:
+        values, source = load_recipe(recipe)
+    values = {**values, **overrides}
+    values = {k: _normalise(k, v, source) for k, v in values.items()}
+    try:
+        return TrainConfig.from_dict(values, source)
+    except TypeError as err:
+        raise UserError(f"{source}: {err}") from None
+
+
+def _normalise(key: str, value: Any, source: str) -> Any:
+    """Bring YAML values to the types the flags produce (YAML reads 1e-3 as a string, for one)."""
+    default = next(f for f in fields(TrainConfig) if f.name == key)
+    kind = default.type
+    if value is None:
+        return None
+    try:
+        if kind in ("float", "float | None") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if kind in ("int", "int | None") and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise UserError(f"{source}: {key} must be a number, got {value!r}") from None
+    if key in ("target_modules", "exclude_modules") and isinstance(value, str):
+        return parse_modules(value)
+    if key == "coefficients" and isinstance(value, str):
+        return parse_floats(value, key)
+    if key == "coefficients" and isinstance(value, list):
+        return [float(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------
+# Command-line flags, generated from the dataclass so that the three forms never drift apart
+
+
+def parse_modules(text: str) -> list[str] | str:
+    """ "re:<regex>" is a regular expression over full module names; anything else a comma-separated list."""
+    if text.startswith("re:"):
+        return text[3:]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_floats(text: str, name: str = "value") -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _parse_json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; absent flags stay absent so recipes are not overridden by defaults."""
+    parser.add_argument("--recipe", default=None, help="vtab/<task>, fgvc/<dataset> or a recipe YAML file")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        default = None if f.default is MISSING else f.default
+        if f.default is MISSING and f.default_factory is not MISSING:
+            default = f.default_factory()
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        kwargs["help"] = f"{help_text} [default: {default}]" if default not in (None, {}) else help_text
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "model_kwargs":
+            kwargs["type"] = _parse_json_dict
+        elif f.name in ("target_modules", "exclude_modules"):
+            kwargs["type"] = parse_modules
+        elif f.name == "coefficients":
+            kwargs["type"] = lambda text: parse_floats(text, "coefficients")
+        elif f.type.startswith("int"):
+            kwargs["type"] = int
+        elif f.type.startswith("float"):
+            kwargs["type"] = float
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        names = [flag, "-s"] if f.name == "sparsity" else [flag]
+        parser.add_argument(*names, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The resolved config of a `snell train` command line."""
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return resolve_config(args.recipe, overrides)
+
+
+def default_output_dir(config: TrainConfig) -> Path:
+    data_name = Path(config.data).stem if config.data else "data"
+    return Path("runs") / f"{data_name}-{config.method}-seed{config.seed}"

@@ -1,0 +1,82 @@
+"""`snell eval` and `snell merge`: rebuild a finished run's model from its folder alone.
+
+The run folder's config.json says how the backbone was built and which data and transforms were used,
+so evaluating the saved adapter reproduces the accuracy reported in summary.json, and merging gives a
+plain model with the same outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from snell.train.config import TrainConfig, UserError
+from snell.train.loop import CONFIG_FILE, accuracy, make_loader
+from snell.train.models import Backbone, build_backbone, load_trained, merge_trained, save_merged
+from snell.train.tasks import Task, attach_transforms, load_task
+
+
+def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The resolved config a run was trained with, and the rest of its config.json."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run_dir} a `snell train` run folder?")
+    try:
+        record = json.loads(path.read_text())
+        return TrainConfig.from_dict(record["config"], str(path)), record
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: unreadable run config ({err})") from None
+
+
+def restore(
+    run_dir: Path, adapter: Path | None = None, split: str = "test", data: str | None = None
+) -> tuple[TrainConfig, Task, Backbone, nn.Module]:
+    """Config, data, backbone and the trained model of a run (the adapter of ``run_dir`` unless given)."""
+    config, record = load_run_config(run_dir)
+    changes: dict[str, Any] = {"progress": False}
+    if data is not None:
+        changes["data"] = data
+    if split == "val":
+        changes["select_on"] = "val"  # the val split exists as its own set only when selecting on it
+    config = dataclasses.replace(config, **changes)
+    set_seed(config.seed)  # a backbone without --checkpoint is random: rebuild the same one
+    task = load_task(config)
+    if task.num_classes != record.get("num_classes", task.num_classes):
+        raise UserError(
+            f"{config.data} has {task.num_classes} classes but the run was trained on {record['num_classes']}"
+        )
+    backbone = build_backbone(config, task.num_classes)
+    attach_transforms(task, config, backbone.img_size, backbone.mean, backbone.std)
+    model = load_trained(backbone, config, adapter or run_dir / "adapter")
+    return config, task, backbone, model
+
+
+def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None, data: str | None = None) -> dict:
+    """Accuracy of a run's saved result on one split."""
+    if split not in ("test", "val"):
+        raise UserError(f"split must be test or val, got {split!r}")
+    config, task, backbone, model = restore(run_dir, adapter, split, data)
+    dataset = task.test if split == "test" else task.val
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
+    loader = accelerator.prepare(make_loader(dataset, task, config, backbone.tokenizer, train=False))
+    model = accelerator.prepare(model)
+    return {
+        "run": str(run_dir),
+        "split": split,
+        "examples": len(dataset),
+        "accuracy": accuracy(model, loader, accelerator),
+    }
+
+
+def merge_run(run_dir: Path, output: Path | None = None) -> Path:
+    """Write the run's model with the update folded into the weights; returns the output folder."""
+    config, _, backbone, model = restore(run_dir)
+    merged = merge_trained(model, config)
+    return save_merged(merged, backbone, output or run_dir / "merged")

@@ -1,0 +1,543 @@
+"""The training loop: one harness for every method, resumable at any point, identical on 1 or N processes.
+
+Reproducibility is built in rather than hoped for: the data order of epoch e is a function of (seed, e)
+only, the global batch is split across processes (so 1 and N processes take the same optimizer steps),
+and a checkpoint after every epoch holds everything that changes (trainable tensors, optimizer,
+schedule, RNG states, metrics, the best state so far). Checkpoints are written to a temporary folder and
+renamed, so a run killed at any moment resumes from the last complete epoch and ends where an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+import snell
+from snell.train.config import TrainConfig, UserError, default_output_dir
+from snell.train.models import (
+    Backbone,
+    apply_method,
+    build_backbone,
+    load_mutable_state,
+    merge_trained,
+    mutable_state,
+    save_merged,
+    save_trained,
+    set_train_mode,
+)
+from snell.train.tasks import Task, attach_transforms, load_task, make_collate
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-D tensors (norms, biases, kernel coefficients), pos_embed and cls_token."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim <= 1 or leaf == "bias" or leaf in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, warmup_lr: float, min_lr: float) -> float:
+    """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine from ``lr`` to ``min_lr``.
+
+    Step ``total_steps - 1`` (the last optimizer step) gets ``min_lr``.
+    """
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Sets the learning rate of every group before each optimizer step; its state is the step count."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+        self.optimizer = optimizer
+        self.total_steps = config.epochs * steps_per_epoch
+        self.warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), self.total_steps - 1)
+        self.lr, self.warmup_lr, self.min_lr = config.lr, config.warmup_lr, config.min_lr
+        self.step_count = 0
+        self._apply()
+
+    def current(self) -> float:
+        return warmup_cosine(self.step_count, self.total_steps, self.warmup_steps, self.lr, self.warmup_lr, self.min_lr)
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.current()
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply()
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation that depends on (seed, epoch) only, so a resumed epoch sees the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# ------------------------------------------------------------------------------------------------------
+# Memory, files, RNG
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory of this process: CUDA allocations on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (ru_maxrss)"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite the metrics file from the records (after a resume it must not repeat a lost epoch)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+def make_loader(dataset: Dataset, task: Task, config: TrainConfig, tokenizer: Any, train: bool) -> DataLoader:
+    """Training loaders shuffle with :class:`EpochSampler`; evaluation loaders keep the split's order."""
+    collate = make_collate(task, tokenizer, config.max_length)
+    batch = config.batch_size if train else config.eval_batch_size
+    sampler = EpochSampler(len(dataset), config.seed) if train else None
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate, num_workers=config.num_workers)
+
+
+def logits_of(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Logits for an image tensor (timm) or a tokenizer's dict (transformers)."""
+    if isinstance(inputs, dict):
+        return model(**inputs).logits
+    return model(inputs)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Accuracy over the whole split, gathered from every process without duplicates."""
+    model.eval()
+    correct, seen = 0, 0
+    for inputs, labels in loader:
+        with accelerator.autocast():
+            predictions = logits_of(model, inputs).argmax(dim=-1)
+        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
+        correct += int((predictions == labels).sum())
+        seen += int(labels.numel())
+    return correct / max(seen, 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint restores besides tensors owned by the model, optimizer and schedule."""
+
+    epoch: int = 0  # epochs completed
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -1.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    train_time: float = 0.0
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / CHECKPOINTS
+    return sorted(root.glob("epoch-[0-9][0-9][0-9][0-9]")) if root.is_dir() else []
+
+
+class Run:
+    """One training run in ``out``: set-up, epochs, checkpoints and the final report."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.started = time.time()
+        self.config = config
+        self.out = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+        self.config.output_dir = str(self.out)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.grad_accum,
+            mixed_precision="bf16" if config.bf16 else "no",
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            cpu=not torch.cuda.is_available(),  # lets torchrun on a CPU-only machine run DDP over gloo
+        )
+        world = self.accelerator.num_processes
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(config, name) % world:
+                raise UserError(f"{name} {getattr(config, name)} must be divisible by the {world} processes")
+        self.resume = resume
+        self._check_output_dir()
+        self.accelerator.wait_for_everyone()
+        set_seed(config.seed)
+        self.task: Task = load_task(config)
+        self.backbone: Backbone = build_backbone(config, self.task.num_classes)
+        attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
+        self.model = apply_method(self.backbone, config)
+        self.rss_after_model = current_rss_mb()
+        self.trainable, self.total = snell.trainable_parameters(self.model)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _check_output_dir(self) -> None:
+        """Refuse to overwrite a run; with --resume, refuse a config that differs from the saved one."""
+        saved = self.out / CONFIG_FILE
+        if not self.resume:
+            if saved.exists() or checkpoint_dirs(self.out):
+                raise UserError(
+                    f"{self.out} already holds a run; pass --resume to continue it, or choose another --output-dir"
+                )
+            return
+        if not saved.is_file():
+            if checkpoint_dirs(self.out):
+                raise UserError(f"{saved}: not found, but {self.out} holds checkpoints; cannot tell their options")
+            self.resume = False  # killed before anything was written: start afresh
+            return
+        try:
+            stored = json.loads(saved.read_text())["config"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise UserError(f"{saved}: unreadable run config ({err})") from None
+        mine = self.config.to_dict()
+        ignored = ("progress", "num_workers")
+        diff = sorted(k for k in mine if k not in ignored and stored.get(k) != mine[k])
+        if diff:
+            details = ", ".join(f"{k}: saved {stored.get(k)!r} vs now {mine[k]!r}" for k in diff)
+            raise UserError(f"--resume with different options than {saved}: {details}")
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return make_loader(dataset, self.task, self.config, self.backbone.tokenizer, train)
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def _forward(self, inputs: Any) -> torch.Tensor:
+        return logits_of(self.model, inputs)
+
+    def evaluate(self, loader: DataLoader) -> float:
+        return accuracy(self.model, loader, self.accelerator)
+
+    def _train_epoch(self, loader: DataLoader, optimizer: Any, schedule: WarmupCosine, epoch: int) -> dict:
+        set_train_mode(self.model)
+        cfg = self.config
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
+        seen = torch.zeros((), dtype=torch.float64)
+        start = time.time()
+        bar = tqdm(
+            total=len(loader),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (cfg.progress and self.main),
+            dynamic_ncols=True,
+        )
+        for inputs, labels in loader:
+            with self.accelerator.accumulate(self.model):
+                with self.accelerator.autocast():
+                    logits = self._forward(inputs)
+                loss = nn.functional.cross_entropy(logits.float(), labels)
+                self.accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if self.accelerator.sync_gradients:
+                    schedule.step()
+            loss_sum += loss.detach().double() * labels.numel()
+            correct += (logits.argmax(dim=-1) == labels).sum().double()
+            seen += labels.numel()
+            bar.update(1)
+            elapsed = time.time() - start
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen.item():.4f}",
+                acc=f"{correct.item() / seen.item():.3f}",
+                img_s=f"{seen.item() * self.accelerator.num_processes / max(elapsed, 1e-9):.1f}",
+            )
+        bar.close()
+        totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen]).to(self.accelerator.device), "sum")
+        loss_total, correct_total, seen_total = (float(t) for t in totals.cpu())
+        elapsed = time.time() - start
+        return {
+            "epoch": epoch + 1,
+            "step": schedule.step_count,
+            "lr": schedule.current(),
+            "train_loss": loss_total / seen_total,
+            "train_acc": correct_total / seen_total,
+            "examples_per_s": seen_total / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, progress: Progress, optimizer: Any, schedule: WarmupCosine) -> None:
+        """Write checkpoints/epoch-NNNN via a temporary folder and a rename, then drop older ones."""
+        acc = self.accelerator
+        root = self.out / CHECKPOINTS
+        final = root / f"epoch-{progress.epoch:04d}"
+        tmp = root / f".tmp-epoch-{progress.epoch:04d}"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        if self.main:
+            state = {
+                "model": _cpu(mutable_state(acc.unwrap_model(self.model))),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "progress": {
+                    "epoch": progress.epoch,
+                    "metrics": progress.metrics,
+                    "best_score": progress.best_score,
+                    "best_epoch": progress.best_epoch,
+                    "train_time": progress.train_time,
+                },
+                "best_state": progress.best_state,
+            }
+            torch.save(state, tmp / "state.pt")
+        acc.wait_for_everyone()
+        if self.main:
+            for path in tmp.iterdir():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(self.out):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _restore(self, optimizer: Any, schedule: WarmupCosine) -> Progress:
+        found = [d for d in checkpoint_dirs(self.out) if (d / "state.pt").is_file()]
+        if not found:
+            return Progress()
+        latest = found[-1]
+        rank_file = latest / f"rng-rank{self.accelerator.process_index}.pt"
+        if not rank_file.is_file():
+            raise UserError(f"{latest}: written by a run with fewer processes; resume with the same process count")
+        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
+        load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+        info = state["progress"]
+        if self.main:
+            print(f"resuming {self.out} after epoch {info['epoch']}", flush=True)
+        return Progress(
+            info["epoch"],
+            info["metrics"],
+            info["best_score"],
+            info["best_epoch"],
+            state["best_state"],
+            info["train_time"],
+        )
+
+    # -- the whole run ---------------------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume and (self.out / CONFIG_FILE).is_file():
+            return
+        write_json_atomic(
+            self.out / CONFIG_FILE,
+            {
+                "config": self.config.to_dict(),
+                "snell_version": snell.__version__,
+                "num_classes": self.task.num_classes,
+                "class_names": self.task.class_names,
+                "split_sizes": self.task.sizes,
+                "num_processes": self.accelerator.num_processes,
+            },
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train, select or report per the protocol, save the result, and return the summary."""
+        cfg, acc = self.config, self.accelerator
+        if self.resume and (self.out / SUMMARY_FILE).is_file():
+            if self.main:
+                print(f"{self.out} already finished; its summary is {self.out / SUMMARY_FILE}", flush=True)
+            return json.loads((self.out / SUMMARY_FILE).read_text())
+        self._write_config()
+        train_loader = self._loader(self.task.train, train=True)
+        sampler: EpochSampler = train_loader.sampler
+        eval_split = "val" if cfg.select_on == "val" else ("test" if cfg.protocol == "reference" else None)
+        eval_set = getattr(self.task, eval_split) if eval_split else None
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
+        )
+        self.model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        eval_loader = acc.prepare(self._loader(eval_set, train=False)) if eval_set is not None else None
+        steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+        schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
+        progress = self._restore(optimizer, schedule) if self.resume else Progress()
+        if self.main:
+            write_metrics(self.out / METRICS_FILE, progress.metrics)
+            print(
+                f"{cfg.method} on {self.task.name}: {self.trainable:,} of {self.total:,} parameters trainable; "
+                f"train {len(self.task.train)} examples, {cfg.epochs} epochs x {steps_per_epoch} steps "
+                f"on {acc.num_processes} process(es)",
+                flush=True,
+            )
+        for epoch in range(progress.epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            started = time.time()
+            record = self._train_epoch(train_loader, optimizer, schedule, epoch)
+            if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                score = self.evaluate(eval_loader)
+                record[f"{eval_split}_acc"] = score
+                if score > progress.best_score:
+                    progress.best_score, progress.best_epoch = score, epoch + 1
+                    progress.best_state = _cpu(mutable_state(acc.unwrap_model(self.model)))
+            progress.train_time += time.time() - started
+            progress.epoch = epoch + 1
+            progress.metrics.append(record)
+            if self.main:
+                write_metrics(self.out / METRICS_FILE, progress.metrics)
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                if cfg.progress:
+                    tqdm.write(json.dumps(shown))
+            self._save_checkpoint(progress, optimizer, schedule)
+        return self._finish(progress, eval_split)
+
+    def _finish(self, progress: Progress, eval_split: str | None) -> dict[str, Any]:
+        cfg, acc = self.config, self.accelerator
+        model = acc.unwrap_model(self.model)
+        if progress.best_state is not None:
+            load_mutable_state(model, progress.best_state)
+        if cfg.select_on == "val":
+            test_acc = self.evaluate(acc.prepare(self._loader(self.task.test, train=False)))
+            kind = f"test accuracy at epoch {progress.best_epoch}, the epoch with the best val accuracy"
+        elif cfg.protocol == "reference":
+            test_acc = progress.best_score
+            kind = (
+                f"MAXIMUM test accuracy over {sum('test_acc' in m for m in progress.metrics)} evaluations "
+                f"(epoch {progress.best_epoch}; reference protocol: selected on test, optimistic)"
+            )
+        else:
+            test_acc = self.evaluate(acc.prepare(self._loader(self.task.test, train=False)))
+            kind = f"test accuracy after the last epoch ({cfg.epochs})"
+        peak, peak_kind = peak_memory_mb(acc.device)
+        peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()
+        fingerprint = float(
+            sum(t.detach().double().sum() + t.detach().double().abs().sum() for t in mutable_state(model).values())
+        )
+        fingerprints = acc.gather(torch.tensor([fingerprint], dtype=torch.float64, device=acc.device)).cpu().tolist()
+        summary = {
+            "method": cfg.method,
+            "data": self.task.name,
+            "model": cfg.model,
+            "test_accuracy": test_acc,
+            "accuracy_kind": kind,
+            "protocol": "reference" if cfg.protocol == "reference" else f"select_on={cfg.select_on}",
+            "selected_epoch": progress.best_epoch if eval_split else cfg.epochs,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "peak_memory_mb": max(peaks),
+            "peak_memory_kind": peak_kind,
+            "memory_after_model_load_mb": self.rss_after_model,
+            "wall_time_s": time.time() - self.started,
+            "train_time_s": progress.train_time,
+            "num_processes": acc.num_processes,
+            "rank_fingerprints": fingerprints,
+            "split_sizes": self.task.sizes,
+            "config": cfg.to_dict(),
+        }
+        if eval_split:
+            summary[f"best_{eval_split}_accuracy"] = progress.best_score
+        if self.main:
+            save_trained(model, cfg, self.out / "adapter")
+            if cfg.merge:
+                save_merged(merge_trained(model, cfg), self.backbone, self.out / "merged")
+            summary["wall_time_s"] = time.time() - self.started
+            write_json_atomic(self.out / SUMMARY_FILE, summary)
+            print(f"{cfg.method}: {kind}: {test_acc:.4f}  (run folder {self.out})", flush=True)
+        acc.wait_for_everyone()
+        return summary
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run ``snell train`` with a resolved config and return its summary."""
+    return Run(config, resume).fit()
