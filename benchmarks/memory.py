@@ -1,0 +1,79 @@
+"""Memory probes for the benchmarks: the kernel's peak-RSS counter and the bytes autograd saves for backward.
+
+Peak RSS comes from the kernel's own high-water mark (VmHWM in /proc/self/status), reset by writing "5" to
+/proc/self/clear_refs. Unlike a sampling thread it cannot miss a short spike, and unlike ru_maxrss it can be
+reset after the model is loaded, so the peak of the training steps alone is measured.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from torch import Tensor
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{field} missing from {_STATUS}: peak-RSS measurement needs Linux procfs")
+    return int(match.group(1))
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Highest resident set size since the last :func:`reset_peak_rss` (or process start)."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> None:
+    """Set the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    _CLEAR_REFS.write_text("5")
+
+
+class SavedTensorBytes:
+    """Counts the bytes autograd keeps for backward while active: each storage once, model state excluded.
+
+    Parameters and buffers are alive anyway, so saving them costs nothing; views of one storage (x and
+    x.t(), say) cost it once. Tensors kept by a non-reentrant checkpoint for recomputation are not saved
+    through these hooks and are therefore not counted.
+    """
+
+    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self._excluded:
+            self._storages.setdefault(pointer, storage.nbytes())
+        return tensor
+
+    @staticmethod
+    def _unpack(tensor: Tensor) -> Tensor:
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._hooks.__exit__(exc_type, exc, traceback)

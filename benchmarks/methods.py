@@ -1,0 +1,111 @@
+"""The models and fine-tuning methods the benchmarks compare, built the same way in every worker process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+from torch import nn
+
+import snell
+from benchmarks.reference_snell import inject_reference_snell
+
+NUM_CLASSES = 100
+"""A VTAB-sized classifier head (the numbers in the method doc were taken with 100 classes)."""
+
+ADAPTED_LAYERS = r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+"""qkv, attn.proj, mlp.fc1 and mlp.fc2 of every block, as a full-name regex.
+
+peft's list form would match ``patch_embed.proj`` too (suffix match), so every adapter method gets this
+regex and adapts exactly the same layers.
+"""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model with random weights and the input size it is benchmarked at."""
+
+    timm_name: str
+    image_size: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def create(self) -> nn.Module:
+        return timm.create_model(
+            self.timm_name, pretrained=False, num_classes=NUM_CLASSES, img_size=self.image_size, **self.options
+        )
+
+
+MODELS: dict[str, ModelSpec] = {
+    "vit_b16": ModelSpec("vit_base_patch16_224", 224),
+    "vit_l16": ModelSpec("vit_large_patch16_224", 224),
+    "vit_h14": ModelSpec("vit_huge_patch14_224", 224),
+    # Seconds-long stand-in for the tests: same block structure, tiny sizes.
+    "vit_tiny_test": ModelSpec("vit_tiny_patch16_224", 32, {"patch_size": 8, "depth": 2, "embed_dim": 48}),
+}
+
+
+def _head_only(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    return model
+
+
+def _full(model: nn.Module) -> nn.Module:
+    return model.requires_grad_(True)
+
+
+def _peft(use_dora: bool) -> Callable[[nn.Module], nn.Module]:
+    def build(model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers (seconds)
+
+        config = LoraConfig(
+            r=8,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=ADAPTED_LAYERS,
+            modules_to_save=["head"],
+            use_dora=use_dora,
+        )
+        return get_peft_model(model, config)
+
+    return build
+
+
+def _reference(model: nn.Module) -> nn.Module:
+    return inject_reference_snell(model, r=8, sparsity=0.9)
+
+
+def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
+    def build(model: nn.Module) -> nn.Module:
+        config = snell.SnellConfig(
+            r=8,
+            sparsity=sparsity,
+            dropout=dropout,
+            drop_path=dropout,
+            target_modules=ADAPTED_LAYERS,
+            modules_to_save=["head"],
+        )
+        return snell.get_snell_model(model, config)
+
+    return build
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    build: Callable[[nn.Module], nn.Module]
+
+
+METHODS: dict[str, Method] = {
+    "head": Method("head only", _head_only),
+    "full": Method("full fine-tuning", _full),
+    "lora8": Method("peft LoRA-8", _peft(use_dora=False)),
+    "dora8": Method("peft DoRA-8", _peft(use_dora=True)),
+    "reference_snell8": Method("reference-style SNELL-8 s=0.9, dropout/drop-path 0.1", _reference),
+    "snell8_s0": Method("SNELL-8 s=0", _snell(0.0, 0.0)),
+    "snell8_s0.9": Method("SNELL-8 s=0.9", _snell(0.9, 0.0)),
+    "snell8_s0_dropout": Method("SNELL-8 s=0, dropout/drop-path 0.1", _snell(0.0, 0.1)),
+    "snell8_s0.9_dropout": Method("SNELL-8 s=0.9, dropout/drop-path 0.1", _snell(0.9, 0.1)),
+}

@@ -1,0 +1,115 @@
+"""Training-step worker: one (model, method, dtype) per fresh process, so no method inherits another's heap.
+
+Prints one JSON object on its last stdout line. Run by ``benchmarks.run``; by hand:
+``python -m benchmarks.step --model vit_b16 --method snell8_s0.9 --steps 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.memory import SavedTensorBytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
+
+MB = 1024 * 1024
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> Callable[[], None]:
+    """One training step: forward + cross-entropy + backward + AdamW, autocast to ``dtype`` if not fp32."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast_dtype = DTYPES[dtype]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def saved_for_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> int:
+    """Bytes one forward saves for backward (parameters and buffers excluded); backward then frees them."""
+    state = [*model.parameters(), *model.buffers()]
+    autocast_dtype = DTYPES[dtype]
+    with (
+        SavedTensorBytes(exclude=state) as counter,
+        torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None),
+    ):
+        loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.nbytes
+
+
+def benchmark_training(
+    model_name: str, method: str, batch: int, warmup: int, steps: int, dtype: str, seed: int = 0
+) -> dict[str, Any]:
+    """Median step time and peak RSS above the loaded model over ``warmup + steps`` steps, and saved bytes.
+
+    The peak window starts after the model, the adapters and the batch exist, so it holds what training
+    adds: gradients, optimizer state, activations and allocator slack. The first (warm-up) step, which
+    allocates the optimizer state, is inside the window but not timed.
+    """
+    torch.manual_seed(seed)
+    spec = MODELS[model_name]
+    model = METHODS[method].build(spec.create()).train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    images = torch.randn(batch, 3, spec.image_size, spec.image_size)
+    labels = torch.randint(NUM_CLASSES, (batch,))
+    step = make_step(model, images, labels, dtype)
+    gc.collect()
+    loaded = rss_bytes()
+    reset_peak_rss()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_bytes() - loaded
+    saved = saved_for_backward(model, images, labels, dtype)
+    return {
+        "model": model_name,
+        "method": method,
+        "dtype": dtype,
+        "batch": batch,
+        "warmup": warmup,
+        "steps": steps,
+        "trainable_params": trainable,
+        "step_s_median": statistics.median(times),
+        "step_s_min": min(times),
+        "peak_mb": peak / MB,
+        "saved_mb": saved / MB,
+        "loaded_mb": loaded / MB,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
+    parser.add_argument("--method", choices=list(METHODS), required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    args = parser.parse_args()
+    result = benchmark_training(args.model, args.method, args.batch, args.warmup, args.steps, args.dtype)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
