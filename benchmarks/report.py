@@ -1,0 +1,91 @@
+"""Shared result writing: environment facts, CSV and markdown tables, so every result file says where it came from."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str:
+    """HEAD of the repo, marked dirty when library or benchmark sources differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + (" (dirty)" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, str]:
+    """Machine, load and versions, as label → value."""
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return {
+        "CPU": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "RAM": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "OS": f"{platform.system()} {platform.release()}",
+        "load average (1, 5, 15 min) at start": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "peft": _version("peft"),
+        "snell": f"{_version('snell')}, git {_git_commit()}",
+    }
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    """The command as typed from the repo root."""
+    python = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
+    return " ".join([python, "-m", module, *argv])
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_markdown(env: dict[str, str], command: str) -> str:
+    return "\n".join([markdown_table(["", ""], env.items()), "", f"Command: `{command}`"])

@@ -1,0 +1,353 @@
+"""The performance suite in one command: training steps, inference, threshold selection, and the targets.
+
+    .venv/bin/python -m benchmarks.run            # full run: results in benchmarks/results/ (quiet machine!)
+    .venv/bin/python -m benchmarks.run --quick    # smoke test, few steps: results in runs/bench-quick/
+
+Every training and inference measurement runs in a fresh worker process (MALLOC_ARENA_MAX=2), so no method
+inherits another's heap. Each training job runs twice: once timed under glibc's default malloc, once for
+memory with the mmap threshold pinned at 1 MiB, so every large tensor goes back to the OS when freed and the
+peak RSS follows live memory instead of glibc's history-dependent heap. The run writes markdown, CSV and PNG
+plots and prints PASS/MISS for each target. Results of --quick, or of a run on a busy machine, are not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from benchmarks import plots
+from benchmarks.methods import METHODS, MODELS
+from benchmarks.report import REPO, command_line, environment, environment_markdown, markdown_table, write_csv
+
+FULL_OUT = REPO / "benchmarks" / "results"
+QUICK_OUT = REPO / "runs" / "bench-quick"
+PARTS = ("train", "infer", "threshold")
+TIMED_ENV = {"MALLOC_ARENA_MAX": "2"}
+# Setting the threshold also stops glibc from raising it to the largest freed block (up to 32 MiB).
+MEMORY_ENV = {**TIMED_ENV, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+TRAIN_COLUMNS = (
+    "model",
+    "method",
+    "dtype",
+    "batch",
+    "warmup",
+    "steps",
+    "trainable_params",
+    "step_s_median",
+    "step_s_min",
+    "peak_mb",
+    "peak_default_malloc_mb",
+    "saved_mb",
+    "loaded_mb",
+    "status",
+)
+INFER_COLUMNS = (
+    "model",
+    "variant",
+    "batch",
+    "rounds",
+    "forward_s_median",
+    "ratio_to_base",
+    "max_abs_logit_diff_vs_unmerged",
+)
+THRESHOLD_COLUMNS = ("shape", "numel", "method", "seconds", "gemm_s", "ratio_to_gemm", "note")
+ALL_METHODS = tuple(METHODS)
+BIG_MODEL_METHODS = ("head", "full", "lora8", "reference_snell8", "snell8_s0.9")
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    model: str
+    method: str
+    dtype: str
+    warmup: int
+    steps: int
+    batch: int = 8
+
+
+def training_plan(quick: bool, models: Sequence[str] | None, methods: Sequence[str] | None) -> list[TrainJob]:
+    """ViT-B/16 gets every method in fp32 and the main ones in bf16; ViT-L/H get fewer steps and methods.
+
+    ``models``/``methods`` narrow the plan; a model outside it (the tests' tiny ViT) gets ViT-B's fp32 jobs.
+    """
+    if quick:
+        plan = [TrainJob("vit_b16", m, "fp32", 1, 2) for m in ALL_METHODS]
+        plan += [TrainJob("vit_b16", m, "bf16", 1, 1) for m in ("lora8", "snell8_s0.9")]
+    else:
+        plan = [TrainJob("vit_b16", m, "fp32", 2, 8) for m in ALL_METHODS]
+        plan += [TrainJob("vit_b16", m, "bf16", 1, 4) for m in ("full", "lora8", "snell8_s0.9", "snell8_s0.9_dropout")]
+        plan += [TrainJob("vit_l16", m, "fp32", 1, 3) for m in BIG_MODEL_METHODS]
+        plan += [TrainJob("vit_h14", m, "fp32", 1, 2) for m in BIG_MODEL_METHODS]
+    if models is not None:
+        planned = {job.model for job in plan}
+        base = [job for job in plan if job.model == "vit_b16" and job.dtype == "fp32"]
+        plan = [job for job in plan if job.model in models]
+        plan += [replace(job, model=model) for model in models if model not in planned for job in base]
+    return [job for job in plan if methods is None or job.method in methods]
+
+
+def estimated_bytes(job: TrainJob) -> int:
+    """A generous estimate of a training worker's RSS, to skip jobs that cannot fit instead of risking OOM.
+
+    fp32 weights (x4 for full fine-tuning: gradients and two AdamW moments) plus activations, taken as
+    20 floats per token, channel and block (ViT-B/16 at batch 8 saves about 15).
+    """
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = MODELS[job.model].create()
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    tokens = model.patch_embed.num_patches + 1
+    activations = 20 * 4 * job.batch * tokens * model.embed_dim * len(model.blocks)
+    return weights * (4 if job.method == "full" else 1) + activations + 2**30
+
+
+def run_worker(module: str, args: Sequence[str], timeout: float, extra_env: dict[str, str]) -> tuple[Any, str]:
+    """Run ``python -m module args`` in a fresh process; (parsed JSON of its last line, "ok") or (None, error)."""
+    env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"failed (exit {done.returncode}): {last}"
+    return json.loads(done.stdout.strip().splitlines()[-1]), "ok"
+
+
+def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any]]:
+    rows = []
+    for job in jobs:
+        row: dict[str, Any] = {"model": job.model, "method": job.method, "dtype": job.dtype, "batch": job.batch}
+        need, available = estimated_bytes(job), psutil.virtual_memory().available
+        if need > available:
+            row["status"] = f"skipped: needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+        else:
+            args = ["--model", job.model, "--method", job.method, "--dtype", job.dtype, "--batch", str(job.batch)]
+            timed, status = run_worker(
+                "benchmarks.step", [*args, "--warmup", str(job.warmup), "--steps", str(job.steps)], timeout, TIMED_ENV
+            )
+            if timed is not None:
+                row.update(timed, peak_default_malloc_mb=timed["peak_mb"])
+                once = [*args, "--warmup", "1", "--steps", "1"]
+                memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
+                row["peak_mb"] = None if memory is None else memory["peak_mb"]
+            row["status"] = status
+        print(f"train {job.model} {job.dtype} {job.method}: {_summary(row)}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _summary(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    return (
+        f"{row['step_s_median']:.3f} s/step, peak {row['peak_mb']:.0f} MB "
+        f"(default malloc {row['peak_default_malloc_mb']:.0f} MB), saved {row['saved_mb']:.0f} MB"
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    limit: float
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        return "PASS" if self.value <= self.limit else "MISS"
+
+
+def _train_value(rows: Sequence[dict[str, Any]], method: str, column: str) -> float | None:
+    for row in rows:
+        if (row["model"], row["method"], row["dtype"], row["status"]) == ("vit_b16", method, "fp32", "ok"):
+            return row[column]
+    return None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def targets(
+    train: Sequence[dict[str, Any]], infer: Sequence[dict[str, Any]], threshold: Sequence[dict[str, Any]]
+) -> list[Target]:
+    """The issue's targets, on ViT-B/16, batch 8, fp32, for our SNELL-8 at s=0.9 without dropout."""
+    ours, ref = "snell8_s0.9", "reference_snell8"
+    step = {m: _train_value(train, m, "step_s_median") for m in (ours, "lora8", ref)}
+    peak = {m: _train_value(train, m, "peak_mb") for m in (ours, "lora8", "full")}
+    peak_default = {m: _train_value(train, m, "peak_default_malloc_mb") for m in (ours, "lora8", "full")}
+    saved = {m: _train_value(train, m, "saved_mb") for m in (ours, "lora8")}
+    merged = next((r["ratio_to_base"] for r in infer if r["variant"] == "snell merged"), None)
+    selection = next(
+        (r["ratio_to_gemm"] for r in threshold if r["shape"] == "11008x4096" and r["method"].startswith("snell thr")),
+        None,
+    )
+    return [
+        Target("step time: SNELL-8 s=0.9 / peft LoRA-8", _ratio(step[ours], step["lora8"]), 1.25),
+        Target("step time: SNELL-8 s=0.9 / reference-style SNELL-8", _ratio(step[ours], step[ref]), 0.45),
+        Target("peak memory: SNELL-8 s=0.9 / peft LoRA-8", _ratio(peak[ours], peak["lora8"]), 1.0),
+        Target("peak memory: SNELL-8 s=0.9 / full fine-tuning", _ratio(peak[ours], peak["full"]), 0.6),
+        Target(
+            "peak memory, default malloc (history-dependent): SNELL-8 s=0.9 / peft LoRA-8",
+            _ratio(peak_default[ours], peak_default["lora8"]),
+            1.0,
+        ),
+        Target(
+            "peak memory, default malloc (history-dependent): SNELL-8 s=0.9 / full fine-tuning",
+            _ratio(peak_default[ours], peak_default["full"]),
+            0.6,
+        ),
+        Target("saved for backward: SNELL-8 s=0.9 / peft LoRA-8", _ratio(saved[ours], saved["lora8"]), 1.02),
+        Target("inference: merged SNELL / base model", merged, 1.02),
+        Target("threshold 11008x4096 / one dense GEMM with 2048 tokens", selection, 0.2),
+    ]
+
+
+def write_markdown(
+    out: Path,
+    quick: bool,
+    env: dict[str, str],
+    command: str,
+    goals: Sequence[Target],
+    train: Sequence[dict[str, Any]],
+    infer: Sequence[dict[str, Any]],
+    threshold: Sequence[dict[str, Any]],
+    pictures: Sequence[Path],
+) -> None:
+    title = "# SNELL performance benchmarks" + (" (QUICK SMOKE RUN: not results)" if quick else "")
+    parts = [
+        title,
+        "",
+        "Written by `benchmarks/run.py`. CPU only; timm models with random weights; input 224 px (ViT-H: 224 px"
+        " with 14 px patches); AdamW; each training/inference measurement in a fresh process with "
+        "MALLOC_ARENA_MAX=2. Step time: median of timed steps (forward + backward + AdamW) after warm-up. "
+        "Peak MB: kernel peak RSS (VmHWM, reset after the model, adapters and batch exist) minus the RSS at "
+        "that point, so optimizer state, gradients, activations and allocator slack, over a warm-up and one "
+        "step in a separate process whose glibc mmap threshold is pinned at 1 MiB (large blocks are returned "
+        "when freed: the peak follows live memory). Default-malloc peak: the same over the timed run under "
+        "glibc's defaults, whose dynamic mmap threshold keeps freed blocks up to 32 MiB in the heap, so it "
+        "depends on allocation history. Saved MB: tensors saved "
+        "for backward in one forward, each storage once, parameters and buffers excluded (tensors a "
+        "checkpoint keeps for recomputation are not seen, so the reference-style row undercounts).",
+        "",
+        "## Environment",
+        "",
+        environment_markdown(env, command),
+        "",
+        "## Targets (ViT-B/16, batch 8, fp32)",
+        "",
+        markdown_table(
+            ["target", "measured", "limit", "verdict"], [(g.name, g.value, f"<= {g.limit}", g.verdict) for g in goals]
+        ),
+    ]
+    if train:
+        parts += ["", "## Training step", ""]
+        headers = ["model", "dtype", "method", "trainable", "steps", "s/step", "peak MB"]
+        headers += ["default-malloc peak MB", "saved MB", "status"]
+        parts.append(
+            markdown_table(
+                headers,
+                [
+                    (
+                        r["model"],
+                        r["dtype"],
+                        METHODS[r["method"]].label,
+                        r.get("trainable_params"),
+                        r.get("steps"),
+                        r.get("step_s_median"),
+                        r.get("peak_mb"),
+                        r.get("peak_default_malloc_mb"),
+                        r.get("saved_mb"),
+                        r["status"],
+                    )
+                    for r in train
+                ],
+            )
+        )
+    if infer:
+        parts += ["", "## Inference (eval, torch.inference_mode)", ""]
+        parts.append(
+            markdown_table(
+                ["model", "variant", "batch", "s/forward", "ratio to base", "max |logit diff| vs unmerged"],
+                [[r[c] for c in INFER_COLUMNS if c != "rounds"] for r in infer],
+            )
+        )
+    if threshold:
+        parts += ["", "## Threshold selection at s = 0.9 (keep 10 %)", ""]
+        parts.append(
+            markdown_table(
+                ["shape", "method", "seconds", "GEMM s (2048 tokens)", "ratio to GEMM", "note"],
+                [[r[c] for c in THRESHOLD_COLUMNS if c != "numel"] for r in threshold],
+            )
+        )
+    parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pictures]
+    (out / "results.md").write_text("\n".join(parts) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> list[Target]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few steps and rounds: a smoke test, not results")
+    parser.add_argument("--out", type=Path, help=f"output folder (default {FULL_OUT} or, with --quick, {QUICK_OUT})")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="training/inference models to keep")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="training methods to keep")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
+    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    env, command = environment(), command_line("benchmarks.run", argv)
+    started = time.time()
+
+    train: list[dict[str, Any]] = []
+    if "train" in args.parts:
+        jobs = training_plan(args.quick, args.models, args.methods)
+        train = run_training(jobs, args.timeout)
+        write_csv(out / "training.csv", train, TRAIN_COLUMNS)
+
+    infer: list[dict[str, Any]] = []
+    if "infer" in args.parts:
+        model = (args.models or ["vit_b16"])[0]
+        result, status = run_worker(
+            "benchmarks.inference", ["--model", model, "--rounds", "3" if args.quick else "15"], args.timeout, TIMED_ENV
+        )
+        infer = result or []
+        print(f"inference {model}: {status}", flush=True)
+        write_csv(out / "inference.csv", infer, INFER_COLUMNS)
+
+    threshold: list[dict[str, Any]] = []
+    if "threshold" in args.parts:
+        repeats = ["--repeats", "2" if args.quick else "5"]
+        result, status = run_worker("benchmarks.threshold", repeats, args.timeout, TIMED_ENV)
+        threshold = result or []
+        print(f"threshold: {status}", flush=True)
+        write_csv(out / "threshold.csv", threshold, THRESHOLD_COLUMNS)
+
+    env["wall time"] = f"{(time.time() - started) / 60:.1f} min"
+    env["load average (1, 5, 15 min) at end"] = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    goals = targets(train, infer, threshold)
+    pictures = plots.training(out, train) + plots.threshold(out, threshold)
+    write_markdown(out, args.quick, env, command, goals, train, infer, threshold, pictures)
+    for goal in goals:
+        shown = "n/a" if goal.value is None else f"{goal.value:.3f}"
+        print(f"{goal.verdict:4}  {goal.name}: {shown} (limit {goal.limit})")
+    print(f"results: {out / 'results.md'}")
+    return goals
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The benchmark suite's own machinery: it writes its tables, and its memory probes measure what they claim."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# benchmarks/ is not an installed package: make the repo root importable wherever pytest runs from.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import run  # noqa: E402
+from benchmarks.memory import SavedTensorBytes, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
+
+def test_quick_training_run_writes_csv_markdown_and_plot(tmp_path: Path) -> None:
+    methods = ["head", "snell8_s0.9"]
+    argv = ["--quick", "--models", "vit_tiny_test", "--methods", *methods, "--parts", "train", "--out", str(tmp_path)]
+    run.main(argv)
+    with (tmp_path / "training.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == run.TRAIN_COLUMNS
+        rows = list(reader)
+    assert [(r["model"], r["method"], r["status"]) for r in rows] == [("vit_tiny_test", m, "ok") for m in methods]
+    for row in rows:
+        assert float(row["step_s_median"]) > 0
+        assert float(row["peak_mb"]) > 0
+        assert int(row["trainable_params"]) > 0
+    assert float(rows[1]["saved_mb"]) > float(rows[0]["saved_mb"])  # adapters in every block save their inputs
+    markdown = (tmp_path / "results.md").read_text()
+    assert "QUICK SMOKE RUN" in markdown
+    assert "| vit_tiny_test | fp32 | SNELL-8 s=0.9 |" in markdown
+    assert "Command: `" in markdown and "--quick" in markdown
+    assert (tmp_path / "training_vit_tiny_test.png").stat().st_size > 0
+
+
+class _SaveThree(torch.autograd.Function):
+    """Saves x, a view of x and a parameter: only x's storage is new memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, x.mT, weight)
+        return x @ weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _, weight = ctx.saved_tensors
+        return grad @ weight.mT, x.mT @ grad
+
+
+def test_saved_bytes_count_each_storage_once_and_skip_parameters() -> None:
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(32, 8, requires_grad=True)
+    with SavedTensorBytes(exclude=[weight]) as counter:
+        out = _SaveThree.apply(x, weight)
+    assert counter.nbytes == 32 * 8 * 4
+    with SavedTensorBytes() as counter:
+        y = x.exp()  # exp saves its result: a new float32 storage
+    assert counter.nbytes == 32 * 8 * 4
+    (out.sum() + y.sum()).backward()
+
+
+def test_peak_rss_sees_a_short_lived_allocation() -> None:
+    try:
+        reset_peak_rss()
+    except OSError as err:
+        pytest.skip(f"peak RSS cannot be reset here: {err}")
+    before = rss_bytes()
+    block = torch.ones(16 * 2**20)  # 64 MiB, touched
+    del block
+    assert peak_rss_bytes() - before >= 60 * 2**20
+
+
+def test_targets_compare_the_right_rows() -> None:
+    def row(method: str, step: float, peak: float, saved: float) -> dict[str, object]:
+        values = {"step_s_median": step, "peak_mb": peak, "peak_default_malloc_mb": peak, "saved_mb": saved}
+        return {"model": "vit_b16", "method": method, "dtype": "fp32", "status": "ok", **values}
+
+    train = [
+        row("lora8", 4.0, 1000.0, 900.0),
+        row("snell8_s0.9", 4.8, 1000.0, 900.0),
+        row("reference_snell8", 10.0, 1200.0, 950.0),
+        row("full", 5.0, 2000.0, 900.0),
+    ]
+    infer = [{"variant": "snell merged", "ratio_to_base": 1.01}]
+    threshold = [{"shape": "11008x4096", "method": "snell threshold (abs + selection)", "ratio_to_gemm": 0.3}]
+    verdicts = {goal.name: (round(goal.value, 3), goal.verdict) for goal in run.targets(train, infer, threshold)}
+    assert verdicts["step time: SNELL-8 s=0.9 / peft LoRA-8"] == (1.2, "PASS")
+    assert verdicts["step time: SNELL-8 s=0.9 / reference-style SNELL-8"] == (0.48, "MISS")
+    assert verdicts["peak memory: SNELL-8 s=0.9 / full fine-tuning"] == (0.5, "PASS")
+    assert verdicts["inference: merged SNELL / base model"] == (1.01, "PASS")
+    assert verdicts["threshold 11008x4096 / one dense GEMM with 2048 tokens"] == (0.3, "MISS")
+    assert all(verdict != "n/a" for _, verdict in verdicts.values())
