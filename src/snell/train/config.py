@@ -58,7 +58,7 @@ class TrainConfig:
     drop_path_rate: float = _opt(0.0, "stochastic depth in the backbone (timm models)")
     # method
     method: str = _opt("snell", "what is trained", METHODS)
-    r: int = _opt(8, "rank of SNELL / LoRA / DoRA factors")
+    r: int = _opt(8, "rank of SNELL / LoRA / DoRA factors (--rank under torchrun)")
     kernel: str = _opt("piecewise_linear", "SNELL kernel", ("linear", "piecewise_linear", "rbf", "sigmoid"))
     num_pieces: int = _opt(2, "SNELL piecewise-linear kernel: number of pieces")
     coefficients: list | None = field(
@@ -273,8 +273,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "model_kwargs":
             kwargs["type"] = _parse_json_dict
-        elif f.name in ("target_modules", "exclude_modules"):
-            kwargs["type"] = parse_modules
         elif f.name == "coefficients":
             kwargs["type"] = lambda text: parse_floats(text, "coefficients")
         elif f.type.startswith("int"):
@@ -283,7 +281,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = float
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
-        names = [flag, "-s"] if f.name == "sparsity" else [flag]
+        # --rank: torchrun's own parser takes "--r" for an ambiguous abbreviation of its options.
+        names = {"sparsity": [flag, "-s"], "r": [flag, "--rank"]}.get(f.name, [flag])
         parser.add_argument(*names, **kwargs)
 
 

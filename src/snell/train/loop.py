@@ -462,6 +462,9 @@ class Run:
                 flush=True,
             )
         for epoch in range(progress.epoch, cfg.epochs):
+            # accelerate's loader re-sets its sampler's epoch from its own iteration counter, which restarts at
+            # 0 in a resumed process: set both, or a resumed epoch would replay epoch 0's order.
+            train_loader.set_epoch(epoch)
             sampler.set_epoch(epoch)
             started = time.time()
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)

