@@ -1,0 +1,183 @@
+"""snell search: grid, val-only selection, resumable table, early stopping, retrain and plot.
+
+Fast: a tiny random-weight timm ViT on scikit-learn's digits (800/200/797), one thread, one or two epochs.
+"""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from snell.train import search as S
+from snell.train.config import TrainConfig, UserError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a shared 2-core machine two OpenMP threads per process are many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**changes) -> TrainConfig:
+    values = dict(
+        data="digits",
+        model="test_vit",
+        model_kwargs={"img_size": 16, "patch_size": 4},
+        epochs=1,
+        batch_size=100,
+        eval_batch_size=400,
+        warmup_epochs=0,
+        lr=1e-2,
+        progress=False,
+    )
+    return TrainConfig(**{**values, **changes})
+
+
+def fake_record(trial: S.Trial, val: float, test: float | None = None) -> dict:
+    record = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint, "status": "finished"}
+    record.update(val_curve={"1": val}, val_accuracy=val, epochs_trained=1, wall_time_s=0.0)
+    if trial.config.select_on == "none":
+        record["test_accuracy"] = test
+    return record
+
+
+def test_grid_expands_to_every_combination_with_val_selection(tmp_path):
+    base = tiny_config(lr=1e-3, r=8, seed=3)
+    trials = S.expand_grid(base, S.Grid(sparsity=(0.0, 0.9), lr=(1e-3, 1e-2)), tmp_path)
+    assert [t.key for t in trials] == ["s=0,lr=0.001,r=8", "s=0,lr=0.01,r=8", "s=0.9,lr=0.001,r=8", "s=0.9,lr=0.01,r=8"]
+    for trial in trials:
+        cfg = trial.config
+        assert (cfg.sparsity, cfg.lr, cfg.r) == (trial.params["sparsity"], trial.params["lr"], trial.params["r"])
+        assert cfg.select_on == "val" and cfg.seed == 3 and cfg.epochs == base.epochs
+        assert cfg.output_dir == str(tmp_path / "trials" / trial.key)
+        assert trial.table == tmp_path / S.TRIALS_FILE
+    assert len({t.fingerprint for t in trials}) == 1
+    assert [t.params["r"] for t in S.expand_grid(base, S.Grid(sparsity=(0.5,), r=(4, 8)), tmp_path)] == [4, 8]
+    with pytest.raises(UserError, match="repeats"):
+        S.Grid(sparsity=(0.5, 0.5)).points(base)
+
+
+def test_winner_is_the_val_best_even_when_test_disagrees(tmp_path, monkeypatch):
+    # Per grid point: (val, test if it were measured). s=0.9 is best on val, s=0.5 would be best on test.
+    scores = {0.0: (0.70, 0.70), 0.5: (0.75, 0.95), 0.9: (0.80, 0.60)}
+    seen_splits = []
+
+    def fake_train(trial):
+        seen_splits.append(trial.config.select_on)
+        val, test = scores[trial.params["sparsity"]]
+        return fake_record(trial, val, test)
+
+    monkeypatch.setattr(S, "train_trial", fake_train)
+    result = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.5, 0.9)), tmp_path, early_stop=None, verbose=False)
+    assert result.best["params"]["sparsity"] == 0.9
+    assert all("test_accuracy" not in r for r in result.records)  # trials carry no test number to select on
+    assert seen_splits == ["val", "val", "val", "none"]  # the retrain is the only run that reports test
+    assert result.final["params"]["sparsity"] == 0.9 and result.final["test_accuracy"] == 0.60
+    saved = json.loads((tmp_path / S.RESULT_FILE).read_text())
+    assert saved["selected"]["key"] == result.best["key"]
+
+
+def test_rerun_skips_finished_trials_after_a_crash(tmp_path, monkeypatch):
+    calls = []
+
+    def crashing(trial):
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        calls.append(trial.key)
+        return fake_record(trial, 0.5 + 0.1 * len(calls))
+
+    monkeypatch.setattr(S, "train_trial", crashing)
+    grid = S.Grid(sparsity=(0.0, 0.5, 0.9, 0.99))
+    with pytest.raises(RuntimeError, match="killed"):
+        S.search(tiny_config(), grid, tmp_path, retrain=False, verbose=False)
+    assert [r["key"] for r in S.read_table(tmp_path / S.TRIALS_FILE)] == calls
+    with open(tmp_path / S.TRIALS_FILE, "a") as table:
+        table.write('{"key": "torn line of a writer killed mid-wr')  # must not break the rerun
+
+    rerun = []
+    monkeypatch.setattr(S, "train_trial", lambda trial: rerun.append(trial.key) or fake_record(trial, 0.1))
+    result = S.search(tiny_config(), grid, tmp_path, retrain=False, verbose=False)
+    assert rerun == ["s=0.9,lr=0.01,r=8", "s=0.99,lr=0.01,r=8"]
+    assert [r["key"] for r in result.records] == [t.key for t in S.expand_grid(tiny_config(), grid, tmp_path)]
+    assert len(S.read_table(tmp_path / S.TRIALS_FILE)) == 4
+    with pytest.raises(UserError, match="other options"):
+        S.search(tiny_config(epochs=2), grid, tmp_path, retrain=False, verbose=False)
+
+
+def test_early_stop_rule():
+    rule = S.EarlyStop(margin=0.15, after_epoch=1)
+    finished = [{1: 0.50, 2: 0.90}, {1: 0.70}]
+    assert rule.should_stop(1, 0.54, finished)  # more than 0.15 below the best at epoch 1 (0.70)
+    assert not rule.should_stop(1, 0.56, finished)
+    assert not rule.should_stop(3, 0.01, finished)  # nobody finished was evaluated at epoch 3
+    assert not rule.should_stop(1, 0.01, [])  # nothing finished yet: nothing to compare with
+    assert not S.EarlyStop(margin=0.15, after_epoch=2).should_stop(1, 0.01, finished)
+
+
+def test_a_real_trial_stops_after_its_first_evaluation(tmp_path):
+    base = tiny_config(epochs=2)
+    (trial,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path, S.EarlyStop(margin=0.15))
+    reference = {
+        "key": "other",
+        "params": {},
+        "fingerprint": trial.fingerprint,
+        "status": "finished",
+        "val_curve": {"1": 1.0, "2": 1.0},
+        "val_accuracy": 1.0,
+    }
+    S.append_record(trial.table, reference)
+    (record,) = S.run_trials([trial], verbose=False)
+    assert record["status"] == "stopped" and record["epochs_trained"] == 1
+    assert list(record["val_curve"]) == ["1"] and 0.0 <= record["val_accuracy"] < 0.85
+    assert not (tmp_path / "trials" / trial.key / "checkpoints").exists()
+    with pytest.raises(UserError, match="no trial finished"):
+        S.select_best([record])
+
+
+def test_search_retrains_the_winner_on_train_and_val_and_reports_test(tmp_path, monkeypatch):
+    result = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.9)), tmp_path, early_stop=None, verbose=False)
+    for record in result.records:
+        assert record["status"] == "finished" and record["split_sizes"]["train"] == 800
+        assert record["split_sizes"]["val"] == 200 and "test_accuracy" not in record
+        metrics = (tmp_path / "trials" / record["key"] / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(m)["val_acc"] for m in metrics] == [record["val_accuracy"]]
+    final = result.final
+    assert final["params"] == result.best["params"] and final["split_sizes"] == {"train": 1000, "test": 797}
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and not math.isnan(final["test_accuracy"])
+    summary = json.loads((tmp_path / "final-seed0" / "summary.json").read_text())
+    assert summary["config"]["select_on"] == "none" and summary["test_accuracy"] == final["test_accuracy"]
+    assert result.plot == tmp_path / S.PLOT_FILE and result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    monkeypatch.setattr(S, "train_trial", lambda trial: pytest.fail(f"{trial.key} ran again"))
+    again = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.9)), tmp_path, early_stop=None, verbose=False)
+    assert again.final == final
+
+
+def test_command_line_builds_the_grid(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    S.add_search_arguments(parser)
+    argv = [
+        "--data",
+        "digits",
+        "--model",
+        "test_vit",
+        "--output-dir",
+        str(tmp_path),
+        "--grid-sparsity",
+        "0,0.5",
+        "--grid-lr",
+        "1e-3,1e-2",
+        "--no-early-stop",
+        "--no-retrain",
+    ]
+    monkeypatch.setattr(S, "train_trial", lambda trial: fake_record(trial, trial.params["lr"]))
+    result = S.search_from_args(parser.parse_args(argv))
+    assert len(result.records) == 4 and result.best["params"] == {"sparsity": 0.0, "lr": 0.01, "r": 8}
+    assert result.final is None
+    with pytest.raises(UserError, match="set by snell search"):
+        S.search_from_args(parser.parse_args([*argv, "--select-on", "val"]))
