@@ -181,3 +181,14 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
     assert result.final is None
     with pytest.raises(UserError, match="set by snell search"):
         S.search_from_args(parser.parse_args([*argv, "--select-on", "val"]))
+
+
+def test_snell_search_subcommand(tmp_path, monkeypatch, capsys):
+    from snell import cli
+
+    monkeypatch.setattr(S, "train_trial", lambda trial: fake_record(trial, 1.0 - trial.params["sparsity"], 0.5))
+    argv = ["search", "--data", "digits", "--output-dir", str(tmp_path), "--grid-sparsity", "0.5,0.9"]
+    assert cli.main(argv) == 0
+    assert "retrained on train+val: test accuracy 0.5000" in capsys.readouterr().out
+    assert cli.main([*argv, "--resume"]) == 2
+    assert "resumes by itself" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `snell` command: train, eval, merge and demo. Thin: parsing here, the work in snell.train.
+"""The `snell` command: train, search, eval, merge and demo. Thin: parsing here, the work in snell.train.
 
 User mistakes (a bad file, flag, recipe or checkpoint) end with one line on stderr and exit code 2, no
 traceback; set SNELL_DEBUG=1 to see the traceback anyway.
@@ -17,12 +17,16 @@ USAGE_ERROR = 2
 
 def _build_parser() -> argparse.ArgumentParser:
     from snell.train.config import add_train_arguments
+    from snell.train.search import add_search_arguments
 
     parser = argparse.ArgumentParser(prog="snell", description="SNELL sparse fine-tuning: train, evaluate, merge.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model (snell, lora, dora, full or linear)")
     add_train_arguments(train)
+
+    search = commands.add_parser("search", help="pick sparsity (lr, rank) on val, retrain the winner, report test")
+    add_search_arguments(search)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's saved adapter")
     evaluate.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
@@ -49,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         from snell.train.loop import train
 
         train(config_from_args(args), resume=args.resume)
+    elif args.command == "search":
+        from snell.train.search import search_from_args
+
+        search_from_args(args)
     elif args.command == "eval":
         from snell.train.evaluate import evaluate_run
 
