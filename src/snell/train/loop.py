@@ -254,6 +254,12 @@ class Run:
         set_seed(config.seed)
         self.task: Task = load_task(config)
         self.backbone: Backbone = build_backbone(config, self.task.num_classes)
+        wanted = "transformers" if self.task.kind == "text" else "timm"
+        if self.backbone.kind != wanted:
+            raise UserError(
+                f"{self.task.name} is {self.task.kind} data but {config.model} is a {self.backbone.kind} model; "
+                f"use a {'transformers model folder' if wanted == 'transformers' else 'timm model name'}"
+            )
         attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
         self.model = apply_method(self.backbone, config)
         self.rss_after_model = current_rss_mb()
