@@ -41,7 +41,7 @@ def tiny_config(**changes) -> TrainConfig:
 def fake_record(trial: S.Trial, val: float, test: float | None = None) -> dict:
     record = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint, "status": "finished"}
     record.update(val_curve={"1": val}, val_accuracy=val, epochs_trained=1, wall_time_s=0.0)
-    if trial.config.select_on == "none":
+    if trial.final:
         record["test_accuracy"] = test
     return record
 
@@ -56,7 +56,8 @@ def test_grid_expands_to_every_combination_with_val_selection(tmp_path):
         assert cfg.select_on == "val" and cfg.seed == 3 and cfg.epochs == base.epochs
         assert cfg.output_dir == str(tmp_path / "trials" / trial.key)
         assert trial.table == tmp_path / S.TRIALS_FILE
-    assert len({t.fingerprint for t in trials}) == 1
+    assert len({t.fingerprint for t in trials}) == 1 and not any(t.final for t in trials)
+    assert [t.key for t in S.expand_grid(tiny_config(method="lora"), S.Grid(lr=(1e-3,)), tmp_path)] == ["lr=0.001,r=8"]
     assert [t.params["r"] for t in S.expand_grid(base, S.Grid(sparsity=(0.5,), r=(4, 8)), tmp_path)] == [4, 8]
     with pytest.raises(UserError, match="repeats"):
         S.Grid(sparsity=(0.5, 0.5)).points(base)
@@ -80,6 +81,8 @@ def test_winner_is_the_val_best_even_when_test_disagrees(tmp_path, monkeypatch):
     assert result.final["params"]["sparsity"] == 0.9 and result.final["test_accuracy"] == 0.60
     saved = json.loads((tmp_path / S.RESULT_FILE).read_text())
     assert saved["selected"]["key"] == result.best["key"]
+    few_shot = S.final_trial(tiny_config(), result.best, tmp_path / "few", seed=2, train_on_val=False)
+    assert few_shot.final and few_shot.config.select_on == "val" and few_shot.config.seed == 2
 
 
 def test_rerun_skips_finished_trials_after_a_crash(tmp_path, monkeypatch):

@@ -59,8 +59,10 @@ class Grid:
     r: tuple[int, ...] | None = None
 
     def points(self, base: TrainConfig) -> list[dict[str, Any]]:
-        """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest)."""
-        values = (self.sparsity, self.lr or (base.lr,), self.r or (base.r,))
+        """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest). Sparsity only
+        means something to SNELL: other methods get one point per (lr, r), at the base config's sparsity."""
+        sparsity = self.sparsity if base.method == "snell" else (base.sparsity,)
+        values = (sparsity, self.lr or (base.lr,), self.r or (base.r,))
         for name, options in zip(("sparsity", "lr", "r"), values, strict=True):
             if not options:
                 raise UserError(f"the {name} grid is empty")
@@ -94,6 +96,7 @@ class Trial:
     table: Path
     fingerprint: str
     early_stop: EarlyStop | None = None
+    final: bool = False  # a final run: trained to the end and evaluated on test
 
 
 @dataclass
@@ -121,9 +124,10 @@ def fingerprint(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def trial_key(params: dict[str, Any]) -> str:
-    """A readable, file-name-safe identifier of a grid point, e.g. "s=0.9,lr=0.003,r=8"."""
-    return f"s={params['sparsity']:g},lr={params['lr']:g},r={params['r']}"
+def trial_key(params: dict[str, Any], method: str = "snell") -> str:
+    """A readable, file-name-safe identifier of a grid point, e.g. "s=0.9,lr=0.003,r=8" (no s but for snell)."""
+    sparsity = f"s={params['sparsity']:g}," if method == "snell" else ""
+    return f"{sparsity}lr={params['lr']:g},r={params['r']}"
 
 
 def append_record(table: Path, record: dict[str, Any]) -> None:
@@ -209,9 +213,8 @@ class _SearchRun(Run):
 def train_trial(trial: Trial) -> dict[str, Any]:
     """Train one trial and return its record (search trials: val only; final runs: test as well)."""
     started = time.time()
-    config = trial.config
     record: dict[str, Any] = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint}
-    if config.select_on == "val":
+    if not trial.final:
         run = _SearchRun(trial)
         try:
             summary = run.fit()
@@ -226,9 +229,11 @@ def train_trial(trial: Trial) -> dict[str, Any]:
         record.update(val_curve={str(e): a for e, a in sorted(curve.items())}, val_accuracy=curve.get(last, math.nan))
         record["epochs_trained"] = last
     else:
-        run = Run(config, resume=True)
+        run = Run(trial.config, resume=True)
         summary = run.fit()
-        record.update(status="finished", test_accuracy=summary["test_accuracy"])
+        record.update(
+            status="finished", test_accuracy=summary["test_accuracy"], selected_epoch=summary["selected_epoch"]
+        )
     record.update(trainable_params=run.trainable, total_params=run.total, threads=torch.get_num_threads())
     if summary is not None:
         for name in ("peak_memory_mb", "peak_memory_kind", "memory_after_model_load_mb", "train_time_s"):
@@ -257,12 +262,13 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _describe(record: dict[str, Any]) -> str:
-    if "test_accuracy" in record:
+def _describe(trial: Trial, record: dict[str, Any]) -> str:
+    if trial.final:
         score = f"test {record['test_accuracy']:.4f}"
     else:
         score = f"val {record['val_accuracy']:.4f} after epoch {record['epochs_trained']}"
-    return f"{record['key']}: {score} ({record['status']}, {record['wall_time_s']:.0f} s)"
+    where = "/".join(trial.table.parent.parts[-2:])
+    return f"{where} {record['key']}: {score} ({record['status']}, {record['wall_time_s']:.0f} s)"
 
 
 def run_trials(
@@ -296,11 +302,11 @@ def run_trials(
         print(f"skipping {len(trials) - len(pending)} trial(s) already in their tables", flush=True)
     finished = 0
 
-    def report(record: dict[str, Any]) -> None:
+    def report(trial: Trial, record: dict[str, Any]) -> None:
         nonlocal finished
         finished += 1
         if verbose:
-            print(f"[{finished}/{len(pending)}] {_describe(record)}", flush=True)
+            print(f"[{finished}/{len(pending)}] {_describe(trial, record)}", flush=True)
 
     if isolate is None:
         isolate = jobs > 1
@@ -308,7 +314,7 @@ def run_trials(
         for trial in pending:
             record = run_trial(trial)
             done[(trial.table, trial.key)] = record
-            report(record)
+            report(trial, record)
     elif pending:
         threads = threads or max(1, available_cores() // jobs)
         context = multiprocessing.get_context("forkserver")
@@ -319,7 +325,7 @@ def run_trials(
                 trial = futures[future]
                 record = future.result()
                 done[(trial.table, trial.key)] = record
-                report(record)
+                report(trial, record)
     return [done[key] for key in keys]
 
 
@@ -335,7 +341,7 @@ def expand_grid(
     fp = fingerprint(base)
     trials = []
     for params in grid.points(base):
-        key = trial_key(params)
+        key = trial_key(params, base.method)
         config = dataclasses.replace(
             base, **params, select_on="val", protocol="standard", output_dir=str(out / "trials" / key), progress=False
         )
@@ -354,8 +360,16 @@ def select_best(records: list[dict[str, Any]]) -> dict[str, Any]:
     return max(finished, key=lambda r: r["val_accuracy"])  # max keeps the first of equal values
 
 
-def final_trial(base: TrainConfig, best: dict[str, Any], output_dir: str | Path, seed: int | None = None) -> Trial:
-    """The retrain of the winner on train + val (train800val200), evaluated on test after the last epoch."""
+def final_trial(
+    base: TrainConfig,
+    best: dict[str, Any],
+    output_dir: str | Path,
+    seed: int | None = None,
+    train_on_val: bool = True,
+) -> Trial:
+    """The retrain of the winner, evaluated once on test: on train + val (train800val200) after the last epoch,
+    or, with ``train_on_val=False``, on the training split alone at the epoch with the best val accuracy (for
+    few-shot tasks, where adding the validation examples would change the number of shots)."""
     out = Path(output_dir)
     seed = base.seed if seed is None else seed
     params = dict(best["params"])
@@ -363,12 +377,13 @@ def final_trial(base: TrainConfig, best: dict[str, Any], output_dir: str | Path,
         base,
         **params,
         seed=seed,
-        select_on="none",
+        select_on="none" if train_on_val else "val",
         protocol="standard",
         output_dir=str(out / f"final-seed{seed}"),
         progress=False,
     )
-    return Trial(f"{trial_key(params)},seed={seed}", params, config, out / FINAL_FILE, fingerprint(base))
+    key = f"{trial_key(params, base.method)},seed={seed}"
+    return Trial(key, params, config, out / FINAL_FILE, fingerprint(base), final=True)
 
 
 def plot_search(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
