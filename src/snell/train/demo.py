@@ -60,7 +60,7 @@ TEXT_SETTINGS: dict[str, Any] = {
 #: Peak learning rate per method, chosen on the validation split.
 LEARNING_RATES: dict[str, dict[str, float]] = {
     "image": {"snell": 5e-3, "lora": 1e-3, "dora": 1e-3, "full": 1e-3, "linear": 1e-2},
-    "text": {"snell": 5e-3, "lora": 5e-3, "dora": 5e-3, "full": 1e-4, "linear": 1e-2},
+    "text": {"snell": 2e-2, "lora": 5e-3, "dora": 5e-3, "full": 1e-4, "linear": 1e-2},
 }
 COLUMNS = ("method", "test_accuracy", "val_accuracy", "trainable_params", "peak_memory_mb", "wall_time_s", "lr")
 
