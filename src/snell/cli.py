@@ -40,7 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
     demo.add_argument("--task", default="image", choices=("image", "text"))
-    demo.add_argument("--output-dir", type=Path, default=None, help="results folder (default: demo_results/<task>)")
+    demo.add_argument(
+        "--output-dir", type=Path, default=None, help="results folder (default: results/demo/<task>-<time>)"
+    )
     demo.add_argument("--methods", default="snell,lora,full,linear", help="comma-separated methods to compare")
     demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")

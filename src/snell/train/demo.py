@@ -173,7 +173,7 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    out = output_dir or Path("demo_results") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = output_dir or Path("results") / "demo" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)

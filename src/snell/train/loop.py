@@ -436,6 +436,7 @@ class Run:
                 "class_names": self.task.class_names,
                 "split_sizes": self.task.sizes,
                 "num_processes": self.accelerator.num_processes,
+                "backbone": self.backbone.info,
             },
         )
 

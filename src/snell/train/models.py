@@ -8,7 +8,6 @@ not provide, is always trained fully.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,7 +349,6 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path) -> Path
     }
     if extra:
         save_file(extra, str(directory / EXTRA_FILE))
-    (directory / "snell_method.json").write_text(json.dumps({"method": config.method}) + "\n")
     return directory
 
 
