@@ -26,13 +26,16 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
-    """HEAD of the repo, marked dirty when library or benchmark sources differ from it."""
+    """HEAD of the repo, and which library or benchmark files differ from it (those the numbers may include)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return commit + (" (dirty)" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
+    paths = ["src", "benchmarks", ":!benchmarks/results"]
+    changed = git("diff", "--name-only", "HEAD", "--", *paths).split()
+    changed += git("ls-files", "--others", "--exclude-standard", "--", *paths).split()
+    return commit + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def _version(package: str) -> str:
