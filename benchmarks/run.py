@@ -97,18 +97,31 @@ def training_plan(quick: bool, models: Sequence[str] | None, methods: Sequence[s
     return [job for job in plan if methods is None or job.method in methods]
 
 
-def estimated_bytes(job: TrainJob) -> int:
+def _shape(model_name: str) -> tuple[int, int]:
+    """(parameter count, tokens x width x depth) of a model, built on the meta device: no memory, no time."""
+    with torch.device("meta"):
+        model = MODELS[model_name].create()
+    tokens = model.patch_embed.num_patches + 1
+    return sum(p.numel() for p in model.parameters()), tokens * model.embed_dim * len(model.blocks)
+
+
+def estimated_bytes(job: TrainJob, measured: dict[tuple[str, str], dict[str, Any]]) -> int:
     """A generous estimate of a training worker's RSS, to skip jobs that cannot fit instead of risking OOM.
 
-    fp32 weights (x4 for full fine-tuning: gradients and two AdamW moments) plus activations, taken as
-    20 floats per token, channel and block (ViT-B/16 at batch 8 saves about 15).
+    When the same method already ran on another model at the same batch and dtype, its default-malloc peak
+    is scaled by the larger of the parameter and activation ratios (glibc's slack grows with them too).
+    Otherwise: fp32 weights (x4 for full fine-tuning: gradients and two AdamW moments) plus activations
+    taken as 20 floats per token, channel and block (ViT-B/16 at batch 8 saves about 15).
     """
-    with torch.device("meta"):  # shapes only: no memory, no time
-        model = MODELS[job.model].create()
-    weights = sum(p.numel() for p in model.parameters()) * 4
-    tokens = model.patch_embed.num_patches + 1
-    activations = 20 * 4 * job.batch * tokens * model.embed_dim * len(model.blocks)
-    return weights * (4 if job.method == "full" else 1) + activations + 2**30
+    params, activations = _shape(job.model)
+    weights = params * 4
+    need = weights * (4 if job.method == "full" else 1) + 20 * 4 * job.batch * activations
+    for (model, method), row in measured.items():
+        if method == job.method and row["batch"] == job.batch and row["dtype"] == job.dtype:
+            other_params, other_activations = _shape(model)
+            scale = max(params / other_params, activations / other_activations)
+            need = max(need, weights + int(row["peak_default_malloc_mb"] * 2**20 * scale))
+    return need + 2**30
 
 
 def run_worker(module: str, args: Sequence[str], timeout: float, extra_env: dict[str, str]) -> tuple[Any, str]:
@@ -128,9 +141,10 @@ def run_worker(module: str, args: Sequence[str], timeout: float, extra_env: dict
 
 def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any]]:
     rows = []
+    measured: dict[tuple[str, str], dict[str, Any]] = {}
     for job in jobs:
         row: dict[str, Any] = {"model": job.model, "method": job.method, "dtype": job.dtype, "batch": job.batch}
-        need, available = estimated_bytes(job), psutil.virtual_memory().available
+        need, available = estimated_bytes(job, measured), psutil.virtual_memory().available
         if need > available:
             row["status"] = f"skipped: needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
         else:
@@ -143,6 +157,7 @@ def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any
                 once = [*args, "--warmup", "1", "--steps", "1"]
                 memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
                 row["peak_mb"] = None if memory is None else memory["peak_mb"]
+                measured[job.model, job.method] = row
             row["status"] = status
         print(f"train {job.model} {job.dtype} {job.method}: {_summary(row)}", flush=True)
         rows.append(row)
