@@ -203,6 +203,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def grid_edge(lr: float, grid: tuple[float, ...]) -> str:
+    """ "top"/"bottom" when the selected lr is the grid's largest/smallest: the optimum may lie beyond it."""
+    return "top" if lr == max(grid) else "bottom" if lr == min(grid) else ""
+
+
 def machine_info() -> dict[str, Any]:
     import peft
     import timm
@@ -258,7 +263,7 @@ def write_report(
                     "task": variant.task.name,
                     "method": variant.label,
                     "seed": run["key"].rsplit("seed=", 1)[1],
-                    "sparsity": params["sparsity"],
+                    "sparsity": params["sparsity"] if variant.base.method == "snell" else "",
                     "lr": params["lr"],
                     "test_accuracy": run["test_accuracy"],
                     "trainable_params": run["trainable_params"],
@@ -279,7 +284,8 @@ def write_report(
                 "test_acc_mean": round(mean, 4),
                 "test_acc_std": round(std, 4),
                 "selected_lr": params["lr"],
-                "selected_s": params["sparsity"] if "snell" in variant.label else "",
+                "lr_at_grid_edge": grid_edge(params["lr"], LR_GRIDS[variant.task.family][variant.base.method]),
+                "selected_s": params["sparsity"] if variant.base.method == "snell" else "",
                 "val_acc_of_selected": round(variant.best["val_accuracy"], 4),
                 "trainable_params": runs[0]["trainable_params"],
                 "peak_rss_mb": round(statistics.fmean(peaks), 1),
@@ -310,21 +316,38 @@ def write_report(
         writer.writerows(trial_rows)
 
     tasks = list(dict.fromkeys(v.task.name for v in variants))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    rows_per_task = [sum(s["task"] == task for s in summary) for task in tasks]
+    fig, axes = plt.subplots(
+        len(tasks),
+        1,
+        figsize=(8, 0.35 * sum(rows_per_task) + 1.2 * len(tasks)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": rows_per_task},
+    )
+    for ax, task in zip(axes[:, 0], tasks, strict=True):
         mine = [s for s in summary if s["task"] == task]
+        methods = {v.label: v.base.method for v in variants if v.task.name == task}
         ax.barh(
             range(len(mine)),
             [s["test_acc_mean"] for s in mine],
             xerr=[s["test_acc_std"] for s in mine],
-            color=["tab:red" if "snell" in s["method"] else "tab:gray" for s in mine],
+            color=["tab:red" if methods[s["method"]] == "snell" else "tab:gray" for s in mine],
+            capsize=3,
         )
-        ax.set_yticks(range(len(mine)), [s["method"].replace("ablation: ", "abl: ") for s in mine], fontsize=7)
+        for i, s in enumerate(mine):
+            ax.text(
+                s["test_acc_mean"] + s["test_acc_std"] + 0.005,
+                i,
+                f"{100 * s['test_acc_mean']:.1f}",
+                va="center",
+                fontsize=7,
+            )
+        ax.set_yticks(range(len(mine)), [s["method"] for s in mine], fontsize=7)
         low = min(s["test_acc_mean"] - s["test_acc_std"] for s in mine)
         ax.set_xlim(max(0.0, low - 0.05), 1.0)
         ax.invert_yaxis()
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("test accuracy (mean ± std over seeds)", fontsize=8)
+        ax.set_xlabel("test accuracy (mean ± std over seeds; red: SNELL)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
@@ -350,7 +373,10 @@ def write_report(
         f"{info['seeds']} seeds and evaluated once on test: on train + val (train800val200) for images; on the "
         "few-shot documents alone for text, at the epoch with the best val accuracy (adding the validation "
         "documents would change the number of shots). Peak RSS is the whole run process's (ru_maxrss; the "
-        "process also holds torch and the data), `above load` subtracts the RSS measured after the model was built.",
+        "process also holds torch and the data), `above load` subtracts the RSS measured after the model was built. "
+        "`top`/`bottom` marks a selected lr at the edge of its 2-value grid. `train s` is wall time on a shared "
+        "machine, not a speed benchmark. SNELL adapts a fused qkv projection as three matrices (q, k, v), as the "
+        "reference code does, so on the ViT it has more factors than peft LoRA on the same layers.",
         "",
     ]
     for task in build_tasks(info["quick"]):
@@ -376,7 +402,8 @@ def write_report(
         for s in (s for s in summary if s["task"] == task.name):
             lines.append(
                 f"| {s['method']} | {100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f} | "
-                f"{s['selected_lr']:g} | {s['selected_s']} | {100 * s['val_acc_of_selected']:.1f} | "
+                f"{s['selected_lr']:g}{' (' + s['lr_at_grid_edge'] + ')' if s['lr_at_grid_edge'] else ''} | "
+                f"{s['selected_s']} | {100 * s['val_acc_of_selected']:.1f} | "
                 f"{s['trainable_params']:,} | {s['peak_rss_mb']:.0f} | {s['peak_above_model_load_mb']:.0f} | "
                 f"{s['train_time_s']:.0f} |"
             )
