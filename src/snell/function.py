@@ -66,19 +66,39 @@ def to_weight_layout(spec: SnellSpec, matrix: Tensor) -> Tensor:
     return matrix.mT if spec.op == "linear_t" else matrix.reshape(spec.weight_shape)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+# ΔW is built in blocks of rows of about this many entries, in forward and again in backward. Backward
+# keeps each block's temporaries (ΔW, the piece distances, the survivor factor, its rows of dW) in cache
+# and allocates no m×n temporary but the merged weight for dx. Forward uses the same blocks so that the
+# recomputed ΔW is bit-identical and the saved τ selects exactly the same survivors.
+_BLOCK_ENTRIES = 1 << 18
 
 
-def dense_delta(
-    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, keep_pieces: bool = False
-) -> tuple[Tensor, list[Tensor] | None]:
-    """ΔW as (G, m/G, n) in at least float32, and the piecewise distances if asked to keep them."""
-    compute = _compute_dtype(a.dtype)
-    a, b, coefficients = a.to(compute), b.to(compute), coefficients.to(compute)
-    pieces = kernels.piece_distances(a, b, spec.num_pieces) if keep_pieces else None
-    delta = kernels.kernel_delta(spec.kernel, a, b, coefficients, spec.num_pieces, pieces)
-    return delta.reshape(spec.grouped_shape), pieces
+def _row_blocks(spec: SnellSpec):
+    groups, rows_per_group, n = spec.grouped_shape
+    step = max(1, _BLOCK_ENTRIES // n)
+    for g in range(groups):
+        for start in range(0, rows_per_group, step):
+            yield g, slice(start, min(start + step, rows_per_group))
+
+
+def _grouped_factors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A as (G, n, r), B as (G, m/G, r) and the coefficients, in at least float32."""
+    groups, rows_per_group, n = spec.grouped_shape
+    compute = torch.promote_types(a.dtype, torch.float32)
+    return (
+        a.to(compute).reshape(groups, n, -1),
+        b.to(compute).reshape(groups, rows_per_group, -1),
+        coefficients.to(compute),
+    )
+
+
+def dense_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> Tensor:
+    """ΔW as (G, m/G, n) in at least float32."""
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    delta = a_g.new_empty(spec.grouped_shape)
+    for g, rows in _row_blocks(spec):
+        delta[g, rows] = kernels.kernel_delta(spec.kernel, a_g[g], b_g[g, rows], coefficients, spec.num_pieces)
+    return delta
 
 
 def survivor_scale(spec: SnellSpec, delta: Tensor, tau: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
@@ -96,7 +116,7 @@ def sparse_delta(
     spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, tau: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(ΔWˢ as (G, m/G, n), τ)."""
-    delta, _ = dense_delta(spec, a, b, coefficients)
+    delta = dense_delta(spec, a, b, coefficients)
     scale, tau = survivor_scale(spec, delta, tau)
     return (delta if scale is None else delta.mul_(scale)), tau
 
@@ -162,7 +182,7 @@ class FusedSnell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
         with _without_autocast(x.device.type):
-            delta, _ = dense_delta(spec, a, b, coefficients)
+            delta = dense_delta(spec, a, b, coefficients)
             scale, tau = survivor_scale(spec, delta)
             matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
             del delta, scale
@@ -176,40 +196,90 @@ class FusedSnell(torch.autograd.Function):
         x, weight, bias, a, b, coefficients, tau = ctx.saved_tensors
         spec: SnellSpec = ctx.spec
         need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
-        need_factors = need_a or need_b or need_coef
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
         with _without_autocast(x.device.type):
             grad_out = grad_out.to(x.dtype)
-            keep_pieces = need_factors and spec.kernel == "piecewise_linear"
-            delta, pieces = dense_delta(spec, a, b, coefficients, keep_pieces)
-            scale, _ = survivor_scale(spec, delta, tau)
+            merged, grad_matrix, factor_grads = _backward_by_row_blocks(
+                spec,
+                x,
+                weight,
+                a,
+                b,
+                coefficients,
+                tau,
+                grad_out,
+                need_x,
+                need_w,
+                need_a or need_b or need_coef,
+                need_coef,
+            )
             if need_x:
-                matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
-                grad_x = _grad_input(spec, x, matrix, grad_out)
-                del matrix
-            if need_w or need_factors:
-                grad_matrix = _grad_matrix(spec, x, grad_out)
-                if need_w:
-                    grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
-                if need_factors:
-                    grad_delta = grad_matrix.to(delta.dtype).reshape(spec.grouped_shape)
-                    if scale is not None:
-                        factor = sparsify.gradient_scale(scale, tau, spec.mode)
-                        grad_delta = grad_delta * factor if need_w else grad_delta.mul_(factor)
-                    del scale
-                    grad_a, grad_b, grad_coef = kernels.kernel_backward(
-                        spec.kernel,
-                        a.to(delta.dtype),
-                        b.to(delta.dtype),
-                        coefficients.to(delta.dtype),
-                        grad_delta.reshape(*b.shape[:-2], b.shape[-2], -1),
-                        spec.num_pieces,
-                        need_coef,
-                        pieces,
-                    )
-                    grad_a, grad_b = grad_a.to(a.dtype), grad_b.to(b.dtype)
-                    if grad_coef is not None:
-                        grad_coef = grad_coef.to(coefficients.dtype)
+                grad_x = _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
+            if need_w:
+                grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
+            if factor_grads is not None:
+                grad_a, grad_b, grad_coef = factor_grads
+                grad_a, grad_b = grad_a.reshape(a.shape).to(a.dtype), grad_b.reshape(b.shape).to(b.dtype)
+                grad_coef = grad_coef.to(coefficients.dtype) if need_coef else None
             if need_bias:
                 grad_bias = _bias_grad(spec, grad_out).to(bias.dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_coef, None
+
+
+def _backward_by_row_blocks(
+    spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef
+):
+    """(merged W0 + ΔWˢ in x's dtype or None, dL/dW or None, (dA, dB, dcoef) or None), block by block.
+
+    Every row j of ΔW depends only on B[j] and all of A, so ΔWˢ, dW = gyᵀx, the sparsifier's gradient and
+    the kernel's backward can be done for a block of rows at a time; dA sums over blocks.
+    """
+    groups, rows_per_group, n = spec.grouped_shape
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    compute = a_g.dtype
+    need_grad_matrix = need_w or need_factors
+    base = None if weight is None else weight_matrix(spec, weight).reshape(groups, rows_per_group, n)
+    merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
+    grad_matrix = None
+    if need_grad_matrix and spec.op == "conv2d":
+        grad_matrix = _grad_matrix(spec, x, grad_out).reshape(groups, rows_per_group, n)
+    elif need_w:
+        grad_matrix = x.new_empty((groups, rows_per_group, n))
+    if spec.op != "conv2d":
+        x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
+    grad_a = torch.zeros_like(a_g) if need_factors else None
+    grad_b = torch.empty_like(b_g) if need_factors else None
+    grad_coef = torch.zeros_like(coefficients)
+    keep_pieces = need_factors and spec.kernel == "piecewise_linear"
+    for g, rows in _row_blocks(spec):
+        b_block = b_g[g, rows]
+        pieces = kernels.piece_distances(a_g[g], b_block, spec.num_pieces) if keep_pieces else None
+        delta = kernels.kernel_delta(spec.kernel, a_g[g], b_block, coefficients, spec.num_pieces, pieces)
+        scale = None
+        if spec.sparsity > 0.0:
+            scale = sparsify.survivor_scale_(delta.abs(), tau[g], spec.mode)
+        if need_x:
+            update = delta if scale is None else delta * scale
+            merged[g, rows] = update if base is None else update.add_(base[g, rows])
+        if not need_grad_matrix:
+            continue
+        if spec.op == "conv2d":
+            grad_block = grad_matrix[g, rows]
+        else:
+            first = g * rows_per_group + rows.start
+            grad_block = grad_rows[:, first : first + b_block.shape[0]].mT.matmul(x_rows)
+            if need_w:
+                grad_matrix[g, rows] = grad_block
+        if need_factors:
+            grad_delta = grad_block.to(compute)
+            if scale is not None:
+                grad_delta = grad_delta * sparsify.gradient_scale(scale, tau[g], spec.mode)
+            block_a, block_b, block_coef = kernels.kernel_backward(
+                spec.kernel, a_g[g], b_block, coefficients, grad_delta, spec.num_pieces, need_coef, pieces
+            )
+            grad_a[g] += block_a
+            grad_b[g, rows] = block_b
+            if need_coef:
+                grad_coef += block_coef
+    factor_grads = (grad_a, grad_b, grad_coef) if need_factors else None
+    return merged, grad_matrix, factor_grads
