@@ -22,11 +22,21 @@ demo: $(STAMP)
 	$(VENV)/bin/snell demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# Performance suite (needs a quiet machine) + the paper's App. A.3 expressiveness experiment.
+# Smoke test: make bench BENCH_ARGS=--quick  (writes runs/bench-quick/)
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.expressiveness $(BENCH_ARGS)
+
+# Accuracy on real pretrained weights and real data (snell search, 3 seeds per method).
+accuracy: $(STAMP)
+	$(PY) -m benchmarks.accuracy.run $(ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
