@@ -52,6 +52,20 @@ def _naive_forward(spec, x, weight, bias, a, b, coef):
     return F.conv2d(x, w, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
 
 
+def _assert_matches_naive(spec, inputs):
+    """Forward and every input's gradient equal plain autograd on the naive formula."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = _naive_forward(spec, *leaves)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    out = FusedSnell.apply(*ours, spec)
+    torch.testing.assert_close(out, expected)
+    out.backward(grad)
+    for mine, theirs in zip(ours, leaves, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
 CASES = [
     *[_spec(kernel=k, mode=md) for k in KERNELS for md in MODES],
     _spec(sparsity=0.0),
@@ -64,17 +78,7 @@ CASES = [
 
 @pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-s{s.sparsity}-g{s.groups}")
 def test_forward_and_gradients_match_plain_autograd_on_the_naive_formula(spec):
-    inputs = _inputs(spec)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    expected = _naive_forward(spec, *leaves)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    ours = [t.clone().requires_grad_() for t in inputs]
-    out = FusedSnell.apply(*ours, spec)
-    torch.testing.assert_close(out, expected)
-    out.backward(grad)
-    for mine, theirs in zip(ours, leaves, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad)
+    _assert_matches_naive(spec, _inputs(spec))
 
 
 GRADCHECK_CASES = [
@@ -199,14 +203,4 @@ def test_no_host_synchronisation_off_the_cpu():
 def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode):
     # 900×700 with three q/k/v groups: each group's 300 rows are rebuilt in backward in several blocks.
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)
-    inputs = _inputs(spec, r=4, tokens=5)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    expected = _naive_forward(spec, *leaves)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    ours = [t.clone().requires_grad_() for t in inputs]
-    out = FusedSnell.apply(*ours, spec)
-    out.backward(grad)
-    torch.testing.assert_close(out, expected)
-    for mine, theirs in zip(ours, leaves, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad)
+    _assert_matches_naive(spec, _inputs(spec, r=4, tokens=5))

@@ -135,19 +135,22 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the base weights and return the plain model (original layer classes)."""
+def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     for layer in _require_adapters(model):
-        layer.merge()
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
         detach(layer)
     model.__dict__.pop("snell_config", None)
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain model (original layer classes)."""
+    return _remove_adapters(model, merge=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapters without merging: the base model as it was before injection."""
-    for layer in _require_adapters(model):
-        layer.unmerge()
-        detach(layer)
-    model.__dict__.pop("snell_config", None)
-    return model
+    return _remove_adapters(model, merge=False)
