@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from naive import naive_kernel, naive_sparsify
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import snell.function
 from snell.config import default_coefficients
 from snell.function import FusedSnell, SnellSpec
 
@@ -200,7 +201,8 @@ def test_no_host_synchronisation_off_the_cpu():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode):
-    # 900×700 with three q/k/v groups: each group's 300 rows are rebuilt in backward in several blocks.
+def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monkeypatch):
+    # 900×700 with three q/k/v groups and 2^16-entry blocks: each group's 300 rows span several blocks.
+    monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 16)
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)
     _assert_matches_naive(spec, _inputs(spec, r=4, tokens=5))
