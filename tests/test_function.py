@@ -71,15 +71,32 @@ CASES = [
     *[_spec(kernel=k, mode=md) for k in KERNELS for md in MODES],
     _spec(sparsity=0.0),
     _spec(op="linear", shape=(9, 5), groups=3),
+    _spec(op="linear", shape=(4, 9)),
     _spec(op="linear_t", shape=(5, 6)),
     _spec(op="conv2d", shape=(4, 3, 3, 3), padding=(1, 1), stride=(2, 2)),
     _spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2)),
 ]
 
 
+@pytest.fixture(params=["survivors", "dense"])
+def path(request, monkeypatch):
+    """Both backward designs on the CPU: the survivor path (the CPU default when s > 0) and the dense
+    row-block path that accelerators use."""
+    if request.param == "dense":
+        monkeypatch.setattr(snell.function, "_uses_survivors", lambda spec, x: False)
+    return request.param
+
+
 @pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-s{s.sparsity}-g{s.groups}")
-def test_forward_and_gradients_match_plain_autograd_on_the_naive_formula(spec):
+def test_forward_and_gradients_match_plain_autograd_on_the_naive_formula(spec, path):
     _assert_matches_naive(spec, _inputs(spec))
+
+
+@pytest.mark.parametrize("shape", [(768, 384), (384, 768), (2304, 384)], ids=["tall", "wide", "qkv"])
+def test_large_matrices_on_the_survivor_path_match_the_naive_formula(shape):
+    # ≥ 2^18 entries per group: the sampled selection, CSR rows along either side, q/k/v groups.
+    spec = _spec(shape=shape, sparsity=0.9, groups=3 if shape[0] == 2304 else 1)
+    _assert_matches_naive(spec, _inputs(spec, r=4, tokens=3))
 
 
 GRADCHECK_CASES = [
@@ -93,7 +110,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("spec", GRADCHECK_CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-g{s.groups}")
-def test_gradcheck_float64(spec):
+def test_gradcheck_float64(spec, path):
     # Only "mask" (and s = 0) is a true derivative: "reference" detaches |ΔW| and "soft" holds τ constant
     # by design; those two are checked against plain autograd on the naive formula above.
     inputs = [t.requires_grad_() for t in _inputs(spec, seed=3)]
@@ -131,8 +148,10 @@ def test_no_m_by_n_tensor_is_saved_for_backward():
     coef = torch.tensor([0.1, -0.1])
     x = torch.randn(4, 16, 512, requires_grad=True)
     out, saved = _saved_bytes(lambda: FusedSnell.apply(x, layer.weight, layer.bias, a, b, coef, spec))
-    # x (4·16·512 floats), the coefficients and τ: nothing close to the 768×512 ΔW.
-    assert saved <= x.numel() * 4 + 64
+    # x (4·16·512 floats), τ, and on the CPU the survivors' positions (an int16 column index per
+    # survivor plus int32 row offsets): a tenth of 768×512 entries at 2 bytes, not the ΔW's 4 bytes each.
+    survivors = round(0.1 * 768 * 512)
+    assert saved <= x.numel() * 4 + survivors * 2 + 769 * 4 + 64
     out.sum().backward()
     assert a.grad is not None and b.grad is not None
 
@@ -144,6 +163,9 @@ def test_no_m_by_n_tensor_is_saved_for_backward():
     assert unfused_saved > 768 * 512 * 4  # a naive autograd layout keeps m×n tensors alive
 
 
+GEMMS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.sparse_sampled_addmm)
+
+
 class _GemmCounter(TorchDispatchMode):
     """Counts matrix products that involve the token dimension (the expensive GEMMs)."""
 
@@ -153,7 +175,7 @@ class _GemmCounter(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+        if func.overloadpacket in GEMMS:
             shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
             if any(self.tokens in s for s in shapes):
                 self.count += 1
@@ -201,7 +223,7 @@ def test_no_host_synchronisation_off_the_cpu():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monkeypatch):
+def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monkeypatch, path):
     # 900×700 with three q/k/v groups and 2^16-entry blocks: each group's 300 rows span several blocks.
     monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 16)
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)

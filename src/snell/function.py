@@ -12,6 +12,7 @@ transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -171,6 +172,170 @@ def _without_autocast(device_type: str) -> AbstractContextManager:
     return nullcontext()
 
 
+def _uses_survivors(spec: SnellSpec, x: Tensor) -> bool:
+    """The survivor path: sparsified layers on the CPU, where the gradient is only needed on the
+    surviving entries and reading their number costs nothing. Accelerators keep the dense row-block
+    path, which never waits for the host."""
+    return spec.sparsity > 0.0 and x.device.type == "cpu"
+
+
+@dataclass
+class _Survivors:
+    """The entries of ΔW kept by the selection, as CSR of the (m, n) matrix, and τ per group."""
+
+    tau: Tensor  # (G, 1, 1)
+    row_offsets: Tensor  # (m + 1,) int32
+    rows: Tensor  # (nnz,) int64, sorted
+    columns: Tensor  # (nnz,) int64
+
+    @classmethod
+    def from_flat_index(cls, spec: SnellSpec, tau: Tensor, index: Tensor) -> _Survivors:
+        m, n = spec.matrix_shape
+        rows = index.div(n, rounding_mode="floor")
+        return cls(tau, _offsets(rows, m), rows, index - rows * n)
+
+    @classmethod
+    def from_saved(cls, spec: SnellSpec, tau: Tensor, row_offsets: Tensor, columns: Tensor) -> _Survivors:
+        counts = row_offsets.diff()
+        rows = torch.repeat_interleave(torch.arange(spec.matrix_shape[0], device=counts.device), counts)
+        return cls(tau, row_offsets, rows, columns.long())
+
+    def compact_columns(self) -> Tensor:
+        """The column indices in the smallest integer type that holds them: what backward keeps."""
+        fits_int16 = self.columns.numel() == 0 or int(self.columns.max()) <= torch.iinfo(torch.int16).max
+        return self.columns.to(torch.int16 if fits_int16 else torch.int32)
+
+    def group(self, spec: SnellSpec) -> Tensor:
+        return self.rows.div(spec.grouped_shape[1], rounding_mode="floor")
+
+    def factor_rows(self, spec: SnellSpec) -> Tensor:
+        """For each survivor, its row of A stacked as (G·n, r): the column plus the group's offset."""
+        return self.columns + self.group(spec) * spec.grouped_shape[2]
+
+
+def _offsets(sorted_index: Tensor, length: int) -> Tensor:
+    """CSR offsets (length + 1, int32) of a sorted index."""
+    offsets = sorted_index.new_zeros(length + 1, dtype=torch.int32)
+    offsets[1:] = torch.bincount(sorted_index, minlength=length).cumsum(0)
+    return offsets
+
+
+def _csr(offsets: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # CSR tensors warn that they are a beta feature
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(offsets, columns.to(offsets.dtype), values, shape)
+
+
+def _sum_by_index(index: Tensor, length: int, rows: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """out[i] = Σ rows[k] over k with index[k] = i, as a CSR product (much faster than index_add_ here).
+    ``offsets``: the CSR offsets of ``index`` when it is already sorted."""
+    if offsets is None:
+        order = torch.sort(index, stable=True).indices
+        offsets = _offsets(index[order], length)
+    else:
+        order = torch.arange(index.numel(), device=index.device)
+    return _csr(offsets, order, rows.new_ones(order.numel()), (length, order.numel())) @ rows
+
+
+def _select_survivors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> _Survivors:
+    """τ and the positions of the entries with |ΔW| >= τ, from the dense ΔW (freed on return)."""
+    magnitude = dense_delta(spec, a, b, coefficients).abs_().flatten(1)
+    tau, index = sparsify.survivors(magnitude, sparsify.keep_count(magnitude.shape[1], spec.sparsity))
+    return _Survivors.from_flat_index(spec, tau.unsqueeze(-1), index)
+
+
+def _paired_factors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, survivors: _Survivors):
+    """(A's row, B's row) for every survivor, both (nnz, r), and the coefficients, in at least float32."""
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    rank = a_g.shape[-1]
+    a_rows = a_g.reshape(-1, rank).index_select(0, survivors.factor_rows(spec))
+    return a_rows, b_g.reshape(-1, rank).index_select(0, survivors.rows), coefficients
+
+
+def _survivor_update(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, survivors: _Survivors
+) -> tuple[Tensor, Tensor]:
+    """(ΔWˢ at the survivors, the survivor factor S there), from the survivors' rows of A and B."""
+    values = kernels.paired_values(spec.kernel, *_paired_factors(spec, a, b, coefficients, survivors), spec.num_pieces)
+    factor = sparsify.survivor_factor(values, survivors.tau.flatten()[survivors.group(spec)], spec.mode)
+    return values.mul_(factor), factor
+
+
+def _merged_with_survivors(spec: SnellSpec, weight: Tensor | None, update: Tensor, survivors: _Survivors) -> Tensor:
+    """W0 + ΔWˢ (or ΔWˢ alone without W0) as an (m, n) matrix: a copy of W0 with the survivors added."""
+    merged = update.new_zeros(spec.matrix_shape)
+    if weight is not None:
+        merged.copy_(weight_matrix(spec, weight))
+    return merged.index_put_((survivors.rows, survivors.columns), update, accumulate=True)
+
+
+def _sampled_grad_matrix(spec: SnellSpec, x: Tensor, grad_out: Tensor, survivors: _Survivors) -> Tensor:
+    """dL/dW = gyᵀx at the survivors only (a sampled GEMM), for linear ops.
+
+    torch's CPU sampled_addmm is fastest with CSR rows along the longer side of W, a row-major first
+    factor and a column-major second one; handing it other layouts makes it copy them more slowly.
+    """
+    m, n = spec.matrix_shape
+    compute = torch.promote_types(x.dtype, torch.float32)  # sampled_addmm has no half-precision kernel
+    x_rows = x.reshape(-1, n).to(compute)
+    grad_rows = grad_out.reshape(-1, m).to(compute)
+    nnz = survivors.columns.numel()
+    if m >= n:
+        pattern = _csr(survivors.row_offsets, survivors.columns, x_rows.new_zeros(nnz), (m, n))
+        return torch.sparse.sampled_addmm(
+            pattern, grad_rows.mT.contiguous(), x_rows.mT.contiguous().mT, beta=0.0
+        ).values()
+    order = torch.sort(survivors.columns, stable=True).indices
+    pattern = _csr(_offsets(survivors.columns[order], n), survivors.rows[order], x_rows.new_zeros(nnz), (n, m))
+    by_column = torch.sparse.sampled_addmm(pattern, x_rows.mT.contiguous(), grad_rows.mT.contiguous().mT, beta=0.0)
+    return by_column.values().new_empty(nnz).index_copy_(0, order, by_column.values())
+
+
+def _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, saved, grad_out):
+    """Backward of the survivor path: W0 + ΔWˢ rebuilt from the saved survivors for dx, and the
+    gradient w.r.t. ΔWˢ taken only where ΔWˢ is not zero, then through the sparsifier and the kernel
+    for those entries alone."""
+    need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
+    need_factors = need_a or need_b or need_coef
+    survivors = _Survivors.from_saved(spec, *saved)
+    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
+    with _without_autocast(x.device.type):
+        grad_out = grad_out.to(x.dtype)
+        update, factor = _survivor_update(spec, a, b, coefficients, survivors)
+        if need_x:
+            merged = _merged_with_survivors(spec, weight, update, survivors)
+            grad_x = _grad_input(spec, x, merged.to(x.dtype), grad_out)
+            del merged
+        grad_matrix = None
+        if need_w or (need_factors and spec.op == "conv2d"):
+            grad_matrix = _grad_matrix(spec, x, grad_out)
+        if need_w:
+            grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
+        if need_factors:
+            if grad_matrix is not None:
+                grad_update = grad_matrix[survivors.rows, survivors.columns]
+            else:
+                grad_update = _sampled_grad_matrix(spec, x, grad_out, survivors)
+            tau = survivors.tau.flatten()[survivors.group(spec)]
+            grad_values = grad_update.to(factor.dtype).mul_(sparsify.gradient_scale(factor, tau, spec.mode))
+            a_rows, b_rows, coefs = _paired_factors(spec, a, b, coefficients, survivors)
+            grad_a_rows, grad_b_rows, grad_coef = kernels.paired_backward(
+                spec.kernel, a_rows, b_rows, coefs, grad_values, spec.num_pieces, need_coef
+            )
+            groups, rows_per_group, n = spec.grouped_shape
+            if need_a:
+                grad_a = _sum_by_index(survivors.factor_rows(spec), groups * n, grad_a_rows).reshape(a.shape)
+                grad_a = grad_a.to(a.dtype)
+            if need_b:
+                grad_b = _sum_by_index(survivors.rows, groups * rows_per_group, grad_b_rows, survivors.row_offsets)
+                grad_b = grad_b.reshape(b.shape)
+                grad_b = grad_b.to(b.dtype)
+            grad_coef = grad_coef.to(coefficients.dtype) if need_coef else None
+        if need_bias:
+            grad_bias = _bias_grad(spec, grad_out).to(bias.dtype)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_coef, None
+
+
 class FusedSnell(torch.autograd.Function):
     """y = op(x, W0 + ΔWˢ(A, B)) + b, saving only x, A, B, the coefficients and τ for backward.
 
@@ -182,19 +347,30 @@ class FusedSnell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
         with _without_autocast(x.device.type):
-            delta = dense_delta(spec, a, b, coefficients)
-            scale, tau = survivor_scale(spec, delta)
-            matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
-            del delta, scale
+            if _uses_survivors(spec, x):
+                survivors = _select_survivors(spec, a, b, coefficients)
+                update, _ = _survivor_update(spec, a, b, coefficients, survivors)
+                matrix = _merged_with_survivors(spec, weight, update, survivors).to(x.dtype)
+                del update
+                saved = (survivors.tau, survivors.row_offsets, survivors.compact_columns())
+            else:
+                delta = dense_delta(spec, a, b, coefficients)
+                scale, tau = survivor_scale(spec, delta)
+                matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
+                del delta, scale
+                saved = (tau,)
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
         ctx.spec = spec
-        ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
+        ctx.save_for_backward(x, weight, bias, a, b, coefficients, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, a, b, coefficients, tau = ctx.saved_tensors
+        x, weight, bias, a, b, coefficients, *saved = ctx.saved_tensors
         spec: SnellSpec = ctx.spec
+        if len(saved) > 1:
+            return _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, saved, grad_out)
+        (tau,) = saved
         need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
         with _without_autocast(x.device.type):
