@@ -252,12 +252,11 @@ def _paired_factors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor,
     return a_rows, b_g.reshape(-1, rank).index_select(0, survivors.rows), coefficients
 
 
-def _survivor_update(
-    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, survivors: _Survivors
-) -> tuple[Tensor, Tensor]:
-    """(ΔWˢ at the survivors, the survivor factor S there), from the survivors' rows of A and B."""
-    values = kernels.paired_values(spec.kernel, *_paired_factors(spec, a, b, coefficients, survivors), spec.num_pieces)
-    factor = sparsify.survivor_factor(values, survivors.tau.flatten()[survivors.group(spec)], spec.mode)
+def _survivor_update(spec: SnellSpec, paired: tuple[Tensor, Tensor, Tensor], tau: Tensor) -> tuple[Tensor, Tensor]:
+    """(ΔWˢ at the survivors, the survivor factor S there), from :func:`_paired_factors` and each
+    survivor's τ."""
+    values = kernels.paired_values(spec.kernel, *paired, spec.num_pieces)
+    factor = sparsify.survivor_factor(values, tau, spec.mode)
     return values.mul_(factor), factor
 
 
@@ -301,7 +300,9 @@ def _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, saved
     grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
     with _without_autocast(x.device.type):
         grad_out = grad_out.to(x.dtype)
-        update, factor = _survivor_update(spec, a, b, coefficients, survivors)
+        paired = _paired_factors(spec, a, b, coefficients, survivors)
+        tau = survivors.tau.flatten()[survivors.group(spec)]
+        update, factor = _survivor_update(spec, paired, tau)
         if need_x:
             merged = _merged_with_survivors(spec, weight, update, survivors)
             grad_x = _grad_input(spec, x, merged.to(x.dtype), grad_out)
@@ -316,11 +317,9 @@ def _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, saved
                 grad_update = grad_matrix[survivors.rows, survivors.columns]
             else:
                 grad_update = _sampled_grad_matrix(spec, x, grad_out, survivors)
-            tau = survivors.tau.flatten()[survivors.group(spec)]
             grad_values = grad_update.to(factor.dtype).mul_(sparsify.gradient_scale(factor, tau, spec.mode))
-            a_rows, b_rows, coefs = _paired_factors(spec, a, b, coefficients, survivors)
             grad_a_rows, grad_b_rows, grad_coef = kernels.paired_backward(
-                spec.kernel, a_rows, b_rows, coefs, grad_values, spec.num_pieces, need_coef
+                spec.kernel, *paired, grad_values, spec.num_pieces, need_coef
             )
             groups, rows_per_group, n = spec.grouped_shape
             if need_a:
@@ -349,7 +348,9 @@ class FusedSnell(torch.autograd.Function):
         with _without_autocast(x.device.type):
             if _uses_survivors(spec, x):
                 survivors = _select_survivors(spec, a, b, coefficients)
-                update, _ = _survivor_update(spec, a, b, coefficients, survivors)
+                paired = _paired_factors(spec, a, b, coefficients, survivors)
+                update, _ = _survivor_update(spec, paired, survivors.tau.flatten()[survivors.group(spec)])
+                del paired
                 matrix = _merged_with_survivors(spec, weight, update, survivors).to(x.dtype)
                 del update
                 saved = (survivors.tau, survivors.row_offsets, survivors.compact_columns())
