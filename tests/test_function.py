@@ -148,10 +148,8 @@ def test_no_m_by_n_tensor_is_saved_for_backward():
     coef = torch.tensor([0.1, -0.1])
     x = torch.randn(4, 16, 512, requires_grad=True)
     out, saved = _saved_bytes(lambda: FusedSnell.apply(x, layer.weight, layer.bias, a, b, coef, spec))
-    # x (4·16·512 floats), τ, and on the CPU the survivors' positions (an int16 column index per
-    # survivor plus int32 row offsets): a tenth of 768×512 entries at 2 bytes, not the ΔW's 4 bytes each.
-    survivors = round(0.1 * 768 * 512)
-    assert saved <= x.numel() * 4 + survivors * 2 + 769 * 4 + 64
+    # x (4·16·512 floats), the coefficients and τ: nothing close to the 768×512 ΔW.
+    assert saved <= x.numel() * 4 + 64
     out.sum().backward()
     assert a.grad is not None and b.grad is not None
 

@@ -1,10 +1,17 @@
 """The fused SNELL autograd function: y = op(x, W0 + ΔWˢ) + b in one GEMM (or convolution).
 
 Forward builds ΔW from the factors, selects τ, adds the sparsified update to W0 and runs the layer's own
-op once; it saves only x, the factors and τ (W0 and b are parameters, already alive). Backward rebuilds
-ΔWˢ with the saved τ (no second selection), runs the two GEMMs every trained layer needs (dx and
-dW = gyᵀx) and sends dW through the sparsifier and the kernel to A and B. No m×n tensor lives between
-forward and backward: that is where SNELL's memory goes in the reference layout.
+op once; it saves only x, the factors and τ (W0 and b are parameters, already alive). No m×n tensor lives
+between forward and backward: that is where SNELL's memory goes in the reference layout. Backward rebuilds
+W0 + ΔWˢ for dx, with the saved τ (no second selection), in one of two designs:
+
+- Survivor path (CPU, s > 0): backward rebuilds ΔW once, block by block exactly as forward did, for
+  W0 + ΔWˢ and to find the survivors |ΔW| >= τ again. It takes dW = gyᵀx only there (a sampled GEMM: a
+  tenth of the dense flops at s = 0.9) and runs the kernel's gradient per survivor from the gathered rows
+  of A and B, so the dense dW GEMM and the dense kernel backward are gone.
+- Dense row-block path (s = 0, and accelerators, where reading the survivor count would make the host
+  wait for the device): backward rebuilds ΔW block by block of rows, runs dW = gyᵀx per block and sends it
+  through the sparsifier and the kernel, with no m×n temporary but the merged weight.
 
 Everything is done on the weight seen as an (m, n) matrix: a Linear's weight, a Conv1D's weight
 transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
@@ -181,29 +188,17 @@ def _uses_survivors(spec: SnellSpec, x: Tensor) -> bool:
 
 @dataclass
 class _Survivors:
-    """The entries of ΔW kept by the selection, as CSR of the (m, n) matrix, and τ per group."""
+    """The entries of ΔW that the selection kept, as CSR of the (m, n) matrix."""
 
-    tau: Tensor  # (G, 1, 1)
     row_offsets: Tensor  # (m + 1,) int32
     rows: Tensor  # (nnz,) int64, sorted
     columns: Tensor  # (nnz,) int64
 
     @classmethod
-    def from_flat_index(cls, spec: SnellSpec, tau: Tensor, index: Tensor) -> _Survivors:
+    def from_flat_index(cls, spec: SnellSpec, index: Tensor) -> _Survivors:
         m, n = spec.matrix_shape
         rows = index.div(n, rounding_mode="floor")
-        return cls(tau, _offsets(rows, m), rows, index - rows * n)
-
-    @classmethod
-    def from_saved(cls, spec: SnellSpec, tau: Tensor, row_offsets: Tensor, columns: Tensor) -> _Survivors:
-        counts = row_offsets.diff()
-        rows = torch.repeat_interleave(torch.arange(spec.matrix_shape[0], device=counts.device), counts)
-        return cls(tau, row_offsets, rows, columns.long())
-
-    def compact_columns(self) -> Tensor:
-        """The column indices in the smallest integer type that holds them: what backward keeps."""
-        fits_int16 = self.columns.numel() == 0 or int(self.columns.max()) <= torch.iinfo(torch.int16).max
-        return self.columns.to(torch.int16 if fits_int16 else torch.int32)
+        return cls(_offsets(rows, m), rows, index - rows * n)
 
     def group(self, spec: SnellSpec) -> Tensor:
         return self.rows.div(spec.grouped_shape[1], rounding_mode="floor")
@@ -237,35 +232,12 @@ def _sum_by_index(index: Tensor, length: int, rows: Tensor, offsets: Tensor | No
     return _csr(offsets, order, rows.new_ones(order.numel()), (length, order.numel())) @ rows
 
 
-def _select_survivors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> _Survivors:
-    """τ and the positions of the entries with |ΔW| >= τ, from the dense ΔW (freed on return)."""
-    magnitude = dense_delta(spec, a, b, coefficients).abs_().flatten(1)
-    tau, index = sparsify.survivors(magnitude, sparsify.keep_count(magnitude.shape[1], spec.sparsity))
-    return _Survivors.from_flat_index(spec, tau.unsqueeze(-1), index)
-
-
 def _paired_factors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, survivors: _Survivors):
     """(A's row, B's row) for every survivor, both (nnz, r), and the coefficients, in at least float32."""
     a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
     rank = a_g.shape[-1]
     a_rows = a_g.reshape(-1, rank).index_select(0, survivors.factor_rows(spec))
     return a_rows, b_g.reshape(-1, rank).index_select(0, survivors.rows), coefficients
-
-
-def _survivor_update(spec: SnellSpec, paired: tuple[Tensor, Tensor, Tensor], tau: Tensor) -> tuple[Tensor, Tensor]:
-    """(ΔWˢ at the survivors, the survivor factor S there), from :func:`_paired_factors` and each
-    survivor's τ."""
-    values = kernels.paired_values(spec.kernel, *paired, spec.num_pieces)
-    factor = sparsify.survivor_factor(values, tau, spec.mode)
-    return values.mul_(factor), factor
-
-
-def _merged_with_survivors(spec: SnellSpec, weight: Tensor | None, update: Tensor, survivors: _Survivors) -> Tensor:
-    """W0 + ΔWˢ (or ΔWˢ alone without W0) as an (m, n) matrix: a copy of W0 with the survivors added."""
-    merged = update.new_zeros(spec.matrix_shape)
-    if weight is not None:
-        merged.copy_(weight_matrix(spec, weight))
-    return merged.index_put_((survivors.rows, survivors.columns), update, accumulate=True)
 
 
 def _sampled_grad_matrix(spec: SnellSpec, x: Tensor, grad_out: Tensor, survivors: _Survivors) -> Tensor:
@@ -290,49 +262,60 @@ def _sampled_grad_matrix(spec: SnellSpec, x: Tensor, grad_out: Tensor, survivors
     return by_column.values().new_empty(nnz).index_copy_(0, order, by_column.values())
 
 
-def _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, saved, grad_out):
-    """Backward of the survivor path: W0 + ΔWˢ rebuilt from the saved survivors for dx, and the
-    gradient w.r.t. ΔWˢ taken only where ΔWˢ is not zero, then through the sparsifier and the kernel
-    for those entries alone."""
+def _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, tau, grad_out):
+    """Backward of the survivor path. ΔW is rebuilt as forward built it (same blocks, so bit for bit) to
+    find the survivors with the saved τ and to rebuild W0 + ΔWˢ for dx; the gradient w.r.t. ΔW is then
+    taken only at the survivors and sent through the sparsifier and the kernel for those entries alone.
+    The steps run one after another so that their temporaries never coexist."""
     need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
     need_factors = need_a or need_b or need_coef
-    survivors = _Survivors.from_saved(spec, *saved)
     grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
     with _without_autocast(x.device.type):
         grad_out = grad_out.to(x.dtype)
-        paired = _paired_factors(spec, a, b, coefficients, survivors)
-        tau = survivors.tau.flatten()[survivors.group(spec)]
-        update, factor = _survivor_update(spec, paired, tau)
+        delta = dense_delta(spec, a, b, coefficients)
+        magnitude = delta.abs()
+        survivors = _Survivors.from_flat_index(spec, (magnitude >= tau).flatten().nonzero().squeeze(1))
+        scale = sparsify.survivor_scale_(magnitude, tau, spec.mode)
         if need_x:
-            merged = _merged_with_survivors(spec, weight, update, survivors)
-            grad_x = _grad_input(spec, x, merged.to(x.dtype), grad_out)
+            merged = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
+            grad_x = _grad_input(spec, x, merged, grad_out)
             del merged
-        grad_matrix = None
+        factor = scale.flatten()[survivors.rows * spec.matrix_shape[1] + survivors.columns]
+        del delta, magnitude, scale
+        grad_update = None
         if need_w or (need_factors and spec.op == "conv2d"):
             grad_matrix = _grad_matrix(spec, x, grad_out)
-        if need_w:
-            grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
+            grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype) if need_w else None
+            grad_update = grad_matrix[survivors.rows, survivors.columns]
+            del grad_matrix
+        elif need_factors:
+            grad_update = _sampled_grad_matrix(spec, x, grad_out, survivors)
         if need_factors:
-            if grad_matrix is not None:
-                grad_update = grad_matrix[survivors.rows, survivors.columns]
-            else:
-                grad_update = _sampled_grad_matrix(spec, x, grad_out, survivors)
-            grad_values = grad_update.to(factor.dtype).mul_(sparsify.gradient_scale(factor, tau, spec.mode))
-            grad_a_rows, grad_b_rows, grad_coef = kernels.paired_backward(
-                spec.kernel, *paired, grad_values, spec.num_pieces, need_coef
-            )
-            groups, rows_per_group, n = spec.grouped_shape
-            if need_a:
-                grad_a = _sum_by_index(survivors.factor_rows(spec), groups * n, grad_a_rows).reshape(a.shape)
-                grad_a = grad_a.to(a.dtype)
-            if need_b:
-                grad_b = _sum_by_index(survivors.rows, groups * rows_per_group, grad_b_rows, survivors.row_offsets)
-                grad_b = grad_b.reshape(b.shape)
-                grad_b = grad_b.to(b.dtype)
+            tau_each = tau.flatten()[survivors.group(spec)]
+            grad_values = grad_update.to(factor.dtype).mul_(sparsify.gradient_scale(factor, tau_each, spec.mode))
+            paired = _paired_factors(spec, a, b, coefficients, survivors)
+            grad_a, grad_b, grad_coef = _factor_grads(spec, survivors, paired, grad_values, need_coef)
+            grad_a = grad_a.reshape(a.shape).to(a.dtype) if need_a else None
+            grad_b = grad_b.reshape(b.shape).to(b.dtype) if need_b else None
             grad_coef = grad_coef.to(coefficients.dtype) if need_coef else None
         if need_bias:
             grad_bias = _bias_grad(spec, grad_out).to(bias.dtype)
     return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_coef, None
+
+
+def _factor_grads(spec, survivors, paired, grad_values, need_coef):
+    """(dA as (G·n, r), dB as (m, r), dcoef or None) from the gradient w.r.t. ΔW at the survivors."""
+    groups, rows_per_group, n = spec.grouped_shape
+    grad_a_rows, grad_b_rows, grad_coef = kernels.paired_backward(
+        spec.kernel, *paired, grad_values, spec.num_pieces, need_coef
+    )
+    grad_a = _sum_by_index(survivors.factor_rows(spec), groups * n, grad_a_rows)
+    if grad_b_rows is None:  # a distance kernel: each pair's dB is minus its dA
+        grad_b_rows, sign = grad_a_rows, -1.0
+    else:
+        sign = 1.0
+    grad_b = _sum_by_index(survivors.rows, groups * rows_per_group, grad_b_rows, survivors.row_offsets)
+    return grad_a, grad_b.mul_(sign), grad_coef
 
 
 class FusedSnell(torch.autograd.Function):
@@ -346,32 +329,21 @@ class FusedSnell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
         with _without_autocast(x.device.type):
-            if _uses_survivors(spec, x):
-                survivors = _select_survivors(spec, a, b, coefficients)
-                paired = _paired_factors(spec, a, b, coefficients, survivors)
-                update, _ = _survivor_update(spec, paired, survivors.tau.flatten()[survivors.group(spec)])
-                del paired
-                matrix = _merged_with_survivors(spec, weight, update, survivors).to(x.dtype)
-                del update
-                saved = (survivors.tau, survivors.row_offsets, survivors.compact_columns())
-            else:
-                delta = dense_delta(spec, a, b, coefficients)
-                scale, tau = survivor_scale(spec, delta)
-                matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
-                del delta, scale
-                saved = (tau,)
+            delta = dense_delta(spec, a, b, coefficients)
+            scale, tau = survivor_scale(spec, delta)
+            matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
+            del delta, scale
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
         ctx.spec = spec
-        ctx.save_for_backward(x, weight, bias, a, b, coefficients, *saved)
+        ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, a, b, coefficients, *saved = ctx.saved_tensors
+        x, weight, bias, a, b, coefficients, tau = ctx.saved_tensors
         spec: SnellSpec = ctx.spec
-        if len(saved) > 1:
-            return _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, saved, grad_out)
-        (tau,) = saved
+        if _uses_survivors(spec, x):
+            return _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, tau, grad_out)
         need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
         with _without_autocast(x.device.type):

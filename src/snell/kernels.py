@@ -134,23 +134,6 @@ def _paired_piece_norms(diff: Tensor, num_pieces: int) -> Tensor:
     return diff.unflatten(-1, (num_pieces, -1)).norm(dim=-1)
 
 
-def paired_values(kernel: str, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int = 1) -> Tensor:
-    """κ(a[k], b[k]) for paired rows a, b of shape (N, r): ΔW at N chosen entries, shape (N,).
-
-    The sparse counterpart of :func:`kernel_delta`, for the survivors of a sparsified ΔW.
-    """
-    if kernel == "linear":
-        return (a * b).sum(-1).mul_(coefficients[0])
-    if kernel == "piecewise_linear":
-        return _paired_piece_norms(a - b, num_pieces).matmul(coefficients)
-    alpha, beta, gamma = coefficients[0], coefficients[1], coefficients[2]
-    if kernel == "rbf":
-        return (a - b).square_().sum(-1).mul_(-beta).exp_().mul_(alpha).add_(gamma)
-    if kernel == "sigmoid":
-        return (a * b).sum(-1).mul_(beta).sigmoid_().mul_(alpha).add_(gamma)
-    raise ValueError(f"unknown kernel {kernel!r}")
-
-
 def paired_backward(
     kernel: str,
     a: Tensor,
@@ -159,10 +142,12 @@ def paired_backward(
     grad: Tensor,
     num_pieces: int = 1,
     need_coefficients: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients of Σ_k grad[k]·κ(a[k], b[k]) w.r.t. each pair's a[k] and b[k] (both (N, r)) and the
-    coefficients; the caller sums the pairs that share a row of A or B. Same subgradient as
-    :func:`kernel_backward` (zero at a = b)."""
+    coefficients; the caller sums the pairs that share a row of A or B. For the distance kernels the
+    gradient w.r.t. b[k] is minus the one w.r.t. a[k] and is returned as None (one (N, r) tensor fewer).
+    The sparse counterpart of :func:`kernel_backward`, for the survivors of a sparsified ΔW; same
+    subgradient (zero at a = b)."""
     g = grad
     grad_coef = torch.zeros_like(coefficients) if need_coefficients else None
     if kernel in ("linear", "sigmoid"):
@@ -186,8 +171,7 @@ def paired_backward(
         if need_coefficients:
             grad_coef.copy_(g.matmul(distances))
         weight = _safe_divide(g.unsqueeze(-1) * coefficients, distances)  # (N, P)
-        grad_a = diff.unflatten(-1, (num_pieces, -1)).mul_(weight.unsqueeze(-1)).flatten(-2)
-        return grad_a, -grad_a, grad_coef
+        return diff.unflatten(-1, (num_pieces, -1)).mul_(weight.unsqueeze(-1)).flatten(-2), None, grad_coef
     if kernel == "rbf":
         alpha, beta = coefficients[0], coefficients[1]
         squared = diff.square().sum(-1)
@@ -195,6 +179,5 @@ def paired_backward(
         if need_coefficients:
             ge = g * e
             grad_coef[0], grad_coef[1], grad_coef[2] = ge.sum(), -(ge * squared).sum() * alpha, g.sum()
-        grad_a = diff.mul_((g * e * (-2.0 * alpha * beta)).unsqueeze(-1))
-        return grad_a, -grad_a, grad_coef
+        return diff.mul_((g * e * (-2.0 * alpha * beta)).unsqueeze(-1)), None, grad_coef
     raise ValueError(f"unknown kernel {kernel!r}")

@@ -26,13 +26,12 @@ def keep_count(numel: int, sparsity: float) -> int:
     return round((1.0 - sparsity) * numel)
 
 
-def _sampled_selection(values: Tensor, k: int) -> tuple[Tensor, Tensor | None] | None:
+def _kth_largest_sampled(values: Tensor, k: int) -> Tensor | None:
     """Exact k-th largest of a flat CPU tensor from a small random sample and one pass over the data.
 
     A sample quantile gives a cut safely beyond the answer; the entries on the answer's side of the cut
-    (about the kept fraction plus a 1 % margin) are the only ones selected from. Returns (τ, the flat
-    indices of the entries >= τ) when the k largest were found from above, (τ, None) when k is more than
-    half the entries and the same was done from below, and None in the rare case the cut lands on the
+    (about the kept fraction plus a 1 % margin) are the only ones selected from. When k is more than
+    half the entries, the same is done from below. Returns None in the rare case the cut lands on the
     wrong side, so the caller can fall back to a full selection.
     """
     n = values.numel()
@@ -41,27 +40,16 @@ def _sampled_selection(values: Tensor, k: int) -> tuple[Tensor, Tensor | None] |
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
     if k <= n // 2:
         cut = torch.kthvalue(sample, max(int((q - margin) * _SAMPLE_SIZE), 1)).values
-        index = (values > cut).nonzero().squeeze(1)  # holds the k largest whenever it has at least k entries
-        if index.numel() < k:
+        candidates = values[values > cut]  # holds the k largest whenever it has at least k entries
+        if candidates.numel() < k:
             return None
-        candidates = values[index]
-        tau = torch.kthvalue(candidates, candidates.numel() - k + 1).values
-        return tau, index[candidates >= tau]
+        return torch.kthvalue(candidates, candidates.numel() - k + 1).values
     rank_from_below = n - k + 1
     cut = torch.kthvalue(sample, min(math.ceil((q + margin) * _SAMPLE_SIZE), _SAMPLE_SIZE)).values
     candidates = values[values < cut]
     if candidates.numel() < rank_from_below:
         return None
-    return torch.kthvalue(candidates, rank_from_below).values, None
-
-
-def _uses_sampling(values: Tensor) -> bool:
-    return values.device.type == "cpu" and values.shape[-1] >= _BAND_MIN_NUMEL
-
-
-def _check_k(values: Tensor, k: int) -> None:
-    if not 0 <= k <= values.shape[-1]:
-        raise ValueError(f"k must be in [0, {values.shape[-1]}], got {k}")
+    return torch.kthvalue(candidates, rank_from_below).values
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -69,36 +57,18 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
 
     ``k = 0`` gives +inf (nothing is kept). Ties at the threshold are all kept.
     """
-    _check_k(values, k)
     groups, n = values.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         return values.new_full((groups, 1), math.inf)
-    if _uses_sampling(values):
+    if values.device.type == "cpu" and n >= _BAND_MIN_NUMEL:
         rows = []
         for row in values:
-            selection = _sampled_selection(row, k)
-            rows.append(selection[0] if selection is not None else torch.kthvalue(row, n - k + 1).values)
+            tau = _kth_largest_sampled(row, k)
+            rows.append(tau if tau is not None else torch.kthvalue(row, n - k + 1).values)
         return torch.stack(rows).unsqueeze(-1)
     return torch.kthvalue(values, n - k + 1, dim=-1, keepdim=True).values
-
-
-def survivors(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(τ per row, shape (G, 1); the flat indices into ``values`` of every entry >= its row's τ, sorted).
-
-    The same selection as :func:`kth_largest` (ties kept), plus where the survivors are. Reading the
-    indices needs their number on the host, so this is for the CPU path.
-    """
-    _check_k(values, k)
-    n = values.shape[1]
-    taus, indices = [], []
-    for g, row in enumerate(values):
-        selection = _sampled_selection(row, k) if k > 0 and _uses_sampling(values) else None
-        tau = selection[0] if selection is not None else kth_largest(row[None], k)[0, 0]
-        index = selection[1] if selection is not None else None
-        taus.append(tau)
-        indices.append((row >= tau).nonzero().squeeze(1) if index is None else index)
-        indices[-1] += g * n
-    return torch.stack(taus).unsqueeze(-1), torch.cat(indices)
 
 
 def magnitude_threshold(magnitude: Tensor, sparsity: float) -> Tensor:
@@ -136,18 +106,6 @@ def gradient_scale(scale: Tensor, tau: Tensor, mode: str) -> Tensor:
     if mode == "soft":
         return torch.where(scale > 0, scale * 2.0 + tau, 0.0)
     return scale
-
-
-def survivor_factor(values: Tensor, tau: Tensor, mode: str) -> Tensor:
-    """S at entries already selected (|ΔW| >= τ): the values of :func:`survivor_scale_` there, without
-    comparing to τ again (a recomputed survivor may differ from τ in the last bit)."""
-    if mode == "reference":
-        return values.abs()
-    if mode == "mask":
-        return torch.ones_like(values)
-    if mode == "soft":
-        return values.abs().sub_(tau).clamp_min_(0.0)
-    raise ValueError(f"sparsify_mode must be one of {MODES}, got {mode!r}")
 
 
 def apply(delta: Tensor, tau: Tensor, mode: str) -> Tensor:
