@@ -78,23 +78,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["survivors", "dense"])
-def path(request, monkeypatch):
-    """Both backward designs on the CPU: the survivor path (the CPU default when s > 0) and the dense
-    row-block path that accelerators use."""
-    if request.param == "dense":
-        monkeypatch.setattr(snell.function, "_uses_survivors", lambda spec, x: False)
-    return request.param
-
-
 @pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-s{s.sparsity}-g{s.groups}")
-def test_forward_and_gradients_match_plain_autograd_on_the_naive_formula(spec, path):
+def test_forward_and_gradients_match_plain_autograd_on_the_naive_formula(spec):
     _assert_matches_naive(spec, _inputs(spec))
 
 
 @pytest.mark.parametrize("shape", [(768, 384), (384, 768), (2304, 384)], ids=["tall", "wide", "qkv"])
-def test_large_matrices_on_the_survivor_path_match_the_naive_formula(shape):
-    # ≥ 2^18 entries per group: the sampled selection, CSR rows along either side, q/k/v groups.
+def test_large_matrices_match_the_naive_formula(shape):
+    # ≥ 2^18 entries per group: the CPU's sampled selection, tall and wide matrices, q/k/v groups.
     spec = _spec(shape=shape, sparsity=0.9, groups=3 if shape[0] == 2304 else 1)
     _assert_matches_naive(spec, _inputs(spec, r=4, tokens=3))
 
@@ -110,7 +101,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("spec", GRADCHECK_CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-g{s.groups}")
-def test_gradcheck_float64(spec, path):
+def test_gradcheck_float64(spec):
     # Only "mask" (and s = 0) is a true derivative: "reference" detaches |ΔW| and "soft" holds τ constant
     # by design; those two are checked against plain autograd on the naive formula above.
     inputs = [t.requires_grad_() for t in _inputs(spec, seed=3)]
@@ -161,9 +152,6 @@ def test_no_m_by_n_tensor_is_saved_for_backward():
     assert unfused_saved > 768 * 512 * 4  # a naive autograd layout keeps m×n tensors alive
 
 
-GEMMS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.sparse_sampled_addmm)
-
-
 class _GemmCounter(TorchDispatchMode):
     """Counts matrix products that involve the token dimension (the expensive GEMMs)."""
 
@@ -173,7 +161,7 @@ class _GemmCounter(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in GEMMS:
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
             shapes = [a.shape for a in args if isinstance(a, torch.Tensor)]
             if any(self.tokens in s for s in shapes):
                 self.count += 1
@@ -221,7 +209,7 @@ def test_no_host_synchronisation_off_the_cpu():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monkeypatch, path):
+def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monkeypatch):
     # 900×700 with three q/k/v groups and 2^16-entry blocks: each group's 300 rows span several blocks.
     monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 16)
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)

@@ -1,17 +1,10 @@
 """The fused SNELL autograd function: y = op(x, W0 + ΔWˢ) + b in one GEMM (or convolution).
 
 Forward builds ΔW from the factors, selects τ, adds the sparsified update to W0 and runs the layer's own
-op once; it saves only x, the factors and τ (W0 and b are parameters, already alive). No m×n tensor lives
-between forward and backward: that is where SNELL's memory goes in the reference layout. Backward rebuilds
-W0 + ΔWˢ for dx, with the saved τ (no second selection), in one of two designs:
-
-- Survivor path (CPU, s > 0): backward rebuilds ΔW once, block by block exactly as forward did, for
-  W0 + ΔWˢ and to find the survivors |ΔW| >= τ again. It takes dW = gyᵀx only there (a sampled GEMM: a
-  tenth of the dense flops at s = 0.9) and runs the kernel's gradient per survivor from the gathered rows
-  of A and B, so the dense dW GEMM and the dense kernel backward are gone.
-- Dense row-block path (s = 0, and accelerators, where reading the survivor count would make the host
-  wait for the device): backward rebuilds ΔW block by block of rows, runs dW = gyᵀx per block and sends it
-  through the sparsifier and the kernel, with no m×n temporary but the merged weight.
+op once; it saves only x, the factors and τ (W0 and b are parameters, already alive). Backward rebuilds
+ΔWˢ with the saved τ (no second selection), runs the two GEMMs every trained layer needs (dx and
+dW = gyᵀx) and sends dW through the sparsifier and the kernel to A and B. No m×n tensor lives between
+forward and backward: that is where SNELL's memory goes in the reference layout.
 
 Everything is done on the weight seen as an (m, n) matrix: a Linear's weight, a Conv1D's weight
 transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
@@ -19,7 +12,6 @@ transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
 
 from __future__ import annotations
 
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -179,145 +171,6 @@ def _without_autocast(device_type: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def _uses_survivors(spec: SnellSpec, x: Tensor) -> bool:
-    """The survivor path: sparsified layers on the CPU, where the gradient is only needed on the
-    surviving entries and reading their number costs nothing. Accelerators keep the dense row-block
-    path, which never waits for the host."""
-    return spec.sparsity > 0.0 and x.device.type == "cpu"
-
-
-@dataclass
-class _Survivors:
-    """The entries of ΔW that the selection kept, as CSR of the (m, n) matrix."""
-
-    row_offsets: Tensor  # (m + 1,) int32
-    rows: Tensor  # (nnz,) int64, sorted
-    columns: Tensor  # (nnz,) int64
-
-    @classmethod
-    def from_flat_index(cls, spec: SnellSpec, index: Tensor) -> _Survivors:
-        m, n = spec.matrix_shape
-        rows = index.div(n, rounding_mode="floor")
-        return cls(_offsets(rows, m), rows, index - rows * n)
-
-    def group(self, spec: SnellSpec) -> Tensor:
-        return self.rows.div(spec.grouped_shape[1], rounding_mode="floor")
-
-    def factor_rows(self, spec: SnellSpec) -> Tensor:
-        """For each survivor, its row of A stacked as (G·n, r): the column plus the group's offset."""
-        return self.columns + self.group(spec) * spec.grouped_shape[2]
-
-
-def _offsets(sorted_index: Tensor, length: int) -> Tensor:
-    """CSR offsets (length + 1, int32) of a sorted index."""
-    offsets = sorted_index.new_zeros(length + 1, dtype=torch.int32)
-    offsets[1:] = torch.bincount(sorted_index, minlength=length).cumsum(0)
-    return offsets
-
-
-def _csr(offsets: Tensor, columns: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # CSR tensors warn that they are a beta feature
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(offsets, columns.to(offsets.dtype), values, shape)
-
-
-def _sum_by_index(index: Tensor, length: int, rows: Tensor, offsets: Tensor | None = None) -> Tensor:
-    """out[i] = Σ rows[k] over k with index[k] = i, as a CSR product (much faster than index_add_ here).
-    ``offsets``: the CSR offsets of ``index`` when it is already sorted."""
-    if offsets is None:
-        order = torch.sort(index, stable=True).indices
-        offsets = _offsets(index[order], length)
-    else:
-        order = torch.arange(index.numel(), device=index.device)
-    return _csr(offsets, order, rows.new_ones(order.numel()), (length, order.numel())) @ rows
-
-
-def _paired_factors(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, survivors: _Survivors):
-    """(A's row, B's row) for every survivor, both (nnz, r), and the coefficients, in at least float32."""
-    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
-    rank = a_g.shape[-1]
-    a_rows = a_g.reshape(-1, rank).index_select(0, survivors.factor_rows(spec))
-    return a_rows, b_g.reshape(-1, rank).index_select(0, survivors.rows), coefficients
-
-
-def _sampled_grad_matrix(spec: SnellSpec, x: Tensor, grad_out: Tensor, survivors: _Survivors) -> Tensor:
-    """dL/dW = gyᵀx at the survivors only (a sampled GEMM), for linear ops.
-
-    torch's CPU sampled_addmm is fastest with CSR rows along the longer side of W, a row-major first
-    factor and a column-major second one; handing it other layouts makes it copy them more slowly.
-    """
-    m, n = spec.matrix_shape
-    compute = torch.promote_types(x.dtype, torch.float32)  # sampled_addmm has no half-precision kernel
-    x_rows = x.reshape(-1, n).to(compute)
-    grad_rows = grad_out.reshape(-1, m).to(compute)
-    nnz = survivors.columns.numel()
-    if m >= n:
-        pattern = _csr(survivors.row_offsets, survivors.columns, x_rows.new_zeros(nnz), (m, n))
-        return torch.sparse.sampled_addmm(
-            pattern, grad_rows.mT.contiguous(), x_rows.mT.contiguous().mT, beta=0.0
-        ).values()
-    order = torch.sort(survivors.columns, stable=True).indices
-    pattern = _csr(_offsets(survivors.columns[order], n), survivors.rows[order], x_rows.new_zeros(nnz), (n, m))
-    by_column = torch.sparse.sampled_addmm(pattern, x_rows.mT.contiguous(), grad_rows.mT.contiguous().mT, beta=0.0)
-    return by_column.values().new_empty(nnz).index_copy_(0, order, by_column.values())
-
-
-def _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, tau, grad_out):
-    """Backward of the survivor path. ΔW is rebuilt as forward built it (same blocks, so bit for bit) to
-    find the survivors with the saved τ and to rebuild W0 + ΔWˢ for dx; the gradient w.r.t. ΔW is then
-    taken only at the survivors and sent through the sparsifier and the kernel for those entries alone.
-    The steps run one after another so that their temporaries never coexist."""
-    need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
-    need_factors = need_a or need_b or need_coef
-    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
-    with _without_autocast(x.device.type):
-        grad_out = grad_out.to(x.dtype)
-        delta = dense_delta(spec, a, b, coefficients)
-        magnitude = delta.abs()
-        survivors = _Survivors.from_flat_index(spec, (magnitude >= tau).flatten().nonzero().squeeze(1))
-        scale = sparsify.survivor_scale_(magnitude, tau, spec.mode)
-        if need_x:
-            merged = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
-            grad_x = _grad_input(spec, x, merged, grad_out)
-            del merged
-        factor = scale.flatten()[survivors.rows * spec.matrix_shape[1] + survivors.columns]
-        del delta, magnitude, scale
-        grad_update = None
-        if need_w or (need_factors and spec.op == "conv2d"):
-            grad_matrix = _grad_matrix(spec, x, grad_out)
-            grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype) if need_w else None
-            grad_update = grad_matrix[survivors.rows, survivors.columns]
-            del grad_matrix
-        elif need_factors:
-            grad_update = _sampled_grad_matrix(spec, x, grad_out, survivors)
-        if need_factors:
-            tau_each = tau.flatten()[survivors.group(spec)]
-            grad_values = grad_update.to(factor.dtype).mul_(sparsify.gradient_scale(factor, tau_each, spec.mode))
-            paired = _paired_factors(spec, a, b, coefficients, survivors)
-            grad_a, grad_b, grad_coef = _factor_grads(spec, survivors, paired, grad_values, need_coef)
-            grad_a = grad_a.reshape(a.shape).to(a.dtype) if need_a else None
-            grad_b = grad_b.reshape(b.shape).to(b.dtype) if need_b else None
-            grad_coef = grad_coef.to(coefficients.dtype) if need_coef else None
-        if need_bias:
-            grad_bias = _bias_grad(spec, grad_out).to(bias.dtype)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_coef, None
-
-
-def _factor_grads(spec, survivors, paired, grad_values, need_coef):
-    """(dA as (G·n, r), dB as (m, r), dcoef or None) from the gradient w.r.t. ΔW at the survivors."""
-    groups, rows_per_group, n = spec.grouped_shape
-    grad_a_rows, grad_b_rows, grad_coef = kernels.paired_backward(
-        spec.kernel, *paired, grad_values, spec.num_pieces, need_coef
-    )
-    grad_a = _sum_by_index(survivors.factor_rows(spec), groups * n, grad_a_rows)
-    if grad_b_rows is None:  # a distance kernel: each pair's dB is minus its dA
-        grad_b_rows, sign = grad_a_rows, -1.0
-    else:
-        sign = 1.0
-    grad_b = _sum_by_index(survivors.rows, groups * rows_per_group, grad_b_rows, survivors.row_offsets)
-    return grad_a, grad_b.mul_(sign), grad_coef
-
-
 class FusedSnell(torch.autograd.Function):
     """y = op(x, W0 + ΔWˢ(A, B)) + b, saving only x, A, B, the coefficients and τ for backward.
 
@@ -342,8 +195,6 @@ class FusedSnell(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias, a, b, coefficients, tau = ctx.saved_tensors
         spec: SnellSpec = ctx.spec
-        if _uses_survivors(spec, x):
-            return _backward_on_survivors(ctx, spec, x, weight, bias, a, b, coefficients, tau, grad_out)
         need_x, need_w, need_bias, need_a, need_b, need_coef = ctx.needs_input_grad[:6]
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
         with _without_autocast(x.device.type):
