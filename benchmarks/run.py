@@ -105,7 +105,7 @@ def _shape(model_name: str) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), tokens * model.embed_dim * len(model.blocks)
 
 
-def estimated_bytes(job: TrainJob, measured: dict[tuple[str, str], dict[str, Any]]) -> int:
+def estimated_bytes(job: TrainJob, measured: dict[tuple[str, str, str, int], dict[str, Any]]) -> int:
     """A generous estimate of a training worker's RSS, to skip jobs that cannot fit instead of risking OOM.
 
     When the same method already ran on another model at the same batch and dtype, its default-malloc peak
@@ -116,8 +116,8 @@ def estimated_bytes(job: TrainJob, measured: dict[tuple[str, str], dict[str, Any
     params, activations = _shape(job.model)
     weights = params * 4
     need = weights * (4 if job.method == "full" else 1) + 20 * 4 * job.batch * activations
-    for (model, method), row in measured.items():
-        if method == job.method and row["batch"] == job.batch and row["dtype"] == job.dtype:
+    for (model, method, dtype, batch), row in measured.items():
+        if (method, dtype, batch) == (job.method, job.dtype, job.batch):
             other_params, other_activations = _shape(model)
             scale = max(params / other_params, activations / other_activations)
             need = max(need, weights + int(row["peak_default_malloc_mb"] * 2**20 * scale))
@@ -141,7 +141,7 @@ def run_worker(module: str, args: Sequence[str], timeout: float, extra_env: dict
 
 def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any]]:
     rows = []
-    measured: dict[tuple[str, str], dict[str, Any]] = {}
+    measured: dict[tuple[str, str, str, int], dict[str, Any]] = {}  # (model, method, dtype, batch) -> row
     for job in jobs:
         row: dict[str, Any] = {"model": job.model, "method": job.method, "dtype": job.dtype, "batch": job.batch}
         need, available = estimated_bytes(job, measured), psutil.virtual_memory().available
@@ -157,7 +157,7 @@ def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any
                 once = [*args, "--warmup", "1", "--steps", "1"]
                 memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
                 row["peak_mb"] = None if memory is None else memory["peak_mb"]
-                measured[job.model, job.method] = row
+                measured[job.model, job.method, job.dtype, job.batch] = row
             row["status"] = status
         print(f"train {job.model} {job.dtype} {job.method}: {_summary(row)}", flush=True)
         rows.append(row)
