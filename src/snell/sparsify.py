@@ -8,6 +8,7 @@ matrix: the forward saves it and the backward reuses it instead of selecting aga
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,14 @@ MODES = ("reference", "mask", "soft")
 # Sample-then-select is used on the CPU for matrices above this many entries.
 _BAND_MIN_NUMEL = 1 << 18
 _SAMPLE_SIZE = 1 << 16
-_sampler = torch.Generator().manual_seed(0)
+
+
+@functools.cache
+def _sample_positions(n: int) -> Tensor:
+    """Fixed random sample positions for a matrix of n entries: drawn once per size, read-only afterwards, so
+    concurrent threads share no generator state and a forward allocates no index tensor. ΔW changes every
+    step, so a fixed set of positions is still a fresh sample of it; the answer is exact either way."""
+    return torch.randint(n, (_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
 
 
 def keep_count(numel: int, sparsity: float) -> int:
@@ -35,7 +43,7 @@ def _kth_largest_sampled(values: Tensor, k: int) -> Tensor | None:
     wrong side, so the caller can fall back to a full selection.
     """
     n = values.numel()
-    sample = values[torch.randint(n, (_SAMPLE_SIZE,), generator=_sampler)]
+    sample = values[_sample_positions(n)]
     q = 1.0 - k / n  # the answer's quantile
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
     if k <= n // 2:
