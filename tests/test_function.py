@@ -5,6 +5,7 @@ from naive import naive_kernel, naive_sparsify
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import snell.function
+from snell import kernels
 from snell.config import default_coefficients
 from snell.function import FusedSnell, SnellSpec
 
@@ -214,3 +215,18 @@ def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monk
     monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 16)
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)
     _assert_matches_naive(spec, _inputs(spec, r=4, tokens=5))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_backward_recomputes_exactly_the_forward_delta(kernel, monkeypatch):
+    # The saved τ only selects the forward's survivors if backward's ΔW (block by block, piece distances
+    # kept) is bit-identical to forward's (written in place into one buffer).
+    monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 10)  # 12 rows: 4 blocks per group
+    spec = _spec(kernel=kernel, shape=(96, 80), groups=2)
+    _, _, _, a, b, coef = _inputs(spec, r=8, dtype=torch.float32)
+    a_g, b_g, coef = snell.function._grouped_factors(spec, a, b, coef)
+    recomputed = torch.empty(spec.grouped_shape)
+    for g, rows in snell.function._row_blocks(spec):
+        pieces = kernels.piece_distances(a_g[g], b_g[g, rows], spec.num_pieces) if spec.num_pieces > 1 else None
+        recomputed[g, rows] = kernels.kernel_delta(kernel, a_g[g], b_g[g, rows], coef, spec.num_pieces, pieces)
+    assert torch.equal(snell.function.dense_delta(spec, a, b, coef), recomputed)

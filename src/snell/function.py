@@ -68,8 +68,8 @@ def to_weight_layout(spec: SnellSpec, matrix: Tensor) -> Tensor:
 
 # ΔW is built in blocks of rows of about this many entries, in forward and again in backward. Backward
 # keeps each block's temporaries (ΔW, the piece distances, the survivor factor, its rows of dW) in cache
-# and allocates no m×n temporary but the merged weight for dx. Forward uses the same blocks so that the
-# recomputed ΔW is bit-identical and the saved τ selects exactly the same survivors.
+# and allocates no m×n temporary but the merged weight for dx. Forward uses the same blocks so that
+# the recomputed ΔW is bit-identical and the saved τ selects exactly the same survivors.
 _BLOCK_ENTRIES = 1 << 20  # 4 MB of float32: a few blocks per ViT-B matrix, each fits in L3
 
 
@@ -97,7 +97,7 @@ def dense_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> 
     a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
     delta = a_g.new_empty(spec.grouped_shape)
     for g, rows in _row_blocks(spec):
-        delta[g, rows] = kernels.kernel_delta(spec.kernel, a_g[g], b_g[g, rows], coefficients, spec.num_pieces)
+        kernels.kernel_delta(spec.kernel, a_g[g], b_g[g, rows], coefficients, spec.num_pieces, out=delta[g, rows])
     return delta
 
 
@@ -121,14 +121,22 @@ def sparse_delta(
     return (delta if scale is None else delta.mul_(scale)), tau
 
 
-def _effective_matrix(spec: SnellSpec, weight: Tensor | None, delta: Tensor, scale: Tensor | None) -> Tensor:
-    """W0 + ΔW ⊙ S as an (m, n) matrix in ΔW's dtype, in one pass (or ΔW ⊙ S alone without W0)."""
-    if weight is None:
-        update = delta if scale is None else delta * scale
-        return update.reshape(spec.matrix_shape)
-    base = weight_matrix(spec, weight).to(delta.dtype).reshape(spec.grouped_shape)
-    merged = base + delta if scale is None else torch.addcmul(base, delta, scale)
-    return merged.reshape(spec.matrix_shape)
+def _merged(base: Tensor | None, delta: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """W0 + ΔW ⊙ S in ΔW's dtype, in one pass (or ΔW ⊙ S alone without W0), for a whole matrix or a block.
+
+    Forward and backward both merge through here, so the weight dx is computed with is bit-identical to
+    the one the forward used. ``out`` may be ΔW or S themselves (the forward's way to need no third m×n
+    buffer).
+    """
+    if base is None:
+        return delta if scale is None else torch.mul(delta, scale, out=out)
+    base = base.to(delta.dtype)
+    return torch.add(base, delta, out=out) if scale is None else torch.addcmul(base, delta, scale, out=out)
+
+
+def _base_blocks(spec: SnellSpec, weight: Tensor | None) -> Tensor | None:
+    """W0 as (G, m/G, n) (a view when the layout allows it), or None for the adapter branch alone."""
+    return None if weight is None else weight_matrix(spec, weight).reshape(spec.grouped_shape)
 
 
 def layer_op(spec: SnellSpec, x: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
@@ -184,8 +192,9 @@ class FusedSnell(torch.autograd.Function):
         with _without_autocast(x.device.type):
             delta = dense_delta(spec, a, b, coefficients)
             scale, tau = survivor_scale(spec, delta)
-            matrix = _effective_matrix(spec, weight, delta, scale).to(x.dtype)
-            del delta, scale
+            merged = _merged(_base_blocks(spec, weight), delta, scale, out=delta if scale is None else scale)
+            matrix = merged.reshape(spec.matrix_shape).to(x.dtype)
+            del delta, scale, merged
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
@@ -199,7 +208,7 @@ class FusedSnell(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_coef = None
         with _without_autocast(x.device.type):
             grad_out = grad_out.to(x.dtype)
-            merged, grad_matrix, factor_grads = _backward_by_row_blocks(
+            grad_x, grad_matrix, factor_grads = _backward_by_row_blocks(
                 spec,
                 x,
                 weight,
@@ -213,8 +222,6 @@ class FusedSnell(torch.autograd.Function):
                 need_a or need_b or need_coef,
                 need_coef,
             )
-            if need_x:
-                grad_x = _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
             if need_w:
                 grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
             if factor_grads is not None:
@@ -229,27 +236,31 @@ class FusedSnell(torch.autograd.Function):
 def _backward_by_row_blocks(
     spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef
 ):
-    """(merged W0 + ΔWˢ in x's dtype or None, dL/dW or None, (dA, dB, dcoef) or None), block by block.
+    """(dL/dx or None, dL/dW or None, (dA, dB, dcoef) or None), block by block.
 
     Every row j of ΔW depends only on B[j] and all of A, so ΔWˢ, dW = gyᵀx, the sparsifier's gradient and
-    the kernel's backward can be done for a block of rows at a time; dA sums over blocks.
+    the kernel's backward can be done for a block of rows at a time; dA sums over blocks. The merged
+    W0 + ΔWˢ is gathered block by block for one dx GEMM after the loop: splitting dx = gy·(W0 + ΔWˢ) over
+    the blocks instead would keep the tokens×n dx alive beside the block temporaries (a higher peak
+    whenever there are more tokens than rows, as in a ViT-B batch) and re-read it once per block.
     """
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
     compute = a_g.dtype
     need_grad_matrix = need_w or need_factors
-    base = None if weight is None else weight_matrix(spec, weight).reshape(groups, rows_per_group, n)
+    base = _base_blocks(spec, weight)
+    conv = spec.op == "conv2d"
     merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
     grad_matrix = None
-    if need_grad_matrix and spec.op == "conv2d":
+    if need_grad_matrix and conv:
         grad_matrix = _grad_matrix(spec, x, grad_out).reshape(groups, rows_per_group, n)
     elif need_w:
         grad_matrix = x.new_empty((groups, rows_per_group, n))
-    if spec.op != "conv2d":
+    if not conv:
         x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
     grad_a = torch.zeros_like(a_g) if need_factors else None
     grad_b = torch.empty_like(b_g) if need_factors else None
-    grad_coef = torch.zeros_like(coefficients)
+    grad_coef = torch.zeros_like(coefficients) if need_coef else None
     keep_pieces = need_factors and spec.kernel == "piecewise_linear"
     for g, rows in _row_blocks(spec):
         b_block = b_g[g, rows]
@@ -259,11 +270,10 @@ def _backward_by_row_blocks(
         if spec.sparsity > 0.0:
             scale = sparsify.survivor_scale_(delta.abs(), tau[g], spec.mode)
         if need_x:
-            update = delta if scale is None else delta * scale
-            merged[g, rows] = update if base is None else update.add_(base[g, rows])
+            merged[g, rows] = _merged(None if base is None else base[g, rows], delta, scale)
         if not need_grad_matrix:
             continue
-        if spec.op == "conv2d":
+        if conv:
             grad_block = grad_matrix[g, rows]
         else:
             first = g * rows_per_group + rows.start
@@ -281,5 +291,6 @@ def _backward_by_row_blocks(
             grad_b[g, rows] = block_b
             if need_coef:
                 grad_coef += block_coef
+    grad_x = None if merged is None else _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
     factor_grads = (grad_a, grad_b, grad_coef) if need_factors else None
-    return merged, grad_matrix, factor_grads
+    return grad_x, grad_matrix, factor_grads

@@ -17,11 +17,11 @@ def _piece(t: Tensor, piece: int, width: int) -> Tensor:
     return t[..., piece * width : (piece + 1) * width]
 
 
-def _squared_distances(b: Tensor, a: Tensor) -> Tensor:
+def _squared_distances(b: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
     """‖b_j − a_i‖² for every pair, (..., m, n): one GEMM of [b, ‖b‖², 1]·[−2a, 1, ‖a‖²]ᵀ, clamped at 0."""
     b_aug = torch.cat([b, b.square().sum(-1, keepdim=True), torch.ones_like(b[..., :1])], -1)
     a_aug = torch.cat([a * -2.0, torch.ones_like(a[..., :1]), a.square().sum(-1, keepdim=True)], -1)
-    return torch.matmul(b_aug, a_aug.mT).clamp_min_(0.0)
+    return torch.matmul(b_aug, a_aug.mT, out=out).clamp_min_(0.0)
 
 
 def _pairwise_grads(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,34 +35,49 @@ def _pairwise_grads(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return grad_a, grad_b
 
 
+def _piece_distance(a: Tensor, b: Tensor, piece: int, width: int, out: Tensor | None = None) -> Tensor:
+    return _squared_distances(_piece(b, piece, width), _piece(a, piece, width), out).sqrt_()
+
+
 def piece_distances(a: Tensor, b: Tensor, num_pieces: int) -> list[Tensor]:
     """‖A_p[i] − B_p[j]‖ for each of the P contiguous column blocks: what the piecewise kernel is made of."""
     width = a.shape[-1] // num_pieces
-    return [_squared_distances(_piece(b, p, width), _piece(a, p, width)).sqrt_() for p in range(num_pieces)]
+    return [_piece_distance(a, b, p, width) for p in range(num_pieces)]
 
 
 def kernel_delta(
-    kernel: str, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int = 1, pieces: list[Tensor] | None = None
+    kernel: str,
+    a: Tensor,
+    b: Tensor,
+    coefficients: Tensor,
+    num_pieces: int = 1,
+    pieces: list[Tensor] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """The dense kernelized update ΔW with shape (..., m, n).
+    """The dense kernelized update ΔW with shape (..., m, n), written into ``out`` if given.
 
     For piecewise_linear, ``pieces`` may hold :func:`piece_distances` already computed (and kept, e.g.
-    for the backward); otherwise they are computed here and consumed in place.
+    for the backward); otherwise they are computed here one at a time and consumed in place. The values
+    do not depend on ``pieces`` or ``out``: the same products in the same order either way.
     """
     if kernel == "linear":
-        return torch.matmul(b, a.mT).mul_(coefficients[0])
+        return torch.matmul(b, a.mT, out=out).mul_(coefficients[0])
     if kernel == "piecewise_linear":
-        keep = pieces is not None
-        distances = pieces if keep else piece_distances(a, b, num_pieces)
-        delta = distances[0] * coefficients[0] if keep else distances[0].mul_(coefficients[0])
+        width = a.shape[-1] // num_pieces
+        if pieces is None:
+            delta = _piece_distance(a, b, 0, width, out).mul_(coefficients[0])
+            for p in range(1, num_pieces):
+                delta.addcmul_(_piece_distance(a, b, p, width), coefficients[p])
+            return delta
+        delta = torch.mul(pieces[0], coefficients[0], out=out)
         for p in range(1, num_pieces):
-            delta.addcmul_(distances[p], coefficients[p])
+            delta.addcmul_(pieces[p], coefficients[p])
         return delta
     alpha, beta, gamma = coefficients[0], coefficients[1], coefficients[2]
     if kernel == "rbf":
-        return _squared_distances(b, a).mul_(-beta).exp_().mul_(alpha).add_(gamma)
+        return _squared_distances(b, a, out).mul_(-beta).exp_().mul_(alpha).add_(gamma)
     if kernel == "sigmoid":
-        return torch.matmul(b, a.mT).mul_(beta).sigmoid_().mul_(alpha).add_(gamma)
+        return torch.matmul(b, a.mT, out=out).mul_(beta).sigmoid_().mul_(alpha).add_(gamma)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
