@@ -230,3 +230,76 @@ def test_backward_recomputes_exactly_the_forward_delta(kernel, monkeypatch):
         pieces = kernels.piece_distances(a_g[g], b_g[g, rows], spec.num_pieces) if spec.num_pieces > 1 else None
         recomputed[g, rows] = kernels.kernel_delta(kernel, a_g[g], b_g[g, rows], coef, spec.num_pieces, pieces)
     assert torch.equal(snell.function.dense_delta(spec, a, b, coef), recomputed)
+
+
+def _base_op(spec, x, weight, bias):
+    if spec.op == "linear":
+        return F.linear(x, weight, bias)
+    if spec.op == "linear_t":
+        return x @ weight + bias
+    return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
+
+
+DROPOUT_CASES = [
+    _spec(),
+    _spec(kernel="rbf", mode="soft"),
+    _spec(op="linear", shape=(9, 5), groups=3),
+    _spec(op="linear_t", shape=(5, 6), mode="mask"),
+    _spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2), padding=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("p, with_keep", [(0.3, True), (0.3, False), (0.0, True)], ids=["both", "dropout", "droppath"])
+@pytest.mark.parametrize("spec", DROPOUT_CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-g{s.groups}")
+def test_dropout_path_matches_the_naive_formula_with_the_same_mask(spec, p, with_keep):
+    # y = op(x, W0) + b + k ⊙ op(D ⊙ x, ΔWˢ); backward must regenerate exactly the forward's D from its seed.
+    inputs = _inputs(spec, tokens=4)
+    x = inputs[0]
+    keep = torch.tensor([0.0, 2.0, 2.0, 0.0][: x.shape[0]], dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    keep = keep if with_keep else None
+    torch.manual_seed(7)
+    mask = torch.ones_like(x)
+    if p > 0:
+        mask = snell.function.dropout_keep(x, p, snell.function._draw_seed()) / snell.function.keep_probability(p)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    x_, weight, bias, a, b, coef = leaves
+    branch = _naive_forward(spec, x_ * mask, torch.zeros_like(weight), torch.zeros_like(bias), a, b, coef)
+    expected = _base_op(spec, x_, weight, bias) + (branch if keep is None else keep * branch)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    torch.manual_seed(7)
+    out = snell.function.FusedSnellDropout.apply(*ours, spec, p, keep)
+    torch.testing.assert_close(out, expected)
+    out.backward(grad)
+    for mine, theirs in zip(ours, leaves, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.9])
+def test_dropout_keeps_each_entry_with_probability_one_minus_p_and_depends_only_on_its_seed(p):
+    x = torch.randn(64, 1000)
+    keep = snell.function.dropout_keep(x, p, seed=3)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    assert abs(snell.function.keep_probability(p) - (1 - p)) <= 2**-17
+    assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / x.numel()) ** 0.5
+    assert torch.equal(keep, snell.function.dropout_keep(x, p, seed=3))
+    assert not torch.equal(keep, snell.function.dropout_keep(x, p, seed=4))
+    # No structure along rows or columns: every column and every row keeps about the same fraction.
+    assert keep.float().mean(0).std() < 0.1 and keep.float().mean(1).std() < 0.1
+
+
+def test_dropout_path_saves_no_dropped_out_input():
+    layer = torch.nn.Linear(512, 768)
+    layer.weight.requires_grad_(False)
+    spec = _spec(shape=(768, 512), sparsity=0.9)
+    a = torch.nn.Parameter(torch.randn(512, 8) * 0.05)
+    b = torch.nn.Parameter(torch.randn(768, 8) * 0.05)
+    x = torch.randn(4, 16, 512, requires_grad=True)
+    keep = torch.ones(4, 1, 1)
+    coef = torch.tensor([0.1, -0.1])
+    _, saved = _saved_bytes(
+        lambda: snell.function.FusedSnellDropout.apply(x, layer.weight, layer.bias, a, b, coef, spec, 0.1, keep)
+    )
+    # x, τ, the coefficients and k: neither the mask nor the dropped-out x (each as large as x).
+    assert saved <= x.numel() * 4 + 128

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from snell.config import SnellConfig
-from snell.function import FusedSnell, SnellSpec, sparse_delta, to_weight_layout
+from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, sparse_delta, to_weight_layout
 
 # Fused projections whose output rows stack several matrices (q, k, v) that the reference code adapts
 # and sparsifies separately.
@@ -75,12 +75,13 @@ def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
     )
 
 
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Zero whole samples with probability p (stochastic depth), rescaling the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep.div_(1.0 - p)
+def sample_keep_scale(x: Tensor, p: float) -> Tensor | None:
+    """Stochastic depth's per-sample factor, shaped to broadcast over a layer output of x's rank: 0 with
+    probability p, else 1 / (1 − p); None when p = 0."""
+    if p == 0.0:
+        return None
+    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=torch.float32)
+    return keep.bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 class SnellLayer(nn.Module):
@@ -110,13 +111,10 @@ class SnellLayer(nn.Module):
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))
         factors = (self.snell_A, self.snell_B, self.snell_coefficients)
-        fuse = not self.training or (self.snell_dropout == 0.0 and self.snell_drop_path == 0.0)
-        if fuse:
+        if not self.training or (self.snell_dropout == 0.0 and self.snell_drop_path == 0.0):
             return FusedSnell.apply(x, self.weight, self.bias, *factors, spec)
-        base = super().forward(x)
-        branch_in = nn.functional.dropout(x, self.snell_dropout, training=True)
-        branch = FusedSnell.apply(branch_in, None, None, *factors, spec)
-        return base + drop_path(branch, self.snell_drop_path, training=True)
+        keep = sample_keep_scale(x, self.snell_drop_path)
+        return FusedSnellDropout.apply(x, self.weight, self.bias, *factors, spec, self.snell_dropout, keep)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
