@@ -55,7 +55,7 @@ class SnellConfig:
             module name (str), or None for the preset of the detected model family.
         exclude_modules: like target_modules, modules never adapted (None = nothing excluded).
         modules_to_save: module-name suffixes trained fully (e.g. the classifier head).
-        dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the fused fast path).
+        dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the single-GEMM path).
         drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
         split_fused_qkv: give fused q/k/v projections (timm's ``qkv``) one adapter per q, k and v, so each
             is sparsified as its own matrix, as the reference code does.
