@@ -243,6 +243,7 @@ class FusedSnell(torch.autograd.Function):
 def _in_factor_layouts(
     factor_grads, a: Tensor, b: Tensor, coefficients: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dA, dB, dcoefficients or None) in the shapes and dtypes of the factors themselves."""
     grad_a, grad_b, grad_coef = factor_grads
     grad_coef = None if grad_coef is None else grad_coef.to(coefficients.dtype)
     return grad_a.reshape(a.shape).to(a.dtype), grad_b.reshape(b.shape).to(b.dtype), grad_coef
