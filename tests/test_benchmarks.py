@@ -96,3 +96,18 @@ def test_targets_compare_the_right_rows() -> None:
     assert verdicts["inference: merged SNELL / base model"] == (1.01, "PASS")
     assert verdicts["threshold 11008x4096 / one dense GEMM with 2048 tokens"] == (0.3, "MISS")
     assert all(verdict != "n/a" for _, verdict in verdicts.values())
+
+
+def test_peak_trace_records_every_block_in_both_directions_and_the_trim() -> None:
+    from benchmarks.peak_trace import trace_step
+
+    events, peak = trace_step("vit_tiny_test", "snell8_s0.9", batch=2, trim=True)
+    phases = [phase for phase, *_ in events]
+    blocks = {name for phase, name, *_ in events if phase == "forward" and "blocks" in name}
+    assert len(blocks) >= 2
+    assert phases.count("after malloc_trim") == 1
+    assert {name for phase, name, *_ in events if phase == "backward"} >= blocks
+    # each reading's high-water mark covers its RSS, and the step's peak covers every reading (to within the
+    # kernel's lazy high-water bookkeeping, which can lag the RSS by a few pages)
+    assert all(high >= rss for _, _, rss, high in events)
+    assert peak >= max(high for *_, high in events) - 1.0
