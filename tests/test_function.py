@@ -131,14 +131,19 @@ def _saved_bytes(fn):
     return out, sum(storages.values())
 
 
-def test_no_m_by_n_tensor_is_saved_for_backward():
+def _frozen_768x512_layer():
+    """(spec, x, frozen Linear, A, B, coefficients) of a ViT-like layer for the saved-bytes tests."""
     layer = torch.nn.Linear(512, 768)
     layer.weight.requires_grad_(False)
     spec = _spec(shape=(768, 512), sparsity=0.9)
     a = torch.nn.Parameter(torch.randn(512, 8) * 0.05)
     b = torch.nn.Parameter(torch.randn(768, 8) * 0.05)
-    coef = torch.tensor([0.1, -0.1])
     x = torch.randn(4, 16, 512, requires_grad=True)
+    return spec, x, layer, a, b, torch.tensor([0.1, -0.1])
+
+
+def test_no_m_by_n_tensor_is_saved_for_backward():
+    spec, x, layer, a, b, coef = _frozen_768x512_layer()
     out, saved = _saved_bytes(lambda: FusedSnell.apply(x, layer.weight, layer.bias, a, b, coef, spec))
     # x (4·16·512 floats), the coefficients and τ: nothing close to the 768×512 ΔW.
     assert saved <= x.numel() * 4 + 64
@@ -290,14 +295,8 @@ def test_dropout_keeps_each_entry_with_probability_one_minus_p_and_depends_only_
 
 
 def test_dropout_path_saves_no_dropped_out_input():
-    layer = torch.nn.Linear(512, 768)
-    layer.weight.requires_grad_(False)
-    spec = _spec(shape=(768, 512), sparsity=0.9)
-    a = torch.nn.Parameter(torch.randn(512, 8) * 0.05)
-    b = torch.nn.Parameter(torch.randn(768, 8) * 0.05)
-    x = torch.randn(4, 16, 512, requires_grad=True)
+    spec, x, layer, a, b, coef = _frozen_768x512_layer()
     keep = torch.ones(4, 1, 1)
-    coef = torch.tensor([0.1, -0.1])
     _, saved = _saved_bytes(
         lambda: snell.function.FusedSnellDropout.apply(x, layer.weight, layer.bias, a, b, coef, spec, 0.1, keep)
     )
