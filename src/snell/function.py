@@ -361,10 +361,8 @@ class FusedSnellDropout(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec, p: float, sample_scale):
         seed = _draw_seed() if p > 0.0 else None
         with _without_autocast(x.device.type):
-            delta = dense_delta(spec, a, b, coefficients)
-            scale, tau = survivor_scale(spec, delta)
-            update = _merged(None, delta, scale, out=scale).reshape(spec.matrix_shape).to(x.dtype)
-            del delta, scale
+            update, tau = sparse_delta(spec, a, b, coefficients)
+            update = update.reshape(spec.matrix_shape).to(x.dtype)
             dropped = x if seed is None else x * dropout_keep(x, p, seed)
             branch = layer_op(spec, dropped, update, None)
             del dropped, update
