@@ -1,6 +1,8 @@
 """Where a training step's time goes: torch.profiler over one step, after warm-up, as a table of ops.
 
-    .venv/bin/python -m benchmarks.profile_step --method snell8_s0.9 [--model vit_b16] [--rows 25]
+    .venv/bin/python -m benchmarks.profile_step --method snell8_s0.9 [--model vit_b16] [--rows 25] [--by-shape]
+
+``--by-shape`` splits every op by its input shapes: which GEMM of which layer, which m×n block pass.
 
 Backs the profile findings in the benchmark report; not part of the timed suite.
 """
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--sort", default="self_cpu_time_total", help="profiler table sort key")
+    parser.add_argument("--by-shape", action="store_true", help="one row per (op, input shapes)")
     args = parser.parse_args()
     torch.manual_seed(0)
     spec = MODELS[args.model]
@@ -31,9 +34,12 @@ def main() -> None:
     images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
     step = make_step(model, images, torch.randint(NUM_CLASSES, (args.batch,)), args.dtype)
     step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=args.by_shape) as prof:
         step()
-    print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60))
+    table = prof.key_averages(group_by_input_shape=args.by_shape).table(
+        sort_by=args.sort, row_limit=args.rows, max_name_column_width=60, max_shapes_column_width=60
+    )
+    print(table)
 
 
 if __name__ == "__main__":

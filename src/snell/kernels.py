@@ -24,14 +24,28 @@ def _squared_distances(b: Tensor, a: Tensor, out: Tensor | None = None) -> Tenso
     return torch.matmul(b_aug, a_aug.mT, out=out).clamp_min_(0.0)
 
 
+def _factor_products(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(gᵀb, g·a): what every kernel's backward sends to the factors, shapes (..., n, k) and (..., m, k).
+
+    Computed as (bᵀg)ᵀ and (aᵀgᵀ)ᵀ: with the m×n matrix as the right operand, the GEMM streams it row by row
+    into a k-row result, several times faster on the CPU than gᵀb, which reads g down its columns.
+    """
+    return torch.matmul(b.mT, g).mT, torch.matmul(a.mT, g.mT).mT
+
+
+def _with_ones(t: Tensor) -> Tensor:
+    return torch.cat([t, torch.ones_like(t[..., :1])], -1)
+
+
 def _pairwise_grads(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. a and b of a loss whose derivative w.r.t. (a_i − b_j) is g[j, i]·(a_i − b_j).
 
-    Σ_j g[j, i](a_i − b_j) = a_i·Σ_j g[j, i] − (gᵀ b)_i, and symmetrically Σ_i g[j, i](b_j − a_i) for b,
-    so two GEMMs suffice.
+    Σ_j g[j, i](a_i − b_j) = a_i·Σ_j g[j, i] − (gᵀ b)_i, and symmetrically Σ_i g[j, i](b_j − a_i) for b.
+    A column of ones appended to each factor makes the same two GEMMs give the sums of g as well.
     """
-    grad_a = a * g.sum(-2).unsqueeze(-1) - torch.matmul(g.mT, b)
-    grad_b = b * g.sum(-1, keepdim=True) - torch.matmul(g, a)
+    by_column, by_row = _factor_products(g, _with_ones(a), _with_ones(b))
+    grad_a = a * by_column[..., -1:] - by_column[..., :-1]
+    grad_b = b * by_row[..., -1:] - by_row[..., :-1]
     return grad_a, grad_b
 
 
@@ -106,7 +120,8 @@ def kernel_backward(
     if kernel == "linear":
         if need_coefficients:
             grad_coef[0] = (g * torch.matmul(b, a.mT)).sum()
-        return torch.matmul(g.mT, b).mul_(coefficients[0]), torch.matmul(g, a).mul_(coefficients[0]), grad_coef
+        grad_a, grad_b = _factor_products(g, a, b)
+        return grad_a * coefficients[0], grad_b * coefficients[0], grad_coef
     if kernel == "piecewise_linear":
         width = a.shape[-1] // num_pieces
         distances = pieces if pieces is not None else piece_distances(a, b, num_pieces)
@@ -141,5 +156,6 @@ def kernel_backward(
         if need_coefficients:
             grad_coef[1] = (inner * dot).sum() * alpha
         scale = alpha * beta
-        return torch.matmul(inner.mT, b).mul_(scale), torch.matmul(inner, a).mul_(scale), grad_coef
+        grad_a, grad_b = _factor_products(inner, a, b)
+        return grad_a * scale, grad_b * scale, grad_coef
     raise ValueError(f"unknown kernel {kernel!r}")
