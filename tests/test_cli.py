@@ -21,6 +21,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+import snell
 from snell.cli import main
 from snell.train.data import ImageTask, export_vtab_folder, load_builtin_task
 from snell.train.evaluate import restore
@@ -90,6 +91,20 @@ def test_train_writes_summary_metrics_and_adapter(finished_run: Path) -> None:
     assert [p.name for p in (finished_run / "checkpoints").iterdir()] == ["epoch-0002"]
 
 
+def test_the_adapter_loads_with_the_library_alone(finished_run: Path) -> None:
+    """Head, factors and the trained cls_token are all in the adapter: no CLI-only side file."""
+    adapter = finished_run / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    _, task, _, adapted = restore(finished_run)
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **json.loads(TINY_VIT))
+    base = {k: v for k, v in adapted.state_dict().items() if "snell_" not in k}
+    plain.load_state_dict({k: torch.zeros_like(v) if k == "cls_token" else v for k, v in base.items()})
+    loaded = snell.load_adapter(plain, adapter)
+    images = torch.stack([task.test[i][0] for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), adapted.eval()(images), atol=0, rtol=0)
+
+
 def test_eval_reproduces_the_reported_accuracy(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
     summary = json.loads((finished_run / "summary.json").read_text())
     assert main(["eval", str(finished_run)]) == 0
@@ -142,12 +157,11 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
     resumed = _snell(*args, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    for name in ("adapter_model.safetensors", "extra_trainable.safetensors"):
-        a = load_file(str(straight / "adapter" / name))
-        b = load_file(str(killed / "adapter" / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), key
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and "cls_token" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
     first = json.loads((straight / "summary.json").read_text())
     second = json.loads((killed / "summary.json").read_text())
     assert first["test_accuracy"] == second["test_accuracy"] and first["selected_epoch"] == second["selected_epoch"]

@@ -26,6 +26,7 @@ def test_json_round_trip_keeps_every_field():
         target_modules=r".*fc\d",
         exclude_modules=["fc2"],
         modules_to_save=["head"],
+        parameters_to_save=["cls_token"],
         dropout=0.1,
         drop_path=0.1,
         learnable_coefficients=True,

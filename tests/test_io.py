@@ -69,6 +69,35 @@ def test_head_of_another_size_is_refused(saved):
     _assert_unchanged(other, snapshot)
 
 
+def test_parameters_to_save_round_trip(tmp_path):
+    config = snell.SnellConfig(sparsity=0.5, modules_to_save=["head"], parameters_to_save=["cls_token"])
+    model = snell.get_snell_model(_vit(), config)
+    with torch.no_grad():
+        model.cls_token.normal_()
+    snell.save_adapter(model, tmp_path / "adapter")
+    assert torch.equal(load_file(tmp_path / "adapter" / WEIGHTS_NAME)["cls_token"], model.cls_token)
+    loaded = snell.load_adapter(_vit(), tmp_path / "adapter")  # same base weights, cls_token as initialised
+    assert torch.equal(loaded.cls_token, model.cls_token) and loaded.cls_token.requires_grad
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+
+
+def test_saved_parameter_of_another_shape_is_refused(tmp_path):
+    config = snell.SnellConfig(sparsity=0.5, parameters_to_save=["cls_token"])
+    snell.save_adapter(snell.get_snell_model(_vit(), config), tmp_path / "adapter")
+    path = tmp_path / "adapter" / WEIGHTS_NAME
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file({**tensors, "cls_token": torch.zeros(1, 1, 7)}, str(path), metadata=metadata)
+    other = _vit()
+    snapshot = _snapshot(other)
+    with pytest.raises(
+        ValueError, match=r"cls_token should have shape \(1, 1, 192\) for this model, found \(1, 1, 7\)"
+    ):
+        snell.load_adapter(other, tmp_path / "adapter")
+    _assert_unchanged(other, snapshot)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_or_truncated_file_is_refused(saved, damage):
     path = saved / WEIGHTS_NAME

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import snell
+from snell.io import adapter_state_dict
 from snell.layers import SnellLayer
 
 
@@ -90,6 +91,22 @@ def test_only_adapters_and_modules_to_save_change_during_training():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     expected = {n for n in before if "snell_" in n or n.startswith("head.")}
     assert changed == expected
+
+
+def test_parameters_to_save_train_a_bare_parameter_once():
+    model = _tiny_vit()
+    config = snell.SnellConfig(r=8, modules_to_save=["head"], parameters_to_save=["cls_token", "head.bias"])
+    snell.get_snell_model(model, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if "snell_" in n or n.startswith("head.")} | {
+        "cls_token"
+    }
+    # head.bias is saved with its module, not a second time on its own
+    assert set(adapter_state_dict(model)) - {n for n in trainable if "snell_" in n} == {
+        "cls_token",
+        "head.weight",
+        "head.bias",
+    }
 
 
 def test_linear_kernel_at_zero_sparsity_is_exactly_peft_lora():
@@ -255,6 +272,7 @@ def test_large_llama_mlp_matrix_trains():
         (snell.SnellConfig(target_modules=["nothing_like_this"]), ValueError, "matches no module"),
         (snell.SnellConfig(target_modules=["norm"]), TypeError, "LayerNorm cannot take a SNELL adapter"),
         (snell.SnellConfig(target_modules=["fc1"], modules_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
+        (snell.SnellConfig(target_modules=["fc1"], parameters_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
     ],
 )
 def test_bad_targets_raise_and_leave_the_model_as_it_was(config, error, message):

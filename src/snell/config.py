@@ -55,6 +55,8 @@ class SnellConfig:
             module name (str), or None for the preset of the detected model family.
         exclude_modules: like target_modules, modules never adapted (None = nothing excluded).
         modules_to_save: module-name suffixes trained fully (e.g. the classifier head).
+        parameters_to_save: parameter-name suffixes trained fully and saved with the adapter, for tensors
+            that are no module of their own (e.g. a ViT's ``cls_token``, which the reference code trains).
         dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the single-GEMM path).
         drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
         split_fused_qkv: give fused q/k/v projections (timm's ``qkv``) one adapter per q, k and v, so each
@@ -71,6 +73,7 @@ class SnellConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    parameters_to_save: list[str] | None = None
     dropout: float = 0.0
     drop_path: float = 0.0
     split_fused_qkv: bool = True
@@ -115,12 +118,12 @@ class SnellConfig:
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of names, a regex string or None, got {value!r}")
                 setattr(self, name, list(value))
-        if self.modules_to_save is not None:
-            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(v, str) for v in self.modules_to_save
-            ):
-                raise ValueError(f"modules_to_save must be a list of names, got {self.modules_to_save!r}")
-            self.modules_to_save = list(self.modules_to_save)
+        for name in ("modules_to_save", "parameters_to_save"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{name} must be a list of names, got {value!r}")
+                setattr(self, name, list(value))
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this adapter config has format_version {self.format_version!r}, but this snell reads "

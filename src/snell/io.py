@@ -1,4 +1,4 @@
-"""Small adapter files: the factors (and modules_to_save) as safetensors, the config as JSON.
+"""Small adapter files: the factors (and modules/parameters_to_save) as safetensors, the config as JSON.
 
 A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. The safetensors metadata
 records every adapted layer's op and weight shape, so loading into another architecture fails with a
@@ -22,7 +22,7 @@ from snell import __version__
 from snell.config import FORMAT_VERSION, SnellConfig
 from snell.function import SnellSpec
 from snell.layers import build_spec, factor_shapes, iter_snell_layers
-from snell.model import inject, resolve_modules_to_save
+from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -45,7 +45,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything an adapter file holds: factors, learnable coefficients, modules_to_save tensors."""
+    """Everything an adapter file holds: factors, learnable coefficients, modules_to_save and
+    parameters_to_save tensors."""
     config: SnellConfig | None = getattr(model, "snell_config", None)
     layers = list(iter_snell_layers(model))
     if config is None or not layers:
@@ -59,6 +60,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in resolve_modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
             tensors[f"{module_name}.{key}"] = value
+    tensors.update(resolve_parameters_to_save(model, config))
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -151,6 +153,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 )
             state[key] = tensor
         module_states[module] = state
+    parameters = resolve_parameters_to_save(model, config)
+    for name, param in parameters.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.shape != param.shape:
+            found = None if tensor is None else tuple(tensor.shape)
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME}: {name} should have shape {tuple(param.shape)} for this model, "
+                f"found {found}"
+            )
     inject(model, config, specs)
     with torch.no_grad():
         for name, layer in iter_snell_layers(model):
@@ -158,6 +169,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.snell_B.copy_(tensors[f"{name}.snell_B"])
             if config.learnable_coefficients:
                 layer.snell_coefficients.copy_(tensors[f"{name}.snell_coefficients"])
+        for name, param in parameters.items():
+            param.copy_(tensors[name])
     for module, state in module_states.items():
         module.load_state_dict(state)
     return model

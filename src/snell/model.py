@@ -55,11 +55,25 @@ def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, 
     return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
 
 
+def resolve_parameters_to_save(model: nn.Module, config: SnellConfig) -> dict[str, nn.Parameter]:
+    """The parameters ``config.parameters_to_save`` names, by full name, except those of modules_to_save
+    (saved with their module already)."""
+    if not config.parameters_to_save:
+        return {}
+    found = {n: p for n, p in model.named_parameters() if _name_matches(n, config.parameters_to_save)}
+    missing = [s for s in config.parameters_to_save if not any(_name_matches(n, [s]) for n in found)]
+    if missing:
+        raise ValueError(f"parameters_to_save {missing} match no parameter of {type(model).__name__}")
+    in_saved_modules = tuple(f"{n}." for n in resolve_modules_to_save(model, config))
+    return {n: p for n, p in found.items() if not n.startswith(in_saved_modules)}
+
+
 def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -> nn.Module:
     """Attach adapters per ``specs``; on any failure the model is restored exactly as it was."""
     if any(True for _ in iter_snell_layers(model)):
         raise ValueError("this model already has SNELL adapters; merge_and_unload() it or use a fresh model")
     to_save = resolve_modules_to_save(model, config)
+    parameters_to_save = resolve_parameters_to_save(model, config)
     modules = dict(model.named_modules())
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     attached: list[SnellLayer] = []
@@ -70,6 +84,8 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
             attached.append(attach(modules[name], spec, config))
         for module in to_save.values():
             module.requires_grad_(True)
+        for param in parameters_to_save.values():
+            param.requires_grad_(True)
     except BaseException:
         for layer in attached:
             detach(layer)
@@ -83,7 +99,8 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
 def get_snell_model(model: nn.Module, config: SnellConfig) -> nn.Module:
     """Inject SNELL adapters into ``model`` in place and return it.
 
-    Every parameter is frozen except the adapter factors and ``config.modules_to_save``.
+    Every parameter is frozen except the adapter factors, ``config.modules_to_save`` and
+    ``config.parameters_to_save``.
     """
     return inject(model, config, resolve_targets(model, config))
 

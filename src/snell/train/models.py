@@ -222,7 +222,15 @@ def load_timm_checkpoint(model: nn.Module, path: Path, skip_prefix: str) -> dict
 # Methods
 
 
-def snell_config(config: TrainConfig, head_names: list[str]) -> snell.SnellConfig:
+def _token_parameters(model: nn.Module, config: TrainConfig) -> list[str]:
+    """The token parameters (cls_token) ``model`` has and the run trains fully."""
+    if not config.train_cls_token:
+        return []
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_parameters()}
+    return [name for name in TOKEN_PARAMS if name in names]
+
+
+def snell_config(config: TrainConfig, model: nn.Module, head_names: list[str]) -> snell.SnellConfig:
     try:
         return snell.SnellConfig(
             r=config.r,
@@ -235,6 +243,7 @@ def snell_config(config: TrainConfig, head_names: list[str]) -> snell.SnellConfi
             target_modules=config.target_modules,
             exclude_modules=config.exclude_modules,
             modules_to_save=head_names,
+            parameters_to_save=_token_parameters(model, config) or None,
             dropout=config.adapter_dropout,
             drop_path=config.adapter_drop_path,
             split_fused_qkv=config.split_fused_qkv,
@@ -246,7 +255,7 @@ def snell_config(config: TrainConfig, head_names: list[str]) -> snell.SnellConfi
 def adapted_layer_names(model: nn.Module, config: TrainConfig, head_names: list[str]) -> list[str]:
     """The layers SNELL would adapt (preset or --target-modules); LoRA and DoRA get the same ones."""
     try:
-        return sorted(resolve_targets(model, snell_config(config, head_names)))
+        return sorted(resolve_targets(model, snell_config(config, model, head_names)))
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None
 
@@ -271,7 +280,7 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
     heads = backbone.head_names
     if config.method == "snell":
         try:
-            model = snell.get_snell_model(model, snell_config(config, heads))
+            model = snell.get_snell_model(model, snell_config(config, model, heads))
         except (TypeError, ValueError) as err:
             raise UserError(str(err)) from None
     elif config.method in ("lora", "dora"):
@@ -285,9 +294,10 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
         for name, module in model.named_modules():
             if name in heads:
                 module.requires_grad_(True)
-    if config.train_cls_token and config.method in ("snell", "lora", "dora"):
+    if config.method in ("lora", "dora"):  # SNELL trains them through its config's parameters_to_save
+        tokens = _token_parameters(model, config)
         for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in TOKEN_PARAMS:
+            if name.rsplit(".", 1)[-1] in tokens:
                 param.requires_grad_(True)
     return model
 
@@ -342,10 +352,10 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path) -> Path
     else:
         state = {k: v.detach().cpu().contiguous() for k, v in mutable_state(model).items()}
         save_file(state, str(directory / STATE_FILE))
-    extra = {
+    extra = {  # peft adapters cannot hold a bare parameter; a SNELL adapter holds it (parameters_to_save)
         n: p.detach().cpu().contiguous()
         for n, p in model.named_parameters()
-        if p.requires_grad and n.rsplit(".", 1)[-1] in TOKEN_PARAMS and config.method in ("snell", "lora", "dora")
+        if p.requires_grad and n.rsplit(".", 1)[-1] in TOKEN_PARAMS and config.method in ("lora", "dora")
     }
     if extra:
         save_file(extra, str(directory / EXTRA_FILE))
