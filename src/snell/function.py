@@ -127,10 +127,12 @@ def _merged(base: Tensor | None, delta: Tensor, scale: Tensor | None, out: Tenso
 
     Forward and backward both merge through here, so the weight dx is computed with is bit-identical to
     the one the forward used. ``out`` may be ΔW or S themselves (the forward's way to need no third m×n
-    buffer).
+    buffer) or a block of the backward's merged matrix (no temporary per block).
     """
     if base is None:
-        return delta if scale is None else torch.mul(delta, scale, out=out)
+        if scale is not None:
+            return torch.mul(delta, scale, out=out)
+        return delta if out is None or out is delta else out.copy_(delta)
     base = base.to(delta.dtype)
     return torch.add(base, delta, out=out) if scale is None else torch.addcmul(base, delta, scale, out=out)
 
@@ -286,7 +288,7 @@ def _backward_by_row_blocks(
         if spec.sparsity > 0.0:
             scale = sparsify.survivor_scale_(delta.abs(), tau[g], spec.mode)
         if need_x:
-            merged[g, rows] = _merged(None if base is None else base[g, rows], delta, scale)
+            _merged(None if base is None else base[g, rows], delta, scale, out=merged[g, rows])
         if not need_grad_matrix:
             continue
         if conv:
