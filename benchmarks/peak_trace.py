@@ -6,7 +6,8 @@ backward, for one step after a warm-up step.
 
 Run it with the benchmark's pinned malloc (above) to see what ``benchmarks.run`` reports. ``--trim`` calls
 glibc's ``malloc_trim(0)`` once the forward ends, and prints how much RSS that returns: freed heap chunks
-(allocator slack), not live tensors. Backs the peak-memory findings in benchmarks/README.md; not timed.
+(allocator slack), not live tensors. The free bytes glibc's heap holds when the forward ends (``mallinfo2``)
+are printed either way. Backs the peak-memory findings in benchmarks/README.md; not timed.
 """
 
 from __future__ import annotations
@@ -27,8 +28,33 @@ MB = 1024 * 1024
 Event = tuple[str, str, float, float]  # (phase, module, RSS MB, high-water MB) above the RSS before the step
 
 
-def trace_step(model_name: str, method: str, batch: int, trim: bool) -> tuple[list[Event], float]:
-    """(the events of one step after a warm-up step, the step's peak MB above the RSS before it)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+def free_heap_mb(libc: ctypes.CDLL) -> float:
+    """Bytes in glibc's free heap chunks (mallinfo2's fordblks): memory malloc holds but no tensor uses."""
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().fordblks / MB
+
+
+def trace_step(model_name: str, method: str, batch: int, trim: bool) -> tuple[list[Event], float, float]:
+    """(the events of one step after a warm-up step, the step's peak MB above the RSS before it, MB of free
+    heap chunks when that step's forward ends)."""
     torch.manual_seed(0)
     spec = MODELS[model_name]
     model = METHODS[method].build(spec.create()).train()
@@ -46,21 +72,23 @@ def trace_step(model_name: str, method: str, batch: int, trim: bool) -> tuple[li
         if module is head or re.search(r"(^|\.)blocks\.\d+$", name):
             module.register_forward_hook(lambda m, i, o, name=name: record("forward", name))
             module.register_full_backward_hook(lambda m, gi, go, name=name: record("backward", name))
-    if trim:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = ctypes.CDLL("libc.so.6")
+    heap_free = [0.0]
 
-        def trimmed(m: nn.Module, i: tuple, o: torch.Tensor) -> None:
+    def forward_ended(m: nn.Module, i: tuple, o: torch.Tensor) -> None:
+        heap_free[0] = free_heap_mb(libc)
+        if trim:
             libc.malloc_trim(0)
             record("after malloc_trim", "")
 
-        head.register_forward_hook(trimmed)
+    head.register_forward_hook(forward_ended)
     step()
     gc.collect()
     events.clear()
     reset_peak_rss()
     start = rss_bytes()
     step()
-    return events, (peak_rss_bytes() - start) / MB
+    return events, (peak_rss_bytes() - start) / MB, heap_free[0]
 
 
 def main() -> None:
@@ -70,10 +98,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) when the forward ends")
     args = parser.parse_args()
-    events, peak = trace_step(args.model, args.method, args.batch, args.trim)
+    events, peak, heap_free = trace_step(args.model, args.method, args.batch, args.trim)
     print(f"{'phase':<18} {'module':<34} {'RSS MB':>8} {'peak MB':>8}")
     for phase, name, rss, high in events:
         print(f"{phase:<18} {name:<34} {rss:8.1f} {high:8.1f}")
+    print(f"free heap chunks when the forward ends (glibc mallinfo2): {heap_free:.1f} MB")
     print(f"step peak above the RSS before the step: {peak:.1f} MB")
 
 

@@ -101,7 +101,7 @@ def test_targets_compare_the_right_rows() -> None:
 def test_peak_trace_records_every_block_in_both_directions_and_the_trim() -> None:
     from benchmarks.peak_trace import trace_step
 
-    events, peak = trace_step("vit_tiny_test", "snell8_s0.9", batch=2, trim=True)
+    events, peak, heap_free = trace_step("vit_tiny_test", "snell8_s0.9", batch=2, trim=True)
     phases = [phase for phase, *_ in events]
     blocks = {name for phase, name, *_ in events if phase == "forward" and "blocks" in name}
     assert len(blocks) >= 2
@@ -111,3 +111,4 @@ def test_peak_trace_records_every_block_in_both_directions_and_the_trim() -> Non
     # kernel's lazy high-water bookkeeping, which can lag the RSS by a few pages)
     assert all(high >= rss for _, _, rss, high in events)
     assert peak >= max(high for *_, high in events) - 1.0
+    assert heap_free >= 0.0
