@@ -38,26 +38,45 @@ def _kth_largest_sampled(values: Tensor, k: int) -> Tensor | None:
     """Exact k-th largest of a flat CPU tensor from a small random sample and one pass over the data.
 
     A sample quantile gives a cut safely beyond the answer; the entries on the answer's side of the cut
-    (about the kept fraction plus a 1 % margin) are the only ones selected from. When k is more than
-    half the entries, the same is done from below. Returns None in the rare case the cut lands on the
+    (about the kept fraction plus a 1 % margin) are the candidates. A second sample quantile, as far on the
+    other side of the answer, narrows them to a band of about 1.4 % of the entries, and only the band goes
+    through ``kthvalue``, which copies its input and allocates int64 indices: over all the candidates that
+    was most of the selection's time. The band is exact for any second bound (it holds the candidates'
+    smallest or largest entries, and is used only when the answer's rank falls inside it). When k is more
+    than half the entries, the same is done from below. Returns None in the rare case the cut lands on the
     wrong side, so the caller can fall back to a full selection.
     """
     n = values.numel()
     sample = values[_sample_positions(n)]
     q = 1.0 - k / n  # the answer's quantile
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
+    low_rank = max(int((q - margin) * _SAMPLE_SIZE), 1)
+    high_rank = min(math.ceil((q + margin) * _SAMPLE_SIZE), _SAMPLE_SIZE)
     if k <= n // 2:
-        cut = torch.kthvalue(sample, max(int((q - margin) * _SAMPLE_SIZE), 1)).values
+        cut = torch.kthvalue(sample, low_rank).values
         candidates = values[values > cut]  # holds the k largest whenever it has at least k entries
-        if candidates.numel() < k:
+        rank = candidates.numel() - k + 1  # the answer's rank from below among the candidates
+        if rank < 1:
             return None
-        return torch.kthvalue(candidates, candidates.numel() - k + 1).values
-    rank_from_below = n - k + 1
-    cut = torch.kthvalue(sample, min(math.ceil((q + margin) * _SAMPLE_SIZE), _SAMPLE_SIZE)).values
-    candidates = values[values < cut]
-    if candidates.numel() < rank_from_below:
+        upper = sample[sample > cut]
+        upper_rank = high_rank - (_SAMPLE_SIZE - upper.numel())  # the sample's high_rank-th smallest, in upper
+        if 1 <= upper_rank <= upper.numel():
+            band = candidates[candidates <= torch.kthvalue(upper, upper_rank).values]  # the smallest candidates
+            if rank <= band.numel():
+                candidates = band
+        return torch.kthvalue(candidates, rank).values
+    rank = n - k + 1
+    cut = torch.kthvalue(sample, high_rank).values
+    candidates = values[values < cut]  # holds the n − k + 1 smallest whenever it has that many entries
+    if candidates.numel() < rank:
         return None
-    return torch.kthvalue(candidates, rank_from_below).values
+    lower = sample[sample < cut]
+    if low_rank <= lower.numel():
+        band = candidates[candidates >= torch.kthvalue(lower, low_rank).values]  # the largest candidates
+        below = candidates.numel() - band.numel()
+        if rank > below:
+            candidates, rank = band, rank - below
+    return torch.kthvalue(candidates, rank).values
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
