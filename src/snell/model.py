@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from snell.layers import SnellLayer, attach, build_spec, detach, iter_snell_laye
 from snell.presets import detect_preset
 
 logger = logging.getLogger("snell")
+T = TypeVar("T")
 
 
 def _name_matches(name: str, selector: Sequence[str] | str) -> bool:
@@ -44,13 +46,22 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
     return {name: build_spec(name, modules[name], config) for name in names}
 
 
+def _named_matches(
+    model: nn.Module, named: Iterable[tuple[str, T]], setting: str, selectors: list[str]
+) -> dict[str, T]:
+    """The (name, object) pairs whose name ``selectors`` match; ValueError naming any selector matching none."""
+    found = {n: obj for n, obj in named if n and _name_matches(n, selectors)}
+    missing = [s for s in selectors if not any(_name_matches(n, [s]) for n in found)]
+    if missing:
+        kind = setting.removesuffix("s_to_save")
+        raise ValueError(f"{setting} {missing} match no {kind} of {type(model).__name__}")
+    return found
+
+
 def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, nn.Module]:
     if not config.modules_to_save:
         return {}
-    found = {n: m for n, m in model.named_modules() if n and _name_matches(n, config.modules_to_save)}
-    missing = [s for s in config.modules_to_save if not any(_name_matches(n, [s]) for n in found)]
-    if missing:
-        raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+    found = _named_matches(model, model.named_modules(), "modules_to_save", config.modules_to_save)
     # A module inside another saved module is saved with it.
     return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
 
@@ -60,10 +71,7 @@ def resolve_parameters_to_save(model: nn.Module, config: SnellConfig) -> dict[st
     (saved with their module already)."""
     if not config.parameters_to_save:
         return {}
-    found = {n: p for n, p in model.named_parameters() if _name_matches(n, config.parameters_to_save)}
-    missing = [s for s in config.parameters_to_save if not any(_name_matches(n, [s]) for n in found)]
-    if missing:
-        raise ValueError(f"parameters_to_save {missing} match no parameter of {type(model).__name__}")
+    found = _named_matches(model, model.named_parameters(), "parameters_to_save", config.parameters_to_save)
     in_saved_modules = tuple(f"{n}." for n in resolve_modules_to_save(model, config))
     return {n: p for n, p in found.items() if not n.startswith(in_saved_modules)}
 
