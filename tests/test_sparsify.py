@@ -26,6 +26,26 @@ def test_sampled_selection_is_exact_on_large_matrices(keep_fraction):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_sampled_selection_is_exact_in_every_float_dtype(dtype):
+    # numpy has no bfloat16: it is selected as float32, which holds it exactly, and τ comes back in bfloat16.
+    torch.manual_seed(2)
+    values = torch.randn(2, 300_000).abs().to(dtype)
+    for k in (3_000, 30_000, 270_000):
+        got = sparsify.kth_largest(values, k)
+        assert got.dtype == dtype
+        assert torch.equal(got, values.topk(k, dim=1).values[:, -1:])
+
+
+def test_sampled_selection_leaves_its_input_untouched_and_accepts_strided_rows():
+    torch.manual_seed(3)
+    values = torch.randn(400_000, 2).abs().mT  # rows with stride 2
+    before = values.clone()
+    got = sparsify.kth_largest(values, 40_000)
+    assert torch.equal(values, before)
+    assert torch.equal(got, values.topk(40_000, dim=1).values[:, -1:])
+
+
 def test_selection_with_many_ties_is_still_the_kth_largest():
     values = torch.randint(0, 5, (1, 400_000)).float()
     for k in (1, 1000, 200_000, 399_999):
@@ -34,7 +54,7 @@ def test_selection_with_many_ties_is_still_the_kth_largest():
 
 def test_selection_falls_back_when_the_sample_misses():
     values = torch.zeros(1, 600_000)
-    values[0, :100] = 1.0  # the sample almost surely sees only zeros: the cut at 0 leaves 100 < k candidates
+    values[0, :100] = 1.0  # the sample almost surely sees only zeros: the bracket (0, 0] holds no entry
     assert sparsify.kth_largest(values, 1000).item() == 0.0
     assert sparsify.kth_largest(values, 100).item() == 1.0
 
