@@ -281,6 +281,9 @@ def _backward_by_row_blocks(
     grad_coef = torch.zeros_like(coefficients) if need_coef else None
     keep_pieces = need_factors and spec.kernel == "piecewise_linear"
     for g, rows in _row_blocks(spec):
+        # Every block temporary is dropped as soon as it is used (ΔW once merged, the block of dW once it is
+        # the gradient w.r.t. ΔW, the piece distances inside the kernel's backward), so the next block never
+        # allocates beside this one's leftovers.
         b_block = b_g[g, rows]
         pieces = kernels.piece_distances(a_g[g], b_block, spec.num_pieces) if keep_pieces else None
         delta = kernels.kernel_delta(spec.kernel, a_g[g], b_block, coefficients, spec.num_pieces, pieces)
@@ -289,19 +292,22 @@ def _backward_by_row_blocks(
             scale = sparsify.survivor_scale_(delta.abs(), tau[g], spec.mode)
         if need_x:
             _merged(None if base is None else base[g, rows], delta, scale, out=merged[g, rows])
-        if not need_grad_matrix:
-            continue
-        if conv:
-            grad_block = grad_matrix[g, rows]
-        else:
-            first = g * rows_per_group + rows.start
-            grad_block = grad_rows[:, first : first + b_block.shape[0]].mT.matmul(x_rows)
-            if need_w:
-                grad_matrix[g, rows] = grad_block
+        del delta
+        grad_delta = None
+        if need_grad_matrix:
+            if conv:
+                grad_delta = grad_matrix[g, rows]
+            else:
+                first = g * rows_per_group + rows.start
+                grad_delta = grad_rows[:, first : first + b_block.shape[0]].mT.matmul(x_rows)
+                if need_w:
+                    grad_matrix[g, rows] = grad_delta
         if need_factors:
-            grad_delta = grad_block.to(compute)
+            # The block of dW becomes the gradient w.r.t. ΔW in place, unless it is a convolution's dW itself.
+            grad_delta = grad_delta.to(compute, copy=conv and need_w)
             if scale is not None:
-                grad_delta = grad_delta * sparsify.gradient_scale(scale, tau[g], spec.mode)
+                grad_delta.mul_(sparsify.gradient_scale(scale, tau[g], spec.mode))
+                scale = None
             block_a, block_b, block_coef = kernels.kernel_backward(
                 spec.kernel, a_g[g], b_block, coefficients, grad_delta, spec.num_pieces, need_coef, pieces
             )
@@ -309,6 +315,7 @@ def _backward_by_row_blocks(
             grad_b[g, rows] = block_b
             if need_coef:
                 grad_coef += block_coef
+        del scale, grad_delta, pieces
     grad_x = None if merged is None else _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
     factor_grads = (grad_a, grad_b, grad_coef) if need_factors else None
     return grad_x, grad_matrix, factor_grads

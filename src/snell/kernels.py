@@ -95,9 +95,9 @@ def kernel_delta(
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _safe_divide(g: Tensor, d: Tensor) -> Tensor:
+def _safe_divide(g: Tensor, d: Tensor, out: Tensor | None = None) -> Tensor:
     """g / d, with 0 where d = 0 (the zero subgradient of ‖a − b‖ at a = b): two passes."""
-    return torch.div(g, d).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.div(g, d, out=out).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def kernel_backward(
@@ -113,7 +113,8 @@ def kernel_backward(
     """Gradients (dA, dB, dcoefficients) of Σ grad_delta ⊙ ΔW.
 
     The distance kernel's derivative at a_i = b_j is undefined; we use the zero subgradient there so
-    the result is always finite. ``pieces``: the piecewise distances, if the caller still has them.
+    the result is always finite. ``pieces``: the piecewise distances, if the caller still has them; they
+    are consumed (each is overwritten by its quotient g / distance, so no m×n temporary is allocated).
     """
     g = grad_delta
     grad_coef = torch.zeros_like(coefficients) if need_coefficients else None
@@ -130,7 +131,8 @@ def kernel_backward(
             if need_coefficients:
                 grad_coef[p] = (g * dist).sum()
             # ∂‖a − b‖/∂a = (a − b)/‖a − b‖; the coefficient scales the small results, not the m×n matrix.
-            grad_a, grad_b = _pairwise_grads(_safe_divide(g, dist), _piece(a, p, width), _piece(b, p, width))
+            quotient = _safe_divide(g, dist, out=dist)
+            grad_a, grad_b = _pairwise_grads(quotient, _piece(a, p, width), _piece(b, p, width))
             grads_a.append(grad_a.mul_(coefficients[p]))
             grads_b.append(grad_b.mul_(coefficients[p]))
         return torch.cat(grads_a, -1), torch.cat(grads_b, -1), grad_coef
