@@ -40,6 +40,7 @@ def keep_count(numel: int, sparsity: float) -> int:
     return round((1.0 - sparsity) * numel)
 
 
+@torch.compiler.disable  # numpy and host-side control flow: torch.compile runs it as it is
 def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
     """Exact k-th largest of a flat CPU tensor from a small random sample and two comparisons over the data.
 
