@@ -59,6 +59,18 @@ def test_selection_falls_back_when_the_sample_misses():
     assert sparsify.kth_largest(values, 100).item() == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_scale_keeps_every_entry_at_or_above_its_matrix_tau(dtype):
+    # Per-matrix τ taken from the entries themselves, so entries equal to τ (ties included) must survive.
+    values = torch.randint(0, 7, (3, 40, 30)).to(dtype) / 4
+    tau = torch.tensor([0.5, 0.75, 1.25], dtype=dtype).view(3, 1, 1)
+    expected = torch.where(values >= tau, values, 0.0)
+    assert torch.equal(sparsify.survivor_scale_(values.clone(), tau, "reference"), expected)
+    assert torch.equal(sparsify.survivor_scale_(values[1].clone(), tau[1], "reference"), expected[1])
+    # a τ of another dtype takes the general path, with the same result
+    assert torch.equal(sparsify.survivor_scale_(values.clone(), tau.to(torch.float16), "reference"), expected)
+
+
 def test_keep_nothing_and_out_of_range_k():
     values = torch.rand(1, 10)
     assert torch.isinf(sparsify.kth_largest(values, 0)).all()

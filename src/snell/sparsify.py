@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MODES = ("reference", "mask", "soft")
@@ -105,6 +106,26 @@ def threshold(delta: Tensor, sparsity: float) -> Tensor:
     return magnitude_threshold(delta.detach().abs(), sparsity)
 
 
+def _zero_below_(magnitude: Tensor, tau: Tensor) -> Tensor:
+    """|ΔW| with the entries below τ zeroed, in place.
+
+    On the CPU this is one ``threshold_`` pass per matrix (x > the float just below τ is x >= τ): there
+    ``masked_fill_`` and the comparison that builds its mask took about 20 times as long (341×3072: 1.3 vs
+    0.05 ms). Elsewhere the comparison stays a tensor, so no device synchronisation reads τ. NaN entries are
+    zeroed by the fast path and kept by the other; ΔW ⊙ S is NaN there either way.
+    """
+    if magnitude.device.type != "cpu" or tau.dtype != magnitude.dtype:
+        return magnitude.masked_fill_(magnitude < tau, 0.0)
+    if tau.numel() == 1:
+        below = torch.nextafter(tau, tau.new_tensor(-math.inf)).item()
+        return F.threshold_(magnitude, below, 0.0)
+    if tau.dim() == magnitude.dim() and tau.shape[0] == magnitude.shape[0] == tau.numel():
+        for matrix, matrix_tau in zip(magnitude, tau, strict=True):
+            _zero_below_(matrix, matrix_tau)
+        return magnitude
+    return magnitude.masked_fill_(magnitude < tau, 0.0)
+
+
 def survivor_scale_(magnitude: Tensor, tau: Tensor, mode: str) -> Tensor:
     """The factor S with ΔWˢ = ΔW ⊙ S, computed in place over ``magnitude`` (= |ΔW|, consumed).
 
@@ -112,7 +133,7 @@ def survivor_scale_(magnitude: Tensor, tau: Tensor, mode: str) -> Tensor:
     In the reference and mask modes S is also the factor the gradient w.r.t. ΔW gets (|ΔW| is detached).
     """
     if mode == "reference":
-        return magnitude.masked_fill_(magnitude < tau, 0.0)
+        return _zero_below_(magnitude, tau)
     if mode == "mask":
         return (magnitude >= tau).to(magnitude.dtype)
     if mode == "soft":
