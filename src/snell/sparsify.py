@@ -51,8 +51,8 @@ def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
     boolean masks and the band. The earlier way, gathering every entry beyond one cut with torch (boolean
     indexing makes int64 indices, ``kthvalue`` a copy and more int64 indices) took twice as long at ViT-B
     sizes and allocated almost twice the bytes. numpy does the gather and the partition because they
-    allocate nothing beyond their result. Returns None in the rare
-    case the answer lies outside the bracket, so the caller can fall back to a full selection.
+    allocate nothing beyond their result. Returns None in the rare case the answer lies outside the
+    bracket, so the caller can fall back to a full selection.
     """
     n = values.numel()
     array = values.detach().to(values.dtype if values.dtype in _NUMPY_FLOATS else torch.float32).numpy()
