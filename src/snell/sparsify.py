@@ -114,15 +114,14 @@ def _zero_below_(magnitude: Tensor, tau: Tensor) -> Tensor:
     0.05 ms). Elsewhere the comparison stays a tensor, so no device synchronisation reads τ. NaN entries are
     zeroed by the fast path and kept by the other; ΔW ⊙ S is NaN there either way.
     """
-    if magnitude.device.type != "cpu" or tau.dtype != magnitude.dtype:
-        return magnitude.masked_fill_(magnitude < tau, 0.0)
-    if tau.numel() == 1:
-        below = torch.nextafter(tau, tau.new_tensor(-math.inf)).item()
-        return F.threshold_(magnitude, below, 0.0)
-    if tau.dim() == magnitude.dim() and tau.shape[0] == magnitude.shape[0] == tau.numel():
-        for matrix, matrix_tau in zip(magnitude, tau, strict=True):
-            _zero_below_(matrix, matrix_tau)
-        return magnitude
+    if magnitude.device.type == "cpu" and tau.dtype == magnitude.dtype:
+        if tau.numel() == 1:
+            below = torch.nextafter(tau, tau.new_tensor(-math.inf)).item()
+            return F.threshold_(magnitude, below, 0.0)
+        if tau.dim() == magnitude.dim() and tau.shape[0] == magnitude.shape[0] == tau.numel():
+            for matrix, matrix_tau in zip(magnitude, tau, strict=True):
+                _zero_below_(matrix, matrix_tau)
+            return magnitude
     return magnitude.masked_fill_(magnitude < tau, 0.0)
 
 
