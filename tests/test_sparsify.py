@@ -37,6 +37,27 @@ def test_sampled_selection_is_exact_in_every_float_dtype(dtype):
         assert torch.equal(got, values.topk(k, dim=1).values[:, -1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("keep_fraction", [0.005, 0.1, 0.63, 1.0])
+def test_magnitude_selection_on_signed_values_is_exact(dtype, keep_fraction):
+    # ΔW's τ is selected on ΔW itself, with two-sided comparisons instead of an |ΔW| copy.
+    torch.manual_seed(4)
+    values = torch.randn(2, 300_000).to(dtype)
+    values[0, :5000] = -values[0, :5000].abs()  # signs uneven around the answer
+    k = round(keep_fraction * values.shape[1])
+    got = sparsify.kth_largest_magnitude(values, k)
+    assert got.dtype == dtype
+    assert torch.equal(got, values.abs().topk(k, dim=1).values[:, -1:])
+
+
+def test_magnitude_selection_falls_back_when_the_sample_misses():
+    values = torch.zeros(1, 600_000)
+    values[0, :50] = -1.0
+    values[0, 50:100] = 1.0
+    assert sparsify.kth_largest_magnitude(values, 100).item() == 1.0
+    assert sparsify.kth_largest_magnitude(values, 1000).item() == 0.0
+
+
 def test_sampled_selection_leaves_its_input_untouched_and_accepts_strided_rows():
     torch.manual_seed(3)
     values = torch.randn(400_000, 2).abs().mT  # rows with stride 2

@@ -102,32 +102,12 @@ def dense_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> 
     return delta
 
 
-def survivor_scale(spec: SnellSpec, delta: Tensor, tau: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-    """(S, τ) with ΔWˢ = ΔW ⊙ S; S is None at sparsity 0, where every mode keeps the dense ΔW (as the
-    reference code does) and τ is -inf."""
-    if spec.sparsity == 0.0:
-        return None, delta.new_full((spec.groups, 1, 1), -torch.inf)
-    magnitude = delta.abs()
-    if tau is None:
-        tau = sparsify.magnitude_threshold(magnitude, spec.sparsity)
-    return sparsify.survivor_scale_(magnitude, tau, spec.mode), tau
-
-
-def sparse_delta(
-    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, tau: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(ΔWˢ as (G, m/G, n), τ)."""
-    delta = dense_delta(spec, a, b, coefficients)
-    scale, tau = survivor_scale(spec, delta, tau)
-    return (delta if scale is None else delta.mul_(scale)), tau
-
-
 def _merged(base: Tensor | None, delta: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """W0 + ΔW ⊙ S in ΔW's dtype, in one pass (or ΔW ⊙ S alone without W0), for a whole matrix or a block.
+    """W0 + ΔW ⊙ S in ΔW's dtype, in one pass (or ΔW ⊙ S alone without W0), for a block of rows.
 
-    Forward and backward both merge through here, so the weight dx is computed with is bit-identical to
-    the one the forward used. ``out`` may be ΔW or S themselves (the forward's way to need no third m×n
-    buffer) or a block of the backward's merged matrix (no temporary per block).
+    Forward and backward both merge through here, block by block, so the weight dx is computed with is
+    bit-identical to the one the forward used. ``out`` may be ΔW itself (the forward merges in place) or a
+    block of the backward's merged matrix (no temporary per block).
     """
     if base is None:
         if scale is not None:
@@ -135,6 +115,34 @@ def _merged(base: Tensor | None, delta: Tensor, scale: Tensor | None, out: Tenso
         return delta if out is None or out is delta else out.copy_(delta)
     base = base.to(delta.dtype)
     return torch.add(base, delta, out=out) if scale is None else torch.addcmul(base, delta, scale, out=out)
+
+
+def _block_scale(spec: SnellSpec, delta: Tensor, tau: Tensor) -> Tensor | None:
+    """S for a block of ΔW's rows (None at sparsity 0, where every mode keeps the dense ΔW, as the
+    reference code does)."""
+    return None if spec.sparsity == 0.0 else sparsify.survivor_scale_(delta.abs(), tau, spec.mode)
+
+
+def sparsify_(spec: SnellSpec, delta: Tensor, base: Tensor | None = None) -> Tensor:
+    """Turn ΔW (G, m/G, n) into W0 + ΔWˢ (or ΔWˢ alone without ``base``) in place; returns τ, (G, 1, 1).
+
+    τ is selected on ΔW itself (no m×n |ΔW|), then each block of rows gets its S and is merged while it is
+    in cache, so the forward needs one m×n buffer. τ is -inf at sparsity 0.
+    """
+    if spec.sparsity == 0.0:
+        tau = delta.new_full((spec.groups, 1, 1), -torch.inf)
+    else:
+        tau = sparsify.threshold(delta, spec.sparsity)
+    for g, rows in _row_blocks(spec):
+        block = delta[g, rows]
+        _merged(None if base is None else base[g, rows], block, _block_scale(spec, block, tau[g]), out=block)
+    return tau
+
+
+def sparse_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+    """(ΔWˢ as (G, m/G, n), τ)."""
+    delta = dense_delta(spec, a, b, coefficients)
+    return delta, sparsify_(spec, delta)
 
 
 def _base_blocks(spec: SnellSpec, weight: Tensor | None) -> Tensor | None:
@@ -201,11 +209,10 @@ class FusedSnell(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
         with _without_autocast(x.device.type):
-            delta = dense_delta(spec, a, b, coefficients)
-            scale, tau = survivor_scale(spec, delta)
-            merged = _merged(_base_blocks(spec, weight), delta, scale, out=delta if scale is None else scale)
+            merged = dense_delta(spec, a, b, coefficients)
+            tau = sparsify_(spec, merged, _base_blocks(spec, weight))
             matrix = merged.reshape(spec.matrix_shape).to(x.dtype)
-            del delta, scale, merged
+            del merged
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
@@ -287,9 +294,7 @@ def _backward_by_row_blocks(
         b_block = b_g[g, rows]
         pieces = kernels.piece_distances(a_g[g], b_block, spec.num_pieces) if keep_pieces else None
         delta = kernels.kernel_delta(spec.kernel, a_g[g], b_block, coefficients, spec.num_pieces, pieces)
-        scale = None
-        if spec.sparsity > 0.0:
-            scale = sparsify.survivor_scale_(delta.abs(), tau[g], spec.mode)
+        scale = _block_scale(spec, delta, tau[g])
         if need_x:
             _merged(None if base is None else base[g, rows], delta, scale, out=merged[g, rows])
         del delta

@@ -41,18 +41,28 @@ def keep_count(numel: int, sparsity: float) -> int:
     return round((1.0 - sparsity) * numel)
 
 
+def _beyond(array: np.ndarray, cut: float, magnitude: bool) -> np.ndarray:
+    """value > cut, or |value| > cut as (value > cut) | (value < −cut): no |values| array is made."""
+    mask = array > cut
+    if magnitude:
+        mask |= array < -cut
+    return mask
+
+
 @torch.compiler.disable  # numpy and host-side control flow: torch.compile runs it as it is
-def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
-    """Exact k-th largest of a flat CPU tensor from a small random sample and two comparisons over the data.
+def _kth_largest_banded(values: Tensor, k: int, magnitude: bool) -> Tensor | None:
+    """Exact k-th largest entry (or |entry|) of a flat CPU tensor from a small random sample and two counts.
 
     Two sample quantiles, six standard errors either side of the answer's, bracket it. One comparison counts
     the entries above the bracket, a second marks the band inside it (about 1.4 % of the entries at s = 0.9),
-    only the band is gathered, and an in-place partition of it picks the answer. Temporaries: the sample, two
-    boolean masks and the band. The earlier way, gathering every entry beyond one cut with torch (boolean
-    indexing makes int64 indices, ``kthvalue`` a copy and more int64 indices) took twice as long at ViT-B
-    sizes and allocated almost twice the bytes. numpy does the gather and the partition because they
-    allocate nothing beyond their result. Returns None in the rare case the answer lies outside the
-    bracket, so the caller can fall back to a full selection.
+    only the band is gathered, and an in-place partition of it picks the answer. Temporaries: the sample,
+    boolean masks and the band; with ``magnitude`` the comparisons are two-sided, so ΔW's selection needs no
+    m×n |ΔW| (a fresh allocation per matrix, whose page faults cost more than the extra comparisons). The
+    earlier way, gathering every entry beyond one cut with torch (boolean indexing makes int64 indices,
+    ``kthvalue`` a copy and more int64 indices) took twice as long at ViT-B sizes and allocated almost twice
+    the bytes. numpy does the gather and the partition because they allocate nothing beyond their result.
+    Returns None in the rare case the answer lies outside the bracket, so the caller can fall back to a
+    full selection.
     """
     n = values.numel()
     array = values.detach().to(values.dtype if values.dtype in _NUMPY_FLOATS else torch.float32).numpy()
@@ -61,14 +71,18 @@ def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
     low = math.floor((q - margin) * _SAMPLE_SIZE)  # 0-based positions in the sorted sample
     high = math.ceil((q + margin) * _SAMPLE_SIZE)
     sample = array[_sample_positions(n)]
+    if magnitude:
+        np.abs(sample, out=sample)
     sample.partition([i for i in (low, high) if 0 <= i < _SAMPLE_SIZE] or [0])
     lower = sample[low] if low >= 0 else -math.inf
     upper = sample[high] if high < _SAMPLE_SIZE else math.inf
-    above = array > upper
+    above = _beyond(array, upper, magnitude)
     count_above = int(np.count_nonzero(above))
-    inside = array > lower
+    inside = _beyond(array, lower, magnitude)
     np.logical_xor(inside, above, out=inside)  # lower < value <= upper
     band = array[inside]
+    if magnitude:
+        np.abs(band, out=band)
     position = band.size - (k - count_above)  # the answer's 0-based position from below within the band
     if not 0 <= position < band.size:
         return None
@@ -76,11 +90,7 @@ def _kth_largest_banded(values: Tensor, k: int) -> Tensor | None:
     return values.new_tensor(band[position].item())
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """Per row of ``values`` (shape (G, N)), the k-th largest entry, shape (G, 1).
-
-    ``k = 0`` gives +inf (nothing is kept). Ties at the threshold are all kept.
-    """
+def _kth_largest(values: Tensor, k: int, magnitude: bool) -> Tensor:
     groups, n = values.shape
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
@@ -89,21 +99,32 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     if values.device.type == "cpu" and n >= _BAND_MIN_NUMEL:
         rows = []
         for row in values:
-            tau = _kth_largest_banded(row, k)
-            rows.append(tau if tau is not None else torch.kthvalue(row, n - k + 1).values)
+            tau = _kth_largest_banded(row, k, magnitude)
+            if tau is None:
+                tau = torch.kthvalue(row.abs() if magnitude else row, n - k + 1).values
+            rows.append(tau)
         return torch.stack(rows).unsqueeze(-1)
-    return torch.kthvalue(values, n - k + 1, dim=-1, keepdim=True).values
+    return torch.kthvalue(values.abs() if magnitude else values, n - k + 1, dim=-1, keepdim=True).values
 
 
-def magnitude_threshold(magnitude: Tensor, sparsity: float) -> Tensor:
-    """τ per matrix for |ΔW| of shape (G, m, n): entries with |ΔW| >= τ survive. Shape (G, 1, 1)."""
-    flat = magnitude.flatten(1)
-    return kth_largest(flat, keep_count(flat.shape[1], sparsity)).unsqueeze(-1)
+def kth_largest(values: Tensor, k: int) -> Tensor:
+    """Per row of ``values`` (shape (G, N)), the k-th largest entry, shape (G, 1).
+
+    ``k = 0`` gives +inf (nothing is kept). Ties at the threshold are all kept.
+    """
+    return _kth_largest(values, k, magnitude=False)
+
+
+def kth_largest_magnitude(values: Tensor, k: int) -> Tensor:
+    """Per row of ``values`` (shape (G, N)), the k-th largest |entry|, shape (G, 1), without making |values|
+    on the CPU. ``k = 0`` gives +inf."""
+    return _kth_largest(values, k, magnitude=True)
 
 
 def threshold(delta: Tensor, sparsity: float) -> Tensor:
-    """τ per matrix for ΔW of shape (G, m, n)."""
-    return magnitude_threshold(delta.detach().abs(), sparsity)
+    """τ per matrix for ΔW of shape (G, m, n): entries with |ΔW| >= τ survive. Shape (G, 1, 1)."""
+    flat = delta.detach().flatten(1)
+    return kth_largest_magnitude(flat, keep_count(flat.shape[1], sparsity)).unsqueeze(-1)
 
 
 def _zero_below_(magnitude: Tensor, tau: Tensor) -> Tensor:
