@@ -4,10 +4,12 @@
     .venv/bin/python -m benchmarks.run --quick    # smoke test, few steps: results in runs/bench-quick/
 
 Every training and inference measurement runs in a fresh worker process (MALLOC_ARENA_MAX=2), so no method
-inherits another's heap. Each training job runs twice: once timed under glibc's default malloc, once for
-memory with the mmap threshold pinned at 1 MiB, so every large tensor goes back to the OS when freed and the
-peak RSS follows live memory instead of glibc's history-dependent heap. The run writes markdown, CSV and PNG
-plots and prints PASS/MISS for each target. Results of --quick, or of a run on a busy machine, are not results.
+inherits another's heap. ViT-B's timed steps are split over two rounds of fresh workers, the second round in
+reverse order, so a slow spell of this shared machine falls on every method instead of on the few that
+happened to run in it. Each training job also runs once for memory with the mmap threshold pinned at 1 MiB,
+so every large tensor goes back to the OS when freed and the peak RSS follows live memory instead of glibc's
+history-dependent heap. The run writes markdown, CSV and PNG plots and prints PASS/MISS for each target.
+Results of --quick, or of a run on a busy machine, are not results.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -44,8 +47,10 @@ TRAIN_COLUMNS = (
     "warmup",
     "steps",
     "trainable_params",
+    "rounds",
     "step_s_median",
     "step_s_min",
+    "step_s_round_medians",
     "peak_mb",
     "peak_default_malloc_mb",
     "saved_mb",
@@ -72,21 +77,24 @@ class TrainJob:
     method: str
     dtype: str
     warmup: int
-    steps: int
+    steps: int  # per round
+    rounds: int = 1  # fresh timed workers, interleaved with the other jobs' rounds
     batch: int = 8
 
 
 def training_plan(quick: bool, models: Sequence[str] | None, methods: Sequence[str] | None) -> list[TrainJob]:
-    """ViT-B/16 gets every method in fp32 and the main ones in bf16; ViT-L/H get fewer steps and methods.
+    """ViT-B/16 gets every method in fp32 and the main ones in bf16, in two rounds; ViT-L/H get fewer steps and
+    methods, in one round.
 
     ``models``/``methods`` narrow the plan; a model outside it (the tests' tiny ViT) gets ViT-B's fp32 jobs.
     """
     if quick:
-        plan = [TrainJob("vit_b16", m, "fp32", 1, 2) for m in ALL_METHODS]
+        plan = [TrainJob("vit_b16", m, "fp32", 1, 1, rounds=2) for m in ALL_METHODS]
         plan += [TrainJob("vit_b16", m, "bf16", 1, 1) for m in ("lora8", "snell8_s0.9")]
     else:
-        plan = [TrainJob("vit_b16", m, "fp32", 2, 8) for m in ALL_METHODS]
-        plan += [TrainJob("vit_b16", m, "bf16", 1, 4) for m in ("full", "lora8", "snell8_s0.9", "snell8_s0.9_dropout")]
+        plan = [TrainJob("vit_b16", m, "fp32", 2, 4, rounds=2) for m in ALL_METHODS]
+        bf16 = ("full", "lora8", "snell8_s0.9", "snell8_s0.9_dropout")
+        plan += [TrainJob("vit_b16", m, "bf16", 1, 2, rounds=2) for m in bf16]
         plan += [TrainJob("vit_l16", m, "fp32", 1, 3) for m in BIG_MODEL_METHODS]
         plan += [TrainJob("vit_h14", m, "fp32", 1, 2) for m in BIG_MODEL_METHODS]
     if models is not None:
@@ -139,36 +147,76 @@ def run_worker(module: str, args: Sequence[str], timeout: float, extra_env: dict
     return json.loads(done.stdout.strip().splitlines()[-1]), "ok"
 
 
+def _train_args(job: TrainJob) -> list[str]:
+    return ["--model", job.model, "--method", job.method, "--dtype", job.dtype, "--batch", str(job.batch)]
+
+
+def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, str, int], dict[str, Any]]) -> dict:
+    """The job's first timed worker and its memory worker, or the reason it was skipped or failed."""
+    row: dict[str, Any] = {"model": job.model, "method": job.method, "dtype": job.dtype, "batch": job.batch}
+    need, available = estimated_bytes(job, measured), psutil.virtual_memory().available
+    if need > available:
+        row["status"] = f"skipped: needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+        return row
+    timed_args = [*_train_args(job), "--warmup", str(job.warmup), "--steps", str(job.steps)]
+    timed, status = run_worker("benchmarks.step", timed_args, timeout, TIMED_ENV)
+    if timed is not None:
+        row.update(timed, peak_default_malloc_mb=timed["peak_mb"], round_times=[timed["step_times"]])
+        once = [*_train_args(job), "--warmup", "1", "--steps", "1"]
+        memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
+        row["peak_mb"] = None if memory is None else memory["peak_mb"]
+        measured[job.model, job.method, job.dtype, job.batch] = row
+    row["status"] = status
+    return row
+
+
+def _pool_rounds(row: dict[str, Any]) -> None:
+    """Step-time columns over every round's steps (the median of all of them), and each round's median."""
+    row.pop("step_times", None)
+    rounds = row.pop("round_times", None)
+    if rounds is None:
+        return
+    pooled = [t for times in rounds for t in times]
+    row.update(
+        rounds=len(rounds),
+        step_s_median=statistics.median(pooled),
+        step_s_min=min(pooled),
+        step_s_round_medians=" / ".join(f"{statistics.median(times):.3f}" for times in rounds),
+        steps=len(pooled),
+    )
+
+
 def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any]]:
-    rows = []
+    """Round 1 runs every job in order (timed, then memory); round r > 1 runs the jobs that want it again,
+    timed only, in reverse order on even rounds."""
+    rows: dict[TrainJob, dict[str, Any]] = {}
     measured: dict[tuple[str, str, str, int], dict[str, Any]] = {}  # (model, method, dtype, batch) -> row
-    for job in jobs:
-        row: dict[str, Any] = {"model": job.model, "method": job.method, "dtype": job.dtype, "batch": job.batch}
-        need, available = estimated_bytes(job, measured), psutil.virtual_memory().available
-        if need > available:
-            row["status"] = f"skipped: needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
-        else:
-            args = ["--model", job.model, "--method", job.method, "--dtype", job.dtype, "--batch", str(job.batch)]
-            timed, status = run_worker(
-                "benchmarks.step", [*args, "--warmup", str(job.warmup), "--steps", str(job.steps)], timeout, TIMED_ENV
-            )
-            if timed is not None:
-                row.update(timed, peak_default_malloc_mb=timed["peak_mb"])
-                once = [*args, "--warmup", "1", "--steps", "1"]
-                memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
-                row["peak_mb"] = None if memory is None else memory["peak_mb"]
-                measured[job.model, job.method, job.dtype, job.batch] = row
-            row["status"] = status
-        print(f"train {job.model} {job.dtype} {job.method}: {_summary(row)}", flush=True)
-        rows.append(row)
-    return rows
+    for round_index in range(max((job.rounds for job in jobs), default=0)):
+        for job in jobs if round_index % 2 == 0 else jobs[::-1]:
+            if round_index == 0:
+                rows[job] = row = _first_round(job, timeout, measured)
+            elif round_index < job.rounds and rows[job]["status"] == "ok":
+                row = rows[job]
+                args = [*_train_args(job), "--warmup", str(job.warmup), "--steps", str(job.steps)]
+                timed, status = run_worker("benchmarks.step", args, timeout, TIMED_ENV)
+                if timed is None:
+                    row["status"] = f"round {round_index + 1}: {status}"
+                else:
+                    row["round_times"].append(timed["step_times"])
+            else:
+                continue
+            label = f"train {job.model} {job.dtype} {job.method} round {round_index + 1}/{job.rounds}"
+            print(f"{label}: {_summary(row)}", flush=True)
+    for row in rows.values():
+        _pool_rounds(row)
+    return [rows[job] for job in jobs]
 
 
 def _summary(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return row["status"]
     return (
-        f"{row['step_s_median']:.3f} s/step, peak {row['peak_mb']:.0f} MB "
+        f"{statistics.median(row['round_times'][-1]):.3f} s/step, peak {row['peak_mb']:.0f} MB "
         f"(default malloc {row['peak_default_malloc_mb']:.0f} MB), saved {row['saved_mb']:.0f} MB"
     )
 
@@ -249,7 +297,9 @@ def write_markdown(
         "",
         "Written by `benchmarks/run.py`. CPU only; timm models with random weights; input 224 px (ViT-H: 224 px"
         " with 14 px patches); AdamW; each training/inference measurement in a fresh process with "
-        "MALLOC_ARENA_MAX=2. Step time: median of timed steps (forward + backward + AdamW) after warm-up. "
+        "MALLOC_ARENA_MAX=2. Step time: median of timed steps (forward + backward + AdamW) after warm-up, pooled "
+        "over the rounds (fresh workers, each round after all the other jobs' previous round, the second in "
+        "reverse order); the round medians show the spread. "
         "Peak MB: kernel peak RSS (VmHWM, reset after the model, adapters and batch exist) minus the RSS at "
         "that point, so optimizer state, gradients, activations and allocator slack, over a warm-up and one "
         "step in a separate process whose glibc mmap threshold is pinned at 1 MiB (large blocks are returned "
@@ -271,7 +321,7 @@ def write_markdown(
     ]
     if train:
         parts += ["", "## Training step", ""]
-        headers = ["model", "dtype", "method", "trainable", "steps", "s/step", "peak MB"]
+        headers = ["model", "dtype", "method", "trainable", "steps", "s/step", "round medians", "peak MB"]
         headers += ["default-malloc peak MB", "saved MB", "status"]
         parts.append(
             markdown_table(
@@ -284,6 +334,7 @@ def write_markdown(
                         r.get("trainable_params"),
                         r.get("steps"),
                         r.get("step_s_median"),
+                        r.get("step_s_round_medians"),
                         r.get("peak_mb"),
                         r.get("peak_default_malloc_mb"),
                         r.get("saved_mb"),

@@ -90,6 +90,7 @@ def benchmark_training(
         "warmup": warmup,
         "steps": steps,
         "trainable_params": trainable,
+        "step_times": times,
         "step_s_median": statistics.median(times),
         "step_s_min": min(times),
         "peak_mb": peak / MB,

@@ -29,6 +29,10 @@ def test_quick_training_run_writes_csv_markdown_and_plot(tmp_path: Path) -> None
     assert [(r["model"], r["method"], r["status"]) for r in rows] == [("vit_tiny_test", m, "ok") for m in methods]
     for row in rows:
         assert float(row["step_s_median"]) > 0
+        # two rounds of one timed step each: the pooled median is the mean of the two round medians
+        assert (row["rounds"], row["steps"]) == ("2", "2")
+        round_medians = [float(t) for t in row["step_s_round_medians"].split(" / ")]
+        assert float(row["step_s_median"]) == pytest.approx(sum(round_medians) / 2, abs=1e-3)
         assert float(row["peak_mb"]) > 0
         assert int(row["trainable_params"]) > 0
     assert float(rows[1]["saved_mb"]) > float(rows[0]["saved_mb"])  # adapters in every block save their inputs
