@@ -64,7 +64,7 @@ def benchmark_shape(m: int, n: int, repeats: int) -> list[dict[str, Any]]:
     ours = sparsify.threshold(delta, SPARSITY).flatten()
     exact = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
     candidates: dict[str, Callable[[], object] | str] = {
-        "snell threshold (abs + selection)": lambda: sparsify.threshold(delta, SPARSITY),
+        "snell threshold (τ of |ΔW| from ΔW)": lambda: sparsify.threshold(delta, SPARSITY),
         "snell kth_largest (selection only)": lambda: sparsify.kth_largest(magnitude[None], k),
         "torch.kthvalue": lambda: torch.kthvalue(magnitude, magnitude.numel() - k + 1),
         "torch.topk (unsorted)": lambda: torch.topk(magnitude, k, sorted=False),
