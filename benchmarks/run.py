@@ -58,6 +58,9 @@ TRAIN_COLUMNS = (
     "step_s_min",
     "step_s_round_medians",
     "step_s_default_malloc",
+    "minor_faults_per_step",
+    "minor_faults_per_step_default_malloc",
+    "system_s_per_step_default_malloc",
     "peak_mb",
     "peak_default_malloc_mb",
     "saved_mb",
@@ -171,12 +174,16 @@ def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, s
     memory = timed = None
     if default is not None:
         row.update(default, peak_default_malloc_mb=default["peak_mb"], step_s_default_malloc=default["step_s_median"])
+        row.update(
+            minor_faults_per_step_default_malloc=default["minor_faults_per_step"],
+            system_s_per_step_default_malloc=default["system_s_per_step"],
+        )
         memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
     if memory is not None:
         row["peak_mb"] = memory["peak_mb"]
         timed, status = run_worker("benchmarks.step", timed_args, timeout, TIMED_ENV)
     if timed is not None:
-        row["round_times"] = [timed["step_times"]]
+        row["round_times"], row["round_faults"] = [timed["step_times"]], [timed["minor_faults_per_step"]]
         measured[job.model, job.method, job.dtype, job.batch] = row
     row["status"] = status
     return row
@@ -185,7 +192,7 @@ def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, s
 def _pool_rounds(row: dict[str, Any]) -> None:
     """Step-time columns over every round's steps (the median of all of them), and each round's median."""
     row.pop("step_times", None)
-    rounds = row.pop("round_times", None)
+    rounds, faults = row.pop("round_times", None), row.pop("round_faults", None)
     if rounds is None:
         return
     pooled = [t for times in rounds for t in times]
@@ -195,6 +202,7 @@ def _pool_rounds(row: dict[str, Any]) -> None:
         step_s_min=min(pooled),
         step_s_round_medians=" / ".join(f"{statistics.median(times):.3f}" for times in rounds),
         steps=len(pooled),
+        minor_faults_per_step=statistics.mean(faults),
     )
 
 
@@ -215,6 +223,7 @@ def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any
                     row["status"] = f"round {round_index + 1}: {status}"
                 else:
                     row["round_times"].append(timed["step_times"])
+                    row["round_faults"].append(timed["minor_faults_per_step"])
             else:
                 continue
             label = f"train {job.model} {job.dtype} {job.method} round {round_index + 1}/{job.rounds}"
@@ -222,6 +231,14 @@ def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any
     for row in rows.values():
         _pool_rounds(row)
     return [rows[job] for job in jobs]
+
+
+def _faults(row: dict[str, Any]) -> str | None:
+    """Minor page faults per timed step, pinned and (default malloc), with the system time they cost."""
+    if row.get("minor_faults_per_step") is None:
+        return None
+    default = f"{row['minor_faults_per_step_default_malloc']:.0f}, {row['system_s_per_step_default_malloc']:.2f} s"
+    return f"{row['minor_faults_per_step']:.0f} ({default})"
 
 
 def _summary(row: dict[str, Any]) -> str:
@@ -324,7 +341,9 @@ def write_markdown(
         "over the rounds (fresh workers, each round after all the other jobs' previous round, the second in "
         "reverse order; the round medians show the spread), with glibc pinned to keep freed memory (mmap "
         "threshold 256 MiB, no trimming), so no method pays page faults after warm-up. Default-malloc step: "
-        "one worker under glibc's defaults, where the page faults a method pays depend on its heap history. "
+        "one worker under glibc's defaults, where the page faults a method pays depend on its heap history; "
+        "the page-fault column gives minor faults per timed step, pinned and (default malloc, with the system "
+        "time per step). "
         "Peak MB: kernel peak RSS (VmHWM, reset after the model, adapters and batch exist) minus the RSS at "
         "that point, so optimizer state, gradients, activations and allocator slack, over a warm-up and one "
         "step in a separate process whose glibc mmap threshold is pinned at 1 MiB (large blocks are returned "
@@ -347,7 +366,7 @@ def write_markdown(
     if train:
         parts += ["", "## Training step", ""]
         headers = ["model", "dtype", "method", "trainable", "steps", "s/step", "round medians"]
-        headers += ["default-malloc s/step", "peak MB"]
+        headers += ["default-malloc s/step", "page faults/step (default malloc)", "peak MB"]
         headers += ["default-malloc peak MB", "saved MB", "status"]
         parts.append(
             markdown_table(
@@ -362,6 +381,7 @@ def write_markdown(
                         r.get("step_s_median"),
                         r.get("step_s_round_medians"),
                         r.get("step_s_default_malloc"),
+                        _faults(r),
                         r.get("peak_mb"),
                         r.get("peak_default_malloc_mb"),
                         r.get("saved_mb"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -76,10 +77,12 @@ def benchmark_training(
     for _ in range(warmup):
         step()
     times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     peak = peak_rss_bytes() - loaded
     saved = saved_for_backward(model, images, labels, dtype)
     return {
@@ -93,6 +96,9 @@ def benchmark_training(
         "step_times": times,
         "step_s_median": statistics.median(times),
         "step_s_min": min(times),
+        # fresh pages the timed steps touched, and the kernel time that cost (page faults are most of it)
+        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+        "system_s_per_step": (after.ru_stime - before.ru_stime) / steps,
         "peak_mb": peak / MB,
         "saved_mb": saved / MB,
         "loaded_mb": loaded / MB,

@@ -34,6 +34,7 @@ def test_quick_training_run_writes_csv_markdown_and_plot(tmp_path: Path) -> None
         round_medians = [float(t) for t in row["step_s_round_medians"].split(" / ")]
         assert float(row["step_s_median"]) == pytest.approx(sum(round_medians) / 2, abs=1e-3)
         assert float(row["step_s_default_malloc"]) > 0
+        assert float(row["minor_faults_per_step"]) >= 0 and float(row["system_s_per_step_default_malloc"]) >= 0
         assert float(row["peak_mb"]) > 0
         assert int(row["trainable_params"]) > 0
     assert float(rows[1]["saved_mb"]) > float(rows[0]["saved_mb"])  # adapters in every block save their inputs
