@@ -40,7 +40,7 @@ DEFAULT_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
 # Step times: blocks below 256 MiB come from the heap and freed memory is never handed back, so no method
 # pays page faults after warm-up. Under glibc's defaults the heap is trimmed whenever its free top exceeds a
 # threshold that follows the largest freed block, so how often a method re-faults fresh pages depends on its
-# allocation history (a ViT-B SNELL step: 20k-200k faults, 0.2-0.8 s of system time; peft LoRA's: ~5k,
+# allocation history (a ViT-B SNELL step: 20k-200k faults, 0.1-0.8 s of system time; peft LoRA's: 1k-9k,
 # because building its model leaves 2 GB of free heap behind). That is timed too, as a second column.
 TIMED_ENV = {**DEFAULT_MALLOC_ENV, "MALLOC_MMAP_THRESHOLD_": str(1 << 28), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 # Setting the threshold also stops glibc from raising it to the largest freed block (up to 32 MiB).
