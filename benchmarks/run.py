@@ -157,19 +157,23 @@ def run_worker(module: str, args: Sequence[str], timeout: float, extra_env: dict
     return json.loads(done.stdout.strip().splitlines()[-1]), "ok"
 
 
-def _train_args(job: TrainJob) -> list[str]:
-    return ["--model", job.model, "--method", job.method, "--dtype", job.dtype, "--batch", str(job.batch)]
+def _step_args(job: TrainJob, warmup: int, steps: int) -> list[str]:
+    """Arguments of a ``benchmarks.step`` worker for this job."""
+    return [
+        *("--model", job.model, "--method", job.method, "--dtype", job.dtype, "--batch", str(job.batch)),
+        *("--warmup", str(warmup), "--steps", str(steps)),
+    ]
 
 
 def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, str, int], dict[str, Any]]) -> dict:
-    """The job's first timed worker and its memory worker, or the reason it was skipped or failed."""
+    """The job's default-malloc timed worker, its memory worker and its first pinned timed worker, or the reason
+    it was skipped or failed."""
     row: dict[str, Any] = {"model": job.model, "method": job.method, "dtype": job.dtype, "batch": job.batch}
     need, available = estimated_bytes(job, measured), psutil.virtual_memory().available
     if need > available:
         row["status"] = f"skipped: needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
         return row
-    timed_args = [*_train_args(job), "--warmup", str(job.warmup), "--steps", str(job.steps)]
-    once = [*_train_args(job), "--warmup", "1", "--steps", "1"]
+    timed_args = _step_args(job, job.warmup, job.steps)
     default, status = run_worker("benchmarks.step", timed_args, timeout, DEFAULT_MALLOC_ENV)
     memory = timed = None
     if default is not None:
@@ -178,7 +182,7 @@ def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, s
             minor_faults_per_step_default_malloc=default["minor_faults_per_step"],
             system_s_per_step_default_malloc=default["system_s_per_step"],
         )
-        memory, status = run_worker("benchmarks.step", once, timeout, MEMORY_ENV)
+        memory, status = run_worker("benchmarks.step", _step_args(job, 1, 1), timeout, MEMORY_ENV)
     if memory is not None:
         row["peak_mb"] = memory["peak_mb"]
         timed, status = run_worker("benchmarks.step", timed_args, timeout, TIMED_ENV)
@@ -207,8 +211,8 @@ def _pool_rounds(row: dict[str, Any]) -> None:
 
 
 def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any]]:
-    """Round 1 runs every job in order (timed, then memory); round r > 1 runs the jobs that want it again,
-    timed only, in reverse order on even rounds."""
+    """Round 1 runs every job in order (default-malloc timed, memory, pinned timed); round r > 1 runs the jobs
+    that want it again, pinned timed only, in reverse order on even rounds."""
     rows: dict[TrainJob, dict[str, Any]] = {}
     measured: dict[tuple[str, str, str, int], dict[str, Any]] = {}  # (model, method, dtype, batch) -> row
     for round_index in range(max((job.rounds for job in jobs), default=0)):
@@ -217,7 +221,7 @@ def run_training(jobs: Sequence[TrainJob], timeout: float) -> list[dict[str, Any
                 rows[job] = row = _first_round(job, timeout, measured)
             elif round_index < job.rounds and rows[job]["status"] == "ok":
                 row = rows[job]
-                args = [*_train_args(job), "--warmup", str(job.warmup), "--steps", str(job.steps)]
+                args = _step_args(job, job.warmup, job.steps)
                 timed, status = run_worker("benchmarks.step", args, timeout, TIMED_ENV)
                 if timed is None:
                     row["status"] = f"round {round_index + 1}: {status}"

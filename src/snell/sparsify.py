@@ -57,7 +57,7 @@ def _kth_largest_banded(values: Tensor, k: int, magnitude: bool) -> Tensor | Non
     the entries above the bracket, a second marks the band inside it (about 1.4 % of the entries at s = 0.9),
     only the band is gathered, and an in-place partition of it picks the answer. Temporaries: the sample,
     boolean masks and the band; with ``magnitude`` the comparisons are two-sided, so ΔW's selection needs no
-    m×n |ΔW| (a fresh allocation per matrix, whose page faults cost more than the extra comparisons). The
+    m×n |ΔW| (abs-then-select took ~1.4× as long at s = 0.9: 3072×768 5.6 against 3.9 ms). The
     earlier way, gathering every entry beyond one cut with torch (boolean indexing makes int64 indices,
     ``kthvalue`` a copy and more int64 indices) took twice as long at ViT-B sizes and allocated almost twice
     the bytes. numpy does the gather and the partition because they allocate nothing beyond their result.
