@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import timm
@@ -77,19 +78,31 @@ def _reference(model: nn.Module) -> nn.Module:
     return inject_reference_snell(model, r=8, sparsity=0.9)
 
 
-def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
-    def build(model: nn.Module) -> nn.Module:
-        config = snell.SnellConfig(
-            r=8,
-            sparsity=sparsity,
-            dropout=dropout,
-            drop_path=dropout,
-            target_modules=ADAPTED_LAYERS,
-            modules_to_save=["head"],
-        )
-        return snell.get_snell_model(model, config)
+def build_snell(model: nn.Module, sparsity: float, dropout: float, library: ModuleType = snell) -> nn.Module:
+    """SNELL-8 on the adapted layers, built with ``library`` (the installed snell, or another version of it
+    imported under its own names, as :mod:`benchmarks.ab_step` does)."""
+    config = library.SnellConfig(
+        r=8,
+        sparsity=sparsity,
+        dropout=dropout,
+        drop_path=dropout,
+        target_modules=ADAPTED_LAYERS,
+        modules_to_save=["head"],
+    )
+    return library.get_snell_model(model, config)
 
-    return build
+
+def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: build_snell(model, sparsity, dropout)
+
+
+SNELL_SETTINGS: dict[str, tuple[float, float]] = {
+    "snell8_s0": (0.0, 0.0),
+    "snell8_s0.9": (0.9, 0.0),
+    "snell8_s0_dropout": (0.0, 0.1),
+    "snell8_s0.9_dropout": (0.9, 0.1),
+}
+"""(sparsity, dropout and drop-path rate) of each SNELL method."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +117,10 @@ METHODS: dict[str, Method] = {
     "lora8": Method("peft LoRA-8", _peft(use_dora=False)),
     "dora8": Method("peft DoRA-8", _peft(use_dora=True)),
     "reference_snell8": Method("reference-style SNELL-8 s=0.9, dropout/drop-path 0.1", _reference),
-    "snell8_s0": Method("SNELL-8 s=0", _snell(0.0, 0.0)),
-    "snell8_s0.9": Method("SNELL-8 s=0.9", _snell(0.9, 0.0)),
-    "snell8_s0_dropout": Method("SNELL-8 s=0, dropout/drop-path 0.1", _snell(0.0, 0.1)),
-    "snell8_s0.9_dropout": Method("SNELL-8 s=0.9, dropout/drop-path 0.1", _snell(0.9, 0.1)),
+    "snell8_s0": Method("SNELL-8 s=0", _snell(*SNELL_SETTINGS["snell8_s0"])),
+    "snell8_s0.9": Method("SNELL-8 s=0.9", _snell(*SNELL_SETTINGS["snell8_s0.9"])),
+    "snell8_s0_dropout": Method("SNELL-8 s=0, dropout/drop-path 0.1", _snell(*SNELL_SETTINGS["snell8_s0_dropout"])),
+    "snell8_s0.9_dropout": Method(
+        "SNELL-8 s=0.9, dropout/drop-path 0.1", _snell(*SNELL_SETTINGS["snell8_s0.9_dropout"])
+    ),
 }

@@ -120,3 +120,24 @@ def test_peak_trace_records_every_block_in_both_directions_and_the_trim() -> Non
     assert all(high >= rss for _, _, rss, high in events)
     assert peak >= max(high for *_, high in events) - 1.0
     assert heap_free >= 0.0
+
+
+def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_steps(tmp_path: Path) -> None:
+    import snell
+    from benchmarks import ab_step
+
+    working = {name: module for name, module in sys.modules.items() if name == "snell" or name.startswith("snell.")}
+    baseline = ab_step.import_snell_revision("HEAD", tmp_path)
+    assert {name: module for name, module in sys.modules.items() if name in working} == working
+    assert baseline is sys.modules["snell_baseline"] is not snell
+    # the baseline's modules call each other, not the working tree's
+    assert Path(baseline.function.__file__).is_relative_to(tmp_path)
+    assert baseline.function.kernels is sys.modules["snell_baseline.kernels"] is not snell.kernels
+
+    result = ab_step.paired_steps(baseline, "vit_tiny_test", "snell8_s0.9", batch=2, pairs=3)
+    assert len(result["step_s_a"]) == len(result["step_s_b"]) == 3
+    assert 0 <= result["b_faster_pairs"] <= 3
+    # same seed, same batch, the same maths at HEAD and in a clean working tree
+    assert result["loss_a"] == pytest.approx(result["loss_b"], rel=1e-5)
+    with pytest.raises(ValueError, match="pairs must be at least 1, got 0"):
+        ab_step.paired_steps(baseline, "vit_tiny_test", "snell8_s0.9", batch=2, pairs=0)
