@@ -1,15 +1,17 @@
-"""Paired step timing of two versions of snell in one process: did a change to the hot path make steps faster?
+"""Paired step timing in one process: two versions of snell, or two methods, taking turns step by step.
 
-    .venv/bin/python -m benchmarks.ab_step --baseline HEAD                 # working tree against HEAD
+    .venv/bin/python -m benchmarks.ab_step --baseline HEAD                 # working tree's snell against HEAD's
     .venv/bin/python -m benchmarks.ab_step --baseline 1231122 --pairs 20 --method snell8_s0.9_dropout
+    .venv/bin/python -m benchmarks.ab_step --against lora8                 # SNELL-8 s=0.9 against peft LoRA-8
 
 Step times of fresh processes on this shared VM differ by 10-25 % from run to run, more than most changes
-worth making to a layer. Here the working tree's snell and the baseline's (extracted with ``git archive`` and
-imported under its own module names) each build the same model from the same seed in one process, and the two
-take turns step by step (A B, then B A, ...), so a slow spell of the machine hits both. The answer is the
-median of the per-pair differences and how many pairs the working tree won. Both models see the same batch,
-so their first losses also show whether the change kept the maths (dropout methods draw different masks).
-The tool re-runs itself under the pinned allocator the suite's timed workers use.
+worth making to a layer, and enough to move a ratio of two methods across a target. Here both models live in
+one process and take turns (a b, then b a, ...), so a slow spell of the machine hits both; the answer is the
+median of the per-pair differences and ratios. With ``--baseline`` the baseline's snell is extracted with
+``git archive`` and imported under its own module names, and both versions build the same model from the same
+seed: their losses before training show whether a change kept the maths (dropout methods draw different
+masks). The suite (``benchmarks.run``) keeps one fresh process per method, as its targets ask; this is the
+cross-check. The tool re-runs itself under the pinned allocator the suite's timed workers use.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-import snell
-from benchmarks.methods import MODELS, NUM_CLASSES, SNELL_SETTINGS, build_snell
+from benchmarks.methods import METHODS, MODELS, NUM_CLASSES, SNELL_SETTINGS, build_snell
 from benchmarks.report import REPO
 from benchmarks.run import TIMED_ENV
 from benchmarks.step import make_step
@@ -70,24 +73,40 @@ def import_snell_revision(revision: str, into: Path) -> ModuleType:
     return baseline
 
 
-def _build(library: ModuleType, model_name: str, method: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)  # the same base weights and factors for both versions
+def baseline_builder(library: ModuleType, model_name: str, method: str) -> Callable[[], nn.Module]:
+    """Builds ``method`` (a SNELL method) with another version of snell, from the same seed as
+    :func:`method_builder`: the same base weights and factors for both versions."""
     sparsity, dropout = SNELL_SETTINGS[method]
-    return build_snell(MODELS[model_name].create(), sparsity, dropout, library).train()
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return build_snell(MODELS[model_name].create(), sparsity, dropout, library)
+
+    return build
+
+
+def method_builder(model_name: str, method: str) -> Callable[[], nn.Module]:
+    """Builds ``method`` with the working tree's snell (or peft, timm, the reference-style layers)."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return METHODS[method].build(MODELS[model_name].create())
+
+    return build
 
 
 def paired_steps(
-    baseline: ModuleType, model_name: str, method: str, batch: int, pairs: int, seed: int = 0
+    build_a: Callable[[], nn.Module], build_b: Callable[[], nn.Module], model_name: str, batch: int, pairs: int
 ) -> dict[str, Any]:
-    """Time ``pairs`` steps of each version in alternating order after one warm-up step each (which also gives
-    each version's loss on the shared batch). "a" is the baseline, "b" the working tree."""
+    """Time ``pairs`` steps of model a and model b in alternating order (a b, b a, ...) after one warm-up step
+    each, on one shared batch; also each model's loss on that batch before training."""
     if pairs < 1:
         raise ValueError(f"pairs must be at least 1, got {pairs}")
     spec = MODELS[model_name]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
     labels = torch.randint(NUM_CLASSES, (batch,), generator=generator)
-    models = {"a": _build(baseline, model_name, method, seed), "b": _build(snell, model_name, method, seed)}
+    models = {"a": build_a().train(), "b": build_b().train()}
     with torch.no_grad():
         losses = {key: F.cross_entropy(model(images), labels).item() for key, model in models.items()}
     steps = {key: make_step(model, images, labels, "fp32") for key, model in models.items()}
@@ -100,9 +119,9 @@ def paired_steps(
             steps[key]()
             times[key].append(time.perf_counter() - start)
     differences = [b - a for a, b in zip(times["a"], times["b"], strict=True)]
+    ratios = [b / a for a, b in zip(times["a"], times["b"], strict=True)]
     return {
         "model": model_name,
-        "method": method,
         "batch": batch,
         "pairs": pairs,
         "loss_a": losses["a"],
@@ -112,30 +131,40 @@ def paired_steps(
         "median_a": statistics.median(times["a"]),
         "median_b": statistics.median(times["b"]),
         "median_difference": statistics.median(differences),
+        "median_ratio": statistics.median(ratios),
         "b_faster_pairs": sum(d < 0 for d in differences),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True, help="git revision to compare the working tree against")
+    against = parser.add_mutually_exclusive_group(required=True)
+    against.add_argument("--baseline", help="git revision whose snell the working tree's is timed against")
+    against.add_argument("--against", choices=list(METHODS), help="method that --method is timed against")
+    parser.add_argument("--method", choices=list(METHODS), default="snell8_s0.9")
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
-    parser.add_argument("--method", choices=sorted(SNELL_SETTINGS), default="snell8_s0.9")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=10)
     args = parser.parse_args()
+    if args.baseline is not None and args.method not in SNELL_SETTINGS:
+        parser.error(f"--baseline compares SNELL methods ({', '.join(SNELL_SETTINGS)}), got --method {args.method}")
     if any(os.environ.get(name) != value for name, value in TIMED_ENV.items()):
         env = {**os.environ, **TIMED_ENV}
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.ab_step", *sys.argv[1:]], env)
+    build_b = method_builder(args.model, args.method)
     with tempfile.TemporaryDirectory() as folder:
-        baseline = import_snell_revision(args.baseline, Path(folder))
-        result = paired_steps(baseline, args.model, args.method, args.batch, args.pairs)
-    result["baseline"] = args.baseline
+        if args.baseline is not None:
+            library = import_snell_revision(args.baseline, Path(folder))
+            build_a, label_a = baseline_builder(library, args.model, args.method), args.baseline
+        else:
+            build_a, label_a = method_builder(args.model, args.against), args.against
+        result = paired_steps(build_a, build_b, args.model, args.batch, args.pairs)
+    result.update(a=label_a, b=f"{args.method} (working tree)")
     print(
-        f"{args.method} on {args.model}, batch {args.batch}, {args.pairs} pairs: baseline {result['median_a']:.3f} s, "
-        f"working tree {result['median_b']:.3f} s, median paired difference {result['median_difference']:+.3f} s "
-        f"(working tree faster in {result['b_faster_pairs']} of {args.pairs}); first loss "
-        f"{result['loss_a']:.6f} vs {result['loss_b']:.6f}",
+        f"{args.model}, batch {args.batch}, {args.pairs} pairs: a = {result['a']}: {result['median_a']:.3f} s, "
+        f"b = {result['b']}: {result['median_b']:.3f} s; paired b - a {result['median_difference']:+.3f} s, "
+        f"b / a {result['median_ratio']:.3f} (b faster in {result['b_faster_pairs']} of {args.pairs}); "
+        f"loss before training a {result['loss_a']:.6f}, b {result['loss_b']:.6f}",
         file=sys.stderr,
     )
     print(json.dumps(result))

@@ -134,10 +134,13 @@ def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_st
     assert Path(baseline.function.__file__).is_relative_to(tmp_path)
     assert baseline.function.kernels is sys.modules["snell_baseline.kernels"] is not snell.kernels
 
-    result = ab_step.paired_steps(baseline, "vit_tiny_test", "snell8_s0.9", batch=2, pairs=3)
+    build_a = ab_step.baseline_builder(baseline, "vit_tiny_test", "snell8_s0.9")
+    build_b = ab_step.method_builder("vit_tiny_test", "snell8_s0.9")
+    result = ab_step.paired_steps(build_a, build_b, "vit_tiny_test", batch=2, pairs=3)
     assert len(result["step_s_a"]) == len(result["step_s_b"]) == 3
     assert 0 <= result["b_faster_pairs"] <= 3
+    assert result["median_ratio"] > 0
     # same seed, same batch, the same maths at HEAD and in a clean working tree
     assert result["loss_a"] == pytest.approx(result["loss_b"], rel=1e-5)
     with pytest.raises(ValueError, match="pairs must be at least 1, got 0"):
-        ab_step.paired_steps(baseline, "vit_tiny_test", "snell8_s0.9", batch=2, pairs=0)
+        ab_step.paired_steps(build_a, build_b, "vit_tiny_test", batch=2, pairs=0)
