@@ -55,10 +55,10 @@ def import_snell_revision(revision: str, into: Path) -> ModuleType:
     Its modules bind each other at import time (``from snell import kernels``), so once imported they keep
     calling the baseline's code even though ``sys.modules["snell"]`` is the working tree's again.
     """
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", revision, "src/snell"], check=True, capture_output=True
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    done = subprocess.run(["git", "-C", str(REPO), "archive", revision, "src/snell"], capture_output=True)
+    if done.returncode != 0:
+        raise ValueError(f"cannot read src/snell at revision {revision!r}: {done.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
         tar.extractall(into, filter="data")
     current = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_snell_module(name)}
     sys.path.insert(0, str(into / "src"))

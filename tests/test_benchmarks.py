@@ -142,5 +142,8 @@ def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_st
     assert result["median_ratio"] > 0
     # same seed, same batch, the same maths at HEAD and in a clean working tree
     assert result["loss_a"] == pytest.approx(result["loss_b"], rel=1e-5)
+    with pytest.raises(ValueError, match="cannot read src/snell at revision 'no-such-revision'"):
+        ab_step.import_snell_revision("no-such-revision", tmp_path / "other")
+    assert sys.modules["snell"] is snell
     with pytest.raises(ValueError, match="pairs must be at least 1, got 0"):
         ab_step.paired_steps(build_a, build_b, "vit_tiny_test", batch=2, pairs=0)
