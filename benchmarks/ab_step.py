@@ -73,24 +73,17 @@ def import_snell_revision(revision: str, into: Path) -> ModuleType:
     return baseline
 
 
-def baseline_builder(library: ModuleType, model_name: str, method: str) -> Callable[[], nn.Module]:
-    """Builds ``method`` (a SNELL method) with another version of snell, from the same seed as
-    :func:`method_builder`: the same base weights and factors for both versions."""
-    sparsity, dropout = SNELL_SETTINGS[method]
+def builder(model_name: str, method: str, library: ModuleType | None = None) -> Callable[[], nn.Module]:
+    """Builds ``method`` from seed 0, so every model starts from the same base weights (and a SNELL method from
+    the same factors): with the working tree's snell (and peft, timm, the reference-style layers), or, given
+    ``library``, a SNELL method with that other version of snell."""
 
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return build_snell(MODELS[model_name].create(), sparsity, dropout, library)
-
-    return build
-
-
-def method_builder(model_name: str, method: str) -> Callable[[], nn.Module]:
-    """Builds ``method`` with the working tree's snell (or peft, timm, the reference-style layers)."""
-
-    def build() -> nn.Module:
-        torch.manual_seed(0)
-        return METHODS[method].build(MODELS[model_name].create())
+        model = MODELS[model_name].create()
+        if library is None:
+            return METHODS[method].build(model)
+        return build_snell(model, *SNELL_SETTINGS[method], library)
 
     return build
 
@@ -151,13 +144,13 @@ def main() -> None:
     if any(os.environ.get(name) != value for name, value in TIMED_ENV.items()):
         env = {**os.environ, **TIMED_ENV}
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.ab_step", *sys.argv[1:]], env)
-    build_b = method_builder(args.model, args.method)
+    build_b = builder(args.model, args.method)
     with tempfile.TemporaryDirectory() as folder:
         if args.baseline is not None:
             library = import_snell_revision(args.baseline, Path(folder))
-            build_a, label_a = baseline_builder(library, args.model, args.method), args.baseline
+            build_a, label_a = builder(args.model, args.method, library), args.baseline
         else:
-            build_a, label_a = method_builder(args.model, args.against), args.against
+            build_a, label_a = builder(args.model, args.against), args.against
         result = paired_steps(build_a, build_b, args.model, args.batch, args.pairs)
     result.update(a=label_a, b=f"{args.method} (working tree)")
     print(

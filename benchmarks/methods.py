@@ -92,10 +92,6 @@ def build_snell(model: nn.Module, sparsity: float, dropout: float, library: Modu
     return library.get_snell_model(model, config)
 
 
-def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
-    return lambda model: build_snell(model, sparsity, dropout)
-
-
 SNELL_SETTINGS: dict[str, tuple[float, float]] = {
     "snell8_s0": (0.0, 0.0),
     "snell8_s0.9": (0.9, 0.0),
@@ -103,6 +99,14 @@ SNELL_SETTINGS: dict[str, tuple[float, float]] = {
     "snell8_s0.9_dropout": (0.9, 0.1),
 }
 """(sparsity, dropout and drop-path rate) of each SNELL method."""
+
+
+def _snell_label(sparsity: float, dropout: float) -> str:
+    return f"SNELL-8 s={sparsity:g}" + (f", dropout/drop-path {dropout:g}" if dropout else "")
+
+
+def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: build_snell(model, sparsity, dropout)
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,5 @@ METHODS: dict[str, Method] = {
     "lora8": Method("peft LoRA-8", _peft(use_dora=False)),
     "dora8": Method("peft DoRA-8", _peft(use_dora=True)),
     "reference_snell8": Method("reference-style SNELL-8 s=0.9, dropout/drop-path 0.1", _reference),
-    "snell8_s0": Method("SNELL-8 s=0", _snell(*SNELL_SETTINGS["snell8_s0"])),
-    "snell8_s0.9": Method("SNELL-8 s=0.9", _snell(*SNELL_SETTINGS["snell8_s0.9"])),
-    "snell8_s0_dropout": Method("SNELL-8 s=0, dropout/drop-path 0.1", _snell(*SNELL_SETTINGS["snell8_s0_dropout"])),
-    "snell8_s0.9_dropout": Method(
-        "SNELL-8 s=0.9, dropout/drop-path 0.1", _snell(*SNELL_SETTINGS["snell8_s0.9_dropout"])
-    ),
+    **{name: Method(_snell_label(*settings), _snell(*settings)) for name, settings in SNELL_SETTINGS.items()},
 }

@@ -134,8 +134,8 @@ def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_st
     assert Path(baseline.function.__file__).is_relative_to(tmp_path)
     assert baseline.function.kernels is sys.modules["snell_baseline.kernels"] is not snell.kernels
 
-    build_a = ab_step.baseline_builder(baseline, "vit_tiny_test", "snell8_s0.9")
-    build_b = ab_step.method_builder("vit_tiny_test", "snell8_s0.9")
+    build_a = ab_step.builder("vit_tiny_test", "snell8_s0.9", baseline)
+    build_b = ab_step.builder("vit_tiny_test", "snell8_s0.9")
     result = ab_step.paired_steps(build_a, build_b, "vit_tiny_test", batch=2, pairs=3)
     assert len(result["step_s_a"]) == len(result["step_s_b"]) == 3
     assert 0 <= result["b_faster_pairs"] <= 3
