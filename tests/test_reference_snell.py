@@ -86,10 +86,12 @@ def test_kept_fraction_matches_quantile(sparsity: float) -> None:
     sparse = rs.reference_delta(A, B, sparsity)
     total = dense.numel()
     kept = int((sparse != 0).sum())
-    # torch.quantile interpolates between sorted entries k and k + 1, so either may be the boundary.
+    # torch.quantile interpolates between sorted entries k and k + 1, so either may be the boundary; entries
+    # tied with it (ΔW's last bits vary with the CPU) are kept too, so count against the definition itself.
+    tau = torch.quantile(dense.abs().flatten(), sparsity)
+    assert kept == int((dense.abs() >= tau).sum())
     k = math.floor(sparsity * (total - 1))
-    assert kept in (total - k - 1, total - k)
-    assert abs(kept - (1 - sparsity) * total) <= 2
+    assert kept >= total - k - 1
     survivors = sparse != 0
     torch.testing.assert_close(sparse[survivors], (dense * dense.abs())[survivors])
     assert dense[survivors].abs().min() >= dense[~survivors].abs().max()
