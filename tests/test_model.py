@@ -210,6 +210,30 @@ def test_learnable_coefficients_train_and_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_weights_get_float32_factors_that_keep_small_updates(dtype, tmp_path):
+    model = nn.Sequential(nn.Linear(64, 48)).to(dtype)
+    snell.get_snell_model(model, snell.SnellConfig(target_modules=["0"], sparsity=0.5))
+    layer = model[0]
+    assert layer.weight.dtype == dtype and layer.A.dtype == layer.B.dtype == torch.float32
+    x = torch.randn(8, 64, dtype=dtype)
+    out = model(x)
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    assert layer.A.grad.dtype == torch.float32 and layer.weight.grad is None
+    # A step of 1e-6 on entries of up to 1/√(64·4) = 0.06 is below half a bf16/fp16 ulp for most of them
+    # (2.4e-4 / 1.5e-5 at 0.06): it rounds away in half precision but lands in float32 (ulp 3.7e-9 there).
+    step = 1e-6 * layer.A.grad.sign()
+    before = layer.A.detach().clone()
+    with torch.no_grad():
+        layer.snell_A.sub_(step)
+    assert (before != layer.A).float().mean() > 0.99
+    assert (before.to(dtype) - step.to(dtype) == before.to(dtype)).float().mean() > 0.5
+    snell.save_adapter(model, tmp_path)
+    fresh = snell.load_adapter(nn.Sequential(nn.Linear(64, 48)).to(dtype), tmp_path)
+    assert fresh[0].A.dtype == torch.float32 and torch.equal(fresh[0].A, layer.A)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_forward_and_backward(dtype):
     model = _tiny_vit()
     snell.get_snell_model(model, snell.SnellConfig(sparsity=0.9, modules_to_save=["head"]))

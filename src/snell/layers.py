@@ -175,12 +175,23 @@ def init_factors(a: Tensor, b: Tensor, num_pieces: int) -> None:
             t.uniform_(-bound, bound)
 
 
+def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The factors' dtype: at least float32, whatever the base weight's (peft does the same for LoRA).
+
+    A bf16 factor has 8 bits of mantissa: an AdamW step of lr·1e-3 on an entry of 1e-2 is below half its ulp
+    and rounds away, so bf16 factors stop learning once the updates get small. The fused function computes
+    ΔW in float32 either way; only the stored factors (r·(m+n) per layer) grow.
+    """
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
 def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
     """Turn ``module`` into a SNELL layer in place and return it."""
     weight = module.weight
     shape_a, shape_b = factor_shapes(spec, config.r)
-    a = nn.Parameter(torch.empty(shape_a, device=weight.device, dtype=weight.dtype))
-    b = nn.Parameter(torch.empty(shape_b, device=weight.device, dtype=weight.dtype))
+    dtype = factor_dtype(weight.dtype)
+    a = nn.Parameter(torch.empty(shape_a, device=weight.device, dtype=dtype))
+    b = nn.Parameter(torch.empty(shape_b, device=weight.device, dtype=dtype))
     init_factors(a, b, spec.num_pieces)
     coefficients = torch.tensor(config.kernel_coefficients, device=weight.device, dtype=torch.float32)
     module.__class__ = _snell_class(type(module))
