@@ -31,6 +31,7 @@ BASE = [
     "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT, "--rank", "4", "-s", "0.5",
     "--batch-size", "16", "--eval-batch-size", "32", "--lr", "5e-3", "--warmup-epochs", "0.5", "--no-progress",
 ]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -167,6 +168,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
     assert first["test_accuracy"] == second["test_accuracy"] and first["selected_epoch"] == second["selected_epoch"]
     lines = lambda run: [json.loads(x)["val_acc"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert lines(straight) == lines(killed)
+    assert (killed / "curves.png").read_bytes()[:8] == PNG
 
 
 def test_two_processes_match_one(vtab_dir: Path, tmp_path: Path) -> None:
@@ -311,3 +313,11 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
     assert main(["eval", str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] == summary["test_accuracy"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a run records, what is checked before training, and output folders that block nothing
+
+
+def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
+    assert (finished_run / "curves.png").read_bytes()[:8] == PNG

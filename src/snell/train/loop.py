@@ -43,6 +43,7 @@ from snell.train.models import (
     save_trained,
     set_train_mode,
 )
+from snell.train.plots import CURVES_FILE, plot_curves
 from snell.train.tasks import Task, attach_transforms, load_task, make_collate
 
 CONFIG_FILE = "config.json"
@@ -440,6 +441,18 @@ class Run:
             },
         )
 
+    def _record(self, metrics: list[dict[str, Any]]) -> None:
+        """metrics.jsonl and curves.png as of the last completed epoch: after a resume, the checkpoint's, so
+        neither shows an epoch that the resumed run trains again."""
+        if not self.main:
+            return
+        write_metrics(self.out / METRICS_FILE, metrics)
+        curves = self.out / CURVES_FILE
+        if metrics:
+            plot_curves(metrics, curves, f"{self.config.method} on {self.task.name}: {self.config.model}")
+        else:
+            curves.unlink(missing_ok=True)
+
     def fit(self) -> dict[str, Any]:
         """Train, select or report per the protocol, save the result, and return the summary."""
         cfg, acc = self.config, self.accelerator
@@ -460,8 +473,8 @@ class Run:
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
         progress = self._restore(optimizer, schedule) if self.resume else Progress()
+        self._record(progress.metrics)
         if self.main:
-            write_metrics(self.out / METRICS_FILE, progress.metrics)
             print(
                 f"{cfg.method} on {self.task.name}: {self.trainable:,} of {self.total:,} parameters trainable; "
                 f"train {len(self.task.train)} examples, {cfg.epochs} epochs x {steps_per_epoch} steps "
@@ -484,8 +497,8 @@ class Run:
             progress.train_time += time.time() - started
             progress.epoch = epoch + 1
             progress.metrics.append(record)
+            self._record(progress.metrics)
             if self.main:
-                write_metrics(self.out / METRICS_FILE, progress.metrics)
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
                 if cfg.progress:
                     tqdm.write(json.dumps(shown))
