@@ -321,3 +321,33 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
 
 def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
     assert (finished_run / "curves.png").read_bytes()[:8] == PNG
+
+
+def test_test_labels_beyond_the_training_classes_fail_before_training(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = _copy_vtab(vtab_dir, tmp_path / "data")
+    lines = (data / "test.txt").read_text().splitlines()
+    (data / "test.txt").write_text("\n".join([*lines[:4], lines[4].split()[0] + " 99", *lines[5:]]) + "\n")
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
+           "test.txt:5: label 99 is out of range [0, 10), the classes of train800.txt")  # fmt: skip
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "train.csv").write_text("text,label\na,0\nb,1\n")
+    (text / "test.csv").write_text("text,label\nc,1\nd,99\n")
+    _fails(capsys, ["train", "--data", str(text), *BASE, "--output-dir", str(out)], "test.csv:3: label 99")
+    assert not out.exists()
+
+
+def test_a_broken_test_image_fails_before_training(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = _copy_vtab(vtab_dir, tmp_path / "data")
+    (data / "broken.png").write_bytes(PNG + b" cut short")
+    lines = (data / "test.txt").read_text().splitlines()
+    (data / "test.txt").write_text("\n".join([*lines[:2], "broken.png 3", *lines[2:]]) + "\n")
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
+           "test.txt:3: cannot decode image", "broken.png")  # fmt: skip
+    assert not out.exists()  # nothing was trained or written
