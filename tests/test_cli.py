@@ -319,6 +319,18 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
 # What a run records, what is checked before training, and output folders that block nothing
 
 
+def test_a_checkpoint_backbone_is_recorded_without_warning(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights = tmp_path / "tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, **json.loads(TINY_VIT)).state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(vtab_dir), *BASE, "--epochs", "1", "--checkpoint", str(weights),
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    assert "WARNING" not in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["backbone_weights"] == str(weights)
+
+
 def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
     assert (finished_run / "curves.png").read_bytes()[:8] == PNG
 

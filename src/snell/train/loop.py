@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -260,6 +261,13 @@ class Run:
             raise UserError(
                 f"{self.task.name} is {self.task.kind} data but {config.model} is a {self.backbone.kind} model; "
                 f"use a {'transformers model folder' if wanted == 'transformers' else 'timm model name'}"
+            )
+        if self.backbone.weights == "random" and self.main:
+            print(
+                f"snell: WARNING: {config.model} starts from RANDOM weights (no --checkpoint, no --pretrained); "
+                "fine-tuning a random backbone says nothing about fine-tuning a pretrained one",
+                file=sys.stderr,
+                flush=True,
             )
         attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
         self.model = apply_method(self.backbone, config)
@@ -546,6 +554,7 @@ class Run:
             "num_processes": acc.num_processes,
             "rank_fingerprints": fingerprints,
             "split_sizes": self.task.sizes,
+            "backbone_weights": self.backbone.weights,
             "config": cfg.to_dict(),
         }
         if eval_split:

@@ -41,6 +41,8 @@ class Backbone:
     img_size: int = 224
     tokenizer: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: Where the backbone's weights came from: "random", "pretrained" (timm's hub weights) or a file or folder.
+    weights: str = "random"
 
 
 def is_transformers_dir(model: str) -> bool:
@@ -70,7 +72,14 @@ def _build_transformers(config: TrainConfig, num_classes: int) -> Backbone:
         raise UserError(f"{config.model}: cannot load a transformers classifier from this folder: {err}") from None
     new = {key.rsplit(".", 1)[0] for key in list(info["missing_keys"]) + [k[0] for k in info["mismatched_keys"]]}
     head = _classifier_names(model) | new
-    return Backbone(model, "transformers", _outermost(head), tokenizer=tokenizer, info={"new_modules": sorted(new)})
+    return Backbone(
+        model,
+        "transformers",
+        _outermost(head),
+        tokenizer=tokenizer,
+        info={"new_modules": sorted(new)},
+        weights=config.model,
+    )
 
 
 def _classifier_names(model: nn.Module) -> set[str]:
@@ -109,7 +118,9 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
         info = load_timm_checkpoint(model, Path(config.checkpoint), skip_prefix=head)
     data_config = resolve_data_config({}, model=model)
     img_size = config.img_size or int(kwargs.get("img_size") or data_config["input_size"][-1])
-    return Backbone(model, "timm", [head], tuple(data_config["mean"]), tuple(data_config["std"]), img_size, info=info)
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
+    return Backbone(model, "timm", [head], mean, std, img_size, info=info, weights=weights)
 
 
 # ------------------------------------------------------------------------------------------------------
