@@ -319,6 +319,35 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
 # What a run records, what is checked before training, and output folders that block nothing
 
 
+def test_img_size_sizes_the_model_and_a_failed_start_blocks_no_rerun(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--img-size 32 with a ViT built for 224 used to crash in the first step; the folder it left (a config,
+    no checkpoint) then refused both a corrected rerun and --resume. A folder without an epoch checkpoint
+    holds nothing to keep, so the next run takes it over."""
+    out = tmp_path / "run"
+    kwargs = json.dumps({k: v for k, v in json.loads(TINY_VIT).items() if k != "img_size"})
+    args = ["train", "--data", str(vtab_dir), *BASE, "--model-kwargs", kwargs, "--epochs", "1",
+            "--output-dir", str(out)]  # fmt: skip
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("failure in the first epoch")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("snell.train.loop.Run._train_epoch", crash)
+        with pytest.raises(RuntimeError, match="first epoch"):
+            main([*args, "--img-size", "48"])
+    assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
+    capsys.readouterr()
+    assert main([*args, "--img-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "RANDOM weights" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["img_size"] == 32 and summary["backbone_weights"] == "random"
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+    assert main(["eval", str(out)]) == 0  # eval rebuilds the 32-pixel model from config.json alone
+
+
 def test_a_checkpoint_backbone_is_recorded_without_warning(
     vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -333,6 +362,18 @@ def test_a_checkpoint_backbone_is_recorded_without_warning(
 
 def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
     assert (finished_run / "curves.png").read_bytes()[:8] == PNG
+
+
+def test_an_output_path_that_is_a_file_is_a_user_error(
+    finished_run: Path, vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    file = tmp_path / "file"
+    file.write_text("mine")
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], str(file), "is a file")
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(file / "run")], "is a file")
+    _fails(capsys, ["search", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], "is a file")
+    _fails(capsys, ["demo", "--output-dir", str(file)], "is a file")
+    assert file.read_text() == "mine"
 
 
 def test_test_labels_beyond_the_training_classes_fail_before_training(

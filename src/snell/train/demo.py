@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import METHODS, UserError
+from snell.train.config import METHODS, UserError, check_output_folder
 from snell.train.plots import pyplot, save_figure
 
 #: Settings shared by every method of a demo task; values are `snell train` flags.
@@ -169,6 +169,7 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
     if unknown or not methods:
         raise UserError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     out = output_dir or Path("results") / "demo" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_folder(out, "--output-dir")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 import snell
-from snell.train.config import TrainConfig, UserError, default_output_dir
+from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.models import (
     Backbone,
     apply_method,
@@ -279,22 +279,29 @@ class Run:
         return self.accelerator.is_main_process
 
     def _check_output_dir(self) -> None:
-        """Refuse to overwrite a run; with --resume, refuse a config that differs from the saved one."""
+        """Refuse to overwrite a run; with --resume, refuse a config that differs from the saved one.
+
+        A folder holds a run once it has an epoch checkpoint or a summary. What a run that failed before
+        finishing its first epoch leaves (config.json, an empty metrics file) holds nothing worth keeping, and
+        the next run in the folder replaces it: a failed start never blocks the corrected command.
+        """
+        check_output_folder(self.out, "--output-dir")
         saved = self.out / CONFIG_FILE
+        holds_run = (self.out / SUMMARY_FILE).is_file() or bool(checkpoint_dirs(self.out))
         if not self.resume:
-            if saved.exists() or checkpoint_dirs(self.out):
+            if holds_run:
                 raise UserError(
                     f"{self.out} already holds a run; pass --resume to continue it, or choose another --output-dir"
                 )
             return
-        if not saved.is_file():
-            if checkpoint_dirs(self.out):
-                raise UserError(f"{saved}: not found, but {self.out} holds checkpoints; cannot tell their options")
-            self.resume = False  # killed before anything was written: start afresh
+        if not holds_run:
+            self.resume = False  # nothing to continue: start afresh, with this command's options
             return
+        if not saved.is_file():
+            raise UserError(f"{saved}: not found, but {self.out} holds a run; cannot tell its options")
         try:
             stored = json.loads(saved.read_text())["config"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{saved}: unreadable run config ({err})") from None
         mine = self.config.to_dict()
         ignored = ("progress", "num_workers")

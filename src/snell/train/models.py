@@ -94,14 +94,13 @@ def _outermost(names: set[str]) -> list[str]:
 
 
 def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
-    import timm
     from timm.data import resolve_data_config
 
     kwargs = dict(config.model_kwargs)
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
     try:
-        model = timm.create_model(config.model, pretrained=config.pretrained, num_classes=num_classes, **kwargs)
+        model = _create_timm(config, num_classes, kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise UserError(f"unknown timm model {config.model!r} (and not a transformers model folder)") from None
@@ -121,6 +120,22 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
     return Backbone(model, "timm", [head], mean, std, img_size, info=info, weights=weights)
+
+
+def _create_timm(config: TrainConfig, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm model, built for ``--img-size`` when it takes an ``img_size`` (ViTs fix their position
+    embeddings to it). Models without one (CNNs) pool globally and run at any input size as they are."""
+    import timm
+
+    if config.img_size is not None and "img_size" not in kwargs:
+        try:
+            return timm.create_model(
+                config.model, pretrained=config.pretrained, num_classes=num_classes, img_size=config.img_size, **kwargs
+            )
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(config.model, pretrained=config.pretrained, num_classes=num_classes, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from snell.train.config import TrainConfig, UserError, add_train_arguments, config_from_args
+from snell.train.config import TrainConfig, UserError, add_train_arguments, check_output_folder, config_from_args
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Run, write_json_atomic
 from snell.train.plots import pyplot, save_figure
 
@@ -444,6 +444,7 @@ def search(
 
     ``jobs``, ``isolate`` and ``threads`` are those of :func:`run_trials`; the retrain runs the same way."""
     out = Path(output_dir or base.output_dir or Path("runs") / f"search-{Path(base.data or 'data').stem}-{base.method}")
+    check_output_folder(out, "--output-dir")
     trials = expand_grid(base, grid, out, early_stop)
     isolate = jobs > 1 if isolate is None else isolate
     records = run_trials(trials, jobs, isolate, verbose, threads)
