@@ -404,3 +404,14 @@ def test_a_broken_test_image_fails_before_training(
     _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
            "test.txt:3: cannot decode image", "broken.png")  # fmt: skip
     assert not out.exists()  # nothing was trained or written
+
+
+def test_resume_accepts_the_same_folders_spelt_relative(
+    finished_run: Path, vtab_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = _files(finished_run)
+    monkeypatch.chdir(vtab_dir.parent)
+    assert main(["train", "--data", vtab_dir.name, *BASE, "--epochs", "2", "--select-on", "val",
+                 "--output-dir", os.path.relpath(finished_run), "--resume"]) == 0  # fmt: skip
+    assert "already finished" in capsys.readouterr().out
+    assert _files(finished_run) == before

@@ -215,3 +215,14 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
 def test_values_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         TrainConfig(**values)
+
+
+def test_paths_are_stored_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same folder given relative or absolute is the same config value (so --resume accepts either)."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = TrainConfig(data="data", output_dir="runs/x", checkpoint="w.pth")
+    absolute = TrainConfig(data=str(tmp_path / "data"), output_dir=str(tmp_path / "runs" / "x"))
+    assert relative.data == absolute.data == str(tmp_path.resolve() / "data")
+    assert relative.output_dir == absolute.output_dir and relative.checkpoint == str(tmp_path.resolve() / "w.pth")
+    assert TrainConfig(data="mnist").data == "mnist"  # a built-in task name, not a path

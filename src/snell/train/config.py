@@ -113,6 +113,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        self._resolve_paths()
+
+    def _resolve_paths(self) -> None:
+        """Make file and folder paths absolute, so that the same folder spelt differently (relative, absolute,
+        through a symlink) is the same value when a run is resumed, evaluated or merged from elsewhere."""
+        if self.data and Path(self.data).exists():  # a built-in task name stays a name
+            self.data = str(Path(self.data).resolve())
+        if Path(self.model).is_dir():  # a transformers model folder; a timm name stays a name
+            self.model = str(Path(self.model).resolve())
+        for name in ("checkpoint", "output_dir"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
 
     def validate(self) -> None:
         """Raise UserError on values that cannot work, before anything is loaded or written."""

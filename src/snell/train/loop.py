@@ -238,7 +238,7 @@ class Run:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.started = time.time()
         self.config = config
-        self.out = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+        self.out = Path(config.output_dir) if config.output_dir else default_output_dir(config).resolve()
         self.config.output_dir = str(self.out)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.grad_accum,
@@ -300,7 +300,8 @@ class Run:
         if not saved.is_file():
             raise UserError(f"{saved}: not found, but {self.out} holds a run; cannot tell its options")
         try:
-            stored = json.loads(saved.read_text())["config"]
+            # Through TrainConfig, so that paths saved relative to another folder compare resolved.
+            stored = TrainConfig.from_dict(json.loads(saved.read_text())["config"], str(saved)).to_dict()
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{saved}: unreadable run config ({err})") from None
         mine = self.config.to_dict()
