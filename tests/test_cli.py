@@ -371,6 +371,7 @@ def test_an_output_path_that_is_a_file_is_a_user_error(
     file.write_text("mine")
     _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], str(file), "is a file")
     _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(file / "run")], "is a file")
+    _fails(capsys, ["merge", str(finished_run), "--output", str(file)], "is a file")
     _fails(capsys, ["search", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], "is a file")
     _fails(capsys, ["demo", "--output-dir", str(file)], "is a file")
     assert file.read_text() == "mine"
@@ -415,3 +416,15 @@ def test_resume_accepts_the_same_folders_spelt_relative(
                  "--output-dir", os.path.relpath(finished_run), "--resume"]) == 0  # fmt: skip
     assert "already finished" in capsys.readouterr().out
     assert _files(finished_run) == before
+
+
+def test_merge_never_overwrites_a_merged_model_unless_forced(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    target = tmp_path / "merged"
+    assert main(["merge", str(finished_run), "--output", str(target)]) == 0
+    (target / "model.safetensors").write_bytes(b"someone's model")
+    _fails(capsys, ["merge", str(finished_run), "--output", str(target)], "model.safetensors already exists", "--force")
+    assert (target / "model.safetensors").read_bytes() == b"someone's model"
+    assert main(["merge", str(finished_run), "--output", str(target), "--force"]) == 0
+    assert load_file(str(target / "model.safetensors"))

@@ -25,6 +25,8 @@ from snell.train.config import TrainConfig, UserError
 STATE_FILE = "model_state.safetensors"
 EXTRA_FILE = "extra_trainable.safetensors"
 MERGED_FILE = "model.safetensors"
+#: What a merged model is saved as (timm, or transformers' single and sharded safetensors): never overwritten silently.
+MERGED_FILES = (MERGED_FILE, "model.safetensors.index.json")
 #: Parameters (not modules) that the reference code trains fully next to the adapters.
 TOKEN_PARAMS = ("cls_token",)
 
