@@ -23,8 +23,10 @@ from safetensors.torch import load_file
 
 import snell
 from snell.cli import main
+from snell.train.config import TrainConfig
 from snell.train.data import ImageTask, export_vtab_folder, load_builtin_task
 from snell.train.evaluate import restore
+from snell.train.tasks import load_task
 
 TINY_VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}'
 BASE = [
@@ -386,11 +388,18 @@ def test_test_labels_beyond_the_training_classes_fail_before_training(
     out = tmp_path / "out"
     _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
            "test.txt:5: label 99 is out of range [0, 10), the classes of train800.txt")  # fmt: skip
+    # --num-classes declares classes that a small training split may lack (VTAB sun397: 397 classes, 1000 images)
+    assert load_task(TrainConfig(data=str(data), num_classes=100)).num_classes == 100
+    training = (data / "train800val200.txt").read_text().splitlines()
+    first = next(number for number, line in enumerate(training, 1) if int(line.split()[1]) >= 5)
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--num-classes", "5", "--output-dir", str(out)],
+           f"train800val200.txt:{first}: label", "is out of range [0, 5)")  # fmt: skip
     text = tmp_path / "text"
     text.mkdir()
     (text / "train.csv").write_text("text,label\na,0\nb,1\n")
     (text / "test.csv").write_text("text,label\nc,1\nd,99\n")
     _fails(capsys, ["train", "--data", str(text), *BASE, "--output-dir", str(out)], "test.csv:3: label 99")
+    _fails(capsys, ["train", "--data", str(text), *BASE, "--num-classes", "100"], "--num-classes applies to VTAB")
     assert not out.exists()
 
 

@@ -205,6 +205,7 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
         ({"img_size": 0}, r"img_size must be a positive integer \(or unset\), got 0"),
         ({"img_size": 64, "model_kwargs": {"img_size": 32}}, "img_size 64 differs from model_kwargs img_size 32"),
         ({"max_eval_samples": 0}, r"max_eval_samples must be a positive integer \(or unset\), got 0"),
+        ({"num_classes": 0}, r"num_classes must be a positive integer \(or unset\), got 0"),
         ({"shots": 0}, "shots must be a positive integer, got 0"),
         ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
         ({"adapter_dropout": 1.5}, r"adapter_dropout must lie in \[0, 1\), got 1.5"),

@@ -51,6 +51,11 @@ class TrainConfig:
     augment: str | None = _opt(None, "image protocol: vtab (resize, no augmentation) or fgvc (default: by format)")
     color_jitter: float = _opt(0.0, "colour jitter strength for fgvc training transforms")
     max_eval_samples: int | None = _opt(None, "evaluate on the first N examples of each split (a fixed subset)")
+    num_classes: int | None = _opt(
+        None,
+        "VTAB/FGVC folders: class ids are 0..N-1 (default: 1 + the largest label of the training split files; "
+        "give it when a training split lacks the highest classes, e.g. VTAB sun397: 397)",
+    )
     # model
     model: str = _opt("vit_base_patch16_224.orig_in21k", "timm model name, or a transformers model directory")
     checkpoint: str | None = _opt(None, "local backbone weights for a timm model (.safetensors, .pth, .npz)")
@@ -137,7 +142,7 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("img_size", "max_eval_samples"):
+        for name in ("img_size", "max_eval_samples", "num_classes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"{name} must be a positive integer (or unset), got {value!r}")

@@ -103,10 +103,12 @@ def load_task(config: TrainConfig) -> Task:
     root = Path(config.data)
     if fmt != "builtin" and not root.exists():
         raise UserError(f"{root}: no such file or folder")
+    if config.num_classes is not None and fmt not in ("vtab", "fgvc"):
+        raise UserError(f"--num-classes applies to VTAB and FGVC folders; {config.data} is {fmt} data")
     if fmt == "vtab":
-        task = _vtab_task(root, select)
+        task = _vtab_task(root, select, config.num_classes)
     elif fmt == "fgvc":
-        task = _fgvc_task(root, select)
+        task = _fgvc_task(root, select, config.num_classes)
     elif fmt == "imagefolder":
         task = _imagefolder_task(root, select)
     elif fmt == "text":
@@ -136,22 +138,24 @@ def _image_files(dataset: Dataset | None) -> list[tuple[Path, str]]:
     return []
 
 
-def _vtab_task(root: Path, select: bool) -> Task:
-    # Every split takes its classes from the training list files, so a test label beyond them is an error.
-    train = D.VtabFolder(root, "train800" if select else "train800val200")
-    val = D.VtabFolder(root, "val200") if select else None
-    test = D.VtabFolder(root, "test")
+def _vtab_task(root: Path, select: bool, num_classes: int | None) -> Task:
+    # Every split takes its classes from the training list files (or --num-classes), so a test label beyond
+    # them is an error.
+    train = D.VtabFolder(root, "train800" if select else "train800val200", num_classes=num_classes)
+    val = D.VtabFolder(root, "val200", num_classes=num_classes) if select else None
+    test = D.VtabFolder(root, "test", num_classes=num_classes)
     names = [str(i) for i in range(train.num_classes)]
     return Task(root.name, "image", "vtab", train.num_classes, names, train, test, val)
 
 
-def _fgvc_task(root: Path, select: bool) -> Task:
-    # Every split takes its classes from train.json and val.json, so a test label beyond them is an error.
-    train = D.FgvcJson(root, "train")
-    val = D.FgvcJson(root, "val") if (root / "val.json").is_file() else None
+def _fgvc_task(root: Path, select: bool, num_classes: int | None) -> Task:
+    # Every split takes its classes from train.json and val.json (or --num-classes), so a test label beyond
+    # them is an error.
+    train = D.FgvcJson(root, "train", num_classes=num_classes)
+    val = D.FgvcJson(root, "val", num_classes=num_classes) if (root / "val.json").is_file() else None
     if select and val is None:
         raise UserError(f"{root / 'val.json'}: file not found (needed by --select-on val)")
-    test = D.FgvcJson(root, "test")
+    test = D.FgvcJson(root, "test", num_classes=num_classes)
     train_set = train if select or val is None else _concat([train, val])
     names = [str(i) for i in range(train.num_classes)]
     return Task(root.name, "image", "fgvc", train.num_classes, names, train_set, test, val if select else None)
