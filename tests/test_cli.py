@@ -413,6 +413,15 @@ def test_a_broken_test_image_fails_before_training(
     out = tmp_path / "out"
     _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
            "test.txt:3: cannot decode image", "broken.png")  # fmt: skip
+    folders = tmp_path / "folders"
+    good = (vtab_dir / "images" / "test" / "00000.png").read_bytes()
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (folders / split / label).mkdir(parents=True)
+            (folders / split / label / "0.png").write_bytes(good)
+    (folders / "test" / "b" / "1.png").write_bytes(PNG + b" cut short")
+    _fails(capsys, ["train", "--data", str(folders), *BASE, "--output-dir", str(out)],
+           "test (class b): cannot decode image", "b/1.png")  # fmt: skip
     assert not out.exists()  # nothing was trained or written
 
 
