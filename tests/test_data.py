@@ -21,6 +21,7 @@ from snell.train.data import (
     TextClassificationFile,
     VtabFolder,
     build_transforms,
+    check_image,
     class_balanced_split,
     export_vtab_folder,
     few_shot_split,
@@ -174,7 +175,7 @@ GOOD_LISTS = {
     "train800": "images/0.png 0\nimages/1.png 1\n",
     "val200": "images/2.png 2\n",
     "train800val200": "images/0.png 0\nimages/1.png 1\nimages/2.png 2\n",
-    "test": "images/1.png 1\n\nimages/2.png 4\n",
+    "test": "images/1.png 1\n\nimages/2.png 2\n",
 }
 
 
@@ -182,7 +183,8 @@ def test_vtab_folder_reads_lists_and_infers_num_classes(tmp_path):
     root = _vtab_root(tmp_path, GOOD_LISTS)
     train = VtabFolder(root, "train800")
     assert len(train) == 2 and train.targets == [0, 1]
-    assert train.num_classes == 5  # max label over all list files (4, in test.txt) + 1
+    assert train.num_classes == 3  # max label over the training list files (2, in val200.txt) + 1
+    assert VtabFolder(root, "test").num_classes == 3
     image, label = train[1]
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (40, 40, 40) and label == 1
     assert VtabFolder(root, "train800", num_classes=3).num_classes == 3
@@ -210,10 +212,22 @@ def test_vtab_bad_lines_name_file_and_line(tmp_path, line, message):
         VtabFolder(root, "train800", num_classes=3)
 
 
-def test_vtab_inferred_range_covers_every_list_file(tmp_path):
-    root = _vtab_root(tmp_path, {"train800": "images/0.png 0\n", "test": "images/1.png 1\nimages/2.png x\n"})
-    with pytest.raises(DataFormatError, match=r"test\.txt:2: label 'x'"):
+def test_vtab_inferred_range_covers_every_training_list_file(tmp_path):
+    root = _vtab_root(tmp_path, {"train800": "images/0.png 0\n", "val200": "images/1.png 1\nimages/2.png x\n"})
+    with pytest.raises(DataFormatError, match=r"val200\.txt:2: label 'x'"):
         VtabFolder(root, "train800")
+
+
+def test_vtab_test_label_outside_the_training_classes_names_its_line(tmp_path):
+    """A label only test.txt has (99, with 3 training classes) would silently widen the head to 100 classes."""
+    root = _vtab_root(tmp_path, {**GOOD_LISTS, "test": "images/1.png 1\n\nimages/2.png 99\n"})
+    assert VtabFolder(root, "train800val200").num_classes == 3
+    with pytest.raises(
+        DataFormatError,
+        match=r"test\.txt:3: label 99 is out of range \[0, 3\), the classes of train800\.txt, val200\.txt, "
+        r"train800val200\.txt",
+    ):
+        VtabFolder(root, "test")
 
 
 def test_vtab_undecodable_image_fails_when_loaded_and_names_it(tmp_path):
@@ -223,6 +237,16 @@ def test_vtab_undecodable_image_fails_when_loaded_and_names_it(tmp_path):
     assert dataset[0][1] == 0
     with pytest.raises(DataFormatError, match=r"broken\.png: cannot decode image.*train800\.txt:2"):
         dataset[1]
+
+
+def test_check_image_finds_broken_files_without_decoding(tmp_path):
+    _png(tmp_path / "good.png")
+    check_image(tmp_path / "good.png", "list.txt:1")
+    data = (tmp_path / "good.png").read_bytes()
+    for name, content in (("garbage.png", b"not an image"), ("cut.png", data[: len(data) // 2])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataFormatError, match=rf"list\.txt:7: cannot decode image .*{name}"):
+            check_image(tmp_path / name, "list.txt:7")
 
 
 def test_vtab_unknown_split(tmp_path):
@@ -237,10 +261,14 @@ def test_fgvc_json_reads_splits_relative_to_image_dir(tmp_path):
     for i in range(3):
         _png(tmp_path / "images" / f"c{i}" / f"{i}.png", value=i)
     (tmp_path / "train.json").write_text(json.dumps({"c0/0.png": 0, "c1/1.png": 1}, indent=2))
-    (tmp_path / "test.json").write_text(json.dumps({"c2/2.png": 2}))
+    (tmp_path / "test.json").write_text(json.dumps({"c2/2.png": 1}))
     train = FgvcJson(tmp_path, "train", image_dir=tmp_path / "images")
-    assert len(train) == 2 and train.targets == [0, 1] and train.num_classes == 3
+    assert len(train) == 2 and train.targets == [0, 1] and train.num_classes == 2
     assert train[1][0].mode == "RGB"
+    assert FgvcJson(tmp_path, "test", image_dir=tmp_path / "images").num_classes == 2
+    (tmp_path / "test.json").write_text(json.dumps({"c1/1.png": 1, "c2/2.png": 2}, indent=2))
+    with pytest.raises(DataFormatError, match=r"test\.json:3: label 2 is out of range \[0, 2\), the classes of train"):
+        FgvcJson(tmp_path, "test", image_dir=tmp_path / "images")
     with pytest.raises(FileNotFoundError, match=r"val\.json"):
         FgvcJson(tmp_path, "val", image_dir=tmp_path / "images")
 

@@ -23,7 +23,7 @@ from snell.train.config import (
     resolve_config,
 )
 from snell.train.loop import EpochSampler, WarmupCosine, param_groups, warmup_cosine
-from snell.train.models import efficientnet_keys_to_timm, load_timm_checkpoint
+from snell.train.models import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 
 VTAB_TASKS = {
     "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon",
@@ -184,3 +184,46 @@ def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"garbage\.safetensors: not a readable checkpoint"):
         load_timm_checkpoint(model, garbage, skip_prefix="head")
+
+
+def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
+    """A ViT's position embeddings are fixed to its input size, so --img-size must reach timm; a CNN pools
+    globally, takes no img_size, and runs at any input size as built."""
+    vit = build_backbone(TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs={"depth": 1}), 3)
+    assert vit.img_size == 32 and vit.model.patch_embed.img_size == (32, 32)
+    cnn = build_backbone(TrainConfig(model="resnet18", img_size=32), 3)
+    assert cnn.img_size == 32
+    for backbone in (vit, cnn):
+        with torch.no_grad():
+            assert backbone.model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+        assert backbone.weights == "random"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"img_size": 0}, r"img_size must be a positive integer \(or unset\), got 0"),
+        ({"img_size": 64, "model_kwargs": {"img_size": 32}}, "img_size 64 differs from model_kwargs img_size 32"),
+        ({"max_eval_samples": 0}, r"max_eval_samples must be a positive integer \(or unset\), got 0"),
+        ({"num_classes": 0}, r"num_classes must be a positive integer \(or unset\), got 0"),
+        ({"shots": 0}, "shots must be a positive integer, got 0"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+        ({"adapter_dropout": 1.5}, r"adapter_dropout must lie in \[0, 1\), got 1.5"),
+        ({"drop_path_rate": -0.1}, r"drop_path_rate must lie in \[0, 1\), got -0.1"),
+        ({"color_jitter": -1.0}, "color_jitter must be a non-negative number, got -1.0"),
+    ],
+)
+def test_values_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**values)
+
+
+def test_paths_are_stored_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same folder given relative or absolute is the same config value (so --resume accepts either)."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = TrainConfig(data="data", output_dir="runs/x", checkpoint="w.pth")
+    absolute = TrainConfig(data=str(tmp_path / "data"), output_dir=str(tmp_path / "runs" / "x"))
+    assert relative.data == absolute.data == str(tmp_path.resolve() / "data")
+    assert relative.output_dir == absolute.output_dir and relative.checkpoint == str(tmp_path.resolve() / "w.pth")
+    assert TrainConfig(data="mnist").data == "mnist"  # a built-in task name, not a path

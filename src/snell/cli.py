@@ -37,6 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
     merge.add_argument("run_dir", type=Path)
     merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
+    merge.add_argument("--force", action="store_true", help="overwrite a merged model already in the output folder")
 
     demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
     demo.add_argument("--task", default="image", choices=("image", "text"))
@@ -68,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "merge":
         from snell.train.evaluate import merge_run
 
-        print(f"merged model written to {merge_run(args.run_dir, args.output)}")
+        print(f"merged model written to {merge_run(args.run_dir, args.output, args.force)}")
     else:
         from snell.train.demo import run_demo
 

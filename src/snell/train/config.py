@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
@@ -44,10 +45,17 @@ class TrainConfig:
     shots: int = _opt(16, "training examples per class for the few-shot text task bbc_news")
     data_seed: int = _opt(0, "seed of the few-shot draw (kept apart from --seed so methods see the same data)")
     max_length: int = _opt(128, "text: tokens per example")
-    img_size: int | None = _opt(None, "image side in pixels (default: the model's own input size)")
+    img_size: int | None = _opt(
+        None, "image side in pixels; a model that takes an img_size (ViT) is built for it (default: the model's own)"
+    )
     augment: str | None = _opt(None, "image protocol: vtab (resize, no augmentation) or fgvc (default: by format)")
     color_jitter: float = _opt(0.0, "colour jitter strength for fgvc training transforms")
     max_eval_samples: int | None = _opt(None, "evaluate on the first N examples of each split (a fixed subset)")
+    num_classes: int | None = _opt(
+        None,
+        "VTAB/FGVC folders: class ids are 0..N-1 (default: 1 + the largest label of the training split files; "
+        "give it when a training split lacks the highest classes, e.g. VTAB sun397: 397)",
+    )
     # model
     model: str = _opt("vit_base_patch16_224.orig_in21k", "timm model name, or a transformers model directory")
     checkpoint: str | None = _opt(None, "local backbone weights for a timm model (.safetensors, .pth, .npz)")
@@ -110,6 +118,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        self._resolve_paths()
+
+    def _resolve_paths(self) -> None:
+        """Make file and folder paths absolute, so that the same folder spelt differently (relative, absolute,
+        through a symlink) is the same value when a run is resumed, evaluated or merged from elsewhere."""
+        if self.data and Path(self.data).exists():  # a built-in task name stays a name
+            self.data = str(Path(self.data).resolve())
+        if Path(self.model).is_dir():  # a transformers model folder; a timm name stays a name
+            self.model = str(Path(self.model).resolve())
+        for name in ("checkpoint", "output_dir"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
 
     def validate(self) -> None:
         """Raise UserError on values that cannot work, before anything is loaded or written."""
@@ -118,10 +138,20 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise UserError(f"{f.name} must be one of {list(choices)}, got {value!r}")
-        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length")
+        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length", "shots")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("img_size", "max_eval_samples", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"{name} must be a positive integer (or unset), got {value!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise UserError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        for name in ("drop_path_rate", "adapter_dropout", "adapter_drop_path"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise UserError(f"{name} must lie in [0, 1), got {value!r}")
         if self.augment not in (None, "vtab", "fgvc"):
             raise UserError(f"augment must be vtab or fgvc, got {self.augment!r}")
         if self.select_on == "val" and self.protocol == "reference":
@@ -130,7 +160,10 @@ class TrainConfig:
             )
         if not isinstance(self.model_kwargs, dict):
             raise UserError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
-        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs"):
+        kwargs_size = self.model_kwargs.get("img_size")
+        if self.img_size is not None and kwargs_size is not None and kwargs_size != self.img_size:
+            raise UserError(f"img_size {self.img_size} differs from model_kwargs img_size {kwargs_size!r}; give one")
+        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "color_jitter"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
 
@@ -291,6 +324,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     return resolve_config(args.recipe, overrides)
+
+
+def check_output_folder(path: Path, flag: str) -> None:
+    """Raise UserError if ``path`` cannot be (or become) a writable folder: before any work, not after it."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        detail = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise UserError(f"{flag} {path} {detail}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
 
 
 def default_output_dir(config: TrainConfig) -> Path:

@@ -30,6 +30,9 @@ Transform = Callable[[Any], Any]
 
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 FGVC_SPLITS = ("train", "val", "test")
+#: The split files whose labels define a task's classes (ids 0 .. largest label); the test split's must fit.
+VTAB_TRAINING_SPLITS = ("train800", "val200", "train800val200")
+FGVC_TRAINING_SPLITS = ("train", "val")
 BUILTIN_TASKS = ("fashion_mnist", "mnist", "digits")
 PROTOCOLS = ("vtab", "fgvc")
 
@@ -89,6 +92,18 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise DataFormatError(f"{path}: cannot decode image: {err}") from err
 
 
+def check_image(path: Path, origin: str) -> None:
+    """Open ``path`` and check its structure without decoding the pixels (PIL's ``verify``: the header, and
+    for PNG every chunk's checksum), so that a broken file fails before training rather than after it."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # PIL's plugins raise many types: OSError, SyntaxError, struct.error, ...
+        raise DataFormatError(f"{origin}: cannot decode image {path}: {err}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Image datasets on disk: VTAB-1k list files, FGVC JSON splits, class-per-folder trees
 
@@ -103,12 +118,20 @@ class _Entry:
 class _ImageListDataset(Dataset):
     """Images named by a split file. Labels and file existence are checked up front; decoding happens lazily."""
 
-    def __init__(self, entries: list[_Entry], split_file: Path, num_classes: int, transform: Transform | None):
+    def __init__(
+        self,
+        entries: list[_Entry],
+        split_file: Path,
+        num_classes: int,
+        transform: Transform | None,
+        classes_from: str | None = None,
+    ):
         if not entries:
             raise DataFormatError(f"{split_file}: no samples listed")
+        source = f", the classes of {classes_from} (set num_classes if they lack the highest)" if classes_from else ""
         for entry in entries:
             if not 0 <= entry.label < num_classes:
-                raise DataFormatError(f"{entry.origin}: label {entry.label} is out of range [0, {num_classes})")
+                raise DataFormatError(f"{entry.origin}: label {entry.label} is out of range [0, {num_classes}){source}")
         missing = [entry for entry in entries if not entry.path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -121,6 +144,10 @@ class _ImageListDataset(Dataset):
     @property
     def targets(self) -> list[int]:
         return [entry.label for entry in self.entries]
+
+    def files(self) -> list[tuple[Path, str]]:
+        """(image path, where it is listed) of every sample, for :func:`check_image`."""
+        return [(entry.path, entry.origin) for entry in self.entries]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -158,8 +185,9 @@ class VtabFolder(_ImageListDataset):
     """A VTAB-1k task folder: ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt`` at
     ``root``, each line ``relative/path label``.
 
-    ``num_classes`` defaults to the largest label in any of the list files plus one, so that a split that
-    happens to miss the last class still gets the same head size as the others.
+    ``num_classes`` defaults to the largest label of the training list files (``VTAB_TRAINING_SPLITS``) plus
+    one, so that every split gets the same head size, and a test label that no training class has is an
+    error (naming its line) instead of silently widening the head.
     """
 
     def __init__(
@@ -173,10 +201,12 @@ class VtabFolder(_ImageListDataset):
             raise ValueError(f"unknown VTAB split {split!r}; expected one of {VTAB_SPLITS}")
         root = Path(root)
         entries = _read_vtab_list(root, split)
+        classes_from = None
         if num_classes is None:
-            others = [_read_vtab_list(root, s) for s in VTAB_SPLITS if (root / f"{s}.txt").is_file()]
-            num_classes = max((entry.label for listed in others for entry in listed), default=-1) + 1
-        super().__init__(entries, root / f"{split}.txt", num_classes, transform)
+            sources = [s for s in VTAB_TRAINING_SPLITS if (root / f"{s}.txt").is_file()] or [split]
+            num_classes = max((entry.label for s in sources for entry in _read_vtab_list(root, s)), default=-1) + 1
+            classes_from = ", ".join(f"{s}.txt" for s in sources)
+        super().__init__(entries, root / f"{split}.txt", num_classes, transform, classes_from)
 
 
 class _JsonMembers(list):
@@ -216,7 +246,8 @@ class FgvcJson(_ImageListDataset):
     image path to an integer label.
 
     Image paths are relative to ``image_dir`` (default ``root``): VPT keeps CUB and NABirds images in an
-    ``images/`` sub-folder. ``num_classes`` defaults to the largest label in any split file plus one.
+    ``images/`` sub-folder. ``num_classes`` defaults to the largest label of ``train.json`` and ``val.json``
+    plus one, so that a test label that no training class has is an error naming its line.
     """
 
     def __init__(
@@ -232,12 +263,13 @@ class FgvcJson(_ImageListDataset):
         root = Path(root)
         images = Path(image_dir) if image_dir is not None else root
         entries = _read_json_split(root / f"{split}.json", images)
+        classes_from = None
         if num_classes is None:
-            others = [
-                _read_json_split(root / f"{s}.json", images) for s in FGVC_SPLITS if (root / f"{s}.json").is_file()
-            ]
-            num_classes = max((entry.label for listed in others for entry in listed), default=-1) + 1
-        super().__init__(entries, root / f"{split}.json", num_classes, transform)
+            sources = [s for s in FGVC_TRAINING_SPLITS if (root / f"{s}.json").is_file()] or [split]
+            listed = [entry.label for s in sources for entry in _read_json_split(root / f"{s}.json", images)]
+            num_classes = max(listed, default=-1) + 1
+            classes_from = ", ".join(f"{s}.json" for s in sources)
+        super().__init__(entries, root / f"{split}.json", num_classes, transform, classes_from)
 
 
 def image_folder(root: str | Path, transform: Transform | None = None) -> ImageFolder:

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import METHODS, UserError
+from snell.train.config import METHODS, UserError, check_output_folder
+from snell.train.plots import pyplot, save_figure
 
 #: Settings shared by every method of a demo task; values are `snell train` flags.
 IMAGE_SETTINGS: dict[str, Any] = {
@@ -123,11 +124,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     """Accuracy, trainable parameters, peak memory and time side by side, one bar per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = (
         ("test_accuracy", "test accuracy", False),
         ("trainable_params", "trainable parameters (log)", True),
@@ -135,7 +131,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
         ("wall_time_s", "wall time (s)", False),
     )
     names = [row["method"] for row in rows]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (key, label, log) in zip(axes, panels, strict=True):
         values = [row[key] for row in rows]
         bars = ax.bar(names, values, color=["#d62728" if n == "snell" else "#7f7f7f" for n in names])
@@ -149,8 +145,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
             )
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_results(rows: list[dict[str, Any]], out: Path, title: str, total_s: float) -> str:
@@ -174,6 +169,7 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
     if unknown or not methods:
         raise UserError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     out = output_dir or Path("results") / "demo" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_folder(out, "--output-dir")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)

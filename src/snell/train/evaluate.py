@@ -17,9 +17,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from snell.train.config import TrainConfig, UserError
+from snell.train.config import TrainConfig, UserError, check_output_folder
 from snell.train.loop import CONFIG_FILE, accuracy, make_loader
-from snell.train.models import Backbone, build_backbone, load_trained, merge_trained, save_merged
+from snell.train.models import MERGED_FILES, Backbone, build_backbone, load_trained, merge_trained, save_merged
 from snell.train.tasks import Task, attach_transforms, load_task
 
 
@@ -75,8 +75,15 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
     }
 
 
-def merge_run(run_dir: Path, output: Path | None = None) -> Path:
-    """Write the run's model with the update folded into the weights; returns the output folder."""
+def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) -> Path:
+    """Write the run's model with the update folded into the weights; returns the output folder.
+
+    An output folder that already holds a merged model is refused unless ``force``, before any work.
+    """
+    output = output or run_dir / "merged"
+    check_output_folder(output, "--output")
+    existing = [output / name for name in MERGED_FILES if (output / name).exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]} already exists; pass --force to overwrite it, or choose another --output")
     config, _, backbone, model = restore(run_dir)
-    merged = merge_trained(model, config)
-    return save_merged(merged, backbone, output or run_dir / "merged")
+    return save_merged(merge_trained(model, config), backbone, output)

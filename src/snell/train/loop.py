@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 import snell
-from snell.train.config import TrainConfig, UserError, default_output_dir
+from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.models import (
     Backbone,
     apply_method,
@@ -43,6 +44,7 @@ from snell.train.models import (
     save_trained,
     set_train_mode,
 )
+from snell.train.plots import CURVES_FILE, plot_curves
 from snell.train.tasks import Task, attach_transforms, load_task, make_collate
 
 CONFIG_FILE = "config.json"
@@ -236,7 +238,7 @@ class Run:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.started = time.time()
         self.config = config
-        self.out = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+        self.out = Path(config.output_dir) if config.output_dir else default_output_dir(config).resolve()
         self.config.output_dir = str(self.out)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.grad_accum,
@@ -260,6 +262,13 @@ class Run:
                 f"{self.task.name} is {self.task.kind} data but {config.model} is a {self.backbone.kind} model; "
                 f"use a {'transformers model folder' if wanted == 'transformers' else 'timm model name'}"
             )
+        if self.backbone.weights == "random" and self.main:
+            print(
+                f"snell: WARNING: {config.model} starts from RANDOM weights (no --checkpoint, no --pretrained); "
+                "fine-tuning a random backbone says nothing about fine-tuning a pretrained one",
+                file=sys.stderr,
+                flush=True,
+            )
         attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
         self.model = apply_method(self.backbone, config)
         self.rss_after_model = current_rss_mb()
@@ -270,22 +279,30 @@ class Run:
         return self.accelerator.is_main_process
 
     def _check_output_dir(self) -> None:
-        """Refuse to overwrite a run; with --resume, refuse a config that differs from the saved one."""
+        """Refuse to overwrite a run; with --resume, refuse a config that differs from the saved one.
+
+        A folder holds a run once it has an epoch checkpoint or a summary. What a run that failed before
+        finishing its first epoch leaves (config.json, an empty metrics file) holds nothing worth keeping, and
+        the next run in the folder replaces it: a failed start never blocks the corrected command.
+        """
+        check_output_folder(self.out, "--output-dir")
         saved = self.out / CONFIG_FILE
+        holds_run = (self.out / SUMMARY_FILE).is_file() or bool(checkpoint_dirs(self.out))
         if not self.resume:
-            if saved.exists() or checkpoint_dirs(self.out):
+            if holds_run:
                 raise UserError(
                     f"{self.out} already holds a run; pass --resume to continue it, or choose another --output-dir"
                 )
             return
-        if not saved.is_file():
-            if checkpoint_dirs(self.out):
-                raise UserError(f"{saved}: not found, but {self.out} holds checkpoints; cannot tell their options")
-            self.resume = False  # killed before anything was written: start afresh
+        if not holds_run:
+            self.resume = False  # nothing to continue: start afresh, with this command's options
             return
+        if not saved.is_file():
+            raise UserError(f"{saved}: not found, but {self.out} holds a run; cannot tell its options")
         try:
-            stored = json.loads(saved.read_text())["config"]
-        except (json.JSONDecodeError, KeyError) as err:
+            # Through TrainConfig, so that paths saved relative to another folder compare resolved.
+            stored = TrainConfig.from_dict(json.loads(saved.read_text())["config"], str(saved)).to_dict()
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{saved}: unreadable run config ({err})") from None
         mine = self.config.to_dict()
         ignored = ("progress", "num_workers")
@@ -440,6 +457,18 @@ class Run:
             },
         )
 
+    def _record(self, metrics: list[dict[str, Any]]) -> None:
+        """metrics.jsonl and curves.png as of the last completed epoch: after a resume, the checkpoint's, so
+        neither shows an epoch that the resumed run trains again."""
+        if not self.main:
+            return
+        write_metrics(self.out / METRICS_FILE, metrics)
+        curves = self.out / CURVES_FILE
+        if metrics:
+            plot_curves(metrics, curves, f"{self.config.method} on {self.task.name}: {self.config.model}")
+        else:
+            curves.unlink(missing_ok=True)
+
     def fit(self) -> dict[str, Any]:
         """Train, select or report per the protocol, save the result, and return the summary."""
         cfg, acc = self.config, self.accelerator
@@ -460,8 +489,8 @@ class Run:
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
         progress = self._restore(optimizer, schedule) if self.resume else Progress()
+        self._record(progress.metrics)
         if self.main:
-            write_metrics(self.out / METRICS_FILE, progress.metrics)
             print(
                 f"{cfg.method} on {self.task.name}: {self.trainable:,} of {self.total:,} parameters trainable; "
                 f"train {len(self.task.train)} examples, {cfg.epochs} epochs x {steps_per_epoch} steps "
@@ -484,8 +513,8 @@ class Run:
             progress.train_time += time.time() - started
             progress.epoch = epoch + 1
             progress.metrics.append(record)
+            self._record(progress.metrics)
             if self.main:
-                write_metrics(self.out / METRICS_FILE, progress.metrics)
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
                 if cfg.progress:
                     tqdm.write(json.dumps(shown))
@@ -533,6 +562,7 @@ class Run:
             "num_processes": acc.num_processes,
             "rank_fingerprints": fingerprints,
             "split_sizes": self.task.sizes,
+            "backbone_weights": self.backbone.weights,
             "config": cfg.to_dict(),
         }
         if eval_split:

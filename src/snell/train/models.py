@@ -25,6 +25,8 @@ from snell.train.config import TrainConfig, UserError
 STATE_FILE = "model_state.safetensors"
 EXTRA_FILE = "extra_trainable.safetensors"
 MERGED_FILE = "model.safetensors"
+#: What a merged model is saved as (timm, or transformers' single and sharded safetensors): never overwritten silently.
+MERGED_FILES = (MERGED_FILE, "model.safetensors.index.json")
 #: Parameters (not modules) that the reference code trains fully next to the adapters.
 TOKEN_PARAMS = ("cls_token",)
 
@@ -41,6 +43,8 @@ class Backbone:
     img_size: int = 224
     tokenizer: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: Where the backbone's weights came from: "random", "pretrained" (timm's hub weights) or a file or folder.
+    weights: str = "random"
 
 
 def is_transformers_dir(model: str) -> bool:
@@ -70,7 +74,14 @@ def _build_transformers(config: TrainConfig, num_classes: int) -> Backbone:
         raise UserError(f"{config.model}: cannot load a transformers classifier from this folder: {err}") from None
     new = {key.rsplit(".", 1)[0] for key in list(info["missing_keys"]) + [k[0] for k in info["mismatched_keys"]]}
     head = _classifier_names(model) | new
-    return Backbone(model, "transformers", _outermost(head), tokenizer=tokenizer, info={"new_modules": sorted(new)})
+    return Backbone(
+        model,
+        "transformers",
+        _outermost(head),
+        tokenizer=tokenizer,
+        info={"new_modules": sorted(new)},
+        weights=config.model,
+    )
 
 
 def _classifier_names(model: nn.Module) -> set[str]:
@@ -85,14 +96,13 @@ def _outermost(names: set[str]) -> list[str]:
 
 
 def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
-    import timm
     from timm.data import resolve_data_config
 
     kwargs = dict(config.model_kwargs)
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
     try:
-        model = timm.create_model(config.model, pretrained=config.pretrained, num_classes=num_classes, **kwargs)
+        model = _create_timm(config, num_classes, kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise UserError(f"unknown timm model {config.model!r} (and not a transformers model folder)") from None
@@ -109,7 +119,25 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
         info = load_timm_checkpoint(model, Path(config.checkpoint), skip_prefix=head)
     data_config = resolve_data_config({}, model=model)
     img_size = config.img_size or int(kwargs.get("img_size") or data_config["input_size"][-1])
-    return Backbone(model, "timm", [head], tuple(data_config["mean"]), tuple(data_config["std"]), img_size, info=info)
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
+    return Backbone(model, "timm", [head], mean, std, img_size, info=info, weights=weights)
+
+
+def _create_timm(config: TrainConfig, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm model, built for ``--img-size`` when it takes an ``img_size`` (ViTs fix their position
+    embeddings to it). Models without one (CNNs) pool globally and run at any input size as they are."""
+    import timm
+
+    if config.img_size is not None and "img_size" not in kwargs:
+        try:
+            return timm.create_model(
+                config.model, pretrained=config.pretrained, num_classes=num_classes, img_size=config.img_size, **kwargs
+            )
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(config.model, pretrained=config.pretrained, num_classes=num_classes, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from snell.train.config import TrainConfig, UserError, add_train_arguments, config_from_args
+from snell.train.config import TrainConfig, UserError, add_train_arguments, check_output_folder, config_from_args
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Run, write_json_atomic
+from snell.train.plots import pyplot, save_figure
 
 TRIALS_FILE = "trials.jsonl"
 FINAL_FILE = "final.jsonl"
@@ -391,15 +392,11 @@ def plot_search(records: list[dict[str, Any]], path: Path, title: str = "") -> P
 
     The x axis is -log10(1 - s) (labelled with s), so that 0.9, 0.99 and 0.995 do not pile up at the right.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     def x_of(s: float) -> float:
         return -math.log10(max(1.0 - s, 1e-4))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     series = sorted({(r["params"]["lr"], r["params"]["r"]) for r in records})
     for lr, rank in series:
         mine = sorted(
@@ -428,10 +425,7 @@ def plot_search(records: list[dict[str, Any]], path: Path, title: str = "") -> P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def search(
@@ -450,6 +444,7 @@ def search(
 
     ``jobs``, ``isolate`` and ``threads`` are those of :func:`run_trials`; the retrain runs the same way."""
     out = Path(output_dir or base.output_dir or Path("runs") / f"search-{Path(base.data or 'data').stem}-{base.method}")
+    check_output_folder(out, "--output-dir")
     trials = expand_grid(base, grid, out, early_stop)
     isolate = jobs > 1 if isolate is None else isolate
     records = run_trials(trials, jobs, isolate, verbose, threads)

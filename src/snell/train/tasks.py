@@ -3,7 +3,9 @@
 The split roles follow the protocol: with ``select_on="val"`` the model trains on the training part
 (VTAB's train800) and the epoch is chosen on the validation part (val200); otherwise it trains on both
 (train800val200) and only the test split is evaluated. Datasets are built without transforms, so that
-bad list files or labels fail before the model is loaded; the transforms come from the model later.
+bad list files or labels fail before the model is loaded; the transforms come from the model later. Every
+image file a run will read is opened and checked here too, so a broken one stops the run before training,
+not after the last epoch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
+from torchvision.datasets import ImageFolder
 
 from snell.train import data as D
 from snell.train.config import BUILTIN_DATA, TrainConfig, UserError
@@ -100,10 +103,12 @@ def load_task(config: TrainConfig) -> Task:
     root = Path(config.data)
     if fmt != "builtin" and not root.exists():
         raise UserError(f"{root}: no such file or folder")
+    if config.num_classes is not None and fmt not in ("vtab", "fgvc"):
+        raise UserError(f"--num-classes applies to VTAB and FGVC folders; {config.data} is {fmt} data")
     if fmt == "vtab":
-        task = _vtab_task(root, select)
+        task = _vtab_task(root, select, config.num_classes)
     elif fmt == "fgvc":
-        task = _fgvc_task(root, select)
+        task = _fgvc_task(root, select, config.num_classes)
     elif fmt == "imagefolder":
         task = _imagefolder_task(root, select)
     elif fmt == "text":
@@ -113,28 +118,47 @@ def load_task(config: TrainConfig) -> Task:
     task.test = _limit(task.test, config.max_eval_samples)
     task.val = _limit(task.val, config.max_eval_samples)
     task.sizes = {name: len(ds) for name, ds in (("train", task.train), ("val", task.val), ("test", task.test)) if ds}
+    for dataset in (task.train, task.val, task.test):
+        for path, origin in _image_files(dataset):
+            D.check_image(path, origin)
     return task
 
 
-def _vtab_task(root: Path, select: bool) -> Task:
-    num_classes = D.VtabFolder(root, "test").num_classes
-    splits = ("train800", "val200") if select else ("train800val200",)
-    train = D.VtabFolder(root, splits[0], num_classes=num_classes)
+def _image_files(dataset: Dataset | None) -> list[tuple[Path, str]]:
+    """(path, where it is listed) of every image file a dataset reads; none for in-memory or text data."""
+    if isinstance(dataset, Subset):
+        files = _image_files(dataset.dataset)
+        return [files[i] for i in dataset.indices] if files else []
+    if isinstance(dataset, ConcatDataset):
+        return [item for part in dataset.datasets for item in _image_files(part)]
+    if isinstance(dataset, (D.VtabFolder, D.FgvcJson)):
+        return dataset.files()
+    if isinstance(dataset, ImageFolder):
+        return [(Path(path), f"{dataset.root} (class {dataset.classes[label]})") for path, label in dataset.samples]
+    return []
+
+
+def _vtab_task(root: Path, select: bool, num_classes: int | None) -> Task:
+    # Every split takes its classes from the training list files (or --num-classes), so a test label beyond
+    # them is an error.
+    train = D.VtabFolder(root, "train800" if select else "train800val200", num_classes=num_classes)
     val = D.VtabFolder(root, "val200", num_classes=num_classes) if select else None
     test = D.VtabFolder(root, "test", num_classes=num_classes)
-    names = [str(i) for i in range(num_classes)]
-    return Task(root.name, "image", "vtab", num_classes, names, train, test, val)
+    names = [str(i) for i in range(train.num_classes)]
+    return Task(root.name, "image", "vtab", train.num_classes, names, train, test, val)
 
 
-def _fgvc_task(root: Path, select: bool) -> Task:
-    test = D.FgvcJson(root, "test")
-    train = D.FgvcJson(root, "train", num_classes=test.num_classes)
-    val = D.FgvcJson(root, "val", num_classes=test.num_classes) if (root / "val.json").is_file() else None
+def _fgvc_task(root: Path, select: bool, num_classes: int | None) -> Task:
+    # Every split takes its classes from train.json and val.json (or --num-classes), so a test label beyond
+    # them is an error.
+    train = D.FgvcJson(root, "train", num_classes=num_classes)
+    val = D.FgvcJson(root, "val", num_classes=num_classes) if (root / "val.json").is_file() else None
     if select and val is None:
         raise UserError(f"{root / 'val.json'}: file not found (needed by --select-on val)")
+    test = D.FgvcJson(root, "test", num_classes=num_classes)
     train_set = train if select or val is None else _concat([train, val])
-    names = [str(i) for i in range(test.num_classes)]
-    return Task(root.name, "image", "fgvc", test.num_classes, names, train_set, test, val if select else None)
+    names = [str(i) for i in range(train.num_classes)]
+    return Task(root.name, "image", "fgvc", train.num_classes, names, train_set, test, val if select else None)
 
 
 def _imagefolder_task(root: Path, select: bool) -> Task:
@@ -179,7 +203,10 @@ def _builtin_task(config: TrainConfig, select: bool) -> Task:
     name = config.data
     if name == "bbc_news":
         corpus = D.load_bbc_news()
-        split = D.few_shot_split(corpus.labels, shots=config.shots, seed=config.data_seed)
+        try:
+            split = D.few_shot_split(corpus.labels, shots=config.shots, seed=config.data_seed)
+        except ValueError as err:
+            raise UserError(f"--shots {config.shots} is too many for bbc_news: {err}") from None
         train, val, test = (corpus.subset(idx) for idx in (split.train, split.val, split.test))
         train_set = train if select else _concat([train, val])
         return Task(
