@@ -270,6 +270,13 @@ def test_large_llama_mlp_matrix_trains():
     ("config", "error", "message"),
     [
         (snell.SnellConfig(target_modules=["nothing_like_this"]), ValueError, "matches no module"),
+        (snell.SnellConfig(target_modules=["fc1", "fc3", "pw"]), ValueError, r"entries \['fc3'\] match no module"),
+        (
+            snell.SnellConfig(target_modules=["fc1", "fc2"], exclude_modules=["fc2", "conv"]),
+            ValueError,
+            r"exclude_modules \['conv'\] match none of the 2 modules",
+        ),
+        (snell.SnellConfig(target_modules=["fc1"], exclude_modules=r"fc\d"), ValueError, "excludes every module"),
         (snell.SnellConfig(target_modules=["norm"]), TypeError, "LayerNorm cannot take a SNELL adapter"),
         (snell.SnellConfig(target_modules=["fc1"], modules_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
         (snell.SnellConfig(target_modules=["fc1"], parameters_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
@@ -283,6 +290,11 @@ def test_bad_targets_raise_and_leave_the_model_as_it_was(config, error, message)
         snell.get_snell_model(model, config)
     _assert_unchanged(model, snapshot)
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_regex_targets_and_exclusions_need_not_match_every_name():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=r"fc\d|nope", exclude_modules=r"fc2|x"))
+    assert [n for n, _ in snell.snell_layers(model)] == ["fc1"]
 
 
 def test_injecting_twice_is_refused():

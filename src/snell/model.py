@@ -35,14 +35,32 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         selector = preset.pattern
     modules = dict(model.named_modules())
     names = [n for n in modules if n and _name_matches(n, selector)]
-    if config.exclude_modules is not None:
-        names = [n for n in names if not _name_matches(n, config.exclude_modules)]
+    sample = ", ".join(n for n in list(modules)[1:9])
     if not names:
-        sample = ", ".join(n for n in list(modules)[1:9])
         raise ValueError(
             f"target_modules={selector!r} matches no module of {type(model).__name__} "
             f"(module names look like: {sample}, ...)"
         )
+    # Every list entry must match: a typo in one would silently adapt fewer layers (or exclude none).
+    if isinstance(selector, list):
+        missing = [s for s in selector if not any(_name_matches(n, [s]) for n in names)]
+        if missing:
+            raise ValueError(
+                f"target_modules entries {missing} match no module of {type(model).__name__} "
+                f"(module names look like: {sample}, ...)"
+            )
+    excluded = config.exclude_modules
+    if isinstance(excluded, list):
+        idle = [s for s in excluded if not any(_name_matches(n, [s]) for n in names)]
+        if idle:
+            raise ValueError(
+                f"exclude_modules {idle} match none of the {len(names)} modules that target_modules selects in "
+                f"{type(model).__name__}, so they would exclude nothing"
+            )
+    if excluded is not None:
+        names = [n for n in names if not _name_matches(n, excluded)]
+        if not names:
+            raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
     return {name: build_spec(name, modules[name], config) for name in names}
 
 
