@@ -174,6 +174,39 @@ def test_merge_unmerge_disable_and_unload_keep_outputs():
     torch.testing.assert_close(restored(x), base_out, rtol=1e-5, atol=1e-6)
 
 
+def test_unmerge_without_merge_is_an_error_and_unload_still_works():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1", "fc2"]))
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="not merged into this layer's weight"):
+        model.fc1.unmerge()
+    with pytest.raises(ValueError, match=r"not merged into the weights of 2 of 2 layers \(e.g. 'fc1'\)"):
+        snell.unmerge_adapters(model)
+    _assert_unchanged(model, snapshot)
+    model.fc2.merge()  # partly merged: refused as a whole, nothing unmerged
+    merged_weight = model.fc2.weight.clone()
+    with pytest.raises(ValueError, match=r"1 of 2 layers \(e.g. 'fc1'\)"):
+        snell.unmerge_adapters(model)
+    assert model.fc2.snell_merged and torch.equal(model.fc2.weight, merged_weight)
+    plain = TinyNet()
+    plain.load_state_dict({k: v for k, v in snapshot[0].items() if "snell_" not in k})
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(snell.unload(model)(x), plain(x))
+
+
+def test_training_a_merged_model_is_a_clear_error():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1"], modules_to_save=["head"]))
+    x = torch.randn(2, 3, 6, 6)
+    snell.merge_adapters(model)
+    with pytest.raises(RuntimeError, match=r"merged into the weights, which is for inference.*unmerge_adapters"):
+        model.train()(x)
+    with torch.no_grad():
+        model(x)  # inference in training mode
+    model.eval()(x).sum().backward()  # gradients for the input or the head in eval mode stay possible
+    snell.unmerge_adapters(model)
+    model.train()(x).sum().backward()
+    assert model.fc1.A.grad.abs().sum() > 0
+
+
 def test_save_load_into_a_fresh_model_gives_identical_outputs(tmp_path):
     model = _tiny_vit(seed=0)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -104,6 +104,12 @@ class SnellLayer(nn.Module):
         return self.snell_B
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.snell_merged and self.training and torch.is_grad_enabled() and self.snell_A.requires_grad:
+            # The factors would get no gradient (W0 + ΔWˢ is one frozen tensor): say so now, not at backward.
+            raise RuntimeError(
+                "adapters are merged into the weights, which is for inference: call unmerge_adapters(model) "
+                "before training, or run the merged model in eval mode or under torch.no_grad()"
+            )
         if self.snell_merged or self.snell_disabled:
             return super().forward(x)
         spec = self.snell_spec
@@ -131,9 +137,11 @@ class SnellLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.snell_merged:
-            self.snell_merged = False
-            self.weight.sub_(self.delta_weight())
+        """Take ΔWˢ out of the base weight again; an error when it is not in (that would corrupt W0)."""
+        if not self.snell_merged:
+            raise ValueError("adapters are not merged into this layer's weight; there is nothing to unmerge")
+        self.snell_merged = False
+        self.weight.sub_(self.delta_weight())
 
     def extra_repr(self) -> str:
         spec = self.snell_spec

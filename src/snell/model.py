@@ -173,7 +173,16 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    for layer in _require_adapters(model):
+    """Take every ΔWˢ out of the base weights again (to train or disable the adapters); an error, changing
+    nothing, when some layer is not merged."""
+    layers = _require_adapters(model)
+    unmerged = [name for name, layer in iter_snell_layers(model) if not layer.snell_merged]
+    if unmerged:
+        raise ValueError(
+            f"adapters are not merged into the weights of {len(unmerged)} of {len(layers)} layers "
+            f"(e.g. {unmerged[0]!r}); only merge_adapters(model) output can be unmerged"
+        )
+    for layer in layers:
         layer.unmerge()
     return model
 
@@ -182,7 +191,7 @@ def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     for layer in _require_adapters(model):
         if merge:
             layer.merge()
-        else:
+        elif layer.snell_merged:
             layer.unmerge()
         detach(layer)
     model.__dict__.pop("snell_config", None)
