@@ -25,6 +25,20 @@ class TinyNet(nn.Module):
         return self.head(self.fc2(torch.relu(self.fc1(self.norm(x)))))
 
 
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.head(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
 def _tiny_vit(seed=0, depth=12):
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=depth)
@@ -205,6 +219,45 @@ def test_training_a_merged_model_is_a_clear_error():
     snell.unmerge_adapters(model)
     model.train()(x).sum().backward()
     assert model.fc1.A.grad.abs().sum() > 0
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_save_load_reproduces_the_model(tmp_path):
+    torch.manual_seed(0)
+    base = ConvBN()
+    with torch.no_grad():
+        base.bn1.running_mean.normal_()  # "pretrained" statistics, far from what the batches give
+    model = copy.deepcopy(base)
+    config = snell.SnellConfig(sparsity=0.5, r=4, target_modules=["conv1", "conv2"], modules_to_save=["bn2", "head"])
+    snell.get_snell_model(model, config)
+    bn1_stats = {k: v.clone() for k, v in model.bn1.state_dict().items()}
+    bn2_stats = {k: v.clone() for k, v in model.bn2.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    assert not model.bn1.training and model.bn2.training and model.conv1.training
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 6, 6) * 3 + 1).square().mean().backward()
+        optimizer.step()
+    assert all(torch.equal(model.bn1.state_dict()[k], v) for k, v in bn1_stats.items())
+    assert not torch.equal(model.bn2.running_mean, bn2_stats["running_mean"])  # trained with the head, saved
+    assert isinstance(model.bn1, nn.BatchNorm2d) and set(model.state_dict()) >= set(base.state_dict())
+    snell.save_adapter(model, tmp_path)
+    loaded = snell.load_adapter(copy.deepcopy(base), tmp_path)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+    clone = copy.deepcopy(model).train()
+    assert not clone.bn1.training
+    plain = snell.unload(model.train())
+    assert type(plain.bn1) is nn.BatchNorm2d and plain.bn1.training
+
+
+def test_injection_into_a_timm_batchnorm_model_keeps_running_statistics():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    config = snell.SnellConfig(sparsity=0.5, target_modules=r"layer\d\.\d\.conv\d", modules_to_save=["fc"])
+    snell.get_snell_model(model, config)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_save_load_into_a_fresh_model_gives_identical_outputs(tmp_path):

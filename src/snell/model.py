@@ -13,7 +13,17 @@ from torch import nn
 
 from snell.config import SnellConfig
 from snell.function import SnellSpec
-from snell.layers import SnellLayer, attach, build_spec, detach, iter_snell_layers
+from snell.layers import (
+    FrozenStatsNorm,
+    SnellLayer,
+    attach,
+    build_spec,
+    detach,
+    freeze_running_stats,
+    has_running_stats,
+    iter_snell_layers,
+    thaw_running_stats,
+)
 from snell.presets import detect_preset
 
 logger = logging.getLogger("snell")
@@ -94,6 +104,20 @@ def resolve_parameters_to_save(model: nn.Module, config: SnellConfig) -> dict[st
     return {n: p for n, p in found.items() if not n.startswith(in_saved_modules)}
 
 
+def _frozen_running_stats(model: nn.Module, to_save: dict[str, nn.Module]) -> list[nn.Module]:
+    """Normalisation layers whose running statistics nothing saves: no trainable parameter of their own and
+    not part of a module_to_save (whose buffers the adapter stores)."""
+    saved = tuple(f"{name}." for name in to_save)
+    return [
+        module
+        for name, module in model.named_modules()
+        if has_running_stats(module)
+        and name not in to_save
+        and not name.startswith(saved)
+        and not any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
 def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -> nn.Module:
     """Attach adapters per ``specs``; on any failure the model is restored exactly as it was."""
     if any(True for _ in iter_snell_layers(model)):
@@ -103,6 +127,7 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
     modules = dict(model.named_modules())
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     attached: list[SnellLayer] = []
+    frozen: list[tuple[nn.Module, bool]] = []
     try:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -112,9 +137,15 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
             module.requires_grad_(True)
         for param in parameters_to_save.values():
             param.requires_grad_(True)
+        for module in _frozen_running_stats(model, to_save):
+            training = module.training
+            freeze_running_stats(module)
+            frozen.append((module, training))
     except BaseException:
         for layer in attached:
             detach(layer)
+        for module, training in frozen:
+            thaw_running_stats(module, training)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         raise
@@ -126,7 +157,8 @@ def get_snell_model(model: nn.Module, config: SnellConfig) -> nn.Module:
     """Inject SNELL adapters into ``model`` in place and return it.
 
     Every parameter is frozen except the adapter factors, ``config.modules_to_save`` and
-    ``config.parameters_to_save``.
+    ``config.parameters_to_save``. Frozen normalisation layers with running statistics (BatchNorm) stay in
+    eval mode even under ``model.train()``, since the adapter does not store their statistics.
     """
     return inject(model, config, resolve_targets(model, config))
 
@@ -194,6 +226,9 @@ def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
         elif layer.snell_merged:
             layer.unmerge()
         detach(layer)
+    for module in model.modules():
+        if isinstance(module, FrozenStatsNorm):
+            thaw_running_stats(module, model.training)
     model.__dict__.pop("snell_config", None)
     return model
 
