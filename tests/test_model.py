@@ -383,6 +383,40 @@ def test_regex_targets_and_exclusions_need_not_match_every_name():
     assert [n for n, _ in snell.snell_layers(model)] == ["fc1"]
 
 
+@pytest.mark.parametrize(
+    ("name", "head", "grouped", "kwargs"),
+    [
+        ("resnet18", "fc", None, {"layers": (1, 1, 1, 1)}),
+        ("resnext50_32x4d", "fc", "layer1.0.conv2", {"layers": (1, 1, 1, 1)}),  # a block per stage: faster
+        ("regnety_002", "head.fc", "s1.b1.conv2.conv", {}),
+    ],
+)
+def test_cnn_presets_train_including_grouped_convs(name, head, grouped, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+    for module in model.modules():  # timm zero-initialises each block's last BatchNorm: no block gradient yet
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.0, modules_to_save=[head]))  # dense: faster
+    model.train()(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    layers = dict(snell.snell_layers(model))
+    assert all(layer.A.grad.abs().sum() > 0 and torch.isfinite(layer.A.grad).all() for layer in layers.values())
+    if grouped:
+        layer = layers[grouped]
+        assert layer.groups > 1 and layer.delta_weight().shape == layer.weight.shape
+        x = torch.randn(2, layer.in_channels, 8, 8)
+        expected = torch.nn.functional.conv2d(
+            x,
+            layer.weight + layer.delta_weight(),
+            layer.bias,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )
+        torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_injecting_twice_is_refused():
     model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1"]))
     with pytest.raises(ValueError, match="already has SNELL adapters"):
@@ -401,6 +435,11 @@ def test_preset_detection_for_timm_families():
     assert "conv_head" in effnet and any(n.endswith("conv_pwl") for n in effnet)
     effnet_model = timm.create_model("efficientnet_lite0")
     assert all(effnet_model.get_submodule(n).kernel_size == (1, 1) for n in effnet)
+    resnet = targets("resnet18")
+    assert len(resnet) == 16 and "layer1.0.conv2" in resnet and "conv1" not in resnet
+    assert not any("downsample" in n for n in resnet)
+    regnet = targets("regnetx_002")
+    assert "s1.b1.conv2.conv" in regnet and all(n.endswith(("conv1.conv", "conv2.conv", "conv3.conv")) for n in regnet)
     swin = targets("swin_tiny_patch4_window7_224")
     assert "layers.0.blocks.0.attn.qkv" in swin and "layers.0.blocks.0.mlp.fc2" in swin
     with pytest.raises(ValueError, match="no SNELL preset fits model class TinyNet"):
