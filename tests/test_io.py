@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import timm
@@ -146,3 +147,17 @@ def test_failed_saves_leave_existing_files_alone(saved):
     with pytest.raises(ValueError, match="unmerge"):
         snell.save_adapter(merged, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_adapter_files_respect_the_umask(tmp_path, umask):
+    model = snell.get_snell_model(_vit(), snell.SnellConfig(sparsity=0.5))
+    previous = os.umask(umask)
+    try:
+        snell.save_adapter(model, tmp_path)
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        WEIGHTS_NAME: 0o666 & ~umask,
+        CONFIG_NAME: 0o666 & ~umask,
+    }

@@ -3,15 +3,17 @@
 A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. The safetensors metadata
 records every adapted layer's op and weight shape, so loading into another architecture fails with a
 clear message before the model is touched. Files are written to temporary names and renamed, so an
-interrupted save never leaves a half-written adapter behind.
+interrupted save never leaves a half-written adapter behind; they end with the mode the umask gives.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,11 +35,16 @@ def _layer_record(spec: SnellSpec) -> dict:
     return {"op": spec.op, "weight_shape": list(spec.weight_shape), "groups": spec.groups}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Write via a temporary file and a rename, so an interrupted save leaves no half-written file. The file
+    ends with mode 0o666 less the umask, like any new file (mkstemp, and safetensors' writer, give 0o600,
+    which hides adapters from the rest of a group)."""
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
