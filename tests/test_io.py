@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import snell
 from snell.config import FORMAT_VERSION
-from snell.io import CONFIG_NAME, WEIGHTS_NAME
+from snell.io import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 
 
 def _vit(embed_dim=192, seed=0):
@@ -89,7 +89,8 @@ def test_saved_parameter_of_another_shape_is_refused(tmp_path):
     path = tmp_path / "adapter" / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    save_file({**tensors, "cls_token": torch.zeros(1, 1, 7)}, str(path), metadata=metadata)
+    tensors["cls_token"] = torch.zeros(1, 1, 7)
+    save_file(tensors, str(path), metadata={**metadata, "tensors_sha256": tensors_digest(tensors)})
     other = _vit()
     snapshot = _snapshot(other)
     with pytest.raises(
@@ -147,6 +148,34 @@ def test_failed_saves_leave_existing_files_alone(saved):
     with pytest.raises(ValueError, match="unmerge"):
         snell.save_adapter(merged, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_a_flipped_byte_in_the_tensor_data_is_refused(saved):
+    path = saved / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(data[:8], "little")  # safetensors: u64 header size, JSON header, tensor data
+    data[(data_start + len(data)) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    model = _vit()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} is corrupt: its tensors do not match the sha256"):
+        snell.load_adapter(model, saved)
+    _assert_unchanged(model, snapshot)
+
+
+def test_adapters_saved_before_checksums_still_load(saved):
+    metadata, tensors = _read(saved / WEIGHTS_NAME)
+    del metadata["tensors_sha256"]
+    save_file(tensors, saved / WEIGHTS_NAME, metadata=metadata)
+    model = _vit()
+    with pytest.warns(UserWarning, match="records no checksum"):
+        snell.load_adapter(model, saved)
+    assert torch.equal(model.blocks[0].attn.qkv.A, tensors["blocks.0.attn.qkv.snell_A"])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -2,15 +2,18 @@
 
 A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. The safetensors metadata
 records every adapted layer's op and weight shape, so loading into another architecture fails with a
-clear message before the model is touched. Files are written to temporary names and renamed, so an
+clear message before the model is touched, and a sha256 of the tensors, so a corrupted file is refused
+(safetensors has no checksum of its own). Files are written to temporary names and renamed, so an
 interrupted save never leaves a half-written adapter behind; they end with the mode the umask gives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,16 @@ _FORMAT_TAG = "snell"
 
 def _layer_record(spec: SnellSpec) -> dict:
     return {"op": spec.op, "weight_shape": list(spec.weight_shape), "groups": spec.groups}
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order: independent of the file layout."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -84,6 +97,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format_version": str(FORMAT_VERSION),
         "snell_version": __version__,
         "layers": json.dumps({name: _layer_record(layer.snell_spec) for name, layer in iter_snell_layers(model)}),
+        "tensors_sha256": tensors_digest(tensors),
     }
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
@@ -91,6 +105,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.Tensor]]:
+    """The config, the layer records and the tensors, checked."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -112,6 +127,18 @@ def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.T
         raise ValueError(
             f"{weights_path} has format_version {version}, but this snell reads versions <= {FORMAT_VERSION}; "
             "upgrade snell to load it"
+        )
+    digest = metadata.get("tensors_sha256")
+    if digest is None:
+        warnings.warn(
+            f"{weights_path} records no checksum (saved before snell recorded one), so it cannot be checked for "
+            "corruption; load and save it again to add one",
+            stacklevel=3,
+        )
+    elif digest != tensors_digest(tensors):
+        raise ValueError(
+            f"{weights_path} is corrupt: its tensors do not match the sha256 recorded when it was saved; "
+            "the model was not changed"
         )
     return config, json.loads(metadata["layers"]), tensors
 
