@@ -1,11 +1,13 @@
 import json
 import os
+import warnings
 
 import pytest
 import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import snell
 from snell.config import FORMAT_VERSION
@@ -168,10 +170,12 @@ def test_a_flipped_byte_in_the_tensor_data_is_refused(saved):
     _assert_unchanged(model, snapshot)
 
 
-def test_adapters_saved_before_checksums_still_load(saved):
+def test_adapters_saved_before_checksums_and_base_model_records_still_load(saved):
     metadata, tensors = _read(saved / WEIGHTS_NAME)
     del metadata["tensors_sha256"]
     save_file(tensors, saved / WEIGHTS_NAME, metadata=metadata)
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    (saved / CONFIG_NAME).write_text(snell.SnellConfig.from_dict(config).to_json())  # the old file: config only
     model = _vit()
     with pytest.warns(UserWarning, match="records no checksum"):
         snell.load_adapter(model, saved)
@@ -190,3 +194,39 @@ def test_adapter_files_respect_the_umask(tmp_path, umask):
         WEIGHTS_NAME: 0o666 & ~umask,
         CONFIG_NAME: 0o666 & ~umask,
     }
+
+
+def test_config_file_records_the_base_model_and_the_adapted_layers(saved):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    assert config["target_modules"] is None  # the preset chose them: the file says which
+    assert config["adapted_modules"] == [
+        f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+    assert config["base_model"]["class"] == "timm.models.vision_transformer.VisionTransformer"
+    assert config["base_model"]["name_or_path"].startswith("vit_tiny_patch16_224.")  # timm architecture.tag
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class OtherMlp(Mlp):
+    """Another model whose layers have the same names and shapes."""
+
+
+def test_loading_into_another_model_class_with_the_same_shapes_warns(tmp_path):
+    snell.save_adapter(snell.get_snell_model(Mlp(), snell.SnellConfig(target_modules=["fc1", "fc2"])), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        snell.load_adapter(Mlp(), tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"saved from a test_io\.Mlp and is loaded into a test_io\.OtherMlp: the layer shapes match"
+    ):
+        model = snell.load_adapter(OtherMlp(), tmp_path)
+    assert [n for n, _ in snell.snell_layers(model)] == ["fc1", "fc2"]

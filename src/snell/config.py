@@ -15,6 +15,10 @@ SPARSIFY_MODES = ("reference", "mask", "soft")
 #: Version of the adapter file format. Bumped when a saved adapter could be misread by older code.
 FORMAT_VERSION = 1
 
+#: Keys adapter_config.json holds beside the config's fields, for the reader's information (snell.io writes
+#: them); from_dict ignores them, so the file still reads as a plain SnellConfig.
+ADAPTER_FILE_KEYS = ("base_model", "adapted_modules")
+
 
 def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
     """The kernel coefficients used by the reference code (piecewise) or chosen to start near zero (others).
@@ -163,6 +167,7 @@ class SnellConfig:
                 f"this adapter config has format_version {version!r}, but this snell reads versions "
                 f"<= {FORMAT_VERSION}; upgrade snell to load it"
             )
+        data = {k: v for k, v in data.items() if k not in ADAPTER_FILE_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -3,8 +3,9 @@
 A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. The safetensors metadata
 records every adapted layer's op and weight shape, so loading into another architecture fails with a
 clear message before the model is touched, and a sha256 of the tensors, so a corrupted file is refused
-(safetensors has no checksum of its own). Files are written to temporary names and renamed, so an
-interrupted save never leaves a half-written adapter behind; they end with the mode the umask gives.
+(safetensors has no checksum of its own). The JSON adds the base model and the adapted layers to the
+config, for people reading it. Files are written to temporary names and renamed, so an interrupted save
+never leaves a half-written adapter behind; they end with the mode the umask gives.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from snell import __version__
 from snell.config import FORMAT_VERSION, SnellConfig
 from snell.function import SnellSpec
-from snell.layers import build_spec, factor_shapes, iter_snell_layers
+from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
 from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,6 +47,22 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def base_model_record(model: nn.Module) -> dict[str, str | None]:
+    """The base model's class and, where its library records one, its name: transformers' name_or_path,
+    timm's architecture with its pretrained tag."""
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, SnellLayer))
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    pretrained = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not name and isinstance(pretrained, dict) and pretrained.get("architecture"):
+        name = ".".join(str(part) for part in (pretrained["architecture"], pretrained.get("tag")) if part)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "name_or_path": name if isinstance(name, str) else None}
+
+
+def _describe(record: dict) -> str:
+    name = record.get("name_or_path")
+    return f"{record.get('class')}" + (f" ({name})" if name else "")
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -99,19 +116,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "layers": json.dumps({name: _layer_record(layer.snell_spec) for name, layer in iter_snell_layers(model)}),
         "tensors_sha256": tensors_digest(tensors),
     }
+    config_file = {
+        **config.to_dict(),
+        "base_model": base_model_record(model),
+        "adapted_modules": [name for name, _ in iter_snell_layers(model)],
+    }
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    _atomic_write(
+        out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config_file, indent=2, sort_keys=True) + "\n")
+    )
     return out
 
 
-def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.Tensor]]:
-    """The config, the layer records and the tensors, checked."""
+def _read_adapter(directory: Path) -> tuple[SnellConfig, dict | None, dict, dict[str, torch.Tensor]]:
+    """The config, the base model record (None in older files), the layer records and the tensors, checked."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"no SNELL adapter at {directory}: {path.name} is missing")
     try:
-        config = SnellConfig.from_json(config_path.read_text())
+        config_file = json.loads(config_path.read_text())
+        config = SnellConfig.from_dict(config_file)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: SNELL config is not valid JSON: {err}") from None
     except (ValueError, TypeError) as err:
         raise ValueError(f"{config_path}: {err}") from None
     try:
@@ -140,7 +167,7 @@ def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.T
             f"{weights_path} is corrupt: its tensors do not match the sha256 recorded when it was saved; "
             "the model was not changed"
         )
-    return config, json.loads(metadata["layers"]), tensors
+    return config, config_file.get("base_model"), json.loads(metadata["layers"]), tensors
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -150,7 +177,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     mismatch a ValueError names it and the model is left untouched.
     """
     directory = Path(directory)
-    config, records, tensors = _read_adapter(directory)
+    config, base_model, records, tensors = _read_adapter(directory)
     modules = dict(model.named_modules())
     specs: dict[str, SnellSpec] = {}
     for name, record in records.items():
@@ -196,6 +223,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory / WEIGHTS_NAME}: {name} should have shape {tuple(param.shape)} for this model, "
                 f"found {found}"
             )
+    current = base_model_record(model)
+    if isinstance(base_model, dict) and base_model.get("class") != current["class"]:
+        warnings.warn(
+            f"the adapter in {directory} was saved from a {_describe(base_model)} and is loaded into a "
+            f"{_describe(current)}: the layer shapes match, but check that this is the base model you meant",
+            stacklevel=2,
+        )
     inject(model, config, specs)
     with torch.no_grad():
         for name, layer in iter_snell_layers(model):
