@@ -105,8 +105,8 @@ def resolve_parameters_to_save(model: nn.Module, config: SnellConfig) -> dict[st
 
 
 def _frozen_running_stats(model: nn.Module, to_save: dict[str, nn.Module]) -> list[nn.Module]:
-    """Normalisation layers whose running statistics nothing saves: no trainable parameter of their own and
-    not part of a module_to_save (whose buffers the adapter stores)."""
+    """Normalisation layers whose running statistics the adapter would not save: no trainable parameter of
+    their own and not inside a module of modules_to_save (whose buffers are saved with it)."""
     saved = tuple(f"{name}." for name in to_save)
     return [
         module
