@@ -226,7 +226,7 @@ def test_loading_into_another_model_class_with_the_same_shapes_warns(tmp_path):
         warnings.simplefilter("error")
         snell.load_adapter(Mlp(), tmp_path)
     with pytest.warns(
-        UserWarning, match=r"saved from a test_io\.Mlp and is loaded into a test_io\.OtherMlp: the layer shapes match"
+        UserWarning, match=r"saved from a [\w.]*\.Mlp and is loaded into a [\w.]*\.OtherMlp: the layer shapes match"
     ):
         model = snell.load_adapter(OtherMlp(), tmp_path)
     assert [n for n, _ in snell.snell_layers(model)] == ["fc1", "fc2"]

@@ -57,7 +57,10 @@ def base_model_record(model: nn.Module) -> dict[str, str | None]:
     pretrained = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if not name and isinstance(pretrained, dict) and pretrained.get("architecture"):
         name = ".".join(str(part) for part in (pretrained["architecture"], pretrained.get("tag")) if part)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "name_or_path": name if isinstance(name, str) else None}
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "name_or_path": name if isinstance(name, str) and name else None,
+    }
 
 
 def _describe(record: dict) -> str:
