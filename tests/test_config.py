@@ -1,3 +1,6 @@
+import copy
+import dataclasses
+
 import pytest
 
 from snell.config import FORMAT_VERSION, SnellConfig, default_coefficients
@@ -71,3 +74,35 @@ def test_linear_kernel_needs_no_divisibility_and_defaults_to_lora_scale():
     cfg = SnellConfig(r=5, kernel="linear")
     assert cfg.kernel_coefficients == [1.0]
     assert default_coefficients("piecewise_linear", 4) == [0.1, -0.1, 0.1, -0.1]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("sparsity", 1.0, r"sparsity must be in \[0, 1\).*1.0"),
+        ("r", 7, r"divisible by num_pieces.*r=7"),
+        ("kernel", "rbf", r"kernel 'rbf' takes 3 coefficients, got 2"),
+        ("target_modules", "(unclosed", r"not a valid regular expression"),
+    ],
+)
+def test_assignment_is_validated_and_a_rejected_one_changes_nothing(name, value, message):
+    cfg = SnellConfig(coefficients=[0.2, -0.2])
+    before = cfg.to_dict()
+    with pytest.raises(ValueError, match=message):
+        setattr(cfg, name, value)
+    assert cfg.to_dict() == before
+
+
+def test_valid_assignments_and_replace_still_work():
+    cfg = SnellConfig()
+    cfg.sparsity = 0.5
+    cfg.target_modules = ("qkv", "fc1")  # normalised as on creation
+    assert cfg.sparsity == 0.5 and cfg.target_modules == ["qkv", "fc1"]
+    assert SnellConfig.from_json(cfg.to_json()) == cfg
+    other = dataclasses.replace(cfg, kernel="rbf", coefficients=None)  # changing fields that depend on each other
+    assert other.kernel_coefficients == [1.0, 1.0, -1.0] and cfg.kernel == "piecewise_linear"
+    with pytest.raises(ValueError, match=r"r must be an integer >= 1, got 0"):
+        dataclasses.replace(cfg, r=0)
+    clone = copy.deepcopy(cfg)
+    clone.r = 16
+    assert clone.r == 16 and cfg.r == 8

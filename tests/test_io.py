@@ -1,14 +1,17 @@
 import json
+import os
+import warnings
 
 import pytest
 import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import snell
 from snell.config import FORMAT_VERSION
-from snell.io import CONFIG_NAME, WEIGHTS_NAME
+from snell.io import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 
 
 def _vit(embed_dim=192, seed=0):
@@ -88,7 +91,8 @@ def test_saved_parameter_of_another_shape_is_refused(tmp_path):
     path = tmp_path / "adapter" / WEIGHTS_NAME
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    save_file({**tensors, "cls_token": torch.zeros(1, 1, 7)}, str(path), metadata=metadata)
+    tensors["cls_token"] = torch.zeros(1, 1, 7)
+    save_file(tensors, str(path), metadata={**metadata, "tensors_sha256": tensors_digest(tensors)})
     other = _vit()
     snapshot = _snapshot(other)
     with pytest.raises(
@@ -146,3 +150,83 @@ def test_failed_saves_leave_existing_files_alone(saved):
     with pytest.raises(ValueError, match="unmerge"):
         snell.save_adapter(merged, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_a_flipped_byte_in_the_tensor_data_is_refused(saved):
+    path = saved / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(data[:8], "little")  # safetensors: u64 header size, JSON header, tensor data
+    data[(data_start + len(data)) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    model = _vit()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} is corrupt: its tensors do not match the sha256"):
+        snell.load_adapter(model, saved)
+    _assert_unchanged(model, snapshot)
+
+
+def test_adapters_saved_before_checksums_and_base_model_records_still_load(saved):
+    metadata, tensors = _read(saved / WEIGHTS_NAME)
+    del metadata["tensors_sha256"]
+    save_file(tensors, saved / WEIGHTS_NAME, metadata=metadata)
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    (saved / CONFIG_NAME).write_text(snell.SnellConfig.from_dict(config).to_json())  # the old file: config only
+    model = _vit()
+    with pytest.warns(UserWarning, match="records no checksum"):
+        snell.load_adapter(model, saved)
+    assert torch.equal(model.blocks[0].attn.qkv.A, tensors["blocks.0.attn.qkv.snell_A"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_adapter_files_respect_the_umask(tmp_path, umask):
+    model = snell.get_snell_model(_vit(), snell.SnellConfig(sparsity=0.5))
+    previous = os.umask(umask)
+    try:
+        snell.save_adapter(model, tmp_path)
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        WEIGHTS_NAME: 0o666 & ~umask,
+        CONFIG_NAME: 0o666 & ~umask,
+    }
+
+
+def test_config_file_records_the_base_model_and_the_adapted_layers(saved):
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    assert config["target_modules"] is None  # the preset chose them: the file says which
+    assert config["adapted_modules"] == [
+        f"blocks.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+    assert config["base_model"]["class"] == "timm.models.vision_transformer.VisionTransformer"
+    assert config["base_model"]["name_or_path"].startswith("vit_tiny_patch16_224.")  # timm architecture.tag
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class OtherMlp(Mlp):
+    """Another model whose layers have the same names and shapes."""
+
+
+def test_loading_into_another_model_class_with_the_same_shapes_warns(tmp_path):
+    snell.save_adapter(snell.get_snell_model(Mlp(), snell.SnellConfig(target_modules=["fc1", "fc2"])), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        snell.load_adapter(Mlp(), tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"saved from a [\w.]*\.Mlp and is loaded into a [\w.]*\.OtherMlp: the layer shapes match"
+    ):
+        model = snell.load_adapter(OtherMlp(), tmp_path)
+    assert [n for n, _ in snell.snell_layers(model)] == ["fc1", "fc2"]

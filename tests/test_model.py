@@ -26,6 +26,20 @@ class TinyNet(nn.Module):
         return self.head(self.fc2(torch.relu(self.fc1(self.norm(x)))))
 
 
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.head(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
 def _tiny_vit(seed=0, depth=12):
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=depth)
@@ -174,6 +188,78 @@ def test_merge_unmerge_disable_and_unload_keep_outputs():
     torch.testing.assert_close(restored(x), base_out, rtol=1e-5, atol=1e-6)
 
 
+def test_unmerge_without_merge_is_an_error_and_unload_still_works():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1", "fc2"]))
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="not merged into this layer's weight"):
+        model.fc1.unmerge()
+    with pytest.raises(ValueError, match=r"not merged into the weights of 2 of 2 layers \(e.g. 'fc1'\)"):
+        snell.unmerge_adapters(model)
+    _assert_unchanged(model, snapshot)
+    model.fc2.merge()  # partly merged: refused as a whole, nothing unmerged
+    merged_weight = model.fc2.weight.clone()
+    with pytest.raises(ValueError, match=r"1 of 2 layers \(e.g. 'fc1'\)"):
+        snell.unmerge_adapters(model)
+    assert model.fc2.snell_merged and torch.equal(model.fc2.weight, merged_weight)
+    plain = TinyNet()
+    plain.load_state_dict({k: v for k, v in snapshot[0].items() if "snell_" not in k})
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(snell.unload(model)(x), plain(x))
+
+
+def test_training_a_merged_model_is_a_clear_error():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1"], modules_to_save=["head"]))
+    x = torch.randn(2, 3, 6, 6)
+    snell.merge_adapters(model)
+    with pytest.raises(RuntimeError, match=r"merged into the weights, which is for inference.*unmerge_adapters"):
+        model.train()(x)
+    with torch.no_grad():
+        model(x)  # inference in training mode
+    model.eval()(x).sum().backward()  # gradients for the input or the head in eval mode stay possible
+    snell.unmerge_adapters(model)
+    model.train()(x).sum().backward()
+    assert model.fc1.A.grad.abs().sum() > 0
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_save_load_reproduces_the_model(tmp_path):
+    torch.manual_seed(0)
+    base = ConvBN()
+    with torch.no_grad():
+        base.bn1.running_mean.normal_()  # "pretrained" statistics, far from what the batches give
+    model = copy.deepcopy(base)
+    config = snell.SnellConfig(sparsity=0.5, r=4, target_modules=["conv1", "conv2"], modules_to_save=["bn2", "head"])
+    snell.get_snell_model(model, config)
+    bn1_stats = {k: v.clone() for k, v in model.bn1.state_dict().items()}
+    bn2_stats = {k: v.clone() for k, v in model.bn2.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    assert not model.bn1.training and model.bn2.training and model.conv1.training
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 6, 6) * 3 + 1).square().mean().backward()
+        optimizer.step()
+    assert all(torch.equal(model.bn1.state_dict()[k], v) for k, v in bn1_stats.items())
+    assert not torch.equal(model.bn2.running_mean, bn2_stats["running_mean"])  # trained with the head, saved
+    assert isinstance(model.bn1, nn.BatchNorm2d) and set(model.state_dict()) >= set(base.state_dict())
+    snell.save_adapter(model, tmp_path)
+    loaded = snell.load_adapter(copy.deepcopy(base), tmp_path)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+    clone = copy.deepcopy(model).train()
+    assert not clone.bn1.training
+    plain = snell.unload(model.train())
+    assert type(plain.bn1) is nn.BatchNorm2d and plain.bn1.training
+
+
+def test_injection_into_a_timm_batchnorm_model_keeps_running_statistics():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    config = snell.SnellConfig(sparsity=0.5, target_modules=r"layer\d\.\d\.conv\d", modules_to_save=["fc"])
+    snell.get_snell_model(model, config)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_save_load_into_a_fresh_model_gives_identical_outputs(tmp_path):
     model = _tiny_vit(seed=0)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -294,6 +380,13 @@ def test_large_llama_mlp_matrix_trains():
     ("config", "error", "message"),
     [
         (snell.SnellConfig(target_modules=["nothing_like_this"]), ValueError, "matches no module"),
+        (snell.SnellConfig(target_modules=["fc1", "fc3", "pw"]), ValueError, r"entries \['fc3'\] match no module"),
+        (
+            snell.SnellConfig(target_modules=["fc1", "fc2"], exclude_modules=["fc2", "conv"]),
+            ValueError,
+            r"exclude_modules \['conv'\] match none of the 2 modules",
+        ),
+        (snell.SnellConfig(target_modules=["fc1"], exclude_modules=r"fc\d"), ValueError, "excludes every module"),
         (snell.SnellConfig(target_modules=["norm"]), TypeError, "LayerNorm cannot take a SNELL adapter"),
         (snell.SnellConfig(target_modules=["fc1"], modules_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
         (snell.SnellConfig(target_modules=["fc1"], parameters_to_save=["nope"]), ValueError, r"\['nope'\] match no"),
@@ -307,6 +400,45 @@ def test_bad_targets_raise_and_leave_the_model_as_it_was(config, error, message)
         snell.get_snell_model(model, config)
     _assert_unchanged(model, snapshot)
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_regex_targets_and_exclusions_need_not_match_every_name():
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=r"fc\d|nope", exclude_modules=r"fc2|x"))
+    assert [n for n, _ in snell.snell_layers(model)] == ["fc1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "grouped", "kwargs"),
+    [
+        ("resnet18", "fc", None, {"layers": (1, 1, 1, 1)}),
+        ("resnext50_32x4d", "fc", "layer1.0.conv2", {"layers": (1, 1, 1, 1)}),  # a block per stage: faster
+        ("regnety_002", "head.fc", "s1.b1.conv2.conv", {}),
+    ],
+)
+def test_cnn_presets_train_including_grouped_convs(name, head, grouped, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+    for module in model.modules():  # timm zero-initialises each block's last BatchNorm: no block gradient yet
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.0, modules_to_save=[head]))  # dense: faster
+    model.train()(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    layers = dict(snell.snell_layers(model))
+    assert all(layer.A.grad.abs().sum() > 0 and torch.isfinite(layer.A.grad).all() for layer in layers.values())
+    if grouped:
+        layer = layers[grouped]
+        assert layer.groups > 1 and layer.delta_weight().shape == layer.weight.shape
+        x = torch.randn(2, layer.in_channels, 8, 8)
+        expected = torch.nn.functional.conv2d(
+            x,
+            layer.weight + layer.delta_weight(),
+            layer.bias,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+        )
+        torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_injecting_twice_is_refused():
@@ -327,6 +459,11 @@ def test_preset_detection_for_timm_families():
     assert "conv_head" in effnet and any(n.endswith("conv_pwl") for n in effnet)
     effnet_model = timm.create_model("efficientnet_lite0")
     assert all(effnet_model.get_submodule(n).kernel_size == (1, 1) for n in effnet)
+    resnet = targets("resnet18")
+    assert len(resnet) == 16 and "layer1.0.conv2" in resnet and "conv1" not in resnet
+    assert not any("downsample" in n for n in resnet)
+    regnet = targets("regnetx_002")
+    assert "s1.b1.conv2.conv" in regnet and all(n.endswith(("conv1.conv", "conv2.conv", "conv3.conv")) for n in regnet)
     swin = targets("swin_tiny_patch4_window7_224")
     assert "layers.0.blocks.0.attn.qkv" in swin and "layers.0.blocks.0.mlp.fc2" in swin
     with pytest.raises(ValueError, match="no SNELL preset fits model class TinyNet"):

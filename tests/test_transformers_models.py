@@ -1,5 +1,7 @@
 """SNELL on transformers models built from tiny configs (no downloads): presets, Conv1D, merge."""
 
+import json
+
 import pytest
 import torch
 from naive import assert_keeps_top_k, dense_update
@@ -69,3 +71,19 @@ def test_gpt2_conv1d_fused_c_attn_is_split_and_transposed():
     delta = layer.delta_weight()
     assert delta.shape == (32, 96)
     assert_keeps_top_k(dense_update(layer), delta.T.reshape(3, 32, 32) != 0, round(0.1 * 32 * 32))
+
+
+def test_adapter_config_records_the_transformers_checkpoint(tmp_path):
+    model = _bert()
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
+    snell.save_adapter(model, tmp_path / "unnamed")
+    model.config._name_or_path = "org/tiny-bert"  # what from_pretrained sets
+    snell.save_adapter(model, tmp_path / "named")
+    records = {
+        d: json.loads((tmp_path / d / "adapter_config.json").read_text())["base_model"] for d in ("unnamed", "named")
+    }
+    cls = "transformers.models.bert.modeling_bert.BertForSequenceClassification"
+    assert records == {
+        "unnamed": {"class": cls, "name_or_path": None},
+        "named": {"class": cls, "name_or_path": "org/tiny-bert"},
+    }

@@ -1,7 +1,9 @@
-"""SnellConfig: every choice that defines a SNELL adapter, validated on creation and JSON round-trippable."""
+"""SnellConfig: every choice that defines a SNELL adapter, validated on creation and on every assignment, JSON
+round-trippable."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -12,6 +14,10 @@ SPARSIFY_MODES = ("reference", "mask", "soft")
 
 #: Version of the adapter file format. Bumped when a saved adapter could be misread by older code.
 FORMAT_VERSION = 1
+
+#: Keys adapter_config.json holds beside the config's fields, for the reader's information (snell.io writes
+#: them); from_dict ignores them, so the file still reads as a plain SnellConfig.
+ADAPTER_FILE_KEYS = ("base_model", "adapted_modules")
 
 
 def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
@@ -81,9 +87,21 @@ class SnellConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Validate assignments after creation too, so a config never holds a value its saved adapter
+        could not be loaded with; a rejected assignment leaves the config unchanged."""
+        if not self.__dict__.get("_validated"):
+            object.__setattr__(self, name, value)  # dataclass __init__; __post_init__ validates the whole
+            return
+        candidate = copy.copy(self)
+        object.__setattr__(candidate, name, value)
+        candidate.validate()
+        self.__dict__.update(candidate.__dict__)
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad value and the allowed range."""
+        """Raise ValueError naming the bad value and the allowed range; normalise lists and coefficients."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if self.kernel not in KERNELS:
@@ -106,7 +124,7 @@ class SnellConfig:
             expected = expected_num_coefficients(self.kernel, self.num_pieces)
             if len(self.coefficients) != expected:
                 raise ValueError(f"kernel {self.kernel!r} takes {expected} coefficients, got {len(self.coefficients)}")
-            self.coefficients = [float(c) for c in self.coefficients]
+            object.__setattr__(self, "coefficients", [float(c) for c in self.coefficients])
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -117,13 +135,13 @@ class SnellConfig:
             elif value is not None:
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of names, a regex string or None, got {value!r}")
-                setattr(self, name, list(value))
+                object.__setattr__(self, name, list(value))
         for name in ("modules_to_save", "parameters_to_save"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of names, got {value!r}")
-                setattr(self, name, list(value))
+                object.__setattr__(self, name, list(value))
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this adapter config has format_version {self.format_version!r}, but this snell reads "
@@ -149,6 +167,7 @@ class SnellConfig:
                 f"this adapter config has format_version {version!r}, but this snell reads versions "
                 f"<= {FORMAT_VERSION}; upgrade snell to load it"
             )
+        data = {k: v for k, v in data.items() if k not in ADAPTER_FILE_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

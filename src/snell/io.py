@@ -2,16 +2,22 @@
 
 A directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. The safetensors metadata
 records every adapted layer's op and weight shape, so loading into another architecture fails with a
-clear message before the model is touched. Files are written to temporary names and renamed, so an
-interrupted save never leaves a half-written adapter behind.
+clear message before the model is touched, and a sha256 of the tensors, so a corrupted file is refused
+(safetensors has no checksum of its own). The JSON adds the base model and the adapted layers to the
+config, for people reading it. Files are written to temporary names and renamed, so an interrupted save
+never leaves a half-written adapter behind; they end with the mode the umask gives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import secrets
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,7 +27,7 @@ from torch import nn
 from snell import __version__
 from snell.config import FORMAT_VERSION, SnellConfig
 from snell.function import SnellSpec
-from snell.layers import build_spec, factor_shapes, iter_snell_layers
+from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
 from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,11 +39,45 @@ def _layer_record(spec: SnellSpec) -> dict:
     return {"op": spec.op, "weight_shape": list(spec.weight_shape), "groups": spec.groups}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order: independent of the file layout."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def base_model_record(model: nn.Module) -> dict[str, str | None]:
+    """The base model's class and, where its library records one, its name: transformers' name_or_path,
+    timm's architecture with its pretrained tag."""
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, SnellLayer))
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    pretrained = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not name and isinstance(pretrained, dict) and pretrained.get("architecture"):
+        name = ".".join(str(part) for part in (pretrained["architecture"], pretrained.get("tag")) if part)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "name_or_path": name if isinstance(name, str) and name else None,
+    }
+
+
+def _describe(record: dict) -> str:
+    name = record.get("name_or_path")
+    return f"{record.get('class')}" + (f" ({name})" if name else "")
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Write via a temporary file and a rename, so an interrupted save leaves no half-written file. The file
+    ends with mode 0o666 less the umask, like any new file (mkstemp, and safetensors' writer, give 0o600,
+    which hides adapters from the rest of a group)."""
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,19 +117,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format_version": str(FORMAT_VERSION),
         "snell_version": __version__,
         "layers": json.dumps({name: _layer_record(layer.snell_spec) for name, layer in iter_snell_layers(model)}),
+        "tensors_sha256": tensors_digest(tensors),
+    }
+    config_file = {
+        **config.to_dict(),
+        "base_model": base_model_record(model),
+        "adapted_modules": [name for name, _ in iter_snell_layers(model)],
     }
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    _atomic_write(
+        out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config_file, indent=2, sort_keys=True) + "\n")
+    )
     return out
 
 
-def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.Tensor]]:
+def _read_adapter(directory: Path) -> tuple[SnellConfig, dict | None, dict, dict[str, torch.Tensor]]:
+    """The config, the base model record (None in older files), the layer records and the tensors, checked."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"no SNELL adapter at {directory}: {path.name} is missing")
     try:
-        config = SnellConfig.from_json(config_path.read_text())
+        config_file = json.loads(config_path.read_text())
+        config = SnellConfig.from_dict(config_file)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: SNELL config is not valid JSON: {err}") from None
     except (ValueError, TypeError) as err:
         raise ValueError(f"{config_path}: {err}") from None
     try:
@@ -106,7 +158,19 @@ def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.T
             f"{weights_path} has format_version {version}, but this snell reads versions <= {FORMAT_VERSION}; "
             "upgrade snell to load it"
         )
-    return config, json.loads(metadata["layers"]), tensors
+    digest = metadata.get("tensors_sha256")
+    if digest is None:
+        warnings.warn(
+            f"{weights_path} records no checksum (saved before snell recorded one), so it cannot be checked for "
+            "corruption; load and save it again to add one",
+            stacklevel=3,
+        )
+    elif digest != tensors_digest(tensors):
+        raise ValueError(
+            f"{weights_path} is corrupt: its tensors do not match the sha256 recorded when it was saved; "
+            "the model was not changed"
+        )
+    return config, config_file.get("base_model"), json.loads(metadata["layers"]), tensors
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -116,7 +180,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     mismatch a ValueError names it and the model is left untouched.
     """
     directory = Path(directory)
-    config, records, tensors = _read_adapter(directory)
+    config, base_model, records, tensors = _read_adapter(directory)
     modules = dict(model.named_modules())
     specs: dict[str, SnellSpec] = {}
     for name, record in records.items():
@@ -162,6 +226,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory / WEIGHTS_NAME}: {name} should have shape {tuple(param.shape)} for this model, "
                 f"found {found}"
             )
+    current = base_model_record(model)
+    if isinstance(base_model, dict) and base_model.get("class") != current["class"]:
+        warnings.warn(
+            f"the adapter in {directory} was saved from a {_describe(base_model)} and is loaded into a "
+            f"{_describe(current)}: the layer shapes match, but check that this is the base model you meant",
+            stacklevel=2,
+        )
     inject(model, config, specs)
     with torch.no_grad():
         for name, layer in iter_snell_layers(model):

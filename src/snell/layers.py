@@ -3,6 +3,7 @@
 Injection changes the module's class to a subclass of its own class (minLoRA's spirit: no model surgery),
 so the module tree, isinstance checks and the state_dict keys of the base weights stay as they were;
 the adapter adds ``snell_A`` and ``snell_B`` next to ``weight``. Unloading restores the original class.
+Frozen normalisation layers with running statistics are held in eval mode the same way (FrozenStatsNorm).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from snell.config import SnellConfig
 from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, sparse_delta, to_weight_layout
@@ -104,6 +106,12 @@ class SnellLayer(nn.Module):
         return self.snell_B
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.snell_merged and self.training and torch.is_grad_enabled() and self.snell_A.requires_grad:
+            # The factors would get no gradient (W0 + ΔWˢ is one frozen tensor): say so now, not at backward.
+            raise RuntimeError(
+                "adapters are merged into the weights, which is for inference: call unmerge_adapters(model) "
+                "before training, or run the merged model in eval mode or under torch.no_grad()"
+            )
         if self.snell_merged or self.snell_disabled:
             return super().forward(x)
         spec = self.snell_spec
@@ -131,9 +139,11 @@ class SnellLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.snell_merged:
-            self.snell_merged = False
-            self.weight.sub_(self.delta_weight())
+        """Take ΔWˢ out of the base weight again; an error when it is not in (that would corrupt W0)."""
+        if not self.snell_merged:
+            raise ValueError("adapters are not merged into this layer's weight; there is nothing to unmerge")
+        self.snell_merged = False
+        self.weight.sub_(self.delta_weight())
 
     def extra_repr(self) -> str:
         spec = self.snell_spec
@@ -143,17 +153,46 @@ class SnellLayer(nn.Module):
         )
 
 
-_snell_classes: dict[type, type] = {}
+class FrozenStatsNorm(nn.Module):
+    """Mixin for a frozen normalisation layer with running statistics: it stays in eval mode whatever
+    ``model.train()`` says, because the adapter does not store those statistics (training would otherwise
+    move them and the saved adapter would not reproduce the trained model)."""
+
+    def train(self, mode: bool = True) -> FrozenStatsNorm:
+        return super().train(False)
 
 
-def _snell_class(base_cls: type) -> type:
-    """The SnellLayer subclass of ``base_cls`` (one per base class, registered here for pickling)."""
-    if base_cls not in _snell_classes:
-        name = f"Snell{base_cls.__name__}"
-        cls = type(name, (SnellLayer, base_cls), {"__module__": __name__, "__qualname__": name})
+_mixed_classes: dict[tuple[type, type], type] = {}
+
+
+def _mixed_class(mixin: type, base_cls: type, prefix: str) -> type:
+    """The subclass of ``base_cls`` with ``mixin`` in front (one per pair, registered here for pickling)."""
+    if (mixin, base_cls) not in _mixed_classes:
+        name = f"{prefix}{base_cls.__name__}"
+        cls = type(name, (mixin, base_cls), {"__module__": __name__, "__qualname__": name})
         globals().setdefault(name, cls)
-        _snell_classes[base_cls] = cls
-    return _snell_classes[base_cls]
+        _mixed_classes[mixin, base_cls] = cls
+    return _mixed_classes[mixin, base_cls]
+
+
+def _unmixed_class(module: nn.Module, mixin: type) -> type:
+    return next(base for base in type(module).__mro__[1:] if not issubclass(base, mixin))
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    return isinstance(module, _NormBase) and module.track_running_stats
+
+
+def freeze_running_stats(module: nn.Module) -> None:
+    """Keep the normalisation layer ``module`` in eval mode from now on (see FrozenStatsNorm)."""
+    module.__class__ = _mixed_class(FrozenStatsNorm, type(module), "FrozenStats")
+    module.train(False)
+
+
+def thaw_running_stats(module: FrozenStatsNorm, mode: bool) -> None:
+    """Give ``module`` its own class back, in training mode ``mode``."""
+    module.__class__ = _unmixed_class(module, FrozenStatsNorm)
+    module.train(mode)
 
 
 def factor_shapes(spec: SnellSpec, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -194,7 +233,7 @@ def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLaye
     b = nn.Parameter(torch.empty(shape_b, device=weight.device, dtype=dtype))
     init_factors(a, b, spec.num_pieces)
     coefficients = torch.tensor(config.kernel_coefficients, device=weight.device, dtype=torch.float32)
-    module.__class__ = _snell_class(type(module))
+    module.__class__ = _mixed_class(SnellLayer, type(module), "Snell")
     module.snell_A = a
     module.snell_B = b
     if config.learnable_coefficients:
@@ -215,7 +254,7 @@ def detach(module: SnellLayer) -> nn.Module:
         delattr(module, name)
     for name in ("snell_spec", "snell_dropout", "snell_drop_path", "snell_merged", "snell_disabled"):
         module.__dict__.pop(name, None)
-    module.__class__ = next(base for base in type(module).__mro__[1:] if not issubclass(base, SnellLayer))
+    module.__class__ = _unmixed_class(module, SnellLayer)
     return module
 
 

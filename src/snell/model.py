@@ -13,7 +13,17 @@ from torch import nn
 
 from snell.config import SnellConfig
 from snell.function import SnellSpec
-from snell.layers import SnellLayer, attach, build_spec, detach, iter_snell_layers
+from snell.layers import (
+    FrozenStatsNorm,
+    SnellLayer,
+    attach,
+    build_spec,
+    detach,
+    freeze_running_stats,
+    has_running_stats,
+    iter_snell_layers,
+    thaw_running_stats,
+)
 from snell.presets import detect_preset
 
 logger = logging.getLogger("snell")
@@ -35,14 +45,32 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         selector = preset.pattern
     modules = dict(model.named_modules())
     names = [n for n in modules if n and _name_matches(n, selector)]
-    if config.exclude_modules is not None:
-        names = [n for n in names if not _name_matches(n, config.exclude_modules)]
+    sample = ", ".join(n for n in list(modules)[1:9])
     if not names:
-        sample = ", ".join(n for n in list(modules)[1:9])
         raise ValueError(
             f"target_modules={selector!r} matches no module of {type(model).__name__} "
             f"(module names look like: {sample}, ...)"
         )
+    # Every list entry must match: a typo in one would silently adapt fewer layers (or exclude none).
+    if isinstance(selector, list):
+        missing = [s for s in selector if not any(_name_matches(n, [s]) for n in names)]
+        if missing:
+            raise ValueError(
+                f"target_modules entries {missing} match no module of {type(model).__name__} "
+                f"(module names look like: {sample}, ...)"
+            )
+    excluded = config.exclude_modules
+    if isinstance(excluded, list):
+        idle = [s for s in excluded if not any(_name_matches(n, [s]) for n in names)]
+        if idle:
+            raise ValueError(
+                f"exclude_modules {idle} match none of the {len(names)} modules that target_modules selects in "
+                f"{type(model).__name__}, so they would exclude nothing"
+            )
+    if excluded is not None:
+        names = [n for n in names if not _name_matches(n, excluded)]
+        if not names:
+            raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
     return {name: build_spec(name, modules[name], config) for name in names}
 
 
@@ -76,6 +104,20 @@ def resolve_parameters_to_save(model: nn.Module, config: SnellConfig) -> dict[st
     return {n: p for n, p in found.items() if not n.startswith(in_saved_modules)}
 
 
+def _frozen_running_stats(model: nn.Module, to_save: dict[str, nn.Module]) -> list[nn.Module]:
+    """Normalisation layers whose running statistics the adapter would not save: no trainable parameter of
+    their own and not inside a module of modules_to_save (whose buffers are saved with it)."""
+    saved = tuple(f"{name}." for name in to_save)
+    return [
+        module
+        for name, module in model.named_modules()
+        if has_running_stats(module)
+        and name not in to_save
+        and not name.startswith(saved)
+        and not any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
 def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -> nn.Module:
     """Attach adapters per ``specs``; on any failure the model is restored exactly as it was."""
     if any(True for _ in iter_snell_layers(model)):
@@ -85,6 +127,7 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
     modules = dict(model.named_modules())
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     attached: list[SnellLayer] = []
+    frozen: list[tuple[nn.Module, bool]] = []
     try:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -94,9 +137,15 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
             module.requires_grad_(True)
         for param in parameters_to_save.values():
             param.requires_grad_(True)
+        for module in _frozen_running_stats(model, to_save):
+            training = module.training
+            freeze_running_stats(module)
+            frozen.append((module, training))
     except BaseException:
         for layer in attached:
             detach(layer)
+        for module, training in frozen:
+            thaw_running_stats(module, training)
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         raise
@@ -108,7 +157,8 @@ def get_snell_model(model: nn.Module, config: SnellConfig) -> nn.Module:
     """Inject SNELL adapters into ``model`` in place and return it.
 
     Every parameter is frozen except the adapter factors, ``config.modules_to_save`` and
-    ``config.parameters_to_save``.
+    ``config.parameters_to_save``. Frozen normalisation layers with running statistics (BatchNorm) stay in
+    eval mode even under ``model.train()``, since the adapter does not store their statistics.
     """
     return inject(model, config, resolve_targets(model, config))
 
@@ -155,7 +205,16 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    for layer in _require_adapters(model):
+    """Take every ΔWˢ out of the base weights again (to train or disable the adapters); an error, changing
+    nothing, when some layer is not merged."""
+    layers = _require_adapters(model)
+    unmerged = [name for name, layer in iter_snell_layers(model) if not layer.snell_merged]
+    if unmerged:
+        raise ValueError(
+            f"adapters are not merged into the weights of {len(unmerged)} of {len(layers)} layers "
+            f"(e.g. {unmerged[0]!r}); only merge_adapters(model) output can be unmerged"
+        )
+    for layer in layers:
         layer.unmerge()
     return model
 
@@ -164,9 +223,12 @@ def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     for layer in _require_adapters(model):
         if merge:
             layer.merge()
-        else:
+        elif layer.snell_merged:
             layer.unmerge()
         detach(layer)
+    for module in model.modules():
+        if isinstance(module, FrozenStatsNorm):
+            thaw_running_stats(module, model.training)
     model.__dict__.pop("snell_config", None)
     return model
 

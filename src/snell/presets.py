@@ -1,7 +1,8 @@
 """Where SNELL adapters go by default, per model family (used when ``target_modules`` is None).
 
 Each preset is a regular expression over full module names, matching the layers the reference code
-adapts (timm ViT/Swin: q, k, v, attn.proj, mlp.fc1, mlp.fc2; ConvNeXt: the pointwise MLP) or the
+adapts (timm ViT/Swin: q, k, v, attn.proj, mlp.fc1, mlp.fc2; ConvNeXt: the pointwise MLP), the convs
+of CNN blocks (EfficientNet/MobileNet: pointwise; ResNet/ResNeXt, RegNet: every block conv), or the
 usual attention/MLP projections of a language model. Families are recognised by class names, so the
 core never imports timm or transformers.
 """
@@ -36,6 +37,12 @@ PRESETS: tuple[Preset, ...] = (
         ("EfficientNet", "MobileNet"),
         r"(.*\.)?blocks\.\d+\.\d+\.conv_(pw|pwl)|(.*\.)?conv_head",
     ),
+    # Every conv of the residual blocks (BasicBlock: two 3x3; Bottleneck: 1x1, 3x3 (grouped in ResNeXt),
+    # 1x1): unlike EfficientNet, ResNet-18/34 blocks have no pointwise conv to restrict to. Stem and
+    # downsample (shortcut) convs stay frozen.
+    Preset("timm_resnet", ("ResNet",), r"(.*\.)?layer\d+\.\d+\.conv\d"),
+    # RegNetX/Y: the 1x1, grouped 3x3 and 1x1 conv of every block (not the SE, stem or shortcut convs).
+    Preset("timm_regnet", ("RegNet",), r"(.*\.)?s\d+\.b\d+\.conv\d\.conv"),
     Preset(
         "hf_bert",
         ("Bert", "Roberta", "Electra", "XLMRoberta"),
