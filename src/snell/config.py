@@ -13,6 +13,9 @@ SPARSIFY_MODES = ("reference", "mask", "soft")
 #: Version of the adapter file format. Bumped when a saved adapter could be misread by older code.
 FORMAT_VERSION = 1
 
+#: Saved configs name their method under peft's key, so that peft and snell both tell their folders apart.
+METHOD_KEY, METHOD = "peft_type", "SNELL"
+
 
 def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
     """The kernel coefficients used by the reference code (piecewise) or chosen to start near zero (others).
@@ -149,6 +152,8 @@ class SnellConfig:
                 f"this adapter config has format_version {version!r}, but this snell reads versions "
                 f"<= {FORMAT_VERSION}; upgrade snell to load it"
             )
+        if data.get(METHOD_KEY) == METHOD:
+            data = {k: v for k, v in data.items() if k != METHOD_KEY}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snell import __version__
-from snell.config import FORMAT_VERSION, SnellConfig
+from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
 from snell.function import SnellSpec
 from snell.layers import build_spec, factor_shapes, iter_snell_layers
 from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
@@ -27,6 +27,33 @@ from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_s
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _FORMAT_TAG = "snell"
+
+# peft writes the same two file names. Both libraries tell the folders apart by the method that
+# adapter_config.json names under "peft_type" (peft dispatches on it). snell writes "SNELL" there; folders
+# saved before that name nothing and are SNELL too.
+
+
+def _config_json(config: SnellConfig) -> str:
+    return json.dumps({**config.to_dict(), METHOD_KEY: METHOD}, indent=2, sort_keys=True)
+
+
+def _check_method(directory: Path, text: str) -> None:
+    """ValueError in one sentence for a folder of another peft method, or a SNELL adapter written by peft
+    (whose tensors are named for PeftModel)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return  # SnellConfig.from_json reports it
+    if not isinstance(data, dict):
+        return
+    method = data.get(METHOD_KEY, METHOD)
+    if method != METHOD:
+        raise ValueError(f"{directory} holds a peft {method} adapter, not a SNELL one: load it with peft")
+    if "peft_version" in data:
+        raise ValueError(
+            f"{directory} holds a SNELL adapter saved by peft: load it with PeftModel.from_pretrained after "
+            "`import snell.integrations.peft`"
+        )
 
 
 def _layer_record(spec: SnellSpec) -> dict:
@@ -79,7 +106,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "layers": json.dumps({name: _layer_record(layer.snell_spec) for name, layer in iter_snell_layers(model)}),
     }
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(_config_json(config) + "\n"))
     return out
 
 
@@ -88,8 +115,10 @@ def _read_adapter(directory: Path) -> tuple[SnellConfig, dict, dict[str, torch.T
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"no SNELL adapter at {directory}: {path.name} is missing")
+    text = config_path.read_text()
+    _check_method(directory, text)
     try:
-        config = SnellConfig.from_json(config_path.read_text())
+        config = SnellConfig.from_json(text)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{config_path}: {err}") from None
     try:
