@@ -233,6 +233,10 @@ def test_sequence_classification_trains_and_saves_the_new_head(tmp_path):
     assert "classifier" in model.peft_config["default"].modules_to_save
     assert all(p.requires_grad for p in model.base_model.model.classifier.modules_to_save.parameters())
     model.print_trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()
+    factors = sum(p.numel() for n, p in model.named_parameters() if ".snell_A." in n or ".snell_B." in n)
+    head = sum(p.numel() for p in model.base_model.model.classifier.modules_to_save.parameters())
+    assert trainable == factors + head  # the fixed kernel coefficients are not counted: they do not train
     model.save_pretrained(tmp_path)
     from safetensors import safe_open
 

@@ -84,7 +84,8 @@ class SnellPeftConfig(PeftConfig):
     ``target_modules=None`` picks snell's preset for the model family.
 
     ``task_type="SEQ_CLS"`` makes peft add the classifier head (``classifier`` / ``score``) to
-    ``modules_to_save``, so the new head is trained and saved by default, as with LoRA.
+    ``modules_to_save``, so the new head is trained and saved by default, as with LoRA. The core's
+    ``parameters_to_save`` (bare tensors such as a ViT's ``cls_token``) has no peft counterpart here.
     """
 
     r: int = field(default=8, metadata={"help": "rank of the factors A and B"})
