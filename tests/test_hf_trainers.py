@@ -99,8 +99,8 @@ def test_trainer_saves_snell_adapters_that_load_adapter_restores_and_resumes_fro
     # Same factors on the same base weights, same inputs, same process: exactly the trained outputs.
     restored = snell.load_adapter(_llama(), tmp_path / "final")
     torch.testing.assert_close(_logits(restored), trained, rtol=0, atol=0)
-    at_step_2 = snell.load_adapter(_llama(), tmp_path / "run" / "checkpoint-2")
-    assert not torch.equal(_logits(at_step_2), trained)
+    at_step_2 = _logits(snell.load_adapter(_llama(), tmp_path / "run" / "checkpoint-2"))
+    assert not torch.equal(at_step_2, trained)
 
     # Resuming copies checkpoint-2's adapter into a fresh model's adapter (same parameter objects, so the
     # optimizer state loaded next applies to them) and reruns steps 3 and 4 on the same batches: the same
@@ -109,6 +109,11 @@ def test_trainer_saves_snell_adapters_that_load_adapter_restores_and_resumes_fro
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert resumed.state.global_step == 4
     torch.testing.assert_close(_logits(resumed.model), trained, rtol=0, atol=0)
+
+    # load_best_model_at_end's step: the best checkpoint's adapter, copied into the trained model.
+    resumed.state.best_model_checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed._load_best_model()
+    torch.testing.assert_close(_logits(resumed.model), at_step_2, rtol=0, atol=0)
 
 
 def test_trl_sft_trainer_trains_a_causal_lm_with_snell_and_its_adapter_reloads(tmp_path):
