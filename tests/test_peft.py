@@ -75,6 +75,7 @@ def _tokens(batch: int = 2) -> dict:
 # enough survivors for the updates to be visible at these sizes.
 CASES = [
     ("mlp", MLP, lambda: {"x": torch.randn(4, 12)}, dict(target_modules=["lin0", "lin1"], modules_to_save=["head"])),
+    ("mlp-dropout", MLP, lambda: {"x": torch.randn(4, 12)}, dict(target_modules=["lin0"], dropout=0.1, drop_path=0.1)),
     ("conv2d", ConvNet, lambda: {"x": torch.randn(2, 3, 6, 6)}, dict(target_modules=["conv"])),
     ("gpt2-conv1d", _gpt2, _tokens, dict(target_modules=["c_attn", "c_proj"])),
     ("bert", _bert, _tokens, dict(task_type="SEQ_CLS")),  # preset targets; the classifier joins modules_to_save
@@ -149,7 +150,7 @@ def test_disable_adapter_gives_the_base_model_and_init_is_close_to_it(case):
     base, fresh, inputs, config = _build(case)
     with torch.no_grad():
         expected = _output(fresh, inputs)
-    model = peft.get_peft_model(base, config)
+    model = peft.get_peft_model(base, config).eval()
     with torch.no_grad():
         at_init = _output(model, inputs)
         with model.disable_adapter():
@@ -167,7 +168,7 @@ def test_disable_adapter_gives_the_base_model_and_init_is_close_to_it(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_merge_and_unload_matches_the_unmerged_model(case, dtype):
     base, _, inputs, config = _build(case)
-    model = peft.get_peft_model(base.to(dtype), config)
+    model = peft.get_peft_model(base.to(dtype), config).eval()  # the new wrapper layers start in training mode
     if "x" in inputs:
         inputs = {"x": inputs["x"].to(dtype)}
     # A visible ΔWˢ without training (Adam's state would underflow in fp16): B × 100 makes ΔW 100 times larger
@@ -200,7 +201,7 @@ def test_merge_and_unload_matches_the_unmerged_model(case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_under_autocast_runs_in_the_autocast_dtype(case):
     base, _, inputs, config = _build(case)
-    model = peft.get_peft_model(base, config)
+    model = peft.get_peft_model(base, config).eval()
     with torch.no_grad():
         full = _output(model, inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -228,7 +229,7 @@ def test_peft_layer_computes_what_the_core_computes():
 
 
 def test_sequence_classification_trains_and_saves_the_new_head(tmp_path):
-    base, _, _, config = _build(CASES[3])
+    base, _, _, config = _build(dict(zip(IDS, CASES, strict=True))["bert"])
     model = peft.get_peft_model(base, config)
     assert "classifier" in model.peft_config["default"].modules_to_save
     assert all(p.requires_grad for p in model.base_model.model.classifier.modules_to_save.parameters())
