@@ -150,7 +150,7 @@ def test_disable_adapter_gives_the_base_model_and_init_is_close_to_it(case):
     base, fresh, inputs, config = _build(case)
     with torch.no_grad():
         expected = _output(fresh, inputs)
-    model = peft.get_peft_model(base, config).eval()
+    model = peft.get_peft_model(base, config)
     with torch.no_grad():
         at_init = _output(model, inputs)
         with model.disable_adapter():
@@ -168,7 +168,7 @@ def test_disable_adapter_gives_the_base_model_and_init_is_close_to_it(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_merge_and_unload_matches_the_unmerged_model(case, dtype):
     base, _, inputs, config = _build(case)
-    model = peft.get_peft_model(base.to(dtype), config).eval()  # the new wrapper layers start in training mode
+    model = peft.get_peft_model(base.to(dtype), config)
     if "x" in inputs:
         inputs = {"x": inputs["x"].to(dtype)}
     # A visible ΔWˢ without training (Adam's state would underflow in fp16): B × 100 makes ΔW 100 times larger
@@ -201,7 +201,7 @@ def test_merge_and_unload_matches_the_unmerged_model(case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_under_autocast_runs_in_the_autocast_dtype(case):
     base, _, inputs, config = _build(case)
-    model = peft.get_peft_model(base, config).eval()
+    model = peft.get_peft_model(base, config)
     with torch.no_grad():
         full = _output(model, inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -231,6 +231,8 @@ def test_peft_layer_computes_what_the_core_computes():
 def test_sequence_classification_trains_and_saves_the_new_head(tmp_path):
     base, _, _, config = _build(dict(zip(IDS, CASES, strict=True))["bert"])
     model = peft.get_peft_model(base, config)
+    # Adapted in eval mode (_build's base), the wrapper layers are in eval mode too: no adapter dropout.
+    assert not any(m.training for m in model.modules() if isinstance(m, SnellPeftLayer))
     assert "classifier" in model.peft_config["default"].modules_to_save
     assert all(p.requires_grad for p in model.base_model.model.classifier.modules_to_save.parameters())
     model.print_trainable_parameters()

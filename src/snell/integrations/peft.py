@@ -142,6 +142,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, name: str) -> None:
         super().__init__()
+        self.training = base_layer.training  # a model adapted in eval mode stays in eval mode (no adapter dropout)
         self.base_layer = base_layer
         self.snell_A = nn.ParameterDict()
         self.snell_B = nn.ParameterDict()
