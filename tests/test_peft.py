@@ -247,6 +247,20 @@ def test_sequence_classification_trains_and_saves_the_new_head(tmp_path):
         assert "base_model.model.classifier.weight" in set(f.keys())
 
 
+def test_snell_is_registered_in_peft_lookup_tables_because_register_peft_method_refuses_it():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from snell.integrations.peft import SnellPeftModel
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SNELL"] is SnellPeftConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["SNELL"] is SnellPeftModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING["SNELL"] == "snell_"
+    # The public route takes only names of peft's own PeftType enum. If this starts to pass, switch to it.
+    with pytest.raises(ValueError, match="Unknown PEFT type"):
+        register_peft_method(name="snell", config_cls=SnellPeftConfig, model_cls=SnellPeftModel)
+
+
 def test_config_is_validated_by_snell_and_the_version_pin_is_checked():
     with pytest.raises(ValueError, match="sparsity must be in"):
         SnellPeftConfig(sparsity=1.5)
