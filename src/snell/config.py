@@ -19,6 +19,9 @@ FORMAT_VERSION = 1
 #: them); from_dict ignores them, so the file still reads as a plain SnellConfig.
 ADAPTER_FILE_KEYS = ("base_model", "adapted_modules")
 
+#: Saved configs name their method under peft's key, so that peft and snell both tell their folders apart.
+METHOD_KEY, METHOD = "peft_type", "SNELL"
+
 
 def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
     """The kernel coefficients used by the reference code (piecewise) or chosen to start near zero (others).
@@ -168,6 +171,8 @@ class SnellConfig:
                 f"<= {FORMAT_VERSION}; upgrade snell to load it"
             )
         data = {k: v for k, v in data.items() if k not in ADAPTER_FILE_KEYS}
+        if data.get(METHOD_KEY) == METHOD:
+            data = {k: v for k, v in data.items() if k != METHOD_KEY}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

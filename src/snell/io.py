@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snell import __version__
-from snell.config import FORMAT_VERSION, SnellConfig
+from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
 from snell.function import SnellSpec
 from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
 from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
@@ -33,6 +33,29 @@ from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_s
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _FORMAT_TAG = "snell"
+
+# peft writes the same two file names. Both libraries tell the folders apart by the method that
+# adapter_config.json names under "peft_type" (peft dispatches on it). snell writes "SNELL" there; folders
+# saved before that name nothing and are SNELL too.
+
+
+def _check_method(directory: Path, text: str) -> None:
+    """ValueError in one sentence for a folder of another peft method, or a SNELL adapter written by peft
+    (whose tensors are named for PeftModel)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return  # SnellConfig.from_json reports it
+    if not isinstance(data, dict):
+        return
+    method = data.get(METHOD_KEY, METHOD)
+    if method != METHOD:
+        raise ValueError(f"{directory} holds a peft {method} adapter, not a SNELL one: load it with peft")
+    if "peft_version" in data:
+        raise ValueError(
+            f"{directory} holds a SNELL adapter saved by peft: load it with PeftModel.from_pretrained after "
+            "`import snell.integrations.peft`"
+        )
 
 
 def _layer_record(spec: SnellSpec) -> dict:
@@ -121,6 +144,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     config_file = {
         **config.to_dict(),
+        METHOD_KEY: METHOD,
         "base_model": base_model_record(model),
         "adapted_modules": [name for name, _ in iter_snell_layers(model)],
     }
@@ -137,8 +161,10 @@ def _read_adapter(directory: Path) -> tuple[SnellConfig, dict | None, dict, dict
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"no SNELL adapter at {directory}: {path.name} is missing")
+    text = config_path.read_text()
+    _check_method(directory, text)
     try:
-        config_file = json.loads(config_path.read_text())
+        config_file = json.loads(text)
         config = SnellConfig.from_dict(config_file)
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}: SNELL config is not valid JSON: {err}") from None

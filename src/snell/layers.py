@@ -86,6 +86,36 @@ def sample_keep_scale(x: Tensor, p: float) -> Tensor | None:
     return keep.bernoulli_(1.0 - p).div_(1.0 - p)
 
 
+def adapted_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    coefficients: Tensor,
+    spec: SnellSpec,
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+) -> Tensor:
+    """op(x, W0 + ΔWˢ) + b for one adapted layer: the one forward every SNELL layer runs (the in-place
+    SnellLayer here, the peft integration's wrapper layer), so there is a single implementation of the method.
+    Pass dropout = drop_path = 0 in eval mode."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    if dropout == 0.0 and drop_path == 0.0:
+        return FusedSnell.apply(x, weight, bias, a, b, coefficients, spec)
+    keep = sample_keep_scale(x, drop_path)
+    return FusedSnellDropout.apply(x, weight, bias, a, b, coefficients, spec, dropout, keep)
+
+
+@torch.no_grad()
+def delta_weight(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
+    """ΔWˢ in the layout of the layer's weight, in ``dtype`` (what merging adds to the weight)."""
+    delta_s, _ = sparse_delta(spec, a, b, coefficients)
+    return to_weight_layout(spec, delta_s).to(dtype)
+
+
 class SnellLayer(nn.Module):
     """Mixin placed in front of the original layer class; never instantiated directly."""
 
@@ -114,21 +144,14 @@ class SnellLayer(nn.Module):
             )
         if self.snell_merged or self.snell_disabled:
             return super().forward(x)
-        spec = self.snell_spec
-        device = x.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            x = x.to(torch.get_autocast_dtype(device))
         factors = (self.snell_A, self.snell_B, self.snell_coefficients)
-        if not self.training or (self.snell_dropout == 0.0 and self.snell_drop_path == 0.0):
-            return FusedSnell.apply(x, self.weight, self.bias, *factors, spec)
-        keep = sample_keep_scale(x, self.snell_drop_path)
-        return FusedSnellDropout.apply(x, self.weight, self.bias, *factors, spec, self.snell_dropout, keep)
+        dropout = (self.snell_dropout, self.snell_drop_path) if self.training else (0.0, 0.0)
+        return adapted_forward(x, self.weight, self.bias, *factors, self.snell_spec, *dropout)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The sparsified update ΔWˢ in the layout and dtype of the base weight (no gradient)."""
-        delta_s, _ = sparse_delta(self.snell_spec, self.snell_A, self.snell_B, self.snell_coefficients)
-        return to_weight_layout(self.snell_spec, delta_s).to(self.weight.dtype)
+        return delta_weight(self.snell_spec, self.snell_A, self.snell_B, self.snell_coefficients, self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -224,15 +247,20 @@ def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(weight_dtype, torch.float32)
 
 
-def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
-    """Turn ``module`` into a SNELL layer in place and return it."""
-    weight = module.weight
+def new_factors(spec: SnellSpec, config: SnellConfig, weight: Tensor) -> tuple[nn.Parameter, nn.Parameter, Tensor]:
+    """Freshly initialised A and B (on ``weight``'s device, in at least float32, see :func:`factor_dtype`) and
+    the float32 kernel coefficients."""
     shape_a, shape_b = factor_shapes(spec, config.r)
     dtype = factor_dtype(weight.dtype)
     a = nn.Parameter(torch.empty(shape_a, device=weight.device, dtype=dtype))
     b = nn.Parameter(torch.empty(shape_b, device=weight.device, dtype=dtype))
     init_factors(a, b, spec.num_pieces)
-    coefficients = torch.tensor(config.kernel_coefficients, device=weight.device, dtype=torch.float32)
+    return a, b, torch.tensor(config.kernel_coefficients, device=weight.device, dtype=torch.float32)
+
+
+def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
+    """Turn ``module`` into a SNELL layer in place and return it."""
+    a, b, coefficients = new_factors(spec, config, module.weight)
     module.__class__ = _mixed_class(SnellLayer, type(module), "Snell")
     module.snell_A = a
     module.snell_B = b

@@ -1,0 +1,287 @@
+"""SNELL as a peft method: ``peft.get_peft_model(model, SnellPeftConfig(...))``.
+
+How SNELL is registered, and why this way: peft's ``register_peft_method`` only accepts names of its closed
+``PeftType`` enum, and extending a Python enum from outside means patching its private member tables. peft
+itself dispatches on ``config.peft_type`` through three plain dicts in ``peft.mapping`` (config class, tuner
+class, parameter prefix) in get_peft_model, save_pretrained, PeftModel.from_pretrained and load_adapter, and a
+plain string ``"SNELL"`` round-trips through adapter_config.json. So this module adds that string key to the
+three dicts and changes nothing else in peft. The route is not public API (peft 0.20 rejects it), so the peft
+versions it was tested with are pinned in :data:`SUPPORTED_PEFT` and checked at import.
+
+The tuner layer wraps the original module as peft's ``base_layer`` and keeps the factors per adapter name.
+Its forward and its merge are the core's (:func:`snell.layers.adapted_forward`, :func:`snell.layers.delta_weight`):
+there is one implementation of the method, and a peft SNELL adapter computes exactly what
+``snell.get_snell_model`` computes with the same factors.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from packaging.specifiers import SpecifierSet
+from torch import nn
+
+#: The peft versions this integration is tested with; outside them it refuses to import.
+SUPPORTED_PEFT = ">=0.21.2,<0.22"
+
+
+def check_peft_version(version: str) -> None:
+    """Raise ImportError unless ``version`` is in :data:`SUPPORTED_PEFT` (the registration relies on peft internals)."""
+    if not SpecifierSet(SUPPORTED_PEFT).contains(version, prereleases=True):
+        raise ImportError(
+            f"snell.integrations.peft supports peft{SUPPORTED_PEFT}, but peft {version} is installed; SNELL "
+            f"registers itself through peft's internal lookup tables, which differ between releases. Install a "
+            f'supported version: pip install "peft{SUPPORTED_PEFT}"'
+        )
+
+
+check_peft_version(importlib.metadata.version("peft"))
+
+# After the version check: these names are only known to exist in the supported versions.
+from peft import PeftConfig  # noqa: E402
+from peft.mapping import (  # noqa: E402
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
+
+from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
+from snell.function import SnellSpec  # noqa: E402
+from snell.layers import adapted_forward, build_spec, delta_weight, iter_snell_layers, new_factors  # noqa: E402
+from snell.presets import detect_preset  # noqa: E402
+
+#: The ``peft_type`` of SNELL adapters, in peft's configs and in snell's own adapter_config.json.
+SNELL = METHOD
+
+_METHOD_FIELDS = (
+    "r",
+    "kernel",
+    "num_pieces",
+    "coefficients",
+    "learnable_coefficients",
+    "sparsity",
+    "sparsify_mode",
+    "dropout",
+    "drop_path",
+    "split_fused_qkv",
+    "format_version",
+)
+
+
+def _names(value: Any) -> list[str] | str | None:
+    """peft may turn name lists into sets; SnellConfig takes lists (or a regex string)."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
+
+
+@dataclass
+class SnellPeftConfig(PeftConfig):
+    """A SNELL adapter for peft. The method fields mean what they mean in :class:`snell.SnellConfig` and are
+    validated by it; ``target_modules`` / ``exclude_modules`` take a list of name suffixes or a regex, and
+    ``target_modules=None`` picks snell's preset for the model family.
+
+    ``task_type="SEQ_CLS"`` makes peft add the classifier head (``classifier`` / ``score``) to
+    ``modules_to_save``, so the new head is trained and saved by default, as with LoRA. The core's
+    ``parameters_to_save`` (bare tensors such as a ViT's ``cls_token``) has no peft counterpart here.
+    """
+
+    r: int = field(default=8, metadata={"help": "rank of the factors A and B"})
+    kernel: str = field(default="piecewise_linear", metadata={"help": "linear, piecewise_linear, rbf or sigmoid"})
+    num_pieces: int = field(default=2, metadata={"help": "pieces of the piecewise_linear kernel"})
+    coefficients: list[float] | None = field(default=None, metadata={"help": "kernel coefficients (None: defaults)"})
+    learnable_coefficients: bool = field(default=False, metadata={"help": "train the kernel coefficients too"})
+    sparsity: float = field(default=0.9, metadata={"help": "fraction of each ΔW that is zeroed"})
+    sparsify_mode: str = field(default="reference", metadata={"help": "reference, mask or soft"})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "name suffixes or a regex; None: snell's preset for the model family"}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules never adapted"})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained fully and saved"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    drop_path: float = field(default=0.0, metadata={"help": "per-sample DropPath on the adapter output"})
+    split_fused_qkv: bool = field(default=True, metadata={"help": "one adapter per q, k, v of a fused projection"})
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "SNELL adapter format version"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SNELL
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        self.snell_config()  # validates every method field, with snell's messages
+
+    def snell_config(self) -> SnellConfig:
+        """The same adapter as a core :class:`snell.SnellConfig` (what builds and checks each layer)."""
+        return SnellConfig(
+            **{name: getattr(self, name) for name in _METHOD_FIELDS},
+            target_modules=_names(self.target_modules),
+            exclude_modules=_names(self.exclude_modules),
+            modules_to_save=_names(self.modules_to_save),
+        )
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Reject snell's own adapter folders with a clear message: their tensors are named for
+        ``snell.load_adapter``, not for peft (peft's configs always carry ``peft_version``)."""
+        if "peft_version" not in kwargs:
+            raise ValueError(
+                "this folder holds a SNELL adapter saved by snell.save_adapter (snell's own format), not by peft; "
+                "load it with snell.load_adapter(model, path), or train with get_peft_model(model, "
+                "SnellPeftConfig(...)) to get a peft adapter"
+            )
+        return super().check_kwargs(**kwargs)
+
+
+class SnellPeftLayer(nn.Module, BaseTunerLayer):
+    """peft's wrapper around one adapted Linear / Conv2d / Conv1D: factors per adapter name, the core's math."""
+
+    adapter_layer_names = ("snell_A", "snell_B", "snell_coefficients")
+    other_param_names = ("snell_specs", "snell_dropouts", "snell_learnable")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, name: str) -> None:
+        super().__init__()
+        self.training = base_layer.training  # a model adapted in eval mode stays in eval mode (no adapter dropout)
+        self.base_layer = base_layer
+        self.snell_A = nn.ParameterDict()
+        self.snell_B = nn.ParameterDict()
+        # Fixed coefficients live here too (requires_grad False), so that adapters move with the model and
+        # are deleted with it like the factors; their two floats are saved alongside the factors.
+        self.snell_coefficients = nn.ParameterDict()
+        self.snell_specs: dict[str, SnellSpec] = {}
+        self.snell_dropouts: dict[str, tuple[float, float]] = {}
+        self.snell_learnable: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, name)
+
+    def update_layer(self, adapter_name: str, config: SnellConfig, name: str) -> None:
+        """Add adapter ``adapter_name`` (spec and initial factors exactly as ``snell.get_snell_model`` makes them)."""
+        spec = build_spec(name, self.base_layer, config)
+        a, b, coefficients = new_factors(spec, config, self.base_layer.weight)
+        self.snell_A[adapter_name] = a
+        self.snell_B[adapter_name] = b
+        self.snell_coefficients[adapter_name] = nn.Parameter(coefficients)
+        self.snell_specs[adapter_name] = spec
+        self.snell_dropouts[adapter_name] = (float(config.dropout), float(config.drop_path))
+        self.snell_learnable[adapter_name] = config.learnable_coefficients
+        self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_fixed_coefficients()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._freeze_fixed_coefficients()
+
+    def _freeze_fixed_coefficients(self) -> None:
+        # peft makes every entry of adapter_layer_names trainable for an active adapter; fixed ones stay fixed.
+        for name, coefficients in self.snell_coefficients.items():
+            if not self.snell_learnable[name]:
+                coefficients.requires_grad_(False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔWˢ of ``adapter_name`` in the base weight's layout and dtype (the core's computation)."""
+        weight = self.get_base_layer().weight
+        factors = (self.snell_A[adapter_name], self.snell_B[adapter_name], self.snell_coefficients[adapter_name])
+        return delta_weight(self.snell_specs[adapter_name], *factors, weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold ΔWˢ into the base weight; ``safe_merge`` checks the result for inf/NaN before writing it."""
+        weight = self.get_base_layer().weight
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.snell_A:
+                continue
+            with torch.no_grad():
+                if safe_merge:
+                    merged = weight + self.delta_weight(name)
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(f"merging SNELL adapter {name!r} gives inf or NaN weights; not merged")
+                    weight.copy_(merged)
+                else:
+                    weight.add_(self.delta_weight(name))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.snell_A:
+                with torch.no_grad():
+                    weight.sub_(self.delta_weight(name))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        active = [name for name in self.active_adapters if name in self.snell_A]
+        if self.disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) > 1:
+            raise ValueError(
+                f"SNELL runs one adapter per forward (each ΔW is sparsified on its own), but {active} are active; "
+                "set_adapter() one of them, or merge them"
+            )
+        name = active[0]
+        base = self.get_base_layer()
+        dropout = self.snell_dropouts[name] if self.training else (0.0, 0.0)
+        factors = (self.snell_A[name], self.snell_B[name], self.snell_coefficients[name])
+        return adapted_forward(x, base.weight, base.bias, *factors, self.snell_specs[name], *dropout)
+
+    def __repr__(self) -> str:
+        return "snell." + super().__repr__()
+
+
+class SnellPeftModel(BaseTuner):
+    """peft's tuner for SNELL: which modules to wrap, and how."""
+
+    prefix = "snell_"
+    tuner_layer_cls = SnellPeftLayer
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - peft's interface; presets come from snell
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        if any(True for _ in iter_snell_layers(model)):
+            raise ValueError(
+                "this model already has snell.get_snell_model adapters; use a fresh model for get_peft_model"
+            )
+
+    def _prepare_adapter_config(self, peft_config: SnellPeftConfig, model_config: dict) -> SnellPeftConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = detect_preset(self.model).pattern
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        peft_config: SnellPeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        config = peft_config.snell_config()
+        if isinstance(target, SnellPeftLayer):
+            target.update_layer(adapter_name, config, current_key)
+        else:
+            self._replace_module(parent, target_name, SnellPeftLayer(target, adapter_name, config, current_key), target)
+
+
+def _register() -> None:
+    """Add SNELL to peft's lookup tables (idempotent; refuses to replace another package's "SNELL")."""
+    for table, value in (
+        (PEFT_TYPE_TO_CONFIG_MAPPING, SnellPeftConfig),
+        (PEFT_TYPE_TO_TUNER_MAPPING, SnellPeftModel),
+        (PEFT_TYPE_TO_PREFIX_MAPPING, SnellPeftModel.prefix),
+    ):
+        existing = table.get(SNELL)
+        if existing is not None and existing != value and getattr(existing, "__module__", None) != __name__:
+            raise RuntimeError(f"peft already has a method registered as {SNELL!r}: {existing!r}")
+        table[SNELL] = value
+
+
+_register()
+
+__all__ = ["SNELL", "SUPPORTED_PEFT", "SnellPeftConfig", "SnellPeftLayer", "SnellPeftModel", "check_peft_version"]

@@ -1,0 +1,156 @@
+"""transformers' Trainer with snell.get_snell_model (SnellTrainer) and TRL's SFTTrainer with SnellPeftConfig, on a
+tiny random LLaMA and a word-level tokenizer built here (no downloads). A few steps each."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import snell
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from snell.integrations.transformers import SnellTrainer  # noqa: E402
+from snell.io import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<unk>", "the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "big", "red"]
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def _sentences(n: int = 8) -> list[str]:
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(3, len(WORDS), (n, 6), generator=generator)
+    return [" ".join(WORDS[i] for i in row) for row in picks.tolist()]
+
+
+def _probe() -> torch.Tensor:
+    return torch.randint(3, len(WORDS), (2, 6), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=_probe()).logits
+
+
+def _snell_trainer(output_dir, model) -> SnellTrainer:
+    tokenizer = _tokenizer()
+    examples = [dict(tokenizer(s)) for s in _sentences()]
+    for example in examples:
+        example["labels"] = list(example["input_ids"])
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return SnellTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer)
+
+
+def _adapted_llama() -> torch.nn.Module:
+    model = _llama()
+    torch.manual_seed(1)
+    return snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=["q_proj", "v_proj"]))
+
+
+def test_trainer_saves_snell_adapters_that_load_adapter_restores_and_resumes_from_them(tmp_path):
+    trainer = _snell_trainer(tmp_path / "run", _adapted_llama())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    trained = _logits(trainer.model)
+
+    for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"):
+        assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+        assert not (folder / "model.safetensors").exists()  # the adapter alone, like a peft model's save
+    # Same factors on the same base weights, same inputs, same process: exactly the trained outputs.
+    restored = snell.load_adapter(_llama(), tmp_path / "final")
+    torch.testing.assert_close(_logits(restored), trained, rtol=0, atol=0)
+    at_step_2 = _logits(snell.load_adapter(_llama(), tmp_path / "run" / "checkpoint-2"))
+    assert not torch.equal(at_step_2, trained)
+
+    # Resuming copies checkpoint-2's adapter into a fresh model's adapter (same parameter objects, so the
+    # optimizer state loaded next applies to them) and reruns steps 3 and 4 on the same batches: the same
+    # arithmetic as the first run's steps 3 and 4, so the same final adapter.
+    resumed = _snell_trainer(tmp_path / "run", _adapted_llama())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    torch.testing.assert_close(_logits(resumed.model), trained, rtol=0, atol=0)
+
+    # load_best_model_at_end's step: the best checkpoint's adapter, copied into the trained model.
+    resumed.state.best_model_checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed._load_best_model()
+    torch.testing.assert_close(_logits(resumed.model), at_step_2, rtol=0, atol=0)
+
+
+def test_trl_sft_trainer_trains_a_causal_lm_with_snell_and_its_adapter_reloads(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from snell.integrations.peft import SnellPeftConfig
+
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_length=12,
+        bf16=False,  # TRL defaults to True, and accelerate then runs the trained forward under bf16 autocast
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    config = SnellPeftConfig(r=4, sparsity=0.5, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = trl.SFTTrainer(
+        model=_llama(),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"text": _sentences()}),
+        processing_class=_tokenizer(),
+        peft_config=config,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".snell_A." in n}
+    trainer.train()
+    assert before and all(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    trainer.save_model(str(tmp_path / "adapter"))
+    trained = _logits(trainer.model)
+
+    reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded), trained, rtol=0, atol=0)
+    merged = copy.deepcopy(reloaded).merge_and_unload()
+    # Merging rounds W0 + ΔWˢ to float32 in another order than the fused forward: a few float32 ulps.
+    torch.testing.assert_close(_logits(merged), trained, rtol=1e-5, atol=1e-6)
