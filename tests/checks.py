@@ -54,6 +54,15 @@ CASES = [
 ]
 """Every kernel × sparsify mode, sparsity 0, q/k/v groups, a wide matrix, Conv1D and convolutions."""
 
+DROPOUT_CASES = [
+    make_spec(),
+    make_spec(kernel="rbf", mode="soft"),
+    make_spec(op="linear", shape=(9, 5), groups=3),
+    make_spec(op="linear_t", shape=(5, 6), mode="mask"),
+    make_spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2), padding=(1, 1)),
+]
+"""Layouts and modes the adapter-dropout path is checked on."""
+
 
 def make_inputs(spec, r=4, tokens=3, dtype=torch.float64, seed=0, device="cpu") -> list[Tensor]:
     """(x, weight, bias, A, B, coefficients) for ``spec``, drawn on the CPU and moved to ``device``."""
@@ -179,9 +188,9 @@ def tiny_vit(seed=0, depth=12, device="cpu") -> nn.Module:
     return model.to(device)
 
 
-def check_merge_unmerge_disable_and_unload(device="cpu") -> None:
+def check_merge_unmerge_disable_and_unload(device="cpu", depth=12) -> None:
     """Merging, unmerging, disabling and unloading keep a model's outputs what they should be."""
-    model = tiny_vit(device=device)
+    model = tiny_vit(depth=depth, device=device)
     x = torch.randn(2, 3, 32, 32).to(device)
     base_out = model.eval()(x)
     snell.get_snell_model(model, snell.SnellConfig(sparsity=0.7))
@@ -205,14 +214,14 @@ def check_merge_unmerge_disable_and_unload(device="cpu") -> None:
     assert not any(isinstance(m, SnellLayer) for m in merged.modules())
     assert type(merged.blocks[0].attn.qkv) is nn.Linear
     torch.testing.assert_close(merged(x), adapted, rtol=1e-4, atol=1e-5)
-    assert set(merged.state_dict()) == set(tiny_vit().state_dict())
+    assert set(merged.state_dict()) == set(tiny_vit(depth=depth).state_dict())
     restored = snell.unload(model)
     torch.testing.assert_close(restored(x), base_out, rtol=1e-5, atol=1e-6)
 
 
-def check_save_load(folder: Path, device="cpu") -> None:
+def check_save_load(folder: Path, device="cpu", depth=12) -> None:
     """An adapter saved and loaded into a fresh model (other random factors) gives identical outputs."""
-    model = tiny_vit(seed=0, device=device)
+    model = tiny_vit(seed=0, depth=depth, device=device)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.8, modules_to_save=["head"]))
     with torch.no_grad():
@@ -222,7 +231,7 @@ def check_save_load(folder: Path, device="cpu") -> None:
     expected = model(x)
     out = snell.save_adapter(model, folder / "adapter")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    fresh = tiny_vit(seed=123, device=device)
+    fresh = tiny_vit(seed=123, depth=depth, device=device)
     fresh.load_state_dict(base_state)
     torch.manual_seed(999)
     snell.load_adapter(fresh, folder / "adapter")
@@ -231,10 +240,10 @@ def check_save_load(folder: Path, device="cpu") -> None:
     assert adapter_bytes < 0.2 * sum(v.numel() * 4 for v in base_state.values())
 
 
-def check_dropout_is_reproducible(device="cpu") -> None:
+def check_dropout_is_reproducible(device="cpu", depth=2) -> None:
     """With adapter dropout and drop-path, a training step is a function of the seed: the same seed gives the
     same output and gradients, another seed another output; evaluation is deterministic."""
-    model = tiny_vit(depth=2, device=device)
+    model = tiny_vit(depth=depth, device=device)
     snell.get_snell_model(model, snell.SnellConfig(sparsity=0.5, dropout=0.1, drop_path=0.1))
     x = torch.randn(4, 3, 32, 32).to(device)
     layer = model.blocks[0].mlp.fc2

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from checks import CASES, KERNELS, MODES, assert_dropout_matches_naive, assert_matches_naive, spec_id
+from checks import CASES, DROPOUT_CASES, KERNELS, MODES, assert_dropout_matches_naive, assert_matches_naive, spec_id
 from checks import make_inputs as _inputs
 from checks import make_spec as _spec
 from naive import naive_kernel, naive_sparsify
@@ -176,15 +176,6 @@ def test_backward_recomputes_exactly_the_forward_delta(kernel, monkeypatch):
         pieces = kernels.piece_distances(a_g[g], b_g[g, rows], spec.num_pieces) if spec.num_pieces > 1 else None
         recomputed[g, rows] = kernels.kernel_delta(kernel, a_g[g], b_g[g, rows], coef, spec.num_pieces, pieces)
     assert torch.equal(snell.function.dense_delta(spec, a, b, coef), recomputed)
-
-
-DROPOUT_CASES = [
-    _spec(),
-    _spec(kernel="rbf", mode="soft"),
-    _spec(op="linear", shape=(9, 5), groups=3),
-    _spec(op="linear_t", shape=(5, 6), mode="mask"),
-    _spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2), padding=(1, 1)),
-]
 
 
 @pytest.mark.parametrize("p, with_keep", [(0.3, True), (0.3, False), (0.0, True)], ids=["both", "dropout", "droppath"])
