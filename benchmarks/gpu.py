@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -110,6 +111,7 @@ class Run:
         return False
 
 
+@functools.cache
 def _load_test_checks():
     """tests/checks.py, the test suite's device-independent checks (tests/ is not a package: loaded by path)."""
     tests = REPO / "tests"
@@ -127,7 +129,8 @@ def _synchronize(device: str) -> None:
 
 
 def once_ms(fn: Callable[[], object], device: str) -> float:
-    """Milliseconds of one call: CUDA events on a GPU (device time, no host gaps), the wall clock elsewhere."""
+    """Milliseconds of one call: on a GPU between CUDA events recorded before and after it (the device's
+    timeline, including any wait for the host to launch kernels), the wall clock elsewhere."""
     if device != "cuda":
         began = time.perf_counter()
         fn()
@@ -169,9 +172,10 @@ def _record(run: Run, name: str, fn: Callable[[], str | None]) -> None:
     """Run one check; a failure is a FAIL row with its message, never an abort of the whole run."""
     began = time.monotonic()
     try:
-        detail, status = fn() or "", "PASS"
+        detail = fn() or ""
+        status = "n/a" if detail.startswith("n/a") else "PASS"
     except Exception as err:  # every failure becomes a row of the report
-        detail, status = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err) else ''}", "FAIL"
+        detail, status = f"{type(err).__name__}: {' | '.join(str(err).strip().splitlines()[:4])[:400]}", "FAIL"
     run.checks.append({"check": name, "status": status, "seconds": time.monotonic() - began, "detail": detail})
     print(f"  {status} {name} {detail}", flush=True)
 
@@ -269,7 +273,7 @@ def part_sync(run: Run) -> None:
         _synchronize(device)
         if device != "cuda":
             _forward_backward(model, x, autocast)
-            return "not checked: no CUDA device (the step ran)"
+            return "n/a: no CUDA device (the step ran unchecked)"
         torch.cuda.set_sync_debug_mode("error")
         try:
             _forward_backward(model, x, autocast)
@@ -367,7 +371,7 @@ def _quantile(magnitude: torch.Tensor) -> Callable[[], object] | str:
 
 def selection_rows(m: int, n: int, device: str, repeats: int) -> list[dict[str, Any]]:
     """Every way to find τ for a piecewise-linear ΔW of (m, n), timed against one GEMM of that matrix."""
-    delta = piecewise_delta(m, n).to(device)
+    delta = piecewise_delta(m, n, device=device)
     flat = delta.flatten(1)
     numel = m * n
     k = sparsify.keep_count(numel, SPARSITY)
@@ -510,6 +514,7 @@ def _run_worker(job: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
 class TrainPart:
     """One model's training jobs: a process per method, every configuration in it."""
 
+    key: str  # its name for --parts: train_<key> (a smoke run's stand-ins share the real models' keys)
     model: str
     family: str
     methods: tuple[str, ...]
@@ -523,22 +528,25 @@ def train_parts(smoke: bool) -> list[TrainPart]:
     """ViT-B/16 first (the targets), then the LLaMA-shaped layers, then ViT-L/16 and ViT-H/14."""
     if smoke:
         return [
-            TrainPart("vit_tiny_test", "vit", VIT_METHODS, (("bf16", 2),), 0, 1, 0),
-            TrainPart("llama_tiny_2_layers", "llama", tuple(llama.METHODS), (("bf16", 1),), 0, 1, 0),
+            TrainPart("vit_b16", "vit_tiny_test", "vit", VIT_METHODS, (("bf16", 2),), 0, 1, 0),
+            TrainPart("llama", "llama_tiny_2_layers", "llama", tuple(llama.METHODS), (("bf16", 1),), 0, 1, 0),
         ]
     return [
-        TrainPart("vit_b16", "vit", VIT_METHODS, CONFIGS, 3, 10, 25),
-        TrainPart("llama2_7b_2_layers", "llama", tuple(llama.METHODS), (("bf16", 1),), 3, 10, 20),
-        TrainPart("vit_l16", "vit", VIT_METHODS, CONFIGS, 2, 5, 35),
-        TrainPart("vit_h14", "vit", VIT_METHODS, CONFIGS, 2, 5, 60),
+        TrainPart("vit_b16", "vit_b16", "vit", VIT_METHODS, CONFIGS, 3, 10, 20),
+        TrainPart("llama", "llama2_7b_2_layers", "llama", tuple(llama.METHODS), (("bf16", 1),), 3, 10, 15),
+        TrainPart("vit_l16", "vit_l16", "vit", VIT_METHODS, CONFIGS, 1, 3, 25),
+        TrainPart("vit_h14", "vit_h14", "vit", VIT_METHODS, CONFIGS, 1, 3, 40),
     ]
 
 
 def run_train_part(run: Run, part: TrainPart) -> None:
+    """A model's methods, or none of them: the targets compare methods, so a model is skipped whole when its
+    estimate does not fit. A job that still overruns is stopped at the end of the budget (rows say so)."""
+    name = f"train_{part.key}"
+    if not run.fits(name, part.estimate_s * len(part.methods)):
+        return
+    print(f"[{name}]", flush=True)
     for method in part.methods:
-        name = f"train {part.model} {method}"
-        if not run.fits(name, part.estimate_s):
-            continue
         began = time.monotonic()
         job = {
             "model": part.model,
@@ -554,8 +562,9 @@ def run_train_part(run: Run, part: TrainPart) -> None:
         run.training.extend(rows)
         for row in rows:
             print(f"  {row['model']} {row['method']} {row['dtype']} b{row['batch']}: {_train_summary(row)}", flush=True)
+        wall_s = time.monotonic() - began
         run.parts.append(
-            {"part": name, "estimate_s": part.estimate_s, "wall_s": time.monotonic() - began, "status": "done"}
+            {"part": f"{name} {method}", "estimate_s": part.estimate_s, "wall_s": wall_s, "status": "done"}
         )
 
 
@@ -592,6 +601,9 @@ def _value(rows: Sequence[dict[str, Any]], model: str, method: str, column: str)
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or not denominator else numerator / denominator
+
+
+TARGET_SETTING = "ViT-B/16, bf16 autocast, batch 64"
 
 
 def targets(run: Run) -> list[Target]:
@@ -689,13 +701,16 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     write_csv(out / "selection.csv", run.selection, SELECTION_COLUMNS)
     write_csv(out / "training.csv", run.training, TRAIN_COLUMNS)
     write_csv(out / "parts.csv", run.parts, PART_COLUMNS)
-    failed = [c for c in run.checks if c["status"] != "PASS"]
+    failed = [c for c in run.checks if c["status"] == "FAIL"]
     skipped = [p for p in run.parts if p["status"].startswith("skipped")]
     lines = ["# SNELL on a GPU: `benchmarks.gpu`", ""]
     if run.smoke:
         lines += ["**SMOKE RUN: tiny models on the CPU, one step. These numbers are not results.**", ""]
     lines += [markdown_table(["", ""], env.items()), "", f"Command: `{command}`", f"Budget: {run.budget_s:.0f} s", ""]
-    lines += ["## Targets (ViT-B/16, bf16 autocast, batch 64)", ""]
+    lines += [
+        f"## Targets ({'the tiny ViT stand-in, bf16 autocast, batch 2' if run.smoke else TARGET_SETTING})",
+        "",
+    ]
     lines += [
         markdown_table(
             ["target", "value", "limit", "verdict"], [[t.name, t.value, t.limit, t.verdict] for t in targets(run)]
@@ -703,10 +718,18 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     ]
     lines += ["", "## Parts", "", markdown_table(PART_COLUMNS, [[p[c] for c in PART_COLUMNS] for p in run.parts])]
     lines += ["", f"Skipped: {', '.join(p['part'] for p in skipped) if skipped else 'nothing'}."]
-    lines += ["", f"## Correctness: {len(run.checks) - len(failed)} of {len(run.checks)} checks pass", ""]
-    lines += [markdown_table(CHECK_COLUMNS, [[c[k] for k in CHECK_COLUMNS] for c in failed or run.checks[-12:]])]
-    if not failed:
-        lines += ["", "(the last rows; every row is in checks.csv)"]
+    lines += ["", f"## Checks: {len(failed)} of {len(run.checks)} fail", ""]
+    families: dict[str, list[str]] = {}
+    for check in run.checks:
+        families.setdefault(check["check"].split(":")[0], []).append(check["status"])
+    summary = [
+        [family, len(statuses), *(statuses.count(s) for s in ("PASS", "FAIL", "n/a"))]
+        for family, statuses in families.items()
+    ]
+    lines += [markdown_table(["checks", "count", "PASS", "FAIL", "n/a"], summary), ""]
+    notable = [c for c in run.checks if c["status"] != "PASS" or c["detail"]]
+    lines += ["Failures and checks with something to say (every row is in checks.csv):", ""]
+    lines += [markdown_table(CHECK_COLUMNS, [[c[k] for k in CHECK_COLUMNS] for c in notable])]
     lines += ["", "## Selection of τ (s = 0.9)", "", "Whether the library's choice was the fastest exact method:", ""]
     headers = ["shape", "library uses", "fastest exact without host sync", "ms", "library fastest?", "fastest overall"]
     lines += [markdown_table(headers, selection_verdicts(run)), ""]
@@ -724,24 +747,26 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
 
 PARTS: tuple[tuple[str, float, Callable[[Run], None]], ...] = (
     ("correctness", 30, part_correctness),
-    ("no host sync", 10, part_sync),
-    ("torch.compile graph breaks", 30, part_compile),
+    ("sync", 10, part_sync),
+    ("compile", 30, part_compile),
     ("selection", 45, part_selection),
 )
 """The checks before training, with a guess at their seconds on an H200."""
 
 
-def main(argv: Sequence[str] | None = None) -> Run:
+def main(argv: Sequence[str] | None = None) -> Run | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="skip parts that would not fit")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, one step, a temp folder")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/gpu, or a temp folder)")
     parser.add_argument("--commit", help="the snell commit, for a checkout without .git")
+    names = [name for name, _, _ in PARTS] + [f"train_{p.key}" for p in train_parts(False)]
+    parser.add_argument("--parts", nargs="+", choices=names, default=names, help="run only these (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(train_worker(json.loads(args.worker))))
-        return Run("worker", False, 0)
+        return None
     if args.smoke:
         device = "cpu"
     elif torch.cuda.is_available():
@@ -752,8 +777,16 @@ def main(argv: Sequence[str] | None = None) -> Run:
     command = command_line("benchmarks.gpu", sys.argv[1:] if argv is None else argv)
     env = environment(device, args.commit)
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+    plan = [(name, estimate_s) for name, estimate_s, _ in PARTS]
+    plan += [(f"train_{p.key}", p.estimate_s * len(p.methods)) for p in train_parts(args.smoke)]
+    print(f"plan (estimated s on an H200; budget {run.budget_s:.0f} s): " + ", ".join(f"{n} {e:.0f}" for n, e in plan))
+    for name, estimate_s in plan:
+        if name not in args.parts:
+            run.parts.append(
+                {"part": name, "estimate_s": estimate_s, "wall_s": None, "status": "skipped: not in --parts"}
+            )
     for name, estimate_s, part in PARTS:
-        if run.fits(name, estimate_s):
+        if name in args.parts and run.fits(name, estimate_s):
             print(f"[{name}]", flush=True)
             began = time.monotonic()
             try:
@@ -765,16 +798,15 @@ def main(argv: Sequence[str] | None = None) -> Run:
             run.parts.append(
                 {"part": name, "estimate_s": estimate_s, "wall_s": time.monotonic() - began, "status": status}
             )
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the workers have the device to themselves
     for part in train_parts(args.smoke):
-        print(f"[train {part.model}]", flush=True)
-        run_train_part(run, part)
+        if f"train_{part.key}" in args.parts:
+            run_train_part(run, part)
     out = args.out or (Path(tempfile.mkdtemp(prefix="snell-gpu-smoke-")) if args.smoke else FULL_OUT)
     path = write_results(run, out, env, command)
-    failed = [c["check"] for c in run.checks if c["status"] != "PASS"]
-    print(
-        f"\nchecks: {len(run.checks) - len(failed)} of {len(run.checks)} pass"
-        + (f"; FAILED: {failed}" if failed else "")
-    )
+    failed = [c["check"] for c in run.checks if c["status"] == "FAIL"]
+    print(f"\nchecks: {len(failed)} of {len(run.checks)} fail" + (f"; FAILED: {failed}" if failed else ""))
     for shape, chosen, best, _, agrees, _ in selection_verdicts(run):
         print(f"selection {shape}: library uses {chosen}, fastest exact without host sync {best}: {agrees}")
     for target in targets(run):

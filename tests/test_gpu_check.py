@@ -54,9 +54,9 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     )
     assert done.returncode == 0, done.stderr[-3000:]
     checks = _rows(tmp_path / "checks.csv")
-    assert len(checks) > 40 and all(row["status"] == "PASS" for row in checks), [
-        row for row in checks if row["status"] != "PASS"
-    ]
+    # on the CPU the host-sync checks cannot check (no set_sync_debug_mode): n/a, with the steps run
+    expected = {row["check"]: "n/a" if row["check"].startswith("no host sync") else "PASS" for row in checks}
+    assert len(checks) > 40 and {row["check"]: row["status"] for row in checks} == expected
     assert any("fullgraph" in row["check"] for row in checks)
     selection = _rows(tmp_path / "selection.csv")
     methods = {row["method"] for row in selection}
