@@ -256,7 +256,10 @@ def check_dropout_is_reproducible(device="cpu", depth=2) -> None:
         return out.detach(), layer.B.grad.clone()
 
     first, again, other = step(0), step(0), step(1)
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.equal(first[0], again[0])
+    # close, not equal: on a GPU the attention backward adds with atomics, in any order; another mask would
+    # change the gradient far beyond this tolerance
+    torch.testing.assert_close(first[1], again[1])
     assert not torch.allclose(first[0], other[0])
     assert first[1].abs().sum() > 0
     model.eval()
