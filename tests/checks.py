@@ -162,11 +162,15 @@ def assert_dropout_matches_naive(spec, p: float, with_keep: bool, device="cpu") 
 
 
 def assert_keeps_exactly(delta: Tensor, sparsity: float) -> None:
-    """Each matrix of ΔW (G, m, n) keeps exactly round((1 − s)·m·n) entries (no ties in continuous data)."""
+    """τ of each matrix of ΔW (G, m, n) is its k-th largest |entry|, k = round((1 − s)·m·n): fewer than k entries
+    lie above it and at least k at or above it, so exactly k survive unless entries tie at τ (45M float32 draws
+    do, here and there)."""
     tau = sparsify.threshold(delta, sparsity)
-    kept = (delta.abs() >= tau).flatten(1).sum(1).tolist()
-    expected = sparsify.keep_count(delta[0].numel(), sparsity)
-    assert kept == [expected] * delta.shape[0], f"kept {kept}, expected {expected} per matrix"
+    magnitude = delta.abs().flatten(1)
+    above = (magnitude > tau.flatten(1)).sum(1).tolist()
+    kept = (magnitude >= tau.flatten(1)).sum(1).tolist()
+    k = sparsify.keep_count(delta[0].numel(), sparsity)
+    assert all(a < k <= b for a, b in zip(above, kept, strict=True)), f"above τ {above}, kept {kept}, k = {k}"
 
 
 def assert_selection_is_exact(values: Tensor, k: int, magnitude: bool) -> None:

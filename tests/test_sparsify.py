@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from checks import assert_keeps_exactly, assert_selection_is_exact
@@ -11,9 +13,12 @@ from snell.kernels import kernel_delta
 def test_each_matrix_keeps_exactly_round_1_minus_s_times_n(sparsity):
     torch.manual_seed(0)
     delta = torch.randn(3, 64, 48)
-    assert_keeps_exactly(delta, sparsity)
-    with sparsify.device_path_on_cpu():
-        assert_keeps_exactly(delta, sparsity)
+    expected = round((1 - sparsity) * 64 * 48)
+    for path in (contextlib.nullcontext, sparsify.device_path_on_cpu):
+        with path():
+            assert_keeps_exactly(delta, sparsity)
+            kept = (delta.abs() >= sparsify.threshold(delta, sparsity)).flatten(1).sum(1)
+        assert kept.tolist() == [expected] * 3  # no ties in these draws: exactly k
 
 
 @pytest.mark.parametrize("magnitude", [True, False], ids=["magnitude", "signed"])
