@@ -640,6 +640,21 @@ def selection_verdicts(run: Run) -> list[list[Any]]:
     return lines
 
 
+def measured_table_row(run: Run) -> tuple[tuple[int, str], ...]:
+    """The SELECTION_TABLE row these measurements support: from each measured size on, its fastest exact method
+    without host reads (sizes in between take the smaller size's), merged where neighbours agree."""
+    best = {}
+    for r in run.selection:
+        winner = fastest_exact([x for x in run.selection if x["shape"] == r["shape"]], sync_free=True)
+        if winner is not None:
+            best[r["numel"]] = winner["method"]
+    row: list[tuple[int, str]] = []
+    for index, (numel, method) in enumerate(sorted(best.items())):
+        if not row or row[-1][1] != method:
+            row.append((0 if index == 0 else numel, method))
+    return tuple(row)
+
+
 def _driver() -> str:
     try:
         done = subprocess.run(
@@ -733,6 +748,7 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     lines += ["", "## Selection of τ (s = 0.9)", "", "Whether the library's choice was the fastest exact method:", ""]
     headers = ["shape", "library uses", "fastest exact without host sync", "ms", "library fastest?", "fastest overall"]
     lines += [markdown_table(headers, selection_verdicts(run)), ""]
+    lines += [f"Row of `SELECTION_TABLE[{run.device!r}]` these measurements support: `{measured_table_row(run)}`", ""]
     lines += [markdown_table(SELECTION_COLUMNS, [[r.get(c) for c in SELECTION_COLUMNS] for r in run.selection])]
     lines += [
         "",
@@ -809,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
     print(f"\nchecks: {len(failed)} of {len(run.checks)} fail" + (f"; FAILED: {failed}" if failed else ""))
     for shape, chosen, best, _, agrees, _ in selection_verdicts(run):
         print(f"selection {shape}: library uses {chosen}, fastest exact without host sync {best}: {agrees}")
+    print(f"SELECTION_TABLE[{device!r}] these measurements support: {measured_table_row(run)}")
     for target in targets(run):
         print(f"{target.verdict}: {target.name} = {fmt(target.value)} (limit {target.limit})")
     skipped = [p["part"] for p in run.parts if p["status"].startswith("skipped")]

@@ -102,3 +102,18 @@ def test_sampled_bracket_is_exact_where_the_sample_hits_and_where_it_misses() ->
     spiky = torch.zeros(600_000)
     spiky[:100] = 1.0  # the sample sees only zeros: the bracket holds no entry and kthvalue answers
     assert gpu.sampled_bracket(spiky, 100).item() == 1.0
+
+
+def test_measured_table_row_names_the_fastest_exact_method_from_each_size_on() -> None:
+    run = gpu.Run("cuda", smoke=False, budget_s=0)
+
+    def rows(shape: str, numel: int, times: dict[str, float]) -> list[dict]:
+        return [{"shape": shape, "numel": numel, "method": m, "ms": t, "exact": True} for m, t in times.items()]
+
+    run.selection = [
+        *rows("a", 100, {"library threshold (topk)": 1.0, "kthvalue": 1.0, "topk": 2.0, "sampled bracket": 0.1}),
+        *rows("b", 1000, {"kthvalue": 3.0, "topk": 2.0}),
+        *rows("c", 10_000, {"kthvalue": 9.0, "topk": 5.0}),
+    ]
+    # the sampled bracket is fastest at "a" but reads the host: never a table entry
+    assert gpu.measured_table_row(run) == ((0, "kthvalue"), (1000, "topk"))
