@@ -97,6 +97,8 @@ class Run:
     selection: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    save: Callable[[], object] = lambda: None  # rewrites the result files: a killed run keeps what it measured
 
     def left_s(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
@@ -498,7 +500,8 @@ def _run_worker(job: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     command = [sys.executable, "-m", "benchmarks.gpu", "--worker", json.dumps(job)]
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        rows = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+        lines = done.stdout.strip().splitlines()
+        rows = json.loads(lines[-1]) if done.returncode == 0 and lines else None
         reason = f"worker failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1][:200]}"
     except subprocess.TimeoutExpired:
         rows, reason = None, f"worker timed out after {timeout:.0f} s"
@@ -566,6 +569,7 @@ def run_train_part(run: Run, part: TrainPart) -> None:
         run.parts.append(
             {"part": f"{name} {method}", "estimate_s": part.estimate_s, "wall_s": wall_s, "status": "done"}
         )
+        run.save()
 
 
 def _train_summary(row: dict[str, Any]) -> str:
@@ -721,6 +725,9 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     lines = ["# SNELL on a GPU: `benchmarks.gpu`", ""]
     if run.smoke:
         lines += ["**SMOKE RUN: tiny models on the CPU, one step. These numbers are not results.**", ""]
+    if not run.finished:
+        done = run.parts[-1]["part"] if run.parts else "nothing"
+        lines += [f"**UNFINISHED: written after `{done}`; a complete run overwrites this.**", ""]
     lines += [markdown_table(["", ""], env.items()), "", f"Command: `{command}`", f"Budget: {run.budget_s:.0f} s", ""]
     lines += [
         f"## Targets ({'the tiny ViT stand-in, bf16 autocast, batch 2' if run.smoke else TARGET_SETTING})",
@@ -792,6 +799,9 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
     run = Run(device, args.smoke, args.budget_s)
     command = command_line("benchmarks.gpu", sys.argv[1:] if argv is None else argv)
     env = environment(device, args.commit)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="snell-gpu-smoke-")) if args.smoke else FULL_OUT)
+    run.save = lambda: write_results(run, out, env, command)
+    print(f"results (rewritten after every part): {out}")
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     plan = [(name, estimate_s) for name, estimate_s, _ in PARTS]
     plan += [(f"train_{p.key}", p.estimate_s * len(p.methods)) for p in train_parts(args.smoke)]
@@ -814,13 +824,14 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
             run.parts.append(
                 {"part": name, "estimate_s": estimate_s, "wall_s": time.monotonic() - began, "status": status}
             )
+            run.save()
     if device == "cuda":
         torch.cuda.empty_cache()  # the workers have the device to themselves
     for part in train_parts(args.smoke):
         if f"train_{part.key}" in args.parts:
             run_train_part(run, part)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="snell-gpu-smoke-")) if args.smoke else FULL_OUT)
-    path = write_results(run, out, env, command)
+    run.finished = True
+    path = run.save()
     failed = [c["check"] for c in run.checks if c["status"] == "FAIL"]
     print(f"\nchecks: {len(failed)} of {len(run.checks)} fail" + (f"; FAILED: {failed}" if failed else ""))
     for shape, chosen, best, _, agrees, _ in selection_verdicts(run):

@@ -69,7 +69,8 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     }
     assert all(row["status"] == "ok" and float(row["step_ms_median"]) > 0 for row in training)
     markdown = (tmp_path / "results.md").read_text()
-    assert "SMOKE RUN" in markdown and "Command: `" in markdown and "--smoke" in markdown
+    assert "SMOKE RUN" in markdown and "UNFINISHED" not in markdown
+    assert "Command: `" in markdown and "--smoke" in markdown
     assert "snell commit" in markdown and "| torch |" in markdown
     assert "skipped: nothing" in done.stdout
     for target in gpu.targets(gpu.Run("cpu", True, 0)):
