@@ -124,13 +124,13 @@ SELECTION_METHODS: dict[str, Callable[[Tensor, int, bool], Tensor]] = {
 """Exact selections of the k-th largest entry per row of a (G, N) tensor: (values, k, magnitude) -> (G, 1)."""
 
 SELECTION_TABLE: dict[str, tuple[tuple[int, str], ...]] = {
-    # Measured on the CPU (benchmarks/README.md, "Selection by counting and a small band"): the band wins from
-    # 2^17 entries; below that kthvalue's single pass is cheaper than sampling.
+    # The numpy sample-and-band selection from 2^17 entries, kthvalue below (as before the table existed); its
+    # CPU timings: benchmarks/README.md, "Selection by counting and a small band".
     "cpu": ((0, "kthvalue"), (1 << 17, "banded")),
     # An educated default, not a measurement: no CUDA device has run benchmarks.gpu yet. torch.topk's CUDA
-    # radix select splits one large slice over many thread blocks, while kthvalue runs each slice's radix select
-    # in a single block, and ΔW is one huge slice per matrix. `python -m benchmarks.gpu` times both
-    # at every size and prints whether this entry was the fastest; replace it with what that measures.
+    # radix select splits one large slice over many thread blocks, while kthvalue launches one block (at most
+    # 1024 threads) per slice, and ΔW is one huge slice per matrix. `python -m benchmarks.gpu` times both at
+    # every size and prints whether this row was the fastest and the row its measurements support.
     "cuda": ((0, "topk"),),
 }
 """Per device type, (smallest N, method) rows in increasing N: the last row with N >= its bound decides.
