@@ -46,6 +46,7 @@ from benchmarks.report import REPO, _version, command_line, fmt, markdown_table,
 from benchmarks.step import make_step
 from benchmarks.threshold import piecewise_delta
 from snell import function, sparsify
+from snell.layers import init_factors
 
 FULL_OUT = REPO / "benchmarks" / "results" / "gpu"
 DEFAULT_BUDGET_S = 450.0  # 8 minutes less time for imports, CUDA start-up and writing the results
@@ -83,6 +84,8 @@ TRAIN_COLUMNS = (
     "status",
 )
 PART_COLUMNS = ("part", "estimate_s", "wall_s", "status")
+LAYER_COLUMNS = ("shape", "block_entries", "blocks", "ms", "ratio_to_dense", "note")
+LAYER_SHAPES = ((3072, 768), (11008, 4096))
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Run:
     selection: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     save: Callable[[], object] = lambda: None  # rewrites the result files: a killed run keeps what it measured
 
@@ -434,6 +438,66 @@ def part_selection(run: Run) -> None:
         run.selection.extend(rows)
 
 
+def layer_rows(m: int, n: int, device: str, tokens: int, block_entries: Sequence[int | None], repeats: int):
+    """One SNELL-8 s = 0.9 layer's forward + backward (bf16 autocast) for each size of the row blocks ΔW is
+    built in (None: the whole matrix at once), against a dense layer whose weight trains (full fine-tuning's
+    three GEMMs). The blocks keep a CPU's temporaries in cache; on a GPU they mostly multiply kernel launches."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, n, device=device, requires_grad=True)
+    weight = torch.randn(m, n, device=device) / math.sqrt(n)
+    dense = weight.clone().requires_grad_()
+    a, b = torch.empty(n, 8, device=device), torch.empty(m, 8, device=device)
+    init_factors(a, b, num_pieces=2)
+    a.requires_grad_()
+    b.requires_grad_()
+    coefficients = torch.tensor([0.1, -0.1], device=device)
+    spec = function.SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", SPARSITY)
+    grad = torch.randn(tokens, m, device=device, dtype=torch.bfloat16)
+
+    def snell_layer() -> None:
+        x.grad = a.grad = b.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = function.FusedSnell.apply(x.to(torch.bfloat16), weight, None, a, b, coefficients, spec)
+        out.backward(grad)
+
+    def dense_layer() -> None:
+        x.grad = dense.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = F.linear(x, dense)
+        out.backward(grad)
+
+    dense_ms = timed_ms(dense_layer, device, repeats)
+    rows = []
+    saved = function._BLOCK_ENTRIES
+    try:
+        for entries in block_entries:
+            function._BLOCK_ENTRIES = entries or m * n
+            ms = timed_ms(snell_layer, device, repeats)
+            rows_per_block = max(1, function._BLOCK_ENTRIES // n)
+            row = {
+                "shape": f"{m}x{n}",
+                "block_entries": entries or "whole matrix",
+                "blocks": math.ceil(m / rows_per_block),
+                "ms": ms,
+                "ratio_to_dense": ms / dense_ms,
+                "note": "the library's setting" if entries == saved else "",
+            }
+            rows.append(row)
+            print(f"  {m}x{n} blocks of {row['block_entries']} entries: {fmt(ms)} ms, {fmt(ms / dense_ms)}x dense")
+    finally:
+        function._BLOCK_ENTRIES = saved
+    return rows
+
+
+def part_blocks(run: Run) -> None:
+    """Does ΔW's row-block size, chosen for a CPU's cache, cost a GPU? One layer per block size."""
+    if run.smoke:
+        run.layers.extend(layer_rows(256, 128, run.device, 64, (1 << 12, None), repeats=2))
+        return
+    for m, n in LAYER_SHAPES:
+        run.layers.extend(layer_rows(m, n, run.device, TOKENS, (1 << 20, 1 << 22, 1 << 24, None), repeats=10))
+
+
 def _build_for_training(
     job: dict[str, Any], dtype: str, batch: int
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -720,6 +784,7 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     write_csv(out / "selection.csv", run.selection, SELECTION_COLUMNS)
     write_csv(out / "training.csv", run.training, TRAIN_COLUMNS)
     write_csv(out / "parts.csv", run.parts, PART_COLUMNS)
+    write_csv(out / "layers.csv", run.layers, LAYER_COLUMNS)
     failed = [c for c in run.checks if c["status"] == "FAIL"]
     skipped = [p for p in run.parts if p["status"].startswith("skipped")]
     lines = ["# SNELL on a GPU: `benchmarks.gpu`", ""]
@@ -757,6 +822,8 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     lines += [markdown_table(headers, selection_verdicts(run)), ""]
     lines += [f"Row of `SELECTION_TABLE[{run.device!r}]` these measurements support: `{measured_table_row(run)}`", ""]
     lines += [markdown_table(SELECTION_COLUMNS, [[r.get(c) for c in SELECTION_COLUMNS] for r in run.selection])]
+    lines += ["", "## One SNELL layer per ΔW row-block size (forward + backward, bf16 autocast)", ""]
+    lines += [markdown_table(LAYER_COLUMNS, [[r.get(c) for c in LAYER_COLUMNS] for r in run.layers])]
     lines += [
         "",
         "## Training steps",
@@ -773,6 +840,7 @@ PARTS: tuple[tuple[str, float, Callable[[Run], None]], ...] = (
     ("sync", 10, part_sync),
     ("compile", 30, part_compile),
     ("selection", 45, part_selection),
+    ("blocks", 15, part_blocks),
 )
 """The checks before training, with a guess at their seconds on an H200."""
 

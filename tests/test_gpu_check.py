@@ -62,6 +62,8 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     methods = {row["method"] for row in selection}
     assert {"kthvalue", "topk", "torch.quantile", "sampled bracket"} <= methods
     assert all(row["exact"] == "True" for row in selection if row["method"] != "torch.quantile")
+    layers = _rows(tmp_path / "layers.csv")
+    assert [row["blocks"] for row in layers] == ["8", "1"] and all(float(row["ms"]) > 0 for row in layers)
     training = _rows(tmp_path / "training.csv")
     assert {(row["model"], row["method"]) for row in training} == {
         *(("vit_tiny_test", m) for m in gpu.VIT_METHODS),
