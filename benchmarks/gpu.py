@@ -9,9 +9,9 @@ Parts run in this order, each only if its estimated time still fits in ``--budge
 against the naive formulas (tests/checks.py, the test suite's own checks) for every kernel and mode in fp32
 and under bf16 autocast, kept counts, merge/unmerge, save/load and dropout; no host synchronisation in a
 training step; torch.compile graph breaks; the exact k-th-largest selection against torch's and one GEMM;
-then training steps (each model × method in its own process, memory reset per configuration) on ViT-B/16,
-LLaMA-2-7B-shaped layers, ViT-L/16 and ViT-H/14. The estimates are guesses for an H200 until a run records
-each part's wall time (parts.csv).
+one SNELL layer per ΔW row-block size; then training steps (each model × method in its own process, memory
+reset per configuration) on ViT-B/16, LLaMA-2-7B-shaped layers, ViT-L/16 and ViT-H/14. The estimates are
+guesses for an H200 until a run records each part's wall time (parts.csv).
 """
 
 from __future__ import annotations
@@ -538,42 +538,53 @@ def _train_one(job: dict[str, Any], dtype: str, batch: int) -> dict[str, Any]:
     return row
 
 
-def train_worker(job: dict[str, Any]) -> list[dict[str, Any]]:
+def train_worker(
+    job: dict[str, Any], emit: Callable[[dict[str, Any]], None] = lambda row: None
+) -> list[dict[str, Any]]:
     """Every configuration of one (model, method) job, with the device's memory released and its peak reset
-    between them; a configuration that fails (out of memory, say) is a row with the reason."""
+    between them; a configuration that fails (out of memory, say) is a row with the reason. ``emit`` gets each
+    row as soon as it exists."""
     rows = []
     for dtype, batch in job["configs"]:
         try:
-            rows.append(_train_one(job, dtype, batch))
+            row = _train_one(job, dtype, batch)
         except Exception as err:  # reported per configuration
             message = str(err).strip().splitlines()[0][:200] if str(err) else ""
-            rows.append(
-                {"model": job["model"], "method": job["method"], "dtype": dtype, "batch": batch}
-                | {"status": f"error: {type(err).__name__}: {message}"}
-            )
+            row = {"model": job["model"], "method": job["method"], "dtype": dtype, "batch": batch}
+            row["status"] = f"error: {type(err).__name__}: {message}"
+        rows.append(row)
+        emit(row)
         gc.collect()
         if job["device"] == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
+def _emit_json(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
 def _run_worker(job: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """``train_worker`` in a fresh process (so no job inherits another's allocator state), or error rows."""
+    """``train_worker`` in a fresh process (so no job inherits another's allocator state). It prints a JSON row
+    per configuration as it finishes, so a worker that fails or runs out of time still gives the rows it has;
+    the configurations it did not reach get a row with the reason."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "benchmarks.gpu", "--worker", json.dumps(job)]
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        lines = done.stdout.strip().splitlines()
-        rows = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-        reason = f"worker failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or [''])[-1][:200]}"
-    except subprocess.TimeoutExpired:
-        rows, reason = None, f"worker timed out after {timeout:.0f} s"
-    if rows is None:
-        rows = [
-            {"model": job["model"], "method": job["method"], "dtype": d, "batch": b, "status": reason}
-            for d, b in job["configs"]
-        ]
+        stdout, stderr = done.stdout, done.stderr
+        reason = f"worker failed (exit {done.returncode}): {(stderr.strip().splitlines() or [''])[-1][:200]}"
+    except subprocess.TimeoutExpired as err:
+        stdout, reason = err.stdout or "", f"worker stopped at the end of the budget ({timeout:.1f} s)"
+        stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"model"')]
+    reached = {(row["dtype"], row["batch"]) for row in rows}
+    rows += [
+        {"model": job["model"], "method": job["method"], "dtype": d, "batch": b, "status": reason}
+        for d, b in job["configs"]
+        if (d, b) not in reached
+    ]
     return rows
 
 
@@ -856,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(train_worker(json.loads(args.worker))))
+        train_worker(json.loads(args.worker), _emit_json)
         return None
     if args.smoke:
         device = "cpu"

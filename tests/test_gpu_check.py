@@ -89,12 +89,16 @@ def test_budget_skips_what_does_not_fit_and_lists_it(capsys) -> None:
 
 
 def test_training_worker_round_trips_through_a_fresh_process() -> None:
-    # No configurations: the fresh process imports everything and answers (the rows themselves are the smoke
-    # run's, in-process); a failing configuration comes back as a row with its reason.
-    job = {"model": "vit_tiny_test", "family": "vit", "method": "lora8", "device": "cpu", "smoke": True}
-    assert gpu._run_worker({**job, "configs": [], "warmup": 0, "steps": 1}, timeout=300) == []
-    rows = gpu.train_worker({**job, "method": "no_such_method", "configs": [["fp32", 1]], "warmup": 0, "steps": 1})
-    assert rows[0]["status"].startswith("error: KeyError")
+    # The fresh process imports everything and answers; a failing configuration comes back as a row with its
+    # reason (rows that train are the smoke run's, in-process).
+    job = {"model": "vit_tiny_test", "family": "vit", "method": "no_such_method", "device": "cpu", "smoke": True}
+    rows = gpu._run_worker({**job, "configs": [["fp32", 1]], "warmup": 0, "steps": 1}, timeout=300)
+    assert [row["status"] for row in rows] == ["error: KeyError: 'no_such_method'"]
+    stopped = gpu._run_worker({**job, "configs": [["fp32", 1], ["bf16", 2]], "warmup": 0, "steps": 1}, timeout=0.5)
+    assert [(row["dtype"], row["status"]) for row in stopped] == [
+        ("fp32", "worker stopped at the end of the budget (0.5 s)"),
+        ("bf16", "worker stopped at the end of the budget (0.5 s)"),
+    ]
 
 
 def test_sampled_bracket_is_exact_where_the_sample_hits_and_where_it_misses() -> None:
