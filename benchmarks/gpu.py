@@ -318,9 +318,15 @@ def part_compile(run: Run) -> None:
     device = run.device
     x = torch.randn(4, 3, 32, 32, device=device) if not run.smoke else torch.randn(4, 48, device=device)
 
-    def explain(dropout: float, must_be_whole: bool) -> str:
+    def explain(dropout: float, autocast: bool, must_be_whole: bool) -> str:
         torch._dynamo.reset()
-        explained = torch._dynamo.explain(_compile_subject(run, dropout))(x)
+        model = _compile_subject(run, dropout)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                return model(x)
+
+        explained = torch._dynamo.explain(forward)(x)
         reasons = sorted({reason.reason.splitlines()[0][:120] for reason in explained.break_reasons})
         detail = f"{explained.graph_count} graphs, {explained.graph_break_count} breaks" + (
             f" ({'; '.join(reasons)})" if reasons else ""
@@ -339,8 +345,10 @@ def part_compile(run: Run) -> None:
     subject = "two-layer SNELL MLP" if run.smoke else "tiny SNELL ViT"
     torch._logging.set_logs(dynamo=logging.ERROR)  # explain reports the breaks; no warning per break
     with _accelerator_path(device):
-        _record(run, f"torch._dynamo.explain: {subject} forward, no dropout", lambda: explain(0.0, True))
-        _record(run, f"torch._dynamo.explain: {subject} forward, dropout 0.1 (reported)", lambda: explain(0.1, False))
+        _record(run, f"torch._dynamo.explain: {subject} forward, fp32", lambda: explain(0.0, False, True))
+        _record(run, f"torch._dynamo.explain: {subject} forward, bf16 autocast", lambda: explain(0.0, True, True))
+        name = f"torch._dynamo.explain: {subject} forward, dropout 0.1 (reported)"
+        _record(run, name, lambda: explain(0.1, False, False))
         _record(run, f"torch.compile(fullgraph=True, aot_eager): {subject} forward + backward", fullgraph)
     torch._dynamo.reset()
     torch._logging.set_logs()
