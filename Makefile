@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.snell-installed
 
-.PHONY: setup demo test lint bench accuracy clean
+.PHONY: setup demo test lint bench gpu-check accuracy clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 	$(PY) -m benchmarks.expressiveness $(BENCH_ARGS)
+
+# SNELL on a CUDA device in under 8 minutes (correctness, selection, step time and memory). It needs only
+# torch, timm, transformers, peft, accelerate and safetensors, so it uses the venv if there is one and the
+# machine's python3 otherwise. CPU smoke run: make gpu-check GPU_ARGS=--smoke
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=src $(GPU_PY) -m benchmarks.gpu $(GPU_ARGS)
 
 # Accuracy on real pretrained weights and real data (snell search, 3 seeds per method).
 accuracy: $(STAMP)

@@ -26,14 +26,16 @@ MB = 1024 * 1024
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str, device_type: str = "cpu"
+) -> Callable[[], None]:
     """One training step: forward + cross-entropy + backward + AdamW, autocast to ``dtype`` if not fp32."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast_dtype = DTYPES[dtype]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()

@@ -37,12 +37,14 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def piecewise_delta(m: int, n: int, r: int = 8, seed: int = 0) -> torch.Tensor:
-    """A (1, m, n) piecewise-linear ΔW from freshly initialised factors."""
+def piecewise_delta(m: int, n: int, r: int = 8, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """A (1, m, n) piecewise-linear ΔW from freshly initialised factors (drawn on the CPU, the same on every
+    device), built on ``device``."""
     torch.manual_seed(seed)
     a, b = torch.empty(n, r), torch.empty(m, r)
     init_factors(a, b, num_pieces=2)
-    return kernel_delta("piecewise_linear", a, b, torch.tensor([0.1, -0.1]), 2).unsqueeze(0)
+    coefficients = torch.tensor([0.1, -0.1], device=device)
+    return kernel_delta("piecewise_linear", a.to(device), b.to(device), coefficients, 2).unsqueeze(0)
 
 
 def _quantile(magnitude: torch.Tensor) -> Callable[[], object] | str:

@@ -2,8 +2,6 @@
 
 import torch
 
-from snell.function import dense_delta
-
 
 def naive_kernel(kernel, a, b, coefficients, num_pieces=1):
     """ΔW[..., j, i] = κ(a_i, b_j) from explicit differences (no GEMM tricks)."""
@@ -50,24 +48,3 @@ def reference_code_delta(a_pieces, b_pieces, sparsity, alphas=(0.1, -0.1)):
     magnitude = delta.abs()
     tau = torch.quantile(magnitude.flatten(), sparsity)
     return delta * magnitude * (magnitude >= tau)
-
-
-def dense_update(layer):
-    """A SNELL layer's ΔW before sparsification, (G, m/G, n), from the routine its forward uses: same bits."""
-    with torch.no_grad():
-        return dense_delta(layer.snell_spec, layer.snell_A, layer.snell_B, layer.snell_coefficients)
-
-
-def assert_keeps_top_k(dense, kept, k):
-    """``kept`` (bool, shaped like ``dense``, (G, ...)) is exactly the top k |entries| of each matrix plus every
-    entry tied with the k-th: the definition of exact top-k with ties kept.
-
-    Why not ``kept.sum() == k``: ΔW's last bits depend on the CPU's vector width and the thread count, and a
-    45M-entry fp32 matrix has about one other entry per ulp at τ, so the number of ties at τ (and so of
-    survivors beyond k) differs between machines. This check holds for whatever bits ΔW came out with.
-    """
-    magnitude = dense.detach().abs().flatten(1)
-    tau = magnitude.topk(k, dim=1).values[:, -1:]
-    kept = kept.flatten(1)
-    assert torch.equal(kept, magnitude >= tau)
-    assert ((magnitude > tau).sum(1) < k).all() and (kept.sum(1) >= k).all()

@@ -1,94 +1,35 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import CASES, DROPOUT_CASES, KERNELS, MODES, assert_dropout_matches_naive, assert_matches_naive, spec_id
+from checks import make_inputs as _inputs
+from checks import make_spec as _spec
 from naive import naive_kernel, naive_sparsify
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import snell.function
-from snell import kernels
-from snell.config import default_coefficients
-from snell.function import FusedSnell, SnellSpec
-
-KERNELS = ["linear", "piecewise_linear", "rbf", "sigmoid"]
-MODES = ["reference", "mask", "soft"]
+from snell import kernels, sparsify
+from snell.function import FusedSnell
 
 
-def _spec(kernel="piecewise_linear", mode="reference", sparsity=0.6, op="linear", shape=(6, 5), groups=1, **conv):
-    return SnellSpec(
-        op=op,
-        weight_shape=shape,
-        kernel=kernel,
-        num_pieces=2 if kernel == "piecewise_linear" else 1,
-        mode=mode,
-        sparsity=sparsity,
-        groups=groups,
-        **conv,
-    )
-
-
-def _inputs(spec, r=4, tokens=3, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    m, n = spec.matrix_shape
-    if spec.op == "conv2d":
-        x = torch.randn(2, spec.weight_shape[1] * spec.conv_groups, 5, 5, generator=gen, dtype=dtype)
-    else:
-        x = torch.randn(tokens, 2, n, generator=gen, dtype=dtype)
-    weight = torch.randn(spec.weight_shape, generator=gen, dtype=dtype)
-    bias = torch.randn(m, generator=gen, dtype=dtype)
-    lead = (spec.groups,) if spec.groups > 1 else ()
-    a = torch.randn(*lead, n, r, generator=gen, dtype=dtype)
-    b = torch.randn(*lead, m // spec.groups, r, generator=gen, dtype=dtype)
-    coef = torch.tensor(default_coefficients(spec.kernel, spec.num_pieces), dtype=dtype) * 2
-    return x, weight, bias, a, b, coef
-
-
-def _naive_forward(spec, x, weight, bias, a, b, coef):
-    m, n = spec.matrix_shape
-    delta = naive_kernel(spec.kernel, a, b, coef, spec.num_pieces).reshape(spec.groups, m // spec.groups, n)
-    delta = naive_sparsify(delta, spec.sparsity, spec.mode).reshape(m, n)
-    if spec.op == "linear":
-        return F.linear(x, weight + delta, bias)
-    if spec.op == "linear_t":
-        return x @ (weight + delta.T) + bias
-    w = weight + delta.reshape(spec.weight_shape)
-    return F.conv2d(x, w, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
-
-
-def _assert_matches_naive(spec, inputs):
-    """Forward and every input's gradient equal plain autograd on the naive formula."""
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    expected = _naive_forward(spec, *leaves)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    ours = [t.clone().requires_grad_() for t in inputs]
-    out = FusedSnell.apply(*ours, spec)
-    torch.testing.assert_close(out, expected)
-    out.backward(grad)
-    for mine, theirs in zip(ours, leaves, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad)
-
-
-CASES = [
-    *[_spec(kernel=k, mode=md) for k in KERNELS for md in MODES],
-    _spec(sparsity=0.0),
-    _spec(op="linear", shape=(9, 5), groups=3),
-    _spec(op="linear", shape=(4, 9)),
-    _spec(op="linear_t", shape=(5, 6)),
-    _spec(op="conv2d", shape=(4, 3, 3, 3), padding=(1, 1), stride=(2, 2)),
-    _spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2)),
-]
-
-
-@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-s{s.sparsity}-g{s.groups}")
+@pytest.mark.parametrize("spec", CASES, ids=spec_id)
 def test_forward_and_gradients_match_plain_autograd_on_the_naive_formula(spec):
-    _assert_matches_naive(spec, _inputs(spec))
+    assert_matches_naive(spec, _inputs(spec))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("spec", CASES, ids=spec_id)
+def test_accelerator_path_matches_the_naive_formula_in_fp32_and_bf16(spec, autocast):
+    # What benchmarks.gpu checks on a GPU, here with the CPU taking the accelerator's selection and masking.
+    with sparsify.device_path_on_cpu():
+        assert_matches_naive(spec, _inputs(spec, dtype=torch.float32), autocast)
 
 
 @pytest.mark.parametrize("shape", [(768, 384), (384, 768), (2304, 384)], ids=["tall", "wide", "qkv"])
 def test_large_matrices_match_the_naive_formula(shape):
     # ≥ 2^18 entries per group: the CPU's sampled selection, tall and wide matrices, q/k/v groups.
     spec = _spec(shape=shape, sparsity=0.9, groups=3 if shape[0] == 2304 else 1)
-    _assert_matches_naive(spec, _inputs(spec, r=4, tokens=3))
+    assert_matches_naive(spec, _inputs(spec, r=4, tokens=3))
 
 
 GRADCHECK_CASES = [
@@ -219,7 +160,7 @@ def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monk
     # 900×700 with three q/k/v groups and 2^16-entry blocks: each group's 300 rows span several blocks.
     monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 16)
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)
-    _assert_matches_naive(spec, _inputs(spec, r=4, tokens=5))
+    assert_matches_naive(spec, _inputs(spec, r=4, tokens=5))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -237,48 +178,10 @@ def test_backward_recomputes_exactly_the_forward_delta(kernel, monkeypatch):
     assert torch.equal(snell.function.dense_delta(spec, a, b, coef), recomputed)
 
 
-def _base_op(spec, x, weight, bias):
-    if spec.op == "linear":
-        return F.linear(x, weight, bias)
-    if spec.op == "linear_t":
-        return x @ weight + bias
-    return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
-
-
-DROPOUT_CASES = [
-    _spec(),
-    _spec(kernel="rbf", mode="soft"),
-    _spec(op="linear", shape=(9, 5), groups=3),
-    _spec(op="linear_t", shape=(5, 6), mode="mask"),
-    _spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2), padding=(1, 1)),
-]
-
-
 @pytest.mark.parametrize("p, with_keep", [(0.3, True), (0.3, False), (0.0, True)], ids=["both", "dropout", "droppath"])
 @pytest.mark.parametrize("spec", DROPOUT_CASES, ids=lambda s: f"{s.op}-{s.kernel}-{s.mode}-g{s.groups}")
 def test_dropout_path_matches_the_naive_formula_with_the_same_mask(spec, p, with_keep):
-    # y = op(x, W0) + b + k ⊙ op(D ⊙ x, ΔWˢ); backward must regenerate exactly the forward's D from its seed.
-    inputs = _inputs(spec, tokens=4)
-    x = inputs[0]
-    keep = torch.tensor([0.0, 2.0, 2.0, 0.0][: x.shape[0]], dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
-    keep = keep if with_keep else None
-    torch.manual_seed(7)
-    mask = torch.ones_like(x)
-    if p > 0:
-        mask = snell.function.dropout_keep(x, p, snell.function._draw_seed()) / snell.function.keep_probability(p)
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    x_, weight, bias, a, b, coef = leaves
-    branch = _naive_forward(spec, x_ * mask, torch.zeros_like(weight), torch.zeros_like(bias), a, b, coef)
-    expected = _base_op(spec, x_, weight, bias) + (branch if keep is None else keep * branch)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    ours = [t.clone().requires_grad_() for t in inputs]
-    torch.manual_seed(7)
-    out = snell.function.FusedSnellDropout.apply(*ours, spec, p, keep)
-    torch.testing.assert_close(out, expected)
-    out.backward(grad)
-    for mine, theirs in zip(ours, leaves, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad)
+    assert_dropout_matches_naive(spec, p, with_keep)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.9])
@@ -302,3 +205,29 @@ def test_dropout_path_saves_no_dropped_out_input():
     )
     # x, τ, the coefficients and k: neither the mask nor the dropped-out x (each as large as x).
     assert saved <= x.numel() * 4 + 128
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_accelerator_path_compiles_into_one_graph_forward_and_backward(mode):
+    # The accelerator path (no numpy, no host reads) must not break torch.compile's graph: fullgraph=True
+    # raises at the first break, and dynamo traces FusedSnell's backward along with its forward.
+    spec = _spec(mode=mode, shape=(96, 80), groups=2, sparsity=0.9)
+    inputs = _inputs(spec, r=8, tokens=5, dtype=torch.float32)
+
+    def layer(x, weight, bias, a, b, coef):
+        return FusedSnell.apply(x, weight, bias, a, b, coef, spec)
+
+    with sparsify.device_path_on_cpu():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(layer)(*inputs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = compiled(*leaves)
+        out.square().sum().backward()
+        eager = [t.clone().requires_grad_() for t in inputs]
+        expected = layer(*eager)
+        expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for mine, theirs in zip(leaves, eager, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad)

@@ -3,12 +3,17 @@ import copy
 import pytest
 import timm
 import torch
-from naive import assert_keeps_top_k, dense_update
+from checks import (
+    assert_keeps_top_k,
+    check_dropout_is_reproducible,
+    check_merge_unmerge_disable_and_unload,
+    check_save_load,
+    dense_update,
+)
 from torch import nn
 
 import snell
 from snell.io import adapter_state_dict
-from snell.layers import SnellLayer
 
 
 class TinyNet(nn.Module):
@@ -162,30 +167,7 @@ def test_conv_layers_are_adapted_as_matrices():
 
 
 def test_merge_unmerge_disable_and_unload_keep_outputs():
-    model = _tiny_vit()
-    x = torch.randn(2, 3, 32, 32)
-    base_out = model.eval()(x)
-    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.7))
-    with torch.no_grad():
-        for _, layer in snell.snell_layers(model):
-            layer.B.mul_(20)  # a visible update
-    adapted = model(x)
-    assert (adapted - base_out).abs().max() > 1e-3
-    with snell.disable_adapters(model):
-        torch.testing.assert_close(model(x), base_out)
-    snell.merge_adapters(model)
-    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="unmerge"), snell.disable_adapters(model):
-        pass
-    snell.unmerge_adapters(model)
-    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
-    merged = snell.merge_and_unload(copy.deepcopy(model))
-    assert not any(isinstance(m, SnellLayer) for m in merged.modules())
-    assert type(merged.blocks[0].attn.qkv) is nn.Linear
-    torch.testing.assert_close(merged(x), adapted, rtol=1e-4, atol=1e-5)
-    assert set(merged.state_dict()) == set(_tiny_vit().state_dict())
-    restored = snell.unload(model)
-    torch.testing.assert_close(restored(x), base_out, rtol=1e-5, atol=1e-6)
+    check_merge_unmerge_disable_and_unload()
 
 
 def test_unmerge_without_merge_is_an_error_and_unload_still_works():
@@ -261,23 +243,7 @@ def test_injection_into_a_timm_batchnorm_model_keeps_running_statistics():
 
 
 def test_save_load_into_a_fresh_model_gives_identical_outputs(tmp_path):
-    model = _tiny_vit(seed=0)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.8, modules_to_save=["head"]))
-    with torch.no_grad():
-        model.head.weight.add_(1.0)
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    expected = model(x)
-    out = snell.save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    fresh = _tiny_vit(seed=123)  # other random factors would be drawn at injection
-    fresh.load_state_dict(base_state)
-    torch.manual_seed(999)
-    snell.load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(fresh.eval()(x), expected)
-    adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
-    assert adapter_bytes < 0.2 * sum(v.numel() * 4 for v in base_state.values())
+    check_save_load(tmp_path)
 
 
 def test_learnable_coefficients_train_and_round_trip(tmp_path):
@@ -345,6 +311,10 @@ def test_adapter_dropout_and_drop_path_branch():
     assert model.blocks[0].mlp.fc2.B.grad.abs().sum() > 0
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+def test_dropout_training_step_is_a_function_of_the_seed():
+    check_dropout_is_reproducible()
 
 
 def test_deepcopy_state_dict_and_compile():

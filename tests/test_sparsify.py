@@ -1,6 +1,9 @@
+import contextlib
+
 import pytest
 import torch
-from naive import assert_keeps_top_k, naive_sparsify, reference_code_delta
+from checks import assert_keeps_exactly, assert_selection_is_exact
+from naive import naive_sparsify, reference_code_delta
 
 from snell import sparsify
 from snell.kernels import kernel_delta
@@ -10,8 +13,34 @@ from snell.kernels import kernel_delta
 def test_each_matrix_keeps_exactly_round_1_minus_s_times_n(sparsity):
     torch.manual_seed(0)
     delta = torch.randn(3, 64, 48)
-    tau = sparsify.threshold(delta, sparsity)
-    assert_keeps_top_k(delta, delta.abs() >= tau, round((1 - sparsity) * 64 * 48))
+    for path in (contextlib.nullcontext, sparsify.device_path_on_cpu):
+        with path():
+            assert_keeps_exactly(delta, sparsity)
+
+
+@pytest.mark.parametrize("magnitude", [True, False], ids=["magnitude", "signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1000, 300_000])
+def test_every_selection_method_is_exact(n, dtype, magnitude):
+    torch.manual_seed(5)
+    values = torch.randn(2, n).to(dtype)
+    for k in (1, round(0.1 * n), n // 2, n // 2 + 1, round(0.9 * n), n):
+        assert_selection_is_exact(values, k, magnitude)
+
+
+def test_selection_method_reads_the_table_and_the_device_path_follows_cuda():
+    assert sparsify.selection_method("cpu", 1000) == "kthvalue"
+    assert sparsify.selection_method("cpu", 1 << 20) == "banded"
+    assert sparsify.selection_method("mps", 1 << 20) == "kthvalue"  # unlisted devices
+    cuda = sparsify.selection_method("cuda", 1 << 20)
+    assert cuda != "banded"  # accelerators never take a host-side method
+    with sparsify.device_path_on_cpu():
+        assert sparsify.selection_method("cpu", 1 << 20) == cuda
+        assert sparsify.selection_method("meta", 1 << 20) == "kthvalue"
+    assert sparsify.selection_method("cpu", 1 << 20) == "banded"
+    for rows in sparsify.SELECTION_TABLE.values():
+        assert all(name in sparsify.SELECTION_METHODS for _, name in rows)
+        assert [bound for bound, _ in rows] == sorted(bound for bound, _ in rows)
 
 
 @pytest.mark.parametrize("keep_fraction", [0.005, 0.1, 0.5, 0.63, 0.9, 1.0])
@@ -101,9 +130,8 @@ def test_llama_mlp_sized_matrix_works():
     # 11008 × 4096 = 45M entries, above the 2^24 that torch.quantile accepted in the reference's torch.
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(1, 11008, 4096, generator=gen)
-    tau = sparsify.threshold(delta, 0.9)
-    assert isinstance(tau, torch.Tensor) and tau.shape == (1, 1, 1)
-    assert_keeps_top_k(delta, delta.abs() >= tau, round(0.1 * delta.numel()))
+    assert sparsify.threshold(delta, 0.9).shape == (1, 1, 1)
+    assert_keeps_exactly(delta, 0.9)
 
 
 @pytest.mark.parametrize("mode", sparsify.MODES)

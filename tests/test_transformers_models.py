@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from naive import assert_keeps_top_k, dense_update
+from checks import assert_keeps_top_k, dense_update
 
 import snell
 

@@ -3,13 +3,16 @@
 The threshold τ is the k-th largest |ΔW| of each matrix (k = round((1 − s)·N)), found by selection, not
 by a sort or torch.quantile (which refuses more than 2^24 entries and anything but fp32/fp64). It stays
 a tensor on ΔW's device, so no host synchronisation happens on an accelerator. τ is one scalar per
-matrix: the forward saves it and the backward reuses it instead of selecting again.
+matrix: the forward saves it and the backward reuses it instead of selecting again. Which exact selection
+runs is decided in one place, :func:`selection_method` over :data:`SELECTION_TABLE`, per device and size.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,8 +21,6 @@ from torch import Tensor
 
 MODES = ("reference", "mask", "soft")
 
-# Sample-then-select is used on the CPU for matrices above this many entries.
-_BAND_MIN_NUMEL = 1 << 17
 _SAMPLE_SIZE = 1 << 16
 # float16/32/64 go to numpy as they are; anything else (bfloat16) as float32, which holds it exactly.
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
@@ -90,21 +91,94 @@ def _kth_largest_banded(values: Tensor, k: int, magnitude: bool) -> Tensor | Non
     return values.new_tensor(band[position].item())
 
 
+def _select_banded(values: Tensor, k: int, magnitude: bool) -> Tensor:
+    """Row by row, :func:`_kth_largest_banded` (CPU only: numpy and host reads), or kthvalue if its sample misses."""
+    rows = []
+    for row in values:
+        tau = _kth_largest_banded(row, k, magnitude)
+        if tau is None:
+            tau = torch.kthvalue(row.abs() if magnitude else row, row.numel() - k + 1).values
+        rows.append(tau)
+    return torch.stack(rows).unsqueeze(-1)
+
+
+def _select_kthvalue(values: Tensor, k: int, magnitude: bool) -> Tensor:
+    return torch.kthvalue(values.abs() if magnitude else values, values.shape[1] - k + 1, dim=-1, keepdim=True).values
+
+
+def _select_topk(values: Tensor, k: int, magnitude: bool) -> Tensor:
+    """The k-th largest as the smallest of the k largest, or as the largest of the n − k + 1 smallest, whichever
+    set is smaller (topk returns the whole set: values and int64 indices)."""
+    values = values.abs() if magnitude else values
+    n = values.shape[1]
+    if k <= n - k + 1:
+        return torch.topk(values, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return torch.topk(values, n - k + 1, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+
+
+SELECTION_METHODS: dict[str, Callable[[Tensor, int, bool], Tensor]] = {
+    "banded": _select_banded,
+    "kthvalue": _select_kthvalue,
+    "topk": _select_topk,
+}
+"""Exact selections of the k-th largest entry per row of a (G, N) tensor: (values, k, magnitude) -> (G, 1)."""
+
+SELECTION_TABLE: dict[str, tuple[tuple[int, str], ...]] = {
+    # The numpy sample-and-band selection from 2^17 entries, kthvalue below (as before the table existed); its
+    # CPU timings: benchmarks/README.md, "Selection by counting and a small band".
+    "cpu": ((0, "kthvalue"), (1 << 17, "banded")),
+    # An educated default, not a measurement: no CUDA device has run benchmarks.gpu yet. torch.topk's CUDA
+    # radix select splits one large slice over many thread blocks, while kthvalue launches one block (at most
+    # 1024 threads) per slice, and ΔW is one huge slice per matrix. `python -m benchmarks.gpu` times both at
+    # every size and prints whether this row was the fastest and the row its measurements support.
+    "cuda": ((0, "topk"),),
+}
+"""Per device type, (smallest N, method) rows in increasing N: the last row with N >= its bound decides.
+
+The one place the selection method is chosen. Accelerators must use methods without host reads (no
+``banded``), so that a training step never waits for the threshold. Devices not listed use ``kthvalue``.
+"""
+
+_device_path_on_cpu = False
+
+
+@contextmanager
+def device_path_on_cpu() -> Iterator[None]:
+    """Run CPU tensors through the accelerator path (CUDA's selection table, no numpy, no host reads).
+
+    For tests: the path a GPU takes can then be checked for exactness and for a torch.compile graph without
+    breaks on a machine that has no GPU.
+    """
+    global _device_path_on_cpu
+    previous, _device_path_on_cpu = _device_path_on_cpu, True
+    try:
+        yield
+    finally:
+        _device_path_on_cpu = previous
+
+
+def _path(device_type: str) -> str:
+    """The device type whose code path a tensor on ``device_type`` takes."""
+    return "cuda" if device_type == "cpu" and _device_path_on_cpu else device_type
+
+
+def selection_method(device_type: str, numel: int) -> str:
+    """The name of the exact selection used for rows of ``numel`` entries on ``device_type`` (a key of
+    :data:`SELECTION_METHODS`), from :data:`SELECTION_TABLE`."""
+    method = "kthvalue"
+    for bound, name in SELECTION_TABLE.get(_path(device_type), ()):
+        if numel >= bound:
+            method = name
+    return method
+
+
 def _kth_largest(values: Tensor, k: int, magnitude: bool) -> Tensor:
     groups, n = values.shape
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     if k == 0:
         return values.new_full((groups, 1), math.inf)
-    if values.device.type == "cpu" and n >= _BAND_MIN_NUMEL:
-        rows = []
-        for row in values:
-            tau = _kth_largest_banded(row, k, magnitude)
-            if tau is None:
-                tau = torch.kthvalue(row.abs() if magnitude else row, n - k + 1).values
-            rows.append(tau)
-        return torch.stack(rows).unsqueeze(-1)
-    return torch.kthvalue(values.abs() if magnitude else values, n - k + 1, dim=-1, keepdim=True).values
+    return SELECTION_METHODS[selection_method(values.device.type, n)](values, k, magnitude)
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
@@ -133,9 +207,10 @@ def _zero_below_(magnitude: Tensor, tau: Tensor) -> Tensor:
     On the CPU this is one ``threshold_`` pass per matrix (x > the float just below τ is x >= τ): there
     ``masked_fill_`` and the comparison that builds its mask took about 20 times as long (341×3072: 1.3 vs
     0.05 ms). Elsewhere the comparison stays a tensor, so no device synchronisation reads τ. NaN entries are
-    zeroed by the fast path and kept by the other; ΔW ⊙ S is NaN there either way.
+    zeroed by the fast path and kept by the other; ΔW ⊙ S is NaN there either way. The other path is also
+    the one torch.compile traces without a graph break (the host read breaks it).
     """
-    if magnitude.device.type == "cpu" and tau.dtype == magnitude.dtype:
+    if _path(magnitude.device.type) == "cpu" and tau.dtype == magnitude.dtype:
         if tau.numel() == 1:
             below = torch.nextafter(tau, tau.new_tensor(-math.inf)).item()
             return F.threshold_(magnitude, below, 0.0)

@@ -1,0 +1,286 @@
+"""Correctness checks written once for any device: the test suite runs them on the CPU, ``benchmarks.gpu`` on a GPU.
+
+Pytest-free on purpose (a GPU machine may lack pytest): ``benchmarks.gpu`` loads this file and ``naive.py`` by
+path, so a device check and a unit test cannot drift apart. Inputs are drawn on the CPU from fixed seeds and
+then moved, so every device checks the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from naive import naive_kernel, naive_sparsify
+from torch import Tensor, nn
+
+import snell
+from snell import function, sparsify
+from snell.config import default_coefficients
+from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, dense_delta
+from snell.layers import SnellLayer
+
+KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
+MODES = sparsify.MODES
+
+
+def make_spec(kernel="piecewise_linear", mode="reference", sparsity=0.6, op="linear", shape=(6, 5), groups=1, **conv):
+    return SnellSpec(
+        op=op,
+        weight_shape=shape,
+        kernel=kernel,
+        num_pieces=2 if kernel == "piecewise_linear" else 1,
+        mode=mode,
+        sparsity=sparsity,
+        groups=groups,
+        **conv,
+    )
+
+
+def spec_id(spec: SnellSpec) -> str:
+    return f"{spec.op}-{spec.kernel}-{spec.mode}-s{spec.sparsity}-g{spec.groups}"
+
+
+CASES = [
+    *[make_spec(kernel=k, mode=md) for k in KERNELS for md in MODES],
+    make_spec(sparsity=0.0),
+    make_spec(op="linear", shape=(9, 5), groups=3),
+    make_spec(op="linear", shape=(4, 9)),
+    make_spec(op="linear_t", shape=(5, 6)),
+    make_spec(op="conv2d", shape=(4, 3, 3, 3), padding=(1, 1), stride=(2, 2)),
+    make_spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2)),
+]
+"""Every kernel × sparsify mode, sparsity 0, q/k/v groups, a wide matrix, Conv1D and convolutions."""
+
+DROPOUT_CASES = [
+    make_spec(),
+    make_spec(kernel="rbf", mode="soft"),
+    make_spec(op="linear", shape=(9, 5), groups=3),
+    make_spec(op="linear_t", shape=(5, 6), mode="mask"),
+    make_spec(op="conv2d", shape=(4, 1, 3, 3), conv_groups=2, dilation=(2, 2), padding=(1, 1)),
+]
+"""Layouts and modes the adapter-dropout path is checked on."""
+
+
+def make_inputs(spec, r=4, tokens=3, dtype=torch.float64, seed=0, device="cpu") -> list[Tensor]:
+    """(x, weight, bias, A, B, coefficients) for ``spec``, drawn on the CPU and moved to ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = spec.matrix_shape
+    if spec.op == "conv2d":
+        x = torch.randn(2, spec.weight_shape[1] * spec.conv_groups, 5, 5, generator=gen, dtype=dtype)
+    else:
+        x = torch.randn(tokens, 2, n, generator=gen, dtype=dtype)
+    weight = torch.randn(spec.weight_shape, generator=gen, dtype=dtype)
+    bias = torch.randn(m, generator=gen, dtype=dtype)
+    lead = (spec.groups,) if spec.groups > 1 else ()
+    a = torch.randn(*lead, n, r, generator=gen, dtype=dtype)
+    b = torch.randn(*lead, m // spec.groups, r, generator=gen, dtype=dtype)
+    coef = torch.tensor(default_coefficients(spec.kernel, spec.num_pieces), dtype=dtype) * 2
+    return [t.to(device) for t in (x, weight, bias, a, b, coef)]
+
+
+def naive_forward(spec, x, weight, bias, a, b, coef):
+    """The layer with W0 + ΔWˢ from the naive formulas, differentiated by plain autograd."""
+    m, n = spec.matrix_shape
+    delta = naive_kernel(spec.kernel, a, b, coef, spec.num_pieces).reshape(spec.groups, m // spec.groups, n)
+    delta = naive_sparsify(delta, spec.sparsity, spec.mode).reshape(m, n)
+    return base_op(spec, x, weight + to_layout(spec, delta), bias)
+
+
+def to_layout(spec, matrix):
+    return matrix.T if spec.op == "linear_t" else matrix.reshape(spec.weight_shape)
+
+
+def base_op(spec, x, weight, bias):
+    if spec.op == "linear":
+        return F.linear(x, weight, bias)
+    if spec.op == "linear_t":
+        return x @ weight + bias
+    return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.conv_groups)
+
+
+def _assert_close(actual: Tensor, expected: Tensor, autocast: bool) -> None:
+    """torch's default tolerances in float64. In float32, 1e-4 relative to the largest |expected| entry: the
+    fused kernels get distances from a GEMM (‖a‖² + ‖b‖² − 2a·b), the naive formula from differences, and the
+    two round differently. Under bf16 autocast against the fp32 or fp64 formula, 3 % of that scale."""
+    if expected.dtype == torch.float64 and not autocast:
+        torch.testing.assert_close(actual, expected)
+        return
+    tolerance = 0.03 if autocast else 1e-4
+    atol = tolerance * float(expected.detach().abs().max()) + 1e-6
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=tolerance, atol=atol)
+
+
+def assert_matches_naive(spec, inputs, autocast_dtype: torch.dtype | None = None) -> None:
+    """Forward and every input's gradient equal plain autograd on the naive formula.
+
+    With ``autocast_dtype`` the fused function runs as a SNELL layer does under autocast (x cast to that dtype,
+    inside ``torch.autocast``) against the naive formula in the inputs' own precision, within 3 % of scale.
+    """
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = naive_forward(spec, *leaves)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=expected.dtype)
+    grad = grad.to(expected.device)
+    expected.backward(grad)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    device = inputs[0].device.type
+    with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        x = ours[0] if autocast_dtype is None else ours[0].to(autocast_dtype)
+        out = FusedSnell.apply(x, *ours[1:], spec)
+    _assert_close(out, expected, autocast_dtype is not None)
+    out.backward(grad.to(out.dtype))
+    for mine, theirs in zip(ours, leaves, strict=True):
+        _assert_close(mine.grad, theirs.grad, autocast_dtype is not None)
+
+
+def assert_dropout_matches_naive(spec, p: float, with_keep: bool, device="cpu") -> None:
+    """y = op(x, W0) + b + k ⊙ op(D ⊙ x, ΔWˢ): backward must regenerate exactly the forward's D from its seed."""
+    inputs = make_inputs(spec, tokens=4, device=device)
+    x = inputs[0]
+    keep = torch.tensor([0.0, 2.0, 2.0, 0.0][: x.shape[0]], dtype=x.dtype, device=device)
+    keep = keep.reshape(-1, *[1] * (x.dim() - 1)) if with_keep else None
+    torch.manual_seed(7)
+    mask = torch.ones_like(x)
+    if p > 0:
+        mask = function.dropout_keep(x, p, function._draw_seed()) / function.keep_probability(p)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    x_, weight, bias, a, b, coef = leaves
+    branch = naive_forward(spec, x_ * mask, torch.zeros_like(weight), torch.zeros_like(bias), a, b, coef)
+    expected = base_op(spec, x_, weight, bias) + (branch if keep is None else keep * branch)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=expected.dtype)
+    grad = grad.to(device)
+    expected.backward(grad)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    torch.manual_seed(7)
+    out = FusedSnellDropout.apply(*ours, spec, p, keep)
+    torch.testing.assert_close(out, expected)
+    out.backward(grad)
+    for mine, theirs in zip(ours, leaves, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def dense_update(layer):
+    """A SNELL layer's ΔW before sparsification, (G, m/G, n), from the routine its forward uses: same bits."""
+    with torch.no_grad():
+        return dense_delta(layer.snell_spec, layer.snell_A, layer.snell_B, layer.snell_coefficients)
+
+
+def assert_keeps_top_k(dense, kept, k):
+    """``kept`` (bool, shaped like ``dense``, (G, ...)) is exactly the top k |entries| of each matrix plus every
+    entry tied with the k-th: the definition of exact top-k with ties kept.
+
+    Why not ``kept.sum() == k``: ΔW's last bits depend on the CPU's vector width and the thread count, and a
+    45M-entry fp32 matrix has about one other entry per ulp at τ, so the number of ties at τ (and so of
+    survivors beyond k) differs between machines. This check holds for whatever bits ΔW came out with.
+    """
+    magnitude = dense.detach().abs().flatten(1)
+    tau = magnitude.topk(k, dim=1).values[:, -1:]
+    kept = kept.flatten(1)
+    assert torch.equal(kept, magnitude >= tau)
+    assert ((magnitude > tau).sum(1) < k).all() and (kept.sum(1) >= k).all()
+
+
+def assert_keeps_exactly(delta: Tensor, sparsity: float) -> None:
+    """τ of each matrix of ΔW (G, m, n) keeps its top k |entries|, k = round((1 − s)·m·n), and every entry tied
+    with the k-th (45M float32 draws tie at τ here and there)."""
+    tau = sparsify.threshold(delta, sparsity)
+    assert_keeps_top_k(delta, delta.abs() >= tau, sparsify.keep_count(delta[0].numel(), sparsity))
+
+
+def assert_selection_is_exact(values: Tensor, k: int, magnitude: bool) -> None:
+    """Every selection method in :data:`snell.sparsify.SELECTION_METHODS` that runs on values' device, and the
+    one the library picks, returns the k-th largest (|entry|) per row, as topk of the sorted values says."""
+    reference = (values.abs() if magnitude else values).float().sort(dim=1, descending=True).values[:, k - 1 : k]
+    picked = sparsify.kth_largest_magnitude(values, k) if magnitude else sparsify.kth_largest(values, k)
+    assert picked.dtype == values.dtype and torch.equal(picked.float(), reference), "library's selection"
+    for name, select in sparsify.SELECTION_METHODS.items():
+        if name == "banded" and values.device.type != "cpu":
+            continue
+        got = select(values, k, magnitude)
+        assert got.dtype == values.dtype and torch.equal(got.float(), reference), name
+
+
+def tiny_vit(seed=0, depth=12, device="cpu") -> nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=depth)
+    return model.to(device)
+
+
+def check_merge_unmerge_disable_and_unload(device="cpu", depth=12) -> None:
+    """Merging, unmerging, disabling and unloading keep a model's outputs what they should be."""
+    model = tiny_vit(depth=depth, device=device)
+    x = torch.randn(2, 3, 32, 32).to(device)
+    base_out = model.eval()(x)
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.7))
+    with torch.no_grad():
+        for _, layer in snell.snell_layers(model):
+            layer.B.mul_(20)  # a visible update
+    adapted = model(x)
+    assert (adapted - base_out).abs().max() > 1e-3
+    with snell.disable_adapters(model):
+        torch.testing.assert_close(model(x), base_out)
+    snell.merge_adapters(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+    try:
+        with snell.disable_adapters(model):
+            raise AssertionError("disabling merged adapters must raise")
+    except ValueError as err:
+        assert "unmerge" in str(err)
+    snell.unmerge_adapters(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-5)
+    merged = snell.merge_and_unload(copy.deepcopy(model))
+    assert not any(isinstance(m, SnellLayer) for m in merged.modules())
+    assert type(merged.blocks[0].attn.qkv) is nn.Linear
+    torch.testing.assert_close(merged(x), adapted, rtol=1e-4, atol=1e-5)
+    assert set(merged.state_dict()) == set(tiny_vit(depth=depth).state_dict())
+    restored = snell.unload(model)
+    torch.testing.assert_close(restored(x), base_out, rtol=1e-5, atol=1e-6)
+
+
+def check_save_load(folder: Path, device="cpu", depth=12) -> None:
+    """An adapter saved and loaded into a fresh model (other random factors) gives identical outputs."""
+    model = tiny_vit(seed=0, depth=depth, device=device)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.8, modules_to_save=["head"]))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32).to(device)
+    expected = model(x)
+    out = snell.save_adapter(model, folder / "adapter")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = tiny_vit(seed=123, depth=depth, device=device)
+    fresh.load_state_dict(base_state)
+    torch.manual_seed(999)
+    snell.load_adapter(fresh, folder / "adapter")
+    torch.testing.assert_close(fresh.eval()(x), expected)
+    adapter_bytes = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < 0.2 * sum(v.numel() * 4 for v in base_state.values())
+
+
+def check_dropout_is_reproducible(device="cpu", depth=2) -> None:
+    """With adapter dropout and drop-path, a training step is a function of the seed: the same seed gives the
+    same output and gradients, another seed another output; evaluation is deterministic."""
+    model = tiny_vit(depth=depth, device=device)
+    snell.get_snell_model(model, snell.SnellConfig(sparsity=0.5, dropout=0.1, drop_path=0.1))
+    x = torch.randn(4, 3, 32, 32).to(device)
+    layer = model.blocks[0].mlp.fc2
+
+    def step(seed: int) -> tuple[Tensor, Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = model.train()(x)
+        out.square().sum().backward()
+        return out.detach(), layer.B.grad.clone()
+
+    first, again, other = step(0), step(0), step(1)
+    assert torch.equal(first[0], again[0])
+    # close, not equal: on a GPU the attention backward adds with atomics, in any order; another mask would
+    # change the gradient far beyond this tolerance
+    torch.testing.assert_close(first[1], again[1])
+    assert not torch.allclose(first[0], other[0])
+    assert first[1].abs().sum() > 0
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
