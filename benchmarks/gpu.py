@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from benchmarks import llama
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
-from benchmarks.report import REPO, _version, command_line, fmt, markdown_table, write_csv
+from benchmarks.report import REPO, Target, _version, command_line, fmt, markdown_table, write_csv
 from benchmarks.step import make_step
-from benchmarks.threshold import piecewise_delta
+from benchmarks.threshold import piecewise_delta, quantile_call
 from snell import function, sparsify
 from snell.layers import init_factors
 
@@ -375,14 +375,6 @@ def sampled_bracket(values: torch.Tensor, k: int, sample_size: int = 1 << 16) ->
     return torch.kthvalue(band, position + 1).values
 
 
-def _quantile(magnitude: torch.Tensor) -> Callable[[], object] | str:
-    try:
-        torch.quantile(magnitude, SPARSITY)
-    except RuntimeError as err:
-        return f"n/a: {str(err).splitlines()[0][:80]}"
-    return lambda: torch.quantile(magnitude, SPARSITY)
-
-
 def selection_rows(m: int, n: int, device: str, repeats: int) -> list[dict[str, Any]]:
     """Every way to find τ for a piecewise-linear ΔW of (m, n), timed against one GEMM of that matrix."""
     delta = piecewise_delta(m, n, device=device)
@@ -406,7 +398,7 @@ def selection_rows(m: int, n: int, device: str, repeats: int) -> list[dict[str, 
     note = "interpolates: not the k-th value itself"
     if numel > 1 << 24:  # this torch may take it; torch 1.12, which the reference code ran on, did not
         note += "; torch 1.12 refused > 2^24 entries"
-    candidates["torch.quantile"] = (_quantile(magnitude), note)
+    candidates["torch.quantile"] = (quantile_call(magnitude), note)
     candidates["sampled bracket"] = (lambda: sampled_bracket(flat[0], k), "two host reads per call")
     rows = []
     for name, (fn, note) in candidates.items():
@@ -662,19 +654,6 @@ def _train_summary(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return row["status"]
     return f"{fmt(row['step_ms_median'])} ms/step, peak {fmt(row.get('peak_mb'))} MB"
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    value: float | None
-    limit: float
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "pending (not measured in this run)"
-        return "PASS" if self.value <= self.limit else "MISS"
 
 
 def _value(rows: Sequence[dict[str, Any]], model: str, method: str, column: str) -> float | None:

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,21 @@ import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One measured ratio against its limit (``value`` None: not measured in this run)."""
+
+    name: str
+    value: float | None
+    limit: float
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        return "PASS" if self.value <= self.limit else "MISS"
 
 
 def _cpu_model() -> str:

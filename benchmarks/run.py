@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import plots
 from benchmarks.methods import METHODS, MODELS
-from benchmarks.report import REPO, command_line, environment, environment_markdown, markdown_table, write_csv
+from benchmarks.report import REPO, Target, command_line, environment, environment_markdown, markdown_table, write_csv
 
 FULL_OUT = REPO / "benchmarks" / "results"
 QUICK_OUT = REPO / "runs" / "bench-quick"
@@ -252,19 +252,6 @@ def _summary(row: dict[str, Any]) -> str:
         f"{statistics.median(row['round_times'][-1]):.3f} s/step, peak {row['peak_mb']:.0f} MB "
         f"(default malloc {row['peak_default_malloc_mb']:.0f} MB), saved {row['saved_mb']:.0f} MB"
     )
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    value: float | None
-    limit: float
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "n/a"
-        return "PASS" if self.value <= self.limit else "MISS"
 
 
 def _train_value(rows: Sequence[dict[str, Any]], method: str, column: str) -> float | None:

@@ -47,12 +47,12 @@ def piecewise_delta(m: int, n: int, r: int = 8, seed: int = 0, device: str = "cp
     return kernel_delta("piecewise_linear", a.to(device), b.to(device), coefficients, 2).unsqueeze(0)
 
 
-def _quantile(magnitude: torch.Tensor) -> Callable[[], object] | str:
-    """torch.quantile, or why it cannot run on this input."""
+def quantile_call(magnitude: torch.Tensor) -> Callable[[], object] | str:
+    """torch.quantile at SPARSITY as a call to time, or why this torch refuses the input (first line)."""
     try:
         torch.quantile(magnitude, SPARSITY)
     except RuntimeError as err:
-        return f"refused: {err}"
+        return f"refused: {str(err).splitlines()[0][:80]}"
     return lambda: torch.quantile(magnitude, SPARSITY)
 
 
@@ -70,7 +70,7 @@ def benchmark_shape(m: int, n: int, repeats: int) -> list[dict[str, Any]]:
         "snell kth_largest (selection only)": lambda: sparsify.kth_largest(magnitude[None], k),
         "torch.kthvalue": lambda: torch.kthvalue(magnitude, magnitude.numel() - k + 1),
         "torch.topk (unsorted)": lambda: torch.topk(magnitude, k, sorted=False),
-        "torch.quantile": _quantile(magnitude),
+        "torch.quantile": quantile_call(magnitude),
     }
     rows = []
     for name, fn in candidates.items():

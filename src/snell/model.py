@@ -36,6 +36,13 @@ def _name_matches(name: str, selector: Sequence[str] | str) -> bool:
     return any(name == s or name.endswith("." + s) for s in selector)
 
 
+def _unmatched(selectors: Sequence[str], names: Iterable[str]) -> list[str]:
+    """The entries of a list of name suffixes that match none of ``names``: a typo in one would silently
+    adapt, exclude or save less than asked."""
+    names = list(names)
+    return [s for s in selectors if not any(_name_matches(n, [s]) for n in names)]
+
+
 def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpec]:
     """The layers ``config`` adapts in ``model``, each with its spec. Changes nothing; raises on bad input."""
     selector = config.target_modules
@@ -53,7 +60,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         )
     # Every list entry must match: a typo in one would silently adapt fewer layers (or exclude none).
     if isinstance(selector, list):
-        missing = [s for s in selector if not any(_name_matches(n, [s]) for n in names)]
+        missing = _unmatched(selector, names)
         if missing:
             raise ValueError(
                 f"target_modules entries {missing} match no module of {type(model).__name__} "
@@ -61,7 +68,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
             )
     excluded = config.exclude_modules
     if isinstance(excluded, list):
-        idle = [s for s in excluded if not any(_name_matches(n, [s]) for n in names)]
+        idle = _unmatched(excluded, names)
         if idle:
             raise ValueError(
                 f"exclude_modules {idle} match none of the {len(names)} modules that target_modules selects in "
@@ -79,7 +86,7 @@ def _named_matches(
 ) -> dict[str, T]:
     """The (name, object) pairs whose name ``selectors`` match; ValueError naming any selector matching none."""
     found = {n: obj for n, obj in named if n and _name_matches(n, selectors)}
-    missing = [s for s in selectors if not any(_name_matches(n, [s]) for n in found)]
+    missing = _unmatched(selectors, found)
     if missing:
         kind = setting.removesuffix("s_to_save")
         raise ValueError(f"{setting} {missing} match no {kind} of {type(model).__name__}")
