@@ -63,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
         from snell.train.evaluate import evaluate_run
 
         result = evaluate_run(args.run_dir, args.split, args.adapter, args.data)
-        print(f"{result['split']} accuracy: {result['accuracy']:.4f} ({result['examples']} examples)")
+        if result.get("accuracy") is not None:  # a causal LM's data without answers gives loss and perplexity only
+            print(f"{result['split']} accuracy: {result['accuracy']:.4f} ({result['examples']} examples)")
         print(json.dumps(result))
     elif args.command == "merge":
         from snell.train.evaluate import merge_run
