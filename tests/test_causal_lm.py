@@ -263,3 +263,10 @@ def test_linear_probing_is_refused_for_a_causal_lm(
 ) -> None:
     assert main(_args(*tiny, tmp_path / "run", "--method", "linear")) == 2
     assert "classification head" in capsys.readouterr().err
+
+
+def test_commonsense_recipe_takes_llm_adapters_values() -> None:
+    config = resolve_config("llm/commonsense", {})
+    assert (config.method, config.r, config.epochs, config.batch_size, config.max_length) == ("snell", 32, 3, 16, 256)
+    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (config.num_beams, config.max_new_tokens, config.model_dtype) == (4, 32, "bfloat16")

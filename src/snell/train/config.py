@@ -116,6 +116,7 @@ class TrainConfig:
     packing: bool = _opt(False, "causal LM: lay whole training examples end to end up to --max-length tokens")
     train_on_prompt: bool = _opt(False, "causal LM: compute the loss on the prompt too, not only the response")
     max_new_tokens: int = _opt(32, "causal LM: tokens generated per example when scoring")
+    num_beams: int = _opt(1, "causal LM: beams when scoring (1: greedy; LLM-Adapters' commonsense evaluation uses 4)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,7 +129,7 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise UserError(f"{f.name} must be one of {list(choices)}, got {value!r}")
         positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length")
-        positive += ("max_new_tokens",)
+        positive += ("max_new_tokens", "num_beams")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -132,8 +132,9 @@ def evaluate_split(
     examples: list[I.Example],
     tokenizer: Any,
     max_new_tokens: int,
+    num_beams: int = 1,
 ) -> dict[str, Any]:
-    """Loss and perplexity on the responses; with answers, greedy generation and accuracy per task."""
+    """Loss and perplexity on the responses; with answers, generation (greedy or beam search) and accuracy."""
     model.eval()
     generator = accelerator.unwrap_model(model)
     scored = bool(examples) and examples[0].answer is not None
@@ -153,6 +154,7 @@ def evaluate_split(
                     attention_mask=batch["prompt_mask"],
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
+                    num_beams=num_beams,
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
                 )
@@ -215,6 +217,7 @@ class CausalLMRun(Run):
             self.examples[split],
             self.backbone.tokenizer,
             self.config.max_new_tokens,
+            self.config.num_beams,
         )
         self.model.train()
         return result
@@ -304,7 +307,13 @@ def evaluate_run(
     dataset = encode_split(examples[split], backbone.tokenizer, config, train=False)
     loader = accelerator.prepare(make_loader(dataset, backbone.tokenizer, config, train=False))
     result = evaluate_split(
-        accelerator.prepare(model), loader, accelerator, examples[split], backbone.tokenizer, config.max_new_tokens
+        accelerator.prepare(model),
+        loader,
+        accelerator,
+        examples[split],
+        backbone.tokenizer,
+        config.max_new_tokens,
+        config.num_beams,
     )
     result.pop("predictions", None)
     return {"run": str(run_dir), "split": split, **result}

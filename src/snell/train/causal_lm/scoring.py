@@ -1,6 +1,7 @@
 """Scoring generations the way LLM-Adapters' commonsense evaluation does.
 
-The model generates greedily from the prompt; the answer is the FIRST match, anywhere in the generated text,
+The model generates from the prompt (greedy by default; LLM-Adapters used 4 beams and 32 new tokens, which
+``--num-beams 4 --max-new-tokens 32`` reproduce); the answer is the FIRST match, anywhere in the generated text,
 of the answer pattern of the task's format (its commonsense_evaluate.py ``extract_answer``: ``re.findall``
 with an alternation, no word boundaries, case kept), and it is correct when it equals the record's
 ``answer``. A task whose answers are of none of the eight benchmark forms (e.g. topic names) is scored the
