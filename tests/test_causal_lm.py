@@ -4,6 +4,7 @@ and `snell train` / `eval` / `merge` / `--resume` end to end on a tiny random LL
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +70,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     model_dir = root / "model"
     LlamaForCausalLM(config).save_pretrained(model_dir)
@@ -231,6 +232,7 @@ def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert summary["method"] == method and summary["split_sizes"]["train"] < 24  # packed
     assert 0 < summary["trainable_params"] <= summary["total_params"]
+    assert evaluate_run(tmp_path / method)["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)  # tied weights too
 
 
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
@@ -270,3 +272,44 @@ def test_commonsense_recipe_takes_llm_adapters_values() -> None:
     assert (config.method, config.r, config.epochs, config.batch_size, config.max_length) == ("snell", 32, 3, 16, 256)
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (config.num_beams, config.max_new_tokens, config.model_dtype) == (4, 32, "bfloat16")
+
+
+def test_data_without_answers_reports_loss_and_perplexity(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "plain"
+    data.mkdir()
+    for split in ("train", "val", "test"):
+        rows = [json.loads(line) for line in (tiny[1] / f"{split}.jsonl").read_text().splitlines()]
+        plain = [{k: r[k] for k in ("instruction", "input", "output")} for r in rows]
+        (data / f"{split}.json").write_text(json.dumps(plain))  # JSON arrays are read too
+    run = tmp_path / "run"
+    assert main([*_args(tiny[0], data, run, "--method", "lora"), "--epochs", "1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] is None and summary["test_perplexity"] > 1 and "best_val_score" in summary
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "accuracy" not in result and result["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-6)
+
+
+def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> None:
+    from snell.train.causal_lm.demo import SHOTS, write_task
+
+    data = write_task(tmp_path / "data")
+    train, test = I.read_examples(data / "train.jsonl"), I.read_examples(data / "test.jsonl")
+    assert len(train) == 5 * SHOTS and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
+    assert {e.answer for e in test} == {"business", "entertainment", "politics", "sports", "tech"}
+    assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
+
+
+def test_the_shipped_demo_model_is_a_small_pretrained_llama() -> None:
+    from snell.train.causal_lm.demo import MODEL_DIR
+
+    assert is_causal_lm(MODEL_DIR) and sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 20e6
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    ids = tokenizer("The company said its profits rose in the last three months of the year.", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**ids, labels=ids["input_ids"]).loss
+    assert loss < 0.8 * math.log(len(tokenizer))  # far below a uniform guess: it has learnt English news text

@@ -352,8 +352,8 @@ class Run:
             bar.update(1)
             elapsed = time.time() - start
             bar.set_postfix(
-                loss=f"{loss_sum.item() / seen.item():.4f}",
-                acc=f"{correct.item() / seen.item():.3f}",
+                loss=f"{loss_sum.item() / max(seen.item(), 1):.4f}",
+                acc=f"{correct.item() / max(seen.item(), 1):.3f}",
                 img_s=f"{seen.item() * self.accelerator.num_processes / max(elapsed, 1e-9):.1f}",
             )
         bar.close()

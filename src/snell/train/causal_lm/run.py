@@ -88,6 +88,8 @@ def encode_split(examples: list[I.Example], tokenizer: Any, config: TrainConfig,
     """Tokenised examples; a warning names how many lost their whole response to ``--max-length``."""
     items = [I.encode(e, tokenizer, config.max_length, config.train_on_prompt) for e in examples]
     lost = [e.origin for e, item in zip(examples, items, strict=True) if len(item["prompt_ids"]) >= config.max_length]
+    if train and len(lost) == len(items):
+        raise UserError(f"no training example has a response token within --max-length {config.max_length}; raise it")
     if lost:
         print(
             f"warning: {len(lost)} of {len(items)} examples (e.g. {lost[0]}) have no response token left within "
