@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
 
     demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
-    demo.add_argument("--task", default="image", choices=("image", "text"))
+    demo.add_argument("--task", default="image", choices=("image", "text", "llm"))
     demo.add_argument(
         "--output-dir", type=Path, default=None, help="results folder (default: results/demo/<task>-<time>)"
     )
@@ -70,6 +70,12 @@ def _run(args: argparse.Namespace) -> int:
         from snell.train.evaluate import merge_run
 
         print(f"merged model written to {merge_run(args.run_dir, args.output)}")
+    elif args.task == "llm":
+        from snell.train.causal_lm.demo import run_llm_demo
+
+        run_llm_demo(
+            [m.strip() for m in args.methods.split(",") if m.strip()], args.output_dir, args.epochs, args.progress
+        )
     else:
         from snell.train.demo import run_demo
 
