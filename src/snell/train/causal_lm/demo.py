@@ -103,9 +103,8 @@ def run_llm_demo(methods: list[str], output_dir: Path | None, epochs: int | None
         rows.append(_row(method, json.loads((out / "runs" / method / "summary.json").read_text())))
     total = time.time() - started
     title = (
-        f"small LLaMA-architecture LM (1.1 M params, pretrained on BBC News here; not LLaMA-2-7B), BBC News "
-        f"sections as instructions, {SHOTS} per section: test accuracy by greedy generation at the epoch "
-        f"chosen on val, {epochs or SETTINGS['epochs']} epochs, seed {SETTINGS['seed']}"
+        f"Small LLaMA (1.1 M params, BBC-pretrained; not LLaMA-2-7B), BBC sections as instructions, "
+        f"{SHOTS}/section: test acc by generation, {epochs or SETTINGS['epochs']} epochs, seed {SETTINGS['seed']}"
     )
     table = write_results(rows, out, title, total)
     print(f"\n{title}\n\n{table}\n\nTotal demo wall time: {total:.0f} s; results in {out}", flush=True)
