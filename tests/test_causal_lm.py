@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,3 +316,23 @@ def test_the_shipped_demo_model_is_a_small_pretrained_llama() -> None:
     with torch.no_grad():
         loss = model(**ids, labels=ids["input_ids"]).loss
     assert loss < 0.8 * math.log(len(tokenizer))  # far below a uniform guess: it has learnt English news text
+
+
+def test_two_processes_match_one_that_accumulates_the_same_halves(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """As for classification (tests/test_cli.py): rank r gets the r-th half of each batch of 16, which one
+    process with --batch-size 8 --grad-accum 2 sees as its two micro-batches, so every tensor must be equal."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    common = [*_args(*tiny, tmp_path / "unused"), "--select-on", "none", "--epochs", "1"]  # 32 examples: 2 batches
+    single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in ([sys.executable, "-m", "snell", *single], [*torchrun, "-m", "snell", *common, "--batch-size",
+                    "16", "--output-dir", str(tmp_path / "two")]):  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    predictions = [json.loads((tmp_path / run / "test_predictions.json").read_text()) for run in ("one", "two")]
+    assert len(predictions[1]) == 8 and predictions[0] == predictions[1]  # gathered once each, in file order
