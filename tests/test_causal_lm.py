@@ -336,3 +336,8 @@ def test_two_processes_match_one_that_accumulates_the_same_halves(tiny: tuple[Pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     predictions = [json.loads((tmp_path / run / "test_predictions.json").read_text()) for run in ("one", "two")]
     assert len(predictions[1]) == 8 and predictions[0] == predictions[1]  # gathered once each, in file order
+
+
+def test_search_refuses_a_causal_lm_plainly(tiny: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    assert main(["search", "--model", str(tiny[0]), "--data", str(tiny[1]), "--grid-sparsity", "0.5"]) == 2
+    assert "supports classifiers only" in capsys.readouterr().err
