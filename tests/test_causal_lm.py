@@ -231,9 +231,11 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path: Path, method: str) -> None:
-    assert main([*_args(*tiny, tmp_path / method, "--method", method, "--packing"), "--epochs", "1"]) == 0
+    extra = ("--method", method, "--packing", "--max-eval-samples", "5")
+    assert main([*_args(*tiny, tmp_path / method, *extra), "--epochs", "1"]) == 0
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert summary["method"] == method and summary["split_sizes"]["train"] < 24  # packed
+    assert summary["split_sizes"]["val"] == summary["split_sizes"]["test"] == 5
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     assert evaluate_run(tmp_path / method)["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)  # tied weights too
 

@@ -27,7 +27,7 @@ from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
 from snell.train.config import TrainConfig, UserError
 from snell.train.loop import SUMMARY_FILE, EpochSampler, Progress, Run, peak_memory_mb, write_json_atomic
 from snell.train.models import Backbone, apply_method, load_mutable_state, load_trained, merge_trained, save_trained
-from snell.train.tasks import Task, _limit
+from snell.train.tasks import Task
 
 ALL_TASKS = "all"  # the task name of records without a ``task`` field
 
@@ -79,7 +79,7 @@ def load_examples(config: TrainConfig) -> dict[str, list[I.Example]]:
     splits = I.load_splits(Path(config.data), need_val=config.select_on == "val")
     for split in ("val", "test"):
         if split in splits:
-            splits[split] = list(_limit(splits[split], config.max_eval_samples))
+            splits[split] = splits[split][: config.max_eval_samples]
             _check_answers(split, splits[split])
     return splits
 
