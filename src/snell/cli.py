@@ -40,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="overwrite a merged model already in the output folder")
 
     demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
-    demo.add_argument("--task", default="image", choices=("image", "text"))
+    demo.add_argument("--task", default="image", choices=("image", "text", "llm"))
     demo.add_argument(
         "--output-dir", type=Path, default=None, help="results folder (default: results/demo/<task>-<time>)"
     )
@@ -64,12 +64,19 @@ def _run(args: argparse.Namespace) -> int:
         from snell.train.evaluate import evaluate_run
 
         result = evaluate_run(args.run_dir, args.split, args.adapter, args.data)
-        print(f"{result['split']} accuracy: {result['accuracy']:.4f} ({result['examples']} examples)")
+        if result.get("accuracy") is not None:  # a causal LM's data without answers gives loss and perplexity only
+            print(f"{result['split']} accuracy: {result['accuracy']:.4f} ({result['examples']} examples)")
         print(json.dumps(result))
     elif args.command == "merge":
         from snell.train.evaluate import merge_run
 
         print(f"merged model written to {merge_run(args.run_dir, args.output, args.force)}")
+    elif args.task == "llm":
+        from snell.train.causal_lm.demo import run_llm_demo
+
+        run_llm_demo(
+            [m.strip() for m in args.methods.split(",") if m.strip()], args.output_dir, args.epochs, args.progress
+        )
     else:
         from snell.train.demo import run_demo
 

@@ -21,6 +21,7 @@ import yaml
 METHODS = ("snell", "lora", "dora", "full", "linear")
 DATA_FORMATS = ("auto", "vtab", "fgvc", "imagefolder", "text", "builtin")
 BUILTIN_DATA = ("fashion_mnist", "mnist", "digits", "bbc_news")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UserError(Exception):
@@ -115,6 +116,15 @@ class TrainConfig:
     output_dir: str | None = _opt(None, "run folder (default: runs/<data>-<method>-seed<seed>)")
     merge: bool = _opt(False, "also write the model with the adapter merged into its weights")
     progress: bool = _opt(True, "show progress bars")
+    # causal language models (a transformers folder whose architecture is ...ForCausalLM)
+    model_dtype: str = _opt(
+        "float32", "causal LM: dtype of the base weights (SNELL/LoRA factors stay float32)", MODEL_DTYPES
+    )
+    gradient_checkpointing: bool = _opt(False, "causal LM: recompute activations in backward to save memory")
+    packing: bool = _opt(False, "causal LM: lay whole training examples end to end up to --max-length tokens")
+    train_on_prompt: bool = _opt(False, "causal LM: compute the loss on the prompt too, not only the response")
+    max_new_tokens: int = _opt(32, "causal LM: tokens generated per example when scoring")
+    num_beams: int = _opt(1, "causal LM: beams when scoring (1: greedy; LLM-Adapters' commonsense evaluation uses 4)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +149,7 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise UserError(f"{f.name} must be one of {list(choices)}, got {value!r}")
         positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length", "shots")
+        positive += ("max_new_tokens", "num_beams")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

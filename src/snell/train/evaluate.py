@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from snell.train.causal_lm import is_causal_lm
 from snell.train.config import TrainConfig, UserError, check_output_folder
 from snell.train.loop import CONFIG_FILE, accuracy, make_loader
 from snell.train.models import MERGED_FILES, Backbone, build_backbone, load_trained, merge_trained, save_merged
@@ -62,6 +63,11 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
     """Accuracy of a run's saved result on one split."""
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
+    config, _ = load_run_config(run_dir)
+    if is_causal_lm(config.model):
+        from snell.train.causal_lm import run as causal
+
+        return causal.evaluate_run(run_dir, config, split, adapter, data)
     config, task, backbone, model = restore(run_dir, adapter, split, data)
     dataset = task.test if split == "test" else task.val
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
@@ -85,5 +91,10 @@ def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) ->
     existing = [output / name for name in MERGED_FILES if (output / name).exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it, or choose another --output")
+    config, _ = load_run_config(run_dir)
+    if is_causal_lm(config.model):
+        from snell.train.causal_lm import run as causal
+
+        return causal.merge_run(run_dir, config, output)
     config, _, backbone, model = restore(run_dir)
     return save_merged(merge_trained(model, config), backbone, output)

@@ -254,6 +254,13 @@ class Run:
         self._check_output_dir()
         self.accelerator.wait_for_everyone()
         set_seed(config.seed)
+        self._build()
+        self.rss_after_model = current_rss_mb()
+        self.trainable, self.total = snell.trainable_parameters(self.model)
+
+    def _build(self) -> None:
+        """Set ``task``, ``backbone`` and ``model``: the part of a run that depends on the kind of task."""
+        config = self.config
         self.task: Task = load_task(config)
         self.backbone: Backbone = build_backbone(config, self.task.num_classes)
         wanted = "transformers" if self.task.kind == "text" else "timm"
@@ -271,8 +278,6 @@ class Run:
             )
         attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
         self.model = apply_method(self.backbone, config)
-        self.rss_after_model = current_rss_mb()
-        self.trainable, self.total = snell.trainable_parameters(self.model)
 
     @property
     def main(self) -> bool:
@@ -321,8 +326,20 @@ class Run:
     def _forward(self, inputs: Any) -> torch.Tensor:
         return logits_of(self.model, inputs)
 
+    def _batch_loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean loss of a batch, its correct predictions and how many predictions were scored."""
+        with self.accelerator.autocast():
+            logits = self._forward(inputs)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        return loss, (logits.argmax(dim=-1) == labels).sum().double(), labels.numel()
+
     def evaluate(self, loader: DataLoader) -> float:
         return accuracy(self.model, loader, self.accelerator)
+
+    def eval_metrics(self, loader: DataLoader, split: str) -> dict[str, float]:
+        """The metrics one evaluation adds to the epoch's record; "score" (higher is better) selects the epoch."""
+        score = self.evaluate(loader)
+        return {"score": score, f"{split}_acc": score}
 
     def _train_epoch(self, loader: DataLoader, optimizer: Any, schedule: WarmupCosine, epoch: int) -> dict:
         set_train_mode(self.model)
@@ -340,22 +357,20 @@ class Run:
         )
         for inputs, labels in loader:
             with self.accelerator.accumulate(self.model):
-                with self.accelerator.autocast():
-                    logits = self._forward(inputs)
-                loss = nn.functional.cross_entropy(logits.float(), labels)
+                loss, batch_correct, batch_seen = self._batch_loss(inputs, labels)
                 self.accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if self.accelerator.sync_gradients:
                     schedule.step()
-            loss_sum += loss.detach().double() * labels.numel()
-            correct += (logits.argmax(dim=-1) == labels).sum().double()
-            seen += labels.numel()
+            loss_sum += loss.detach().double() * batch_seen
+            correct += batch_correct
+            seen += batch_seen
             bar.update(1)
             elapsed = time.time() - start
             bar.set_postfix(
-                loss=f"{loss_sum.item() / seen.item():.4f}",
-                acc=f"{correct.item() / seen.item():.3f}",
+                loss=f"{loss_sum.item() / max(seen.item(), 1):.4f}",
+                acc=f"{correct.item() / max(seen.item(), 1):.3f}",
                 img_s=f"{seen.item() * self.accelerator.num_processes / max(elapsed, 1e-9):.1f}",
             )
         bar.close()
@@ -505,8 +520,9 @@ class Run:
             started = time.time()
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)
             if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                score = self.evaluate(eval_loader)
-                record[f"{eval_split}_acc"] = score
+                metrics = self.eval_metrics(eval_loader, eval_split)
+                score = metrics.pop("score")
+                record.update(metrics)
                 if score > progress.best_score:
                     progress.best_score, progress.best_epoch = score, epoch + 1
                     progress.best_state = _cpu(mutable_state(acc.unwrap_model(self.model)))
@@ -580,4 +596,10 @@ class Run:
 
 def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run ``snell train`` with a resolved config and return its summary."""
+    from snell.train.causal_lm import is_causal_lm
+
+    if is_causal_lm(config.model):
+        from snell.train.causal_lm.run import CausalLMRun
+
+        return CausalLMRun(config, resume).fit()
     return Run(config, resume).fit()

@@ -378,7 +378,11 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path) -> Path
     elif config.method in ("lora", "dora"):
         model.save_pretrained(str(directory))
     else:
-        state = {k: v.detach().cpu().contiguous() for k, v in mutable_state(model).items()}
+        state, stored = {}, set()
+        for name, tensor in mutable_state(model).items():
+            if tensor.data_ptr() not in stored:  # tied weights (a causal LM's lm_head = embeddings) are stored once
+                stored.add(tensor.data_ptr())
+                state[name] = tensor.detach().cpu().contiguous()
         save_file(state, str(directory / STATE_FILE))
     extra = {  # peft adapters cannot hold a bare parameter; a SNELL adapter holds it (parameters_to_save)
         n: p.detach().cpu().contiguous()

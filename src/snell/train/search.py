@@ -526,6 +526,10 @@ def search_from_args(args: argparse.Namespace) -> SearchResult:
     if args.resume:
         raise UserError("snell search resumes by itself: rerun the same command (without --resume)")
     base = config_from_args(args)
+    from snell.train.causal_lm import is_causal_lm
+
+    if is_causal_lm(base.model):  # its trials would need CausalLMRun's evaluation; say so rather than misread the data
+        raise UserError(f"{base.model} is a causal LM; snell search supports classifiers only so far")
     for name in ("select_on", "protocol"):
         if name in vars(args):
             raise UserError(f"--{name.replace('_', '-')} is set by snell search (val for trials, none for the retrain)")

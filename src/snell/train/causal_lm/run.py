@@ -1,0 +1,327 @@
+"""`snell train`, `eval` and `merge` for causal language models, on the shared harness of ``snell.train.loop``.
+
+:class:`CausalLMRun` reuses the run machinery (options check, schedule, accumulation, bf16 autocast,
+checkpoints, ``--resume``, DDP) and replaces only what depends on the task kind: the data (instruction
+records, tokenised with the prompt masked), the model (``AutoModelForCausalLM`` in the chosen dtype), the
+batch loss (next-token cross-entropy on response tokens) and evaluation (loss and perplexity, plus
+accuracy by greedy generation when the records carry an ``answer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from snell.train.causal_lm import instructions as I
+from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
+from snell.train.config import TrainConfig, UserError
+from snell.train.loop import SUMMARY_FILE, EpochSampler, Progress, Run, peak_memory_mb, write_json_atomic
+from snell.train.models import Backbone, apply_method, load_mutable_state, load_trained, merge_trained, save_trained
+from snell.train.tasks import Task
+
+ALL_TASKS = "all"  # the task name of records without a ``task`` field
+
+
+def build_causal_lm(config: TrainConfig) -> Backbone:
+    """The causal LM of ``config.model`` in ``--model-dtype``, with its tokenizer ready for padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, config.model_dtype))
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{config.model}: cannot load a transformers causal LM from this folder: {err}") from None
+    if config.gradient_checkpointing:
+        # Non-reentrant: correct with frozen embeddings (no input that requires grad) and with SNELL's function.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    info = {"architecture": type(model).__name__, "dtype": config.model_dtype}
+    return Backbone(model, "transformers", [], tokenizer=I.prepare_tokenizer(tokenizer), info=info)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Options that mean nothing, or something else, for a causal LM."""
+    if config.method == "linear":
+        raise UserError("--method linear trains a classification head; a causal LM has none (use snell, lora, full)")
+    if config.data_format != "auto":
+        raise UserError("a causal LM reads instruction data (train.jsonl, ...); leave --data-format at auto")
+    if not config.data:
+        raise UserError("no data given: pass --data <folder with train.jsonl and test.jsonl>")
+
+
+def _check_answers(split: str, examples: list[I.Example]) -> bool:
+    """Whether a split is scored: every record has an ``answer``, or none has."""
+    have = [e.answer is not None for e in examples]
+    if any(have) and not all(have):
+        first = next(e for e in examples if e.answer is None)
+        raise UserError(f"{first.origin}: no 'answer' field, but other {split} records have one; give all or none")
+    return all(have)
+
+
+def load_examples(config: TrainConfig) -> dict[str, list[I.Example]]:
+    """The splits a run uses, with ``--max-eval-samples`` applied to val and test."""
+    splits = I.load_splits(Path(config.data), need_val=config.select_on == "val")
+    for split in ("val", "test"):
+        if split in splits:
+            splits[split] = splits[split][: config.max_eval_samples]
+            _check_answers(split, splits[split])
+    return splits
+
+
+def encode_split(examples: list[I.Example], tokenizer: Any, config: TrainConfig, train: bool) -> I.EncodedSplit:
+    """Tokenised examples; a warning names how many lost their whole response to ``--max-length``."""
+    items = [I.encode(e, tokenizer, config.max_length, config.train_on_prompt) for e in examples]
+    lost = [e.origin for e, item in zip(examples, items, strict=True) if len(item["prompt_ids"]) >= config.max_length]
+    if train and len(lost) == len(items):
+        raise UserError(f"no training example has a response token within --max-length {config.max_length}; raise it")
+    if lost:
+        print(
+            f"warning: {len(lost)} of {len(items)} examples (e.g. {lost[0]}) have no response token left within "
+            f"--max-length {config.max_length}; they add nothing to the loss",
+            file=sys.stderr,
+            flush=True,
+        )
+    if train and config.packing:
+        items = I.pack(items, config.max_length)
+    return I.EncodedSplit(items)
+
+
+def make_loader(dataset: I.EncodedSplit, tokenizer: Any, config: TrainConfig, train: bool) -> DataLoader:
+    """Training loaders shuffle by (seed, epoch) like every run; evaluation loaders keep the file order."""
+    if train:
+        return DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=EpochSampler(len(dataset), config.seed),
+            collate_fn=I.train_collate(tokenizer),
+            num_workers=config.num_workers,
+        )
+    return DataLoader(
+        dataset, batch_size=config.eval_batch_size, collate_fn=I.eval_collate(tokenizer), num_workers=config.num_workers
+    )
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence next-token loss sums, correct argmax predictions and counted tokens (labels -100 skipped)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=I.IGNORE_INDEX, reduction="none")
+    counted = labels != I.IGNORE_INDEX
+    correct = (logits.argmax(dim=-1) == labels) & counted
+    return losses.sum(dim=1), correct.sum(dim=1), counted.sum(dim=1)
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    examples: list[I.Example],
+    tokenizer: Any,
+    max_new_tokens: int,
+    num_beams: int = 1,
+) -> dict[str, Any]:
+    """Loss and perplexity on the responses; with answers, generation (greedy or beam search) and accuracy."""
+    model.eval()
+    generator = accelerator.unwrap_model(model)
+    scored = bool(examples) and examples[0].answer is not None
+    loss_sum, tokens = 0.0, 0
+    generated: dict[int, str] = {}
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums, _, counts = response_loss(logits, batch["labels"])
+        sums, counts = accelerator.gather_for_metrics((sums, counts))
+        loss_sum += float(sums.double().sum())
+        tokens += int(counts.sum())
+        if scored:
+            with accelerator.autocast():
+                output = generator.generate(
+                    input_ids=batch["prompt_ids"],
+                    attention_mask=batch["prompt_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=num_beams,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            texts = tokenizer.batch_decode(output[:, batch["prompt_ids"].shape[1] :], skip_special_tokens=True)
+            local = list(zip(batch["index"].tolist(), texts, strict=True))
+            generated.update(accelerator.gather_for_metrics(local, use_gather_object=True))
+    loss = loss_sum / max(tokens, 1)
+    result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(examples)}
+    if scored:
+        answers: dict[str, list[str]] = {}
+        for e in examples:
+            answers.setdefault(e.task or ALL_TASKS, []).append(e.answer)
+        patterns = {task: pattern_for(task, values) for task, values in answers.items()}
+        tasks = [e.task or ALL_TASKS for e in examples]
+        predictions = [extract_answer(generated[i], patterns[t]) for i, t in enumerate(tasks)]
+        scores = score(tasks, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
+        result.update(accuracy=scores.average, accuracy_overall=scores.overall, accuracy_per_task=scores.per_task)
+        result["predictions"] = [{"generated": generated[i], "extracted": p} for i, p in enumerate(predictions)]
+    return result
+
+
+class CausalLMRun(Run):
+    """A `snell train` run on a causal LM; everything not overridden here is the shared harness."""
+
+    def _build(self) -> None:
+        config = self.config
+        check_config(config)
+        self.examples = load_examples(config)
+        self.backbone = build_causal_lm(config)
+        tokenizer = self.backbone.tokenizer
+        select = config.select_on == "val"
+        train = self.examples["train"] + ([] if select else self.examples.get("val", []))
+        sets = {
+            "train": encode_split(train, tokenizer, config, train=True),
+            "val": encode_split(self.examples["val"], tokenizer, config, False) if select else None,
+            "test": encode_split(self.examples["test"], tokenizer, config, False),
+        }
+        names = sorted({e.task or ALL_TASKS for e in self.examples["test"]})
+        self.task = Task(Path(config.data).name, "causal_lm", "instructions", 0, names, sets["train"], sets["test"])
+        self.task.val = sets["val"]
+        self.task.sizes = {k: len(v) for k, v in sets.items() if v is not None}
+        self.model = apply_method(self.backbone, config)
+
+    def _loader(self, dataset: I.EncodedSplit, train: bool) -> DataLoader:
+        return make_loader(dataset, self.backbone.tokenizer, self.config, train)
+
+    def _batch_loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean next-token loss over the batch's response tokens (token-level accuracy alongside)."""
+        with self.accelerator.autocast():
+            logits = self.model(**inputs).logits
+        sums, correct, counts = response_loss(logits, labels)
+        count = int(counts.sum())
+        return sums.sum() / max(count, 1), correct.sum().double(), count
+
+    def _evaluate(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        result = evaluate_split(
+            self.model,
+            loader,
+            self.accelerator,
+            self.examples[split],
+            self.backbone.tokenizer,
+            self.config.max_new_tokens,
+            self.config.num_beams,
+        )
+        self.model.train()
+        return result
+
+    def eval_metrics(self, loader: DataLoader, split: str) -> dict[str, float]:
+        """Loss and perplexity always; accuracy (the selection score) when the split has answers, else 1/ppl."""
+        result = self._evaluate(loader, split)
+        metrics = {f"{split}_loss": result["loss"], f"{split}_ppl": result["perplexity"]}
+        if "accuracy" in result:
+            metrics.update({f"{split}_acc": result["accuracy"], f"{split}_acc_per_task": result["accuracy_per_task"]})
+        return {"score": result.get("accuracy", math.exp(-result["loss"])), **metrics}
+
+    def _finish(self, progress: Progress, eval_split: str | None) -> dict[str, Any]:
+        cfg, acc = self.config, self.accelerator
+        model = acc.unwrap_model(self.model)
+        if progress.best_state is not None:
+            load_mutable_state(model, progress.best_state)
+        test = self._evaluate(acc.prepare(self._loader(self.task.test, train=False)), "test")
+        epoch = progress.best_epoch if eval_split else cfg.epochs
+        how = {"val": "best val score", "test": "best TEST score (reference protocol: optimistic)"}.get(eval_split)
+        kind = f"test accuracy at epoch {epoch}" + (f", the epoch with the {how}" if how else " (the last)")
+        peak, peak_kind = peak_memory_mb(acc.device)
+        summary = {
+            "method": cfg.method,
+            "data": self.task.name,
+            "model": cfg.model,
+            "test_accuracy": test.get("accuracy"),
+            "test_accuracy_overall": test.get("accuracy_overall"),
+            "test_accuracy_per_task": test.get("accuracy_per_task"),
+            "test_loss": test["loss"],
+            "test_perplexity": test["perplexity"],
+            "accuracy_kind": kind + " (mean over tasks of greedy-generation accuracy)",
+            "protocol": "reference" if cfg.protocol == "reference" else f"select_on={cfg.select_on}",
+            "selected_epoch": epoch,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "peak_memory_mb": max(acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()),
+            "peak_memory_kind": peak_kind,
+            "memory_after_model_load_mb": self.rss_after_model,
+            "train_time_s": progress.train_time,
+            "num_processes": acc.num_processes,
+            "split_sizes": self.task.sizes,
+            "config": cfg.to_dict(),
+        }
+        if eval_split:
+            summary[f"best_{eval_split}_accuracy" if "accuracy" in test else f"best_{eval_split}_score"] = (
+                progress.best_score
+            )
+        if self.main:
+            save_trained(model, cfg, self.out / "adapter")
+            if cfg.merge:
+                save_merged(merge_trained(model, cfg), self.backbone.tokenizer, self.out / "merged")
+            summary["wall_time_s"] = time.time() - self.started
+            write_json_atomic(self.out / SUMMARY_FILE, summary)
+            write_json_atomic(self.out / "test_predictions.json", test.get("predictions", []))
+            shown = f"accuracy {test['accuracy']:.4f}, " if "accuracy" in test else ""
+            print(f"{cfg.method}: test {shown}loss {test['loss']:.4f} (run folder {self.out})", flush=True)
+        acc.wait_for_everyone()
+        return summary
+
+
+def save_merged(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
+    """A plain ``save_pretrained`` folder (weights + tokenizer) that ``AutoModelForCausalLM`` and lm-eval load."""
+    model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def restore(run_dir: Path, config: TrainConfig, adapter: Path | None) -> tuple[Backbone, nn.Module]:
+    """The backbone of a finished causal-LM run with its saved adapter (or weights) applied."""
+    check_config(config)
+    set_seed(config.seed)
+    backbone = build_causal_lm(dataclasses.replace(config, gradient_checkpointing=False))
+    return backbone, load_trained(backbone, config, adapter or run_dir / "adapter")
+
+
+def evaluate_run(
+    run_dir: Path, config: TrainConfig, split: str, adapter: Path | None, data: str | None
+) -> dict[str, Any]:
+    """`snell eval` of a causal-LM run: loss, perplexity and (with answers) accuracy on one split."""
+    select_on = "val" if split == "val" else config.select_on  # the val file is read only when selecting on it
+    config = dataclasses.replace(config, progress=False, data=data or config.data, select_on=select_on)
+    examples = load_examples(config)
+    backbone, model = restore(run_dir, config, adapter)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
+    dataset = encode_split(examples[split], backbone.tokenizer, config, train=False)
+    loader = accelerator.prepare(make_loader(dataset, backbone.tokenizer, config, train=False))
+    result = evaluate_split(
+        accelerator.prepare(model),
+        loader,
+        accelerator,
+        examples[split],
+        backbone.tokenizer,
+        config.max_new_tokens,
+        config.num_beams,
+    )
+    result.pop("predictions", None)
+    return {"run": str(run_dir), "split": split, **result}
+
+
+def merge_run(run_dir: Path, config: TrainConfig, output: Path) -> Path:
+    """`snell merge` of a causal-LM run: the update folded into the weights, saved with the tokenizer."""
+    backbone, model = restore(run_dir, config, None)
+    return save_merged(merge_trained(model, config), backbone.tokenizer, output)

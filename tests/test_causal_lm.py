@@ -1,0 +1,345 @@
+"""Causal language models: the instruction format, prompt masking, answer extraction as LLM-Adapters does it,
+and `snell train` / `eval` / `merge` / `--resume` end to end on a tiny random LLaMA saved to disk."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from snell.cli import main
+from snell.train.causal_lm import instructions as I
+from snell.train.causal_lm import is_causal_lm
+from snell.train.causal_lm.run import CausalLMRun, restore
+from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
+from snell.train.causal_lm.tiny import train_tokenizer
+from snell.train.config import UserError, resolve_config
+from snell.train.evaluate import evaluate_run, load_run_config
+
+TASKS = {"boolq": ("true", "false"), "winogrande": ("option1", "option2")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> Iterator[None]:
+    """Runs here are in-process; accelerate keeps one global state, which bf16 and fp32 runs must not share."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _record(i: int, rng: random.Random) -> dict[str, str]:
+    task = "boolq" if i % 2 else "winogrande"
+    answer = rng.choice(TASKS[task])
+    return {
+        "instruction": f"Question {i}: is the sky {rng.choice(['blue', 'green'])} today?",
+        "input": "" if i % 3 else "It rained in the morning.",
+        "output": f"the correct answer is {answer}",
+        "answer": answer,
+        "task": task,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder, data folder): a 2-layer random LLaMA with a BPE tokenizer trained on the data."""
+    root = tmp_path_factory.mktemp("tiny_llm")
+    rng = random.Random(0)
+    data = root / "data"
+    data.mkdir()
+    records = {}
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        records[split] = [_record(i, rng) for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[split]))
+    texts = [I.build_prompt(r["instruction"], r["input"]) + r["output"] for r in records["train"]]
+    tokenizer = train_tokenizer(texts * 8, vocab_size=400)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, data
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--rank", "4", "-s", "0.5",
+        "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0.5",
+        "--max-length", "96", "--max-new-tokens", "6", "--select-on", "val", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data and prompts
+
+
+def test_prompt_follows_the_alpaca_template_with_and_without_input() -> None:
+    with_input = I.build_prompt("Pick one.", "a or b")
+    assert with_input.startswith("Below is an instruction that describes a task, paired with an input")
+    assert with_input.endswith("### Instruction:\nPick one.\n\n### Input:\na or b\n\n### Response:\n")
+    plain = I.build_prompt("Pick one.")
+    assert "### Input:" not in plain and plain.endswith("### Instruction:\nPick one.\n\n### Response:\n")
+
+
+def test_labels_mask_the_prompt_and_keep_the_response_and_eos(tiny: tuple[Path, Path]) -> None:
+    tokenizer = I.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny[0]))
+    example = I.Example("Is it true?", "", "the correct answer is true", "true", "boolq", "x:1")
+    item = I.encode(example, tokenizer, cutoff=512)
+    prompt = tokenizer(example.prompt)["input_ids"]
+    response = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert item["input_ids"] == prompt + response and item["prompt_ids"] == prompt
+    assert item["labels"] == [I.IGNORE_INDEX] * len(prompt) + response
+    cut = I.encode(example, tokenizer, cutoff=len(prompt) + 2)
+    assert len(cut["input_ids"]) == len(cut["labels"]) == len(prompt) + 2 and cut["labels"][-2:] == response[:2]
+    assert I.encode(example, tokenizer, cutoff=512, train_on_prompt=True)["labels"] == item["input_ids"]
+    batch_inputs, labels = I.train_collate(tokenizer)([item, cut])
+    assert labels.shape == batch_inputs["input_ids"].shape and (labels[1, len(cut["labels"]) :] == -100).all()
+    assert batch_inputs["attention_mask"][1].sum() == len(cut["input_ids"])
+
+
+def test_packing_keeps_examples_whole_and_in_order() -> None:
+    items = [{"input_ids": [k] * n, "attention_mask": [1] * n, "labels": [k] * n} for k, n in enumerate((3, 4, 2, 5))]
+    packed = I.pack(items, cutoff=7)
+    assert [p["input_ids"] for p in packed] == [[0, 0, 0, 1, 1, 1, 1], [2, 2, 3, 3, 3, 3, 3]]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("train.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', "train.jsonl:2: invalid JSON"),
+        ("train.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n', "train.jsonl:3: missing"),
+        ("train.jsonl", '{"instruction": "a", "output": 3}\n', "train.jsonl:1: 'output' must be a string"),
+        ("train.json", '[{"instruction": "a", "output": "b"}, {"output": "b"}]', "train.json: item 1: missing"),
+        ("train.json", '{"instruction": "a"}', "expected a JSON array"),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path: Path, name: str, content: str, message: str) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        I.read_examples(tmp_path / name)
+
+
+def test_answers_must_be_given_for_all_records_of_a_split_or_none(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    rows = ['{"instruction": "a", "output": "true", "answer": "true"}', '{"instruction": "a", "output": "b"}']
+    (tmp_path / "test.jsonl").write_text("\n".join(rows) + "\n")
+    config = resolve_config(None, {"data": str(tmp_path), "model": str(tmp_path)})
+    from snell.train.causal_lm.run import load_examples
+
+    with pytest.raises(UserError, match=r"test.jsonl:2: no 'answer'"):
+        load_examples(config)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Answer extraction (LLM-Adapters' commonsense_evaluate.py) and scores
+
+
+@pytest.mark.parametrize(
+    ("task", "text", "expected"),
+    [
+        ("boolq", "the correct answer is true", "true"),
+        ("boolq", " False? no: the answer is false, not true", "false"),  # first match; case is kept
+        ("boolq", "I cannot say", ""),
+        ("piqa", "solution2 is better than solution1", "solution2"),
+        ("social_i_qa", "the correct answer is answer3", "answer3"),
+        ("social_i_qa", "answer5", "answer5"),  # SIQA shares ARC's answer1..5 pattern in LLM-Adapters
+        ("ARC-Challenge", "answer4.", "answer4"),
+        ("openbookqa", "Answer: answer1", "answer1"),
+        ("hellaswag", "ending3 fits", "ending3"),
+        ("hellaswag", "ending5 fits", ""),
+        ("winogrande", "option1option2", "option1"),
+    ],
+)
+def test_extraction_takes_the_first_match_of_the_tasks_form(task: str, text: str, expected: str) -> None:
+    assert extract_answer(text, pattern_for(task, [])) == expected
+
+
+def test_the_form_is_inferred_from_the_answers_when_the_task_is_unnamed() -> None:
+    assert extract_answer("it is ending2", pattern_for(None, ["ending1", "ending4"])) == "ending2"
+    topics = pattern_for("news", ["business", "sport", "tech"])
+    assert extract_answer("technology? no, it is sport", topics) == "sport"  # whole words for free-form answers
+    assert extract_answer("sports business", topics) == "business"
+    assert answer_pattern(ANSWER_FORMATS["option"]).pattern == "option1|option2"
+
+
+def test_scores_per_task_average_and_overall() -> None:
+    result = score(["a", "a", "a", "b"], [True, True, False, False])
+    assert result.per_task == {"a": 2 / 3, "b": 0.0} and result.counts == {"a": 3, "b": 1}
+    assert result.average == pytest.approx(1 / 3) and result.overall == 0.5
+
+
+# ------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_causal_lm_folders_are_recognised(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    assert is_causal_lm(tiny[0]) and not is_causal_lm(tmp_path) and not is_causal_lm("vit_tiny_patch16_224")
+
+
+def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model_dir, data = tiny
+    run = tmp_path / "run"
+    extra = ("--model-dtype", "bfloat16", "--bf16", "--gradient-checkpointing", "--grad-accum", "2")
+    assert main(_args(model_dir, data, run, *extra)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["test_accuracy_per_task"]) == set(TASKS) and 0 <= summary["test_accuracy"] <= 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"val_loss", "val_ppl", "val_acc", "val_acc_per_task"} <= set(r) for r in records)
+    predictions = json.loads((run / "test_predictions.json").read_text())
+    assert len(predictions) == 8 and all(set(p) == {"generated", "extracted"} for p in predictions)
+    factors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert factors and all(t.dtype == torch.float32 for t in factors.values())
+
+    capsys.readouterr()
+    result = evaluate_run(run)
+    assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+    assert result["accuracy"] == summary["test_accuracy"]
+
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token is not None
+    config, _ = load_run_config(run)
+    _, adapted = restore(run, config, None)
+    ids = torch.tensor([[1, 5, 9, 30, 42, 7]])
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits.float()
+        got = merged.eval()(input_ids=ids).logits.float()
+    assert not any("snell" in name for name in merged.state_dict())
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)  # bf16 weights: the merge rounds once
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path: Path, method: str) -> None:
+    extra = ("--method", method, "--packing", "--max-eval-samples", "5")
+    assert main([*_args(*tiny, tmp_path / method, *extra), "--epochs", "1"]) == 0
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert summary["method"] == method and summary["split_sizes"]["train"] < 24  # packed
+    assert summary["split_sizes"]["val"] == summary["split_sizes"]["test"] == 5
+    assert 0 < summary["trainable_params"] <= summary["total_params"]
+    assert evaluate_run(tmp_path / method)["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)  # tied weights too
+
+
+def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
+    tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = _args(*tiny, tmp_path / "straight", "--adapter-dropout", "0.1")  # dropout: RNG state is restored too
+    assert main(args) == 0
+    interrupted = [a if a != str(tmp_path / "straight") else str(tmp_path / "cut") for a in args]
+    save = CausalLMRun._save_checkpoint
+
+    def save_then_stop(self: CausalLMRun, *args: object) -> None:
+        save(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CausalLMRun, "_save_checkpoint", save_then_stop)
+    assert main(interrupted) == 130
+    monkeypatch.setattr(CausalLMRun, "_save_checkpoint", save)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    assert main([*interrupted, "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = lambda run: (run / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "time" not in k and "per_s" not in k}  # noqa: E731
+    assert [strip(x) for x in lines(tmp_path / "straight")] == [strip(x) for x in lines(tmp_path / "cut")]
+
+
+def test_linear_probing_is_refused_for_a_causal_lm(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(_args(*tiny, tmp_path / "run", "--method", "linear")) == 2
+    assert "classification head" in capsys.readouterr().err
+
+
+def test_commonsense_recipe_takes_llm_adapters_values() -> None:
+    config = resolve_config("llm/commonsense", {})
+    assert (config.method, config.r, config.epochs, config.batch_size, config.max_length) == ("snell", 32, 3, 16, 256)
+    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (config.num_beams, config.max_new_tokens, config.model_dtype) == (4, 32, "bfloat16")
+
+
+def test_data_without_answers_reports_loss_and_perplexity(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "plain"
+    data.mkdir()
+    for split in ("train", "val", "test"):
+        rows = [json.loads(line) for line in (tiny[1] / f"{split}.jsonl").read_text().splitlines()]
+        plain = [{k: r[k] for k in ("instruction", "input", "output")} for r in rows]
+        (data / f"{split}.json").write_text(json.dumps(plain))  # JSON arrays are read too
+    run = tmp_path / "run"
+    assert main([*_args(tiny[0], data, run, "--method", "lora"), "--epochs", "1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] is None and summary["test_perplexity"] > 1 and "best_val_score" in summary
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "accuracy" not in result and result["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-6)
+
+
+def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> None:
+    from snell.train.causal_lm.demo import SHOTS, write_task
+
+    data = write_task(tmp_path / "data")
+    train, test = I.read_examples(data / "train.jsonl"), I.read_examples(data / "test.jsonl")
+    assert len(train) == 5 * SHOTS and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
+    assert {e.answer for e in test} == {"business", "entertainment", "politics", "sports", "tech"}
+    assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
+
+
+def test_the_shipped_demo_model_is_a_small_pretrained_llama() -> None:
+    from snell.train.causal_lm.demo import MODEL_DIR
+
+    assert is_causal_lm(MODEL_DIR) and sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 20e6
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    ids = tokenizer("The company said its profits rose in the last three months of the year.", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**ids, labels=ids["input_ids"]).loss
+    assert loss < 0.8 * math.log(len(tokenizer))  # far below a uniform guess: it has learnt English news text
+
+
+def test_two_processes_match_one_that_accumulates_the_same_halves(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """As for classification (tests/test_cli.py): rank r gets the r-th half of each batch of 16, which one
+    process with --batch-size 8 --grad-accum 2 sees as its two micro-batches, so every tensor must be equal."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    common = [*_args(*tiny, tmp_path / "unused"), "--select-on", "none", "--epochs", "1"]  # 32 examples: 2 batches
+    single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in ([sys.executable, "-m", "snell", *single], [*torchrun, "-m", "snell", *common, "--batch-size",
+                    "16", "--output-dir", str(tmp_path / "two")]):  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    predictions = [json.loads((tmp_path / run / "test_predictions.json").read_text()) for run in ("one", "two")]
+    assert len(predictions[1]) == 8 and predictions[0] == predictions[1]  # gathered once each, in file order
+
+
+def test_search_refuses_a_causal_lm_plainly(tiny: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    assert main(["search", "--model", str(tiny[0]), "--data", str(tiny[1]), "--grid-sparsity", "0.5"]) == 2
+    assert "supports classifiers only" in capsys.readouterr().err
