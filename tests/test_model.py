@@ -438,3 +438,19 @@ def test_preset_detection_for_timm_families():
     assert "layers.0.blocks.0.attn.qkv" in swin and "layers.0.blocks.0.mlp.fc2" in swin
     with pytest.raises(ValueError, match="no SNELL preset fits model class TinyNet"):
         snell.get_snell_model(TinyNet(), snell.SnellConfig())
+
+
+@pytest.mark.parametrize(("name", "head"), [("vit_tiny_patch16_224", "head"), ("convnext_atto", "head.fc"),
+                                            ("resnet18", "fc"), ("efficientnet_b0", "classifier")])  # fmt: skip
+def test_image_cls_task_type_trains_the_timm_head(name, head):
+    model = timm.create_model(name, pretrained=False, num_classes=3)
+    snell.get_snell_model(model, snell.SnellConfig(r=4, task_type="IMAGE_CLS"))
+    trainable = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and "snell_" not in n}
+    assert trainable == {head}
+
+
+def test_a_classification_task_type_without_a_head_says_to_name_it():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"cannot find the classification head of Sequential.*modules_to_save"):
+        snell.get_snell_model(model, snell.SnellConfig(target_modules=["0"], task_type="SEQ_CLS"))
+    assert not list(snell.snell_layers(model))

@@ -87,3 +87,26 @@ def test_adapter_config_records_the_transformers_checkpoint(tmp_path):
         "unnamed": {"class": cls, "name_or_path": None},
         "named": {"class": cls, "name_or_path": "org/tiny-bert"},
     }
+
+
+def test_a_classification_task_type_trains_and_saves_the_new_head(tmp_path):
+    """task_type="SEQ_CLS" does for the core what peft's does: the new classifier trains without naming it."""
+    model = _bert()
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, task_type="SEQ_CLS"))
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # a trained head
+    snell.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    fresh = _bert()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "snell_" not in k and "classifier" not in k},
+                          strict=False)  # fmt: skip
+    snell.load_adapter(fresh, tmp_path)
+    ids = torch.randint(0, 50, (2, 7))
+    torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=0, rtol=0)
+    plain = snell.get_snell_model(_bert(), snell.SnellConfig(r=4, sparsity=0.5))
+    assert not any(p.requires_grad for p in plain.classifier.parameters())  # no task_type: nothing implied
+    causal = snell.get_snell_model(_llama(), snell.SnellConfig(r=4, task_type="CAUSAL_LM"))
+    assert not any(p.requires_grad for p in causal.lm_head.parameters())
+    with pytest.raises(ValueError, match="task_type must be None or one of"):
+        snell.SnellConfig(task_type="SEQ_CLASSIFICATION")

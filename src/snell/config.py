@@ -11,6 +11,9 @@ from typing import Any
 
 KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
 SPARSIFY_MODES = ("reference", "mask", "soft")
+#: Task types (peft's names, plus IMAGE_CLS) whose model has a newly initialised head that must be trained.
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS")
+TASK_TYPES = (*HEAD_TASK_TYPES, "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 
 #: Version of the adapter file format. Bumped when a saved adapter could be misread by older code.
 FORMAT_VERSION = 1
@@ -68,6 +71,10 @@ class SnellConfig:
             that are no module of their own (e.g. a ViT's ``cls_token``, which the reference code trains).
         dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the single-GEMM path).
         drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
+        task_type: what the model is fine-tuned for (peft's names: "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
+            "CAUSAL_LM", ...; "IMAGE_CLS" for a timm classifier). A classification type trains and saves the
+            model's head (found by name, see :func:`snell.model.head_name`) without naming it in
+            ``modules_to_save``; None or another type changes nothing.
         split_fused_qkv: give fused q/k/v projections (timm's ``qkv``) one adapter per q, k and v, so each
             is sparsified as its own matrix, as the reference code does.
     """
@@ -86,6 +93,7 @@ class SnellConfig:
     dropout: float = 0.0
     drop_path: float = 0.0
     split_fused_qkv: bool = True
+    task_type: str | None = None
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -145,6 +153,8 @@ class SnellConfig:
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                     raise ValueError(f"{name} must be a list of names, got {value!r}")
                 object.__setattr__(self, name, list(value))
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {self.task_type!r}")
         if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this adapter config has format_version {self.format_version!r}, but this snell reads "

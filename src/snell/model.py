@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from snell.config import SnellConfig
+from snell.config import HEAD_TASK_TYPES, SnellConfig
 from snell.function import SnellSpec
 from snell.layers import (
     FrozenStatsNorm,
@@ -93,10 +93,37 @@ def _named_matches(
     return found
 
 
+#: Where classifiers keep their head: transformers (classifier, score, qa_outputs), timm (head, fc, classifier).
+_HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "fc")
+
+
+def head_name(model: nn.Module) -> str:
+    """The name of ``model``'s classification head: timm's ``pretrained_cfg["classifier"]`` where the model has
+    one (e.g. ``head.fc`` for ConvNeXt), else the first of classifier, score, qa_outputs, head, fc that is a
+    child module with parameters. ValueError if none is."""
+    modules = dict(model.named_modules())
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    candidates = [declared] if isinstance(declared, str) else []
+    for name in (*candidates, *_HEAD_NAMES):
+        module = modules.get(name)
+        if module is not None and any(True for _ in module.parameters()):
+            return name
+    raise ValueError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {list(_HEAD_NAMES)}); "
+        "name it in modules_to_save"
+    )
+
+
 def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, nn.Module]:
-    if not config.modules_to_save:
+    """modules_to_save by full name, plus the head when ``config.task_type`` is a classification."""
+    selectors = list(config.modules_to_save or [])
+    if config.task_type in HEAD_TASK_TYPES:
+        head = head_name(model)
+        if not any(_name_matches(head, [s]) for s in selectors):
+            selectors.append(head)
+    if not selectors:
         return {}
-    found = _named_matches(model, model.named_modules(), "modules_to_save", config.modules_to_save)
+    found = _named_matches(model, model.named_modules(), "modules_to_save", selectors)
     # A module inside another saved module is saved with it.
     return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
 
