@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from snell.train.causal_lm.tiny import train_tokenizer
 from snell.train.config import UserError, resolve_config
 from snell.train.evaluate import evaluate_run, load_run_config
 
+REPO = Path(__file__).resolve().parents[1]
 TASKS = {"boolq": ("true", "false"), "winogrande": ("option1", "option2")}
 
 
@@ -343,3 +345,34 @@ def test_two_processes_match_one_that_accumulates_the_same_halves(tiny: tuple[Pa
 def test_search_refuses_a_causal_lm_plainly(tiny: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     assert main(["search", "--model", str(tiny[0]), "--data", str(tiny[1]), "--grid-sparsity", "0.5"]) == 2
     assert "supports classifiers only" in capsys.readouterr().err
+
+
+def test_the_lm_eval_example_scores_a_merged_run_with_snells_prompt(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """examples/lm-eval/snell_instructions.yaml, used as the README says, on a `snell merge` folder: lm-eval
+    loads it offline, prompts every record exactly as snell does (with and without input) and scores it."""
+    model_dir, data = tiny
+    run = tmp_path / "run"
+    assert main(_args(model_dir, data, run, "--epochs", "1", "--select-on", "none")) == 0
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    work = tmp_path / "eval"
+    (work / "data").mkdir(parents=True)
+    (work / "tasks").mkdir()
+    shutil.copy(REPO / "examples" / "lm-eval" / "snell_instructions.yaml", work / "tasks")
+    question = "Which section of the BBC News website is this article from?"
+    records = [
+        {"instruction": question, "input": "Shares rose after profits", "output": "business", "answer": "business"},
+        {"instruction": question, "input": "", "output": "sport", "answer": "sport"},
+    ]  # fmt: skip
+    (work / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'merged'}",
+               "--include_path", "tasks", "--tasks", "snell_instructions", "--device", "cpu", "--output_path", "out",
+               "--log_samples"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (samples,) = (work / "out").rglob("samples_snell_instructions_*.jsonl")
+    prompts = {json.loads(line)["arguments"]["gen_args_0"]["arg_0"] for line in samples.read_text().splitlines()}
+    assert prompts == {I.build_prompt(r["instruction"], r["input"]) for r in records}
+    (results,) = (work / "out").rglob("results_*.json")
+    score = json.loads(results.read_text())["results"]["snell_instructions"]["exact_match,first_answer"]
+    assert 0.0 <= score <= 1.0
