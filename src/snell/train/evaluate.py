@@ -18,8 +18,9 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from snell.train.causal_lm import is_causal_lm
+from snell.train.classification import accuracy, make_loader
 from snell.train.config import TrainConfig, UserError, check_output_folder
-from snell.train.loop import CONFIG_FILE, accuracy, make_loader
+from snell.train.loop import CONFIG_FILE
 from snell.train.models import MERGED_FILES, Backbone, build_backbone, load_trained, merge_trained, save_merged
 from snell.train.tasks import Task, attach_transforms, load_task
 

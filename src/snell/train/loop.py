@@ -16,12 +16,11 @@ import os
 import random
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,18 +33,13 @@ from tqdm.auto import tqdm
 import snell
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.models import (
-    Backbone,
-    apply_method,
-    build_backbone,
     load_mutable_state,
     merge_trained,
     mutable_state,
-    save_merged,
     save_trained,
     set_train_mode,
 )
 from snell.train.plots import CURVES_FILE, plot_curves
-from snell.train.tasks import Task, attach_transforms, load_task, make_collate
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -182,35 +176,6 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
 
-def make_loader(dataset: Dataset, task: Task, config: TrainConfig, tokenizer: Any, train: bool) -> DataLoader:
-    """Training loaders shuffle with :class:`EpochSampler`; evaluation loaders keep the split's order."""
-    collate = make_collate(task, tokenizer, config.max_length)
-    batch = config.batch_size if train else config.eval_batch_size
-    sampler = EpochSampler(len(dataset), config.seed) if train else None
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate, num_workers=config.num_workers)
-
-
-def logits_of(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Logits for an image tensor (timm) or a tokenizer's dict (transformers)."""
-    if isinstance(inputs, dict):
-        return model(**inputs).logits
-    return model(inputs)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
-    """Accuracy over the whole split, gathered from every process without duplicates."""
-    model.eval()
-    correct, seen = 0, 0
-    for inputs, labels in loader:
-        with accelerator.autocast():
-            predictions = logits_of(model, inputs).argmax(dim=-1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, labels))
-        correct += int((predictions == labels).sum())
-        seen += int(labels.numel())
-    return correct / max(seen, 1)
-
-
 # ------------------------------------------------------------------------------------------------------
 # The run
 
@@ -225,6 +190,14 @@ class Progress:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     train_time: float = 0.0
+
+
+class Report(NamedTuple):
+    """What a kind of task reports at the end of a run."""
+
+    fields: dict[str, Any]  # summary.json's task-specific fields (test_accuracy, accuracy_kind, ...)
+    line: str  # the closing line, after "<method>: "
+    files: dict[str, Any]  # more JSON files for the run folder, by name
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -258,26 +231,31 @@ class Run:
         self.rss_after_model = current_rss_mb()
         self.trainable, self.total = snell.trainable_parameters(self.model)
 
+    # -- what a kind of task defines (classification: snell.train.classification; causal LM: causal_lm.run) ----
+
     def _build(self) -> None:
-        """Set ``task``, ``backbone`` and ``model``: the part of a run that depends on the kind of task."""
-        config = self.config
-        self.task: Task = load_task(config)
-        self.backbone: Backbone = build_backbone(config, self.task.num_classes)
-        wanted = "transformers" if self.task.kind == "text" else "timm"
-        if self.backbone.kind != wanted:
-            raise UserError(
-                f"{self.task.name} is {self.task.kind} data but {config.model} is a {self.backbone.kind} model; "
-                f"use a {'transformers model folder' if wanted == 'transformers' else 'timm model name'}"
-            )
-        if self.backbone.weights == "random" and self.main:
-            print(
-                f"snell: WARNING: {config.model} starts from RANDOM weights (no --checkpoint, no --pretrained); "
-                "fine-tuning a random backbone says nothing about fine-tuning a pretrained one",
-                file=sys.stderr,
-                flush=True,
-            )
-        attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
-        self.model = apply_method(self.backbone, config)
+        """Set ``task``, ``backbone`` and ``model``."""
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """A loader over one split: training loaders shuffle with :class:`EpochSampler`."""
+        raise NotImplementedError
+
+    def _batch_loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean loss of a batch, its correct predictions and how many predictions were scored."""
+        raise NotImplementedError
+
+    def eval_metrics(self, loader: DataLoader, split: str) -> dict[str, float]:
+        """The metrics one evaluation adds to the epoch's record; "score" (higher is better) selects the epoch."""
+        raise NotImplementedError
+
+    def _report(self, progress: Progress, eval_split: str | None) -> Report:
+        """The test result of the restored model, for summary.json and the closing line."""
+        raise NotImplementedError
+
+    def _save_merged(self, merged: nn.Module, directory: Path) -> None:
+        """Write the merged model (``--merge``) the way this kind's tools load it."""
+        raise NotImplementedError
 
     @property
     def main(self) -> bool:
@@ -315,31 +293,6 @@ class Run:
         if diff:
             details = ", ".join(f"{k}: saved {stored.get(k)!r} vs now {mine[k]!r}" for k in diff)
             raise UserError(f"--resume with different options than {saved}: {details}")
-
-    # -- data ------------------------------------------------------------------------------------------
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return make_loader(dataset, self.task, self.config, self.backbone.tokenizer, train)
-
-    # -- steps -----------------------------------------------------------------------------------------
-
-    def _forward(self, inputs: Any) -> torch.Tensor:
-        return logits_of(self.model, inputs)
-
-    def _batch_loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Mean loss of a batch, its correct predictions and how many predictions were scored."""
-        with self.accelerator.autocast():
-            logits = self._forward(inputs)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        return loss, (logits.argmax(dim=-1) == labels).sum().double(), labels.numel()
-
-    def evaluate(self, loader: DataLoader) -> float:
-        return accuracy(self.model, loader, self.accelerator)
-
-    def eval_metrics(self, loader: DataLoader, split: str) -> dict[str, float]:
-        """The metrics one evaluation adds to the epoch's record; "score" (higher is better) selects the epoch."""
-        score = self.evaluate(loader)
-        return {"score": score, f"{split}_acc": score}
 
     def _train_epoch(self, loader: DataLoader, optimizer: Any, schedule: WarmupCosine, epoch: int) -> dict:
         set_train_mode(self.model)
@@ -538,22 +491,12 @@ class Run:
         return self._finish(progress, eval_split)
 
     def _finish(self, progress: Progress, eval_split: str | None) -> dict[str, Any]:
+        """Restore the selected epoch, score it (:meth:`_report`), save the adapter and write summary.json."""
         cfg, acc = self.config, self.accelerator
         model = acc.unwrap_model(self.model)
         if progress.best_state is not None:
             load_mutable_state(model, progress.best_state)
-        if cfg.select_on == "val":
-            test_acc = self.evaluate(acc.prepare(self._loader(self.task.test, train=False)))
-            kind = f"test accuracy at epoch {progress.best_epoch}, the epoch with the best val accuracy"
-        elif cfg.protocol == "reference":
-            test_acc = progress.best_score
-            kind = (
-                f"MAXIMUM test accuracy over {sum('test_acc' in m for m in progress.metrics)} evaluations "
-                f"(epoch {progress.best_epoch}; reference protocol: selected on test, optimistic)"
-            )
-        else:
-            test_acc = self.evaluate(acc.prepare(self._loader(self.task.test, train=False)))
-            kind = f"test accuracy after the last epoch ({cfg.epochs})"
+        report = self._report(progress, eval_split)
         peak, peak_kind = peak_memory_mb(acc.device)
         peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()
         fingerprint = float(
@@ -564,8 +507,7 @@ class Run:
             "method": cfg.method,
             "data": self.task.name,
             "model": cfg.model,
-            "test_accuracy": test_acc,
-            "accuracy_kind": kind,
+            **report.fields,
             "protocol": "reference" if cfg.protocol == "reference" else f"select_on={cfg.select_on}",
             "selected_epoch": progress.best_epoch if eval_split else cfg.epochs,
             "trainable_params": self.trainable,
@@ -581,15 +523,15 @@ class Run:
             "backbone_weights": self.backbone.weights,
             "config": cfg.to_dict(),
         }
-        if eval_split:
-            summary[f"best_{eval_split}_accuracy"] = progress.best_score
         if self.main:
             save_trained(model, cfg, self.out / "adapter")
             if cfg.merge:
-                save_merged(merge_trained(model, cfg), self.backbone, self.out / "merged")
+                self._save_merged(merge_trained(model, cfg), self.out / "merged")
             summary["wall_time_s"] = time.time() - self.started
             write_json_atomic(self.out / SUMMARY_FILE, summary)
-            print(f"{cfg.method}: {kind}: {test_acc:.4f}  (run folder {self.out})", flush=True)
+            for name, data in report.files.items():
+                write_json_atomic(self.out / name, data)
+            print(f"{cfg.method}: {report.line}  (run folder {self.out})", flush=True)
         acc.wait_for_everyone()
         return summary
 
@@ -602,4 +544,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         from snell.train.causal_lm.run import CausalLMRun
 
         return CausalLMRun(config, resume).fit()
-    return Run(config, resume).fit()
+    from snell.train.classification import ClassificationRun
+
+    return ClassificationRun(config, resume).fit()

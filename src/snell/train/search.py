@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError, add_train_arguments, check_output_folder, config_from_args
-from snell.train.loop import CHECKPOINTS, METRICS_FILE, Run, write_json_atomic
+from snell.train.loop import CHECKPOINTS, METRICS_FILE, write_json_atomic
 from snell.train.plots import pyplot, save_figure
 
 TRIALS_FILE = "trials.jsonl"
@@ -185,7 +186,7 @@ def _val_curve(out: Path) -> dict[int, float]:
     return {int(m["epoch"]): float(m["val_acc"]) for m in _metrics(out) if "val_acc" in m}
 
 
-class _SearchRun(Run):
+class _SearchRun(ClassificationRun):
     """A run that is scored on val only: it never evaluates test, and it may stop early."""
 
     def __init__(self, trial: Trial):
@@ -230,7 +231,7 @@ def train_trial(trial: Trial) -> dict[str, Any]:
         record.update(val_curve={str(e): a for e, a in sorted(curve.items())}, val_accuracy=curve.get(last, math.nan))
         record["epochs_trained"] = last
     else:
-        run = Run(trial.config, resume=True)
+        run = ClassificationRun(trial.config, resume=True)
         summary = run.fit()
         record.update(
             status="finished", test_accuracy=summary["test_accuracy"], selected_epoch=summary["selected_epoch"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from torch.utils.data import DataLoader
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
 from snell.train.config import TrainConfig, UserError
-from snell.train.loop import SUMMARY_FILE, EpochSampler, Progress, Run, peak_memory_mb, write_json_atomic
-from snell.train.models import Backbone, apply_method, load_mutable_state, load_trained, merge_trained, save_trained
+from snell.train.loop import EpochSampler, Progress, Report, Run
+from snell.train.models import Backbone, apply_method, load_trained, merge_trained
 from snell.train.tasks import Task
 
 ALL_TASKS = "all"  # the task name of records without a ``task`` field
@@ -52,7 +51,8 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     info = {"architecture": type(model).__name__, "dtype": config.model_dtype}
-    return Backbone(model, "transformers", [], tokenizer=I.prepare_tokenizer(tokenizer), info=info)
+    tokenizer = I.prepare_tokenizer(tokenizer)
+    return Backbone(model, "transformers", [], tokenizer=tokenizer, info=info, weights=config.model)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -232,53 +232,31 @@ class CausalLMRun(Run):
             metrics.update({f"{split}_acc": result["accuracy"], f"{split}_acc_per_task": result["accuracy_per_task"]})
         return {"score": result.get("accuracy", math.exp(-result["loss"])), **metrics}
 
-    def _finish(self, progress: Progress, eval_split: str | None) -> dict[str, Any]:
-        cfg, acc = self.config, self.accelerator
-        model = acc.unwrap_model(self.model)
-        if progress.best_state is not None:
-            load_mutable_state(model, progress.best_state)
-        test = self._evaluate(acc.prepare(self._loader(self.task.test, train=False)), "test")
+    def _report(self, progress: Progress, eval_split: str | None) -> Report:
+        """Test loss and perplexity, and with answers greedy-generation accuracy (mean over tasks, per task)."""
+        cfg = self.config
+        test = self._evaluate(self.accelerator.prepare(self._loader(self.task.test, train=False)), "test")
         epoch = progress.best_epoch if eval_split else cfg.epochs
         how = {"val": "best val score", "test": "best TEST score (reference protocol: optimistic)"}.get(eval_split)
         kind = f"test accuracy at epoch {epoch}" + (f", the epoch with the {how}" if how else " (the last)")
-        peak, peak_kind = peak_memory_mb(acc.device)
-        summary = {
-            "method": cfg.method,
-            "data": self.task.name,
-            "model": cfg.model,
+        fields = {
             "test_accuracy": test.get("accuracy"),
             "test_accuracy_overall": test.get("accuracy_overall"),
             "test_accuracy_per_task": test.get("accuracy_per_task"),
             "test_loss": test["loss"],
             "test_perplexity": test["perplexity"],
             "accuracy_kind": kind + " (mean over tasks of greedy-generation accuracy)",
-            "protocol": "reference" if cfg.protocol == "reference" else f"select_on={cfg.select_on}",
-            "selected_epoch": epoch,
-            "trainable_params": self.trainable,
-            "total_params": self.total,
-            "peak_memory_mb": max(acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()),
-            "peak_memory_kind": peak_kind,
-            "memory_after_model_load_mb": self.rss_after_model,
-            "train_time_s": progress.train_time,
-            "num_processes": acc.num_processes,
-            "split_sizes": self.task.sizes,
-            "config": cfg.to_dict(),
         }
         if eval_split:
-            summary[f"best_{eval_split}_accuracy" if "accuracy" in test else f"best_{eval_split}_score"] = (
+            fields[f"best_{eval_split}_accuracy" if "accuracy" in test else f"best_{eval_split}_score"] = (
                 progress.best_score
             )
-        if self.main:
-            save_trained(model, cfg, self.out / "adapter")
-            if cfg.merge:
-                save_merged(merge_trained(model, cfg), self.backbone.tokenizer, self.out / "merged")
-            summary["wall_time_s"] = time.time() - self.started
-            write_json_atomic(self.out / SUMMARY_FILE, summary)
-            write_json_atomic(self.out / "test_predictions.json", test.get("predictions", []))
-            shown = f"accuracy {test['accuracy']:.4f}, " if "accuracy" in test else ""
-            print(f"{cfg.method}: test {shown}loss {test['loss']:.4f} (run folder {self.out})", flush=True)
-        acc.wait_for_everyone()
-        return summary
+        shown = f"accuracy {test['accuracy']:.4f}, " if "accuracy" in test else ""
+        line = f"test {shown}loss {test['loss']:.4f}"
+        return Report(fields, line, {"test_predictions.json": test.get("predictions", [])})
+
+    def _save_merged(self, merged: nn.Module, directory: Path) -> None:
+        save_merged(merged, self.backbone.tokenizer, directory)
 
 
 def save_merged(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
