@@ -37,7 +37,9 @@ PARTS: tuple[tuple[str, float, Callable[[Run], None]], ...] = (
 
 def main(argv: Sequence[str] | None = None) -> Run | None:
     parser = argparse.ArgumentParser(
-        description=benchmarks.gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.gpu",
+        description=benchmarks.gpu.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="skip parts that would not fit")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, one step, a temp folder")
