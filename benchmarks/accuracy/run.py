@@ -41,7 +41,7 @@ from benchmarks.accuracy.pretrain_vit import MODEL_KWARGS as VIT_KWARGS
 from benchmarks.accuracy.pretrain_vit import MODEL_NAME as VIT_NAME
 from benchmarks.accuracy.pretrain_vit import WEIGHTS as VIT_WEIGHTS
 from snell.train.config import TrainConfig
-from snell.train.data import _package_dir
+from snell.train.data import package_dir
 from snell.train.search import (
     EarlyStop,
     Grid,
@@ -106,7 +106,7 @@ class Variant:
 def site_file(relative: str) -> str:
     """A file inside an installed package (weights that ship with pip packages)."""
     package, _, rest = relative.partition("/")
-    return str(_package_dir(package, "demo") / rest)
+    return str(package_dir(package, "demo") / rest)
 
 
 def build_tasks(quick: bool) -> list[Task]:
