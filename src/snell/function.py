@@ -12,6 +12,8 @@ transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from snell import kernels, sparsify
+from snell import fused_cpu, kernels, sparsify
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,63 @@ def sparsify_(spec: SnellSpec, delta: Tensor, base: Tensor | None = None) -> Ten
     return tau
 
 
-def sparse_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
-    """(ΔWˢ as (G, m/G, n), τ)."""
+# Below this many entries per matrix the torch path is used: numba's parallel launch and the fixed cost of
+# the sampled bracket are not worth it there.
+_FUSED_MIN_NUMEL = 1 << 17
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_path(spec: SnellSpec, device: torch.device, *dtypes: torch.dtype) -> str:
+    """ "fused_cpu" or "torch": which implementation builds, selects and differentiates ΔW for this layer.
+
+    ``dtypes``: those of x, the factors and W0 (whichever exist). The fused CPU kernels cover the
+    piecewise-linear kernel on float32/bf16 tensors whose weight is a row-major (m, n) matrix (Linear,
+    Conv2d), from ``_FUSED_MIN_NUMEL`` entries per matrix. ``SNELL_KERNELS=torch`` forces the torch path;
+    ``SNELL_KERNELS=fused`` takes the fused one at any size (the tests use it on small matrices). The forward
+    records its choice and the backward follows it: τ selects the same survivors only if both build ΔW the
+    same way.
+    """
+    choice = os.environ.get("SNELL_KERNELS", "auto")
+    if choice not in ("auto", "torch", "fused"):
+        raise ValueError(f"SNELL_KERNELS must be auto, torch or fused, got {choice!r}")
+    supported = (
+        choice != "torch"
+        and device.type == "cpu"
+        and spec.kernel == "piecewise_linear"
+        and spec.op in ("linear", "conv2d")
+        and all(dtype in _FUSED_DTYPES for dtype in dtypes)
+        and (choice == "fused" or spec.grouped_shape[1] * spec.grouped_shape[2] >= _FUSED_MIN_NUMEL)
+    )
+    return "fused_cpu" if supported and fused_cpu.available() else "torch"
+
+
+def _fused_merged(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(W0 + ΔWˢ, or ΔWˢ alone without ``weight``, as (G, m/G, n) in ``dtype``; τ (G, 1, 1) float32) by the
+    fused CPU kernels: ΔW is never stored, only the merged matrix is written."""
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    base = _base_blocks(spec, weight)
+    merged = torch.empty(spec.grouped_shape, dtype=dtype)
+    taus = []
+    for g in range(spec.groups):
+        tau = -math.inf
+        if spec.sparsity != 0.0:
+            tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coefficients, spec.num_pieces, spec.sparsity)
+        fused_cpu.merge(
+            a_g[g], b_g[g], coefficients, spec.num_pieces, tau, spec.mode, spec.sparsity,
+            None if base is None else base[g], dtype, out=merged[g],
+        )  # fmt: skip
+        taus.append(tau)
+    return merged, torch.tensor(taus, dtype=torch.float32).reshape(-1, 1, 1)
+
+
+def sparse_delta(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, path: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """(ΔWˢ as (G, m/G, n), τ); ``path`` as :func:`kernel_path` chose (by default, for the factors alone)."""
+    if (path or kernel_path(spec, a.device, a.dtype)) == "fused_cpu":
+        return _fused_merged(spec, a, b, coefficients, None, torch.promote_types(a.dtype, torch.float32))
     delta = dense_delta(spec, a, b, coefficients)
     return delta, sparsify_(spec, delta)
 
@@ -208,13 +265,17 @@ class FusedSnell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
+        path = kernel_path(spec, x.device, x.dtype, a.dtype, *(() if weight is None else (weight.dtype,)))
         with _without_autocast(x.device.type):
-            merged = dense_delta(spec, a, b, coefficients)
-            tau = sparsify_(spec, merged, _base_blocks(spec, weight))
+            if path == "fused_cpu":
+                merged, tau = _fused_merged(spec, a, b, coefficients, weight, x.dtype)
+            else:
+                merged = dense_delta(spec, a, b, coefficients)
+                tau = sparsify_(spec, merged, _base_blocks(spec, weight))
             matrix = merged.reshape(spec.matrix_shape).to(x.dtype)
             del merged
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
-        ctx.spec = spec
+        ctx.spec, ctx.path = spec, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
         return out
 
@@ -239,6 +300,7 @@ class FusedSnell(torch.autograd.Function):
                 need_w,
                 need_a or need_b or need_coef,
                 need_coef,
+                ctx.path,
             )
             if need_w:
                 grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
@@ -259,9 +321,9 @@ def _in_factor_layouts(
 
 
 def _backward_by_row_blocks(
-    spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef
+    spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef, path
 ):
-    """(dL/dx or None, dL/dW or None, (dA, dB, dcoef) or None), block by block.
+    """(dL/dx or None, dL/dW or None, (dA, dB, dcoef) or None), block by block, on the forward's ``path``.
 
     Every row j of ΔW depends only on B[j] and all of A, so ΔWˢ, dW = gyᵀx, the sparsifier's gradient and
     the kernel's backward can be done for a block of rows at a time; dA sums over blocks. The merged
@@ -269,6 +331,10 @@ def _backward_by_row_blocks(
     the blocks instead would keep the tokens×n dx alive beside the block temporaries (a higher peak
     whenever there are more tokens than rows, as in a ViT-B batch) and re-read it once per block.
     """
+    if path == "fused_cpu":
+        return _fused_backward(
+            spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef
+        )
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
     compute = a_g.dtype
@@ -326,6 +392,63 @@ def _backward_by_row_blocks(
     return grad_x, grad_matrix, factor_grads
 
 
+def _fused_backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
+    """:func:`_backward_by_row_blocks` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
+    one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
+    block of the merged weight for dx and the per-piece weights w_p; two skinny GEMMs per piece reduce them
+    into dA and dB. Only the block's dW and w_p (P + 1 blocks) exist beside the merged matrix."""
+    groups, rows_per_group, n = spec.grouped_shape
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    base = _base_blocks(spec, weight)
+    conv = spec.op == "conv2d"
+    merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
+    grad_matrix = None
+    if (need_w or need_factors) and conv:
+        grad_matrix = _grad_matrix(spec, x, grad_out).reshape(groups, rows_per_group, n)
+    elif need_w:
+        grad_matrix = x.new_empty((groups, rows_per_group, n))
+    if not conv:
+        x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
+    grad_a = torch.zeros_like(a_g) if need_factors else None
+    grad_b = torch.empty_like(b_g) if need_factors else None
+    grad_coef = torch.zeros(coefficients.shape, dtype=torch.float64) if need_coef else None
+    taus = [float(t) for t in tau.flatten()]
+    if not need_factors:
+        for g in range(groups):
+            if need_x:
+                fused_cpu.merge(
+                    a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity,
+                    None if base is None else base[g], x.dtype, out=merged[g],
+                )  # fmt: skip
+            if need_w and not conv:
+                grad_matrix[g] = grad_rows[:, g * rows_per_group : (g + 1) * rows_per_group].mT.matmul(x_rows)
+    width = a_g.shape[-1] // spec.num_pieces
+    for g, rows in _row_blocks(spec) if need_factors else ():
+        if conv:
+            grad_delta = grad_matrix[g, rows]
+        else:
+            first = g * rows_per_group + rows.start
+            grad_delta = grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(x_rows)
+            if need_w:
+                grad_matrix[g, rows] = grad_delta
+        weights, block_coef = fused_cpu.factor_grads(
+            a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity, rows.start,
+            grad_delta, None if base is None else base[g], None if merged is None else merged[g], need_coef,
+        )  # fmt: skip
+        del grad_delta
+        for p, w in enumerate(weights):
+            cols = slice(p * width, (p + 1) * width)
+            piece_a, piece_b = kernels._pairwise_grads(w, a_g[g, :, cols], b_g[g, rows, cols])
+            grad_a[g, :, cols] += piece_a
+            grad_b[g, rows, cols] = piece_b
+        del weights
+        if need_coef:
+            grad_coef += block_coef
+    grad_x = None if merged is None else _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
+    factor_grads = (grad_a, grad_b, grad_coef) if need_factors else None
+    return grad_x, grad_matrix, factor_grads
+
+
 def _draw_seed() -> int:
     """A seed for one dropout mask, from torch's default CPU generator (so torch.manual_seed governs it)."""
     return int(torch.randint(1 << 62, (), dtype=torch.int64))
@@ -374,8 +497,9 @@ class FusedSnellDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec, p: float, sample_scale):
         seed = _draw_seed() if p > 0.0 else None
+        path = kernel_path(spec, x.device, x.dtype, a.dtype)
         with _without_autocast(x.device.type):
-            update, tau = sparse_delta(spec, a, b, coefficients)
+            update, tau = sparse_delta(spec, a, b, coefficients, path)
             update = update.reshape(spec.matrix_shape).to(x.dtype)
             dropped = x if seed is None else x * dropout_keep(x, p, seed)
             branch = layer_op(spec, dropped, update, None)
@@ -387,7 +511,7 @@ class FusedSnellDropout(torch.autograd.Function):
                 out.add_(branch, alpha=inverse_keep)
             else:
                 out.addcmul_(branch, sample_scale.to(x.dtype), value=inverse_keep)
-        ctx.spec, ctx.p, ctx.seed = spec, p, seed
+        ctx.spec, ctx.p, ctx.seed, ctx.path = spec, p, seed, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau, sample_scale)
         return out
 
@@ -408,7 +532,19 @@ class FusedSnellDropout(torch.autograd.Function):
             keep = None if ctx.seed is None else dropout_keep(x, ctx.p, ctx.seed)
             dropped = x if keep is None else x * keep
             grad_dropped, _, factor_grads = _backward_by_row_blocks(
-                spec, dropped, None, a, b, coefficients, tau, grad_branch, need_x, False, need_factors, need_coef
+                spec,
+                dropped,
+                None,
+                a,
+                b,
+                coefficients,
+                tau,
+                grad_branch,
+                need_x,
+                False,
+                need_factors,
+                need_coef,
+                ctx.path,
             )
             del dropped, grad_branch
             if need_x:
