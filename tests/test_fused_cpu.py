@@ -211,9 +211,10 @@ def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit():
         base = weight.to(dtype)
         forward = fused_cpu.merge(a, b, coef, 2, tau, "reference", 0.9, base, dtype)
         backward = torch.empty_like(forward)
+        accumulator = fused_cpu.FactorGrads(a, b, coef, 2, False)
         for start in range(0, 600, 77):
             grad = torch.randn(min(77, 600 - start), 300).to(dtype)
-            fused_cpu.factor_grads(a, b, coef, 2, tau, "reference", 0.9, start, grad, base, backward, False)
+            accumulator.add_rows(tau, "reference", 0.9, start, grad, base, backward)
         assert torch.equal(forward, backward)
 
 
@@ -350,3 +351,10 @@ def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernel_path(spec, torch.device("cpu"), torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_backward_over_several_row_blocks_and_groups(mode, monkeypatch):
+    monkeypatch.setattr(snell.function, "_FUSED_BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
+    spec = _spec(mode=mode, shape=(900, 300), groups=3)
+    _check_against_naive(spec, _inputs(spec))

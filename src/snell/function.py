@@ -76,9 +76,14 @@ def to_weight_layout(spec: SnellSpec, matrix: Tensor) -> Tensor:
 _BLOCK_ENTRIES = 1 << 20  # 4 MB of float32: a few blocks per ViT-B matrix, each fits in L3
 
 
-def _row_blocks(spec: SnellSpec):
+# The fused backward's blocks hold only their rows of dW (no piece distances, no ΔW): larger blocks mean
+# fewer hand-overs between torch's and numba's thread pools.
+_FUSED_BLOCK_ENTRIES = 1 << 22
+
+
+def _row_blocks(spec: SnellSpec, entries: int | None = None):
     groups, rows_per_group, n = spec.grouped_shape
-    step = max(1, _BLOCK_ENTRIES // n)
+    step = max(1, (entries or _BLOCK_ENTRIES) // n)
     for g in range(groups):
         for start in range(0, rows_per_group, step):
             yield g, slice(start, min(start + step, rows_per_group))
@@ -395,8 +400,10 @@ def _backward_by_row_blocks(
 def _fused_backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
     """:func:`_backward_by_row_blocks` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
     one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
-    block of the merged weight for dx and the per-piece weights w_p; two skinny GEMMs per piece reduce them
-    into dA and dB. Only the block's dW and w_p (P + 1 blocks) exist beside the merged matrix."""
+    block of the merged weight for dx and reduces the kernel's gradient straight into dB and per-thread
+    column sums for dA. Only the block's dW and those sums ((r + P) × n per thread) exist beside the merged
+    matrix. (Writing the per-piece weights w_p out for torch's GEMMs to reduce was tried first: the skinny
+    GEMMs and the hand-overs between numba's and torch's thread pools took 2.5× the fused pass itself.)"""
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
     base = _base_blocks(spec, weight)
@@ -409,9 +416,6 @@ def _fused_backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, 
         grad_matrix = x.new_empty((groups, rows_per_group, n))
     if not conv:
         x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
-    grad_a = torch.zeros_like(a_g) if need_factors else None
-    grad_b = torch.empty_like(b_g) if need_factors else None
-    grad_coef = torch.zeros(coefficients.shape, dtype=torch.float64) if need_coef else None
     taus = [float(t) for t in tau.flatten()]
     if not need_factors:
         for g in range(groups):
@@ -422,8 +426,11 @@ def _fused_backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, 
                 )  # fmt: skip
             if need_w and not conv:
                 grad_matrix[g] = grad_rows[:, g * rows_per_group : (g + 1) * rows_per_group].mT.matmul(x_rows)
-    width = a_g.shape[-1] // spec.num_pieces
-    for g, rows in _row_blocks(spec) if need_factors else ():
+    accumulators = [
+        fused_cpu.FactorGrads(a_g[g], b_g[g], coefficients, spec.num_pieces, need_coef)
+        for g in range(groups if need_factors else 0)
+    ]
+    for g, rows in _row_blocks(spec, _FUSED_BLOCK_ENTRIES) if need_factors else ():
         if conv:
             grad_delta = grad_matrix[g, rows]
         else:
@@ -431,21 +438,18 @@ def _fused_backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, 
             grad_delta = grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(x_rows)
             if need_w:
                 grad_matrix[g, rows] = grad_delta
-        weights, block_coef = fused_cpu.factor_grads(
-            a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity, rows.start,
-            grad_delta, None if base is None else base[g], None if merged is None else merged[g], need_coef,
+        accumulators[g].add_rows(
+            taus[g], spec.mode, spec.sparsity, rows.start, grad_delta, None if base is None else base[g],
+            None if merged is None else merged[g],
         )  # fmt: skip
         del grad_delta
-        for p, w in enumerate(weights):
-            cols = slice(p * width, (p + 1) * width)
-            piece_a, piece_b = kernels._pairwise_grads(w, a_g[g, :, cols], b_g[g, rows, cols])
-            grad_a[g, :, cols] += piece_a
-            grad_b[g, rows, cols] = piece_b
-        del weights
-        if need_coef:
-            grad_coef += block_coef
+    factor_grads = None
+    if need_factors:
+        results = [accumulator.result() for accumulator in accumulators]
+        grad_a, grad_b = torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+        grad_coef = sum(r[2] for r in results) if need_coef else None
+        factor_grads = (grad_a, grad_b, grad_coef)
     grad_x = None if merged is None else _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
-    factor_grads = (grad_a, grad_b, grad_coef) if need_factors else None
     return grad_x, grad_matrix, factor_grads
 
 

@@ -57,25 +57,31 @@ if numba is not None:
 
     @_jit
     def _delta_tile(at, b_row, coef, width, i0, length, dist, delta):
-        """ΔW[j, i0:i0+length] into delta[:length] and the piece distances into dist[p, :length]."""
+        """ΔW[j, i0:i0+length] into delta[:length] and the piece distances into dist[p, :length].
+
+        Every loop runs over contiguous 1-D views, which is what lets LLVM vectorise them (indexing the 2-D
+        arrays inside the loops took ten times as long)."""
         pieces = coef.shape[0]
         for p in range(pieces):
-            for t in range(length):
-                dist[p, t] = 0.0
+            dp = dist[p, :length]
+            dp[:] = 0.0
             for c in range(p * width, (p + 1) * width):
                 bc = b_row[c]
+                ac = at[c, i0 : i0 + length]
                 for t in range(length):
-                    diff = at[c, i0 + t] - bc
-                    dist[p, t] += diff * diff
+                    diff = ac[t] - bc
+                    dp[t] += diff * diff
             for t in range(length):
-                dist[p, t] = math.sqrt(dist[p, t])
+                dp[t] = math.sqrt(dp[t])
+        d0 = dist[0, :length]
         c0 = coef[0]
         for t in range(length):
-            delta[t] = c0 * dist[0, t]
+            delta[t] = c0 * d0[t]
         for p in range(1, pieces):
+            dp = dist[p, :length]
             cp = coef[p]
             for t in range(length):
-                delta[t] += cp * dist[p, t]
+                delta[t] += cp * dp[t]
 
     @_jit
     def _survivor(value, tau, mode):
@@ -181,34 +187,54 @@ if numba is not None:
                         values[t] = values[t] + delta[t] * _survivor(delta[t], tau, mode)
                     _store_row(out, j, i0, length, out_bf16, bits)
 
+    @_jit
+    def _halving_sum(values):
+        """Σ values (length a power of two) by halving: every step is an element-wise, vectorised add, in
+        an order that does not depend on the vector width."""
+        half = values.shape[0] // 2
+        while half > 0:
+            for t in range(half):
+                values[t] += values[half + t]
+            half //= 2
+        return values[0]
+
     @_jit(parallel=True)
     def _backward_rows(
         at, b, coef, width, tau, mode, j0, grad, grad_shift, base, base_shift, has_base,
-        merged, merged_bf16, need_merged, weights, coef_rows, need_coef, chunk_rows,
+        merged, merged_bf16, need_merged, column_sums, grad_b, coef_rows, need_coef,
     ):  # fmt: skip
         """For rows j0.. of ΔW (grad holds their rows of dW = gyᵀx): the merged weight for dx (if asked) and
-        weights[p, j, i] = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient), with S' = dΔWˢ/dΔW;
-        coef_rows[j, p] = Σ_i g·S'·d_p when the coefficients learn."""
+        the kernel's gradient. With w_p = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient; S' = dΔWˢ/dΔW):
+        dB_p[j] = B_p[j]·Σ_i w_p[j,i] − Σ_i w_p[j,i]·A_p[i] goes to grad_b; for dA_p[i] = A_p[i]·Σ_j w_p[j,i]
+        − Σ_j w_p[j,i]·B_p[j], each task adds its rows' Σ_j w_p (at row r + p) and Σ_j w_p·B_p[j] (rows of the
+        piece's columns) into column_sums[task], reduced over tasks by the caller. coef_rows[j, p] =
+        Σ_i g·S'·d_p when the coefficients learn."""
         rows, n = grad.shape
         pieces = coef.shape[0]
-        for c in prange((rows + chunk_rows - 1) // chunk_rows):
+        rank = at.shape[0]
+        tasks = column_sums.shape[0]
+        task_rows = (rows + tasks - 1) // tasks
+        for task in prange(tasks):
+            sums = column_sums[task]
             dist = np.empty((pieces, _TILE), np.float32)
             delta = np.empty(_TILE, np.float32)
             bits = np.empty(_TILE, np.uint32)
             values = bits.view(np.float32)
-            scaled = np.empty(_TILE, np.float32)
-            for row in range(c * chunk_rows, min((c + 1) * chunk_rows, rows)):
+            weight = np.empty(_TILE, np.float32)
+            row_sums = np.empty((rank + pieces, _TILE), np.float32)
+            for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 j = j0 + row
-                sums = np.zeros(pieces, np.float64)
+                b_row = b[j]
+                row_sums[:] = 0.0
+                coef_sums = np.zeros(pieces, np.float64)
                 for i0 in range(0, n, _TILE):
                     length = min(_TILE, n - i0)
-                    _delta_tile(at, b[j], coef, width, i0, length, dist, delta)
+                    _delta_tile(at, b_row, coef, width, i0, length, dist, delta)
                     if need_merged:
                         if has_base:
                             _load_row(base, j, i0, length, base_shift, bits)
                         else:
-                            for t in range(length):
-                                values[t] = 0.0
+                            values[:length] = 0.0
                         for t in range(length):
                             values[t] = values[t] + delta[t] * _survivor(delta[t], tau, mode)
                         _store_row(merged, j, i0, length, merged_bf16, bits)
@@ -217,17 +243,33 @@ if numba is not None:
                         scale = _survivor(delta[t], tau, mode)
                         if mode == 2:
                             scale = 2.0 * scale + tau if scale > 0.0 else 0.0
-                        scaled[t] = values[t] * scale
+                        values[t] = values[t] * scale
                     for p in range(pieces):
                         cp = coef[p]
+                        dp = dist[p, :length]
                         if need_coef:
                             for t in range(length):
-                                sums[p] += scaled[t] * dist[p, t]
+                                coef_sums[p] += values[t] * dp[t]
                         for t in range(length):
-                            d = dist[p, t]
-                            weights[p, row, i0 + t] = cp * scaled[t] / d if d != 0.0 else 0.0
+                            weight[t] = cp * values[t] / dp[t] if dp[t] != 0.0 else 0.0
+                        column = sums[rank + p, i0 : i0 + length]
+                        own = row_sums[rank + p]
+                        for t in range(length):
+                            column[t] += weight[t]
+                            own[t] += weight[t]
+                        for c in range(p * width, (p + 1) * width):
+                            bc = b_row[c]
+                            ac = at[c, i0 : i0 + length]
+                            column = sums[c, i0 : i0 + length]
+                            own = row_sums[c]
+                            for t in range(length):
+                                column[t] += weight[t] * bc
+                                own[t] += weight[t] * ac[t]
                 for p in range(pieces):
-                    coef_rows[row, p] = sums[p]
+                    coef_rows[row, p] = coef_sums[p]
+                    total = _halving_sum(row_sums[rank + p])
+                    for c in range(p * width, (p + 1) * width):
+                        grad_b[row, c] = b_row[c] * total - _halving_sum(row_sums[c])
 
 
 _warned = False
@@ -250,7 +292,7 @@ def _compiles() -> bool:
         tau, _ = select_tau(a, b, coef, 2, 0.5)
         base = torch.zeros(6, 40)
         merged = merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32)
-        factor_grads(a, b, coef, 2, tau, "reference", 0.5, 0, torch.ones(6, 40), base, merged, True)
+        FactorGrads(a, b, coef, 2, True).add_rows(tau, "reference", 0.5, 0, torch.ones(6, 40), base, merged)
     except Exception as err:  # any compile or runtime failure means: use the torch path
         _warn_once(f"{type(err).__name__}: {err}")
         return False
@@ -406,38 +448,59 @@ def merge(
     return out
 
 
-@torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
-def factor_grads(
-    a: Tensor,
-    b: Tensor,
-    coefficients: Tensor,
-    num_pieces: int,
-    tau: float,
-    mode: str,
-    sparsity: float,
-    first_row: int,
-    grad: Tensor,
-    base: Tensor | None,
-    merged: Tensor | None,
-    need_coef: bool,
-) -> tuple[list[Tensor], Tensor | None]:
-    """For the rows first_row.. of ΔW whose dW = gyᵀx is ``grad`` (rows, n; float32 or bf16): the per-piece
-    weights w_p = α_p·g·S'/d_p as a (P, rows, n) float32 tensor (what the kernel's gradient reduces into
-    dA and dB), the rows' coefficient gradients (rows, P) or None, and, into ``merged`` (its block of rows,
-    float32 or bf16) if given, W0 + ΔWˢ for dx."""
-    at, b_np, coef = _factors(a, b, coefficients)
-    rows, n = grad.shape
-    weights = torch.empty((num_pieces, rows, n), dtype=torch.float32)
-    coef_rows = np.zeros((rows, num_pieces), np.float64)
-    grad_bits, grad_shift = _bits(grad)
-    merged_bits = _bits(merged)[0] if merged is not None else grad_bits[:0]
-    base_bits, base_shift = _bits(base) if base is not None else (grad_bits[:0], 0)
-    with _LOCK:
-        numba.set_num_threads(_threads())
-        _backward_rows(
-            at, b_np, coef, at.shape[0] // num_pieces, np.float32(tau), _mode_code(mode, sparsity), first_row,
-            grad_bits, np.uint32(grad_shift), base_bits, np.uint32(base_shift), base is not None,
-            merged_bits, merged is not None and merged.dtype == torch.bfloat16, merged is not None,
-            weights.numpy(), coef_rows, need_coef, _chunk_rows(rows, n),
-        )  # fmt: skip
-    return list(weights), torch.from_numpy(coef_rows).sum(0) if need_coef else None
+class FactorGrads:
+    """Accumulates one matrix's dA (over blocks of rows) and its dB and coefficient gradients (per block).
+
+    Each parallel task adds its rows' column sums into its own slice of an (tasks, r + P, n) float32 buffer;
+    :meth:`result` reduces them in a fixed order. The task count is the thread count, so the summation order
+    of dA (not ΔW, nor τ, nor the survivors) depends on it: last-bit differences between thread counts.
+    """
+
+    def __init__(self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool) -> None:
+        self.at, self.b, self.coef = _factors(a, b, coefficients)
+        self.num_pieces, self.need_coef = num_pieces, need_coef
+        rank, n = self.at.shape
+        self.column_sums = np.zeros((_threads(), rank + num_pieces, n), np.float32)
+        self.grad_b = torch.empty(b.shape, dtype=torch.float32)
+        self.grad_coef = np.zeros(num_pieces, np.float64)
+
+    @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
+    def add_rows(
+        self,
+        tau: float,
+        mode: str,
+        sparsity: float,
+        first_row: int,
+        grad: Tensor,
+        base: Tensor | None,
+        merged: Tensor | None,
+    ) -> None:
+        """The rows first_row.. of ΔW whose dW = gyᵀx is ``grad`` (rows, n; float32 or bf16): their dB rows,
+        their share of dA and of the coefficient gradients, and, into ``merged`` (the whole matrix, float32 or
+        bf16) if given, their rows of W0 + ΔWˢ for dx. ``base``: the whole (m, n) W0 or None."""
+        rows = grad.shape[0]
+        coef_rows = np.zeros((rows, self.num_pieces), np.float64)
+        grad_bits, grad_shift = _bits(grad)
+        merged_bits = _bits(merged)[0] if merged is not None else grad_bits[:0]
+        base_bits, base_shift = _bits(base) if base is not None else (grad_bits[:0], 0)
+        grad_b = self.grad_b[first_row : first_row + rows].numpy()
+        with _LOCK:
+            numba.set_num_threads(min(_threads(), self.column_sums.shape[0]))
+            _backward_rows(
+                self.at, self.b, self.coef, self.at.shape[0] // self.num_pieces, np.float32(tau),
+                _mode_code(mode, sparsity), first_row, grad_bits, np.uint32(grad_shift), base_bits,
+                np.uint32(base_shift), base is not None, merged_bits,
+                merged is not None and merged.dtype == torch.bfloat16, merged is not None, self.column_sums,
+                grad_b, coef_rows, self.need_coef,
+            )  # fmt: skip
+        if self.need_coef:
+            self.grad_coef += coef_rows.sum(0)
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64)."""
+        sums = torch.from_numpy(self.column_sums.sum(0))  # (r + P, n)
+        rank = self.at.shape[0]
+        width = rank // self.num_pieces
+        totals = sums[rank:].repeat_interleave(width, 0)  # Σ_j w_p for each column of A_p
+        grad_a = (torch.from_numpy(self.at) * totals - sums[:rank]).T
+        return grad_a, self.grad_b, torch.from_numpy(self.grad_coef) if self.need_coef else None
