@@ -3,8 +3,9 @@
 Two decoder layers of LLaMA-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000;
 transformers' LlamaConfig, random init, bf16 weights, no autocast) trained with peft LoRA-8/32, SNELL-8/32
 at s = 0.9 (every q/k/v/o/gate/up/down projection) and full fine-tuning (every parameter), AdamW. Each
-method runs in its own fresh process (``benchmarks.run.run_worker``, the suite's pinned allocator), which
-reports the median step time, the peak RSS above the loaded model and the bytes saved for backward.
+method runs in fresh processes (``benchmarks.run.run_worker``): one under the suite's pinned allocator for
+the median step time, one under its 1 MiB mmap threshold for the peak RSS above the loaded model and the
+bytes saved for backward.
 
 The driver then projects each to the 32-layer model on paper, from two runs that differ only in depth
 (``--layers 2`` and ``--layers 1``, both measured): per-layer cost = (2-layer − 1-layer), the rest (the
@@ -50,7 +51,12 @@ def llama(layers: int) -> nn.Module:
         vocab_size=32000,
         max_position_embeddings=4096,
     )
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no float32 copy of the model passes through RSS
+    try:
+        return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _lora(rank: int) -> Callable[[nn.Module], nn.Module]:
@@ -138,7 +144,7 @@ def project(two: dict[str, Any], one: dict[str, Any], column: str) -> tuple[floa
 
 def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float) -> list[dict[str, Any]]:
     """Every method at 2 and 1 layers, each in a fresh process; prints the table and the projections."""
-    from benchmarks.run import TIMED_ENV, run_worker
+    from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker
 
     print(f"seq {seq}, batch 1, bf16, load average {os.getloadavg()[0]:.2f} at start")
     rows = []
@@ -146,12 +152,19 @@ def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: fl
         runs = {}
         for layers in (2, 1):
             args = ["--worker", "--method", method, "--layers", str(layers), "--seq", str(seq)]
-            args += ["--warmup", str(warmup), "--steps", str(steps)]
-            result, status = run_worker("benchmarks.llm_scale", args, timeout, TIMED_ENV)
-            if result is None:
-                print(f"{method} at {layers} layers: {status}")
+            # Time under the pinned allocator, memory under the 1 MiB mmap threshold (freed blocks go back to
+            # the OS, so the peak follows live memory), each in its own process, as the suite does.
+            result, status = run_worker(
+                "benchmarks.llm_scale", [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV
+            )
+            memory, memory_status = run_worker(
+                "benchmarks.llm_scale", [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV
+            )
+            if result is None or memory is None:
+                print(f"{method} at {layers} layers: {status}, memory worker {memory_status}")
                 break
-            runs[layers] = result
+            runs[layers] = {**result, "peak_mb": memory["peak_mb"], "saved_mb": memory["saved_mb"]}
+            result = runs[layers]
             print(
                 f"{method:>8} {layers} layers: step {result['step_s']:.2f} s (steps {result['step_times']}), "
                 f"peak above the loaded model {result['peak_mb']:.0f} MB, saved for backward "
