@@ -358,3 +358,22 @@ def test_fused_backward_over_several_row_blocks_and_groups(mode, monkeypatch):
     monkeypatch.setattr(snell.function, "_FUSED_BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
     spec = _spec(mode=mode, shape=(900, 300), groups=3)
     _check_against_naive(spec, _inputs(spec))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_tokens_match_the_torch_path_within_one_bf16_rounding(weight_dtype):
+    # Under autocast x is bf16 while W0 may stay float32. Both paths round the same float32 W0 + ΔWˢ to bf16
+    # (up to ΔW's last bits, which can move a value across a bf16 rounding boundary: one bf16 ulp, 2^-8
+    # relative) and both run the same bf16 GEMM, whose output is rounded once more: |Δy| <= 2^-7·(|x|·|W|ᵀ)
+    # + 2^-8·|y|.
+    spec = _spec(shape=(600, 300))
+    x, weight, _, a, b, coef = _inputs(spec, tokens=16)
+    x, weight = x.bfloat16(), weight.to(weight_dtype)
+    outs = {}
+    for choice in ("fused", "torch"):
+        with snell_kernels(choice):
+            outs[choice] = FusedSnell.apply(x, weight, None, a, b, coef, spec)
+    assert outs["fused"].dtype == outs["torch"].dtype == torch.bfloat16
+    merged = weight.float() + snell.function.sparse_delta(spec, a, b, coef, "torch")[0].reshape(600, 300)
+    bound = 2**-7 * (x.float().abs() @ merged.abs().T) + 2**-8 * outs["torch"].float().abs()
+    assert ((outs["fused"].float() - outs["torch"].float()).abs() <= bound).all()
