@@ -83,17 +83,20 @@ if numba is not None:
             for t in range(length):
                 delta[t] += cp * dp[t]
 
+    _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
+
     @_jit
     def _survivor(value, tau, mode):
-        """S for one entry of ΔW (sparsify.survivor_scale_)."""
+        """S for one entry of ΔW (sparsify.survivor_scale_), in float32 (float64 literals made numba unify S
+        to float64, so the merge and gradient loops ran in double precision)."""
         magnitude = abs(value)
         if mode == 3:
-            return 1.0
+            return _ONE
         if mode == 2:
-            return max(magnitude - tau, 0.0)
+            return max(magnitude - tau, _ZERO)
         if magnitude >= tau:
-            return magnitude if mode == 0 else 1.0
-        return 0.0
+            return magnitude if mode == 0 else _ONE
+        return _ZERO
 
     @_jit
     def _load_row(src, j, i0, length, shift, bits):
@@ -242,7 +245,7 @@ if numba is not None:
                     for t in range(length):
                         scale = _survivor(delta[t], tau, mode)
                         if mode == 2:
-                            scale = 2.0 * scale + tau if scale > 0.0 else 0.0
+                            scale = np.float32(2.0) * scale + tau if scale > _ZERO else _ZERO
                         values[t] = values[t] * scale
                     for p in range(pieces):
                         cp = coef[p]
@@ -251,7 +254,7 @@ if numba is not None:
                             for t in range(length):
                                 coef_sums[p] += values[t] * dp[t]
                         for t in range(length):
-                            weight[t] = cp * values[t] / dp[t] if dp[t] != 0.0 else 0.0
+                            weight[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
                         column = sums[rank + p, i0 : i0 + length]
                         own = row_sums[rank + p]
                         for t in range(length):
