@@ -64,6 +64,14 @@ if numba is not None:
         pieces = coef.shape[0]
         for p in range(pieces):
             dp = dist[p, :length]
+            if width == 4:  # rank 8 in two pieces: the sum stays in registers, same order and bits as below
+                first = p * 4
+                a0, a1, a2, a3 = at[first, i0:], at[first + 1, i0:], at[first + 2, i0:], at[first + 3, i0:]
+                b0, b1, b2, b3 = b_row[first], b_row[first + 1], b_row[first + 2], b_row[first + 3]
+                for t in range(length):
+                    d0, d1, d2, d3 = a0[t] - b0, a1[t] - b1, a2[t] - b2, a3[t] - b3
+                    dp[t] = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3)
+                continue
             dp[:] = 0.0
             for c in range(p * width, (p + 1) * width):
                 bc = b_row[c]
