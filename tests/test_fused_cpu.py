@@ -108,7 +108,7 @@ def _check_against_naive(spec, inputs):
     expected.backward(grad, inputs=leaves)
     ours = [t.clone().requires_grad_() for t in inputs]
     with snell_kernels("fused"):
-        assert kernel_path(spec, torch.device("cpu"), torch.float32) == "fused_cpu"
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "fused_cpu"
         out = FusedSnell.apply(*ours, spec)
     m, n = spec.matrix_shape
     # No sum in forward or backward has more terms than x has entries (the dW GEMM's depth) plus m or n
@@ -327,19 +327,22 @@ def test_bf16_layer_on_the_fused_path_saves_nothing_m_by_n():
 def test_kernel_path_dispatch(monkeypatch):
     cpu = torch.device("cpu")
     big, small = _spec(shape=(1024, 512)), _spec(shape=(96, 80))
-    assert kernel_path(big, cpu, torch.float32, torch.bfloat16) == "fused_cpu"
-    assert kernel_path(small, cpu, torch.float32) == "torch"  # too small to pay
-    assert kernel_path(big, cpu, torch.float64) == "torch"
-    assert kernel_path(big, cpu, torch.float16) == "torch"
-    assert kernel_path(big, torch.device("meta"), torch.float32) == "torch"
-    assert kernel_path(_spec(op="linear_t", shape=(512, 1024)), cpu, torch.float32) == "torch"
+    assert kernel_path(big, cpu, 8, torch.float32, torch.bfloat16) == "fused_cpu"
+    assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
+    assert kernel_path(big, cpu, 32, torch.float32) == "torch"  # wide pieces: the torch path's GEMMs are as fast
+    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # too small to pay
+    assert kernel_path(big, cpu, 8, torch.float64) == "torch"
+    assert kernel_path(big, cpu, 8, torch.float16) == "torch"
+    assert kernel_path(big, torch.device("meta"), 8, torch.float32) == "torch"
+    assert kernel_path(_spec(op="linear_t", shape=(512, 1024)), cpu, 8, torch.float32) == "torch"
     monkeypatch.setenv("SNELL_KERNELS", "fused")
-    assert kernel_path(small, cpu, torch.float32) == "fused_cpu"
+    assert kernel_path(small, cpu, 8, torch.float32) == "fused_cpu"
+    assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"
     monkeypatch.setenv("SNELL_KERNELS", "torch")
-    assert kernel_path(big, cpu, torch.float32) == "torch"
+    assert kernel_path(big, cpu, 8, torch.float32) == "torch"
     monkeypatch.setenv("SNELL_KERNELS", "numba")
     with pytest.raises(ValueError, match="SNELL_KERNELS"):
-        kernel_path(big, cpu, torch.float32)
+        kernel_path(big, cpu, 8, torch.float32)
 
 
 def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
@@ -347,10 +350,10 @@ def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused_cpu, "_warned", False)
     spec = _spec(shape=(1024, 512))
     with pytest.warns(UserWarning, match="numba is not installed"):
-        assert kernel_path(spec, torch.device("cpu"), torch.float32) == "torch"
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernel_path(spec, torch.device("cpu"), torch.float32) == "torch"
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
 
 
 @pytest.mark.parametrize("mode", MODES)

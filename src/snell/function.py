@@ -152,17 +152,22 @@ def sparsify_(spec: SnellSpec, delta: Tensor, base: Tensor | None = None) -> Ten
 # against minima of 2 ms, scheduling noise).
 _FUSED_MIN_NUMEL = 1 << 17
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+# Widest piece (r / P) the fused path takes: one 11008×4096 bf16 layer at 256 tokens, fwd + bwd, ran 1.75×
+# (r = 8), 1.32× (r = 16) and 1.01× (r = 32) faster than on the torch path, whose distance GEMMs gain on the
+# fused loops as the pieces widen (benchmarks/README.md).
+_FUSED_MAX_PIECE_WIDTH = 8
 
 
-def kernel_path(spec: SnellSpec, device: torch.device, *dtypes: torch.dtype) -> str:
+def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch.dtype) -> str:
     """ "fused_cpu" or "torch": which implementation builds, selects and differentiates ΔW for this layer.
 
-    ``dtypes``: those of x, the factors and W0 (whichever exist). The fused CPU kernels cover the
-    piecewise-linear kernel on float32/bf16 tensors whose weight is a row-major (m, n) matrix (Linear,
-    Conv2d), from ``_FUSED_MIN_NUMEL`` entries per matrix. ``SNELL_KERNELS=torch`` forces the torch path;
-    ``SNELL_KERNELS=fused`` takes the fused one at any size (the tests use it on small matrices). The forward
-    records its choice and the backward follows it: τ selects the same survivors only if both build ΔW the
-    same way.
+    ``rank``: r of the factors; ``dtypes``: those of x, the factors and W0 (whichever exist). The fused CPU
+    kernels cover the piecewise-linear kernel on float32/bf16 tensors whose weight is a row-major (m, n)
+    matrix (Linear, Conv2d); they are chosen from ``_FUSED_MIN_NUMEL`` entries per matrix and up to
+    ``_FUSED_MAX_PIECE_WIDTH`` columns per piece. ``SNELL_KERNELS=torch`` forces the torch path;
+    ``SNELL_KERNELS=fused`` takes the fused one wherever it is supported, whatever the size and width (the
+    tests use it on small matrices). The forward records its choice and the backward follows it: τ selects
+    the same survivors only if both build ΔW the same way.
     """
     choice = os.environ.get("SNELL_KERNELS", "auto")
     if choice not in ("auto", "torch", "fused"):
@@ -173,7 +178,13 @@ def kernel_path(spec: SnellSpec, device: torch.device, *dtypes: torch.dtype) -> 
         and spec.kernel == "piecewise_linear"
         and spec.op in ("linear", "conv2d")
         and all(dtype in _FUSED_DTYPES for dtype in dtypes)
-        and (choice == "fused" or spec.grouped_shape[1] * spec.grouped_shape[2] >= _FUSED_MIN_NUMEL)
+        and (
+            choice == "fused"
+            or (
+                spec.grouped_shape[1] * spec.grouped_shape[2] >= _FUSED_MIN_NUMEL
+                and rank // spec.num_pieces <= _FUSED_MAX_PIECE_WIDTH
+            )
+        )
     )
     return "fused_cpu" if supported and fused_cpu.available() else "torch"
 
@@ -203,7 +214,7 @@ def sparse_delta(
     spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, path: str | None = None
 ) -> tuple[Tensor, Tensor]:
     """(ΔWˢ as (G, m/G, n), τ); ``path`` as :func:`kernel_path` chose (by default, for the factors alone)."""
-    if (path or kernel_path(spec, a.device, a.dtype)) == "fused_cpu":
+    if (path or kernel_path(spec, a.device, a.shape[-1], a.dtype)) == "fused_cpu":
         return _fused_merged(spec, a, b, coefficients, None, torch.promote_types(a.dtype, torch.float32))
     delta = dense_delta(spec, a, b, coefficients)
     return delta, sparsify_(spec, delta)
@@ -272,7 +283,8 @@ class FusedSnell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
-        path = kernel_path(spec, x.device, x.dtype, a.dtype, *(() if weight is None else (weight.dtype,)))
+        dtypes = (x.dtype, a.dtype, *(() if weight is None else (weight.dtype,)))
+        path = kernel_path(spec, x.device, a.shape[-1], *dtypes)
         with _without_autocast(x.device.type):
             if path == "fused_cpu":
                 merged, tau = _fused_merged(spec, a, b, coefficients, weight, x.dtype)
@@ -503,7 +515,7 @@ class FusedSnellDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec, p: float, sample_scale):
         seed = _draw_seed() if p > 0.0 else None
-        path = kernel_path(spec, x.device, x.dtype, a.dtype)
+        path = kernel_path(spec, x.device, a.shape[-1], x.dtype, a.dtype)
         with _without_autocast(x.device.type):
             update, tau = sparse_delta(spec, a, b, coefficients, path)
             update = update.reshape(spec.matrix_shape).to(x.dtype)
