@@ -9,14 +9,15 @@ cache:
    the few inside it; a partition of the band gives the exact k-th largest |ΔW| (ties kept);
 2. the merge pass writes W0 + ΔWˢ in the layer's dtype (bf16 rounded to nearest even, as torch does);
 3. backward, per block of rows of dW = gyᵀx (a BLAS GEMM): one pass rebuilds ΔW and the piece distances,
-   writes the merged weight for dx and the per-piece weights w_p = α_p·g·S'/d_p, from which two skinny
-   GEMMs per piece give dA and dB (the torch path's ``_pairwise_grads``).
+   writes the merged weight for dx and reduces the per-piece weights w_p = α_p·g·S'/d_p straight into dB
+   and into per-thread column sums for dA (:class:`FactorGrads`).
 
 Every pass builds ΔW with the same routine (:func:`_delta_tile`), compiled without fast-math: each entry is
 the same sequence of IEEE operations (no reassociation, no FMA contraction), whatever the vector width
 (AVX2 or AVX-512) or thread count, so the backward rebuilds the forward's ΔW bit for bit and the saved τ
 selects the same survivors. A (r, n) copy of A is the inner loop's operand: a row of ΔW is then a
-contiguous loop over inputs that LLVM vectorises.
+contiguous loop over inputs that LLVM vectorises. dA's sums over rows are split by thread, so their order
+(not ΔW's, τ's or the survivors') depends on the thread count.
 
 Why numba and not a C++ extension: numba is one wheel with no compiler on the user's machine, the kernels
 stay Python-readable next to the torch path they replace, and ``cache=True`` keeps the compiled code on
@@ -337,8 +338,8 @@ def _factors(a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[np.ndarray, np
     return at, b.detach().to(torch.float32).contiguous().numpy(), coefficients.detach().to(torch.float32).numpy()
 
 
-def _chunk_rows(m: int, n: int) -> int:
-    """Rows per parallel task: about four tasks per thread, at least one 4096-entry row's worth of work."""
+def _chunk_rows(m: int) -> int:
+    """Rows per parallel task: about four tasks per thread."""
     return max(1, math.ceil(m / (4 * _threads())))
 
 
@@ -384,7 +385,7 @@ def _kth_banded(at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, k: 
     sample.partition([i for i in (low, high) if 0 <= i < _SAMPLE_SIZE] or [0])
     lower = float(sample[low]) if low >= 0 else -1.0  # |ΔW| >= 0 > -1: everything is above the lower bound
     upper = float(sample[high]) if high < _SAMPLE_SIZE else math.inf
-    chunk_rows = _chunk_rows(m, n)
+    chunk_rows = _chunk_rows(m)
     chunks = (m + chunk_rows - 1) // chunk_rows
     capacity = np.full(chunks, _band_capacity((high - low) / _SAMPLE_SIZE * chunk_rows * n), np.int64)
     offsets = np.arange(chunks, dtype=np.int64) * capacity
@@ -454,7 +455,7 @@ def merge(
         _merge(
             at, b_np, coef, at.shape[0] // num_pieces, np.float32(tau), _mode_code(mode, sparsity),
             base_bits, np.uint32(base_shift), base is not None, out_bits, dtype == torch.bfloat16,
-            _chunk_rows(m, n),
+            _chunk_rows(m),
         )  # fmt: skip
     return out
 
