@@ -147,3 +147,28 @@ def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_st
     assert sys.modules["snell"] is snell
     with pytest.raises(ValueError, match="pairs must be at least 1, got 0"):
         ab_step.paired_steps(build_a, build_b, "vit_tiny_test", batch=2, pairs=0)
+
+
+def test_fused_layer_times_three_variants_in_turns() -> None:
+    import os
+    import subprocess
+
+    pytest.importorskip("numba")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(Path(ROOT) / "src")])}
+    args = ["--out-features", "96", "--in-features", "64", "--tokens", "4", "--rounds", "2", "--dtype", "float32"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fused_layer", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("torch / fused: median of rounds") == 2
+    lines = [line.strip() for line in done.stdout.splitlines()]
+    for name in ("torch", "fused", "plain"):
+        assert sum(line.startswith(f"{name}: median") for line in lines) == 2
+
+
+def test_llm_scale_projects_from_two_depths() -> None:
+    from benchmarks.llm_scale import project
+
+    total, arithmetic = project({"step_s": 5.0}, {"step_s": 3.0}, "step_s")
+    # per layer 2, rest 1: 1 + 32 × 2
+    assert total == 65.0 and "1.00 + 32 × 2.00 = 65.00" in arithmetic

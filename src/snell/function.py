@@ -12,6 +12,8 @@ transposed, a Conv2d's weight flattened to (out, in·kh·kw / groups).
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from snell import kernels, sparsify
+from snell import fused_cpu, kernels, sparsify
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,14 @@ def to_weight_layout(spec: SnellSpec, matrix: Tensor) -> Tensor:
 _BLOCK_ENTRIES = 1 << 20  # 4 MB of float32: a few blocks per ViT-B matrix, each fits in L3
 
 
-def _row_blocks(spec: SnellSpec):
+# The fused backward's blocks hold only their rows of dW (no piece distances, no ΔW): larger blocks mean
+# fewer hand-overs between torch's and numba's thread pools.
+_FUSED_BLOCK_ENTRIES = 1 << 22
+
+
+def _row_blocks(spec: SnellSpec, entries: int | None = None):
     groups, rows_per_group, n = spec.grouped_shape
-    step = max(1, _BLOCK_ENTRIES // n)
+    step = max(1, (entries or _BLOCK_ENTRIES) // n)
     for g in range(groups):
         for start in range(0, rows_per_group, step):
             yield g, slice(start, min(start + step, rows_per_group))
@@ -139,8 +146,76 @@ def sparsify_(spec: SnellSpec, delta: Tensor, base: Tensor | None = None) -> Ten
     return tau
 
 
-def sparse_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[Tensor, Tensor]:
-    """(ΔWˢ as (G, m/G, n), τ)."""
+# Below this many entries per matrix the torch path is used. There the fused selection would build the dense
+# ΔW for torch.kthvalue too (the sampled bracket needs as many entries as sparsify's); whether the fused passes
+# pay at such sizes could not be measured on the loaded 2-core machine (a 256×384 layer: medians 50–200 ms
+# against minima of 2 ms, scheduling noise).
+_FUSED_MIN_NUMEL = 1 << 17
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+# Widest piece (r / P) the fused path takes: one 11008×4096 bf16 layer at 256 tokens, fwd + bwd, ran 1.75×
+# (r = 8), 1.32× (r = 16) and 1.01× (r = 32) faster than on the torch path, whose distance GEMMs gain on the
+# fused loops as the pieces widen (benchmarks/README.md).
+_FUSED_MAX_PIECE_WIDTH = 8
+
+
+def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch.dtype) -> str:
+    """ "fused_cpu" or "torch": which implementation builds, selects and differentiates ΔW for this layer.
+
+    ``rank``: r of the factors; ``dtypes``: those of x, the factors and W0 (whichever exist). The fused CPU
+    kernels cover the piecewise-linear kernel on float32/bf16 tensors whose weight is a row-major (m, n)
+    matrix (Linear, Conv2d); they are chosen from ``_FUSED_MIN_NUMEL`` entries per matrix and up to
+    ``_FUSED_MAX_PIECE_WIDTH`` columns per piece. ``SNELL_KERNELS=torch`` forces the torch path;
+    ``SNELL_KERNELS=fused`` takes the fused one wherever it is supported, whatever the size and width (the
+    tests use it on small matrices). The forward records its choice and the backward follows it: τ selects
+    the same survivors only if both build ΔW the same way.
+    """
+    choice = os.environ.get("SNELL_KERNELS", "auto")
+    if choice not in ("auto", "torch", "fused"):
+        raise ValueError(f"SNELL_KERNELS must be auto, torch or fused, got {choice!r}")
+    supported = (
+        choice != "torch"
+        and device.type == "cpu"
+        and spec.kernel == "piecewise_linear"
+        and spec.op in ("linear", "conv2d")
+        and all(dtype in _FUSED_DTYPES for dtype in dtypes)
+        and (
+            choice == "fused"
+            or (
+                spec.grouped_shape[1] * spec.grouped_shape[2] >= _FUSED_MIN_NUMEL
+                and rank // spec.num_pieces <= _FUSED_MAX_PIECE_WIDTH
+            )
+        )
+    )
+    return "fused_cpu" if supported and fused_cpu.available() else "torch"
+
+
+def _fused_merged(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(W0 + ΔWˢ, or ΔWˢ alone without ``weight``, as (G, m/G, n) in ``dtype``; τ (G, 1, 1) float32) by the
+    fused CPU kernels: ΔW is never stored, only the merged matrix is written."""
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    base = _base_blocks(spec, weight)
+    merged = torch.empty(spec.grouped_shape, dtype=dtype)
+    taus = []
+    for g in range(spec.groups):
+        tau = -math.inf
+        if spec.sparsity != 0.0:
+            tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coefficients, spec.num_pieces, spec.sparsity)
+        fused_cpu.merge(
+            a_g[g], b_g[g], coefficients, spec.num_pieces, tau, spec.mode, spec.sparsity,
+            None if base is None else base[g], dtype, out=merged[g],
+        )  # fmt: skip
+        taus.append(tau)
+    return merged, torch.tensor(taus, dtype=torch.float32).reshape(-1, 1, 1)
+
+
+def sparse_delta(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, path: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """(ΔWˢ as (G, m/G, n), τ); ``path`` as :func:`kernel_path` chose (by default, for the factors alone)."""
+    if (path or kernel_path(spec, a.device, a.shape[-1], a.dtype)) == "fused_cpu":
+        return _fused_merged(spec, a, b, coefficients, None, torch.promote_types(a.dtype, torch.float32))
     delta = dense_delta(spec, a, b, coefficients)
     return delta, sparsify_(spec, delta)
 
@@ -208,13 +283,18 @@ class FusedSnell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec):
+        dtypes = (x.dtype, a.dtype, *(() if weight is None else (weight.dtype,)))
+        path = kernel_path(spec, x.device, a.shape[-1], *dtypes)
         with _without_autocast(x.device.type):
-            merged = dense_delta(spec, a, b, coefficients)
-            tau = sparsify_(spec, merged, _base_blocks(spec, weight))
+            if path == "fused_cpu":
+                merged, tau = _fused_merged(spec, a, b, coefficients, weight, x.dtype)
+            else:
+                merged = dense_delta(spec, a, b, coefficients)
+                tau = sparsify_(spec, merged, _base_blocks(spec, weight))
             matrix = merged.reshape(spec.matrix_shape).to(x.dtype)
             del merged
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
-        ctx.spec = spec
+        ctx.spec, ctx.path = spec, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
         return out
 
@@ -239,6 +319,7 @@ class FusedSnell(torch.autograd.Function):
                 need_w,
                 need_a or need_b or need_coef,
                 need_coef,
+                ctx.path,
             )
             if need_w:
                 grad_w = to_weight_layout(spec, grad_matrix).to(weight.dtype)
@@ -259,9 +340,9 @@ def _in_factor_layouts(
 
 
 def _backward_by_row_blocks(
-    spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef
+    spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef, path
 ):
-    """(dL/dx or None, dL/dW or None, (dA, dB, dcoef) or None), block by block.
+    """(dL/dx or None, dL/dW or None, (dA, dB, dcoef) or None), block by block, on the forward's ``path``.
 
     Every row j of ΔW depends only on B[j] and all of A, so ΔWˢ, dW = gyᵀx, the sparsifier's gradient and
     the kernel's backward can be done for a block of rows at a time; dA sums over blocks. The merged
@@ -269,6 +350,10 @@ def _backward_by_row_blocks(
     the blocks instead would keep the tokens×n dx alive beside the block temporaries (a higher peak
     whenever there are more tokens than rows, as in a ViT-B batch) and re-read it once per block.
     """
+    if path == "fused_cpu":
+        return _fused_backward(
+            spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef
+        )
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
     compute = a_g.dtype
@@ -326,6 +411,62 @@ def _backward_by_row_blocks(
     return grad_x, grad_matrix, factor_grads
 
 
+def _fused_backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
+    """:func:`_backward_by_row_blocks` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
+    one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
+    block of the merged weight for dx and reduces the kernel's gradient straight into dB and per-thread
+    column sums for dA. Only the block's dW and those sums ((r + P) × n per thread) exist beside the merged
+    matrix. (Writing the per-piece weights w_p out for torch's GEMMs to reduce was tried first: the skinny
+    GEMMs and the hand-overs between numba's and torch's thread pools took 2.5× the fused pass itself.)"""
+    groups, rows_per_group, n = spec.grouped_shape
+    a_g, b_g, coefficients = _grouped_factors(spec, a, b, coefficients)
+    base = _base_blocks(spec, weight)
+    conv = spec.op == "conv2d"
+    merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
+    grad_matrix = None
+    if (need_w or need_factors) and conv:
+        grad_matrix = _grad_matrix(spec, x, grad_out).reshape(groups, rows_per_group, n)
+    elif need_w:
+        grad_matrix = x.new_empty((groups, rows_per_group, n))
+    if not conv:
+        x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
+    taus = [float(t) for t in tau.flatten()]
+    if not need_factors:
+        for g in range(groups):
+            if need_x:
+                fused_cpu.merge(
+                    a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity,
+                    None if base is None else base[g], x.dtype, out=merged[g],
+                )  # fmt: skip
+            if need_w and not conv:
+                grad_matrix[g] = grad_rows[:, g * rows_per_group : (g + 1) * rows_per_group].mT.matmul(x_rows)
+    accumulators = [
+        fused_cpu.FactorGrads(a_g[g], b_g[g], coefficients, spec.num_pieces, need_coef)
+        for g in range(groups if need_factors else 0)
+    ]
+    for g, rows in _row_blocks(spec, _FUSED_BLOCK_ENTRIES) if need_factors else ():
+        if conv:
+            grad_delta = grad_matrix[g, rows]
+        else:
+            first = g * rows_per_group + rows.start
+            grad_delta = grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(x_rows)
+            if need_w:
+                grad_matrix[g, rows] = grad_delta
+        accumulators[g].add_rows(
+            taus[g], spec.mode, spec.sparsity, rows.start, grad_delta, None if base is None else base[g],
+            None if merged is None else merged[g],
+        )  # fmt: skip
+        del grad_delta
+    factor_grads = None
+    if need_factors:
+        results = [accumulator.result() for accumulator in accumulators]
+        grad_a, grad_b = torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+        grad_coef = sum(r[2] for r in results) if need_coef else None
+        factor_grads = (grad_a, grad_b, grad_coef)
+    grad_x = None if merged is None else _grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
+    return grad_x, grad_matrix, factor_grads
+
+
 def _draw_seed() -> int:
     """A seed for one dropout mask, from torch's default CPU generator (so torch.manual_seed governs it)."""
     return int(torch.randint(1 << 62, (), dtype=torch.int64))
@@ -374,8 +515,9 @@ class FusedSnellDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, coefficients, spec: SnellSpec, p: float, sample_scale):
         seed = _draw_seed() if p > 0.0 else None
+        path = kernel_path(spec, x.device, a.shape[-1], x.dtype, a.dtype)
         with _without_autocast(x.device.type):
-            update, tau = sparse_delta(spec, a, b, coefficients)
+            update, tau = sparse_delta(spec, a, b, coefficients, path)
             update = update.reshape(spec.matrix_shape).to(x.dtype)
             dropped = x if seed is None else x * dropout_keep(x, p, seed)
             branch = layer_op(spec, dropped, update, None)
@@ -387,7 +529,7 @@ class FusedSnellDropout(torch.autograd.Function):
                 out.add_(branch, alpha=inverse_keep)
             else:
                 out.addcmul_(branch, sample_scale.to(x.dtype), value=inverse_keep)
-        ctx.spec, ctx.p, ctx.seed = spec, p, seed
+        ctx.spec, ctx.p, ctx.seed, ctx.path = spec, p, seed, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau, sample_scale)
         return out
 
@@ -408,7 +550,19 @@ class FusedSnellDropout(torch.autograd.Function):
             keep = None if ctx.seed is None else dropout_keep(x, ctx.p, ctx.seed)
             dropped = x if keep is None else x * keep
             grad_dropped, _, factor_grads = _backward_by_row_blocks(
-                spec, dropped, None, a, b, coefficients, tau, grad_branch, need_x, False, need_factors, need_coef
+                spec,
+                dropped,
+                None,
+                a,
+                b,
+                coefficients,
+                tau,
+                grad_branch,
+                need_x,
+                False,
+                need_factors,
+                need_coef,
+                ctx.path,
             )
             del dropped, grad_branch
             if need_x:

@@ -1,0 +1,154 @@
+"""One SNELL layer, forward + backward, on the torch path and on the fused CPU kernels, timed in turns.
+
+Issue 18's per-layer target: an 11008×4096 layer at 256 bf16 tokens, fwd + bwd, within 3× a plain bf16
+nn.Linear with a trainable weight. The three variants run in one process, in turns (torch, fused, plain,
+then the next round in reverse order), so a slow spell of a shared machine lands on all of them, under the
+suite's pinned allocator (the process re-executes itself with it, as ``ab_step`` does); the report gives
+each one's median and the median of the per-round ratios. The forward alone (ΔW, τ, merge and the one
+GEMM) is timed the same way.
+
+    python -m benchmarks.fused_layer                       # 11008×4096, 256 tokens, bf16, SNELL-8 s=0.9
+    python -m benchmarks.fused_layer --tokens 1024 --rank 32 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.run import TIMED_ENV
+from snell import fused_cpu
+from snell.function import FusedSnell, SnellSpec
+from snell.layers import init_factors
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+Step = Callable[[], None]
+
+
+def _snell_layer(m: int, n: int, rank: int, tokens: int, dtype: torch.dtype, sparsity: float) -> tuple[Step, Step]:
+    """(forward + backward, forward alone) of a SNELL Linear with a frozen W0 and no bias."""
+    weight = nn.Parameter(torch.randn(m, n, dtype=dtype) * 0.02, requires_grad=False)
+    a = nn.Parameter(torch.empty(n, rank, dtype=dtype))
+    b = nn.Parameter(torch.empty(m, rank, dtype=dtype))
+    init_factors(a, b, num_pieces=2)
+    coefficients = torch.tensor([0.1, -0.1])
+    spec = SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", sparsity)
+    x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, m, dtype=dtype)
+
+    def step() -> None:
+        x.grad = a.grad = b.grad = None  # as optimizer.zero_grad(set_to_none=True) leaves them
+        FusedSnell.apply(x, weight, None, a, b, coefficients, spec).backward(grad)
+
+    def forward() -> None:
+        with torch.no_grad():
+            FusedSnell.apply(x, weight, None, a, b, coefficients, spec)
+
+    return step, forward
+
+
+def _plain_layer(m: int, n: int, tokens: int, dtype: torch.dtype) -> tuple[Step, Step]:
+    """(forward + backward, forward alone) of a plain Linear with a trainable weight."""
+    layer = nn.Linear(n, m, bias=False, dtype=dtype)
+    x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, m, dtype=dtype)
+
+    def step() -> None:
+        x.grad = layer.weight.grad = None
+        layer(x).backward(grad)
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return step, forward
+
+
+def _with_kernels(choice: str, fn: Step) -> Step:
+    def run() -> None:
+        os.environ["SNELL_KERNELS"] = choice
+        fn()
+
+    return run
+
+
+def paired(variants: dict[str, Step], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant over ``rounds`` rounds, in turns (every other round reversed)."""
+    names = list(variants)
+    for name in names:  # warm-up: compiles, allocator
+        variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]], against: str) -> None:
+    """Medians, and the median of the per-round ratios to ``against`` (and fused to torch)."""
+    print(f"\n{title}")
+    for name, values in times.items():
+        ratios = [v / w for v, w in zip(values, times[against], strict=True)]
+        print(
+            f"  {name:>8}: median {statistics.median(values) * 1e3:8.1f} ms"
+            f"  (min {min(values) * 1e3:7.1f})  / {against}: median of rounds {statistics.median(ratios):.3f}"
+        )
+    speedups = [t / f for t, f in zip(times["torch"], times["fused"], strict=True)]
+    print(f"  torch / fused: median of rounds {statistics.median(speedups):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-features", type=int, default=11008)
+    parser.add_argument("--in-features", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    if any(os.environ.get(name) != value for name, value in TIMED_ENV.items()):
+        # the suite's pinned allocator (as ab_step): no method pays page faults for its m×n buffers
+        os.execve(
+            sys.executable, [sys.executable, "-m", "benchmarks.fused_layer", *sys.argv[1:]], {**os.environ, **TIMED_ENV}
+        )
+    if not fused_cpu.available():
+        raise SystemExit("the fused kernels are unavailable here (is numba installed?)")
+    m, n, dtype = args.out_features, args.in_features, DTYPES[args.dtype]
+    torch.manual_seed(0)
+    snell_step, snell_forward = _snell_layer(m, n, args.rank, args.tokens, dtype, args.sparsity)
+    plain_step, plain_forward = _plain_layer(m, n, args.tokens, dtype)
+    load = os.getloadavg()[0]
+    print(
+        f"{m}×{n}, {args.tokens} tokens, {args.dtype}, SNELL-{args.rank} s={args.sparsity}, "
+        f"{torch.get_num_threads()} threads, load average {load:.2f} at start"
+    )
+    steps = {
+        "torch": _with_kernels("torch", snell_step),
+        "fused": _with_kernels("fused", snell_step),
+        "plain": plain_step,
+    }
+    report("forward + backward", paired(steps, args.rounds), "plain")
+    forwards = {
+        "torch": _with_kernels("torch", snell_forward),
+        "fused": _with_kernels("fused", snell_forward),
+        "plain": plain_forward,
+    }
+    report("forward alone", paired(forwards, args.rounds), "plain")
+    os.environ.pop("SNELL_KERNELS")
+    print(f"\nload average {os.getloadavg()[0]:.2f} at end")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Issue 18's scale benchmark: LLaMA-2-7B-shaped decoder layers, one training step, CPU, batch 1.
+
+Two decoder layers of LLaMA-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000;
+transformers' LlamaConfig, random init, bf16 weights, no autocast) trained with peft LoRA-8/32, SNELL-8/32
+at s = 0.9 (every q/k/v/o/gate/up/down projection) and full fine-tuning (every parameter), AdamW. Each
+method runs in fresh processes (``benchmarks.run.run_worker``): one under the suite's pinned allocator for
+the median step time, one under its 1 MiB mmap threshold for the peak RSS above the loaded model and the
+bytes saved for backward.
+
+The driver then projects each to the 32-layer model on paper, from two runs that differ only in depth
+(``--layers 2`` and ``--layers 1``, both measured): per-layer cost = (2-layer − 1-layer), the rest (the
+embedding, the head over 32000 words, the loss, the optimizer on those) = 1-layer − per-layer, and
+32 layers = rest + 32 · per-layer. The arithmetic is printed with the inputs.
+
+    python -m benchmarks.llm_scale                    # seq 512; also --seq 256 / 1024
+    python -m benchmarks.llm_scale --methods snell8 lora8 --steps 2
+    python -m benchmarks.llm_scale --worker --method snell8 --seq 256 --layers 2   # one worker, JSON out
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks import llama
+from benchmarks.memory import SavedTensorBytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+
+MB = 1024 * 1024
+LLAMA_LAYERS = r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+FULL_DEPTH = 32
+
+
+def _lora(rank: int) -> Callable[[nn.Module], nn.Module]:
+    def build(model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LLAMA_LAYERS))
+
+    return build
+
+
+def _snell(rank: int) -> Callable[[nn.Module], nn.Module]:
+    def build(model: nn.Module) -> nn.Module:
+        import snell
+
+        return snell.get_snell_model(model, snell.SnellConfig(r=rank, sparsity=0.9, target_modules=LLAMA_LAYERS))
+
+    return build
+
+
+METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "full": lambda model: model.requires_grad_(True),
+    "lora8": _lora(8),
+    "lora32": _lora(32),
+    "snell8": _snell(8),
+    "snell32": _snell(32),
+}
+
+
+def worker(method: str, layers: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+    """Median step time, peak RSS above the loaded model and bytes saved for backward of one method."""
+    torch.manual_seed(0)
+    model = METHODS[method](llama.build(layers)).train()  # built in bf16: no float32 copy passes through RSS
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    tokens = torch.randint(32000, (1, seq))
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=tokens, labels=tokens).loss
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    gc.collect()
+    loaded = rss_bytes()
+    reset_peak_rss()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_bytes() - loaded
+    with SavedTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        value = loss()
+    value.backward()
+    return {
+        "method": method,
+        "layers": layers,
+        "seq": seq,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_times": times,
+        "step_s": statistics.median(times),
+        "peak_mb": peak / MB,
+        "saved_mb": counter.nbytes / MB,
+        "loaded_mb": loaded / MB,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def project(two: dict[str, Any], one: dict[str, Any], column: str) -> tuple[float, str]:
+    """The 32-layer value of ``column`` from the 2- and 1-layer runs, and the arithmetic as text."""
+    per_layer = two[column] - one[column]
+    rest = one[column] - per_layer
+    total = rest + FULL_DEPTH * per_layer
+    text = (
+        f"per layer {two[column]:.2f} − {one[column]:.2f} = {per_layer:.2f}; rest {one[column]:.2f} − "
+        f"{per_layer:.2f} = {rest:.2f}; 32 layers {rest:.2f} + 32 × {per_layer:.2f} = {total:.2f}"
+    )
+    return total, text
+
+
+def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float) -> list[dict[str, Any]]:
+    """Every method at 2 and 1 layers, each in a fresh process; prints the table and the projections."""
+    from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker
+
+    print(f"seq {seq}, batch 1, bf16, load average {os.getloadavg()[0]:.2f} at start")
+    rows = []
+    for method in methods:
+        runs = {}
+        for layers in (2, 1):
+            args = ["--worker", "--method", method, "--layers", str(layers), "--seq", str(seq)]
+            # Time under the pinned allocator, memory under the 1 MiB mmap threshold (freed blocks go back to
+            # the OS, so the peak follows live memory), each in its own process, as the suite does.
+            result, status = run_worker(
+                "benchmarks.llm_scale", [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV
+            )
+            memory, memory_status = run_worker(
+                "benchmarks.llm_scale", [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV
+            )
+            if result is None or memory is None:
+                print(f"{method} at {layers} layers: {status}, memory worker {memory_status}")
+                break
+            runs[layers] = {**result, "peak_mb": memory["peak_mb"], "saved_mb": memory["saved_mb"]}
+            result = runs[layers]
+            print(
+                f"{method:>8} {layers} layers: step {result['step_s']:.2f} s (steps {result['step_times']}), "
+                f"peak above the loaded model {result['peak_mb']:.0f} MB, saved for backward "
+                f"{result['saved_mb']:.0f} MB"
+            )
+        if len(runs) == 2:
+            row = {"method": method, "two_layers": runs[2], "one_layer": runs[1]}
+            for column in ("step_s", "peak_mb", "saved_mb"):
+                row[f"{column}_32"], arithmetic = project(runs[2], runs[1], column)
+                print(f"    32-layer {column}: {arithmetic}")
+            rows.append(row)
+    by_method = {row["method"]: row for row in rows}
+    for method in ("snell8", "snell32"):
+        for other in ("full", "lora8", "lora32"):
+            if method in by_method and other in by_method:
+                mine, theirs = by_method[method]["two_layers"], by_method[other]["two_layers"]
+                print(
+                    f"{method} / {other} (2 layers): step {mine['step_s'] / theirs['step_s']:.3f}, "
+                    f"peak {mine['peak_mb'] / theirs['peak_mb']:.3f}"
+                )
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--worker", action="store_true", help="run one method in this process (JSON on stdout)")
+    parser.add_argument("--method", choices=list(METHODS))
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.method, args.layers, args.seq, args.warmup, args.steps)))
+        return
+    rows = drive(args.methods, args.seq, args.warmup, args.steps, args.timeout)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""The fused CPU kernels against the plain-autograd transcription, with error bounds derived from the maths.
+
+The fused kernels build ΔW in float32 with their own summation order, so their last bits differ from the
+torch path's and from float64. Hence:
+- selection is checked by its definition on the kernel's OWN ΔW (``fused_cpu.dense_delta``, which every
+  fused pass computes bit for bit): count(|ΔW| > τ) < k <= count(|ΔW| >= τ);
+- values and gradients are compared with the float64 naive formula evaluated on the kernel's survivors and
+  τ, within the standard rounding-error bound γ_K·M: M is the same computation on absolute values (every
+  term's magnitude, so cancellation cannot hide an error) and γ_K = K·u/(1 − K·u) with u = 2^-24 and K the
+  longest chain of float32 roundings (GEMM depths plus the per-entry operations). The bound is worst case
+  and holds for any summation order, so for any vector width and thread count.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive import naive_kernel
+
+import snell.function
+from snell import fused_cpu
+from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, kernel_path
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+
+MODES = ["reference", "mask", "soft"]
+U32 = 2.0**-24
+
+
+def _spec(mode="reference", sparsity=0.9, op="linear", shape=(96, 80), groups=1, **conv):
+    return SnellSpec(op, shape, "piecewise_linear", 2, mode, sparsity, groups, **conv)
+
+
+def _inputs(spec, r=8, tokens=5, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    m, n = spec.matrix_shape
+    if spec.op == "conv2d":
+        x = torch.randn(2, spec.weight_shape[1], 5, 5, generator=gen)
+    else:
+        x = torch.randn(tokens, n, generator=gen)
+    weight = torch.randn(spec.weight_shape, generator=gen) * 0.05
+    bias = torch.randn(m, generator=gen)
+    lead = (spec.groups,) if spec.groups > 1 else ()
+    a = torch.rand(*lead, n, r, generator=gen) * 0.2
+    b = torch.rand(*lead, m // spec.groups, r, generator=gen) * 0.2
+    coef = torch.tensor([0.1, -0.1])
+    return [t.to(dtype) for t in (x, weight, bias, a, b)] + [coef]
+
+
+def _gamma(k: int) -> float:
+    return k * U32 / (1 - k * U32)
+
+
+def _own_delta_and_tau(spec, a, b, coef):
+    """The kernel's own ΔW (G, m/G, n) and its τ per group, with the exact top-k definition checked."""
+    a_g, b_g, coef = snell.function._grouped_factors(spec, a, b, coef)
+    deltas, taus = [], []
+    for g in range(spec.groups):
+        delta = fused_cpu.dense_delta(a_g[g], b_g[g], coef, 2)
+        tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coef, 2, spec.sparsity) if spec.sparsity else (-math.inf, 0)
+        k = snell.sparsify.keep_count(delta.numel(), spec.sparsity)
+        magnitude = delta.abs()
+        assert (magnitude > tau).sum() < k <= (magnitude >= tau).sum() or spec.sparsity == 0
+        deltas.append(delta)
+        taus.append(tau)
+    return torch.stack(deltas), torch.tensor(taus, dtype=torch.float64).reshape(-1, 1, 1)
+
+
+def _naive(spec, x, weight, bias, a, b, coef, keep, tau):
+    """float64 plain autograd: y and the absolute-value computation M that bounds y's rounding error."""
+    m, n = spec.matrix_shape
+    a_g = a.reshape(spec.groups, n, -1)
+    b_g = b.reshape(spec.groups, m // spec.groups, -1)
+    delta = naive_kernel("piecewise_linear", a_g, b_g, coef, 2)
+    magnitude = delta.abs()
+    if spec.sparsity == 0:
+        sparse = delta
+    elif spec.mode == "mask":
+        sparse = delta * keep
+    elif spec.mode == "reference":
+        sparse = delta * magnitude.detach() * keep
+    else:
+        sparse = delta * (magnitude - tau) * keep
+    # D = Σ_p |α_p|·d_p >= |ΔW| and >= τ: ΔWˢ's rounding error is at most a few u of D (mask) or D² (else).
+    pieces = naive_kernel("piecewise_linear", a_g.detach(), b_g.detach(), coef.detach().abs(), 2)
+    d_bound = pieces if spec.mode == "mask" or spec.sparsity == 0 else pieces * (pieces + tau.clamp_min(0))
+    w = weight.reshape(m, n) + sparse.reshape(m, n)
+    w_abs = weight.abs().reshape(m, n) + d_bound.reshape(m, n)
+    if spec.op == "linear":
+        return F.linear(x, w, bias), F.linear(x.abs(), w_abs, bias.abs()), w_abs
+    shape = spec.weight_shape
+    y = F.conv2d(x, w.reshape(shape), bias, spec.stride, spec.padding)
+    y_abs = F.conv2d(x.abs(), w_abs.reshape(shape), bias.abs(), spec.stride, spec.padding)
+    return y, y_abs, w_abs
+
+
+def _check_against_naive(spec, inputs):
+    """Forward and every gradient within γ_K·M of the float64 naive formula on the kernel's survivors."""
+    _, _, _, a, b, coef = inputs
+    own, tau = _own_delta_and_tau(spec, a, b, coef)
+    # The kernels' survivors; in the soft mode those strictly above τ (S = |ΔW| − τ is 0 at τ itself).
+    keep = (own.abs() > tau.float() if spec.mode == "soft" else own.abs() >= tau.float()).double()
+    leaves = [t.double().requires_grad_() for t in inputs]
+    expected, bound, _ = _naive(spec, *leaves, keep, tau)
+    grad = torch.randn_like(expected)
+    expected.backward(grad, inputs=leaves)
+    ours = [t.clone().requires_grad_() for t in inputs]
+    with snell_kernels("fused"):
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "fused_cpu"
+        out = FusedSnell.apply(*ours, spec)
+    m, n = spec.matrix_shape
+    # No sum in forward or backward has more terms than x has entries (the dW GEMM's depth) plus m or n
+    # (the reductions into A and B); 64 covers the per-entry operations of ΔW, S and the merge.
+    depth = inputs[0].numel() + m + n + 64
+    assert ((out.double() - expected).abs() <= _gamma(depth) * bound.detach()).all()
+    out.backward(grad.float())
+    # Gradient bounds: the same derivative with every factor replaced by its magnitude (autograd on |·|
+    # inputs through the absolute-value computation gives Σ|term| for each gradient entry).
+    for mine, theirs, leaf in zip(ours, leaves, inputs, strict=True):
+        scale = _abs_gradient_scale(spec, inputs, keep, tau, grad, leaf)
+        assert ((mine.grad.double() - theirs.grad).abs() <= _gamma(depth * 2) * scale).all()
+
+
+def _abs_gradient_scale(spec, inputs, keep, tau, grad, leaf):
+    """A bound on Σ|terms| of one gradient entry. For x, W0 and the bias it is the gradient of the
+    absolute-value forward M. For A, B and the coefficients, each term of dA_p[i] = Σ_j w_p[j,i]·(a_i − b_j)
+    is at most |w_p[j,i]|·(|a_i| + |b_j|) with |w_p| = |α_p|·|g|·S'/d_p, where the kernels form
+    a_i·Σw − Σw·b_j (so 1/d_p enters the bound) and g = gyᵀx itself carries γ·|gy|ᵀ|x|."""
+    x, weight, bias, a, b, coef = (t.double() for t in inputs)
+    m, n = spec.matrix_shape
+    absolute = [t.abs().requires_grad_() for t in (x, weight, bias)]
+    _, y_abs, _ = _naive(spec, *absolute, a, b, coef, keep, tau)
+    y_abs.backward(grad.abs())
+    if leaf is inputs[0]:
+        return absolute[0].grad
+    if leaf is inputs[1]:
+        return absolute[1].grad
+    if leaf is inputs[2]:
+        return absolute[2].grad
+    a_g, b_g = a.reshape(spec.groups, n, -1), b.reshape(spec.groups, m // spec.groups, -1)
+    if spec.op == "linear":
+        g_abs = grad.abs().reshape(-1, m).T @ x.abs().reshape(-1, n)
+    else:
+        g_abs = torch.nn.grad.conv2d_weight(x.abs(), spec.weight_shape, grad.abs(), spec.stride, spec.padding)
+    g_abs = g_abs.reshape(spec.groups, m // spec.groups, n)
+    delta = naive_kernel("piecewise_linear", a_g, b_g, coef, 2)
+    if spec.sparsity == 0:
+        slope = torch.ones_like(delta)
+    else:
+        slope = {"mask": keep, "reference": delta.abs() * keep, "soft": (3 * delta.abs() + tau.abs()) * keep}[spec.mode]
+    q = g_abs * slope
+    width = a.shape[-1] // 2
+    bound_a, bound_b, bound_c = torch.zeros_like(a_g), torch.zeros_like(b_g), torch.zeros(2, dtype=torch.float64)
+    for p in range(2):
+        cols = slice(p * width, (p + 1) * width)
+        dist = torch.cdist(b_g[..., cols], a_g[..., cols])
+        w = torch.where(dist > 0, coef[p].abs() * q / dist.clamp_min(1e-300), 0)
+        bound_a[..., cols] = a_g[..., cols].abs() * w.sum(-2).unsqueeze(-1) + (w.mT @ b_g[..., cols].abs())
+        bound_b[..., cols] = b_g[..., cols].abs() * w.sum(-1).unsqueeze(-1) + (w @ a_g[..., cols].abs())
+        bound_c[p] = (q * dist).sum()
+    if leaf is inputs[3]:
+        return bound_a.reshape(a.shape) + 1e-300
+    if leaf is inputs[4]:
+        return bound_b.reshape(b.shape) + 1e-300
+    return bound_c
+
+
+class snell_kernels:
+    """Context manager setting SNELL_KERNELS."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        self.mp = pytest.MonkeyPatch()
+        self.mp.setenv("SNELL_KERNELS", self.value)
+
+    def __exit__(self, *exc):
+        self.mp.undo()
+
+
+CASES = [
+    *[_spec(mode=md) for md in MODES],
+    _spec(sparsity=0.0),
+    _spec(mode="soft", sparsity=0.5, shape=(99, 80), groups=3),
+    _spec(op="conv2d", shape=(8, 3, 3, 3), padding=(1, 1)),
+    *[_spec(mode=md, shape=(600, 300)) for md in MODES],  # 180k entries: the sampled bracket and the band
+    _spec(shape=(900, 300), groups=3),
+]
+
+
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.op}-{s.mode}-s{s.sparsity}-g{s.groups}-{s.weight_shape}")
+def test_fused_forward_and_gradients_match_the_naive_formula_within_rounding_bounds(spec):
+    _check_against_naive(spec, _inputs(spec))
+
+
+def test_learnable_coefficients_get_the_naive_gradient():
+    spec = _spec(mode="reference", shape=(96, 80))
+    _check_against_naive(spec, _inputs(spec))
+
+
+def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit():
+    # The saved τ selects the forward's survivors only if the backward's ΔW is the forward's, bit for bit:
+    # the merged weight the backward writes for dx must equal the forward's exactly, in float32 and bf16.
+    spec = _spec(shape=(600, 300))
+    _, weight, _, a, b, coef = _inputs(spec)
+    tau, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = weight.to(dtype)
+        forward = fused_cpu.merge(a, b, coef, 2, tau, "reference", 0.9, base, dtype)
+        backward = torch.empty_like(forward)
+        accumulator = fused_cpu.FactorGrads(a, b, coef, 2, False)
+        for start in range(0, 600, 77):
+            grad = torch.randn(min(77, 600 - start), 300).to(dtype)
+            accumulator.add_rows(tau, "reference", 0.9, start, grad, base, backward)
+        assert torch.equal(forward, backward)
+
+
+def test_bf16_merge_rounds_like_torch():
+    spec = _spec(shape=(600, 300))
+    _, weight, _, a, b, coef = _inputs(spec)
+    weight[0, :4] = torch.tensor([math.inf, -math.inf, math.nan, 1e38])  # specials and overflow to inf
+    tau, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+    fp32 = fused_cpu.merge(a, b, coef, 2, tau, "mask", 0.9, weight, torch.float32)
+    bf16 = fused_cpu.merge(a, b, coef, 2, tau, "mask", 0.9, weight, torch.bfloat16)
+    assert torch.equal(bf16.isnan(), fp32.isnan())
+    numbers = ~fp32.isnan()
+    assert torch.equal(bf16[numbers], fp32.to(torch.bfloat16)[numbers])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_same_tau_and_weight_at_any_thread_count(threads):
+    spec = _spec(shape=(1000, 300))
+    _, weight, _, a, b, coef = _inputs(spec)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        tau_1, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+        merged_1 = fused_cpu.merge(a, b, coef, 2, tau_1, "soft", 0.9, weight, torch.float32)
+        torch.set_num_threads(threads)
+        tau_n, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+        merged_n = fused_cpu.merge(a, b, coef, 2, tau_n, "soft", 0.9, weight, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert tau_1 == tau_n and torch.equal(merged_1, merged_n)
+
+
+def _assert_exact_top_k(a, b, coef, sparsity, tau):
+    delta = fused_cpu.dense_delta(a, b, coef, 2).abs()
+    k = snell.sparsify.keep_count(delta.numel(), sparsity)
+    assert (delta > tau).sum() < k <= (delta >= tau).sum()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.9999])
+def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity):
+    _, _, _, a, b, coef = _inputs(_spec(shape=(700, 400)), seed=1)
+    tau, _ = fused_cpu.select_tau(a, b, coef, 2, sparsity)
+    _assert_exact_top_k(a, b, coef, sparsity, tau)
+
+
+def test_ties_at_tau_are_all_kept():
+    # Rows of B repeated: every |ΔW| value appears 50 times, so τ sits inside a block of ties.
+    _, _, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=2)
+    b = b[:12].repeat(50, 1)
+    tau, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+    _assert_exact_top_k(a, b, coef, 0.9, tau)
+
+
+def test_a_sample_that_misses_falls_back_to_the_dense_selection(monkeypatch):
+    _, _, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=3)
+    rows, cols = fused_cpu._sample_positions(600, 400)
+    monkeypatch.setattr(fused_cpu, "_sample_positions", lambda m, n: (rows * 0, cols))  # row 0 only: biased
+    b = b.clone()
+    b[0] = 10.0  # row 0's |ΔW| is far from the rest, so the bracket misses τ
+    tau, band = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+    assert band == 0
+    _assert_exact_top_k(a, b, coef, 0.9, tau)
+
+
+def test_an_overflowing_band_is_redone_with_exact_room(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: 1)
+    _, _, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=4)
+    tau, band = fused_cpu.select_tau(a, b, coef, 2, 0.9)
+    assert band > 1
+    _assert_exact_top_k(a, b, coef, 0.9, tau)
+
+
+def test_dropout_path_on_the_fused_kernels_matches_the_torch_path():
+    spec = _spec(shape=(300, 200))
+    x, weight, bias, a, b, coef = _inputs(spec)
+    outs, grads = [], []
+    for choice in ("fused", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        torch.manual_seed(0)
+        with snell_kernels(choice):
+            out = FusedSnellDropout.apply(leaves[0], weight, bias, leaves[1], leaves[2], coef, spec, 0.2, None)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+        grads.append([t.grad for t in leaves])
+    # Both paths select exactly: the survivors differ only where ΔW's last bits straddle τ (none here).
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_layer_on_the_fused_path_saves_nothing_m_by_n():
+    spec = _spec(shape=(600, 300))
+    x, weight, bias, a, b, coef = [t.bfloat16() if t.dim() else t for t in _inputs(spec, tokens=16)]
+    a, b, x = a.requires_grad_(), b.requires_grad_(), x.requires_grad_()
+    weight = torch.nn.Parameter(weight, requires_grad=False)  # W0 is alive anyway: not counted
+    saved = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = FusedSnell.apply(x, weight, bias, a, b, coef.float(), spec)
+    assert out.dtype == torch.bfloat16 and max(saved) < 600 * 300
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad.float()).all()
+
+
+def test_kernel_path_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    big, small = _spec(shape=(1024, 512)), _spec(shape=(96, 80))
+    assert kernel_path(big, cpu, 8, torch.float32, torch.bfloat16) == "fused_cpu"
+    assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
+    assert kernel_path(big, cpu, 32, torch.float32) == "torch"  # wide pieces: the torch path's GEMMs are as fast
+    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # too small to pay
+    assert kernel_path(big, cpu, 8, torch.float64) == "torch"
+    assert kernel_path(big, cpu, 8, torch.float16) == "torch"
+    assert kernel_path(big, torch.device("meta"), 8, torch.float32) == "torch"
+    assert kernel_path(_spec(op="linear_t", shape=(512, 1024)), cpu, 8, torch.float32) == "torch"
+    monkeypatch.setenv("SNELL_KERNELS", "fused")
+    assert kernel_path(small, cpu, 8, torch.float32) == "fused_cpu"
+    assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"
+    monkeypatch.setenv("SNELL_KERNELS", "torch")
+    assert kernel_path(big, cpu, 8, torch.float32) == "torch"
+    monkeypatch.setenv("SNELL_KERNELS", "numba")
+    with pytest.raises(ValueError, match="SNELL_KERNELS"):
+        kernel_path(big, cpu, 8, torch.float32)
+
+
+def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "numba", None)
+    monkeypatch.setattr(fused_cpu, "_warned", False)
+    spec = _spec(shape=(1024, 512))
+    with pytest.warns(UserWarning, match="numba is not installed"):
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_backward_over_several_row_blocks_and_groups(mode, monkeypatch):
+    monkeypatch.setattr(snell.function, "_FUSED_BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
+    spec = _spec(mode=mode, shape=(900, 300), groups=3)
+    _check_against_naive(spec, _inputs(spec))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_tokens_match_the_torch_path_within_one_bf16_rounding(weight_dtype):
+    # Under autocast x is bf16 while W0 may stay float32. Both paths round the same float32 W0 + ΔWˢ to bf16
+    # (up to ΔW's last bits, which can move a value across a bf16 rounding boundary: one bf16 ulp, 2^-8
+    # relative) and both run the same bf16 GEMM, whose output is rounded once more: |Δy| <= 2^-7·(|x|·|W|ᵀ)
+    # + 2^-8·|y|.
+    spec = _spec(shape=(600, 300))
+    x, weight, _, a, b, coef = _inputs(spec, tokens=16)
+    x, weight = x.bfloat16(), weight.to(weight_dtype)
+    outs = {}
+    for choice in ("fused", "torch"):
+        with snell_kernels(choice):
+            outs[choice] = FusedSnell.apply(x, weight, None, a, b, coef, spec)
+    assert outs["fused"].dtype == outs["torch"].dtype == torch.bfloat16
+    merged = weight.float() + snell.function.sparse_delta(spec, a, b, coef, "torch")[0].reshape(600, 300)
+    bound = 2**-7 * (x.float().abs() @ merged.abs().T) + 2**-8 * outs["torch"].float().abs()
+    assert ((outs["fused"].float() - outs["torch"].float()).abs() <= bound).all()
