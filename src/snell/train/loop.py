@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import snell
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
+from snell.train.fsdp import full, load_optimizer_state, optimizer_state, shard, unsharded
 from snell.train.models import (
     Backbone,
     apply_method,
@@ -179,7 +180,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+    """Whole CPU copies; collective when the tensors are shards (--fsdp), so every process calls it."""
+    return {k: full(v.detach()).to("cpu", copy=True) for k, v in tensors.items()}
 
 
 def make_loader(dataset: Dataset, task: Task, config: TrainConfig, tokenizer: Any, train: bool) -> DataLoader:
@@ -357,6 +359,8 @@ class Run:
         )
         for inputs, labels in loader:
             with self.accelerator.accumulate(self.model):
+                if cfg.fsdp:  # accelerate's no_sync knows DDP only: reduce-scatter once per optimizer step
+                    self.model.set_requires_gradient_sync(self.accelerator.sync_gradients)
                 loss, batch_correct, batch_seen = self._batch_loss(inputs, labels)
                 self.accelerator.backward(loss)
                 optimizer.step()
@@ -400,10 +404,12 @@ class Run:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        model_state = _cpu(mutable_state(acc.unwrap_model(self.model)))  # gathered by all when sharded
+        optimizer_dict = optimizer_state(self.model, optimizer)
         if self.main:
             state = {
-                "model": _cpu(mutable_state(acc.unwrap_model(self.model))),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_dict,
                 "schedule": schedule.state_dict(),
                 "progress": {
                     "epoch": progress.epoch,
@@ -436,7 +442,7 @@ class Run:
             raise UserError(f"{latest}: written by a run with fewer processes; resume with the same process count")
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
         load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
         info = state["progress"]
@@ -496,10 +502,15 @@ class Run:
         sampler: EpochSampler = train_loader.sampler
         eval_split = "val" if cfg.select_on == "val" else ("test" if cfg.protocol == "reference" else None)
         eval_set = getattr(self.task, eval_split) if eval_split else None
+        if cfg.fsdp:  # sharded before the optimizer sees the parameters; accelerate must not wrap it in DDP
+            self.model = shard(self.model, acc.device)
         optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
         )
-        self.model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        if cfg.fsdp:
+            optimizer, train_loader = acc.prepare(optimizer, train_loader)
+        else:
+            self.model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
         eval_loader = acc.prepare(self._loader(eval_set, train=False)) if eval_set is not None else None
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
@@ -556,9 +567,7 @@ class Run:
             kind = f"test accuracy after the last epoch ({cfg.epochs})"
         peak, peak_kind = peak_memory_mb(acc.device)
         peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()
-        fingerprint = float(
-            sum(t.detach().double().sum() + t.detach().double().abs().sum() for t in mutable_state(model).values())
-        )
+        fingerprint = float(sum(t.double().sum() + t.double().abs().sum() for t in _cpu(mutable_state(model)).values()))
         fingerprints = acc.gather(torch.tensor([fingerprint], dtype=torch.float64, device=acc.device)).cpu().tolist()
         summary = {
             "method": cfg.method,
@@ -583,10 +592,11 @@ class Run:
         }
         if eval_split:
             summary[f"best_{eval_split}_accuracy"] = progress.best_score
-        if self.main:
-            save_trained(model, cfg, self.out / "adapter")
-            if cfg.merge:
-                save_merged(merge_trained(model, cfg), self.backbone, self.out / "merged")
+        with unsharded(model):
+            if self.main:
+                save_trained(model, cfg, self.out / "adapter")
+                if cfg.merge:
+                    save_merged(merge_trained(model, cfg), self.backbone, self.out / "merged")
             summary["wall_time_s"] = time.time() - self.started
             write_json_atomic(self.out / SUMMARY_FILE, summary)
             print(f"{cfg.method}: {kind}: {test_acc:.4f}  (run folder {self.out})", flush=True)

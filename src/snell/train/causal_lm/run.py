@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
 from snell.train.config import TrainConfig, UserError
+from snell.train.fsdp import is_sharded, unsharded
 from snell.train.loop import SUMMARY_FILE, EpochSampler, Progress, Run, peak_memory_mb, write_json_atomic
 from snell.train.models import Backbone, apply_method, load_mutable_state, load_trained, merge_trained, save_trained
 from snell.train.tasks import Task
@@ -159,6 +160,7 @@ def evaluate_split(
                     num_beams=num_beams,
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=is_sharded(generator),  # sharded: every process runs every step's forward
                 )
             texts = tokenizer.batch_decode(output[:, batch["prompt_ids"].shape[1] :], skip_special_tokens=True)
             local = list(zip(batch["index"].tolist(), texts, strict=True))
@@ -268,8 +270,10 @@ class CausalLMRun(Run):
             summary[f"best_{eval_split}_accuracy" if "accuracy" in test else f"best_{eval_split}_score"] = (
                 progress.best_score
             )
+        with unsharded(model):
+            if self.main:
+                save_trained(model, cfg, self.out / "adapter")
         if self.main:
-            save_trained(model, cfg, self.out / "adapter")
             if cfg.merge:
                 save_merged(merge_trained(model, cfg), self.backbone.tokenizer, self.out / "merged")
             summary["wall_time_s"] = time.time() - self.started
