@@ -93,3 +93,19 @@ def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, 
         snell.load_adapter(model, tmp_path / "two" / "adapter")  # a sharded run's adapter loads into a whole model
     loaded = adapter_state_dict(model)
     assert loaded.keys() == a.keys() and all(torch.equal(loaded[k], a[k]) for k in a)
+
+
+def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    """Full fine-tuning trains the root's shard group (tied embeddings and head, final norm) too. An evaluation
+    (no backward) leaves that group whole; the epoch's checkpoint must still find every parameter's optimizer
+    state, and the saved weights must be whole, the tied pair stored once."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*_args(*tiny, tmp_path / "full", "--method", "full", "--fsdp", "--batch-size", "16"), "--epochs", "1"]
+    done = _run([*torchrun, "-m", "snell", *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = load_file(str(tmp_path / "full" / "adapter" / "model_state.safetensors"))
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny[0]).named_parameters())  # the tied head once
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}
+    assert not torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    state = torch.load(tmp_path / "full" / "checkpoints" / "epoch-0001" / "state.pt", weights_only=False)
+    assert len(state["optimizer"]["state"]) == len(base)

@@ -75,6 +75,14 @@ def like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
 
 
+def reshard(model: nn.Module) -> None:
+    """Shard again what a forward left whole: with no backward to follow, an evaluation leaves the root's
+    parameters (embeddings, head) as plain tensors, which the optimizer and the checkpoint do not know."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @contextmanager
 def unsharded(model: nn.Module) -> Iterator[None]:
     """Hold whole copies of the parameters as plain tensors, for saving with code that knows nothing of shards.

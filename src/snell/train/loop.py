@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import snell
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
-from snell.train.fsdp import full, load_optimizer_state, optimizer_state, shard, unsharded
+from snell.train.fsdp import full, load_optimizer_state, optimizer_state, reshard, shard, unsharded
 from snell.train.models import (
     Backbone,
     apply_method,
@@ -532,6 +532,7 @@ class Run:
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)
             if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 metrics = self.eval_metrics(eval_loader, eval_split)
+                reshard(self.model)
                 score = metrics.pop("score")
                 record.update(metrics)
                 if score > progress.best_score:
