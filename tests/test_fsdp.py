@@ -17,12 +17,15 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from test_causal_lm import _args, tiny  # noqa: F401  (tiny is a fixture)
 from transformers import AutoModelForCausalLM
 
 import snell
+from snell.cli import main
 from snell.io import adapter_state_dict
 
 STOP_AFTER_FIRST_CHECKPOINT = """
@@ -109,3 +112,17 @@ def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[P
     assert not torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     state = torch.load(tmp_path / "full" / "checkpoints" / "epoch-0001" / "state.pt", weights_only=False)
     assert len(state["optimizer"]["state"]) == len(base)
+
+
+def test_fsdp_is_refused_where_it_cannot_work(
+    tiny: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    try:
+        assert main([*_args(*tiny, tmp_path / "one"), "--fsdp"]) == 2  # nothing to shard over
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is global to this process
+    assert "launch with torchrun or accelerate launch" in capsys.readouterr().err
+    assert main([*_args(*tiny, tmp_path / "merge"), "--fsdp", "--merge"]) == 2
+    assert "snell merge RUN_DIR" in capsys.readouterr().err
