@@ -91,6 +91,9 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     can no longer free the storage it gathered into. A parameter shared by two modules (tied embeddings) stays
     one tensor.
     """
+    # A group left whole by an evaluation would be set back to shards by FSDP's state_dict pre-hook (saving
+    # calls module.state_dict()), undoing the swap below; a sharded group's hook does nothing.
+    reshard(model)
     swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
     whole: dict[int, nn.Parameter] = {}
     for module in model.modules():
