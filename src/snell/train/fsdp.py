@@ -3,9 +3,9 @@
 Parameters become DTensors split over the processes. A block's forward all-gathers its weights, so SNELL's
 fused function reads a whole ``self.weight`` as without sharding, and backward reduce-scatters the gradients;
 frozen and trainable parameters share a block (FSDP2 keeps ``requires_grad`` per parameter). Everything
-written to disk is full: trainable tensors via ``full_tensor()``, the optimizer as a full state dict, the
-adapter from whole copies of the parameters held for the moment of saving. So a checkpoint or adapter of a sharded run
-reads like one of an unsharded run.
+written to disk is whole: trainable tensors via ``full_tensor()``, the optimizer as a full state dict, the
+adapter from whole copies of the parameters held while it is saved. So a checkpoint or an adapter of a sharded
+run reads like one of an unsharded run.
 
 Every function here that touches a sharded model is collective: all processes must call it, in the same order.
 """
@@ -110,15 +110,12 @@ def unsharded(model: nn.Module) -> Iterator[None]:
             module._parameters[name] = param
 
 
-def _options() -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     """The optimizer's state dict, whole (on the main process) when the model is sharded."""
     if not is_sharded(model):
         return optimizer.state_dict()
-    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_options())
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to the main process only
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=whole)
 
 
 def load_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
