@@ -174,7 +174,8 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
     assert (killed / "curves.png").read_bytes()[:8] == PNG
 
 
-def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_path: Path, sharding: list) -> None:
     """Two processes are bit-identical to one process that accumulates the same two half-batches.
 
     Comparing a 2-process run with a 1-process run on whole batches cannot hold on every machine: the two
@@ -184,7 +185,8 @@ def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_
     1 process with ``--batch-size 8 --grad-accum 2`` sees the same halves as its two micro-batches. DDP
     sums g0/2 + g1/2 (a sum of two floats is commutative, the halving exact); accumulation with the loss
     halved gives the same two exact halves, added once. With one thread per process (as torchrun sets) both
-    runs do the same arithmetic, so every tensor must be equal, not merely close, on any CPU.
+    runs do the same arithmetic, so every tensor must be equal, not merely close, on any CPU. With --fsdp
+    (FSDP2; a timm ViT is one shard group) gloo's reduce-scatter halves each rank's gradient and sums: the same.
     """
     common = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2"]
     accumulated = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
@@ -192,7 +194,7 @@ def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp = subprocess.run(
-        [*torchrun, "-m", "snell", *common, "--output-dir", str(tmp_path / "two")],
+        [*torchrun, "-m", "snell", *common, *sharding, "--output-dir", str(tmp_path / "two")],
         env=ENV, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]

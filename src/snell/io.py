@@ -75,7 +75,13 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 def base_model_record(model: nn.Module) -> dict[str, str | None]:
     """The base model's class and, where its library records one, its name: transformers' name_or_path,
     timm's architecture with its pretrained tag."""
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, SnellLayer))
+    # Classes made on the fly around the model's own: SNELL's layers and FSDP2's FSDP<Name> (a sharded run).
+    wrappers: tuple[type, ...] = (SnellLayer,)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        wrappers += (FSDPModule,)
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, wrappers))
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     pretrained = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if not name and isinstance(pretrained, dict) and pretrained.get("architecture"):

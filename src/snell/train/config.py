@@ -115,6 +115,7 @@ class TrainConfig:
     )
     output_dir: str | None = _opt(None, "run folder (default: runs/<data>-<method>-seed<seed>)")
     merge: bool = _opt(False, "also write the model with the adapter merged into its weights")
+    fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state over the processes (FSDP2)")
     progress: bool = _opt(True, "show progress bars")
     # causal language models (a transformers folder whose architecture is ...ForCausalLM)
     model_dtype: str = _opt(
@@ -169,6 +170,8 @@ class TrainConfig:
             raise UserError(
                 "--protocol reference selects on test by definition; it cannot be combined with --select-on val"
             )
+        if self.fsdp and self.merge:  # merging rewrites weights that only the main process would hold whole
+            raise UserError("--merge cannot be combined with --fsdp; run `snell merge RUN_DIR` after training")
         if not isinstance(self.model_kwargs, dict):
             raise UserError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
         kwargs_size = self.model_kwargs.get("img_size")

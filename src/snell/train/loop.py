@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import snell
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
+from snell.train.fsdp import full, load_optimizer_state, optimizer_state, reshard, shard, unsharded
 from snell.train.models import (
     load_mutable_state,
     merge_trained,
@@ -173,7 +174,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+    """Whole CPU copies; collective when the tensors are shards (--fsdp), so every process calls it."""
+    return {k: full(v.detach()).to("cpu", copy=True) for k, v in tensors.items()}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -310,6 +312,8 @@ class Run:
         )
         for inputs, labels in loader:
             with self.accelerator.accumulate(self.model):
+                if cfg.fsdp:  # accelerate's no_sync knows DDP only: reduce-scatter once per optimizer step
+                    self.model.set_requires_gradient_sync(self.accelerator.sync_gradients)
                 loss, batch_correct, batch_seen = self._batch_loss(inputs, labels)
                 self.accelerator.backward(loss)
                 optimizer.step()
@@ -353,10 +357,12 @@ class Run:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
+        model_state = _cpu(mutable_state(acc.unwrap_model(self.model)))  # gathered by all when sharded
+        optimizer_dict = optimizer_state(self.model, optimizer)
         if self.main:
             state = {
-                "model": _cpu(mutable_state(acc.unwrap_model(self.model))),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_dict,
                 "schedule": schedule.state_dict(),
                 "progress": {
                     "epoch": progress.epoch,
@@ -389,7 +395,7 @@ class Run:
             raise UserError(f"{latest}: written by a run with fewer processes; resume with the same process count")
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
         load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
         info = state["progress"]
@@ -449,10 +455,15 @@ class Run:
         sampler: EpochSampler = train_loader.sampler
         eval_split = "val" if cfg.select_on == "val" else ("test" if cfg.protocol == "reference" else None)
         eval_set = getattr(self.task, eval_split) if eval_split else None
+        if cfg.fsdp:  # sharded before the optimizer sees the parameters; accelerate must not wrap it in DDP
+            self.model = shard(self.model, acc.device)
         optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8
         )
-        self.model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        if cfg.fsdp:
+            optimizer, train_loader = acc.prepare(optimizer, train_loader)
+        else:
+            self.model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
         eval_loader = acc.prepare(self._loader(eval_set, train=False)) if eval_set is not None else None
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
@@ -474,6 +485,7 @@ class Run:
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)
             if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 metrics = self.eval_metrics(eval_loader, eval_split)
+                reshard(self.model)
                 score = metrics.pop("score")
                 record.update(metrics)
                 if score > progress.best_score:
@@ -499,9 +511,7 @@ class Run:
         report = self._report(progress, eval_split)
         peak, peak_kind = peak_memory_mb(acc.device)
         peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()
-        fingerprint = float(
-            sum(t.detach().double().sum() + t.detach().double().abs().sum() for t in mutable_state(model).values())
-        )
+        fingerprint = float(sum(t.double().sum() + t.double().abs().sum() for t in _cpu(mutable_state(model)).values()))
         fingerprints = acc.gather(torch.tensor([fingerprint], dtype=torch.float64, device=acc.device)).cpu().tolist()
         summary = {
             "method": cfg.method,
@@ -523,10 +533,12 @@ class Run:
             "backbone_weights": self.backbone.weights,
             "config": cfg.to_dict(),
         }
+        with unsharded(model):  # --fsdp: whole tensors for the files; a no-op otherwise
+            if self.main:
+                save_trained(model, cfg, self.out / "adapter")
+                if cfg.merge:
+                    self._save_merged(merge_trained(model, cfg), self.out / "merged")
         if self.main:
-            save_trained(model, cfg, self.out / "adapter")
-            if cfg.merge:
-                self._save_merged(merge_trained(model, cfg), self.out / "merged")
             summary["wall_time_s"] = time.time() - self.started
             write_json_atomic(self.out / SUMMARY_FILE, summary)
             for name, data in report.files.items():

@@ -21,6 +21,7 @@ from torch import nn
 import snell
 from snell.model import resolve_targets
 from snell.train.config import TrainConfig, UserError
+from snell.train.fsdp import like
 
 STATE_FILE = "model_state.safetensors"
 EXTRA_FILE = "extra_trainable.safetensors"
@@ -367,7 +368,7 @@ def load_mutable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         raise UserError(f"saved training state does not match the model ({len(state)} vs {len(targets)} tensors)")
     with torch.no_grad():
         for name, tensor in targets.items():
-            tensor.copy_(state[name])
+            tensor.copy_(like(tensor, state[name]))  # a shard (--fsdp) takes its slice of the whole tensor
 
 
 def save_trained(model: nn.Module, config: TrainConfig, directory: Path) -> Path:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
 from snell.train.config import TrainConfig, UserError
+from snell.train.fsdp import is_sharded
 from snell.train.loop import EpochSampler, Progress, Report, Run
 from snell.train.models import Backbone, apply_method, load_trained, merge_trained
 from snell.train.tasks import Task
@@ -159,6 +160,7 @@ def evaluate_split(
                     num_beams=num_beams,
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=is_sharded(generator),  # sharded: every process runs every step's forward
                 )
             texts = tokenizer.batch_decode(output[:, batch["prompt_ids"].shape[1] :], skip_special_tokens=True)
             local = list(zip(batch["index"].tolist(), texts, strict=True))

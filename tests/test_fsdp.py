@@ -1,0 +1,128 @@
+"""`snell train --fsdp`: 2 CPU processes over gloo (torchrun) shard a tiny LLaMA with FSDP2, are interrupted after
+epoch 1, resume from that checkpoint and must end exactly where 1 unsharded process ends.
+
+Why exactly: rank r gets the r-th half of each global batch of 16, which 1 process with --batch-size 8
+--grad-accum 2 sees as its two micro-batches. That process's gradient is g1/2 + g2/2 (accelerate divides the
+loss by 2, an exact power-of-two scaling). FSDP2 reduce-scatters over gloo, which has no average, by dividing
+each rank's gradient by 2 and summing: g1/2 + g2/2 again, and a sum of two terms does not depend on their order.
+All-gathering fp32 shards copies bits, and AdamW works element by element, so shards update as whole tensors do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from test_causal_lm import _args, tiny  # noqa: F401  (tiny is a fixture)
+from transformers import AutoModelForCausalLM
+
+import snell
+from snell.cli import main
+from snell.io import adapter_state_dict
+
+STOP_AFTER_FIRST_CHECKPOINT = """
+import sys
+from snell.cli import main
+from snell.train.causal_lm.run import CausalLMRun
+
+save = CausalLMRun._save_checkpoint
+
+
+def save_then_stop(self, *args):
+    save(self, *args)
+    raise KeyboardInterrupt
+
+
+CausalLMRun._save_checkpoint = save_then_stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _optimizer_by_name(state: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW state keyed by parameter name: plain state dicts key it by index, full FSDP ones by name already."""
+    names = [n for group in state["param_groups"] for n in group["params"]]
+    return {str(n): state["state"][n] for n in names if n in state["state"]}
+
+
+def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    common = [*_args(*tiny, tmp_path / "unused"), "--select-on", "none"]  # 32 examples (train + val): 2 steps an epoch
+    single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
+    done = _run([sys.executable, "-m", "snell", *single])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    script = tmp_path / "stop_after_first_checkpoint.py"
+    script.write_text(STOP_AFTER_FIRST_CHECKPOINT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    sharded = [*common, "--fsdp", "--batch-size", "16", "--output-dir", str(tmp_path / "two")]
+    assert _run([*torchrun, str(script), *sharded]).returncode != 0  # interrupted after epoch 1
+    assert not (tmp_path / "two" / "summary.json").exists()
+    assert [d.name for d in (tmp_path / "two" / "checkpoints").iterdir()] == ["epoch-0001"]
+    done = _run([*torchrun, "-m", "snell", *sharded, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout
+
+    one, two = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"]) == (1, 2) and two["config"]["fsdp"]
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    last = [tmp_path / run / "checkpoints" / "epoch-0002" / "state.pt" for run in ("one", "two")]
+    states = [torch.load(path, weights_only=False) for path in last]
+    assert states[0]["model"].keys() == states[1]["model"].keys()
+    assert all(torch.equal(v, states[1]["model"][k]) for k, v in states[0]["model"].items())  # whole, not shards
+    adam = [_optimizer_by_name(s["optimizer"]) for s in states]
+    assert len(adam[0]) == len(adam[1]) == len(states[0]["model"])
+    for (name, x), y in zip(adam[0].items(), adam[1].values(), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in ("exp_avg", "exp_avg_sq")), name
+    predictions = [json.loads((tmp_path / run / "test_predictions.json").read_text()) for run in ("one", "two")]
+    assert predictions[0] == predictions[1]  # generation in step on both ranks (synced), gathered in file order
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the adapter names LlamaForCausalLM as its base, not FSDP's wrapper class
+        snell.load_adapter(model, tmp_path / "two" / "adapter")  # a sharded run's adapter loads into a whole model
+    loaded = adapter_state_dict(model)
+    assert loaded.keys() == a.keys() and all(torch.equal(loaded[k], a[k]) for k in a)
+
+
+def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    """Full fine-tuning trains the root's shard group (tied embeddings and head, final norm) too. An evaluation
+    (no backward) leaves that group whole; the epoch's checkpoint must still find every parameter's optimizer
+    state, and the saved weights must be whole, the tied pair stored once."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*_args(*tiny, tmp_path / "full", "--method", "full", "--fsdp", "--batch-size", "16"), "--epochs", "1"]
+    done = _run([*torchrun, "-m", "snell", *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = load_file(str(tmp_path / "full" / "adapter" / "model_state.safetensors"))
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny[0]).named_parameters())  # the tied head once
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in base.items()}
+    assert not torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    state = torch.load(tmp_path / "full" / "checkpoints" / "epoch-0001" / "state.pt", weights_only=False)
+    assert len(state["optimizer"]["state"]) == len(base)
+
+
+def test_fsdp_is_refused_where_it_cannot_work(
+    tiny: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    try:
+        assert main([*_args(*tiny, tmp_path / "one"), "--fsdp"]) == 2  # nothing to shard over
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is global to this process
+    assert "launch with torchrun or accelerate launch" in capsys.readouterr().err
+    assert main([*_args(*tiny, tmp_path / "merge"), "--fsdp", "--merge"]) == 2
+    assert "snell merge RUN_DIR" in capsys.readouterr().err
