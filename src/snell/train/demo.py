@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,29 @@ def write_results(rows: list[dict[str, Any]], out: Path, title: str, total_s: fl
     return table
 
 
+def train_and_compare(
+    methods: list[str], command_for: Callable[[str, Path], list[str]], out: Path, title: str, progress: bool
+) -> None:
+    """Run each method's `snell train` command (``command_for(method, run_dir)``) in its own process, one after
+    another under ``out/runs/<method>``, then write and print the comparison table titled ``title``."""
+    # Two OpenMP threads that spin while waiting slow down several-fold when another job shares the cores.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    started = time.time()
+    rows = []
+    for method in methods:
+        command = [str(part) for part in command_for(method, out / "runs" / method)]
+        if not progress:
+            command.append("--no-progress")
+        print(f"\n=== {method}: {' '.join(command[1:])}", flush=True)
+        result = subprocess.run(command, env=env, check=False)
+        if result.returncode != 0:
+            raise UserError(f"`snell train` for {method} failed (exit code {result.returncode}); see its output above")
+        rows.append(_row(method, json.loads((out / "runs" / method / "summary.json").read_text())))
+    total = time.time() - started
+    table = write_results(rows, out, title, total)
+    print(f"\n{title}\n\n{table}\n\nTotal demo wall time: {total:.0f} s; results in {out}", flush=True)
+
+
 def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int | None, progress: bool) -> Path:
     """Train every method on the demo task, print the comparison table and return the results folder."""
     unknown = [m for m in methods if m not in METHODS]
@@ -173,26 +197,11 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
-    # Two OpenMP threads that spin while waiting slow down several-fold when another job shares the cores.
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    started = time.time()
-    rows = []
-    for method in methods:
-        command = train_command(task, method, out / "runs" / method, epochs)
-        if not progress:
-            command.append("--no-progress")
-        print(f"\n=== {method}: {' '.join(command[1:])}", flush=True)
-        result = subprocess.run(command, env=env, check=False)
-        if result.returncode != 0:
-            raise UserError(f"`snell train` for {method} failed (exit code {result.returncode}); see its output above")
-        rows.append(_row(method, json.loads((out / "runs" / method / "summary.json").read_text())))
-    total = time.time() - started
     settings = IMAGE_SETTINGS if task == "image" else TEXT_SETTINGS
     backbone = "EfficientNet-Lite0 (ImageNet)" if task == "image" else "all-MiniLM-L6-v2"
     title = (
         f"{backbone} on {settings['data']}: test accuracy at the epoch chosen on val, "
         f"{epochs or settings['epochs']} epochs, seed {settings['seed']}"
     )
-    table = write_results(rows, out, title, total)
-    print(f"\n{title}\n\n{table}\n\nTotal demo wall time: {total:.0f} s; results in {out}", flush=True)
+    train_and_compare(methods, lambda method, run: train_command(task, method, run, epochs), out, title, progress)
     return out

@@ -12,8 +12,6 @@ sets of ``few_shot_split``, which pretraining never saw.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 from snell.train.config import UserError
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
-from snell.train.demo import _flags, _row, write_results
+from snell.train.demo import _flags, train_and_compare
 
 MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
 METHODS = ("snell", "lora", "dora", "full")
@@ -90,22 +88,9 @@ def run_llm_demo(methods: list[str], output_dir: Path | None, epochs: int | None
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
     data = write_task(out / "data")
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    started = time.time()
-    rows = []
-    for method in methods:
-        command = train_command(method, data, out / "runs" / method, epochs)
-        if not progress:
-            command.append("--no-progress")
-        print(f"\n=== {method}: {' '.join(str(c) for c in command[1:])}", flush=True)
-        if subprocess.run(command, env=env, check=False).returncode != 0:
-            raise UserError(f"`snell train` for {method} failed; see its output above")
-        rows.append(_row(method, json.loads((out / "runs" / method / "summary.json").read_text())))
-    total = time.time() - started
     title = (
         f"Small LLaMA (1.1 M params, BBC-pretrained; not LLaMA-2-7B), BBC sections as instructions, "
         f"{SHOTS}/section: test acc by generation, {epochs or SETTINGS['epochs']} epochs, seed {SETTINGS['seed']}"
     )
-    table = write_results(rows, out, title, total)
-    print(f"\n{title}\n\n{table}\n\nTotal demo wall time: {total:.0f} s; results in {out}", flush=True)
+    train_and_compare(methods, lambda method, run: train_command(method, data, run, epochs), out, title, progress)
     return out
