@@ -310,6 +310,16 @@ def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> No
     assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
 
 
+def test_llm_demo_trains_the_shipped_model_and_prints_its_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`snell demo --task llm` end to end, at one epoch and one method to stay quick (the full demo: README)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "llm", "--epochs", "1", "--methods", "snell", "--no-progress",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["method"] == "snell" and 0.0 <= row["test_accuracy"] <= 1.0 and row["trainable_params"] > 0
+    assert "not LLaMA-2-7B" in capsys.readouterr().out and (out / "results.png").is_file()
+
+
 def test_the_shipped_demo_model_is_a_small_pretrained_llama() -> None:
     from snell.train.causal_lm.demo import MODEL_DIR
 
@@ -361,7 +371,7 @@ def test_the_lm_eval_example_scores_a_merged_run_with_snells_prompt(tiny: tuple[
     question = "Which section of the BBC News website is this article from?"
     records = [
         {"instruction": question, "input": "Shares rose after profits", "output": "business", "answer": "business"},
-        {"instruction": question, "input": "", "output": "sport", "answer": "sport"},
+        {"instruction": question, "input": "", "output": "sports", "answer": "sports"},
     ]  # fmt: skip
     (work / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'merged'}",
