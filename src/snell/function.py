@@ -146,11 +146,11 @@ def sparsify_(spec: SnellSpec, delta: Tensor, base: Tensor | None = None) -> Ten
     return tau
 
 
-# Below this many entries per matrix the torch path is used. There the fused selection would build the dense
-# ΔW for torch.kthvalue too (the sampled bracket needs as many entries as sparsify's); whether the fused passes
-# pay at such sizes could not be measured on the loaded 2-core machine (a 256×384 layer: medians 50–200 ms
-# against minima of 2 ms, scheduling noise).
-_FUSED_MIN_NUMEL = 1 << 17
+# Below this many entries per matrix the torch path is used: the fused path is the default only where it was
+# measured faster. On one 11008×4096 bf16 layer (LLaMA-2-7B's MLP; its 4096×4096 projections are 2^24) at 256
+# tokens it ran fwd + bwd 1.75× faster than the torch path; on ViT-B (768×768 to 3072×768, fp32, 1576 tokens) a
+# whole step was no faster: 1.53× LoRA-8 with it against 1.48× without, paired in one process (README).
+_FUSED_MIN_NUMEL = 1 << 24
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Widest piece (r / P) the fused path takes: one 11008×4096 bf16 layer at 256 tokens, fwd + bwd, ran 1.75×
 # (r = 8), 1.32× (r = 16) and 1.01× (r = 32) faster than on the torch path, whose distance GEMMs gain on the
