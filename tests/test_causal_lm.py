@@ -32,12 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = {"boolq": ("true", "false"), "winogrande": ("option1", "option2")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
