@@ -25,8 +25,9 @@ from torch import nn
 
 from benchmarks.run import TIMED_ENV
 from snell import fused_cpu
-from snell.function import FusedSnell, SnellSpec
+from snell.function import FusedSnell
 from snell.layers import init_factors
+from snell.spec import SnellSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -17,10 +17,13 @@ from naive import naive_kernel, naive_sparsify
 from torch import Tensor, nn
 
 import snell
-from snell import function, sparsify
+from snell import dropout, sparsify
 from snell.config import default_coefficients
-from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, dense_delta
+from snell.dropout import FusedSnellDropout
+from snell.function import FusedSnell
 from snell.layers import SnellLayer
+from snell.spec import SnellSpec
+from snell.torch_path import dense_delta
 
 KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
 MODES = sparsify.MODES
@@ -144,7 +147,7 @@ def assert_dropout_matches_naive(spec, p: float, with_keep: bool, device="cpu") 
     torch.manual_seed(7)
     mask = torch.ones_like(x)
     if p > 0:
-        mask = function.dropout_keep(x, p, function._draw_seed()) / function.keep_probability(p)
+        mask = dropout.dropout_keep(x, p, dropout._draw_seed()) / dropout.keep_probability(p)
     leaves = [t.clone().requires_grad_() for t in inputs]
     x_, weight, bias, a, b, coef = leaves
     branch = naive_forward(spec, x_ * mask, torch.zeros_like(weight), torch.zeros_like(bias), a, b, coef)

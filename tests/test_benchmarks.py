@@ -131,8 +131,8 @@ def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_st
     assert {name: module for name, module in sys.modules.items() if name in working} == working
     assert baseline is sys.modules["snell_baseline"] is not snell
     # the baseline's modules call each other, not the working tree's
-    assert Path(baseline.function.__file__).is_relative_to(tmp_path)
-    assert baseline.function.kernels is sys.modules["snell_baseline.kernels"] is not snell.kernels
+    assert Path(baseline.torch_path.__file__).is_relative_to(tmp_path)
+    assert baseline.torch_path.kernels is sys.modules["snell_baseline.kernels"] is not snell.kernels
 
     build_a = ab_step.builder("vit_tiny_test", "snell8_s0.9", baseline)
     build_b = ab_step.builder("vit_tiny_test", "snell8_s0.9")

@@ -7,7 +7,9 @@ from checks import make_spec as _spec
 from naive import naive_kernel, naive_sparsify
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import snell.function
+import snell.dropout
+import snell.spec
+import snell.torch_path
 from snell import kernels, sparsify
 from snell.function import FusedSnell
 
@@ -158,7 +160,7 @@ def test_no_host_synchronisation_off_the_cpu():
 @pytest.mark.parametrize("mode", MODES)
 def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monkeypatch):
     # 900×700 with three q/k/v groups and 2^16-entry blocks: each group's 300 rows span several blocks.
-    monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 16)
+    monkeypatch.setattr(snell.spec, "BLOCK_ENTRIES", 1 << 16)
     spec = _spec(op="linear", shape=(900, 700), groups=3, mode=mode, sparsity=0.9)
     assert_matches_naive(spec, _inputs(spec, r=4, tokens=5))
 
@@ -167,15 +169,15 @@ def test_matrices_spanning_several_row_blocks_match_the_naive_formula(mode, monk
 def test_backward_recomputes_exactly_the_forward_delta(kernel, monkeypatch):
     # The saved τ only selects the forward's survivors if backward's ΔW (block by block, piece distances
     # kept) is bit-identical to forward's (written in place into one buffer).
-    monkeypatch.setattr(snell.function, "_BLOCK_ENTRIES", 1 << 10)  # 12 rows: 4 blocks per group
+    monkeypatch.setattr(snell.spec, "BLOCK_ENTRIES", 1 << 10)  # 12 rows: 4 blocks per group
     spec = _spec(kernel=kernel, shape=(96, 80), groups=2)
     _, _, _, a, b, coef = _inputs(spec, r=8, dtype=torch.float32)
-    a_g, b_g, coef = snell.function._grouped_factors(spec, a, b, coef)
+    a_g, b_g, coef = snell.spec.grouped_factors(spec, a, b, coef)
     recomputed = torch.empty(spec.grouped_shape)
-    for g, rows in snell.function._row_blocks(spec):
+    for g, rows in snell.spec.row_blocks(spec):
         pieces = kernels.piece_distances(a_g[g], b_g[g, rows], spec.num_pieces) if spec.num_pieces > 1 else None
         recomputed[g, rows] = kernels.kernel_delta(kernel, a_g[g], b_g[g, rows], coef, spec.num_pieces, pieces)
-    assert torch.equal(snell.function.dense_delta(spec, a, b, coef), recomputed)
+    assert torch.equal(snell.torch_path.dense_delta(spec, a, b, coef), recomputed)
 
 
 @pytest.mark.parametrize("p, with_keep", [(0.3, True), (0.3, False), (0.0, True)], ids=["both", "dropout", "droppath"])
@@ -187,12 +189,12 @@ def test_dropout_path_matches_the_naive_formula_with_the_same_mask(spec, p, with
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.9])
 def test_dropout_keeps_each_entry_with_probability_one_minus_p_and_depends_only_on_its_seed(p):
     x = torch.randn(64, 1000)
-    keep = snell.function.dropout_keep(x, p, seed=3)
+    keep = snell.dropout.dropout_keep(x, p, seed=3)
     assert keep.dtype == torch.bool and keep.shape == x.shape
-    assert abs(snell.function.keep_probability(p) - (1 - p)) <= 2**-17
+    assert abs(snell.dropout.keep_probability(p) - (1 - p)) <= 2**-17
     assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / x.numel()) ** 0.5
-    assert torch.equal(keep, snell.function.dropout_keep(x, p, seed=3))
-    assert not torch.equal(keep, snell.function.dropout_keep(x, p, seed=4))
+    assert torch.equal(keep, snell.dropout.dropout_keep(x, p, seed=3))
+    assert not torch.equal(keep, snell.dropout.dropout_keep(x, p, seed=4))
     # No structure along rows or columns: every column and every row keeps about the same fraction.
     assert keep.float().mean(0).std() < 0.1 and keep.float().mean(1).std() < 0.1
 
@@ -201,7 +203,7 @@ def test_dropout_path_saves_no_dropped_out_input():
     spec, x, layer, a, b, coef = _frozen_768x512_layer()
     keep = torch.ones(4, 1, 1)
     _, saved = _saved_bytes(
-        lambda: snell.function.FusedSnellDropout.apply(x, layer.weight, layer.bias, a, b, coef, spec, 0.1, keep)
+        lambda: snell.dropout.FusedSnellDropout.apply(x, layer.weight, layer.bias, a, b, coef, spec, 0.1, keep)
     )
     # x, τ, the coefficients and k: neither the mask nor the dropped-out x (each as large as x).
     assert saved <= x.numel() * 4 + 128

@@ -20,8 +20,13 @@ import torch.nn.functional as F
 from naive import naive_kernel
 
 import snell.function
+import snell.fused_cpu_path
+import snell.spec
 from snell import fused_cpu
-from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, kernel_path
+from snell.dispatch import kernel_path
+from snell.dropout import FusedSnellDropout
+from snell.function import FusedSnell
+from snell.spec import SnellSpec
 
 pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
 
@@ -55,7 +60,7 @@ def _gamma(k: int) -> float:
 
 def _own_delta_and_tau(spec, a, b, coef):
     """The kernel's own ΔW (G, m/G, n) and its τ per group, with the exact top-k definition checked."""
-    a_g, b_g, coef = snell.function._grouped_factors(spec, a, b, coef)
+    a_g, b_g, coef = snell.spec.grouped_factors(spec, a, b, coef)
     deltas, taus = [], []
     for g in range(spec.groups):
         delta = fused_cpu.dense_delta(a_g[g], b_g[g], coef, 2)
@@ -358,7 +363,7 @@ def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_backward_over_several_row_blocks_and_groups(mode, monkeypatch):
-    monkeypatch.setattr(snell.function, "_FUSED_BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
+    monkeypatch.setattr(snell.fused_cpu_path, "BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
     spec = _spec(mode=mode, shape=(900, 300), groups=3)
     _check_against_naive(spec, _inputs(spec))
 

@@ -16,7 +16,8 @@ import torch
 
 from benchmarks.gpu.run import Run, _record, _synchronize
 from benchmarks.report import REPO
-from snell import function, sparsify
+from snell import sparsify
+from snell import spec as layout
 
 
 @functools.cache
@@ -107,12 +108,12 @@ def part_correctness(run: Run) -> None:
 def _several_blocks(spec, device: str) -> None:
     """A q/k/v matrix whose groups span several row blocks (blocks of 2^16 entries, as the unit test sets them)."""
     checks = _load_test_checks()
-    saved = function._BLOCK_ENTRIES
-    function._BLOCK_ENTRIES = 1 << 16
+    saved = layout.BLOCK_ENTRIES
+    layout.BLOCK_ENTRIES = 1 << 16
     try:
         checks.assert_matches_naive(spec, checks.make_inputs(spec, tokens=5, device=device))
     finally:
-        function._BLOCK_ENTRIES = saved
+        layout.BLOCK_ENTRIES = saved
 
 
 def _tiny_snell_vit(device: str, dropout: float, depth: int):

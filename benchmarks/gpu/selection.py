@@ -14,6 +14,7 @@ from benchmarks.gpu.run import Run, timed_ms
 from benchmarks.report import fmt
 from benchmarks.threshold import piecewise_delta, quantile_call
 from snell import function, sparsify
+from snell import spec as layout
 from snell.layers import init_factors
 
 SPARSITY = 0.9
@@ -139,12 +140,12 @@ def layer_rows(m: int, n: int, device: str, tokens: int, block_entries: Sequence
 
     dense_ms = timed_ms(dense_layer, device, repeats)
     rows = []
-    saved = function._BLOCK_ENTRIES
+    saved = layout.BLOCK_ENTRIES
     try:
         for entries in block_entries:
-            function._BLOCK_ENTRIES = entries or m * n
+            layout.BLOCK_ENTRIES = entries or m * n
             ms = timed_ms(snell_layer, device, repeats)
-            rows_per_block = max(1, function._BLOCK_ENTRIES // n)
+            rows_per_block = max(1, layout.BLOCK_ENTRIES // n)
             row = {
                 "shape": f"{m}x{n}",
                 "block_entries": entries or "whole matrix",
@@ -156,7 +157,7 @@ def layer_rows(m: int, n: int, device: str, tokens: int, block_entries: Sequence
             rows.append(row)
             print(f"  {m}x{n} blocks of {row['block_entries']} entries: {fmt(ms)} ms, {fmt(ms / dense_ms)}x dense")
     finally:
-        function._BLOCK_ENTRIES = saved
+        layout.BLOCK_ENTRIES = saved
     return rows
 
 

@@ -26,9 +26,9 @@ from torch import nn
 
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
-from snell.function import SnellSpec
 from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
 from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
+from snell.spec import SnellSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

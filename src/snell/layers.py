@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from snell.config import SnellConfig
-from snell.function import FusedSnell, FusedSnellDropout, SnellSpec, sparse_delta, to_weight_layout
+from snell.dropout import FusedSnellDropout
+from snell.function import FusedSnell, sparse_delta
+from snell.spec import SnellSpec, to_weight_layout
 
 # Fused projections whose output rows stack several matrices (q, k, v) that the reference code adapts
 # and sparsifies separately.

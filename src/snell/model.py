@@ -12,7 +12,6 @@ from typing import TypeVar
 from torch import nn
 
 from snell.config import HEAD_TASK_TYPES, SnellConfig
-from snell.function import SnellSpec
 from snell.layers import (
     FrozenStatsNorm,
     SnellLayer,
@@ -25,6 +24,7 @@ from snell.layers import (
     thaw_running_stats,
 )
 from snell.presets import detect_preset
+from snell.spec import SnellSpec
 
 logger = logging.getLogger("snell")
 T = TypeVar("T")

@@ -50,9 +50,9 @@ from peft.mapping import (  # noqa: E402
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
-from snell.function import SnellSpec  # noqa: E402
 from snell.layers import adapted_forward, build_spec, delta_weight, iter_snell_layers, new_factors  # noqa: E402
 from snell.presets import detect_preset  # noqa: E402
+from snell.spec import SnellSpec  # noqa: E402
 
 #: The ``peft_type`` of SNELL adapters, in peft's configs and in snell's own adapter_config.json.
 SNELL = METHOD

@@ -1,0 +1,92 @@
+"""The fused CPU path: glue between the fused function and the numba kernels of fused_cpu.py."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from snell import fused_cpu
+from snell.spec import SnellSpec, base_blocks, grad_input, grouped_factors, matrix_grad, row_blocks
+
+# The fused backward's blocks hold only their rows of dW (no piece distances, no ΔW): larger blocks mean
+# fewer hand-overs between torch's and numba's thread pools.
+BLOCK_ENTRIES = 1 << 22
+
+
+def merged_and_tau(
+    spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(W0 + ΔWˢ, or ΔWˢ alone without ``weight``, as (G, m/G, n) in ``dtype``; τ (G, 1, 1) float32) by the
+    fused CPU kernels: ΔW is never stored, only the merged matrix is written."""
+    a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
+    base = base_blocks(spec, weight)
+    merged = torch.empty(spec.grouped_shape, dtype=dtype)
+    taus = []
+    for g in range(spec.groups):
+        tau = -math.inf
+        if spec.sparsity != 0.0:
+            tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coefficients, spec.num_pieces, spec.sparsity)
+        fused_cpu.merge(
+            a_g[g], b_g[g], coefficients, spec.num_pieces, tau, spec.mode, spec.sparsity,
+            None if base is None else base[g], dtype, out=merged[g],
+        )  # fmt: skip
+        taus.append(tau)
+    return merged, torch.tensor(taus, dtype=torch.float32).reshape(-1, 1, 1)
+
+
+def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
+    """:func:`snell.torch_path.backward` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
+    one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
+    block of the merged weight for dx and reduces the kernel's gradient straight into dB and per-thread
+    column sums for dA. Only the block's dW and those sums ((r + P) × n per thread) exist beside the merged
+    matrix. (Writing the per-piece weights w_p out for torch's GEMMs to reduce was tried first: the skinny
+    GEMMs and the hand-overs between numba's and torch's thread pools took 2.5× the fused pass itself.)"""
+    groups, rows_per_group, n = spec.grouped_shape
+    a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
+    base = base_blocks(spec, weight)
+    conv = spec.op == "conv2d"
+    merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
+    grad_matrix = None
+    if (need_w or need_factors) and conv:
+        grad_matrix = matrix_grad(spec, x, grad_out).reshape(groups, rows_per_group, n)
+    elif need_w:
+        grad_matrix = x.new_empty((groups, rows_per_group, n))
+    if not conv:
+        x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
+    taus = [float(t) for t in tau.flatten()]
+    if not need_factors:
+        for g in range(groups):
+            if need_x:
+                fused_cpu.merge(
+                    a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity,
+                    None if base is None else base[g], x.dtype, out=merged[g],
+                )  # fmt: skip
+            if need_w and not conv:
+                grad_matrix[g] = grad_rows[:, g * rows_per_group : (g + 1) * rows_per_group].mT.matmul(x_rows)
+    accumulators = [
+        fused_cpu.FactorGrads(a_g[g], b_g[g], coefficients, spec.num_pieces, need_coef)
+        for g in range(groups if need_factors else 0)
+    ]
+    for g, rows in row_blocks(spec, BLOCK_ENTRIES) if need_factors else ():
+        if conv:
+            grad_delta = grad_matrix[g, rows]
+        else:
+            first = g * rows_per_group + rows.start
+            grad_delta = grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(x_rows)
+            if need_w:
+                grad_matrix[g, rows] = grad_delta
+        accumulators[g].add_rows(
+            taus[g], spec.mode, spec.sparsity, rows.start, grad_delta, None if base is None else base[g],
+            None if merged is None else merged[g],
+        )  # fmt: skip
+        del grad_delta
+    factor_grads = None
+    if need_factors:
+        results = [accumulator.result() for accumulator in accumulators]
+        grad_a, grad_b = torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+        grad_coef = sum(r[2] for r in results) if need_coef else None
+        factor_grads = (grad_a, grad_b, grad_coef)
+    grad_x = None if merged is None else grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
+    return grad_x, grad_matrix, factor_grads
