@@ -9,16 +9,22 @@ GEMM) is timed the same way.
 
     python -m benchmarks.fused_layer                       # 11008×4096, 256 tokens, bf16, SNELL-8 s=0.9
     python -m benchmarks.fused_layer --tokens 1024 --rank 32 --dtype float32
+    python -m benchmarks.fused_layer --sweep 768x3072 2048x2048 4096x4096 --out sweep.json   # fwd + bwd per shape
+
+``--sweep`` times forward + backward alone for each out×in shape (the other options apply to all), one table
+row per shape: where the fused path starts to pay (function.dispatch's ``_FUSED_MIN_NUMEL``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,6 +115,30 @@ def report(title: str, times: dict[str, list[float]], against: str) -> None:
     print(f"  torch / fused: median of rounds {statistics.median(speedups):.2f}")
 
 
+def sweep(shapes: list[str], tokens: int, rank: int, dtype: torch.dtype, sparsity: float, rounds: int) -> list[dict]:
+    """One row per out×in shape: medians of forward + backward on each path, and the per-round ratios."""
+    rows = []
+    for shape in shapes:
+        m, n = (int(side) for side in shape.lower().split("x"))
+        snell_step, _ = _snell_layer(m, n, rank, tokens, dtype, sparsity)
+        plain_step, _ = _plain_layer(m, n, tokens, dtype)
+        steps = {"torch": _with_kernels("torch", snell_step), "fused": _with_kernels("fused", snell_step)}
+        times = paired({**steps, "plain": plain_step}, rounds)
+        row = {"shape": f"{m}x{n}", "numel": m * n, "tokens": tokens, "dtype": str(dtype).removeprefix("torch.")}
+        row |= {f"{name}_ms": statistics.median(values) * 1e3 for name, values in times.items()}
+        row["torch_over_fused"] = statistics.median(
+            [t / f for t, f in zip(times["torch"], times["fused"], strict=True)]
+        )
+        rows.append(row)
+        print(
+            f"  {row['shape']:>10} ({m * n / (1 << 20):6.2f} Mi entries): torch {row['torch_ms']:8.1f} ms, "
+            f"fused {row['fused_ms']:8.1f} ms, plain {row['plain_ms']:7.1f} ms, "
+            f"torch / fused {row['torch_over_fused']:.2f}",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-features", type=int, default=11008)
@@ -118,6 +148,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sweep", nargs="+", metavar="OUTxIN", help="time fwd + bwd for each of these shapes")
+    parser.add_argument("--out", help="with --sweep: write the rows as JSON here")
     args = parser.parse_args()
     if any(os.environ.get(name) != value for name, value in TIMED_ENV.items()):
         # the suite's pinned allocator (as ab_step): no method pays page faults for its m×n buffers
@@ -128,13 +160,19 @@ def main() -> None:
         raise SystemExit("the fused kernels are unavailable here (is numba installed?)")
     m, n, dtype = args.out_features, args.in_features, DTYPES[args.dtype]
     torch.manual_seed(0)
-    snell_step, snell_forward = _snell_layer(m, n, args.rank, args.tokens, dtype, args.sparsity)
-    plain_step, plain_forward = _plain_layer(m, n, args.tokens, dtype)
     load = os.getloadavg()[0]
     print(
-        f"{m}×{n}, {args.tokens} tokens, {args.dtype}, SNELL-{args.rank} s={args.sparsity}, "
+        f"{args.sweep or f'{m}×{n}'}, {args.tokens} tokens, {args.dtype}, SNELL-{args.rank} s={args.sparsity}, "
         f"{torch.get_num_threads()} threads, load average {load:.2f} at start"
     )
+    if args.sweep:
+        rows = sweep(args.sweep, args.tokens, args.rank, dtype, args.sparsity, args.rounds)
+        print(f"load average {os.getloadavg()[0]:.2f} at end")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"load_average": [load, os.getloadavg()[0]], "rows": rows}, indent=1))
+        return
+    snell_step, snell_forward = _snell_layer(m, n, args.rank, args.tokens, dtype, args.sparsity)
+    plain_step, plain_forward = _plain_layer(m, n, args.tokens, dtype)
     steps = {
         "torch": _with_kernels("torch", snell_step),
         "fused": _with_kernels("fused", snell_step),
