@@ -110,22 +110,23 @@ if numba is not None:
     @_jit
     def _load_row(src, j, i0, length, shift, bits):
         """Row j, columns i0.., of a float32 (uint32 bits, shift 0) or bf16 (uint16 bits, shift 16) matrix."""
+        row = src[j, i0 : i0 + length]  # a 1-D view: indexing the 2-D array in the loop kept it scalar
         for t in range(length):
-            bits[t] = np.uint32(src[j, i0 + t]) << shift
+            bits[t] = np.uint32(row[t]) << shift
 
     @_jit
     def _store_row(dst, j, i0, length, bf16, bits):
         """float32 bits into row j of a float32 matrix, or rounded to nearest even into a bf16 one."""
+        row = dst[j, i0 : i0 + length]  # a 1-D view, as in _load_row
         if bf16:
             for t in range(length):
                 u = bits[t]
-                if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                    dst[j, i0 + t] = 0x7FC0
-                else:
-                    dst[j, i0 + t] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                nearest = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+                row[t] = np.uint16(0x7FC0) if nan else np.uint16(nearest)
         else:
             for t in range(length):
-                dst[j, i0 + t] = bits[t]
+                row[t] = bits[t]
 
     @_jit
     def _dense(at, b, coef, width, out):
