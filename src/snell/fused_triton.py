@@ -103,7 +103,7 @@ if triton is not None:
         else:
             tl.store(ptrs, value, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["m", "n"])  # one compile for every shape
     def _radix_pass(
         at_ptr, b_ptr, coef_ptr, prefix_ptr, hist_ptr, m, n,
         SHIFT: tl.constexpr, RANK: tl.constexpr, PIECES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -125,7 +125,7 @@ if triton is not None:
         counts = tl.histogram(digits, 256, mask=tl.reshape(counted, (BM * BN,)))
         tl.atomic_add(hist_ptr + group * 256 + tl.arange(0, 256), counts)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["m", "n", "base_sg", "base_sm", "base_sn"])  # one compile for every shape
     def _merge(
         at_ptr, b_ptr, coef_ptr, tau_ptr, base_ptr, out_ptr, m, n, base_sg, base_sm, base_sn,
         MODE: tl.constexpr, HAS_BASE: tl.constexpr, KIND: tl.constexpr, RANK: tl.constexpr, PIECES: tl.constexpr,
@@ -144,7 +144,9 @@ if triton is not None:
         value = _merged_value(delta, tl.load(tau_ptr + group), base_ptrs, mask, MODE, HAS_BASE)
         _store(out_ptr + group * m * n + rows[:, None] * n + cols[None, :], value, mask, KIND)
 
-    @triton.jit
+    @triton.jit(
+        do_not_specialize=["group", "first_row", "rows_in_block", "m", "n", "base_sm", "base_sn"]
+    )  # one compile for every shape
     def _backward_rows(
         at_ptr, b_ptr, coef_ptr, tau_ptr, grad_ptr, base_ptr, merged_ptr, row_part_ptr, col_part_ptr, coef_part_ptr,
         group, first_row, rows_in_block, m, n, base_sm, base_sn,
@@ -379,7 +381,7 @@ class FactorGrads:
         width = rank // self.num_pieces
         row_sums = row_parts.sum(0)  # (rows, r + P)
         b_rows = self.b[group, first_row : first_row + rows]
-        totals = row_sums[:, rank:].repeat_interleave(width, -1)
+        totals = row_sums[:, rank:, None].expand(-1, -1, width).reshape(rows, rank)  # Σ_i w_p per column of B_p
         self.grad_b[group, first_row : first_row + rows] = b_rows * totals - row_sums[:, :rank]
         self.column_sums[group] += col_parts.sum(0)
         if self.need_coef:
@@ -389,6 +391,7 @@ class FactorGrads:
         """(dA (G, n, r), dB (G, m, r), dcoefficients float64 or None), float32."""
         rank = self.at.shape[1]
         width = rank // self.num_pieces
-        totals = self.column_sums[:, rank:].repeat_interleave(width, 1)  # Σ_j w_p for each column of A_p
+        groups, _, n = self.column_sums.shape
+        totals = self.column_sums[:, rank:, None].expand(-1, -1, width, -1).reshape(groups, rank, n)  # Σ_j w_p
         grad_a = (self.at * totals - self.column_sums[:, :rank]).transpose(-1, -2)
         return grad_a, self.grad_b, self.grad_coef if self.need_coef else None
