@@ -14,6 +14,9 @@ included, so every mask and every cross-tile reduction is exercised.
 """
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -250,3 +253,52 @@ def test_without_triton_the_torch_path_runs_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernel_path(spec, CPU, 8, torch.float32) == "torch"
+
+
+# Compiles every kernel for sm_90 (Hopper) ahead of time in a process without the interpreter (Triton's wheel
+# ships ptxas; no GPU is needed) and counts the fused multiply-adds in the PTX: none, since the launches turn FMA
+# contraction off, while the same kernels compiled with it on contract hundreds.
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from snell import fused_triton as ft
+
+shapes = dict(RANK=8, PIECES=2, BM=64, BN=64)
+ptr, i32 = "*fp32", "i32"
+radix = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr")} | {"prefix_ptr": "*i32", "hist_ptr": "*i32"}
+radix |= {"m": i32, "n": i32}
+merge = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr", "tau_ptr")} | {"base_ptr": "*bf16", "out_ptr": "*i16"}
+merge |= {n: i32 for n in ("m", "n", "base_sg", "base_sm", "base_sn")}
+backward = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr", "tau_ptr")} | {"grad_ptr": "*bf16", "base_ptr": "*bf16"}
+backward |= {"merged_ptr": "*i16"} | {n: ptr for n in ("row_part_ptr", "col_part_ptr", "coef_part_ptr")}
+backward |= {n: i32 for n in ("group", "first_row", "rows_in_block", "m", "n", "base_sm", "base_sn")}
+kernels = [
+    (ft._radix_pass, radix, dict(SHIFT=16)),
+    (ft._merge, merge, dict(MODE=2, HAS_BASE=True, KIND=1)),
+    (ft._backward_rows, backward, dict(MODE=2, HAS_BASE=True, NEED_MERGED=True, KIND=1, NEED_COEF=True)),
+]
+for fusion in (False, True):
+    counts = []
+    for fn, signature, constants in kernels:
+        constants = {**constants, **shapes}
+        source = ASTSource(fn, {**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion})
+        counts.append(compiled.asm["ptx"].count("fma.rn.f32"))
+    print(fusion, *counts)
+"""
+
+
+def test_kernels_compile_for_hopper_without_fma_contraction():
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    without, with_fusion = (line.split() for line in done.stdout.strip().splitlines())
+    assert without == ["False", "0", "0", "0"]
+    assert with_fusion[0] == "True" and all(int(count) > 0 for count in with_fusion[1:])

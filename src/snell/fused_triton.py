@@ -366,7 +366,7 @@ class FactorGrads:
         sums = rank + self.num_pieces
         device = self.at.device
         row_parts = torch.empty(tiles_n, rows, sums, device=device)
-        col_parts = torch.zeros(tiles_m, sums, n, device=device)
+        col_parts = torch.empty(tiles_m, sums, n, device=device)
         coef_parts = torch.empty(tiles_m * tiles_n, self.num_pieces, device=device) if self.need_coef else row_parts
         base = None if base is None else base[group]
         base_or_any = grad if base is None else base
