@@ -240,7 +240,9 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(spec, CPU, 8, torch.float64) == "torch"
     assert kernel_path(SnellSpec("linear", (64, 64), "rbf", 1, "reference", 0.9), CPU, 8, torch.float32) == "torch"
     monkeypatch.setattr(fused_triton, "interpreted", lambda: False)  # a CPU without the interpreter
-    assert kernel_path(spec, CPU, 8, torch.float32) == "torch"
+    monkeypatch.setattr(fused_triton, "_warned", False)
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
+        assert kernel_path(spec, CPU, 8, torch.float32) == "torch"
 
 
 def test_without_triton_the_torch_path_runs_with_one_warning(monkeypatch):

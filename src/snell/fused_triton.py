@@ -23,6 +23,7 @@ even with integer ops (the interpreter's own cast truncates), so they match torc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -39,8 +40,7 @@ except ImportError:  # the torch path is used; available() warns once
 _MODE_CODES = {"reference": 0, "mask": 1, "soft": 2}
 DENSE = 3  # sparsity 0: every mode keeps the dense ΔW (S = 1)
 BLOCK_ROWS, BLOCK_COLS = 64, 64  # a tile of ΔW per program
-_DIGIT_BITS = 8
-_BINS = 1 << _DIGIT_BITS
+_BINS = 256  # one 8-bit digit per radix pass
 _SHIFTS = (24, 16, 8, 0)  # most significant digit first; |ΔW|'s sign bit is 0, so the top digit is < 128
 _STORE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -198,9 +198,13 @@ if triton is not None:
                 tl.store(col_base + column * n, tl.sum(w * b_c[:, None], axis=0), mask=col_ok)
 
 
-def _launch_options() -> dict:
-    """No FMA contraction: every pass must build ΔW with the same roundings (the interpreter ignores this)."""
-    return {"enable_fp_fusion": False}
+# No FMA contraction: every pass must build ΔW with the same roundings (the interpreter ignores the option).
+_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def interpreted() -> bool:
@@ -242,6 +246,9 @@ def available(device: torch.device) -> bool:
         _warn_once("triton is not installed")
         return False
     if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
+        _warn_once(
+            f"{device.type}: they run on CUDA, or on the CPU under TRITON_INTERPRET=1 set before triton's import"
+        )
         return False
     return _runs_on(torch.device(device.type, device.index) if device.index is not None else device)
 
@@ -276,10 +283,11 @@ def select_tau(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, spar
     remaining = torch.full((groups,), k, dtype=torch.int64, device=at.device)
     for shift in _SHIFTS:
         hist = torch.zeros(groups, _BINS, dtype=torch.int32, device=at.device)
-        _radix_pass[_grid(groups, m, n)](
-            at, b, coef, prefix, hist, m, n, SHIFT=shift, RANK=rank, PIECES=num_pieces,
-            BM=BLOCK_ROWS, BN=BLOCK_COLS, **_launch_options(),
-        )  # fmt: skip
+        with _on_device(at):
+            _radix_pass[_grid(groups, m, n)](
+                at, b, coef, prefix, hist, m, n, SHIFT=shift, RANK=rank, PIECES=num_pieces,
+                BM=BLOCK_ROWS, BN=BLOCK_COLS, **_LAUNCH_OPTIONS,
+            )  # fmt: skip
         at_or_above = hist.flip(-1).cumsum(-1).flip(-1)  # entries with this digit or a larger one
         digit = (at_or_above >= remaining[:, None]).sum(-1, keepdim=True) - 1  # the k-th largest's digit
         remaining = remaining - (at_or_above.gather(-1, digit) - hist.gather(-1, digit).long()).squeeze(-1)
@@ -314,11 +322,12 @@ def merge(
     m = b.shape[1]
     out = torch.empty((groups, m, n), dtype=dtype, device=at.device)
     base, *strides = _base_strides(base)
-    _merge[_grid(groups, m, n)](
-        at, b, coef, tau.to(torch.float32).contiguous(), out if base is None else base, _store_view(out), m, n,
-        *strides, MODE=mode_code(mode, sparsity), HAS_BASE=base is not None, KIND=_STORE_KINDS[dtype], RANK=rank,
-        PIECES=num_pieces, BM=BLOCK_ROWS, BN=BLOCK_COLS, **_launch_options(),
-    )  # fmt: skip
+    with _on_device(at):
+        _merge[_grid(groups, m, n)](
+            at, b, coef, tau.to(torch.float32).contiguous(), out if base is None else base, _store_view(out), m, n,
+            *strides, MODE=mode_code(mode, sparsity), HAS_BASE=base is not None, KIND=_STORE_KINDS[dtype],
+            RANK=rank, PIECES=num_pieces, BM=BLOCK_ROWS, BN=BLOCK_COLS, **_LAUNCH_OPTIONS,
+        )  # fmt: skip
     return out
 
 
@@ -370,14 +379,15 @@ class FactorGrads:
         coef_parts = torch.empty(tiles_m * tiles_n, self.num_pieces, device=device) if self.need_coef else row_parts
         base = None if base is None else base[group]
         base_or_any = grad if base is None else base
-        _backward_rows[(tiles_m, tiles_n)](
-            self.at, self.b, self.coef, tau.to(torch.float32).contiguous(), grad.contiguous(), base_or_any,
-            grad if merged is None else _store_view(merged[group]), row_parts, col_parts, coef_parts, group,
-            first_row, rows, m, n, *(base_or_any.stride()[-2:] if base is not None else (0, 0)),
-            MODE=mode_code(mode, sparsity), HAS_BASE=base is not None, NEED_MERGED=merged is not None,
-            KIND=_STORE_KINDS[merged.dtype] if merged is not None else 0, NEED_COEF=self.need_coef, RANK=rank,
-            PIECES=self.num_pieces, BM=BLOCK_ROWS, BN=BLOCK_COLS, **_launch_options(),
-        )  # fmt: skip
+        with _on_device(grad):
+            _backward_rows[(tiles_m, tiles_n)](
+                self.at, self.b, self.coef, tau.to(torch.float32).contiguous(), grad.contiguous(), base_or_any,
+                grad if merged is None else _store_view(merged[group]), row_parts, col_parts, coef_parts, group,
+                first_row, rows, m, n, *(base_or_any.stride()[-2:] if base is not None else (0, 0)),
+                MODE=mode_code(mode, sparsity), HAS_BASE=base is not None, NEED_MERGED=merged is not None,
+                KIND=_STORE_KINDS[merged.dtype] if merged is not None else 0, NEED_COEF=self.need_coef, RANK=rank,
+                PIECES=self.num_pieces, BM=BLOCK_ROWS, BN=BLOCK_COLS, **_LAUNCH_OPTIONS,
+            )  # fmt: skip
         width = rank // self.num_pieces
         row_sums = row_parts.sum(0)  # (rows, r + P)
         b_rows = self.b[group, first_row : first_row + rows]
