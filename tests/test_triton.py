@@ -29,6 +29,7 @@ import snell.sparsify
 import snell.triton_path
 from snell import fused_triton
 from snell.dispatch import kernel_path
+from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
 from snell.spec import SnellSpec, grouped_factors
 
@@ -89,7 +90,7 @@ def _own_delta_and_tau(spec, a, b, coef):
     return delta, tau.double()
 
 
-def _check_against_naive(spec, inputs, trainable=(True,) * 6):
+def _check_against_naive(spec, inputs, trainable=(True,) * 6, layer=FusedSnell.apply):
     """Forward and every gradient within (1 + γ_K)·(1 + u_bf16)^R − 1 times M of the float64 naive formula.
 
     γ_K·M is the float32 bound of bounds.py. In bf16 (R = 3) every value reaches the result through at most
@@ -109,7 +110,7 @@ def _check_against_naive(spec, inputs, trainable=(True,) * 6):
     ours = [t.clone().requires_grad_(wanted) for t, wanted in zip(inputs, trainable, strict=True)]
     with snell_kernels("triton"):
         assert kernel_path(spec, CPU, 8, *{t.dtype for t in inputs}) == "triton"
-        out = FusedSnell.apply(*ours, spec)
+        out = layer(*ours, spec)
     m, n = spec.matrix_shape
     # No sum has more terms than x has entries (the dW GEMM's depth) plus m or n (the per-tile and cross-tile
     # reductions into A and B); 64 covers the per-entry operations of ΔW, S and the merge.
@@ -146,6 +147,14 @@ def test_forward_and_gradients_match_the_naive_formula_within_rounding_bounds(sp
 def test_frozen_factors_take_the_merge_only_backward():
     spec = _spec(mode="soft")
     _check_against_naive(spec, _inputs(spec), trainable=(True, True, True, False, False, False))
+
+
+def test_adapter_dropout_branch_takes_the_triton_path():
+    # p = 0 leaves x as it is, so the naive formula applies: y = op(x, W0) + b + op(x, ΔWˢ) adds one rounding (the
+    # sum of the two GEMMs' outputs), inside the bound's 64 per-entry operations. This checks the branch's own
+    # plumbing (ΔWˢ alone in forward, a backward without W0); the mask's regeneration does not depend on the path.
+    spec = _spec(mode="mask", shape=(99, 80), groups=3)
+    _check_against_naive(spec, _inputs(spec), layer=lambda *tensors: FusedSnellDropout.apply(*tensors, 0.0, None))
 
 
 @pytest.mark.parametrize("mode", MODES)
