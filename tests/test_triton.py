@@ -19,6 +19,7 @@ import subprocess
 import sys
 import warnings
 
+import checks
 import pytest
 import torch
 from bounds import abs_gradient_scale, gamma, naive_with_bound, snell_kernels
@@ -70,11 +71,8 @@ def _inputs(spec, dtype=torch.float32, r=8, tokens=5, seed=0):
 
 
 def _assert_exact_top_k(delta, sparsity, tau):
-    """count(|ΔW| > τ) < k <= count(|ΔW| >= τ) per group: τ is the k-th largest |ΔW|, ties all kept."""
-    magnitude = delta.abs().flatten(1)
-    k = snell.sparsify.keep_count(magnitude.shape[1], sparsity)
-    above, at_or_above = (magnitude > tau.reshape(-1, 1)).sum(1), (magnitude >= tau.reshape(-1, 1)).sum(1)
-    assert (above < k).all() and (at_or_above >= k).all()
+    """τ keeps the top k |ΔW| of each group and every entry tied with the k-th."""
+    checks.assert_keeps_top_k(delta, delta.abs() >= tau, snell.sparsify.keep_count(delta[0].numel(), sparsity))
 
 
 def _own_delta_and_tau(spec, a, b, coef):
@@ -166,20 +164,7 @@ def test_backward_over_several_row_blocks_and_groups(mode, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(dtype):
-    # The saved τ selects the forward's survivors only if the backward's ΔW is the forward's, bit for bit: the
-    # merged weight the backward writes for dx must equal the forward's exactly. W0 is read transposed (strides).
-    _, _, _, a, b, coef = _inputs(_spec(shape=(2 * 150, 90), groups=2))
-    a_g, b_g, coef = grouped_factors(_spec(shape=(300, 90), groups=2), a, b, coef)
-    base = torch.randn(2, 90, 150).to(dtype).mT
-    tau = fused_triton.select_tau(a_g, b_g, coef, 2, 0.9)
-    forward = fused_triton.merge(a_g, b_g, coef, 2, tau, "reference", 0.9, base, dtype)
-    backward = torch.empty_like(forward)
-    grads = fused_triton.FactorGrads(a_g, b_g, coef, 2, False)
-    for group in range(2):
-        for start in range(0, 150, 37):
-            rows = torch.randn(min(37, 150 - start), 90).to(dtype)
-            grads.add_rows(group, tau, "reference", 0.9, start, rows, base, backward)
-    assert torch.equal(forward, backward)
+    checks.assert_triton_backward_merges_as_forward(150, 90, dtype)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e38 to fp16: inf, as torch
@@ -196,16 +181,15 @@ def test_bf16_and_fp16_merges_round_like_torch():
         assert torch.equal(rounded[numbers], fp32.to(dtype)[numbers])
 
 
-@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.9999, 1.0])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.9999])
 def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity):
-    _, _, _, a, b, coef = _inputs(_spec(shape=(3 * 100, 150), groups=3), seed=1)
-    a, b = a.reshape(3, 150, 8), b.reshape(3, 100, 8)
-    tau = fused_triton.select_tau(a, b, coef, 2, sparsity)
-    delta = fused_triton.dense_delta(a, b, coef, 2)
-    if sparsity == 1.0:  # k = 0: τ = +inf keeps nothing
-        assert (tau == math.inf).all() and not (delta.abs() >= tau).any()
-    else:
-        _assert_exact_top_k(delta, sparsity, tau)
+    checks.assert_triton_tau_is_exact(3, 100, 150, sparsity)
+
+
+def test_keeping_nothing_gives_an_infinite_tau():
+    _, _, _, a, b, coef = _inputs(_spec())
+    tau = fused_triton.select_tau(a[None], b[None], coef, 2, 1.0)  # k = 0
+    assert (tau == math.inf).all() and not (fused_triton.dense_delta(a[None], b[None], coef, 2).abs() >= tau).any()
 
 
 def test_ties_at_tau_are_all_kept_and_the_kept_count_is_exact():

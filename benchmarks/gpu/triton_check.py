@@ -73,8 +73,9 @@ def _assert_triton_path(spec: SnellSpec, device: str, *dtypes: torch.dtype) -> N
 
 
 def part_triton_correctness(run: Run) -> None:
-    """tests/checks.py's piecewise-linear cases on the Triton path (fp32 and bf16 autocast), then a training step
-    of one layer under ``torch.cuda.set_sync_debug_mode("error")``."""
+    """tests/checks.py's piecewise-linear cases on the Triton path (fp32 and bf16 autocast), τ by its definition on
+    the kernels' own ΔW, the backward's merged weight against the forward's bit for bit, then a training step of
+    one layer under ``torch.cuda.set_sync_debug_mode("error")``."""
     checks = _load_test_checks()
     device = run.device
     reason = _why_not(device)
@@ -95,6 +96,24 @@ def part_triton_correctness(run: Run) -> None:
                     f"triton = naive, {precision}: {checks.spec_id(spec)}",
                     lambda spec=spec, inputs=inputs, autocast=autocast: matches_naive(spec, inputs, autocast),
                 )
+        groups, rows, columns = (3, 100, 150) if run.smoke else (3, 4096, 4096)
+        for sparsity in (0.5, 0.9, 0.999):
+            _record(
+                run,
+                f"triton τ = exact k-th largest |ΔW|: {groups}x{rows}x{columns} s={sparsity}",
+                lambda sparsity=sparsity: (
+                    reason or checks.assert_triton_tau_is_exact(groups, rows, columns, sparsity, device)
+                ),
+            )
+        rows, columns = (150, 90) if run.smoke else (3000, 1000)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            _record(
+                run,
+                f"triton backward merge = forward merge, bit for bit: 2x{rows}x{columns} {dtype}",
+                lambda dtype=dtype: (
+                    reason or checks.assert_triton_backward_merges_as_forward(rows, columns, dtype, device)
+                ),
+            )
         m, n = (172, 64) if run.smoke else (11008, 4096)
         for dtype in (torch.float32, torch.bfloat16):
             name = f"no host sync: {m}x{n} layer on the Triton path, {dtype}"
