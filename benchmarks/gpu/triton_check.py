@@ -66,8 +66,8 @@ def _why_not(device: str) -> str | None:
     return f"n/a: the Triton kernels cannot run on {device}{hint}"
 
 
-def _assert_triton_path(spec: SnellSpec, device: str, *dtypes: torch.dtype) -> None:
-    path = dispatch.kernel_path(spec, torch.device(device), 8, *dtypes)
+def _assert_triton_path(spec: SnellSpec, device: str, rank: int, *dtypes: torch.dtype) -> None:
+    path = dispatch.kernel_path(spec, torch.device(device), rank, *dtypes)
     if path != "triton":
         raise AssertionError(f"dispatch chose {path!r}, not the Triton path")
 
@@ -83,7 +83,7 @@ def part_triton_correctness(run: Run) -> None:
     def matches_naive(spec: SnellSpec, inputs: list[torch.Tensor], autocast: torch.dtype | None) -> str | None:
         if reason:
             return reason
-        _assert_triton_path(spec, device, autocast or torch.float32, torch.float32)
+        _assert_triton_path(spec, device, inputs[3].shape[-1], autocast or torch.float32, torch.float32)
         checks.assert_matches_naive(spec, inputs, autocast)
         return None
 
@@ -124,7 +124,7 @@ def _step_without_sync(m: int, n: int, dtype: torch.dtype, device: str) -> str |
     """A SNELL layer's forward and backward (after a warm-up that compiles) with host reads of device values
     raising; on the CPU the step runs unchecked."""
     spec = SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", SPARSITY)
-    _assert_triton_path(spec, device, dtype, torch.float32)
+    _assert_triton_path(spec, device, 8, dtype, torch.float32)
     x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, 32, device)
 
     def step() -> None:
