@@ -205,6 +205,42 @@ def assert_selection_is_exact(values: Tensor, k: int, magnitude: bool) -> None:
         assert got.dtype == values.dtype and torch.equal(got.float(), reference), name
 
 
+def _triton_factors(groups: int, m: int, n: int, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(groups, n, 8, generator=gen) * 0.2, torch.rand(groups, m, 8, generator=gen) * 0.2
+    return a.to(device), b.to(device), torch.tensor([0.1, -0.1], device=device)
+
+
+def assert_triton_tau_is_exact(groups: int, m: int, n: int, sparsity: float, device="cpu") -> None:
+    """The Triton radix select's τ keeps the top k |entries| of the kernels' own ΔW (``dense_delta``, which every
+    Triton pass computes bit for bit) and every entry tied with the k-th, per group."""
+    from snell import fused_triton
+
+    a, b, coef = _triton_factors(groups, m, n, device)
+    tau = fused_triton.select_tau(a, b, coef, 2, sparsity)
+    delta = fused_triton.dense_delta(a, b, coef, 2)
+    assert tau.dtype == torch.float32 and tau.device == delta.device
+    assert_keeps_top_k(delta, delta.abs() >= tau, sparsify.keep_count(m * n, sparsity))
+
+
+def assert_triton_backward_merges_as_forward(m: int, n: int, dtype: torch.dtype, device="cpu", rows=37) -> None:
+    """The merged weight the Triton backward writes for dx, ``rows`` at a time, is the forward's bit for bit (two
+    groups, W0 read transposed through its strides): only then does the saved τ keep the forward's survivors."""
+    from snell import fused_triton
+
+    a, b, coef = _triton_factors(2, m, n, device)
+    base = torch.randn(2, n, m, generator=torch.Generator().manual_seed(1)).to(device, dtype).mT
+    tau = fused_triton.select_tau(a, b, coef, 2, 0.9)
+    forward = fused_triton.merge(a, b, coef, 2, tau, "reference", 0.9, base, dtype)
+    backward = torch.empty_like(forward)
+    grads = fused_triton.FactorGrads(a, b, coef, 2, False)
+    for group in range(2):
+        for start in range(0, m, rows):
+            grad = torch.ones(min(rows, m - start), n, device=device, dtype=dtype)
+            grads.add_rows(group, tau, "reference", 0.9, start, grad, base, backward)
+    assert torch.equal(forward, backward), f"{int((forward != backward).sum())} entries differ"
+
+
 def tiny_vit(seed=0, depth=12, device="cpu") -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=depth)

@@ -1,9 +1,19 @@
-"""Fixtures shared by test modules."""
+"""Fixtures shared by test modules, and the Triton interpreter switched on for the session on a machine without CUDA."""
 
+import os
+import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Triton's interpreter must be on before triton is first imported: @triton.jit makes a compiled or an interpreted
+# function when it decorates (triton.knobs.runtime.interpret, from TRITON_INTERPRET), and triton.language's own
+# helpers (tl.sum, tl.zeros) are decorated when triton is imported, which torch._dynamo or any test module may do
+# first. conftest.py runs before every test module, so the whole session gets it. Without CUDA the interpreter is
+# the only way Triton kernels run at all (tests/test_triton.py), and torch's CPU code generation does not use it.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

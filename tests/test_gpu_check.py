@@ -64,6 +64,13 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     assert all(row["exact"] == "True" for row in selection if row["method"] != "torch.quantile")
     layers = _rows(tmp_path / "layers.csv")
     assert [row["blocks"] for row in layers] == ["8", "1"] and all(float(row["ms"]) > 0 for row in layers)
+    # the Triton parts run under the interpreter: conftest.py set TRITON_INTERPRET=1, which the run inherits
+    assert sum(row["check"].startswith("triton") for row in checks) == 18 + 3 + 3
+    kernels = _rows(tmp_path / "kernels.csv")
+    assert [(row["shape"], row["path"]) for row in kernels] == [
+        (shape, path) for shape in ("96x80", "130x64") for path in ("dense layer, weight trains", "torch", "triton")
+    ]
+    assert all(float(row["ms"]) > 0 for row in kernels)
     training = _rows(tmp_path / "training.csv")
     assert {(row["model"], row["method"]) for row in training} == {
         *(("vit_tiny_test", m) for m in gpu.VIT_METHODS),
@@ -71,7 +78,7 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     }
     assert all(row["status"] == "ok" and float(row["step_ms_median"]) > 0 for row in training)
     markdown = (tmp_path / "results.md").read_text()
-    assert "SMOKE RUN" in markdown and "UNFINISHED" not in markdown
+    assert "SMOKE RUN" in markdown and "UNFINISHED" not in markdown and "`_TRITON_MIN_NUMEL` these" in markdown
     assert "Command: `" in markdown and "--smoke" in markdown
     assert "snell commit" in markdown and "| torch |" in markdown
     assert "skipped: nothing" in done.stdout
@@ -124,3 +131,17 @@ def test_measured_table_row_names_the_fastest_exact_method_from_each_size_on() -
     ]
     # the sampled bracket is fastest at "a" but reads the host: never a table entry
     assert gpu.measured_table_row(run) == ((0, "kthvalue"), (1000, "topk"))
+
+
+def test_triton_min_numel_is_the_smallest_size_from_which_triton_was_faster_at_every_size_above() -> None:
+    def rows(numel: int, torch_ms: float, triton_ms: float | None) -> list[dict]:
+        return [
+            {"numel": numel, "path": "dense layer, weight trains", "ms": 0.1},
+            {"numel": numel, "path": "torch", "ms": torch_ms},
+            {"numel": numel, "path": "triton", "ms": triton_ms},
+        ]
+
+    assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(100, 2.0, 3.0), *rows(1000, 5.0, 4.0)]) == 1000
+    assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(100, 2.0, 1.0), *rows(1000, 5.0, 4.0)]) == 10
+    assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(1000, 5.0, 6.0)]) is None
+    assert gpu.triton_min_numel(rows(10, 1.0, None)) is None  # the Triton path could not run

@@ -19,6 +19,7 @@ from benchmarks.gpu.results import environment, measured_table_row, selection_ve
 from benchmarks.gpu.run import Run
 from benchmarks.gpu.selection import part_blocks, part_selection
 from benchmarks.gpu.training import _emit_json, run_train_part, train_parts, train_worker
+from benchmarks.gpu.triton_check import part_triton_correctness, part_triton_timing, triton_min_numel
 from benchmarks.report import REPO, command_line, fmt
 
 FULL_OUT = REPO / "benchmarks" / "results" / "gpu"
@@ -31,6 +32,10 @@ PARTS: tuple[tuple[str, float, Callable[[Run], None]], ...] = (
     ("compile", 30, part_compile),
     ("selection", 45, part_selection),
     ("blocks", 15, part_blocks),
+    # Guesses: about 30 Triton compiles (modes × dtypes × passes, no shape specialisation) then tiny checks; three
+    # layers × three implementations × 11 fwd + bwd of at most ~20 ms, after the rank-8 variants compile.
+    ("triton_correctness", 40, part_triton_correctness),
+    ("triton_timing", 20, part_triton_timing),
 )
 """The checks before training, with a guess at their seconds on an H200."""
 
@@ -99,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
     for shape, chosen, best, _, agrees, _ in selection_verdicts(run):
         print(f"selection {shape}: library uses {chosen}, fastest exact without host sync {best}: {agrees}")
     print(f"SELECTION_TABLE[{device!r}] these measurements support: {measured_table_row(run)}")
+    print(f"_TRITON_MIN_NUMEL these measurements support: {triton_min_numel(run.kernels)}")
     for target in targets(run):
         print(f"{target.verdict}: {target.name} = {fmt(target.value)} (limit {target.limit})")
     skipped = [p["part"] for p in run.parts if p["status"].startswith("skipped")]

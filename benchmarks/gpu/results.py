@@ -14,6 +14,7 @@ import torch
 from benchmarks.gpu.run import Run
 from benchmarks.gpu.selection import TOKENS, fastest_exact
 from benchmarks.gpu.training import VIT_METHODS
+from benchmarks.gpu.triton_check import triton_min_numel
 from benchmarks.report import REPO, Target, _version, markdown_table, write_csv
 from snell import sparsify
 
@@ -46,6 +47,7 @@ TRAIN_COLUMNS = (
 )
 PART_COLUMNS = ("part", "estimate_s", "wall_s", "status")
 LAYER_COLUMNS = ("shape", "block_entries", "blocks", "ms", "ratio_to_dense", "note")
+KERNEL_COLUMNS = ("shape", "numel", "dtype", "tokens", "path", "ms", "ratio_to_dense", "note")
 
 
 def _value(rows: Sequence[dict[str, Any]], model: str, method: str, column: str) -> float | None:
@@ -178,6 +180,7 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     write_csv(out / "training.csv", run.training, TRAIN_COLUMNS)
     write_csv(out / "parts.csv", run.parts, PART_COLUMNS)
     write_csv(out / "layers.csv", run.layers, LAYER_COLUMNS)
+    write_csv(out / "kernels.csv", run.kernels, KERNEL_COLUMNS)
     failed = [c for c in run.checks if c["status"] == "FAIL"]
     skipped = [p for p in run.parts if p["status"].startswith("skipped")]
     lines = ["# SNELL on a GPU: `benchmarks.gpu`", ""]
@@ -217,6 +220,9 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     lines += [markdown_table(SELECTION_COLUMNS, [[r.get(c) for c in SELECTION_COLUMNS] for r in run.selection])]
     lines += ["", "## One SNELL layer per ΔW row-block size (forward + backward, bf16 autocast)", ""]
     lines += [markdown_table(LAYER_COLUMNS, [[r.get(c) for c in LAYER_COLUMNS] for r in run.layers])]
+    lines += ["", "## One SNELL layer on the torch path and on the Triton path (forward + backward)", ""]
+    lines += [f"`_TRITON_MIN_NUMEL` these measurements support: `{triton_min_numel(run.kernels)}`", ""]
+    lines += [markdown_table(KERNEL_COLUMNS, [[r.get(c) for c in KERNEL_COLUMNS] for r in run.kernels])]
     lines += [
         "",
         "## Training steps",

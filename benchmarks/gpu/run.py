@@ -24,6 +24,7 @@ class Run:
     training: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    kernels: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     save: Callable[[], object] = lambda: None  # rewrites the result files: a killed run keeps what it measured
 
