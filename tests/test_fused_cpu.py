@@ -237,11 +237,13 @@ def test_bf16_layer_on_the_fused_path_saves_nothing_m_by_n():
 
 def test_kernel_path_dispatch(monkeypatch):
     cpu = torch.device("cpu")
-    big, small = _spec(shape=(4096, 4096)), _spec(shape=(3072, 768))  # LLaMA-2-7B's projections, ViT-B's MLP
-    assert kernel_path(big, cpu, 8, torch.float32, torch.bfloat16) == "fused_cpu"
+    big, vit, small = _spec(shape=(4096, 4096)), _spec(shape=(768, 768)), _spec(shape=(384, 384))
+    assert kernel_path(big, cpu, 8, torch.float32, torch.bfloat16) == "fused_cpu"  # LLaMA-2-7B's projections
+    assert kernel_path(vit, cpu, 8, torch.float32) == "fused_cpu"  # ViT-B's smallest matrix, measured faster
+    assert kernel_path(_spec(shape=(2304, 768), groups=3), cpu, 8, torch.float32) == "fused_cpu"  # ViT-B's q/k/v
     assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
     assert kernel_path(big, cpu, 32, torch.float32) == "torch"  # wide pieces: the torch path's GEMMs are as fast
-    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # measured no faster at ViT-B sizes
+    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # ViT-S sizes: not measured
     assert kernel_path(big, cpu, 8, torch.float64) == "torch"
     assert kernel_path(big, cpu, 8, torch.float16) == "torch"
     assert kernel_path(big, torch.device("meta"), 8, torch.float32) == "torch"

@@ -18,10 +18,11 @@ from snell.spec import SnellSpec
 
 CHOICES = ("auto", "torch", "fused", "triton")
 # Below this many entries per matrix the torch path is used: the fused path is the default only where it was
-# measured faster. On one 11008×4096 bf16 layer (LLaMA-2-7B's MLP; its 4096×4096 projections are 2^24) at 256
-# tokens it ran fwd + bwd 1.75× faster than the torch path; on ViT-B (768×768 to 3072×768, fp32, 1576 tokens) a
-# whole step was no faster: 1.53× LoRA-8 with it against 1.48× without, paired in one process (README).
-_FUSED_MIN_NUMEL = 1 << 24
+# measured faster (benchmarks/results/fused_cpu/results.md, fwd + bwd of one layer, paired in one process): at
+# every shape measured, from ViT-B's 768×768 (1.04×) through ViT-L/H's MLPs (1.08–1.20×, fp32, 1576 tokens) to
+# LLaMA-sized bf16 layers at 256 tokens (1.55× at 1024×1024, 2.15× at 11008×4096). A whole ViT-B step went from
+# 1.47× to 1.36× LoRA-8 with it (benchmarks.ab_step). Smaller matrices were not measured.
+_FUSED_MIN_NUMEL = 1 << 19
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Widest piece (r / P) the fused path takes: one 11008×4096 bf16 layer at 256 tokens, fwd + bwd, ran 1.75×
 # (r = 8), 1.32× (r = 16) and 1.01× (r = 32) faster than on the torch path, whose distance GEMMs gain on the
