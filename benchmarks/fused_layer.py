@@ -12,7 +12,7 @@ GEMM) is timed the same way.
     python -m benchmarks.fused_layer --sweep 768x3072 2048x2048 4096x4096 --out sweep.json   # fwd + bwd per shape
 
 ``--sweep`` times forward + backward alone for each out×in shape (the other options apply to all), one table
-row per shape: where the fused path starts to pay (snell.dispatch's ``_FUSED_MIN_NUMEL``).
+row per shape: where the fused path starts to pay (snell.dispatch's ``_FUSED_FROM``).
 """
 
 from __future__ import annotations

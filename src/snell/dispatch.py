@@ -17,17 +17,16 @@ from snell import fused_cpu, fused_cpu_path, torch_path
 from snell.spec import SnellSpec
 
 CHOICES = ("auto", "torch", "fused", "triton")
-# Below this many entries per matrix the torch path is used: the fused path is the default only where it was
-# measured faster (benchmarks/results/fused_cpu/results.md, fwd + bwd of one layer, paired in one process): at
-# every shape measured, from ViT-B's 768×768 (1.04×) through ViT-L/H's MLPs (1.08–1.20×, fp32, 1576 tokens) to
-# LLaMA-sized bf16 layers at 256 tokens (1.55× at 1024×1024, 2.15× at 11008×4096). A whole ViT-B step went from
-# 1.47× to 1.36× LoRA-8 with it (benchmarks.ab_step). Smaller matrices were not measured.
-_FUSED_MIN_NUMEL = 1 << 19
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
-# Widest piece (r / P) the fused path takes: one 11008×4096 bf16 layer at 256 tokens, fwd + bwd, ran 1.75×
-# (r = 8), 1.32× (r = 16) and 1.01× (r = 32) faster than on the torch path, whose distance GEMMs gain on the
-# fused loops as the pieces widen (benchmarks/README.md).
-_FUSED_MAX_PIECE_WIDTH = 8
+# Where the fused CPU path is the default: (fewest entries per matrix, widest piece r / P) rows, any of which
+# may match. Only where it was measured faster than the torch path (benchmarks/results/fused_cpu/results.md,
+# fwd + bwd of one layer, paired in one process). r = 8 (width 4): faster at every shape measured, from ViT-B's
+# 768×768 (1.04×) through ViT-L/H's MLPs (1.08–1.20×, fp32, 1576 tokens) to LLaMA's (bf16, 256 tokens: 1.55× at
+# 1024×1024, 2.15× at 11008×4096); a whole ViT-B step went from 1.47× to 1.36× LoRA-8 with it. Wider pieces
+# (r = 16 and 32) let the torch path's distance GEMMs catch up: a wash at ViT sizes (0.91–1.05×) and at
+# 1024×1024 r = 32 (0.70×), faster from LLaMA-7B's 4096×4096 on (r = 16 1.61×, r = 32 1.18–1.19×).
+# Smaller matrices were not measured.
+_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 19, 4), (1 << 24, 16))
 
 
 # The Triton kernels are not the default on CUDA until a GPU has measured them faster than the torch path:
@@ -41,8 +40,8 @@ def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch
 
     ``rank``: r of the factors; ``dtypes``: those of x, the factors and W0 (whichever exist). Both fused
     paths cover the piecewise-linear kernel. The CPU one takes float32/bf16 tensors whose weight is a
-    row-major (m, n) matrix (Linear, Conv2d), from ``_FUSED_MIN_NUMEL`` entries per matrix and up to
-    ``_FUSED_MAX_PIECE_WIDTH`` columns per piece; the Triton one what ``triton_path.supports`` accepts, on
+    row-major (m, n) matrix (Linear, Conv2d), where a row of ``_FUSED_FROM`` allows the matrix's entries and
+    the columns per piece; the Triton one what ``triton_path.supports`` accepts, on
     CUDA from ``_TRITON_MIN_NUMEL``. ``SNELL_KERNELS``: ``torch`` forces the torch path; ``fused`` takes the
     device's fused path wherever it is supported, whatever the size and width (the tests use it on small
     matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under the Triton
@@ -61,11 +60,12 @@ def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch
             return "torch"
         triton = implementation("triton")
         return "triton" if triton.supports(spec, rank, dtypes) and triton.available(device) else "torch"
+    width = rank // spec.num_pieces
     supported = (
         device.type == "cpu"
         and spec.op in ("linear", "conv2d")
         and all(dtype in _FUSED_DTYPES for dtype in dtypes)
-        and (choice == "fused" or (numel >= _FUSED_MIN_NUMEL and rank // spec.num_pieces <= _FUSED_MAX_PIECE_WIDTH))
+        and (choice == "fused" or any(numel >= least and width <= widest for least, widest in _FUSED_FROM))
     )
     return "fused_cpu" if supported and fused_cpu.available() else "torch"
 
