@@ -24,7 +24,7 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # 768×768 (1.04×) through ViT-L/H's MLPs (1.08–1.20×, fp32, 1576 tokens) to LLaMA's (bf16, 256 tokens: 1.55× at
 # 1024×1024, 2.15× at 11008×4096); a whole ViT-B step went from 1.47× to 1.36× LoRA-8 with it. Wider pieces
 # (r = 16 and 32) let the torch path's distance GEMMs catch up: a wash at ViT sizes (0.91–1.05×) and at
-# 1024×1024 r = 32 (0.70×), faster from LLaMA-7B's 4096×4096 on (r = 16 1.61×, r = 32 1.18–1.19×).
+# 1024×1024 r = 32 (0.70×), faster from LLaMA-7B's 4096×4096 on (r = 16 1.61×, r = 32 1.14–1.19×).
 # Smaller matrices were not measured.
 _FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 19, 4), (1 << 24, 16))
 
