@@ -19,7 +19,7 @@ from bounds import abs_gradient_scale, gamma, naive_with_bound, snell_kernels
 import snell.function
 import snell.fused_cpu_path
 import snell.spec
-from snell import fused_cpu
+from snell import fallback, fused_cpu
 from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
@@ -262,7 +262,7 @@ def test_kernel_path_dispatch(monkeypatch):
 
 def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused_cpu, "numba", None)
-    monkeypatch.setattr(fused_cpu, "_warned", False)
+    monkeypatch.setattr(fallback, "_said", set())
     spec = _spec(shape=(4096, 4096))  # a size the fused path takes
     with pytest.warns(UserWarning, match="numba is not installed"):
         assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"

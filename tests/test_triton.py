@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 import snell.sparsify
 import snell.triton_path
-from snell import fused_triton
+from snell import fallback, fused_triton
 from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
@@ -233,14 +233,14 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(spec, CPU, 8, torch.float64) == "torch"
     assert kernel_path(SnellSpec("linear", (64, 64), "rbf", 1, "reference", 0.9), CPU, 8, torch.float32) == "torch"
     monkeypatch.setattr(fused_triton, "interpreted", lambda: False)  # a CPU without the interpreter
-    monkeypatch.setattr(fused_triton, "_warned", False)
+    monkeypatch.setattr(fallback, "_said", set())
     with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
         assert kernel_path(spec, CPU, 8, torch.float32) == "torch"
 
 
 def test_without_triton_the_torch_path_runs_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused_triton, "triton", None)
-    monkeypatch.setattr(fused_triton, "_warned", False)
+    monkeypatch.setattr(fallback, "_said", set())
     monkeypatch.setenv("SNELL_KERNELS", "triton")
     spec = _spec()
     with pytest.warns(UserWarning, match="triton is not installed"):

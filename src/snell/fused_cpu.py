@@ -32,11 +32,12 @@ from __future__ import annotations
 import functools
 import math
 import threading
-import warnings
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from snell.fallback import warn_once
 
 try:
     import numba
@@ -294,16 +295,6 @@ if numba is not None:
                         grad_b[row, c] = b_row[c] * total - _halving_sum(row_sums[c])
 
 
-_warned = False
-
-
-def _warn_once(reason: str) -> None:
-    global _warned
-    if not _warned:
-        warnings.warn(f"snell: fused CPU kernels unavailable ({reason}); using the torch path", stacklevel=3)
-        _warned = True
-
-
 @functools.cache
 def _compiles() -> bool:
     """Compile (or load from numba's cache) every kernel on a tiny problem; False, with one warning, if any
@@ -316,7 +307,7 @@ def _compiles() -> bool:
         merged = merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32)
         FactorGrads(a, b, coef, 2, True).add_rows(tau, "reference", 0.5, 0, torch.ones(6, 40), base, merged)
     except Exception as err:  # any compile or runtime failure means: use the torch path
-        _warn_once(f"{type(err).__name__}: {err}")
+        warn_once("fused CPU kernels", f"{type(err).__name__}: {err}")
         return False
     return True
 
@@ -325,7 +316,7 @@ def _compiles() -> bool:
 def available() -> bool:
     """Whether the fused kernels can run here (numba installed and its kernels compile)."""
     if numba is None:
-        _warn_once("numba is not installed; `pip install snell[fast]`")
+        warn_once("fused CPU kernels", "numba is not installed; `pip install snell[fast]`")
         return False
     return _compiles()
 

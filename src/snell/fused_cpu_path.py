@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from snell import fused_cpu
-from snell.spec import SnellSpec, base_blocks, grad_input, grouped_factors, matrix_grad, row_blocks
+from snell.spec import SnellSpec, WeightGradRows, base_blocks, grad_input, grouped_factors, row_blocks
 
 # The fused backward's blocks hold only their rows of dW (no piece distances, no ΔW): larger blocks mean
 # fewer hand-overs between torch's and numba's thread pools.
@@ -46,15 +46,8 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     base = base_blocks(spec, weight)
-    conv = spec.op == "conv2d"
     merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
-    grad_matrix = None
-    if (need_w or need_factors) and conv:
-        grad_matrix = matrix_grad(spec, x, grad_out).reshape(groups, rows_per_group, n)
-    elif need_w:
-        grad_matrix = x.new_empty((groups, rows_per_group, n))
-    if not conv:
-        x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
+    weight_grad = WeightGradRows(spec, x, grad_out, need_w, need_w or need_factors)
     taus = [float(t) for t in tau.flatten()]
     if not need_factors:
         for g in range(groups):
@@ -63,25 +56,17 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
                     a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity,
                     None if base is None else base[g], x.dtype, out=merged[g],
                 )  # fmt: skip
-            if need_w and not conv:
-                grad_matrix[g] = grad_rows[:, g * rows_per_group : (g + 1) * rows_per_group].mT.matmul(x_rows)
+            if need_w:
+                weight_grad.block(g, slice(0, rows_per_group))
     accumulators = [
         fused_cpu.FactorGrads(a_g[g], b_g[g], coefficients, spec.num_pieces, need_coef)
         for g in range(groups if need_factors else 0)
     ]
     for g, rows in row_blocks(spec, BLOCK_ENTRIES) if need_factors else ():
-        if conv:
-            grad_delta = grad_matrix[g, rows]
-        else:
-            first = g * rows_per_group + rows.start
-            grad_delta = grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(x_rows)
-            if need_w:
-                grad_matrix[g, rows] = grad_delta
         accumulators[g].add_rows(
-            taus[g], spec.mode, spec.sparsity, rows.start, grad_delta, None if base is None else base[g],
-            None if merged is None else merged[g],
+            taus[g], spec.mode, spec.sparsity, rows.start, weight_grad.block(g, rows),
+            None if base is None else base[g], None if merged is None else merged[g],
         )  # fmt: skip
-        del grad_delta
     factor_grads = None
     if need_factors:
         results = [accumulator.result() for accumulator in accumulators]
@@ -89,4 +74,4 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
         grad_coef = sum(r[2] for r in results) if need_coef else None
         factor_grads = (grad_a, grad_b, grad_coef)
     grad_x = None if merged is None else grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
-    return grad_x, grad_matrix, factor_grads
+    return grad_x, weight_grad.matrix, factor_grads

@@ -26,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 
 import torch
 from torch import Tensor
+
+from snell.fallback import warn_once
 
 try:
     import triton
@@ -212,16 +213,6 @@ def interpreted() -> bool:
     return triton is not None and type(_delta_tile).__name__ == "InterpretedFunction"
 
 
-_warned = False
-
-
-def _warn_once(reason: str) -> None:
-    global _warned
-    if not _warned:
-        warnings.warn(f"snell: fused Triton kernels unavailable ({reason}); using the torch path", stacklevel=3)
-        _warned = True
-
-
 @functools.cache
 def _runs_on(device: torch.device) -> bool:
     """Compile and run every kernel once on a tiny problem; False, with one warning, if any fails."""
@@ -234,7 +225,7 @@ def _runs_on(device: torch.device) -> bool:
         grads.add_rows(0, tau, "reference", 0.5, 0, torch.ones(6, 70, device=device), None, None)
         grads.result()
     except Exception as err:  # any compile or runtime failure means: use the torch path
-        _warn_once(f"{type(err).__name__}: {err}")
+        warn_once("fused Triton kernels", f"{type(err).__name__}: {err}")
         return False
     return True
 
@@ -243,11 +234,12 @@ def _runs_on(device: torch.device) -> bool:
 def available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA, or the CPU under the Triton interpreter."""
     if triton is None:
-        _warn_once("triton is not installed")
+        warn_once("fused Triton kernels", "triton is not installed")
         return False
     if device.type != "cuda" and not (device.type == "cpu" and interpreted()):
-        _warn_once(
-            f"{device.type}: they run on CUDA, or on the CPU under TRITON_INTERPRET=1 set before triton's import"
+        warn_once(
+            "fused Triton kernels",
+            f"{device.type}: they run on CUDA, or on the CPU under TRITON_INTERPRET=1 set before triton's import",
         )
         return False
     return _runs_on(torch.device(device.type, device.index) if device.index is not None else device)

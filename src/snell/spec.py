@@ -124,6 +124,35 @@ def matrix_grad(spec: SnellSpec, x: Tensor, grad_out: Tensor) -> Tensor:
     return grad_out.reshape(-1, grad_out.shape[-1]).mT.matmul(x.reshape(-1, x.shape[-1]))
 
 
+class WeightGradRows:
+    """dW = gyᵀx of a layer, handed out by blocks of rows to the fused backward passes.
+
+    A convolution's dW is computed whole when anything needs it (its GEMM does not split by output rows) and
+    sliced; a linear layer's is one GEMM per block, written into :attr:`matrix` too when dW itself is wanted.
+    """
+
+    def __init__(self, spec: SnellSpec, x: Tensor, grad_out: Tensor, keep: bool, needed: bool) -> None:
+        groups, self.rows_per_group, n = spec.grouped_shape
+        self.conv = spec.op == "conv2d"
+        self.matrix: Tensor | None = None
+        if needed and self.conv:
+            self.matrix = matrix_grad(spec, x, grad_out).reshape(groups, self.rows_per_group, n)
+        elif keep:
+            self.matrix = x.new_empty((groups, self.rows_per_group, n))
+        if not self.conv:
+            self.x_rows, self.grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * self.rows_per_group)
+
+    def block(self, group: int, rows: slice) -> Tensor:
+        """dW's rows ``rows`` of adapter group ``group``, (rows, n) in x's dtype."""
+        if self.conv:
+            return self.matrix[group, rows]
+        first = group * self.rows_per_group + rows.start
+        block = self.grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(self.x_rows)
+        if self.matrix is not None:
+            self.matrix[group, rows] = block
+        return block
+
+
 def bias_grad(spec: SnellSpec, grad_out: Tensor) -> Tensor:
     if spec.op == "conv2d":
         return grad_out.sum((0, 2, 3))

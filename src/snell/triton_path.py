@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from snell import fused_triton
-from snell.spec import SnellSpec, base_blocks, grad_input, grouped_factors, matrix_grad, row_blocks
+from snell.spec import SnellSpec, WeightGradRows, base_blocks, grad_input, grouped_factors, row_blocks
 
 # Rows of dW = gyᵀx per backward block: its GEMM and its fused pass see this many entries (64 MiB of float32).
 BLOCK_ENTRIES = 1 << 24
@@ -53,37 +53,22 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     base = base_blocks(spec, weight)
-    conv = spec.op == "conv2d"
     merged = None
-    grad_matrix = None
-    if (need_w or need_factors) and conv:
-        grad_matrix = matrix_grad(spec, x, grad_out).reshape(groups, rows_per_group, n)
-    elif need_w:
-        grad_matrix = x.new_empty((groups, rows_per_group, n))
-    if not conv:
-        x_rows, grad_rows = x.reshape(-1, n), grad_out.reshape(-1, groups * rows_per_group)
+    weight_grad = WeightGradRows(spec, x, grad_out, need_w, need_w or need_factors)
     if not need_factors:
         if need_x:
             merged = fused_triton.merge(
                 a_g, b_g, coefficients, spec.num_pieces, tau, spec.mode, spec.sparsity, base, x.dtype
             )
-        if need_w and not conv:
+        if need_w:
             for g in range(groups):
-                grad_matrix[g] = grad_rows[:, g * rows_per_group : (g + 1) * rows_per_group].mT.matmul(x_rows)
+                weight_grad.block(g, slice(0, rows_per_group))
     factor_grads = None
     if need_factors:
         merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
         accumulator = fused_triton.FactorGrads(a_g, b_g, coefficients, spec.num_pieces, need_coef)
         for g, rows in row_blocks(spec, BLOCK_ENTRIES):
-            if conv:
-                grad_delta = grad_matrix[g, rows]
-            else:
-                first = g * rows_per_group + rows.start
-                grad_delta = grad_rows[:, first : first + rows.stop - rows.start].mT.matmul(x_rows)
-                if need_w:
-                    grad_matrix[g, rows] = grad_delta
-            accumulator.add_rows(g, tau, spec.mode, spec.sparsity, rows.start, grad_delta, base, merged)
-            del grad_delta
+            accumulator.add_rows(g, tau, spec.mode, spec.sparsity, rows.start, weight_grad.block(g, rows), base, merged)
         factor_grads = accumulator.result()
     grad_x = None if merged is None else grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
-    return grad_x, grad_matrix, factor_grads
+    return grad_x, weight_grad.matrix, factor_grads
