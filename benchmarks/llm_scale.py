@@ -20,11 +20,9 @@ embedding, the head over 32000 words, the loss, the optimizer on those) = 1-laye
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 
 from benchmarks import llama
-from benchmarks.memory import SavedTensorBytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.memory import SavedTensorBytes, run_steps
 
 MB = 1024 * 1024
 LLAMA_LAYERS = r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -82,17 +80,7 @@ def worker(method: str, layers: int, seq: int, warmup: int, steps: int) -> dict[
         loss().backward()
         optimizer.step()
 
-    gc.collect()
-    loaded = rss_bytes()
-    reset_peak_rss()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = peak_rss_bytes() - loaded
+    run = run_steps(step, warmup, steps)
     with SavedTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
         value = loss()
     value.backward()
@@ -101,11 +89,11 @@ def worker(method: str, layers: int, seq: int, warmup: int, steps: int) -> dict[
         "layers": layers,
         "seq": seq,
         "trainable_params": sum(p.numel() for p in trainable),
-        "step_times": times,
-        "step_s": statistics.median(times),
-        "peak_mb": peak / MB,
+        "step_times": run.times,
+        "step_s": statistics.median(run.times),
+        "peak_mb": run.peak / MB,
         "saved_mb": counter.nbytes / MB,
-        "loaded_mb": loaded / MB,
+        "loaded_mb": run.loaded / MB,
         "threads": torch.get_num_threads(),
     }
 

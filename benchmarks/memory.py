@@ -7,10 +7,14 @@ reset after the model is loaded, so the peak of the training steps alone is meas
 
 from __future__ import annotations
 
+import gc
 import re
-from collections.abc import Iterable
+import resource
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -77,3 +81,33 @@ class SavedTensorBytes:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._hooks.__exit__(exc_type, exc, traceback)
+
+
+class StepRun(NamedTuple):
+    """What :func:`run_steps` measured."""
+
+    times: list[float]  # seconds of each timed step
+    loaded: int  # RSS when the window opened (bytes): the model, its adapters and the batch
+    peak: int  # the highest RSS above ``loaded`` over the warm-up and the timed steps (bytes)
+    minor_faults: int  # fresh pages the timed steps touched
+    system_s: float  # kernel time of the timed steps (page faults are most of it)
+
+
+def run_steps(step: Callable[[], object], warmup: int, steps: int) -> StepRun:
+    """``warmup`` untimed then ``steps`` timed calls of ``step``, inside one peak-RSS window that opens after a
+    garbage collection, so it holds what training adds (gradients, optimizer state, activations, allocator
+    slack); the warm-up, which allocates the optimizer state, is inside the window but not timed."""
+    gc.collect()
+    loaded = rss_bytes()
+    reset_peak_rss()
+    for _ in range(warmup):
+        step()
+    times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    peak = peak_rss_bytes() - loaded
+    return StepRun(times, loaded, peak, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime)

@@ -7,11 +7,8 @@ Prints one JSON object on its last stdout line. Run by ``benchmarks.run``; by ha
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.memory import SavedTensorBytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from benchmarks.memory import SavedTensorBytes, run_steps
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
 
 MB = 1024 * 1024
@@ -60,12 +57,8 @@ def saved_for_backward(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 def benchmark_training(
     model_name: str, method: str, batch: int, warmup: int, steps: int, dtype: str, seed: int = 0
 ) -> dict[str, Any]:
-    """Median step time and peak RSS above the loaded model over ``warmup + steps`` steps, and saved bytes.
-
-    The peak window starts after the model, the adapters and the batch exist, so it holds what training
-    adds: gradients, optimizer state, activations and allocator slack. The first (warm-up) step, which
-    allocates the optimizer state, is inside the window but not timed.
-    """
+    """Median step time and peak RSS above the loaded model over ``warmup + steps`` steps (the window of
+    :func:`benchmarks.memory.run_steps`), and saved bytes."""
     torch.manual_seed(seed)
     spec = MODELS[model_name]
     model = METHODS[method].build(spec.create()).train()
@@ -73,19 +66,7 @@ def benchmark_training(
     images = torch.randn(batch, 3, spec.image_size, spec.image_size)
     labels = torch.randint(NUM_CLASSES, (batch,))
     step = make_step(model, images, labels, dtype)
-    gc.collect()
-    loaded = rss_bytes()
-    reset_peak_rss()
-    for _ in range(warmup):
-        step()
-    times = []
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    peak = peak_rss_bytes() - loaded
+    run = run_steps(step, warmup, steps)
     saved = saved_for_backward(model, images, labels, dtype)
     return {
         "model": model_name,
@@ -95,15 +76,15 @@ def benchmark_training(
         "warmup": warmup,
         "steps": steps,
         "trainable_params": trainable,
-        "step_times": times,
-        "step_s_median": statistics.median(times),
-        "step_s_min": min(times),
+        "step_times": run.times,
+        "step_s_median": statistics.median(run.times),
+        "step_s_min": min(run.times),
         # fresh pages the timed steps touched, and the kernel time that cost (page faults are most of it)
-        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
-        "system_s_per_step": (after.ru_stime - before.ru_stime) / steps,
-        "peak_mb": peak / MB,
+        "minor_faults_per_step": run.minor_faults / steps,
+        "system_s_per_step": run.system_s / steps,
+        "peak_mb": run.peak / MB,
         "saved_mb": saved / MB,
-        "loaded_mb": loaded / MB,
+        "loaded_mb": run.loaded / MB,
     }
 
 
