@@ -4,7 +4,7 @@ protocols' transforms."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,16 @@ def _read_vtab_list(root: Path, split: str) -> list[_Entry]:
     return entries
 
 
+def _training_classes(
+    root: Path, split: str, training_splits: tuple[str, ...], suffix: str, read: Callable[[str], list[_Entry]]
+) -> tuple[int, str]:
+    """(head size, the files it came from): one more than the largest label of the training split files found
+    at ``root`` (``split``'s own file when there is none), so every split of a task gets the same head."""
+    sources = [s for s in training_splits if (root / f"{s}{suffix}").is_file()] or [split]
+    labels = [entry.label for s in sources for entry in read(s)]
+    return max(labels, default=-1) + 1, ", ".join(f"{s}{suffix}" for s in sources)
+
+
 class VtabFolder(_ImageListDataset):
     """A VTAB-1k task folder: ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt`` at
     ``root``, each line ``relative/path label``.
@@ -143,9 +153,9 @@ class VtabFolder(_ImageListDataset):
         entries = _read_vtab_list(root, split)
         classes_from = None
         if num_classes is None:
-            sources = [s for s in VTAB_TRAINING_SPLITS if (root / f"{s}.txt").is_file()] or [split]
-            num_classes = max((entry.label for s in sources for entry in _read_vtab_list(root, s)), default=-1) + 1
-            classes_from = ", ".join(f"{s}.txt" for s in sources)
+            num_classes, classes_from = _training_classes(
+                root, split, VTAB_TRAINING_SPLITS, ".txt", lambda s: _read_vtab_list(root, s)
+            )
         super().__init__(entries, root / f"{split}.txt", num_classes, transform, classes_from)
 
 
@@ -205,10 +215,9 @@ class FgvcJson(_ImageListDataset):
         entries = _read_json_split(root / f"{split}.json", images)
         classes_from = None
         if num_classes is None:
-            sources = [s for s in FGVC_TRAINING_SPLITS if (root / f"{s}.json").is_file()] or [split]
-            listed = [entry.label for s in sources for entry in _read_json_split(root / f"{s}.json", images)]
-            num_classes = max(listed, default=-1) + 1
-            classes_from = ", ".join(f"{s}.json" for s in sources)
+            num_classes, classes_from = _training_classes(
+                root, split, FGVC_TRAINING_SPLITS, ".json", lambda s: _read_json_split(root / f"{s}.json", images)
+            )
         super().__init__(entries, root / f"{split}.json", num_classes, transform, classes_from)
 
 
