@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.accuracy.run_log import RunLog
 from snell.train.causal_lm.tiny import train_tokenizer
 from snell.train.data import few_shot_split, load_bbc_news
 
@@ -52,12 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    log_lines: list[str] = []
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        log_lines.append(text)
-        LOG.write_text("\n".join(log_lines) + "\n")
+    log = RunLog(LOG)
 
     log(f"command: {' '.join(sys.argv)}")
     log(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from timm.data import resolve_data_config
 
+from benchmarks.accuracy.run_log import RunLog
 from snell.train.data import load_idx_split, package_dir
 
 HERE = Path(__file__).resolve().parent
@@ -74,12 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    log_lines: list[str] = []
-
-    def log(text: str) -> None:
-        print(text, flush=True)
-        log_lines.append(text)
-        LOG.write_text("\n".join(log_lines) + "\n")
+    log = RunLog(LOG)
 
     model = timm.create_model(MODEL_NAME, pretrained=False, num_classes=10, **MODEL_KWARGS)
     config = resolve_data_config({}, model=model)
