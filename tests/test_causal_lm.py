@@ -103,7 +103,7 @@ def test_labels_mask_the_prompt_and_keep_the_response_and_eos(tiny: tuple[Path, 
     tokenizer = I.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny[0]))
     example = I.Example("Is it true?", "", "the correct answer is true", "true", "boolq", "x:1")
     item = I.encode(example, tokenizer, cutoff=512)
-    prompt = tokenizer(example.prompt)["input_ids"]
+    prompt = tokenizer(I.build_prompt(example.instruction))["input_ids"]
     response = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert item["input_ids"] == prompt + response and item["prompt_ids"] == prompt
     assert item["labels"] == [I.IGNORE_INDEX] * len(prompt) + response

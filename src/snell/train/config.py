@@ -58,7 +58,10 @@ class TrainConfig:
         "give it when a training split lacks the highest classes, e.g. VTAB sun397: 397)",
     )
     # model
-    model: str = _opt("vit_base_patch16_224.orig_in21k", "timm model name, or a transformers model directory")
+    model: str = _opt(
+        "vit_base_patch16_224.orig_in21k",
+        "timm model name, a transformers model directory, or (causal LM) a .gguf file or a folder holding one",
+    )
     checkpoint: str | None = _opt(None, "local backbone weights for a timm model (.safetensors, .pth, .npz)")
     pretrained: bool = _opt(False, "let timm download its pretrained weights (needs hub access)")
     model_kwargs: dict = field(
@@ -122,6 +125,11 @@ class TrainConfig:
         "float32", "causal LM: dtype of the base weights (SNELL/LoRA factors stay float32)", MODEL_DTYPES
     )
     gradient_checkpointing: bool = _opt(False, "causal LM: recompute activations in backward to save memory")
+    prompt_format: str | None = _opt(
+        None,
+        "causal LM prompt: alpaca (LLM-Adapters' template) or chat (the tokenizer's; the default where it has one)",
+        ("alpaca", "chat"),
+    )
     packing: bool = _opt(False, "causal LM: lay whole training examples end to end up to --max-length tokens")
     train_on_prompt: bool = _opt(False, "causal LM: compute the loss on the prompt too, not only the response")
     max_new_tokens: int = _opt(32, "causal LM: tokens generated per example when scoring")
@@ -136,7 +144,7 @@ class TrainConfig:
         through a symlink) is the same value when a run is resumed, evaluated or merged from elsewhere."""
         if self.data and Path(self.data).exists():  # a built-in task name stays a name
             self.data = str(Path(self.data).resolve())
-        if Path(self.model).is_dir():  # a transformers model folder; a timm name stays a name
+        if Path(self.model).exists():  # a transformers model folder or a .gguf file; a timm name stays a name
             self.model = str(Path(self.model).resolve())
         for name in ("checkpoint", "output_dir"):
             if getattr(self, name):
