@@ -133,6 +133,12 @@ class TrainConfig:
     packing: bool = _opt(False, "causal LM: lay whole training examples end to end up to --max-length tokens")
     train_on_prompt: bool = _opt(False, "causal LM: compute the loss on the prompt too, not only the response")
     max_new_tokens: int = _opt(32, "causal LM: tokens generated per example when scoring")
+    score_by: str = _opt(
+        "generate",
+        "causal LM accuracy: generate (greedy text, first answer found in it, as LLM-Adapters) or likelihood "
+        "(the answer of the task's set whose response is most probable, as lm-eval's multiple choice)",
+        ("generate", "likelihood"),
+    )
     num_beams: int = _opt(1, "causal LM: beams when scoring (1: greedy; LLM-Adapters' commonsense evaluation uses 4)")
 
     def __post_init__(self) -> None:

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from snell.train.causal_lm import instructions as I
-from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
+from snell.train.causal_lm.likelihood import choice_log_likelihoods, choice_tokens
+from snell.train.causal_lm.scoring import choices_for, extract_answer, pattern_for, score
 from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError
 from snell.train.fsdp import is_sharded
@@ -129,6 +130,15 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return losses.sum(dim=1), correct.sum(dim=1), counted.sum(dim=1)
 
 
+def _answer_sets(examples: list[I.Example]) -> tuple[list[str], dict[str, list[str]]]:
+    """Each record's task, and each task's closed set of answers."""
+    tasks = [e.task or ALL_TASKS for e in examples]
+    answers: dict[str, list[str]] = {}
+    for task, e in zip(tasks, examples, strict=True):
+        answers.setdefault(task, []).append(e.answer)
+    return tasks, {task: choices_for(task, values)[0] for task, values in answers.items()}
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module,
@@ -136,15 +146,22 @@ def evaluate_split(
     accelerator: Accelerator,
     examples: list[I.Example],
     tokenizer: Any,
-    max_new_tokens: int,
-    num_beams: int = 1,
+    config: TrainConfig,
 ) -> dict[str, Any]:
-    """Loss and perplexity on the responses; with answers, generation (greedy or beam search) and accuracy."""
+    """Loss and perplexity on the responses; with answers, accuracy by ``--score-by``: greedy generation (or
+    beam search) and the first answer found in the text, or the most likely answer of the task's set."""
     model.eval()
     generator = accelerator.unwrap_model(model)
     scored = bool(examples) and examples[0].answer is not None
+    tasks, choices = _answer_sets(examples) if scored else ([], {})
+    by_likelihood = scored and config.score_by == "likelihood"
+    if by_likelihood:
+        options = [choices[t] for t in tasks]
+        option_tokens = choice_tokens(examples, options, tokenizer)
+        slots = max(len(o) for o in options)
+        spans = [max(len(t[k]) for t in option_tokens if k < len(t)) for k in range(slots)]
     loss_sum, tokens = 0.0, 0
-    generated: dict[int, str] = {}
+    outputs: dict[int, str] = {}  # per record: the generated text, or the chosen answer
     for batch in loader:
         with accelerator.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -152,33 +169,46 @@ def evaluate_split(
         sums, counts = accelerator.gather_for_metrics((sums, counts))
         loss_sum += float(sums.double().sum())
         tokens += int(counts.sum())
-        if scored:
+        if not scored:
+            continue
+        rows = batch["index"].tolist()
+        if by_likelihood:
+            with accelerator.autocast():
+                likelihoods = choice_log_likelihoods(
+                    generator,
+                    batch["prompt_ids"],
+                    batch["prompt_mask"],
+                    [option_tokens[i] for i in rows],
+                    tokenizer.pad_token_id,
+                    spans,
+                )
+            texts = [options[i][k] for i, k in zip(rows, likelihoods.argmax(dim=-1).tolist(), strict=True)]
+        else:
             with accelerator.autocast():
                 output = generator.generate(
                     input_ids=batch["prompt_ids"],
                     attention_mask=batch["prompt_mask"],
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=config.max_new_tokens,
                     do_sample=False,
-                    num_beams=num_beams,
+                    num_beams=config.num_beams,
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
                     synced_gpus=is_sharded(generator),  # sharded: every process runs every step's forward
                 )
             texts = tokenizer.batch_decode(output[:, batch["prompt_ids"].shape[1] :], skip_special_tokens=True)
-            local = list(zip(batch["index"].tolist(), texts, strict=True))
-            generated.update(accelerator.gather_for_metrics(local, use_gather_object=True))
+        outputs.update(accelerator.gather_for_metrics(list(zip(rows, texts, strict=True)), use_gather_object=True))
     loss = loss_sum / max(tokens, 1)
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(examples)}
     if scored:
-        answers: dict[str, list[str]] = {}
-        for e in examples:
-            answers.setdefault(e.task or ALL_TASKS, []).append(e.answer)
-        patterns = {task: pattern_for(task, values) for task, values in answers.items()}
-        tasks = [e.task or ALL_TASKS for e in examples]
-        predictions = [extract_answer(generated[i], patterns[t]) for i, t in enumerate(tasks)]
+        if by_likelihood:
+            predictions = [outputs[i] for i in range(len(examples))]
+        else:
+            patterns = {task: pattern_for(task, values) for task, values in choices.items()}
+            predictions = [extract_answer(outputs[i], patterns[t]) for i, t in enumerate(tasks)]
         scores = score(tasks, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
         result.update(accuracy=scores.average, accuracy_overall=scores.overall, accuracy_per_task=scores.per_task)
-        result["predictions"] = [{"generated": generated[i], "extracted": p} for i, p in enumerate(predictions)]
+        key = "chosen" if by_likelihood else "generated"
+        result["predictions"] = [{key: outputs[i], "extracted": p} for i, p in enumerate(predictions)]
     return result
 
 
@@ -221,8 +251,7 @@ class CausalLMRun(Run):
             self.accelerator,
             self.examples[split],
             self.backbone.tokenizer,
-            self.config.max_new_tokens,
-            self.config.num_beams,
+            self.config,
         )
         self.model.train()
         return result
@@ -311,8 +340,7 @@ def evaluate_run(
         accelerator,
         examples[split],
         backbone.tokenizer,
-        config.max_new_tokens,
-        config.num_beams,
+        config,
     )
     result.pop("predictions", None)
     return {"run": str(run_dir), "split": split, **result}
