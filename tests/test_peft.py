@@ -336,3 +336,24 @@ def test_adapters_switch_one_at_a_time_and_learnable_coefficients_train_and_relo
         merged = reloaded.merge_and_unload(safe_merge=True)
         # Merged W0 + ΔWˢ is rounded once more than in the fused forward: a few float32 ulps of the output.
         torch.testing.assert_close(merged(x), default, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_type_behaves_as_a_peft_type_member_wherever_peft_reads_it(tmp_path):
+    from peft.utils.hotswap import check_hotswap_configs_compatible
+
+    config = SnellPeftConfig(r=4, target_modules=["lin0"])
+    assert config.peft_type == "SNELL" and config.peft_type.value == "SNELL" and config.peft_type.name == "SNELL"
+    assert config.peft_type != peft.PeftType.LORA and {"SNELL": 1}[config.peft_type] == 1
+    # peft's own checks format `peft_type.value` into their messages: they must raise their ValueError.
+    with pytest.raises(ValueError, match="`peft_type` 'SNELL' is not compatible with the `PeftMixedModel`"):
+        peft.get_peft_model(MLP(), config, mixed=True)
+    with pytest.raises(ValueError, match="Incompatible PEFT types found: SNELL and LORA"):
+        check_hotswap_configs_compatible(config, peft.LoraConfig(r=4, target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"Hotswapping only supports .* but SNELL was passed"):
+        check_hotswap_configs_compatible(config, copy.deepcopy(config))
+
+    peft.get_peft_model(MLP(), config).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["peft_type"] == "SNELL"  # a plain JSON string
+    loaded = peft.PeftConfig.from_pretrained(tmp_path)
+    assert type(loaded) is SnellPeftConfig and loaded.peft_type.value == "SNELL"
+    assert copy.deepcopy(loaded).peft_type.value == "SNELL"

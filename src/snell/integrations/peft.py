@@ -1,12 +1,21 @@
 """SNELL as a peft method: ``peft.get_peft_model(model, SnellPeftConfig(...))``.
 
 How SNELL is registered, and why this way: peft's ``register_peft_method`` only accepts names of its closed
-``PeftType`` enum, and extending a Python enum from outside means patching its private member tables. peft
-itself dispatches on ``config.peft_type`` through three plain dicts in ``peft.mapping`` (config class, tuner
-class, parameter prefix) in get_peft_model, save_pretrained, PeftModel.from_pretrained and load_adapter, and a
-plain string ``"SNELL"`` round-trips through adapter_config.json. So this module adds that string key to the
-three dicts and changes nothing else in peft. The route is not public API (peft 0.20 rejects it), so the peft
-versions it was tested with are pinned in :data:`SUPPORTED_PEFT` and checked at import.
+``PeftType`` enum. peft itself dispatches on ``config.peft_type`` through three plain dicts in ``peft.mapping``
+(config class, tuner class, parameter prefix) in get_peft_model, save_pretrained, PeftModel.from_pretrained and
+load_adapter, so this module adds the key ``"SNELL"`` to those three dicts and changes nothing else in peft.
+
+SNELL's ``peft_type`` is :data:`SNELL`, a :class:`MethodType`: a ``str`` subclass equal to (and hashing as)
+``"SNELL"`` that also answers ``.value`` and ``.name`` as a ``PeftType`` member does. peft code that reads
+``config.peft_type.value`` (the mixed-model check, hotswap, gradient-checkpointing messages) then works, while the
+dict lookups, ``==`` against strings or ``PeftType`` members (a ``str`` enum), JSON (written as ``"SNELL"``) and
+``PeftConfig.from_pretrained`` (which reads the plain string back and finds this config class by it) see a string.
+The alternative, adding a member to ``PeftType`` by patching the enum's private tables (``_member_map_``,
+``_value2member_map_``, ``_member_names_``), would let ``register_peft_method`` accept SNELL, but it changes a
+global that all of peft iterates over (every loop over ``PeftType`` would meet a method peft does not know), and
+those private tables differ between Python versions: a larger blast radius for the same effect. The route is not
+public API (peft 0.20 rejects it), so the peft versions it was tested with are pinned in :data:`SUPPORTED_PEFT` and
+checked at import.
 
 The tuner layer wraps the original module as peft's ``base_layer`` and keeps the factors per adapter name.
 Its forward and its merge are the core's (:func:`snell.layers.adapted_forward`, :func:`snell.layers.delta_weight`):
@@ -54,8 +63,24 @@ from snell.layers import adapted_forward, build_spec, delta_weight, iter_snell_l
 from snell.presets import detect_preset  # noqa: E402
 from snell.spec import SnellSpec  # noqa: E402
 
-#: The ``peft_type`` of SNELL adapters, in peft's configs and in snell's own adapter_config.json.
-SNELL = METHOD
+
+class MethodType(str):
+    """A ``peft_type`` outside peft's closed ``PeftType`` enum that behaves like one of its members: it is the
+    string itself (dict keys, ``==``, JSON) and has the members' ``.value`` and ``.name``."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+#: The ``peft_type`` of SNELL adapters, in peft's configs and (as the plain string) in adapter_config.json.
+SNELL = MethodType(METHOD)
 
 _METHOD_FIELDS = (
     "r",
@@ -284,4 +309,12 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["SNELL", "SUPPORTED_PEFT", "SnellPeftConfig", "SnellPeftLayer", "SnellPeftModel", "check_peft_version"]
+__all__ = [
+    "SNELL",
+    "SUPPORTED_PEFT",
+    "MethodType",
+    "SnellPeftConfig",
+    "SnellPeftLayer",
+    "SnellPeftModel",
+    "check_peft_version",
+]
