@@ -357,3 +357,37 @@ def test_peft_type_behaves_as_a_peft_type_member_wherever_peft_reads_it(tmp_path
     loaded = peft.PeftConfig.from_pretrained(tmp_path)
     assert type(loaded) is SnellPeftConfig and loaded.peft_type.value == "SNELL"
     assert copy.deepcopy(loaded).peft_type.value == "SNELL"
+
+
+def test_autocast_adapter_dtype_false_keeps_the_factors_in_the_base_dtype_as_lora_does(tmp_path):
+    torch.manual_seed(0)
+    base = MLP().to(torch.bfloat16).eval()
+    fresh = copy.deepcopy(base)
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    lora = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["lin0"]), autocast_adapter_dtype=False
+    )
+    assert lora.base_model.model.lin0.lora_A["default"].weight.dtype == torch.bfloat16
+    default = peft.get_peft_model(copy.deepcopy(base), SnellPeftConfig(r=4, target_modules=["lin0"]))
+    assert default.base_model.model.lin0.snell_A["default"].dtype == torch.float32  # the default stays float32
+
+    model = peft.get_peft_model(
+        base, SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0"]), autocast_adapter_dtype=False
+    )
+    layer = model.base_model.model.lin0
+    assert layer.snell_A["default"].dtype == layer.snell_B["default"].dtype == torch.bfloat16
+    assert (
+        layer.snell_coefficients["default"].dtype == torch.float32
+        and not layer.snell_coefficients["default"].requires_grad
+    )
+    assert layer.snell_A["default"].requires_grad and layer.snell_B["default"].requires_grad
+    before = layer.snell_B["default"].detach().clone()
+    _train(model, {"x": x})
+    assert layer.snell_B["default"].dtype == torch.bfloat16 and not torch.equal(layer.snell_B["default"], before)
+    with torch.no_grad():
+        trained = model(x)
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path, autocast_adapter_dtype=False)
+    assert reloaded.base_model.model.lin0.snell_A["default"].dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), trained, rtol=0, atol=0)  # same bf16 factors, same arithmetic

@@ -208,6 +208,14 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             if not self.snell_learnable[name]:
                 coefficients.requires_grad_(False)
 
+    def cast_factors(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Store A and B of ``adapter_name`` in ``dtype`` (a floating dtype; others are left as they are)."""
+        if not dtype.is_floating_point:
+            return
+        for factors in (self.snell_A, self.snell_B):
+            old = factors[adapter_name]
+            factors[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔWˢ of ``adapter_name`` in the base weight's layout and dtype (the core's computation)."""
         weight = self.get_base_layer().weight
@@ -271,6 +279,18 @@ class SnellPeftModel(BaseTuner):
             raise ValueError(
                 "this model already has snell.get_snell_model adapters; use a fresh model for get_peft_model"
             )
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's ``autocast_adapter_dtype``: True (the default) keeps the factors in float32, as they are created
+        (:func:`snell.layers.factor_dtype`); False stores A and B in the base weight's dtype, as LoRA does. The kernel
+        coefficients stay float32 either way: the default ±0.1 has no exact bf16 value, and rounding it would change
+        the kernel itself, not just the precision of what is trained."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if isinstance(module, SnellPeftLayer) and adapter_name in module.snell_A:
+                module.cast_factors(adapter_name, module.get_base_layer().weight.dtype)
 
     def _prepare_adapter_config(self, peft_config: SnellPeftConfig, model_config: dict) -> SnellPeftConfig:
         if peft_config.target_modules is None:
