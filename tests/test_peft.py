@@ -391,3 +391,24 @@ def test_autocast_adapter_dtype_false_keeps_the_factors_in_the_base_dtype_as_lor
     assert reloaded.base_model.model.lin0.snell_A["default"].dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), trained, rtol=0, atol=0)  # same bf16 factors, same arithmetic
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=["linear", "conv2d", "conv1d"])
+def test_layers_report_in_and_out_features_as_lora_layers_do(case):
+    base, fresh, _, config = _build(case)
+    targets = config.target_modules
+    model = peft.get_peft_model(base, config)
+    lora = peft.get_peft_model(fresh, peft.LoraConfig(r=4, target_modules=targets))
+    snell_layers = {n: m for n, m in model.named_modules() if isinstance(m, SnellPeftLayer)}
+    lora_layers = {n: m for n, m in lora.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert snell_layers and snell_layers.keys() == lora_layers.keys()
+    for name, layer in snell_layers.items():
+        assert (layer.in_features, layer.out_features) == (
+            lora_layers[name].in_features,
+            lora_layers[name].out_features,
+        )
+    if case[0] == "gpt2-conv1d":  # Conv1D stores its weight (in, out): c_attn maps 24 features to 3 × 24
+        c_attn = model.base_model.model.transformer.h[0].attn.c_attn
+        assert (c_attn.in_features, c_attn.out_features) == (24, 72)
+    if case[0] == "conv2d":
+        assert (model.base_model.model.conv.in_features, model.base_model.model.conv.out_features) == (3, 8)

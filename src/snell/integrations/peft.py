@@ -56,7 +56,12 @@ from peft.mapping import (  # noqa: E402
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
+from peft.tuners.tuners_utils import (  # noqa: E402
+    BaseTuner,
+    BaseTunerLayer,
+    _get_in_out_features,
+    check_adapters_to_merge,
+)
 
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
 from snell.layers import adapted_forward, build_spec, delta_weight, iter_snell_layers, new_factors  # noqa: E402
@@ -169,6 +174,9 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.training = base_layer.training  # a model adapted in eval mode stays in eval mode (no adapter dropout)
         self.base_layer = base_layer
+        # What peft's own tuner layers report (peft's helper, as LoRA's layers use it): a Linear's in/out_features,
+        # a Conv2d's in/out_channels, a Conv1D's weight shape (in, out).
+        self.in_features, self.out_features = _get_in_out_features(base_layer)
         self.snell_A = nn.ParameterDict()
         self.snell_B = nn.ParameterDict()
         # Fixed coefficients live here too (requires_grad False), so that adapters move with the model and
