@@ -412,3 +412,16 @@ def test_layers_report_in_and_out_features_as_lora_layers_do(case):
         assert (c_attn.in_features, c_attn.out_features) == (24, 72)
     if case[0] == "conv2d":
         assert (model.base_model.model.conv.in_features, model.base_model.model.conv.out_features) == (3, 8)
+
+
+def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_touches_no_weight():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MLP().eval(), SnellPeftConfig(r=4, sparsity=0.0, target_modules=["lin0"]))
+    layer = model.base_model.model.lin0
+    with torch.no_grad():
+        layer.snell_A["default"][0, 0] = torch.nan  # sparsity 0 keeps every entry, so the NaN reaches ΔW
+    weight = layer.base_layer.weight.detach().clone()
+    message = "NaNs detected in the merged weights. The adapter default seems to be broken"
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, weight) and not layer.merged

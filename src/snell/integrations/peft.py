@@ -240,7 +240,8 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
                 if safe_merge:
                     merged = weight + self.delta_weight(name)
                     if not torch.isfinite(merged).all():
-                        raise ValueError(f"merging SNELL adapter {name!r} gives inf or NaN weights; not merged")
+                        # peft's wording, as every peft method raises it; the weight is not written.
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                     weight.copy_(merged)
                 else:
                     weight.add_(self.delta_weight(name))
