@@ -301,7 +301,7 @@ def test_adapter_folders_say_what_they_are(tmp_path):
     assert [name for name, _ in snell.snell_layers(model)] == ["lin0"]
 
 
-def test_adapters_switch_one_at_a_time_and_learnable_coefficients_train_and_reload(tmp_path):
+def test_adapters_switch_and_learnable_coefficients_train_and_reload(tmp_path):
     torch.manual_seed(0)
     base = MLP().eval()
     fresh = copy.deepcopy(base)
@@ -323,11 +323,6 @@ def test_adapters_switch_one_at_a_time_and_learnable_coefficients_train_and_relo
         model.set_adapter("default")
         torch.testing.assert_close(model(x), default, rtol=0, atol=0)
     assert not torch.equal(default, other)
-
-    model.base_model.set_adapter(["default", "other"])
-    with pytest.raises(ValueError, match="one adapter per forward"):
-        model(x)
-    model.base_model.set_adapter("default")
 
     model.save_pretrained(tmp_path, selected_adapters=["default"])
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
@@ -425,3 +420,92 @@ def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_touches_no_weigh
     with pytest.raises(ValueError, match=f"^{message}$"):
         model.merge_adapter(safe_merge=True)
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
+
+
+def _two_adapters(other: dict) -> tuple[nn.Module, SnellPeftLayer]:
+    """An MLP with "default" (r 4, sparsity 0.5) on lin0 and "other" (``other``) on lin0 and lin1, both active; B × 100
+    makes each ΔWˢ visible (as in the merge test)."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MLP().eval(), SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0"]))
+    model.add_adapter("other", SnellPeftConfig(target_modules=["lin0", "lin1"], **other))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SnellPeftLayer):
+                for b in module.snell_B.values():
+                    b.mul_(100)
+    model.base_model.set_adapter(["default", "other"])
+    return model, model.base_model.model.lin0
+
+
+def _gemm_bound(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """Per output entry, n·u·Σ|x||w| over the weights (u = 2^-24): the worst-case float32 rounding of one GEMM of
+    length n (γ_n), which also covers adding the weights to one another (u·|w| each) before it."""
+    n = x.shape[-1]
+    return n * 2**-24 * (x.abs() @ sum(w.abs() for w in weights).T)
+
+
+def test_several_active_adapters_add_their_own_sparsified_updates_as_lora_adapters_do():
+    model, layer = _two_adapters(dict(r=8, sparsity=0.8))
+    x = torch.randn(5, 12)
+    w0, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach()
+    with torch.no_grad():
+        both = layer(x)
+        deltas = {name: layer.delta_weight(name) for name in ("default", "other")}
+        singles = {}
+        for name in ("default", "other"):
+            model.base_model.set_adapter(name)
+            singles[name] = layer(x)
+        with model.disable_adapter():
+            base = layer(x)
+    # Each ΔW is sparsified with its own τ: "other" keeps 20 % of lin0's 288 entries, "default" 50 %.
+    assert deltas["other"].count_nonzero() < 0.25 * 288 < 0.45 * 288 < deltas["default"].count_nonzero()
+    # y = x(W0 + ΔW₁ˢ + ΔW₂ˢ)ᵀ + b, computed two ways: each side is at most two GEMMs and two additions of weights
+    # or outputs, so it is within 4 γ_n·|x||W| of the exact value, the sum of single-adapter results likewise.
+    bound = 4 * _gemm_bound(x, w0, *deltas.values()) + 1e-7
+    expected = torch.nn.functional.linear(x, w0 + deltas["default"] + deltas["other"], bias)
+    assert ((both - expected).abs() <= bound).all()
+    assert ((both - (singles["default"] + singles["other"] - base)).abs() <= 2 * bound).all()
+    assert ((both - singles["default"]).abs() > bound).any() and ((both - singles["other"]).abs() > bound).any()
+
+    model.base_model.set_adapter(["default", "other"])
+    lin1 = model.base_model.model.lin1
+    w1, delta1 = lin1.base_layer.weight.detach().clone(), lin1.delta_weight("other")
+    merged = model.merge_and_unload(adapter_names=["default", "other"])
+    # The merge adds ΔW₁ˢ then ΔW₂ˢ in float32, the same two additions as here.
+    assert torch.equal(merged.lin0.weight, w0 + deltas["default"] + deltas["other"])
+    assert torch.equal(merged.lin1.weight, w1 + delta1)
+
+
+def test_several_active_adapters_train_each_with_its_own_dropout():
+    """In training, each adapter gets its own gradient, bit for bit the one it gets when active alone: the
+    output is a sum, so each branch receives the same incoming gradient either way."""
+    model, layer = _two_adapters(dict(r=4, sparsity=0.8, dropout=0.1, drop_path=0.1))
+    model.train()
+    x = torch.randn(5, 12, requires_grad=True)
+    grad = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
+    params = {name: (layer.snell_A[name], layer.snell_B[name]) for name in ("default", "other")}
+
+    def run(active: list[str]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        model.base_model.set_adapter(active)
+        model.zero_grad()
+        x.grad = None
+        torch.manual_seed(7)  # "other" draws its DropPath and dropout seed from here in both runs
+        out = layer(x)
+        out.backward(grad)
+        return out.detach(), {n: [p.grad.clone() for p in params[n]] for n in active}, x.grad.clone()
+
+    both, grads, grad_x = run(["default", "other"])
+    alone = {name: run([name]) for name in ("default", "other")}
+    for name in ("default", "other"):
+        assert all(torch.equal(g, h) for g, h in zip(grads[name], alone[name][1][name], strict=True))
+    with torch.no_grad(), model.disable_adapter():
+        base = layer(x)
+    # The same sum as in eval mode (the branches' own dropout masks come from the same seed): within the bound
+    # argued there, with the branch's 1/(1 − p) scaling at most doubling its terms.
+    deltas = [layer.delta_weight(name) for name in ("default", "other")]
+    bound = 8 * _gemm_bound(x, layer.base_layer.weight, *deltas) + 1e-7
+    assert ((both - (alone["default"][0] + alone["other"][0] - base)).abs() <= bound).all()
+    # dL/dx likewise: each single run also carries g·W0, which the sum counts twice (n = 24 for these GEMMs).
+    weight = layer.base_layer.weight.detach()
+    grad_bound = 8 * _gemm_bound(grad, weight.T, *(d.T for d in deltas)) + 1e-7
+    assert ((grad_x - (alone["default"][2] + alone["other"][2] - grad @ weight)).abs() <= grad_bound).all()

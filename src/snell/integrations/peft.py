@@ -261,16 +261,17 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.snell_A]
         if self.disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) > 1:
-            raise ValueError(
-                f"SNELL runs one adapter per forward (each ΔW is sparsified on its own), but {active} are active; "
-                "set_adapter() one of them, or merge them"
-            )
-        name = active[0]
+        # Several active adapters add up, as LoRA's do: y = op(x, W0 + Σᵢ ΔWᵢˢ) + b, each ΔWᵢ sparsified on its own
+        # with its own τ. The first one rides on W0's GEMM; each further one adds its branch op(x, ΔWᵢˢ).
         base = self.get_base_layer()
-        dropout = self.snell_dropouts[name] if self.training else (0.0, 0.0)
-        factors = (self.snell_A[name], self.snell_B[name], self.snell_coefficients[name])
-        return adapted_forward(x, base.weight, base.bias, *factors, self.snell_specs[name], *dropout)
+        out = None
+        for name in active:
+            dropout = self.snell_dropouts[name] if self.training else (0.0, 0.0)
+            factors = (self.snell_A[name], self.snell_B[name], self.snell_coefficients[name])
+            weight, bias = (base.weight, base.bias) if out is None else (None, None)
+            y = adapted_forward(x, weight, bias, *factors, self.snell_specs[name], *dropout)
+            out = y if out is None else out + y
+        return out
 
     def __repr__(self) -> str:
         return "snell." + super().__repr__()
