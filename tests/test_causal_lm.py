@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from snell.cli import main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import is_causal_lm
+from snell.train.causal_lm.demo import TINY_MODEL_DIR
 from snell.train.causal_lm.run import CausalLMRun, restore
 from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
 from snell.train.config import UserError, resolve_config
@@ -249,11 +250,11 @@ def test_data_without_answers_reports_loss_and_perplexity(
 
 
 def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> None:
-    from snell.train.causal_lm.demo import SHOTS, write_task
+    from snell.train.causal_lm.demo import write_task
 
-    data = write_task(tmp_path / "data")
+    data = write_task(tmp_path / "data", shots=32)
     train, test = I.read_examples(data / "train.jsonl"), I.read_examples(data / "test.jsonl")
-    assert len(train) == 5 * SHOTS and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
+    assert len(train) == 5 * 32 and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
     assert {e.answer for e in test} == {"business", "entertainment", "politics", "sports", "tech"}
     assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
 
@@ -262,18 +263,16 @@ def test_llm_demo_trains_the_shipped_model_and_prints_its_table(tmp_path: Path, 
     """`snell demo --task llm` end to end, at one epoch and one method to stay quick (the full demo: README)."""
     out = tmp_path / "demo"
     assert main(["demo", "--task", "llm", "--epochs", "1", "--methods", "snell", "--no-progress",
-                 "--output-dir", str(out)]) == 0  # fmt: skip
+                 "--output-dir", str(out), "--model", str(TINY_MODEL_DIR)]) == 0  # fmt: skip
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["method"] == "snell" and 0.0 <= row["test_accuracy"] <= 1.0 and row["trainable_params"] > 0
     assert "not LLaMA-2-7B" in capsys.readouterr().out and (out / "results.png").is_file()
 
 
 def test_the_shipped_demo_model_is_a_small_pretrained_llama() -> None:
-    from snell.train.causal_lm.demo import MODEL_DIR
-
-    assert is_causal_lm(MODEL_DIR) and sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 20e6
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    assert is_causal_lm(TINY_MODEL_DIR) and sum(f.stat().st_size for f in TINY_MODEL_DIR.iterdir()) < 20e6
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
     ids = tokenizer("The company said its profits rose in the last three months of the year.", return_tensors="pt")
     with torch.no_grad():
         loss = model(**ids, labels=ids["input_ids"]).loss

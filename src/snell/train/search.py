@@ -40,7 +40,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from snell.train.classification import ClassificationRun
-from snell.train.config import TrainConfig, UserError, add_train_arguments, check_output_folder, config_from_args
+from snell.train.config import (
+    TrainConfig,
+    UserError,
+    add_train_arguments,
+    check_output_folder,
+    config_from_args,
+    default_lr,
+)
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
 from snell.train.plots import pyplot, save_figure
 
@@ -54,11 +61,15 @@ _NOT_IN_FINGERPRINT = ("sparsity", "lr", "r", "output_dir", "progress", "num_wor
 
 @dataclass(frozen=True)
 class Grid:
-    """Values to try; None keeps the base config's value. Every combination is one trial."""
+    """Values to try; None keeps the base config's value. Every combination is one trial.
+
+    ``lr_per_sparsity``: with no lr grid, each sparsity gets the method's default rate at that sparsity (for an
+    unset ``--lr``: SNELL at s = 0 has no squared update and wants the dense kernel's rate, not 2e-2)."""
 
     sparsity: tuple[float, ...] = (0.0, 0.5, 0.9, 0.99)
     lr: tuple[float, ...] | None = None
     r: tuple[int, ...] | None = None
+    lr_per_sparsity: bool = False
 
     def points(self, base: TrainConfig) -> list[dict[str, Any]]:
         """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest). Sparsity only
@@ -70,7 +81,11 @@ class Grid:
                 raise UserError(f"the {name} grid is empty")
             if len(set(options)) != len(options):
                 raise UserError(f"the {name} grid repeats a value: {list(options)}")
-        return [{"sparsity": float(s), "lr": float(lr), "r": int(r)} for s, lr, r in itertools.product(*values)]
+        points = [{"sparsity": float(s), "lr": float(lr), "r": int(r)} for s, lr, r in itertools.product(*values)]
+        if self.lr_per_sparsity and self.lr is None:
+            for point in points:
+                point["lr"] = default_lr(base.method, base.sparsify_mode, point["sparsity"])
+        return points
 
 
 @dataclass(frozen=True)
@@ -522,7 +537,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid-sparsity", type=_floats, default=Grid.sparsity, help="sparsities to try [default: 0,0.5,0.9,0.99]"
     )
-    parser.add_argument("--grid-lr", type=_floats, default=None, help="learning rates to try [default: --lr]")
+    parser.add_argument(
+        "--grid-lr",
+        type=_floats,
+        default=None,
+        help="learning rates to try [default: --lr; without it, the method's default at each sparsity]",
+    )
     parser.add_argument("--grid-r", type=_ints, default=None, help="ranks to try [default: --r]")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once, each in its own process")
     parser.add_argument(
@@ -555,7 +575,7 @@ def search_from_args(args: argparse.Namespace) -> SearchResult:
     for name in ("select_on", "protocol"):
         if name in vars(args):
             raise UserError(f"--{name.replace('_', '-')} is set by snell search (val for trials, none for the retrain)")
-    grid = Grid(args.grid_sparsity, args.grid_lr, args.grid_r)
+    grid = Grid(args.grid_sparsity, args.grid_lr, args.grid_r, lr_per_sparsity="lr" not in vars(args))
     rule = EarlyStop(margin=args.early_stop_margin) if args.early_stop else None
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
