@@ -25,7 +25,7 @@ from snell.layers import SnellLayer
 from snell.spec import SnellSpec
 from snell.torch_path import dense_delta
 
-KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
+KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid", "mixk")
 MODES = sparsify.MODES
 
 
@@ -34,7 +34,7 @@ def make_spec(kernel="piecewise_linear", mode="reference", sparsity=0.6, op="lin
         op=op,
         weight_shape=shape,
         kernel=kernel,
-        num_pieces=2 if kernel == "piecewise_linear" else 1,
+        num_pieces=2 if kernel in ("piecewise_linear", "mixk") else 1,
         mode=mode,
         sparsity=sparsity,
         groups=groups,
@@ -49,6 +49,8 @@ def spec_id(spec: SnellSpec) -> str:
 CASES = [
     *[make_spec(kernel=k, mode=md) for k in KERNELS for md in MODES],
     make_spec(sparsity=0.0),
+    make_spec(kernel="mixk", sparsity=0.0),
+    make_spec(kernel="mixk", op="linear", shape=(9, 5), groups=3),
     make_spec(op="linear", shape=(9, 5), groups=3),
     make_spec(op="linear", shape=(4, 9)),
     make_spec(op="linear_t", shape=(5, 6)),
@@ -88,7 +90,7 @@ def naive_forward(spec, x, weight, bias, a, b, coef):
     """The layer with W0 + ΔWˢ from the naive formulas, differentiated by plain autograd."""
     m, n = spec.matrix_shape
     delta = naive_kernel(spec.kernel, a, b, coef, spec.num_pieces).reshape(spec.groups, m // spec.groups, n)
-    delta = naive_sparsify(delta, spec.sparsity, spec.mode).reshape(m, n)
+    delta = naive_sparsify(delta, spec.sparsity, spec.mode, dense_at_zero=spec.kernel != "mixk").reshape(m, n)
     return base_op(spec, x, weight + to_layout(spec, delta), bias)
 
 
@@ -167,7 +169,7 @@ def assert_dropout_matches_naive(spec, p: float, with_keep: bool, device="cpu") 
 def dense_update(layer):
     """A SNELL layer's ΔW before sparsification, (G, m/G, n), from the routine its forward uses: same bits."""
     with torch.no_grad():
-        return dense_delta(layer.snell_spec, layer.snell_A, layer.snell_B, layer.snell_coefficients)
+        return dense_delta(layer.snell_spec, layer.snell_A, layer.snell_B, layer.kernel_coefficients())
 
 
 def assert_keeps_top_k(dense, kept, k):
