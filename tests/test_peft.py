@@ -336,3 +336,8 @@ def test_adapters_switch_one_at_a_time_and_learnable_coefficients_train_and_relo
         merged = reloaded.merge_and_unload(safe_merge=True)
         # Merged W0 + ΔWˢ is rounded once more than in the fused forward: a few float32 ulps of the output.
         torch.testing.assert_close(merged(x), default, rtol=1e-5, atol=1e-6)
+
+
+def test_mixk_is_refused_until_peft_layers_carry_its_scalars():
+    with pytest.raises(ValueError, match="kernel 'mixk' \\(SNELLA\\) is not available through peft yet"):
+        SnellPeftConfig(kernel="mixk", target_modules=["fc"])
