@@ -26,7 +26,7 @@ from snell.layers import SnellLayer
 from snell.spec import SnellSpec, grouped_factors
 from snell.torch_path import dense_delta
 
-KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
+KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid", "mixk")
 MODES = sparsify.MODES
 
 
@@ -35,7 +35,7 @@ def make_spec(kernel="piecewise_linear", mode="reference", sparsity=0.6, op="lin
         op=op,
         weight_shape=shape,
         kernel=kernel,
-        num_pieces=2 if kernel == "piecewise_linear" else 1,
+        num_pieces=2 if kernel in ("piecewise_linear", "mixk") else 1,
         mode=mode,
         sparsity=sparsity,
         groups=groups,
@@ -50,6 +50,8 @@ def spec_id(spec: SnellSpec) -> str:
 CASES = [
     *[make_spec(kernel=k, mode=md) for k in KERNELS for md in MODES],
     make_spec(sparsity=0.0),
+    make_spec(kernel="mixk", sparsity=0.0),
+    make_spec(kernel="mixk", op="linear", shape=(9, 5), groups=3),
     make_spec(op="linear", shape=(9, 5), groups=3),
     make_spec(op="linear", shape=(4, 9)),
     make_spec(op="linear_t", shape=(5, 6)),
@@ -89,7 +91,7 @@ def naive_forward(spec, x, weight, bias, a, b, coef):
     """The layer with W0 + ΔWˢ from the naive formulas, differentiated by plain autograd."""
     m, n = spec.matrix_shape
     delta = naive_kernel(spec.kernel, a, b, coef, spec.num_pieces).reshape(spec.groups, m // spec.groups, n)
-    delta = naive_sparsify(delta, spec.sparsity, spec.mode).reshape(m, n)
+    delta = naive_sparsify(delta, spec.sparsity, spec.mode, dense_at_zero=spec.kernel != "mixk").reshape(m, n)
     return base_op(spec, x, weight + to_layout(spec, delta), bias)
 
 
@@ -176,7 +178,7 @@ def dense_update(layer):
     path = kernel_path(spec, a.device, a.shape[-1], a.dtype)
     with torch.no_grad():
         if path == "torch":
-            return dense_delta(spec, a, b, coefficients)
+            return dense_delta(spec, a, b, layer.kernel_coefficients())
         a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
         if path == "triton":
             from snell import fused_triton

@@ -8,6 +8,10 @@ def naive_kernel(kernel, a, b, coefficients, num_pieces=1):
     diff = a.unsqueeze(-3) - b.unsqueeze(-2)  # (..., m, n, r)
     if kernel == "linear":
         return coefficients[0] * (b @ a.mT)
+    if kernel == "mixk":  # SNELLA: D + α·softmax(D/γ) over the output dimension (rows) + β
+        d = naive_kernel("piecewise_linear", a, b, coefficients[:num_pieces], num_pieces)
+        alpha, gamma, beta = coefficients[num_pieces:]
+        return d + alpha * torch.softmax(d / gamma, dim=-2) + beta
     if kernel == "piecewise_linear":
         width = a.shape[-1] // num_pieces
         total = 0
@@ -21,12 +25,15 @@ def naive_kernel(kernel, a, b, coefficients, num_pieces=1):
     return alpha * torch.sigmoid(beta * (b @ a.mT)) + gamma
 
 
-def naive_sparsify(delta, sparsity, mode):
-    """Keep the round((1-s)·N) largest |ΔW| of each matrix (last two dims), per the three modes."""
-    if sparsity == 0:
+def naive_sparsify(delta, sparsity, mode, dense_at_zero=True):
+    """Keep the round((1-s)·N) largest |ΔW| of each matrix (last two dims), per the three modes; at s = 0 the
+    dense ΔW unless ``dense_at_zero`` is False (mixk: SNELLA's module sparsifies at every ratio)."""
+    if sparsity == 0 and dense_at_zero:
         return delta
     flat = delta.detach().abs().flatten(-2)
     k = round((1 - sparsity) * flat.shape[-1])
+    if k == 0:  # s = 1: nothing kept
+        return delta * 0
     tau = flat.topk(k, dim=-1).values[..., -1:].unsqueeze(-1)
     magnitude = delta.abs()
     keep = magnitude.detach() >= tau

@@ -5,7 +5,7 @@ from naive import naive_kernel
 from snell.config import default_coefficients
 from snell.kernels import kernel_backward, kernel_delta
 
-KERNELS = ["linear", "piecewise_linear", "rbf", "sigmoid"]
+KERNELS = ["linear", "piecewise_linear", "rbf", "sigmoid", "mixk"]
 
 
 def _factors(groups=(), n=7, m=5, r=4, seed=0):
@@ -49,15 +49,15 @@ def test_hand_written_backward_matches_autograd(kernel, groups):
     torch.testing.assert_close(gc, leaves[2].grad)
 
 
-@pytest.mark.parametrize("kernel", ["piecewise_linear", "rbf"])
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "rbf", "mixk"])
 def test_gradients_are_finite_where_a_row_equals_b_row(kernel):
     a, b = _factors(n=4, m=4, r=4)
     b[2] = a[1]  # ‖a_1 − b_2‖ = 0: the distance has no derivative there
     b[0] = a[0]
     coef = torch.tensor(default_coefficients(kernel, 2), dtype=torch.float64)
     grad = torch.ones(4, 4, dtype=torch.float64)
-    ga, gb, _ = kernel_backward(kernel, a, b, coef, grad, num_pieces=2)
-    assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
+    ga, gb, gc = kernel_backward(kernel, a, b, coef, grad, num_pieces=2, need_coefficients=True)
+    assert torch.isfinite(ga).all() and torch.isfinite(gb).all() and torch.isfinite(gc).all()
     for dtype in (torch.float32, torch.bfloat16):
         ga, gb, _ = kernel_backward(kernel, a.to(dtype), b.to(dtype), coef.to(dtype), grad.to(dtype), num_pieces=2)
         assert torch.isfinite(ga).all() and torch.isfinite(gb).all()

@@ -9,7 +9,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
+KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid", "mixk")
+#: Kernels built from the piecewise-linear distances, whose factors are split into P pieces.
+PIECEWISE_KERNELS = ("piecewise_linear", "mixk")
 SPARSIFY_MODES = ("reference", "mask", "soft")
 #: Task types (peft's names, plus IMAGE_CLS) whose model has a newly initialised head that must be trained.
 HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS")
@@ -32,10 +34,14 @@ def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
     - piecewise_linear: α_p alternating +0.1, −0.1 (the reference code's fixed (+0.1, −0.1) for P = 2);
     - linear: one scale (1.0, i.e. LoRA with lora_alpha = r);
     - rbf: (α, β, γ) = (1, 1, −1) so that κ = exp(−‖a−b‖²) − 1 starts close to 0;
-    - sigmoid: (α, β, γ) = (1, 1, −0.5) so that κ = σ(a·b) − 0.5 starts close to 0.
+    - sigmoid: (α, β, γ) = (1, 1, −0.5) so that κ = σ(a·b) − 0.5 starts close to 0;
+    - mixk: the piecewise ones, then the initial (α, γ, β) = (1, 1, 0) of ΔW = D + α·softmax(D/γ) + β, as the
+      authors' SNELLA module initialises them.
     """
     if kernel == "piecewise_linear":
         return [0.1 if p % 2 == 0 else -0.1 for p in range(num_pieces)]
+    if kernel == "mixk":
+        return [*default_coefficients("piecewise_linear", num_pieces), 1.0, 1.0, 0.0]
     if kernel == "linear":
         return [1.0]
     if kernel == "rbf":
@@ -44,7 +50,28 @@ def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
 
 
 def expected_num_coefficients(kernel: str, num_pieces: int) -> int:
-    return {"piecewise_linear": num_pieces, "linear": 1}.get(kernel, 3)
+    return {"piecewise_linear": num_pieces, "linear": 1, "mixk": num_pieces + 3}.get(kernel, 3)
+
+
+def _checked_layer_sparsity(value: Any) -> dict[str, list[float]]:
+    """``layer_sparsity`` as {name: [float, ...]}, or ValueError naming the bad entry and the allowed range."""
+    if not isinstance(value, dict):
+        raise ValueError(f"layer_sparsity must be a dict of module name to sparsities, got {value!r}")
+    checked = {}
+    for name, values in value.items():
+        values = [values] if isinstance(values, (int, float)) and not isinstance(values, bool) else values
+        if (
+            not isinstance(name, str)
+            or not isinstance(values, (list, tuple))
+            or not values
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values)
+        ):
+            raise ValueError(
+                f"layer_sparsity[{name!r}] must be a list of sparsities in [0, 1] (one per adapter group), "
+                f"got {values!r}"
+            )
+        checked[name] = [float(v) for v in values]
+    return checked
 
 
 @dataclass
@@ -54,12 +81,18 @@ class SnellConfig:
     Attributes:
         r: rank of the factors A (in_features × r) and B (out_features × r).
         kernel: how ΔW[j, i] = κ(A[i], B[j]) is built: "linear" (LoRA), "piecewise_linear" (default),
-            "rbf" or "sigmoid".
-        num_pieces: P, the number of contiguous column blocks of width r/P for piecewise_linear.
-        coefficients: kernel coefficients (see :func:`default_coefficients`); None = the defaults.
+            "rbf", "sigmoid" or "mixk" (SNELLA's D + α·softmax(D/γ) + β over the output dimension, D the
+            piecewise-linear merge; α, γ and β are trained, one triple per adapted matrix).
+        num_pieces: P, the number of contiguous column blocks of width r/P for piecewise_linear and mixk.
+        coefficients: kernel coefficients (see :func:`default_coefficients`); None = the defaults. For mixk the
+            last three are the initial (α, γ, β).
         learnable_coefficients: train the kernel coefficients too (the paper says learnable, the
-            reference code keeps them fixed).
+            reference code keeps them fixed); for mixk, the piecewise ones (α, γ, β are always trained).
         sparsity: fraction of the entries of each ΔW that is zeroed (0 <= s < 1; 0.9 keeps the top 10 %).
+            At 0, mixk still multiplies every entry by its detached |ΔW| (SNELLA's module always sparsifies).
+        layer_sparsity: per-layer sparsities that replace ``sparsity`` for the layers named (module name to
+            one value per adapter group, each in [0, 1]): what :class:`snell.allocator.SparsityAllocator` set
+            during training, saved in the adapter so that a loaded model rebuilds the trained ΔW.
         sparsify_mode: "reference" (kept entries become ΔW·|ΔW|, |ΔW| detached: the published numbers),
             "mask" (kept entries stay ΔW) or "soft" (ΔW·max(|ΔW| − τ, 0), the paper's Eq. 5).
             At sparsity 0 every mode uses the dense ΔW (the reference code does the same).
@@ -86,6 +119,7 @@ class SnellConfig:
     learnable_coefficients: bool = False
     sparsity: float = 0.9
     sparsify_mode: str = "reference"
+    layer_sparsity: dict[str, list[float]] | None = None
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
@@ -121,12 +155,14 @@ class SnellConfig:
             raise ValueError(f"sparsify_mode must be one of {SPARSIFY_MODES}, got {self.sparsify_mode!r}")
         if isinstance(self.num_pieces, bool) or not isinstance(self.num_pieces, int) or self.num_pieces < 1:
             raise ValueError(f"num_pieces must be an integer >= 1, got {self.num_pieces!r}")
-        if self.kernel == "piecewise_linear" and self.r % self.num_pieces:
+        if self.kernel in PIECEWISE_KERNELS and self.r % self.num_pieces:
             raise ValueError(
-                f"r must be divisible by num_pieces for piecewise_linear, got r={self.r}, num_pieces={self.num_pieces}"
+                f"r must be divisible by num_pieces for {self.kernel}, got r={self.r}, num_pieces={self.num_pieces}"
             )
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1) (fraction of entries zeroed), got {self.sparsity!r}")
+        if self.layer_sparsity is not None:
+            object.__setattr__(self, "layer_sparsity", _checked_layer_sparsity(self.layer_sparsity))
         for name in ("dropout", "drop_path"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

@@ -46,12 +46,13 @@ def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch
     device's fused path wherever it is supported, whatever the size and width (the tests use it on small
     matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under the Triton
     interpreter, ``TRITON_INTERPRET=1``, for tests). The forward records its choice and the backward follows
-    it: τ selects the same survivors only if both build ΔW the same way.
+    it: τ selects the same survivors only if both build ΔW the same way. Other kernels (mixk's column softmax
+    included) and layers whose adapter groups have different sparsities (set by the allocator) take the torch path.
     """
     choice = os.environ.get("SNELL_KERNELS", "auto")
     if choice not in CHOICES:
         raise ValueError(f"SNELL_KERNELS must be one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "torch" or spec.kernel != "piecewise_linear":
+    if choice == "torch" or spec.kernel != "piecewise_linear" or spec.group_sparsity:
         return "torch"
     numel = spec.grouped_shape[1] * spec.grouped_shape[2]
     if choice == "triton" or device.type == "cuda":

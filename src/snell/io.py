@@ -126,11 +126,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"{name}.snell_B"] = layer.snell_B
         if config.learnable_coefficients:
             tensors[f"{name}.snell_coefficients"] = layer.snell_coefficients
+        if layer.snell_mix is not None:
+            tensors[f"{name}.snell_mix"] = layer.snell_mix
     for module_name, module in resolve_modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
             tensors[f"{module_name}.{key}"] = value
     tensors.update(resolve_parameters_to_save(model, config))
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def layer_sparsity(model: nn.Module) -> dict[str, list[float]] | None:
+    """Each adapted layer's sparsities where they differ from the config's (what an allocator set), else None."""
+    config: SnellConfig = model.snell_config
+    found = {}
+    for name, layer in iter_snell_layers(model):
+        spec = layer.snell_spec
+        sparsities = [spec.sparsity_of(g) for g in range(spec.groups)]
+        if any(s != config.sparsity for s in sparsities):
+            found[name] = sparsities
+    return found or None
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
@@ -154,6 +168,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[
     }
     config_file = {
         **config.to_dict(),
+        "layer_sparsity": layer_sparsity(model),
         METHOD_KEY: METHOD,
         "base_model": base_model_record(model),
         "adapted_modules": [name for name, _ in iter_snell_layers(model)],
@@ -236,6 +251,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         expected = dict(zip(("snell_A", "snell_B"), factor_shapes(spec, config.r), strict=True))
         if config.learnable_coefficients:
             expected["snell_coefficients"] = (len(config.kernel_coefficients),)
+        if config.kernel == "mixk":
+            expected["snell_mix"] = (spec.groups, 3)
+            if config.learnable_coefficients:
+                expected["snell_coefficients"] = (spec.num_pieces,)
         for key, shape in expected.items():
             tensor = tensors.get(f"{name}.{key}")
             if tensor is None or tuple(tensor.shape) != shape:
@@ -277,6 +296,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer.snell_B.copy_(tensors[f"{name}.snell_B"])
             if config.learnable_coefficients:
                 layer.snell_coefficients.copy_(tensors[f"{name}.snell_coefficients"])
+            if layer.snell_mix is not None:
+                layer.snell_mix.copy_(tensors[f"{name}.snell_mix"])
         for name, param in parameters.items():
             param.copy_(tensors[name])
     for module, state in module_states.items():

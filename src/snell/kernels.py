@@ -5,6 +5,16 @@ A has shape (..., n, r), B has shape (..., m, r) and ΔW has shape (..., m, n). 
 with GEMMs plus a few in-place element-wise passes over ΔW, so forward and backward cost O(m·n·r) with
 no (m, n, r) tensor. Element-wise passes over m×n matrices are what a kernel costs beyond its GEMMs, so
 the code below counts them: the distance kernels get ‖a − b‖² from a single GEMM of augmented factors.
+
+"mixk" is SNELLA's mixed kernel (Shen et al., arXiv 2510.24037; the authors' ``MixK`` and ``SNELLA`` modules in
+``model/vision_transformer_timm.py``): with D the piecewise-linear merge above,
+
+    ΔW = D + α·softmax(D / γ) + β,
+
+the softmax taken over the output dimension (ΔW's rows j, for each input column i: the authors' ``dim=-1`` of
+their (in, out) matrix). Its coefficients are the P piecewise ones followed by (α, γ, β). The softmax couples
+every row of a column, so a mixk ΔW is built and differentiated a whole matrix at a time, never by blocks of
+rows. It is max-subtracted (exp ≤ 1, column sums ≥ 1), so it neither overflows nor divides by zero.
 """
 
 from __future__ import annotations
@@ -59,6 +69,13 @@ def piece_distances(a: Tensor, b: Tensor, num_pieces: int) -> list[Tensor]:
     return [_piece_distance(a, b, p, width) for p in range(num_pieces)]
 
 
+def _column_softmax(delta: Tensor, gamma: Tensor) -> Tensor:
+    """softmax(ΔW / γ) over the rows of each column (the output dimension), max-subtracted, as a new tensor."""
+    z = delta / gamma
+    e = z.sub_(z.amax(-2, keepdim=True)).exp_()
+    return e.div_(e.sum(-2, keepdim=True))
+
+
 def kernel_delta(
     kernel: str,
     a: Tensor,
@@ -76,6 +93,10 @@ def kernel_delta(
     """
     if kernel == "linear":
         return torch.matmul(b, a.mT, out=out).mul_(coefficients[0])
+    if kernel == "mixk":
+        delta = kernel_delta("piecewise_linear", a, b, coefficients[:num_pieces], num_pieces, pieces, out)
+        alpha, gamma, beta = coefficients[num_pieces:]
+        return delta.add_(_column_softmax(delta, gamma).mul_(alpha)).add_(beta)
     if kernel == "piecewise_linear":
         width = a.shape[-1] // num_pieces
         if pieces is None:
@@ -116,6 +137,8 @@ def kernel_backward(
     the result is always finite. ``pieces``: the piecewise distances, if the caller still has them; they
     are consumed (each is overwritten by its quotient g / distance, so no m×n temporary is allocated).
     """
+    if kernel == "mixk":
+        return _mixk_backward(a, b, coefficients, grad_delta, num_pieces, need_coefficients, pieces)
     g = grad_delta
     grad_coef = torch.zeros_like(coefficients) if need_coefficients else None
     if kernel == "linear":
@@ -161,3 +184,40 @@ def kernel_backward(
         grad_a, grad_b = _factor_products(inner, a, b)
         return grad_a * scale, grad_b * scale, grad_coef
     raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _mixk_backward(
+    a: Tensor,
+    b: Tensor,
+    coefficients: Tensor,
+    g: Tensor,
+    num_pieces: int,
+    need_coefficients: bool,
+    pieces: list[Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Backward of ΔW = D + α·S + β, S = softmax(D / γ) over rows, then of the piecewise D.
+
+    With u = g ⊙ S and c its column sums, softmax's backward is ∂L/∂(D/γ) = α·(u − S ⊙ c); hence
+    ∂L/∂D = g + α·(u − S ⊙ c) / γ, ∂L/∂α = Σ u, ∂L/∂β = Σ g and ∂L/∂γ = −Σ α·(u − S ⊙ c) ⊙ D / γ².
+    """
+    piecewise = coefficients[:num_pieces]
+    alpha, gamma, _ = coefficients[num_pieces:]
+    if pieces is None:
+        pieces = piece_distances(a, b, num_pieces)
+    delta = kernel_delta("piecewise_linear", a, b, piecewise, num_pieces, pieces)
+    softmax = _column_softmax(delta, gamma)
+    u = g * softmax
+    column_sums = u.sum(-2, keepdim=True)
+    dz = u.sub_(softmax.mul_(column_sums)).mul_(alpha)  # ∂L/∂(D/γ); the softmax is consumed
+    del softmax
+    grad_mix = None
+    if need_coefficients:
+        grad_gamma = -(dz * delta).sum() / gamma.square()
+        grad_mix = torch.stack([column_sums.sum(), grad_gamma, g.sum()])
+    del delta
+    grad_d = dz.div_(gamma).add_(g)
+    grad_a, grad_b, grad_piecewise = kernel_backward(
+        "piecewise_linear", a, b, piecewise, grad_d, num_pieces, need_coefficients, pieces
+    )
+    grad_coef = torch.cat([grad_piecewise, grad_mix]) if need_coefficients else None
+    return grad_a, grad_b, grad_coef

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from snell.config import SnellConfig
+from snell.config import PIECEWISE_KERNELS, SnellConfig
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell, sparse_delta
-from snell.spec import SnellSpec, to_weight_layout
+from snell.spec import SnellSpec, to_weight_layout, with_sparsities
 
 # Fused projections whose output rows stack several matrices (q, k, v) that the reference code adapts
 # and sparsifies separately.
@@ -67,16 +67,23 @@ def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
     groups = 1
     if config.split_fused_qkv and name.rsplit(".", 1)[-1] in FUSED_QKV_NAMES and out_features % 3 == 0:
         groups = 3
-    return SnellSpec(
+    spec = SnellSpec(
         op=op,
         weight_shape=weight_shape,
         kernel=config.kernel,
-        num_pieces=config.num_pieces if config.kernel == "piecewise_linear" else 1,
+        num_pieces=config.num_pieces if config.kernel in PIECEWISE_KERNELS else 1,
         mode=config.sparsify_mode,
         sparsity=float(config.sparsity),
         groups=groups,
         **conv,
     )
+    saved = (config.layer_sparsity or {}).get(name)
+    if saved is None:
+        return spec
+    try:
+        return with_sparsities(spec, saved)
+    except ValueError as err:
+        raise ValueError(f"layer_sparsity[{name!r}]: {err}") from None
 
 
 def sample_keep_scale(x: Tensor, p: float) -> Tensor | None:
@@ -112,6 +119,14 @@ def adapted_forward(
     return FusedSnellDropout.apply(x, weight, bias, a, b, coefficients, spec, dropout, keep)
 
 
+def kernel_coefficients(coefficients: Tensor, mix: Tensor | None) -> Tensor:
+    """The coefficients the kernel takes: ``coefficients`` alone, or for mixk one row per adapter group, the P
+    piecewise coefficients followed by that group's trained (α, γ, β) from ``mix`` (G, 3)."""
+    if mix is None:
+        return coefficients
+    return torch.cat([coefficients.to(mix.dtype).expand(mix.shape[0], -1), mix], -1)
+
+
 @torch.no_grad()
 def delta_weight(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
     """ΔWˢ in the layout of the layer's weight, in ``dtype`` (what merging adds to the weight)."""
@@ -127,6 +142,7 @@ class SnellLayer(nn.Module):
     snell_drop_path: float
     snell_merged: bool
     snell_disabled: bool
+    snell_mix: nn.Parameter | None
 
     @property
     def A(self) -> nn.Parameter:
@@ -147,14 +163,18 @@ class SnellLayer(nn.Module):
             )
         if self.snell_merged or self.snell_disabled:
             return super().forward(x)
-        factors = (self.snell_A, self.snell_B, self.snell_coefficients)
+        factors = (self.snell_A, self.snell_B, self.kernel_coefficients())
         dropout = (self.snell_dropout, self.snell_drop_path) if self.training else (0.0, 0.0)
         return adapted_forward(x, self.weight, self.bias, *factors, self.snell_spec, *dropout)
+
+    def kernel_coefficients(self) -> Tensor:
+        """The coefficients this layer's kernel takes (see :func:`kernel_coefficients`)."""
+        return kernel_coefficients(self.snell_coefficients, self.snell_mix)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """The sparsified update ΔWˢ in the layout and dtype of the base weight (no gradient)."""
-        return delta_weight(self.snell_spec, self.snell_A, self.snell_B, self.snell_coefficients, self.weight.dtype)
+        return delta_weight(self.snell_spec, self.snell_A, self.snell_B, self.kernel_coefficients(), self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -175,7 +195,7 @@ class SnellLayer(nn.Module):
         spec = self.snell_spec
         return (
             f"{super().extra_repr()}, snell(r={self.snell_A.shape[-1]}, kernel={spec.kernel}, "
-            f"sparsity={spec.sparsity}, mode={spec.mode}, groups={spec.groups})"
+            f"sparsity={spec.group_sparsity or spec.sparsity}, mode={spec.mode}, groups={spec.groups})"
         )
 
 
@@ -252,13 +272,23 @@ def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 def new_factors(spec: SnellSpec, config: SnellConfig, weight: Tensor) -> tuple[nn.Parameter, nn.Parameter, Tensor]:
     """Freshly initialised A and B (on ``weight``'s device, in at least float32, see :func:`factor_dtype`) and
-    the float32 kernel coefficients."""
+    the float32 kernel coefficients (for mixk, the piecewise ones only: see :func:`new_mix`)."""
     shape_a, shape_b = factor_shapes(spec, config.r)
     dtype = factor_dtype(weight.dtype)
     a = nn.Parameter(torch.empty(shape_a, device=weight.device, dtype=dtype))
     b = nn.Parameter(torch.empty(shape_b, device=weight.device, dtype=dtype))
     init_factors(a, b, spec.num_pieces)
-    return a, b, torch.tensor(config.kernel_coefficients, device=weight.device, dtype=torch.float32)
+    coefficients = config.kernel_coefficients[: spec.num_pieces if config.kernel == "mixk" else None]
+    return a, b, torch.tensor(coefficients, device=weight.device, dtype=torch.float32)
+
+
+def new_mix(spec: SnellSpec, config: SnellConfig, weight: Tensor) -> nn.Parameter | None:
+    """mixk's trained (α, γ, β), one row per adapter group (the authors' q, k and v modules each have their own),
+    initialised from the config (1, 1, 0 by default), in the factors' dtype; None for the other kernels."""
+    if config.kernel != "mixk":
+        return None
+    initial = torch.tensor(config.kernel_coefficients[spec.num_pieces :], dtype=factor_dtype(weight.dtype))
+    return nn.Parameter(initial.to(weight.device).repeat(spec.groups, 1))
 
 
 def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
@@ -271,6 +301,7 @@ def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLaye
         module.snell_coefficients = nn.Parameter(coefficients)
     else:
         module.register_buffer("snell_coefficients", coefficients, persistent=False)
+    module.register_parameter("snell_mix", new_mix(spec, config, module.weight))
     module.snell_spec = spec
     module.snell_dropout = float(config.dropout)
     module.snell_drop_path = float(config.drop_path)
@@ -281,7 +312,7 @@ def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLaye
 
 def detach(module: SnellLayer) -> nn.Module:
     """Remove the adapter (without merging) and give the module back its original class."""
-    for name in ("snell_A", "snell_B", "snell_coefficients"):
+    for name in ("snell_A", "snell_B", "snell_coefficients", "snell_mix"):
         delattr(module, name)
     for name in ("snell_spec", "snell_dropout", "snell_drop_path", "snell_merged", "snell_disabled"):
         module.__dict__.pop(name, None)

@@ -7,7 +7,7 @@ Every implementation of the fused function (torch_path, fused_cpu_path, triton_p
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ class SnellSpec:
     op: "linear" (weight (m, n)), "linear_t" (weight stored (n, m), transformers' Conv1D) or "conv2d"
     (weight (m, n/groups', kh, kw) seen as an (m, n·kh·kw/groups') matrix).
     groups: number of adapter groups stacked along the output dimension (3 for a split fused qkv).
+    group_sparsity: one sparsity per group where they differ (set per layer by the sparsity allocator or a saved
+    ``layer_sparsity``); empty when every group uses ``sparsity``. Use :meth:`sparsity_of`.
     """
 
     op: str
@@ -34,6 +36,20 @@ class SnellSpec:
     padding: tuple[int, ...] = (0, 0)
     dilation: tuple[int, ...] = (1, 1)
     conv_groups: int = 1
+    group_sparsity: tuple[float, ...] = ()
+
+    def sparsity_of(self, group: int) -> float:
+        return self.group_sparsity[group] if self.group_sparsity else self.sparsity
+
+    def dense(self, group: int) -> bool:
+        """Whether group ``group`` keeps the dense ΔW: at sparsity 0, as the reference SNELL code does, except for
+        mixk, whose reference module (SNELLA) sparsifies at every ratio, 0 included."""
+        return self.sparsity_of(group) == 0.0 and self.kernel != "mixk"
+
+    @property
+    def whole_matrix(self) -> bool:
+        """Whether ΔW must be built a whole group at a time (mixk's softmax couples the rows of a column)."""
+        return self.kernel == "mixk"
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -65,9 +81,25 @@ def to_weight_layout(spec: SnellSpec, matrix: Tensor) -> Tensor:
 BLOCK_ENTRIES = 1 << 20  # 4 MB of float32: a few blocks per ViT-B matrix, each fits in L3
 
 
+def with_sparsities(spec: SnellSpec, sparsities: list[float] | tuple[float, ...]) -> SnellSpec:
+    """``spec`` with one sparsity per adapter group (a single value when they are all equal)."""
+    if len(sparsities) != spec.groups:
+        raise ValueError(
+            f"a layer with {spec.groups} adapter groups takes {spec.groups} sparsities, got {sparsities!r}"
+        )
+    uniform = all(s == sparsities[0] for s in sparsities)
+    return replace(spec, sparsity=float(sparsities[0]), group_sparsity=() if uniform else tuple(map(float, sparsities)))
+
+
+def group_coefficients(coefficients: Tensor, group: int) -> Tensor:
+    """The kernel coefficients of adapter group ``group``: mixk's are (G, P + 3), one row per group; the other
+    kernels' (K,) are shared by every group."""
+    return coefficients[group] if coefficients.dim() == 2 else coefficients
+
+
 def row_blocks(spec: SnellSpec, entries: int | None = None):
     groups, rows_per_group, n = spec.grouped_shape
-    step = max(1, (entries or BLOCK_ENTRIES) // n)
+    step = rows_per_group if spec.whole_matrix else max(1, (entries or BLOCK_ENTRIES) // n)
     for g in range(groups):
         for start in range(0, rows_per_group, step):
             yield g, slice(start, min(start + step, rows_per_group))

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 
 from snell import kernels, sparsify
-from snell.spec import SnellSpec, base_blocks, grad_input, grouped_factors, matrix_grad, row_blocks
+from snell.spec import (
+    SnellSpec,
+    base_blocks,
+    grad_input,
+    group_coefficients,
+    grouped_factors,
+    matrix_grad,
+    row_blocks,
+)
 
 
 def dense_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> Tensor:
@@ -19,7 +27,8 @@ def dense_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> 
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     delta = a_g.new_empty(spec.grouped_shape)
     for g, rows in row_blocks(spec):
-        kernels.kernel_delta(spec.kernel, a_g[g], b_g[g, rows], coefficients, spec.num_pieces, out=delta[g, rows])
+        coef = group_coefficients(coefficients, g)
+        kernels.kernel_delta(spec.kernel, a_g[g], b_g[g, rows], coef, spec.num_pieces, out=delta[g, rows])
     return delta
 
 
@@ -38,25 +47,38 @@ def _merged(base: Tensor | None, delta: Tensor, scale: Tensor | None, out: Tenso
     return torch.add(base, delta, out=out) if scale is None else torch.addcmul(base, delta, scale, out=out)
 
 
-def _block_scale(spec: SnellSpec, delta: Tensor, tau: Tensor) -> Tensor | None:
-    """S for a block of ΔW's rows (None at sparsity 0, where every mode keeps the dense ΔW, as the
-    reference code does)."""
-    return None if spec.sparsity == 0.0 else sparsify.survivor_scale_(delta.abs(), tau, spec.mode)
+def _block_scale(spec: SnellSpec, group: int, delta: Tensor, tau: Tensor) -> Tensor | None:
+    """S for a block of ΔW's rows of adapter group ``group`` (None where it keeps the dense ΔW, see
+    :meth:`SnellSpec.dense`)."""
+    return None if spec.dense(group) else sparsify.survivor_scale_(delta.abs(), tau, spec.mode)
+
+
+def _thresholds(spec: SnellSpec, delta: Tensor) -> Tensor:
+    """τ per adapter group, (G, 1, 1): one selection over every group when they share a sparsity, else one each;
+    -inf for a group that keeps the dense ΔW."""
+    if not spec.group_sparsity:
+        if spec.dense(0):
+            return delta.new_full((spec.groups, 1, 1), -torch.inf)
+        return sparsify.threshold(delta, spec.sparsity)
+    taus = [
+        delta.new_full((1, 1, 1), -torch.inf)
+        if spec.dense(g)
+        else sparsify.threshold(delta[g : g + 1], spec.sparsity_of(g))
+        for g in range(spec.groups)
+    ]
+    return torch.cat(taus)
 
 
 def sparsify_(spec: SnellSpec, delta: Tensor, base: Tensor | None = None) -> Tensor:
     """Turn ΔW (G, m/G, n) into W0 + ΔWˢ (or ΔWˢ alone without ``base``) in place; returns τ, (G, 1, 1).
 
     τ is selected on ΔW itself (no m×n |ΔW|), then each block of rows gets its S and is merged while it is
-    in cache, so the forward needs one m×n buffer. τ is -inf at sparsity 0.
+    in cache, so the forward needs one m×n buffer. τ is -inf where the dense ΔW is kept.
     """
-    if spec.sparsity == 0.0:
-        tau = delta.new_full((spec.groups, 1, 1), -torch.inf)
-    else:
-        tau = sparsify.threshold(delta, spec.sparsity)
+    tau = _thresholds(spec, delta)
     for g, rows in row_blocks(spec):
         block = delta[g, rows]
-        _merged(None if base is None else base[g, rows], block, _block_scale(spec, block, tau[g]), out=block)
+        _merged(None if base is None else base[g, rows], block, _block_scale(spec, g, block, tau[g]), out=block)
     return tau
 
 
@@ -95,15 +117,16 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
     grad_a = torch.zeros_like(a_g) if need_factors else None
     grad_b = torch.empty_like(b_g) if need_factors else None
     grad_coef = torch.zeros_like(coefficients) if need_coef else None
-    keep_pieces = need_factors and spec.kernel == "piecewise_linear"
+    keep_pieces = need_factors and spec.kernel in ("piecewise_linear", "mixk")
     for g, rows in row_blocks(spec):
+        coef = group_coefficients(coefficients, g)
         # Every block temporary is dropped as soon as it is used (ΔW once merged, the block of dW once it is
         # the gradient w.r.t. ΔW, the piece distances inside the kernel's backward), so the next block never
         # allocates beside this one's leftovers.
         b_block = b_g[g, rows]
         pieces = kernels.piece_distances(a_g[g], b_block, spec.num_pieces) if keep_pieces else None
-        delta = kernels.kernel_delta(spec.kernel, a_g[g], b_block, coefficients, spec.num_pieces, pieces)
-        scale = _block_scale(spec, delta, tau[g])
+        delta = kernels.kernel_delta(spec.kernel, a_g[g], b_block, coef, spec.num_pieces, pieces)
+        scale = _block_scale(spec, g, delta, tau[g])
         if need_x:
             _merged(None if base is None else base[g, rows], delta, scale, out=merged[g, rows])
         del delta
@@ -123,12 +146,12 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
                 grad_delta.mul_(sparsify.gradient_scale(scale, tau[g], spec.mode))
                 scale = None
             block_a, block_b, block_coef = kernels.kernel_backward(
-                spec.kernel, a_g[g], b_block, coefficients, grad_delta, spec.num_pieces, need_coef, pieces
+                spec.kernel, a_g[g], b_block, coef, grad_delta, spec.num_pieces, need_coef, pieces
             )
             grad_a[g] += block_a
             grad_b[g, rows] = block_b
             if need_coef:
-                grad_coef += block_coef
+                group_coefficients(grad_coef, g).add_(block_coef)
         del scale, grad_delta, pieces
     grad_x = None if merged is None else grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
     factor_grads = (grad_a, grad_b, grad_coef) if need_factors else None

@@ -138,6 +138,11 @@ class SnellPeftConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SNELL
+        if self.kernel == "mixk":
+            raise ValueError(
+                "kernel 'mixk' (SNELLA) is not available through peft yet: its trained (α, γ, β) have no peft layer "
+                "slot; use snell.get_snell_model, or kernel in ('linear', 'piecewise_linear', 'rbf', 'sigmoid')"
+            )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
         self.snell_config()  # validates every method field, with snell's messages
