@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -114,14 +115,19 @@ def instruction(article: str, sections: list[str]) -> dict[str, str]:
 
 
 def write_task(out: Path, shots: int) -> Path:
-    """BBC News as instruction data: ``shots`` articles per section to train on, the held-out val and test sets."""
+    """BBC News as instruction data: ``shots`` articles per section to train on, the held-out val and test sets.
+
+    Each file is in a fixed shuffled order (the split lists sections one after another), so that the first N
+    records that ``--max-eval-samples`` keeps hold every section."""
     corpus = load_bbc_news()
     split = few_shot_split(corpus.labels, shots=shots, seed=0)
     sections = corpus.class_names
     out.mkdir(parents=True, exist_ok=True)
     for name, indices in (("train", split.train), ("val", split.val), ("test", split.test)):
+        order = [int(i) for i in indices]
+        random.Random(0).shuffle(order)
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for i in indices:
+            for i in order:
                 section = sections[int(corpus.labels[i])]
                 record = {**instruction(corpus.texts[i], sections), "output": section, "answer": section}
                 f.write(json.dumps({**record, "task": "bbc_news"}) + "\n")
