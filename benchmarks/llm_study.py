@@ -66,7 +66,7 @@ class Method:
 
 #: SNELL: the default s = 0.9 across the rate's range (5e-3 is the LoRA-like rate that the issue saw fail), and
 #: s = 0.5 at the default rate.
-SNELL_GRID = tuple({"lr": lr, "sparsity": 0.9} for lr in (5e-3, 2e-2, 5e-2)) + ({"lr": 2e-2, "sparsity": 0.5},)
+SNELL_GRID = (*({"lr": lr, "sparsity": 0.9} for lr in (5e-3, 2e-2, 5e-2)), {"lr": 2e-2, "sparsity": 0.5})
 LORA_GRID = tuple({"lr": lr} for lr in (2e-3, 5e-3))
 METHODS = {
     "snell8": Method("SNELL-8", {"method": "snell", "r": 8}, SNELL_GRID),
