@@ -342,3 +342,15 @@ def check_dropout_is_reproducible(device="cpu", depth=2) -> None:
     assert first[1].abs().sum() > 0
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+class QkvBlock(nn.Module):
+    """A fused q/k/v projection (three adapter groups) and a plain linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(10, 24)
+        self.fc = nn.Linear(24, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.qkv(x)))

@@ -5,22 +5,12 @@ import io
 
 import pytest
 import torch
-from torch import nn
+from checks import QkvBlock as Block
 
 import snell
 from snell.allocator import AllocatorConfig, SparsityAllocator, allocate, budget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(10, 24)
-        self.fc = nn.Linear(24, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.qkv(x)))
 
 
 def _model(seed=0):

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import QkvBlock as Block
 from checks import assert_matches_naive, dense_update, make_inputs, make_spec, naive_forward
-from torch import nn
 
 import snell
 from snell.dispatch import kernel_path
@@ -15,18 +15,6 @@ from snell.function import FusedSnell
 from snell.spec import with_sparsities
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Block(nn.Module):
-    """A fused q/k/v projection (three adapter groups) and a plain linear layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(10, 24)
-        self.fc = nn.Linear(24, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.qkv(x)))
 
 
 def _model(seed=0, **config):
