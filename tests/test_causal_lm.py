@@ -228,6 +228,7 @@ def test_commonsense_recipe_takes_llm_adapters_values() -> None:
     assert (config.method, config.r, config.epochs, config.batch_size, config.max_length) == ("snell", 32, 3, 16, 256)
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (config.num_beams, config.max_new_tokens, config.model_dtype) == (4, 32, "bfloat16")
+    assert (config.prompt_format, config.lr) == ("alpaca", 2e-2)  # LLM-Adapters' prompt; SNELL's measured rate
 
 
 def test_data_without_answers_reports_loss_and_perplexity(
