@@ -114,6 +114,22 @@ def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[P
     assert len(state["optimizer"]["state"]) == len(base)
 
 
+def test_sharded_full_fine_tuning_trains_the_head_as_one_process_does(tiny: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    """The chunked loss runs the (tied) head after the root's forward, on the weights FSDP keeps gathered until
+    backward ends: its gradient must still be reduced over the processes, as one process accumulating both
+    halves computes it."""
+    common = [*_args(*tiny, tmp_path / "unused"), "--method", "full", "--select-on", "none", "--epochs", "1"]
+    single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
+    assert (done := _run([sys.executable, "-m", "snell", *single])).returncode == 0, done.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    sharded = [*common, "--fsdp", "--batch-size", "16", "--output-dir", str(tmp_path / "two")]
+    assert (done := _run([*torchrun, "-m", "snell", *sharded])).returncode == 0, done.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / run / "adapter" / "model_state.safetensors")) for run in ("one", "two"))
+    base = AutoModelForCausalLM.from_pretrained(tiny[0]).state_dict()
+    assert not torch.equal(one["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_fsdp_is_refused_where_it_cannot_work(
     tiny: tuple[Path, Path],  # noqa: F811
     tmp_path: Path,

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from snell.train.causal_lm.instructions import IGNORE_INDEX
-from snell.train.fsdp import is_sharded
 
 CHUNK_ELEMENTS = 1 << 24
 """Logits per chunk (64 MB in fp32): a few such temporaries live at once, small next to the activations."""
@@ -46,11 +45,10 @@ def response_loss(logits: Tensor, labels: Tensor) -> LossParts:
 def _chunkable(model: nn.Module) -> bool:
     """Whether the head can run outside the model's forward with the same result.
 
-    Not under FSDP: the head's weight is sharded outside the root's forward. Not where the model changes the
+    Under FSDP2 the root keeps its parameters (the head's among them) gathered from its forward to the end of
+    backward, so the head runs whole here too. Not where the model changes the
     head's output after it (Gemma-2's soft-capping, Cohere's logit scale), or cannot skip its own logits.
     """
-    if is_sharded(model):
-        return False
     base = extract_model_from_parallel(model)
     config = getattr(base, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
