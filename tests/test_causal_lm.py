@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -16,20 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from llm_cases import TASKS, train_args
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snell.cli import main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import is_causal_lm
+from snell.train.causal_lm.demo import TINY_MODEL_DIR
 from snell.train.causal_lm.run import CausalLMRun, restore
 from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
-from snell.train.causal_lm.tiny import train_tokenizer
 from snell.train.config import UserError, resolve_config
 from snell.train.evaluate import evaluate_run, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = {"boolq": ("true", "false"), "winogrande": ("option1", "option2")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,51 +39,6 @@ def fresh_accelerate_state() -> Iterator[None]:
     """Runs here are in-process; accelerate keeps one global state, which bf16 and fp32 runs must not share."""
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _record(i: int, rng: random.Random) -> dict[str, str]:
-    task = "boolq" if i % 2 else "winogrande"
-    answer = rng.choice(TASKS[task])
-    return {
-        "instruction": f"Question {i}: is the sky {rng.choice(['blue', 'green'])} today?",
-        "input": "" if i % 3 else "It rained in the morning.",
-        "output": f"the correct answer is {answer}",
-        "answer": answer,
-        "task": task,
-    }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(model folder, data folder): a 2-layer random LLaMA with a BPE tokenizer trained on the data."""
-    root = tmp_path_factory.mktemp("tiny_llm")
-    rng = random.Random(0)
-    data = root / "data"
-    data.mkdir()
-    records = {}
-    for split, n in (("train", 24), ("val", 8), ("test", 8)):
-        records[split] = [_record(i, rng) for i in range(n)]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[split]))
-    texts = [I.build_prompt(r["instruction"], r["input"]) + r["output"] for r in records["train"]]
-    tokenizer = train_tokenizer(texts * 8, vocab_size=400)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    model_dir = root / "model"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir, data
-
-
-def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--rank", "4", "-s", "0.5",
-        "--epochs", "2", "--batch-size", "8", "--eval-batch-size", "8", "--lr", "1e-2", "--warmup-epochs", "0.5",
-        "--max-length", "96", "--max-new-tokens", "6", "--select-on", "val", "--no-progress", *extra,
-    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -103,7 +57,7 @@ def test_labels_mask_the_prompt_and_keep_the_response_and_eos(tiny: tuple[Path, 
     tokenizer = I.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny[0]))
     example = I.Example("Is it true?", "", "the correct answer is true", "true", "boolq", "x:1")
     item = I.encode(example, tokenizer, cutoff=512)
-    prompt = tokenizer(example.prompt)["input_ids"]
+    prompt = tokenizer(I.build_prompt(example.instruction))["input_ids"]
     response = tokenizer(example.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert item["input_ids"] == prompt + response and item["prompt_ids"] == prompt
     assert item["labels"] == [I.IGNORE_INDEX] * len(prompt) + response
@@ -198,7 +152,7 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     model_dir, data = tiny
     run = tmp_path / "run"
     extra = ("--model-dtype", "bfloat16", "--bf16", "--gradient-checkpointing", "--grad-accum", "2")
-    assert main(_args(model_dir, data, run, *extra)) == 0
+    assert main(train_args(model_dir, data, run, *extra)) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["test_accuracy_per_task"]) == set(TASKS) and 0 <= summary["test_accuracy"] <= 1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -229,7 +183,7 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path: Path, method: str) -> None:
     extra = ("--method", method, "--packing", "--max-eval-samples", "5")
-    assert main([*_args(*tiny, tmp_path / method, *extra), "--epochs", "1"]) == 0
+    assert main([*train_args(*tiny, tmp_path / method, *extra), "--epochs", "1"]) == 0
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert summary["method"] == method and summary["split_sizes"]["train"] < 24  # packed
     assert summary["split_sizes"]["val"] == summary["split_sizes"]["test"] == 5
@@ -240,7 +194,7 @@ def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
     tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    args = _args(*tiny, tmp_path / "straight", "--adapter-dropout", "0.1")  # dropout: RNG state is restored too
+    args = train_args(*tiny, tmp_path / "straight", "--adapter-dropout", "0.1")  # dropout: RNG state is restored too
     assert main(args) == 0
     interrupted = [a if a != str(tmp_path / "straight") else str(tmp_path / "cut") for a in args]
     save = CausalLMRun._save_checkpoint
@@ -265,7 +219,7 @@ def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(
 def test_linear_probing_is_refused_for_a_causal_lm(
     tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert main(_args(*tiny, tmp_path / "run", "--method", "linear")) == 2
+    assert main(train_args(*tiny, tmp_path / "run", "--method", "linear")) == 2
     assert "classification head" in capsys.readouterr().err
 
 
@@ -286,7 +240,7 @@ def test_data_without_answers_reports_loss_and_perplexity(
         plain = [{k: r[k] for k in ("instruction", "input", "output")} for r in rows]
         (data / f"{split}.json").write_text(json.dumps(plain))  # JSON arrays are read too
     run = tmp_path / "run"
-    assert main([*_args(tiny[0], data, run, "--method", "lora"), "--epochs", "1"]) == 0
+    assert main([*train_args(tiny[0], data, run, "--method", "lora"), "--epochs", "1"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_accuracy"] is None and summary["test_perplexity"] > 1 and "best_val_score" in summary
     capsys.readouterr()
@@ -296,11 +250,11 @@ def test_data_without_answers_reports_loss_and_perplexity(
 
 
 def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> None:
-    from snell.train.causal_lm.demo import SHOTS, write_task
+    from snell.train.causal_lm.demo import write_task
 
-    data = write_task(tmp_path / "data")
+    data = write_task(tmp_path / "data", shots=32)
     train, test = I.read_examples(data / "train.jsonl"), I.read_examples(data / "test.jsonl")
-    assert len(train) == 5 * SHOTS and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
+    assert len(train) == 5 * 32 and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
     assert {e.answer for e in test} == {"business", "entertainment", "politics", "sports", "tech"}
     assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
 
@@ -309,18 +263,16 @@ def test_llm_demo_trains_the_shipped_model_and_prints_its_table(tmp_path: Path, 
     """`snell demo --task llm` end to end, at one epoch and one method to stay quick (the full demo: README)."""
     out = tmp_path / "demo"
     assert main(["demo", "--task", "llm", "--epochs", "1", "--methods", "snell", "--no-progress",
-                 "--output-dir", str(out)]) == 0  # fmt: skip
+                 "--output-dir", str(out), "--model", str(TINY_MODEL_DIR)]) == 0  # fmt: skip
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["method"] == "snell" and 0.0 <= row["test_accuracy"] <= 1.0 and row["trainable_params"] > 0
     assert "not LLaMA-2-7B" in capsys.readouterr().out and (out / "results.png").is_file()
 
 
 def test_the_shipped_demo_model_is_a_small_pretrained_llama() -> None:
-    from snell.train.causal_lm.demo import MODEL_DIR
-
-    assert is_causal_lm(MODEL_DIR) and sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 20e6
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    assert is_causal_lm(TINY_MODEL_DIR) and sum(f.stat().st_size for f in TINY_MODEL_DIR.iterdir()) < 20e6
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
     ids = tokenizer("The company said its profits rose in the last three months of the year.", return_tensors="pt")
     with torch.no_grad():
         loss = model(**ids, labels=ids["input_ids"]).loss
@@ -331,7 +283,7 @@ def test_two_processes_match_one_that_accumulates_the_same_halves(tiny: tuple[Pa
     """As for classification (tests/test_cli.py): rank r gets the r-th half of each batch of 16, which one
     process with --batch-size 8 --grad-accum 2 sees as its two micro-batches, so every tensor must be equal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
-    common = [*_args(*tiny, tmp_path / "unused"), "--select-on", "none", "--epochs", "1"]  # 32 examples: 2 batches
+    common = [*train_args(*tiny, tmp_path / "unused"), "--select-on", "none", "--epochs", "1"]  # 32 examples: 2 batches
     single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for command in ([sys.executable, "-m", "snell", *single], [*torchrun, "-m", "snell", *common, "--batch-size",
@@ -347,9 +299,21 @@ def test_two_processes_match_one_that_accumulates_the_same_halves(tiny: tuple[Pa
     assert len(predictions[1]) == 8 and predictions[0] == predictions[1]  # gathered once each, in file order
 
 
-def test_search_refuses_a_causal_lm_plainly(tiny: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
-    assert main(["search", "--model", str(tiny[0]), "--data", str(tiny[1]), "--grid-sparsity", "0.5"]) == 2
-    assert "supports classifiers only" in capsys.readouterr().err
+def test_search_selects_a_causal_lm_on_val_and_retrains_the_winner(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """`snell search` on instruction data: every trial is a causal-LM run scored on val only (no test numbers,
+    no test predictions written); the winner is retrained and reports test accuracy by generation."""
+    out = tmp_path / "search"
+    args = ["search", "--model", str(tiny[0]), "--data", str(tiny[1]), "--output-dir", str(out), "--epochs", "1",
+            "--grid-sparsity", "0,0.5", "--grid-lr", "1e-2", "--rank", "4", "--batch-size", "8",
+            "--eval-batch-size", "8", "--max-length", "96", "--max-new-tokens", "6", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "search.json").read_text())
+    trials = result["trials"]
+    assert sorted(t["params"]["sparsity"] for t in trials) == [0.0, 0.5]
+    assert all(0 <= t["val_accuracy"] <= 1 and "test_accuracy" not in t for t in trials)
+    assert not any((Path(t["output_dir"]) / "test_predictions.json").exists() for t in trials)
+    best = max(trials, key=lambda t: t["val_accuracy"])
+    assert result["selected"]["key"] == best["key"] and 0 <= result["final"]["test_accuracy"] <= 1
 
 
 def test_the_lm_eval_example_scores_a_merged_run_with_snells_prompt(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -357,7 +321,7 @@ def test_the_lm_eval_example_scores_a_merged_run_with_snells_prompt(tiny: tuple[
     loads it offline, prompts every record exactly as snell does (with and without input) and scores it."""
     model_dir, data = tiny
     run = tmp_path / "run"
-    assert main(_args(model_dir, data, run, "--epochs", "1", "--select-on", "none")) == 0
+    assert main(train_args(model_dir, data, run, "--epochs", "1", "--select-on", "none")) == 0
     assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
     work = tmp_path / "eval"
     (work / "data").mkdir(parents=True)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import snell
 from snell.train.causal_lm import loss as L
-from snell.train.causal_lm.demo import MODEL_DIR
+from snell.train.causal_lm.demo import TINY_MODEL_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -42,10 +42,10 @@ METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
 
 def _model(method: str) -> nn.Module:
     torch.manual_seed(0)
-    model = METHODS[method](AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)).train()
+    model = METHODS[method](AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)).train()
     if method == "snell":  # the factors start at zero (ΔW = 0): give the adapter something to contribute
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for param in model.parameters():
                 if param.requires_grad:
                     param.normal_(std=0.1)
     return model

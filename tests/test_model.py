@@ -89,7 +89,9 @@ def test_vit_preset_splits_qkv_and_keeps_base_keys():
     assert total == sum(p.numel() for p in model.parameters())
 
 
-def test_fused_qkv_is_sparsified_per_matrix():
+@pytest.mark.parametrize("kernels", ["auto", "fused"])  # the torch path here, and the fused CPU kernels
+def test_fused_qkv_is_sparsified_per_matrix(kernels, monkeypatch):
+    monkeypatch.setenv("SNELL_KERNELS", kernels)
     model = _tiny_vit()
     snell.get_snell_model(model, snell.SnellConfig(sparsity=0.9, target_modules=["qkv"]))
     qkv = model.blocks[0].attn.qkv

@@ -195,3 +195,12 @@ def test_snell_search_subcommand(tmp_path, monkeypatch, capsys):
     assert "retrained on train+val: test accuracy 0.5000" in capsys.readouterr().out
     assert cli.main([*argv, "--resume"]) == 2
     assert "resumes by itself" in capsys.readouterr().err
+
+
+def test_without_any_rate_each_sparsity_gets_the_methods_default() -> None:
+    """`snell search` with neither --lr nor --grid-lr: s = 0 trains the dense kernel at 1e-3, s > 0 the squared
+    sparsified update at 2e-2 (one base rate for both would be 20x off for one of them)."""
+    grid = S.Grid(sparsity=(0.0, 0.9), lr_per_sparsity=True)
+    assert [p["lr"] for p in grid.points(tiny_config(lr=None))] == [1e-3, 2e-2]
+    given = S.Grid(sparsity=(0.0, 0.9), lr=(5e-3,), lr_per_sparsity=True)
+    assert [p["lr"] for p in given.points(tiny_config())] == [5e-3, 5e-3]

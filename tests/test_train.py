@@ -227,3 +227,15 @@ def test_paths_are_stored_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert relative.data == absolute.data == str(tmp_path.resolve() / "data")
     assert relative.output_dir == absolute.output_dir and relative.checkpoint == str(tmp_path.resolve() / "w.pth")
     assert TrainConfig(data="mnist").data == "mnist"  # a built-in task name, not a path
+
+
+def test_an_unset_lr_is_the_methods_default() -> None:
+    """SNELL's sparsified kernel (reference or soft mode, s > 0) squares its small update and gets 2e-2; every
+    other setting keeps 1e-3; a given rate, from a flag or a recipe, is never replaced."""
+    assert resolve_config(None, {}).lr == 2e-2  # snell, s = 0.9, reference mode
+    assert resolve_config(None, {"sparsify_mode": "soft"}).lr == 2e-2
+    assert resolve_config(None, {"sparsity": 0.0}).lr == 1e-3  # the dense kernel, no squared factor
+    assert resolve_config(None, {"sparsify_mode": "mask"}).lr == 1e-3
+    assert all(resolve_config(None, {"method": m}).lr == 1e-3 for m in ("lora", "dora", "full", "linear"))
+    assert resolve_config(None, {"lr": 5e-3}).lr == 5e-3
+    assert resolve_config("vtab/cifar", {}).lr == 1e-3

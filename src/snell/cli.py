@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--methods", default="snell,lora,full,linear", help="comma-separated methods to compare")
     demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
+    demo.add_argument(
+        "--model", type=Path, default=None, help="--task llm: another causal LM (default: SmolLM2-135M-Instruct)"
+    )
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return parser
 
@@ -74,10 +77,13 @@ def _run(args: argparse.Namespace) -> int:
     elif args.task == "llm":
         from snell.train.causal_lm.demo import run_llm_demo
 
-        run_llm_demo(
-            [m.strip() for m in args.methods.split(",") if m.strip()], args.output_dir, args.epochs, args.progress
-        )
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        run_llm_demo(methods, args.output_dir, args.epochs, args.progress, args.model)
     else:
+        from snell.train.config import UserError
+
+        if args.model is not None:
+            raise UserError("--model is for --task llm; the image and text demos use their packaged models")
         from snell.train.demo import run_demo
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 
 #: Keys adapter_config.json holds beside the config's fields, for the reader's information (snell.io writes
 #: them); from_dict ignores them, so the file still reads as a plain SnellConfig.
-ADAPTER_FILE_KEYS = ("base_model", "adapted_modules")
+ADAPTER_FILE_KEYS = ("base_model", "adapted_modules", "training")
 
 #: Saved configs name their method under peft's key, so that peft and snell both tell their folders apart.
 METHOD_KEY, METHOD = "peft_type", "SNELL"

@@ -63,7 +63,8 @@ class FusedSnellDropout(torch.autograd.Function):
     (as large as x) nor the mask is saved; backward draws the mask again from its seed. Saved: x, the
     factors, τ and k, the same as the dropout-free path plus k. The 1 / (1 − p) is applied to the branch's
     output and to its incoming gradient, never to an x-sized tensor. ``sample_scale`` is k, broadcastable to
-    y (None for no stochastic depth).
+    y (None for no stochastic depth). ``weight`` may be None (then ``bias`` must be too): y = k ⊙ op(D ⊙ x, ΔWˢ),
+    the adapter branch alone, as in :class:`snell.function.FusedSnell` (a peft layer's further active adapters).
     """
 
     @staticmethod
@@ -76,13 +77,16 @@ class FusedSnellDropout(torch.autograd.Function):
             dropped = x if seed is None else x * dropout_keep(x, p, seed)
             branch = layer_op(spec, dropped, update, None)
             del dropped, update
-            base = weight_matrix(spec, weight).to(x.dtype)
-            out = layer_op(spec, x, base, None if bias is None else bias.to(x.dtype))
             inverse_keep = 1.0 / keep_probability(p)
-            if sample_scale is None:
-                out.add_(branch, alpha=inverse_keep)
+            if weight is None:
+                out = branch.mul_(inverse_keep if sample_scale is None else sample_scale.to(x.dtype) * inverse_keep)
             else:
-                out.addcmul_(branch, sample_scale.to(x.dtype), value=inverse_keep)
+                base = weight_matrix(spec, weight).to(x.dtype)
+                out = layer_op(spec, x, base, None if bias is None else bias.to(x.dtype))
+                if sample_scale is None:
+                    out.add_(branch, alpha=inverse_keep)
+                else:
+                    out.addcmul_(branch, sample_scale.to(x.dtype), value=inverse_keep)
         ctx.spec, ctx.p, ctx.seed, ctx.path = spec, p, seed, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau, sample_scale)
         return out
@@ -110,7 +114,8 @@ class FusedSnellDropout(torch.autograd.Function):
             if need_x:
                 grad_x = grad_dropped if keep is None else grad_dropped.mul_(keep)
                 del keep
-                add_grad_input_(spec, x, weight_matrix(spec, weight).to(x.dtype), grad_out, grad_x)
+                if weight is not None:
+                    add_grad_input_(spec, x, weight_matrix(spec, weight).to(x.dtype), grad_out, grad_x)
             if need_w:
                 grad_w = to_weight_layout(spec, matrix_grad(spec, x, grad_out)).to(weight.dtype)
             if factor_grads is not None:

@@ -133,8 +133,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the adapter of ``model`` to ``directory`` (created if needed) and return the directory."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed) and return the directory.
+
+    ``training``: how the adapter was trained, for whoever uses it later (``snell train`` records the causal-LM
+    prompt format there); stored in adapter_config.json as is and not needed to load the adapter.
+    """
     tensors = adapter_state_dict(model)
     config: SnellConfig = model.snell_config
     if any(layer.snell_merged for _, layer in iter_snell_layers(model)):
@@ -153,6 +157,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         METHOD_KEY: METHOD,
         "base_model": base_model_record(model),
         "adapted_modules": [name for name, _ in iter_snell_layers(model)],
+        **({"training": training} if training else {}),
     }
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     _atomic_write(

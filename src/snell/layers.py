@@ -90,7 +90,7 @@ def sample_keep_scale(x: Tensor, p: float) -> Tensor | None:
 
 def adapted_forward(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     a: Tensor,
     b: Tensor,
@@ -101,7 +101,8 @@ def adapted_forward(
 ) -> Tensor:
     """op(x, W0 + ΔWˢ) + b for one adapted layer: the one forward every SNELL layer runs (the in-place
     SnellLayer here, the peft integration's wrapper layer), so there is a single implementation of the method.
-    Pass dropout = drop_path = 0 in eval mode."""
+    Pass dropout = drop_path = 0 in eval mode. With ``weight`` and ``bias`` None it is the adapter branch alone,
+    op(x, ΔWˢ) (what a further active adapter of a peft layer adds)."""
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))

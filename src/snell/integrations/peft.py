@@ -1,12 +1,21 @@
 """SNELL as a peft method: ``peft.get_peft_model(model, SnellPeftConfig(...))``.
 
 How SNELL is registered, and why this way: peft's ``register_peft_method`` only accepts names of its closed
-``PeftType`` enum, and extending a Python enum from outside means patching its private member tables. peft
-itself dispatches on ``config.peft_type`` through three plain dicts in ``peft.mapping`` (config class, tuner
-class, parameter prefix) in get_peft_model, save_pretrained, PeftModel.from_pretrained and load_adapter, and a
-plain string ``"SNELL"`` round-trips through adapter_config.json. So this module adds that string key to the
-three dicts and changes nothing else in peft. The route is not public API (peft 0.20 rejects it), so the peft
-versions it was tested with are pinned in :data:`SUPPORTED_PEFT` and checked at import.
+``PeftType`` enum. peft itself dispatches on ``config.peft_type`` through three plain dicts in ``peft.mapping``
+(config class, tuner class, parameter prefix) in get_peft_model, save_pretrained, PeftModel.from_pretrained and
+load_adapter, so this module adds the key ``"SNELL"`` to those three dicts and changes nothing else in peft.
+
+SNELL's ``peft_type`` is :data:`SNELL`, a :class:`MethodType`: a ``str`` subclass equal to (and hashing as)
+``"SNELL"`` that also answers ``.value`` and ``.name`` as a ``PeftType`` member does. peft code that reads
+``config.peft_type.value`` (the mixed-model check, hotswap, gradient-checkpointing messages) then works, while the
+dict lookups, ``==`` against strings or ``PeftType`` members (a ``str`` enum), JSON (written as ``"SNELL"``) and
+``PeftConfig.from_pretrained`` (which reads the plain string back and finds this config class by it) see a string.
+The alternative, adding a member to ``PeftType`` by patching the enum's private tables (``_member_map_``,
+``_value2member_map_``, ``_member_names_``), would let ``register_peft_method`` accept SNELL, but it changes a
+global that all of peft iterates over (every loop over ``PeftType`` would meet a method peft does not know), and
+those private tables differ between Python versions: a larger blast radius for the same effect. The route is not
+public API (peft 0.20 rejects it), so the peft versions it was tested with are pinned in :data:`SUPPORTED_PEFT` and
+checked at import.
 
 The tuner layer wraps the original module as peft's ``base_layer`` and keeps the factors per adapter name.
 Its forward and its merge are the core's (:func:`snell.layers.adapted_forward`, :func:`snell.layers.delta_weight`):
@@ -47,15 +56,36 @@ from peft.mapping import (  # noqa: E402
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
+from peft.tuners.tuners_utils import (  # noqa: E402
+    BaseTuner,
+    BaseTunerLayer,
+    _get_in_out_features,
+    check_adapters_to_merge,
+)
 
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
 from snell.layers import adapted_forward, build_spec, delta_weight, iter_snell_layers, new_factors  # noqa: E402
 from snell.presets import detect_preset  # noqa: E402
 from snell.spec import SnellSpec  # noqa: E402
 
-#: The ``peft_type`` of SNELL adapters, in peft's configs and in snell's own adapter_config.json.
-SNELL = METHOD
+
+class MethodType(str):
+    """A ``peft_type`` outside peft's closed ``PeftType`` enum that behaves like one of its members: it is the
+    string itself (dict keys, ``==``, JSON) and has the members' ``.value`` and ``.name``."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+#: The ``peft_type`` of SNELL adapters, in peft's configs and (as the plain string) in adapter_config.json.
+SNELL = MethodType(METHOD)
 
 _METHOD_FIELDS = (
     "r",
@@ -144,6 +174,9 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.training = base_layer.training  # a model adapted in eval mode stays in eval mode (no adapter dropout)
         self.base_layer = base_layer
+        # What peft's own tuner layers report (peft's helper, as LoRA's layers use it): a Linear's in/out_features,
+        # a Conv2d's in/out_channels, a Conv1D's weight shape (in, out).
+        self.in_features, self.out_features = _get_in_out_features(base_layer)
         self.snell_A = nn.ParameterDict()
         self.snell_B = nn.ParameterDict()
         # Fixed coefficients live here too (requires_grad False), so that adapters move with the model and
@@ -183,6 +216,14 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             if not self.snell_learnable[name]:
                 coefficients.requires_grad_(False)
 
+    def cast_factors(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Store A and B of ``adapter_name`` in ``dtype`` (a floating dtype; others are left as they are)."""
+        if not dtype.is_floating_point:
+            return
+        for factors in (self.snell_A, self.snell_B):
+            old = factors[adapter_name]
+            factors[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔWˢ of ``adapter_name`` in the base weight's layout and dtype (the core's computation)."""
         weight = self.get_base_layer().weight
@@ -199,7 +240,8 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
                 if safe_merge:
                     merged = weight + self.delta_weight(name)
                     if not torch.isfinite(merged).all():
-                        raise ValueError(f"merging SNELL adapter {name!r} gives inf or NaN weights; not merged")
+                        # peft's wording, as every peft method raises it; the weight is not written.
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                     weight.copy_(merged)
                 else:
                     weight.add_(self.delta_weight(name))
@@ -219,16 +261,17 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.snell_A]
         if self.disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) > 1:
-            raise ValueError(
-                f"SNELL runs one adapter per forward (each ΔW is sparsified on its own), but {active} are active; "
-                "set_adapter() one of them, or merge them"
-            )
-        name = active[0]
+        # Several active adapters add up, as LoRA's do: y = op(x, W0 + Σᵢ ΔWᵢˢ) + b, each ΔWᵢ sparsified on its own
+        # with its own τ. The first one rides on W0's GEMM; each further one adds its branch op(x, ΔWᵢˢ).
         base = self.get_base_layer()
-        dropout = self.snell_dropouts[name] if self.training else (0.0, 0.0)
-        factors = (self.snell_A[name], self.snell_B[name], self.snell_coefficients[name])
-        return adapted_forward(x, base.weight, base.bias, *factors, self.snell_specs[name], *dropout)
+        out = None
+        for name in active:
+            dropout = self.snell_dropouts[name] if self.training else (0.0, 0.0)
+            factors = (self.snell_A[name], self.snell_B[name], self.snell_coefficients[name])
+            weight, bias = (base.weight, base.bias) if out is None else (None, None)
+            y = adapted_forward(x, weight, bias, *factors, self.snell_specs[name], *dropout)
+            out = y if out is None else out + y
+        return out
 
     def __repr__(self) -> str:
         return "snell." + super().__repr__()
@@ -246,6 +289,18 @@ class SnellPeftModel(BaseTuner):
             raise ValueError(
                 "this model already has snell.get_snell_model adapters; use a fresh model for get_peft_model"
             )
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's ``autocast_adapter_dtype``: True (the default) keeps the factors in float32, as they are created
+        (:func:`snell.layers.factor_dtype`); False stores A and B in the base weight's dtype, as LoRA does. The kernel
+        coefficients stay float32 either way: the default ±0.1 has no exact bf16 value, and rounding it would change
+        the kernel itself, not just the precision of what is trained."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if isinstance(module, SnellPeftLayer) and adapter_name in module.snell_A:
+                module.cast_factors(adapter_name, module.get_base_layer().weight.dtype)
 
     def _prepare_adapter_config(self, peft_config: SnellPeftConfig, model_config: dict) -> SnellPeftConfig:
         if peft_config.target_modules is None:
@@ -284,4 +339,12 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["SNELL", "SUPPORTED_PEFT", "SnellPeftConfig", "SnellPeftLayer", "SnellPeftModel", "check_peft_version"]
+__all__ = [
+    "SNELL",
+    "SUPPORTED_PEFT",
+    "MethodType",
+    "SnellPeftConfig",
+    "SnellPeftLayer",
+    "SnellPeftModel",
+    "check_peft_version",
+]

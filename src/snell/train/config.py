@@ -24,6 +24,24 @@ BUILTIN_DATA = ("fashion_mnist", "mnist", "digits", "bbc_news")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
+#: The default peak rate of SNELL when its update is sparsified in the reference (or soft) mode. The kept
+#: entries become ΔW·|ΔW|, and ΔW starts near 1e-3, so the effective update starts near 1e-6 and grows with
+#: the square of the factors' drift: a rate that suits LoRA leaves it near zero for a whole short run. Measured
+#: on val (README, "Learning rates"): 2e-2 is inside the working range of SmolLM2-135M, MiniLM, EfficientNet and
+#: the small ViT at s = 0.9, where 1e-3 to 5e-3 learned little or nothing.
+SPARSE_SNELL_LR = 2e-2
+#: Every other method, and SNELL without that quadratic factor (s = 0, or the mask mode): the long-standing
+#: default, which LoRA-like updates tolerate.
+DEFAULT_LR = 1e-3
+
+
+def default_lr(method: str, sparsify_mode: str, sparsity: float) -> float:
+    """The peak learning rate of an unset ``--lr``: SNELL's sparsified kernel needs about 20x LoRA's."""
+    sparse = isinstance(sparsity, (int, float)) and sparsity > 0
+    squared = method == "snell" and sparsify_mode in ("reference", "soft") and sparse
+    return SPARSE_SNELL_LR if squared else DEFAULT_LR
+
+
 class UserError(Exception):
     """A problem with the user's input (file, flag, recipe, checkpoint): reported without a traceback."""
 
@@ -58,7 +76,10 @@ class TrainConfig:
         "give it when a training split lacks the highest classes, e.g. VTAB sun397: 397)",
     )
     # model
-    model: str = _opt("vit_base_patch16_224.orig_in21k", "timm model name, or a transformers model directory")
+    model: str = _opt(
+        "vit_base_patch16_224.orig_in21k",
+        "timm model name, a transformers model directory, or (causal LM) a .gguf file or a folder holding one",
+    )
     checkpoint: str | None = _opt(None, "local backbone weights for a timm model (.safetensors, .pth, .npz)")
     pretrained: bool = _opt(False, "let timm download its pretrained weights (needs hub access)")
     model_kwargs: dict = field(
@@ -92,7 +113,9 @@ class TrainConfig:
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(32, "global batch size (split across processes)")
     grad_accum: int = _opt(1, "gradient accumulation steps (the effective batch is batch_size * grad_accum)")
-    lr: float = _opt(1e-3, "peak learning rate")
+    lr: float | None = _opt(
+        None, "peak learning rate (default: the method's: 2e-2 for SNELL's sparsified kernel, 1e-3 otherwise)"
+    )
     weight_decay: float = _opt(1e-2, "AdamW weight decay (never on 1-D params, biases, pos_embed, cls_token)")
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs, from --warmup-lr to --lr")
     warmup_lr: float = _opt(1e-6, "learning rate at the first step")
@@ -122,12 +145,25 @@ class TrainConfig:
         "float32", "causal LM: dtype of the base weights (SNELL/LoRA factors stay float32)", MODEL_DTYPES
     )
     gradient_checkpointing: bool = _opt(False, "causal LM: recompute activations in backward to save memory")
+    prompt_format: str | None = _opt(
+        None,
+        "causal LM prompt: alpaca (LLM-Adapters' template) or chat (the tokenizer's; the default where it has one)",
+        ("alpaca", "chat"),
+    )
     packing: bool = _opt(False, "causal LM: lay whole training examples end to end up to --max-length tokens")
     train_on_prompt: bool = _opt(False, "causal LM: compute the loss on the prompt too, not only the response")
     max_new_tokens: int = _opt(32, "causal LM: tokens generated per example when scoring")
+    score_by: str = _opt(
+        "generate",
+        "causal LM accuracy: generate (greedy text, first answer found in it, as LLM-Adapters) or likelihood "
+        "(the answer of the task's set whose response is most probable, as lm-eval's multiple choice)",
+        ("generate", "likelihood"),
+    )
     num_beams: int = _opt(1, "causal LM: beams when scoring (1: greedy; LLM-Adapters' commonsense evaluation uses 4)")
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = default_lr(self.method, self.sparsify_mode, self.sparsity)
         self.validate()
         self._resolve_paths()
 
@@ -136,7 +172,7 @@ class TrainConfig:
         through a symlink) is the same value when a run is resumed, evaluated or merged from elsewhere."""
         if self.data and Path(self.data).exists():  # a built-in task name stays a name
             self.data = str(Path(self.data).resolve())
-        if Path(self.model).is_dir():  # a transformers model folder; a timm name stays a name
+        if Path(self.model).exists():  # a transformers model folder or a .gguf file; a timm name stays a name
             self.model = str(Path(self.model).resolve())
         for name in ("checkpoint", "output_dir"):
             if getattr(self, name):

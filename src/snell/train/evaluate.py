@@ -64,11 +64,11 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
     """Accuracy of a run's saved result on one split."""
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
-    config, _ = load_run_config(run_dir)
+    config, record = load_run_config(run_dir)
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
 
-        return causal.evaluate_run(run_dir, config, split, adapter, data)
+        return causal.evaluate_run(run_dir, causal.recorded_config(config, record), split, adapter, data)
     config, task, backbone, model = restore(run_dir, adapter, split, data)
     dataset = task.test if split == "test" else task.val
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
@@ -92,10 +92,10 @@ def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) ->
     existing = [output / name for name in MERGED_FILES if (output / name).exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it, or choose another --output")
-    config, _ = load_run_config(run_dir)
+    config, record = load_run_config(run_dir)
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
 
-        return causal.merge_run(run_dir, config, output)
+        return causal.merge_run(run_dir, causal.recorded_config(config, record), output)
     config, _, backbone, model = restore(run_dir)
     return save_merged(merge_trained(model, config), backbone, output)

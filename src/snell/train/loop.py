@@ -259,6 +259,10 @@ class Run:
         """Write the merged model (``--merge``) the way this kind's tools load it."""
         raise NotImplementedError
 
+    def _adapter_record(self) -> dict[str, Any] | None:
+        """What the saved adapter's config records about training, beyond the method's own settings."""
+        return None
+
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
@@ -535,7 +539,7 @@ class Run:
         }
         with unsharded(model):  # --fsdp: whole tensors for the files; a no-op otherwise
             if self.main:
-                save_trained(model, cfg, self.out / "adapter")
+                save_trained(model, cfg, self.out / "adapter", self._adapter_record())
                 if cfg.merge:
                     self._save_merged(merge_trained(model, cfg), self.out / "merged")
         if self.main:
@@ -559,6 +563,14 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         from snell.train.causal_lm.run import CausalLMRun
 
         return CausalLMRun(config, resume).fit()
+    from snell.train.causal_lm.instructions import holds_instructions
+    from snell.train.causal_lm.source import describe_model
+
+    if holds_instructions(config.data):
+        raise UserError(
+            f"{config.data} holds instruction data, which trains a causal LM, but --model {config.model} is "
+            f"{describe_model(config.model)}; give a ...ForCausalLM folder or a .gguf file"
+        )
     from snell.train.classification import ClassificationRun
 
     return ClassificationRun(config, resume).fit()

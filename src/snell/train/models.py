@@ -371,11 +371,15 @@ def load_mutable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             tensor.copy_(like(tensor, state[name]))  # a shard (--fsdp) takes its slice of the whole tensor
 
 
-def save_trained(model: nn.Module, config: TrainConfig, directory: Path) -> Path:
-    """Write the result in the method's own format: SNELL adapter, peft adapter, or a state dict."""
+def save_trained(model: nn.Module, config: TrainConfig, directory: Path, training: dict | None = None) -> Path:
+    """Write the result in the method's own format: SNELL adapter, peft adapter, or a state dict.
+
+    ``training`` (what a later user of the adapter must repeat, e.g. the prompt format) goes into a SNELL
+    adapter's config; peft's loader warns on keys it does not know, so its adapters leave it to the run folder.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     if config.method == "snell":
-        snell.save_adapter(model, directory)
+        snell.save_adapter(model, directory, training)
     elif config.method in ("lora", "dora"):
         model.save_pretrained(str(directory))
     else:

@@ -40,8 +40,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from snell.train.classification import ClassificationRun
-from snell.train.config import TrainConfig, UserError, add_train_arguments, check_output_folder, config_from_args
-from snell.train.loop import CHECKPOINTS, METRICS_FILE, write_json_atomic
+from snell.train.config import (
+    TrainConfig,
+    UserError,
+    add_train_arguments,
+    check_output_folder,
+    config_from_args,
+    default_lr,
+)
+from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
 from snell.train.plots import pyplot, save_figure
 
 TRIALS_FILE = "trials.jsonl"
@@ -54,11 +61,15 @@ _NOT_IN_FINGERPRINT = ("sparsity", "lr", "r", "output_dir", "progress", "num_wor
 
 @dataclass(frozen=True)
 class Grid:
-    """Values to try; None keeps the base config's value. Every combination is one trial."""
+    """Values to try; None keeps the base config's value. Every combination is one trial.
+
+    ``lr_per_sparsity``: with no lr grid, each sparsity gets the method's default rate at that sparsity (for an
+    unset ``--lr``: SNELL at s = 0 has no squared update and wants the dense kernel's rate, not 2e-2)."""
 
     sparsity: tuple[float, ...] = (0.0, 0.5, 0.9, 0.99)
     lr: tuple[float, ...] | None = None
     r: tuple[int, ...] | None = None
+    lr_per_sparsity: bool = False
 
     def points(self, base: TrainConfig) -> list[dict[str, Any]]:
         """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest). Sparsity only
@@ -70,7 +81,11 @@ class Grid:
                 raise UserError(f"the {name} grid is empty")
             if len(set(options)) != len(options):
                 raise UserError(f"the {name} grid repeats a value: {list(options)}")
-        return [{"sparsity": float(s), "lr": float(lr), "r": int(r)} for s, lr, r in itertools.product(*values)]
+        points = [{"sparsity": float(s), "lr": float(lr), "r": int(r)} for s, lr, r in itertools.product(*values)]
+        if self.lr_per_sparsity and self.lr is None:
+            for point in points:
+                point["lr"] = default_lr(base.method, base.sparsify_mode, point["sparsity"])
+        return points
 
 
 @dataclass(frozen=True)
@@ -182,22 +197,18 @@ def _metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _val_curve(out: Path) -> dict[int, float]:
-    return {int(m["epoch"]): float(m["val_acc"]) for m in _metrics(out) if "val_acc" in m}
-
-
-class _SearchRun(ClassificationRun):
-    """A run that is scored on val only: it never evaluates test, and it may stop early."""
+class _ValOnly:
+    """Mixed in front of a run class (classification or causal LM): the run is scored on val only, never
+    evaluates test, and may stop early."""
 
     def __init__(self, trial: Trial):
         super().__init__(trial.config, resume=True)  # resume: a trial killed half-way continues
         self.trial = trial
         self.stopped_at: tuple[int, float] | None = None
 
-    def evaluate(self, loader: DataLoader) -> float:
-        if loader.dataset is not self.task.val:
-            return math.nan  # the test split, after training: search trials never look at it
-        score = super().evaluate(loader)
+    def eval_metrics(self, loader: DataLoader, split: str) -> dict[str, Any]:
+        metrics = super().eval_metrics(loader, split)
+        score = metrics["score"]
         epoch = len(_metrics(self.out)) + 1  # metrics.jsonl holds one line per completed epoch
         rule = self.trial.early_stop
         if rule is not None:
@@ -209,7 +220,36 @@ class _SearchRun(ClassificationRun):
             if rule.should_stop(epoch, score, finished):
                 self.stopped_at = (epoch, score)
                 raise TrialStopped(f"{self.trial.key}: val {score:.4f} at epoch {epoch}")
-        return score
+        return metrics
+
+    def _report(self, progress: Progress, eval_split: str | None) -> Report:
+        kind = "search trial: scored on val only, test not evaluated"
+        fields = {"test_accuracy": math.nan, "accuracy_kind": kind, f"best_{eval_split}_accuracy": progress.best_score}
+        return Report(fields, f"{kind} (best val {progress.best_score:.4f})", {})
+
+
+def _run_class(config: TrainConfig, val_only: bool) -> type:
+    """The run class for ``config``'s model (a causal LM's or a classifier's), as a search trial if ``val_only``."""
+    from snell.train.causal_lm import is_causal_lm
+
+    if is_causal_lm(config.model):
+        from snell.train.causal_lm.run import CausalLMRun
+
+        kind: type = CausalLMRun
+    else:
+        kind = ClassificationRun
+    return type(f"Search{kind.__name__}", (_ValOnly, kind), {}) if val_only else kind
+
+
+def _val_score_curve(out: Path) -> dict[int, float]:
+    """Val score per epoch: accuracy, or 1/perplexity for causal-LM data without answers (the runs' own score)."""
+    curve = {}
+    for m in _metrics(out):
+        if "val_acc" in m:
+            curve[int(m["epoch"])] = float(m["val_acc"])
+        elif "val_loss" in m:
+            curve[int(m["epoch"])] = math.exp(-float(m["val_loss"]))
+    return curve
 
 
 def train_trial(trial: Trial) -> dict[str, Any]:
@@ -217,21 +257,21 @@ def train_trial(trial: Trial) -> dict[str, Any]:
     started = time.time()
     record: dict[str, Any] = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint}
     if not trial.final:
-        run = _SearchRun(trial)
+        run = _run_class(trial.config, val_only=True)(trial)
         try:
             summary = run.fit()
             record["status"] = "finished"
         except TrialStopped:
             summary = None
             record["status"] = "stopped"
-        curve = _val_curve(run.out)
+        curve = _val_score_curve(run.out)
         if run.stopped_at is not None:
             curve[run.stopped_at[0]] = run.stopped_at[1]
         last = max(curve) if curve else 0
         record.update(val_curve={str(e): a for e, a in sorted(curve.items())}, val_accuracy=curve.get(last, math.nan))
         record["epochs_trained"] = last
     else:
-        run = ClassificationRun(trial.config, resume=True)
+        run = _run_class(trial.config, val_only=False)(trial.config, resume=True)
         summary = run.fit()
         record.update(
             status="finished", test_accuracy=summary["test_accuracy"], selected_epoch=summary["selected_epoch"]
@@ -497,7 +537,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid-sparsity", type=_floats, default=Grid.sparsity, help="sparsities to try [default: 0,0.5,0.9,0.99]"
     )
-    parser.add_argument("--grid-lr", type=_floats, default=None, help="learning rates to try [default: --lr]")
+    parser.add_argument(
+        "--grid-lr",
+        type=_floats,
+        default=None,
+        help="learning rates to try [default: --lr; without it, the method's default at each sparsity]",
+    )
     parser.add_argument("--grid-r", type=_ints, default=None, help="ranks to try [default: --r]")
     parser.add_argument("--jobs", type=int, default=1, help="trials run at once, each in its own process")
     parser.add_argument(
@@ -527,14 +572,10 @@ def search_from_args(args: argparse.Namespace) -> SearchResult:
     if args.resume:
         raise UserError("snell search resumes by itself: rerun the same command (without --resume)")
     base = config_from_args(args)
-    from snell.train.causal_lm import is_causal_lm
-
-    if is_causal_lm(base.model):  # its trials would need CausalLMRun's evaluation; say so rather than misread the data
-        raise UserError(f"{base.model} is a causal LM; snell search supports classifiers only so far")
     for name in ("select_on", "protocol"):
         if name in vars(args):
             raise UserError(f"--{name.replace('_', '-')} is set by snell search (val for trials, none for the retrain)")
-    grid = Grid(args.grid_sparsity, args.grid_lr, args.grid_r)
+    grid = Grid(args.grid_sparsity, args.grid_lr, args.grid_r, lr_per_sparsity="lr" not in vars(args))
     rule = EarlyStop(margin=args.early_stop_margin) if args.early_stop else None
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")

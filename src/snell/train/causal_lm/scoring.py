@@ -43,15 +43,23 @@ def answer_pattern(choices: Sequence[str], whole_words: bool = False) -> re.Patt
     return re.compile(rf"(?<!\w)(?:{body})(?!\w)" if whole_words else body)
 
 
-def pattern_for(task: str | None, answers: Iterable[str]) -> re.Pattern[str]:
-    """The pattern of a task: by its name if it is one of the eight, else by the form of its answers."""
+def choices_for(task: str | None, answers: Iterable[str]) -> tuple[list[str], bool]:
+    """A task's closed set of answers, and whether they are free words (matched as whole words): the format's
+    choices by the task's name if it is one of the eight, else by the form of its answers, else the answers
+    its records use."""
     if task in TASK_FORMATS:
-        return answer_pattern(ANSWER_FORMATS[TASK_FORMATS[task]])
+        return list(ANSWER_FORMATS[TASK_FORMATS[task]]), False
     answers = set(answers)
     for choices in ANSWER_FORMATS.values():
         if answers <= set(choices):
-            return answer_pattern(choices)
-    return answer_pattern(sorted(answers), whole_words=True)
+            return list(choices), False
+    return sorted(answers), True
+
+
+def pattern_for(task: str | None, answers: Iterable[str]) -> re.Pattern[str]:
+    """The pattern that finds a task's answer in generated text."""
+    choices, whole_words = choices_for(task, answers)
+    return answer_pattern(choices, whole_words=whole_words)
 
 
 def extract_answer(text: str, pattern: re.Pattern[str]) -> str:

@@ -1,0 +1,100 @@
+"""Where a causal LM comes from: a transformers folder, or a GGUF file (llama.cpp's single-file format).
+
+``--model`` names either a folder whose ``config.json`` has a ``...ForCausalLM`` architecture, a ``.gguf``
+file, or a folder holding exactly one ``.gguf`` file and no ``config.json``. transformers reads GGUF files
+itself (through the ``gguf`` package): it dequantizes the weights into plain ``nn.Linear`` layers and builds
+the tokenizer, chat template included, from the file's metadata. What it leaves behind is a quantizer marker
+that makes ``save_pretrained`` refuse although nothing is quantized any more; :func:`load_causal_lm` clears
+it, so a merged model saves as a normal transformers folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snell.train.config import UserError
+
+GGUF_SUFFIX = ".gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A causal LM on disk: the folder transformers reads, and the GGUF file in it (None: a plain folder)."""
+
+    folder: Path
+    gguf_file: str | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def describe(self) -> str:
+        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
+
+
+def _architectures(config: Path) -> list[str]:
+    try:
+        return [str(name) for name in json.loads(config.read_text()).get("architectures") or []]
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return []
+
+
+def find_source(model: str | Path) -> ModelSource | None:
+    """The causal LM that ``model`` names, or None when it names something else (a timm name, a classifier)."""
+    path = Path(model)
+    if path.is_file():
+        return ModelSource(path.parent, path.name) if path.suffix == GGUF_SUFFIX else None
+    if not path.is_dir():
+        return None
+    config = path / "config.json"
+    if config.is_file():
+        return ModelSource(path) if any(a.endswith("ForCausalLM") for a in _architectures(config)) else None
+    ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
+    if len(ggufs) > 1:
+        raise UserError(f"{path} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); pass one of them as --model")
+    return ModelSource(path, ggufs[0]) if ggufs else None
+
+
+def is_causal_lm(model: str | Path) -> bool:
+    """True for a transformers ``...ForCausalLM`` folder, a ``.gguf`` file, or a folder holding one."""
+    return find_source(model) is not None
+
+
+def describe_model(model: str | Path) -> str:
+    """What ``model`` is, for an error message that says why it cannot train on instruction data."""
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():
+        names = _architectures(path / "config.json")
+        return f"a {' / '.join(names) or 'transformers model without an architecture'} folder"
+    if path.exists():
+        return "not a transformers folder or a .gguf file"
+    return "a timm model name"
+
+
+def load_causal_lm(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The model in ``dtype`` and its tokenizer; GGUF weights are dequantized in float32, then cast."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the GGUF de-quantization bar, one per load
+    kwargs = source.load_kwargs()
+    try:
+        # float32 first: transformers warns that GGUF weights asked for in half precision compute through casts.
+        load_dtype = torch.float32 if source.gguf_file else dtype
+        model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=load_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{source.describe()}: cannot load a transformers causal LM: {err}") from None
+    if source.gguf_file:
+        model = model.to(dtype)
+        # The weights are plain tensors now; the marker would only make save_pretrained refuse.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, tokenizer

