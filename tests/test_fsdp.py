@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from llm_cases import train_args
 from safetensors.torch import load_file
-from test_causal_lm import _args, tiny  # noqa: F401  (tiny is a fixture)
 from transformers import AutoModelForCausalLM
 
 import snell
@@ -57,8 +57,12 @@ def _optimizer_by_name(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     return {str(n): state["state"][n] for n in names if n in state["state"]}
 
 
-def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
-    common = [*_args(*tiny, tmp_path / "unused"), "--select-on", "none"]  # 32 examples (train + val): 2 steps an epoch
+def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    common = [
+        *train_args(*tiny, tmp_path / "unused"),
+        "--select-on",
+        "none",
+    ]  # 32 examples (train + val): 2 steps an epoch
     single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
     done = _run([sys.executable, "-m", "snell", *single])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -98,12 +102,12 @@ def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, 
     assert loaded.keys() == a.keys() and all(torch.equal(loaded[k], a[k]) for k in a)
 
 
-def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Full fine-tuning trains the root's shard group (tied embeddings and head, final norm) too. An evaluation
     (no backward) leaves that group whole; the epoch's checkpoint must still find every parameter's optimizer
     state, and the saved weights must be whole, the tied pair stored once."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = [*_args(*tiny, tmp_path / "full", "--method", "full", "--fsdp", "--batch-size", "16"), "--epochs", "1"]
+    args = [*train_args(*tiny, tmp_path / "full", "--method", "full", "--fsdp", "--batch-size", "16"), "--epochs", "1"]
     done = _run([*torchrun, "-m", "snell", *args])
     assert done.returncode == 0, done.stderr[-3000:]
     saved = load_file(str(tmp_path / "full" / "adapter" / "model_state.safetensors"))
@@ -114,15 +118,31 @@ def test_evaluation_then_checkpoint_with_trainable_root_parameters(tiny: tuple[P
     assert len(state["optimizer"]["state"]) == len(base)
 
 
+def test_sharded_full_fine_tuning_trains_the_head_as_one_process_does(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """The chunked loss runs the (tied) head after the root's forward, on the weights FSDP keeps gathered until
+    backward ends: its gradient must still be reduced over the processes, as one process accumulating both
+    halves computes it."""
+    common = [*train_args(*tiny, tmp_path / "unused"), "--method", "full", "--select-on", "none", "--epochs", "1"]
+    single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
+    assert (done := _run([sys.executable, "-m", "snell", *single])).returncode == 0, done.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    sharded = [*common, "--fsdp", "--batch-size", "16", "--output-dir", str(tmp_path / "two")]
+    assert (done := _run([*torchrun, "-m", "snell", *sharded])).returncode == 0, done.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / run / "adapter" / "model_state.safetensors")) for run in ("one", "two"))
+    base = AutoModelForCausalLM.from_pretrained(tiny[0]).state_dict()
+    assert not torch.equal(one["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_fsdp_is_refused_where_it_cannot_work(
-    tiny: tuple[Path, Path],  # noqa: F811
+    tiny: tuple[Path, Path],
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
     try:
-        assert main([*_args(*tiny, tmp_path / "one"), "--fsdp"]) == 2  # nothing to shard over
+        assert main([*train_args(*tiny, tmp_path / "one"), "--fsdp"]) == 2  # nothing to shard over
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is global to this process
     assert "launch with torchrun or accelerate launch" in capsys.readouterr().err
-    assert main([*_args(*tiny, tmp_path / "merge"), "--fsdp", "--merge"]) == 2
+    assert main([*train_args(*tiny, tmp_path / "merge"), "--fsdp", "--merge"]) == 2
     assert "snell merge RUN_DIR" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 :class:`CausalLMRun` reuses the run machinery (options check, schedule, accumulation, bf16 autocast,
 checkpoints, ``--resume``, DDP) and replaces only what depends on the task kind: the data (instruction
 records, tokenised with the prompt masked), the model (``AutoModelForCausalLM`` in the chosen dtype), the
-batch loss (next-token cross-entropy on response tokens) and evaluation (loss and perplexity, plus
+batch loss (next-token cross-entropy on response tokens, ``loss.py``) and evaluation (loss and perplexity, plus
 accuracy by greedy generation when the records carry an ``answer``).
 """
 
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.likelihood import choice_log_likelihoods, choice_tokens
+from snell.train.causal_lm.loss import chunked_response_loss
 from snell.train.causal_lm.scoring import choices_for, extract_answer, pattern_for, score
 from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError
@@ -121,15 +122,6 @@ def make_loader(dataset: I.EncodedSplit, tokenizer: Any, config: TrainConfig, tr
     )
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence next-token loss sums, correct argmax predictions and counted tokens (labels -100 skipped)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    losses = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=I.IGNORE_INDEX, reduction="none")
-    counted = labels != I.IGNORE_INDEX
-    correct = (logits.argmax(dim=-1) == labels) & counted
-    return losses.sum(dim=1), correct.sum(dim=1), counted.sum(dim=1)
-
-
 def _answer_sets(examples: list[I.Example]) -> tuple[list[str], dict[str, list[str]]]:
     """Each record's task, and each task's closed set of answers."""
     tasks = [e.task or ALL_TASKS for e in examples]
@@ -163,9 +155,9 @@ def evaluate_split(
     loss_sum, tokens = 0.0, 0
     outputs: dict[int, str] = {}  # per record: the generated text, or the chosen answer
     for batch in loader:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums, _, counts = response_loss(logits, batch["labels"])
+            sums, _, counts = chunked_response_loss(model, inputs, batch["labels"])
         sums, counts = accelerator.gather_for_metrics((sums, counts))
         loss_sum += float(sums.double().sum())
         tokens += int(counts.sum())
@@ -239,8 +231,7 @@ class CausalLMRun(Run):
     def _batch_loss(self, inputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Mean next-token loss over the batch's response tokens (token-level accuracy alongside)."""
         with self.accelerator.autocast():
-            logits = self.model(**inputs).logits
-        sums, correct, counts = response_loss(logits, labels)
+            sums, correct, counts = chunked_response_loss(self.model, inputs, labels)
         count = int(counts.sum())
         return sums.sum() / max(count, 1), correct.sum().double(), count
 
