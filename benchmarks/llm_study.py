@@ -193,7 +193,7 @@ def report(records: list[dict[str, Any]], tasks: list[str], keys: list[str], wal
     ]
     for task in tasks:
         lines += ["", f"## {task}", "", "| method | test acc % (3 seeds) | selected | val % | grid (val %) | "
-                  "trainable params | peak RSS MB | train s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "trainable params | train s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for key in keys:
             mine = [r for r in records if (r["task"], r["method"]) == (task, key)]
             chosen = [r for r in mine if r["selected"]]
@@ -210,15 +210,14 @@ def report(records: list[dict[str, Any]], tasks: list[str], keys: list[str], wal
             train_s = statistics.mean(r["summary"]["train_time_s"] for r in chosen)
             lines.append(
                 f"| {METHODS[key].label} | {_mean_sd(tests)} (n={len(tests)}) | {point} | "
-                f"{100 * s['best_val_accuracy']:.1f} | {grid} | {s['trainable_params']:,} | "
-                f"{s['peak_memory_mb']:.0f} | {train_s:.0f} |"
+                f"{100 * s['best_val_accuracy']:.1f} | {grid} | {s['trainable_params']:,} | {train_s:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
     columns = ("task", "method", "lr", "sparsity", "seed", "selected", "best_val_accuracy", "test_accuracy",
-               "trainable_params", "peak_memory_mb", "train_time_s")  # fmt: skip
+               "trainable_params", "train_time_s")  # fmt: skip
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
