@@ -183,17 +183,21 @@ def report(records: list[dict[str, Any]], tasks: list[str], keys: list[str], wal
         "# SNELL vs LoRA, DoRA and full fine-tuning on SmolLM2-135M-Instruct (CPU, offline)",
         "",
         f"Written by `benchmarks/llm_study.py`; every number comes from the runs it made. Command: "
-        f"`python -m benchmarks.llm_study {' '.join(argv)}`; wall time {wall_s / 60:.0f} min (a rerun skips finished "
-        "runs, so this is the last invocation's).",
+        f"`python -m benchmarks.llm_study {' '.join(argv)}`. The {len(records)} runs took "
+        f"{sum(r['summary']['wall_time_s'] for r in records) / 60:.0f} min of wall time in all (this invocation: "
+        f"{wall_s / 60:.0f} min; a rerun skips finished runs), one thread each, two at a time, on a shared machine.",
         "",
         "Protocol: the module docstring. Test accuracy is mean ± sd over seeds 0, 1, 2 (n) at the point selected on "
-        "val with seed 0; `val` is that point's seed-0 val accuracy; `grid (val)` lists every seed-0 point tried. Peak "
-        "RSS is the whole `snell train` process (ru_maxrss), bf16 weights; `train s` is wall time on a shared "
-        "machine, not a speed benchmark.",
+        "val with seed 0; `val` is that point's seed-0 val accuracy; `grid (val)` lists every seed-0 point tried. "
+        "`train s` is wall time on a shared machine, not a speed benchmark. Memory is measured apart, in fresh "
+        "processes of one step each: benchmarks/results/llm_memory/.",
     ]
+    missing = [METHODS[k].label for k in METHODS if k not in keys]
+    if missing:
+        lines += ["", f"Not in this report (not run by this command): {', '.join(missing)}."]
     for task in tasks:
-        lines += ["", f"## {task}", "", "| method | test acc % (3 seeds) | selected | val % | grid (val %) | "
-                  "trainable params | train s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", f"## {task}", "", "| method | test acc % (mean ± sd; per seed) | selected | val % | "
+                  "grid (val %) | trainable params | train s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for key in keys:
             mine = [r for r in records if (r["task"], r["method"]) == (task, key)]
             chosen = [r for r in mine if r["selected"]]
@@ -208,8 +212,9 @@ def report(records: list[dict[str, Any]], tasks: list[str], keys: list[str], wal
             s = seed0["summary"]
             tests = [r["summary"]["test_accuracy"] for r in chosen]
             train_s = statistics.mean(r["summary"]["train_time_s"] for r in chosen)
+            per_seed = ", ".join(f"{100 * t:.0f}" for t in tests)
             lines.append(
-                f"| {METHODS[key].label} | {_mean_sd(tests)} (n={len(tests)}) | {point} | "
+                f"| {METHODS[key].label} | {_mean_sd(tests)}; {per_seed} | {point} | "
                 f"{100 * s['best_val_accuracy']:.1f} | {grid} | {s['trainable_params']:,} | {train_s:.0f} |"
             )
     return "\n".join(lines) + "\n"
