@@ -133,10 +133,13 @@ def command(data: Path, key: str, point: dict[str, Any], seed: int, out: Path) -
     return [sys.executable, "-m", "snell", "train", *_flags({**flags, "output_dir": out}), "--no-progress"]
 
 
-def run(data: Path, task: str, key: str, point: dict[str, Any], seed: int) -> dict[str, Any]:
-    """One `snell train` (skipped when its summary exists); its summary plus what the report needs."""
+def run(data: Path, task: str, key: str, point: dict[str, Any], seed: int, execute: bool) -> dict[str, Any] | None:
+    """One `snell train` (skipped when its summary exists); its summary plus what the report needs. Without
+    ``execute``, only a run that exists (None otherwise)."""
     out = run_dir(task, key, point, seed)
     summary_file = out / "summary.json"
+    if not summary_file.is_file() and not execute:
+        return None
     if not summary_file.is_file():
         out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -153,23 +156,27 @@ def best_point(records: list[dict[str, Any]]) -> dict[str, Any]:
     return max(records, key=lambda r: r["summary"]["best_val_accuracy"])
 
 
-def study(tasks: list[str], keys: list[str], jobs: int) -> list[dict[str, Any]]:
-    """Seed 0 over each grid, then seeds 1 and 2 at each method's selected point."""
+def study(tasks: list[str], keys: list[str], jobs: int, execute: bool = True) -> list[dict[str, Any]]:
+    """Seed 0 over each grid, then seeds 1 and 2 at each method's selected point. Without ``execute``, what
+    exists: a method is selected on a task only once every point of its grid has run."""
     data = {task: TASKS[task](RUNS / task / "data") for task in tasks}
     with ThreadPoolExecutor(jobs) as pool:
         tuning = [(t, k, p) for t in tasks for k in keys for p in METHODS[k].grid]
-        records = list(pool.map(lambda job: run(data[job[0]], job[0], job[1], job[2], 0), tuning))
+        records = [r for r in pool.map(lambda j: run(data[j[0]], j[0], j[1], j[2], 0, execute), tuning) if r]
         selected = {}
         for task in tasks:
             for key in keys:
                 mine = [r for r in records if (r["task"], r["method"]) == (task, key)]
-                selected[task, key] = best_point(mine)
+                if len(mine) == len(METHODS[key].grid):
+                    selected[task, key] = best_point(mine)
         seeds = [(t, k, s) for (t, k) in selected for s in METHODS[k].seeds[1:]]
         point_of = lambda t, k: {n: selected[t, k][n] for n in METHODS[k].grid[0]}  # noqa: E731
-        records += list(pool.map(lambda j: run(data[j[0]], j[0], j[1], point_of(j[0], j[1]), j[2]), seeds))
+        later = pool.map(lambda j: run(data[j[0]], j[0], j[1], point_of(j[0], j[1]), j[2], execute), seeds)
+        records += [r for r in later if r]
     for record in records:
+        best = selected.get((record["task"], record["method"]))
         point = {n: record[n] for n in METHODS[record["method"]].grid[0]}
-        record["selected"] = point == {n: selected[record["task"], record["method"]][n] for n in point}
+        record["selected"] = best is not None and point == {n: best[n] for n in point}
     return records
 
 
@@ -201,6 +208,9 @@ def report(records: list[dict[str, Any]], tasks: list[str], keys: list[str], wal
         for key in keys:
             mine = [r for r in records if (r["task"], r["method"]) == (task, key)]
             chosen = [r for r in mine if r["selected"]]
+            if not chosen:
+                lines.append(f"| {METHODS[key].label} | not run yet | | | | | |")
+                continue
             seed0 = next(r for r in chosen if r["seed"] == 0)
             names = list(METHODS[key].grid[0])
             point = ", ".join(f"{n} {seed0[n]:g}" for n in names)
@@ -236,13 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="bbc,wordnet", help="comma-separated: " + ", ".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the runs that exist; run nothing"
+    )
     args = parser.parse_args(argv)
     tasks, keys = args.tasks.split(","), args.methods.split(",")
     unknown = [t for t in tasks if t not in TASKS] + [k for k in keys if k not in METHODS]
     if unknown:
         parser.error(f"unknown tasks or methods: {unknown}")
     started = time.time()
-    records = study(tasks, keys, args.jobs)
+    records = study(tasks, keys, args.jobs, execute=not args.report_only)
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = report(records, tasks, keys, time.time() - started, sys.argv[1:] if argv is None else argv)
     (RESULTS / "report.md").write_text(text)
