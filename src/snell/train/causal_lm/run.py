@@ -2,9 +2,10 @@
 
 :class:`CausalLMRun` reuses the run machinery (options check, schedule, accumulation, bf16 autocast,
 checkpoints, ``--resume``, DDP) and replaces only what depends on the task kind: the data (instruction
-records, tokenised with the prompt masked), the model (``AutoModelForCausalLM`` in the chosen dtype), the
-batch loss (next-token cross-entropy on response tokens, ``loss.py``) and evaluation (loss and perplexity, plus
-accuracy by greedy generation when the records carry an ``answer``).
+records, tokenised with the prompt masked), the model (a transformers folder or a GGUF file, ``source.py``, in
+the chosen dtype), the batch loss (next-token cross-entropy on response tokens, ``loss.py``) and evaluation
+(loss and perplexity, plus accuracy by generation or by likelihood, ``likelihood.py``, when the records carry an
+``answer``).
 """
 
 from __future__ import annotations
