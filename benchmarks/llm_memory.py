@@ -1,16 +1,17 @@
 """Issue 22's memory benchmark: where SmolLM2-135M's training and evaluation memory goes, and what the chunked
 loss (``snell.train.causal_lm.loss``) and gradient checkpointing save.
 
-SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, vocabulary 49152; the installed GGUF, de-quantised to
-fp32 and cast to bf16, no autocast), one training step (AdamW) at batch 16 × 256 tokens: random tokens, the
-first 192 of each sequence a prompt masked out of the loss (the Alpaca preamble alone is about 130 tokens), the
-last 64 the response. Each job runs in a fresh process (``benchmarks.run.run_worker``) under the suite's 1 MiB
-mmap threshold, so freed tensors go back to the OS and the peak RSS follows live memory; the peak is above the
-loaded model (RSS when the window opens: the model, its adapters, the batch, the libraries), and the total
-process peak is that plus the loaded RSS. "saved" is what autograd keeps for backward (a non-reentrant
-checkpoint's recomputed tensors are not counted), one count per storage. Losses: ``plain`` is the full
-(b, T, V) logits with a fp32 copy (the code before issue 22); ``chunked`` never holds more than one chunk's.
-Evaluation: one no-grad loss pass over a batch of 100 × 256, as ``evaluate_split`` runs it.
+SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, vocabulary 49152; the installed GGUF, de-quantised to fp32 and
+cast to bf16, no autocast; full fine-tuning keeps fp32 weights and computes under bf16 autocast), one training step
+(AdamW) at batch 16 × 256 tokens: random tokens, the first 192 of each sequence a prompt masked out of the loss
+(the Alpaca preamble alone is about 130 tokens), the last 64 the response. Each job runs in a fresh process
+(``benchmarks.run.run_worker``) under the suite's 1 MiB mmap threshold, so freed tensors go back to the OS and the
+peak RSS follows live memory; the peak is above the loaded model (RSS when the window opens: the model, its
+adapters, the batch, the libraries), and the total process peak is that plus the loaded RSS. "saved" is what
+autograd keeps for backward (a non-reentrant checkpoint's recomputed tensors are not counted), one count per
+storage. Losses: ``plain`` is the full (b, T, V) logits with a fp32 copy (the code before issue 22); ``chunked``
+never holds more than one chunk's. Evaluation: one no-grad loss pass over a batch of 100 × 256, as
+``evaluate_split`` runs it.
 
     python -m benchmarks.llm_memory                       # writes benchmarks/results/llm_memory/
     python -m benchmarks.llm_memory --jobs snell8_s0.9:chunked:ckpt lora8:chunked:ckpt --out /tmp/x
@@ -71,7 +72,9 @@ def _snell(rank: int, sparsity: float) -> Callable[[nn.Module], nn.Module]:
 
 
 METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "full": lambda model: model.requires_grad_(True),
+    # float32 weights, which it trains (bf16 ones would round its steps away: `snell train` refuses them), bf16
+    # compute under autocast, as `snell train --method full --model-dtype float32 --bf16` runs it
+    "full": lambda model: model.float().requires_grad_(True),
     "lora8": _peft(8, dora=False),
     "dora8": _peft(8, dora=True),
     "snell8_s0.5": _snell(8, 0.5),
@@ -126,9 +129,10 @@ def worker(job: str, model_path: str, size: int, seq: int, prompt: int, warm: bo
     inputs, labels = batch(size, seq, prompt, model.config.vocab_size)
 
     def parts(inputs: dict[str, torch.Tensor] = inputs, labels: torch.Tensor = labels) -> tuple[torch.Tensor, ...]:
-        if loss_kind == "chunked":
-            return chunked_response_loss(model, inputs, labels)
-        return response_loss(model(**inputs).logits, labels)
+        with torch.autocast("cpu", torch.bfloat16, enabled=method == "full"):
+            if loss_kind == "chunked":
+                return chunked_response_loss(model, inputs, labels)
+            return response_loss(model(**inputs).logits, labels)
 
     if warm:
         with torch.set_grad_enabled(method != "eval"):

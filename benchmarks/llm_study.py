@@ -1,6 +1,6 @@
 """SNELL against LoRA, DoRA and full fine-tuning on a real pretrained LLM, offline, on CPU: SmolLM2-135M-Instruct.
 
-One command runs the study and writes its report to benchmarks/results/llm_study/ (report.md, runs.csv):
+One command runs the study and writes its report to benchmarks/results/accuracy/smollm2/ (report.md, runs.csv):
 
     .venv/bin/python -m benchmarks.llm_study                 # both tasks, every method, 3 seeds
     .venv/bin/python -m benchmarks.llm_study --tasks bbc --methods snell8,lora8   # a part of it
@@ -16,9 +16,11 @@ Tasks, both real offline data given as chat instructions and scored by likelihoo
 Methods, at equal trainable parameters per rank (every q/k/v/o/gate/up/down projection): SNELL-8 and SNELL-32,
 LoRA-8 and LoRA-32, DoRA-8, full fine-tuning; plus the model before training (LoRA at rate 0, i.e. its B = 0).
 Protocol: every method shares the demo's budget (1 epoch of the 160 training examples, batch 8, warmup over a
-quarter epoch then cosine, bf16 weights, val and test scored by likelihood over the five answers). Seed 0 tries
-each point of the method's grid (learning rate; SNELL also the sparsity) and the best val accuracy selects one;
-that point runs again with seeds 1 and 2 (the seed changes the initialisation and the data order, not the data).
+quarter epoch then cosine, bf16 base weights, val and test scored by likelihood over the five answers); full
+fine-tuning trains float32 weights under bf16 autocast, since bf16 weights would round its steps away. Seed 0
+tries each point of the method's grid (learning rate; SNELL also the sparsity) and the best val accuracy selects
+one; that point runs again with seeds 1 and 2 (the seed changes the initialisation and the data order, not the
+data).
 Test accuracy is the mean ± sd over the three seeds; test is never read for selection. Each run is `snell train`
 in its own process with one thread, ``--jobs`` at a time; a rerun skips every run that has a summary.json in
 runs/llm_study/.
@@ -47,7 +49,7 @@ from snell.train.demo import _flags
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "llm_study"
-RESULTS = ROOT / "benchmarks" / "results" / "llm_study"
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy" / "smollm2"
 WORDNET = Path("/usr/share/wordnet")
 #: WordNet's lexicographer files of the five kinds (lexnames numbering of WordNet 3.0).
 KINDS = {5: "animal", 6: "artifact", 13: "food", 18: "person", 20: "plant"}
@@ -74,7 +76,8 @@ METHODS = {
     "lora8": Method("LoRA-8", {"method": "lora", "r": 8}, LORA_GRID),
     "lora32": Method("LoRA-32", {"method": "lora", "r": 32}, LORA_GRID),
     "dora8": Method("DoRA-8", {"method": "dora", "r": 8}, LORA_GRID),
-    "full": Method("full fine-tuning", {"method": "full"}, tuple({"lr": lr} for lr in (1e-5, 5e-5))),
+    "full": Method("full fine-tuning", {"method": "full", **SMOLLM2.method_settings["full"]},
+                   tuple({"lr": lr} for lr in (1e-5, 5e-5, 2e-4, 1e-3))),
     "base": Method("before training (LoRA at rate 0)", {"method": "lora", "r": 8, "warmup_lr": 0, "min_lr": 0},
                    ({"lr": 0.0},), seeds=(0,)),  # nothing trains: every seed gives the same numbers
 }  # fmt: skip

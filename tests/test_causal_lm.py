@@ -19,13 +19,13 @@ from llm_cases import TASKS, train_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from snell.cli import main
+from snell.cli import _build_parser, main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import is_causal_lm
-from snell.train.causal_lm.demo import TINY_MODEL_DIR
-from snell.train.causal_lm.run import CausalLMRun, restore
+from snell.train.causal_lm.demo import METHODS, SMOLLM2, TINY_MODEL_DIR, train_command
+from snell.train.causal_lm.run import CausalLMRun, check_config, check_trainable_dtype, restore
 from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
-from snell.train.config import UserError, resolve_config
+from snell.train.config import UserError, config_from_args, resolve_config
 from snell.train.evaluate import evaluate_run, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +189,30 @@ def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path
     assert summary["split_sizes"]["val"] == summary["split_sizes"]["test"] == 5
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     assert evaluate_run(tmp_path / method)["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)  # tied weights too
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_full_fine_tuning_of_half_precision_weights_is_refused_before_anything_is_written(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, dtype: str
+) -> None:
+    """Its AdamW steps would mostly round away (check_trainable_dtype); the one-line error names the fix."""
+    out = tmp_path / "full"
+    assert main(train_args(*tiny, out, "--method", "full", "--model-dtype", dtype)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--model-dtype {dtype}" in err and "--model-dtype float32" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_smollm2_demo_command_passes_the_training_checks(tmp_path: Path, method: str) -> None:
+    """The demo's settings per method are a valid `snell train` run; full fine-tuning trains float32 weights."""
+    command = train_command(tmp_path / "model.gguf", SMOLLM2, method, tmp_path, tmp_path / method, None)
+    args = _build_parser().parse_args(command[command.index("train") :])
+    config = config_from_args(args)
+    check_config(config)
+    check_trainable_dtype(config)
+    assert config.model_dtype == ("float32" if method == "full" else "bfloat16")
+    assert config.bf16 == (method == "full") and config.lr == SMOLLM2.learning_rates[method]
 
 
 def test_resume_after_an_interruption_ends_like_an_uninterrupted_run(

@@ -82,9 +82,11 @@ def _backbone_flags(task: str) -> dict[str, Any]:
 
 
 def _flags(values: dict[str, Any]) -> list[str]:
+    """`snell train` flags for settings: ``--name value``, and ``--name`` / ``--no-name`` for a switch."""
     args = []
     for key, value in values.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     return args
 
 

@@ -14,12 +14,13 @@ pretrained on BBC News by benchmarks/accuracy/pretrain_llama.py (about 1.1 M par
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,18 @@ ARTICLE_WORDS = 30
 
 @dataclass(frozen=True)
 class DemoModel:
-    """A demo model's name, its `snell train` settings (shared by every method) and each method's rate."""
+    """A demo model's name, its `snell train` settings (shared by every method, except where ``method_settings``
+    replaces some for one method) and each method's rate."""
 
     name: str
     settings: dict[str, Any]
     learning_rates: dict[str, float]
     shots: int
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 #: SmolLM2-135M-Instruct, sized to run every method in about 10 minutes on 2 cores. snell and lora: the best
-#: val rate of benchmarks/results/llm_study/ on this task (snell 5e-2 at s = 0.9, val 0.86; lora 5e-3, 0.85);
+#: val rate of benchmarks/results/accuracy/smollm2/ on this task (snell 5e-2 at s = 0.9, val 0.86; lora 5e-3, 0.85);
 #: dora takes lora's; full's 2e-5 is a common LLM rate, not tuned here.
 SMOLLM2 = DemoModel(
     name="SmolLM2-135M-Instruct (GGUF)",
@@ -65,6 +68,8 @@ SMOLLM2 = DemoModel(
     },
     learning_rates={"snell": 5e-2, "lora": 5e-3, "dora": 5e-3, "full": 2e-5},
     shots=32,
+    # full fine-tuning trains the base weights: float32 ones (bf16 would round its steps away), bf16 compute
+    method_settings={"full": {"model_dtype": "float32", "bf16": True}},
 )
 #: The 1.1 M-parameter BBC LLaMA (no chat template: Alpaca prompt); for the rates, the better of two on val.
 TINY = DemoModel(
@@ -105,7 +110,7 @@ def demo_model(model: Path | None) -> tuple[Path, DemoModel]:
         return smollm2_file(), SMOLLM2
     if Path(model).resolve() == TINY_MODEL_DIR.resolve():
         return TINY_MODEL_DIR, TINY
-    return Path(model), DemoModel(Path(model).name, SMOLLM2.settings, SMOLLM2.learning_rates, SMOLLM2.shots)
+    return Path(model), dataclasses.replace(SMOLLM2, name=Path(model).name)
 
 
 def instruction(article: str, sections: list[str]) -> dict[str, str]:
@@ -139,7 +144,8 @@ def write_task(out: Path, shots: int) -> Path:
 def train_command(
     model: Path, demo: DemoModel, method: str, data: Path, out_dir: Path, epochs: int | None
 ) -> list[str]:
-    settings = {**demo.settings, "model": model, "data": data, "method": method, "lr": demo.learning_rates[method]}
+    settings = {**demo.settings, **demo.method_settings.get(method, {})}
+    settings |= {"model": model, "data": data, "method": method, "lr": demo.learning_rates[method]}
     if epochs is not None:
         settings["epochs"] = epochs
     return [sys.executable, "-m", "snell", "train", *_flags({**settings, "output_dir": out_dir})]
