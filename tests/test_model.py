@@ -172,6 +172,23 @@ def test_merge_unmerge_disable_and_unload_keep_outputs():
     check_merge_unmerge_disable_and_unload()
 
 
+def test_a_merged_bf16_layer_computes_exactly_what_the_adapted_one_did(monkeypatch):
+    """Merging rounds W0 + ΔWˢ once from float32, as the adapted forward does, so the merged bf16 model gives
+    the same bits. Rounding ΔWˢ to bf16 first and then the sum moved a weight by an ulp wherever the sum fell
+    next to a rounding midpoint (about |ΔWˢ|·2⁻⁹ / ulp(W0) of the weights: here, with ΔW ~ 1e-2, a few %)."""
+    monkeypatch.setenv("SNELL_KERNELS", "torch")  # the path merging uses; a fused path builds ΔW in its own order
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 64)).to(torch.bfloat16)
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.5, target_modules=["0"]))
+    with torch.no_grad():
+        model[0].B.mul_(100)  # ΔW·|ΔW| from ~1e-6 to ~1e-2: near W0's ulps, where double rounding shows
+    x = torch.randn(16, 96, dtype=torch.bfloat16)
+    with torch.no_grad():
+        adapted = model.eval()(x)
+        merged = snell.merge_and_unload(model)(x)
+    assert torch.equal(merged, adapted)
+
+
 def test_unmerge_without_merge_is_an_error_and_unload_still_works():
     model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1", "fc2"]))
     snapshot = _snapshot(model)

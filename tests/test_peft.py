@@ -187,10 +187,9 @@ def test_merge_and_unload_matches_the_unmerged_model(case, dtype):
         assert not any(isinstance(m, SnellPeftLayer) for m in merged_model.modules())
         merged = _output(merged_model, inputs).float()
         shift = (_output(_ulp_probe(merged_model, adapted, dtype), inputs).float() - merged).abs().max().item()
-    # The two differ by rounding only, and both kinds are errors of the adapted weights of a few ulps: merged, ΔWˢ
-    # is rounded to the model dtype before it is added to W0 (≤ 1 rounding per weight, against one rounding of
-    # W0 + ΔWˢ unmerged); and the merged layer runs its own op (Conv1D's addmm, F.linear, conv2d) where the
-    # unmerged one runs the fused GEMM on W0 + ΔWˢ, in another summation order, whose error is a backward error
+    # The two differ by rounding only, an error of the adapted weights of a few ulps: both round W0 + ΔWˢ once
+    # from float32 to the model dtype, but the merged layer runs its own op (Conv1D's addmm, F.linear, conv2d) where
+    # the unmerged one runs the fused GEMM on W0 + ΔWˢ, in another summation order, whose error is a backward error
     # of the weights: short dot products (n ≤ 48) with independently rounded partial sums move each by ~√n·u, a
     # couple of ulps. How far an ulp of the weights moves the outputs depends on the model (these random
     # transformers' LayerNorms divide by a small std), so it is measured: `shift` is the output's move when every

@@ -134,6 +134,17 @@ def delta_weight(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, dt
     return to_weight_layout(spec, delta_s).to(dtype)
 
 
+@torch.no_grad()
+def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor, sign: int = 1) -> None:
+    """weight ← weight + sign·ΔWˢ in place, summed in float32 (or wider) and rounded once to the weight's dtype.
+
+    That is how the adapted forward builds the weight it multiplies by (W0 + ΔWˢ in float32, then cast), so a
+    merged bf16 model computes what the adapted one did. Adding a ΔWˢ already rounded to bf16 would round twice
+    and move some weights by one unit in the last place."""
+    wide = torch.promote_types(torch.promote_types(weight.dtype, a.dtype), torch.float32)
+    weight.copy_(weight.to(wide).add_(delta_weight(spec, a, b, coefficients, wide), alpha=sign))
+
+
 class SnellLayer(nn.Module):
     """Mixin placed in front of the original layer class; never instantiated directly."""
 
@@ -180,7 +191,7 @@ class SnellLayer(nn.Module):
     def merge(self) -> None:
         """Fold ΔWˢ into the base weight: inference then costs exactly the base layer."""
         if not self.snell_merged:
-            self.weight.add_(self.delta_weight())
+            fold_delta(self.snell_spec, self.snell_A, self.snell_B, self.kernel_coefficients(), self.weight)
             self.snell_merged = True
 
     @torch.no_grad()
@@ -189,7 +200,7 @@ class SnellLayer(nn.Module):
         if not self.snell_merged:
             raise ValueError("adapters are not merged into this layer's weight; there is nothing to unmerge")
         self.snell_merged = False
-        self.weight.sub_(self.delta_weight())
+        fold_delta(self.snell_spec, self.snell_A, self.snell_B, self.kernel_coefficients(), self.weight, sign=-1)
 
     def extra_repr(self) -> str:
         spec = self.snell_spec

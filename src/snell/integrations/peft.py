@@ -64,7 +64,14 @@ from peft.tuners.tuners_utils import (  # noqa: E402
 )
 
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
-from snell.layers import adapted_forward, build_spec, delta_weight, iter_snell_layers, new_factors  # noqa: E402
+from snell.layers import (  # noqa: E402
+    adapted_forward,
+    build_spec,
+    delta_weight,
+    fold_delta,
+    iter_snell_layers,
+    new_factors,
+)
 from snell.presets import detect_preset  # noqa: E402
 from snell.spec import SnellSpec  # noqa: E402
 
@@ -229,11 +236,13 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             old = factors[adapter_name]
             factors[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
 
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.snell_A[adapter_name], self.snell_B[adapter_name], self.snell_coefficients[adapter_name]
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔWˢ of ``adapter_name`` in the base weight's layout and dtype (the core's computation)."""
         weight = self.get_base_layer().weight
-        factors = (self.snell_A[adapter_name], self.snell_B[adapter_name], self.snell_coefficients[adapter_name])
-        return delta_weight(self.snell_specs[adapter_name], *factors, weight.dtype)
+        return delta_weight(self.snell_specs[adapter_name], *self._factors(adapter_name), weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold ΔWˢ into the base weight; ``safe_merge`` checks the result for inf/NaN before writing it."""
@@ -241,15 +250,16 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.snell_A:
                 continue
-            with torch.no_grad():
-                if safe_merge:
-                    merged = weight + self.delta_weight(name)
-                    if not torch.isfinite(merged).all():
-                        # peft's wording, as every peft method raises it; the weight is not written.
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if safe_merge:
+                merged = weight.detach().clone()
+                fold_delta(self.snell_specs[name], *self._factors(name), merged)
+                if not torch.isfinite(merged).all():
+                    # peft's wording, as every peft method raises it; the weight is not written.
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                with torch.no_grad():
                     weight.copy_(merged)
-                else:
-                    weight.add_(self.delta_weight(name))
+            else:
+                fold_delta(self.snell_specs[name], *self._factors(name), weight)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -257,8 +267,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.snell_A:
-                with torch.no_grad():
-                    weight.sub_(self.delta_weight(name))
+                fold_delta(self.snell_specs[name], *self._factors(name), weight, sign=-1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
