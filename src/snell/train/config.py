@@ -316,9 +316,9 @@ def _recipe_root() -> Path:
 
 
 def known_recipes() -> list[str]:
-    """Names accepted by --recipe, such as "vtab/cifar" and "fgvc/cub"."""
+    """Names accepted by --recipe, such as "vtab/cifar", "fgvc/cub" and "snella/vtab/cifar" (any depth)."""
     root = _recipe_root()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.yaml"))
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def _key_line(text: str, key: str) -> int | None:
@@ -421,7 +421,9 @@ def _parse_json_dict(text: str) -> dict:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; absent flags stay absent so recipes are not overridden by defaults."""
-    parser.add_argument("--recipe", default=None, help="vtab/<task>, fgvc/<dataset> or a recipe YAML file")
+    parser.add_argument(
+        "--recipe", default=None, help="vtab/<task>, fgvc/<dataset>, snella/{vtab,fgvc}/<task> or a recipe YAML file"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
