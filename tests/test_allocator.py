@@ -151,3 +151,21 @@ def test_a_loaded_adapter_rebuilds_the_allocated_model(tmp_path):
 def test_a_model_without_snell_layers_is_refused():
     with pytest.raises(ValueError, match="has no SNELL layers"):
         SparsityAllocator(Block(), CONFIG)
+
+
+def test_set_sparsity_goes_back_to_a_selected_allocation_and_refuses_a_mismatch():
+    """What a run does when it keeps an earlier epoch's tensors: the sparsities of that epoch come back with them."""
+    model = _model()
+    allocator = SparsityAllocator(model, CONFIG)
+    assert allocator.kept_ratio() == pytest.approx(0.99, rel=1e-12)  # every unit starts at s0 = 0.01
+    _train(model, allocator, 3)
+    selected = allocator.sparsity()
+    _train(model, allocator, 3, first=3)
+    assert allocator.sparsity() != selected
+    assert allocator.kept_ratio() == pytest.approx(0.2, abs=4 / (3 * 80 + 144))  # truncation drops < 1 per unit
+    allocator.set_sparsity(selected)
+    assert allocator.sparsity() == selected
+    assert model.fc.snell_spec.sparsity_of(0) == selected["fc"][0]
+    with pytest.raises(ValueError, match="do not match"):
+        allocator.set_sparsity({"fc": [0.5]})
+    assert allocator.sparsity() == selected

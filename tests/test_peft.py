@@ -525,8 +525,3 @@ def test_several_active_adapters_train_each_with_its_own_dropout():
     weight = layer.base_layer.weight.detach()
     grad_bound = 8 * _gemm_bound(grad, weight.T, *(d.T for d in deltas)) + 1e-7
     assert ((grad_x - (alone["default"][2] + alone["other"][2] - grad @ weight)).abs() <= grad_bound).all()
-
-
-def test_mixk_is_refused_until_peft_layers_carry_its_scalars():
-    with pytest.raises(ValueError, match="kernel 'mixk' \\(SNELLA\\) is not available through peft yet"):
-        SnellPeftConfig(kernel="mixk", target_modules=["fc"])

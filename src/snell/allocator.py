@@ -34,14 +34,18 @@ max-subtracted softmax), so only such a skipped step can bring one here.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from snell.layers import SnellLayer, iter_snell_layers
-from snell.spec import with_sparsities
+from snell.spec import SnellSpec, with_sparsities
+
+#: The factors whose sensitivity is measured (the authors' ``In_Qs`` and ``Out_Qs``), by their attribute names.
+FACTORS = ("snell_A", "snell_B")
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,43 @@ class AllocatorConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}")
 
 
-def _unit_sizes(layer: SnellLayer) -> list[int]:
-    groups, rows, n = layer.snell_spec.grouped_shape
+class AdapterSlot(Protocol):
+    """One adapted layer as the allocator sees it: its factors and its spec, read and replaced through this, so that
+    the same allocator drives snell's own layers and other homes of the same adapter (a peft layer keeps one per
+    adapter name, see :func:`snell.integrations.peft.snella_allocator`). Looked up at every use, never cached: a
+    factor can be replaced by a new Parameter (a dtype cast) between steps."""
+
+    def factor(self, name: str) -> Tensor:
+        """The factor ``name`` ("snell_A" or "snell_B"), a Parameter whose ``.grad`` is read."""
+        ...
+
+    def spec(self) -> SnellSpec:
+        """The layer's current spec (its per-group sparsities)."""
+        ...
+
+    def set_spec(self, spec: SnellSpec) -> None:
+        """Make ``spec`` the layer's spec: the next forward uses its sparsities."""
+        ...
+
+
+class LayerSlot:
+    """An :class:`AdapterSlot` over a layer adapted in place by :func:`snell.get_snell_model`."""
+
+    def __init__(self, layer: SnellLayer) -> None:
+        self.layer = layer
+
+    def factor(self, name: str) -> Tensor:
+        return getattr(self.layer, name)
+
+    def spec(self) -> SnellSpec:
+        return self.layer.snell_spec
+
+    def set_spec(self, spec: SnellSpec) -> None:
+        self.layer.snell_spec = spec
+
+
+def _unit_sizes(spec: SnellSpec) -> list[int]:
+    groups, rows, n = spec.grouped_shape
     return [rows * n] * groups
 
 
@@ -125,42 +164,56 @@ class SparsityAllocator:
     GradScaler), and :meth:`update` with the schedule step (the authors: once per epoch, with the epoch, before
     it). Per-layer sparsities go into each layer's spec, so the forward uses them at once, and are saved by
     :func:`snell.save_adapter`. :meth:`state_dict` / :meth:`load_state_dict` resume bit for bit.
+
+    ``slots`` (name → :class:`AdapterSlot`) replaces the model's own SNELL layers as what is allocated: how the peft
+    integration points the allocator at one adapter of a peft model. The model is then only named in messages.
     """
 
-    def __init__(self, model: nn.Module, config: AllocatorConfig) -> None:
+    def __init__(
+        self, model: nn.Module, config: AllocatorConfig, slots: Mapping[str, AdapterSlot] | None = None
+    ) -> None:
         self.model = model
         self.config = config
-        self.layers = dict(iter_snell_layers(model))
-        if not self.layers:
+        if slots is None:
+            slots = {name: LayerSlot(layer) for name, layer in iter_snell_layers(model)}
+        self.slots: dict[str, AdapterSlot] = dict(slots)
+        if not self.slots:
             raise ValueError(f"{type(model).__name__} has no SNELL layers to allocate sparsity to")
-        sizes = [size for layer in self.layers.values() for size in _unit_sizes(layer)]
+        sizes = [size for slot in self.slots.values() for size in _unit_sizes(slot.spec())]
         self.sizes = torch.tensor(sizes, dtype=torch.float64)
         start = torch.tensor([s for sparsities in self.sparsity().values() for s in sparsities], dtype=torch.float64)
         self.initial_volume = float(((1.0 - start) * self.sizes).sum())
         self.target_volume = float((1.0 - config.target_sparsity) * self.sizes.sum())
         self.sensitivity: dict[str, Tensor] = {}
         self.uncertainty: dict[str, Tensor] = {}
-        for name, layer in self.layers.items():
-            for factor in ("snell_A", "snell_B"):
-                param = getattr(layer, factor)
+        for name, slot in self.slots.items():
+            for factor in FACTORS:
+                param = slot.factor(factor)
                 self.sensitivity[f"{name}.{factor}"] = torch.zeros_like(param, dtype=torch.float64)
                 self.uncertainty[f"{name}.{factor}"] = torch.zeros_like(param, dtype=torch.float64)
 
     def sparsity(self) -> dict[str, list[float]]:
         """Each layer's current sparsities, one per adapter group."""
-        return {
-            name: [layer.snell_spec.sparsity_of(g) for g in range(layer.snell_spec.groups)]
-            for name, layer in self.layers.items()
-        }
+        found = {}
+        for name, slot in self.slots.items():
+            spec = slot.spec()
+            found[name] = [spec.sparsity_of(g) for g in range(spec.groups)]
+        return found
+
+    def kept_ratio(self) -> float:
+        """The fraction of all adapted entries kept now, weighted by size (1 − the overall sparsity; what
+        ``target_sparsity`` is the complement of at the end)."""
+        sparsity = torch.tensor([s for values in self.sparsity().values() for s in values], dtype=torch.float64)
+        return float(((1.0 - sparsity) * self.sizes).sum() / self.sizes.sum())
 
     @torch.no_grad()
     def accumulate(self) -> None:
         """Fold the factors' current |θ ⊙ ∇θ| into the sensitivity and uncertainty EMAs (a factor without a
         gradient counts as 0)."""
         beta1, beta2 = self.config.beta1, self.config.beta2
-        for name, layer in self.layers.items():
-            for factor in ("snell_A", "snell_B"):
-                param, key = getattr(layer, factor), f"{name}.{factor}"
+        for name, slot in self.slots.items():
+            for factor in FACTORS:
+                param, key = slot.factor(factor), f"{name}.{factor}"
                 if param.grad is None:
                     current = torch.zeros_like(self.sensitivity[key])
                 else:
@@ -171,12 +224,12 @@ class SparsityAllocator:
     def scores(self) -> Tensor:
         """Each unit's score, float64, in layer order (q, k, v of a fused projection one after the other)."""
         scores = []
-        for name, layer in self.layers.items():
+        for name, slot in self.slots.items():
             products = []
-            for factor in ("snell_A", "snell_B"):
+            for factor in FACTORS:
                 key = f"{name}.{factor}"
                 product = self.sensitivity[key] * self.uncertainty[key]
-                products.append(product.reshape(layer.snell_spec.groups, -1).mean(-1))
+                products.append(product.reshape(slot.spec().groups, -1).mean(-1))
             scores.append(products[0] + products[1])
         return torch.cat(scores)
 
@@ -190,16 +243,29 @@ class SparsityAllocator:
         counts = allocate(self.scores(), volume, self.sizes)
         ratios = (1.0 - counts / self.sizes).clamp_(0.0, 1.0).tolist()
         sparsity, first = {}, 0
-        for name, layer in self.layers.items():
-            groups = layer.snell_spec.groups
+        for name, slot in self.slots.items():
+            groups = slot.spec().groups
             sparsity[name] = ratios[first : first + groups]
             first += groups
         self._apply(sparsity)
         return sparsity
 
-    def _apply(self, sparsity: dict[str, list[float]]) -> None:
-        for name, layer in self.layers.items():
-            layer.snell_spec = with_sparsities(layer.snell_spec, sparsity[name])
+    def set_sparsity(self, sparsity: Mapping[str, list[float]]) -> None:
+        """Give every layer the sparsities of ``sparsity`` (as :meth:`sparsity` returns them), e.g. to go back to
+        the ones of a selected epoch; checked first, nothing changes on a mismatch. The EMAs are not touched."""
+        self._check_sparsity(sparsity)
+        self._apply(sparsity)
+
+    def _check_sparsity(self, sparsity: Mapping[str, list[float]]) -> None:
+        if set(sparsity) != set(self.slots) or any(
+            len(sparsity[name]) != slot.spec().groups or not all(0.0 <= s <= 1.0 for s in sparsity[name])
+            for name, slot in self.slots.items()
+        ):
+            raise ValueError("the sparsities given do not match this model's layers or are not in [0, 1]")
+
+    def _apply(self, sparsity: Mapping[str, list[float]]) -> None:
+        for name, slot in self.slots.items():
+            slot.set_spec(with_sparsities(slot.spec(), list(sparsity[name])))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: the EMAs, the budgets and the current sparsities."""
@@ -221,11 +287,12 @@ class SparsityAllocator:
             if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
                 raise ValueError(f"the allocator state's {kind} does not match this model's SNELL layers")
         sparsity = state["sparsity"]
-        if set(sparsity) != set(self.layers) or any(
-            len(sparsity[name]) != layer.snell_spec.groups or not all(0.0 <= s <= 1.0 for s in sparsity[name])
-            for name, layer in self.layers.items()
-        ):
-            raise ValueError("the allocator state's sparsities do not match this model's layers or are not in [0, 1]")
+        try:
+            self._check_sparsity(sparsity)
+        except ValueError:
+            raise ValueError(
+                "the allocator state's sparsities do not match this model's layers or are not in [0, 1]"
+            ) from None
         for kind in ("initial_volume", "target_volume"):
             if not math.isfinite(state[kind]):
                 raise ValueError(f"the allocator state's {kind} must be finite, got {state[kind]!r}")

@@ -21,6 +21,11 @@ The tuner layer wraps the original module as peft's ``base_layer`` and keeps the
 Its forward and its merge are the core's (:func:`snell.layers.adapted_forward`, :func:`snell.layers.delta_weight`):
 there is one implementation of the method, and a peft SNELL adapter computes exactly what
 ``snell.get_snell_model`` computes with the same factors.
+
+SNELLA through peft: ``kernel="mixk"`` keeps each adapter's trained (α, γ, β) in ``snell_mix`` next to its factors
+(trained and saved with them), and :func:`snella_allocator` points a :class:`snell.allocator.SparsityAllocator` at one
+adapter of a peft model. What it allocates is written into that adapter's config (``layer_sparsity``) as it goes,
+so ``save_pretrained`` records it and ``PeftModel.from_pretrained`` rebuilds the same ΔW.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from peft.tuners.tuners_utils import (  # noqa: E402
     check_adapters_to_merge,
 )
 
+from snell.allocator import AllocatorConfig, SparsityAllocator  # noqa: E402
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
 from snell.layers import (  # noqa: E402
     adapted_forward,
@@ -70,7 +76,9 @@ from snell.layers import (  # noqa: E402
     delta_weight,
     fold_delta,
     iter_snell_layers,
+    kernel_coefficients,
     new_factors,
+    new_mix,
 )
 from snell.presets import detect_preset  # noqa: E402
 from snell.spec import SnellSpec  # noqa: E402
@@ -101,6 +109,7 @@ _METHOD_FIELDS = (
     "coefficients",
     "learnable_coefficients",
     "sparsity",
+    "layer_sparsity",
     "sparsify_mode",
     "dropout",
     "drop_path",
@@ -126,11 +135,17 @@ class SnellPeftConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "rank of the factors A and B"})
-    kernel: str = field(default="piecewise_linear", metadata={"help": "linear, piecewise_linear, rbf or sigmoid"})
+    kernel: str = field(
+        default="piecewise_linear", metadata={"help": "linear, piecewise_linear, rbf, sigmoid or mixk (SNELLA)"}
+    )
     num_pieces: int = field(default=2, metadata={"help": "pieces of the piecewise_linear kernel"})
     coefficients: list[float] | None = field(default=None, metadata={"help": "kernel coefficients (None: defaults)"})
     learnable_coefficients: bool = field(default=False, metadata={"help": "train the kernel coefficients too"})
     sparsity: float = field(default=0.9, metadata={"help": "fraction of each ΔW that is zeroed"})
+    layer_sparsity: dict[str, list[float]] | None = field(
+        default=None,
+        metadata={"help": "per-layer sparsities (one per adapter group) replacing sparsity; set by snella_allocator"},
+    )
     sparsify_mode: str = field(default="reference", metadata={"help": "reference, mask or soft"})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "name suffixes or a regex; None: snell's preset for the model family"}
@@ -145,11 +160,6 @@ class SnellPeftConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SNELL
-        if self.kernel == "mixk":
-            raise ValueError(
-                "kernel 'mixk' (SNELLA) is not available through peft yet: its trained (α, γ, β) have no peft layer "
-                "slot; use snell.get_snell_model, or kernel in ('linear', 'piecewise_linear', 'rbf', 'sigmoid')"
-            )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
         self.snell_config()  # validates every method field, with snell's messages
@@ -179,7 +189,7 @@ class SnellPeftConfig(PeftConfig):
 class SnellPeftLayer(nn.Module, BaseTunerLayer):
     """peft's wrapper around one adapted Linear / Conv2d / Conv1D: factors per adapter name, the core's math."""
 
-    adapter_layer_names = ("snell_A", "snell_B", "snell_coefficients")
+    adapter_layer_names = ("snell_A", "snell_B", "snell_coefficients", "snell_mix")
     other_param_names = ("snell_specs", "snell_dropouts", "snell_learnable")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, name: str) -> None:
@@ -194,6 +204,8 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         # Fixed coefficients live here too (requires_grad False), so that adapters move with the model and
         # are deleted with it like the factors; their two floats are saved alongside the factors.
         self.snell_coefficients = nn.ParameterDict()
+        # mixk's trained (α, γ, β), (groups, 3), for the adapters whose kernel is mixk only.
+        self.snell_mix = nn.ParameterDict()
         self.snell_specs: dict[str, SnellSpec] = {}
         self.snell_dropouts: dict[str, tuple[float, float]] = {}
         self.snell_learnable: dict[str, bool] = {}
@@ -209,6 +221,9 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         self.snell_A[adapter_name] = a
         self.snell_B[adapter_name] = b
         self.snell_coefficients[adapter_name] = nn.Parameter(coefficients)
+        mix = new_mix(spec, config, self.base_layer.weight)
+        if mix is not None:
+            self.snell_mix[adapter_name] = mix
         self.snell_specs[adapter_name] = spec
         self.snell_dropouts[adapter_name] = (float(config.dropout), float(config.drop_path))
         self.snell_learnable[adapter_name] = config.learnable_coefficients
@@ -228,6 +243,11 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             if not self.snell_learnable[name]:
                 coefficients.requires_grad_(False)
 
+    def kernel_coefficients(self, adapter_name: str) -> torch.Tensor:
+        """What the kernel of ``adapter_name`` takes: its coefficients, and for mixk its (α, γ, β) row per group."""
+        mix = self.snell_mix.get(adapter_name)
+        return kernel_coefficients(self.snell_coefficients[adapter_name], mix)
+
     def cast_factors(self, adapter_name: str, dtype: torch.dtype) -> None:
         """Store A and B of ``adapter_name`` in ``dtype`` (a floating dtype; others are left as they are)."""
         if not dtype.is_floating_point:
@@ -237,7 +257,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             factors[adapter_name] = nn.Parameter(old.detach().to(dtype), requires_grad=old.requires_grad)
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.snell_A[adapter_name], self.snell_B[adapter_name], self.snell_coefficients[adapter_name]
+        return self.snell_A[adapter_name], self.snell_B[adapter_name], self.kernel_coefficients(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔWˢ of ``adapter_name`` in the base weight's layout and dtype (the core's computation)."""
@@ -281,7 +301,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         out = None
         for name in active:
             dropout = self.snell_dropouts[name] if self.training else (0.0, 0.0)
-            factors = (self.snell_A[name], self.snell_B[name], self.snell_coefficients[name])
+            factors = (self.snell_A[name], self.snell_B[name], self.kernel_coefficients(name))
             weight, bias = (base.weight, base.bias) if out is None else (None, None)
             y = adapted_forward(x, weight, bias, *factors, self.snell_specs[name], *dropout)
             out = y if out is None else out + y
@@ -338,6 +358,43 @@ class SnellPeftModel(BaseTuner):
             self._replace_module(parent, target_name, SnellPeftLayer(target, adapter_name, config, current_key), target)
 
 
+class PeftAdapterSlot:
+    """An :class:`snell.allocator.AdapterSlot` over one adapter of a peft SNELL layer. Setting its spec also records
+    the sparsities in the adapter's config (``layer_sparsity``), which ``save_pretrained`` writes."""
+
+    def __init__(self, layer: SnellPeftLayer, adapter_name: str, name: str, config: SnellPeftConfig) -> None:
+        self.layer, self.adapter_name, self.name, self.config = layer, adapter_name, name, config
+
+    def factor(self, name: str) -> torch.Tensor:
+        return getattr(self.layer, name)[self.adapter_name]
+
+    def spec(self) -> SnellSpec:
+        return self.layer.snell_specs[self.adapter_name]
+
+    def set_spec(self, spec: SnellSpec) -> None:
+        self.layer.snell_specs[self.adapter_name] = spec
+        layers = dict(self.config.layer_sparsity or {})
+        layers[self.name] = [spec.sparsity_of(g) for g in range(spec.groups)]
+        self.config.layer_sparsity = layers
+
+
+def snella_allocator(model: nn.Module, config: AllocatorConfig, adapter_name: str = "default") -> SparsityAllocator:
+    """A SNELLA allocator over adapter ``adapter_name`` of a peft model made with ``SnellPeftConfig`` (mixk is what
+    the authors pair it with; any SNELL kernel works). Layers are named as ``layer_sparsity`` and peft's injection
+    name them (module names in the base model). Call ``accumulate()`` after each optimizer step and ``update(epoch)``
+    before each epoch, or let :class:`snell.integrations.transformers.SnellaCallback` do it inside a Trainer."""
+    peft_configs = getattr(model, "peft_config", None)
+    if not isinstance(peft_configs, dict) or not isinstance(peft_configs.get(adapter_name), SnellPeftConfig):
+        raise ValueError(f"{type(model).__name__} has no SNELL peft adapter named {adapter_name!r}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    slots = {
+        name: PeftAdapterSlot(module, adapter_name, name, peft_configs[adapter_name])
+        for name, module in base.named_modules()
+        if isinstance(module, SnellPeftLayer) and adapter_name in module.snell_A
+    }
+    return SparsityAllocator(model, config, slots)
+
+
 def _register() -> None:
     """Add SNELL to peft's lookup tables (idempotent; refuses to replace another package's "SNELL")."""
     for table, value in (
@@ -357,8 +414,10 @@ __all__ = [
     "SNELL",
     "SUPPORTED_PEFT",
     "MethodType",
+    "PeftAdapterSlot",
     "SnellPeftConfig",
     "SnellPeftLayer",
     "SnellPeftModel",
     "check_peft_version",
+    "snella_allocator",
 ]

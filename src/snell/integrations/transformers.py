@@ -10,19 +10,26 @@ parameters. Single-process and DDP training; DeepSpeed ZeRO-3 / FSDP shard the p
 
 A model wrapped by peft (``get_peft_model(model, SnellPeftConfig(...))``, see :mod:`snell.integrations.peft`)
 needs none of this: Trainer and TRL save and resume peft models themselves.
+
+:class:`SnellaCallback` runs SNELLA's sparsity allocation inside any Trainer, for either kind of model.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from snell.allocator import SparsityAllocator
 from snell.config import SnellConfig
 from snell.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, save_adapter
 from snell.layers import iter_snell_layers
@@ -89,4 +96,58 @@ class SnellTrainer(SnellTrainerMixin, Trainer):
     """``transformers.Trainer`` that saves and resumes models from ``snell.get_snell_model`` as SNELL adapters."""
 
 
-__all__ = ["SnellTrainer", "SnellTrainerMixin", "restore_adapter"]
+class SnellaCallback(TrainerCallback):
+    """Steps a SNELLA :class:`snell.allocator.SparsityAllocator` inside transformers' Trainer, as the authors' loop
+    does: ``update(epoch)`` at each epoch's beginning (while the epoch is inside the schedule) and ``accumulate()``
+    after each optimizer step.
+
+    Why ``on_optimizer_step``: Trainer calls it right after ``optimizer.step()`` and before ``model.zero_grad()``, on
+    optimizer steps only (not after each accumulated micro-batch), so the gradients are there and are the whole
+    step's; under DDP they are averaged over the processes already, and any fp16 GradScaler has unscaled them (its
+    gradient-norm pass unscales). ``on_step_end`` would come after ``zero_grad`` and see none. One difference stays:
+    Trainer clips them to ``max_grad_norm`` (default 1.0) before the step, which the authors do not, so this callback
+    warns unless ``max_grad_norm=0``. FSDP and DeepSpeed shard the gradients and are not supported.
+
+    Every Trainer checkpoint gets the allocator's state (``snella_allocator.pt``); call :meth:`load` with the
+    checkpoint folder before ``trainer.train(resume_from_checkpoint=...)`` to resume it.
+    """
+
+    STATE_NAME = "snella_allocator.pt"
+
+    def __init__(self, allocator: SparsityAllocator) -> None:
+        self.allocator = allocator
+        self.last_update = -1  # the last schedule step applied: a resumed epoch does not re-allocate twice
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            warnings.warn(
+                f"SnellaCallback: Trainer clips gradients to max_grad_norm={args.max_grad_norm} before the allocator "
+                "reads them, which SNELLA's authors do not; pass max_grad_norm=0 to allocate on the raw gradients",
+                stacklevel=2,
+            )
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        # state.epoch is epoch + (step + 1) / steps_in_epoch after each step: a whole number at an epoch's start,
+        # or (resumed mid-epoch) a fraction of the epoch under way, whose update already happened before the save.
+        epoch = math.floor(state.epoch + 1e-9)
+        if self.last_update < epoch < self.allocator.config.total_steps:
+            self.allocator.update(epoch)
+            self.last_update = epoch
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.allocator.accumulate()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            state_dict = {"allocator": self.allocator.state_dict(), "last_update": self.last_update}
+            torch.save(state_dict, folder / self.STATE_NAME)
+
+    def load(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the allocator saved in the Trainer checkpoint folder ``checkpoint`` (see :meth:`on_save`)."""
+        saved = torch.load(Path(checkpoint) / self.STATE_NAME, map_location="cpu", weights_only=False)
+        self.allocator.load_state_dict(saved["allocator"])
+        self.last_update = int(saved["last_update"])
+
+
+__all__ = ["SnellTrainer", "SnellTrainerMixin", "SnellaCallback", "restore_adapter"]

@@ -18,7 +18,10 @@ from typing import Any
 
 import yaml
 
-METHODS = ("snell", "lora", "dora", "full", "linear")
+METHODS = ("snell", "snella", "lora", "dora", "full", "linear")
+#: The methods whose result is a SNELL adapter (saved, loaded and merged by snell itself).
+SNELL_METHODS = ("snell", "snella")
+KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid", "mixk")
 DATA_FORMATS = ("auto", "vtab", "fgvc", "imagefolder", "text", "builtin")
 BUILTIN_DATA = ("fashion_mnist", "mnist", "digits", "bbc_news")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -36,9 +39,13 @@ DEFAULT_LR = 1e-3
 
 
 def default_lr(method: str, sparsify_mode: str, sparsity: float) -> float:
-    """The peak learning rate of an unset ``--lr``: SNELL's sparsified kernel needs about 20x LoRA's."""
+    """The peak learning rate of an unset ``--lr``: SNELL's sparsified kernel needs about 20x LoRA's.
+
+    SNELLA (mixk) multiplies every kept entry by its detached |ΔW| at every ratio, 0 included, and its ΔW starts
+    near 1e-3 too (D plus a softmax over m outputs, each about 1/m), so the same squared start applies to it whatever
+    its initial sparsity. The authors' SNELLA scripts use 1e-3 (their recipes set it)."""
     sparse = isinstance(sparsity, (int, float)) and sparsity > 0
-    squared = method == "snell" and sparsify_mode in ("reference", "soft") and sparse
+    squared = sparsify_mode in ("reference", "soft") and (method == "snella" or (method == "snell" and sparse))
     return SPARSE_SNELL_LR if squared else DEFAULT_LR
 
 
@@ -87,15 +94,21 @@ class TrainConfig:
     )
     drop_path_rate: float = _opt(0.0, "stochastic depth in the backbone (timm models)")
     # method
-    method: str = _opt("snell", "what is trained", METHODS)
+    method: str = _opt(
+        "snell",
+        "what is trained (snella: SNELL's mixk kernel, per-layer sparsity set by the allocator)",
+        METHODS,
+    )
     r: int = _opt(8, "rank of SNELL / LoRA / DoRA factors (--rank under torchrun)")
-    kernel: str = _opt("piecewise_linear", "SNELL kernel", ("linear", "piecewise_linear", "rbf", "sigmoid"))
+    kernel: str = _opt("piecewise_linear", "SNELL kernel (snella: always mixk)", KERNELS)
     num_pieces: int = _opt(2, "SNELL piecewise-linear kernel: number of pieces")
     coefficients: list | None = field(
         default=None, metadata=_meta("SNELL kernel coefficients, comma-separated (default: the kernel's)")
     )
     learnable_coefficients: bool = _opt(False, "train the SNELL kernel coefficients")
-    sparsity: float = _opt(0.9, "SNELL: fraction of each update matrix zeroed (0.9 keeps the top 10 %%)")
+    sparsity: float = _opt(
+        0.9, "SNELL: fraction of each update matrix zeroed (0.9 keeps the top 10 %%); snella: see --init-sparsity"
+    )
     sparsify_mode: str = _opt("reference", "SNELL sparsifier", ("reference", "mask", "soft"))
     target_modules: list | str | None = field(
         default=None,
@@ -108,6 +121,20 @@ class TrainConfig:
     adapter_dropout: float = _opt(0.0, "dropout on the adapter input (SNELL dropout, LoRA lora_dropout)")
     adapter_drop_path: float = _opt(0.0, "SNELL: DropPath on the adapter output")
     lora_alpha: float | None = _opt(None, "LoRA/DoRA alpha (default: r, i.e. scale 1)")
+    # SNELLA's sparsity allocation (the authors' train_alloc*.py flags in brackets; defaults: their snella32 scripts)
+    target_sparsity: float = _opt(
+        0.8, "snella: fraction of all adapted entries zeroed at the end, over all layers [--target_ratio]"
+    )
+    init_sparsity: float = _opt(0.01, "snella: every layer's sparsity at the start [--init_thres]")
+    alloc_epochs: int | None = _opt(
+        None,
+        "snella: the sparsity schedule's length in epochs, stepped once per epoch (default: --epochs) [--alloc_epoch]",
+    )
+    alloc_init_warmup: int = _opt(0, "snella: epochs at the initial budget before it shrinks [--init_warmup]")
+    alloc_final_warmup: int = _opt(0, "snella: epochs at the target budget at the end of the schedule [--final_warmup]")
+    alloc_mask_interval: int = _opt(1, "snella: re-allocate every N epochs while the budget shrinks [--mask_interval]")
+    alloc_beta1: float = _opt(0.85, "snella: EMA factor of each factor entry's sensitivity |θ·∇θ| [--beta1]")
+    alloc_beta2: float = _opt(0.85, "snella: EMA factor of the sensitivity's uncertainty [--beta2]")
     train_cls_token: bool = _opt(True, "train the cls_token fully for snell/lora/dora, as the reference code does")
     # optimisation
     epochs: int = _opt(10, "training epochs")
@@ -162,6 +189,8 @@ class TrainConfig:
     num_beams: int = _opt(1, "causal LM: beams when scoring (1: greedy; LLM-Adapters' commonsense evaluation uses 4)")
 
     def __post_init__(self) -> None:
+        if self.method == "snella" and self.kernel == "piecewise_linear":
+            self.kernel = "mixk"  # mixk builds on the piecewise-linear D: the default means "snella's own kernel"
         if self.lr is None:
             self.lr = default_lr(self.method, self.sparsify_mode, self.sparsity)
         self.validate()
@@ -216,6 +245,56 @@ class TrainConfig:
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "color_jitter"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        self._validate_allocation()
+
+    def allocation_epochs(self) -> int:
+        """T, the length of SNELLA's sparsity schedule in epochs (``--alloc-epochs``, else ``--epochs``)."""
+        return self.alloc_epochs if self.alloc_epochs is not None else self.epochs
+
+    def _validate_allocation(self) -> None:
+        """SNELLA's options: ranges always (a recipe may carry them for any method), their combination for snella."""
+        for name in ("target_sparsity", "init_sparsity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise UserError(f"{name} must lie in [0, 1), got {value!r}")
+        for name in ("alloc_beta1", "alloc_beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise UserError(f"{name} must lie in (0, 1), got {value!r}")
+        for name, least in (("alloc_init_warmup", 0), ("alloc_final_warmup", 0), ("alloc_mask_interval", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.alloc_epochs is not None and (
+            isinstance(self.alloc_epochs, bool) or not isinstance(self.alloc_epochs, int) or self.alloc_epochs < 1
+        ):
+            raise UserError(f"alloc_epochs must be a positive integer (or unset), got {self.alloc_epochs!r}")
+        if self.method != "snella":
+            return
+        if self.kernel != "mixk":
+            raise UserError(
+                f"--method snella trains the mixk kernel; kernel must be mixk or unset, got {self.kernel!r}"
+            )
+        if self.sparsity != TrainConfig.sparsity:
+            raise UserError(
+                f"--sparsity is SNELL's fixed ratio; --method snella starts every layer at --init-sparsity and ends at "
+                f"--target-sparsity, so leave sparsity unset (got {self.sparsity!r})"
+            )
+        if self.fsdp:
+            raise UserError(
+                "--method snella cannot be combined with --fsdp: the allocator reads whole factor gradients"
+            )
+        length = self.allocation_epochs()
+        if length > self.epochs:
+            raise UserError(
+                f"alloc_epochs must be in [1, epochs={self.epochs}] (a longer schedule never reaches "
+                f"--target-sparsity), got {length}"
+            )
+        if self.alloc_init_warmup + self.alloc_final_warmup >= length:
+            raise UserError(
+                f"alloc_init_warmup + alloc_final_warmup must be below the schedule's {length} epochs, got "
+                f"{self.alloc_init_warmup} + {self.alloc_final_warmup}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,9 +316,9 @@ def _recipe_root() -> Path:
 
 
 def known_recipes() -> list[str]:
-    """Names accepted by --recipe, such as "vtab/cifar" and "fgvc/cub"."""
+    """Names accepted by --recipe, such as "vtab/cifar", "fgvc/cub" and "snella/vtab/cifar" (any depth)."""
     root = _recipe_root()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.glob("*/*.yaml"))
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def _key_line(text: str, key: str) -> int | None:
@@ -342,7 +421,9 @@ def _parse_json_dict(text: str) -> dict:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; absent flags stay absent so recipes are not overridden by defaults."""
-    parser.add_argument("--recipe", default=None, help="vtab/<task>, fgvc/<dataset> or a recipe YAML file")
+    parser.add_argument(
+        "--recipe", default=None, help="vtab/<task>, fgvc/<dataset>, snella/{vtab,fgvc}/<task> or a recipe YAML file"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

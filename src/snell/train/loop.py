@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 import snell
+from snell.allocator import AllocatorConfig, SparsityAllocator
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.fsdp import full, load_optimizer_state, optimizer_state, reshard, shard, unsharded
 from snell.train.models import (
@@ -40,13 +41,16 @@ from snell.train.models import (
     save_trained,
     set_train_mode,
 )
-from snell.train.plots import CURVES_FILE, plot_curves
+from snell.train.plots import CURVES_FILE, SPARSITY_FILE, plot_curves, plot_sparsity
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
+#: Never decayed, whatever their shape. ``snell_mix`` is mixk's (α, γ, β), one row per adapter group (2-D, so the
+#: shape rule alone would decay it): scalars of the kernel's shape, which the authors keep as 1-D (1,) tensors that
+#: their optimizer does not decay; pulling α and γ towards 0 would change the kernel, not regularise the update.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "snell_mix")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -54,7 +58,8 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-D tensors (norms, biases, kernel coefficients), pos_embed and cls_token."""
+    """AdamW groups: no decay on 1-D tensors (norms, biases, kernel coefficients), pos_embed, cls_token and mixk's
+    (α, γ, β) (see :data:`NO_DECAY_NAMES`)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -192,6 +197,8 @@ class Progress:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     train_time: float = 0.0
+    #: snella: the per-layer sparsities that go with ``best_state`` (they are no tensor of the model).
+    best_sparsity: dict[str, list[float]] | None = None
 
 
 class Report(NamedTuple):
@@ -226,6 +233,7 @@ class Run:
             if getattr(config, name) % world:
                 raise UserError(f"{name} {getattr(config, name)} must be divisible by the {world} processes")
         self.resume = resume
+        self.allocator: SparsityAllocator | None = None  # snella's, made in fit() once the model is on its device
         self._check_output_dir()
         self.accelerator.wait_for_everyone()
         set_seed(config.seed)
@@ -321,9 +329,15 @@ class Run:
                 loss, batch_correct, batch_seen = self._batch_loss(inputs, labels)
                 self.accelerator.backward(loss)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 if self.accelerator.sync_gradients:
+                    # Only once per optimizer step, and before zero_grad: the gradients are then the whole step's
+                    # (accelerate divides each micro-batch's loss by --grad-accum and steps on the sum; under DDP
+                    # they are already averaged over the processes, so every process makes the same allocation).
+                    # Nothing scales them: --bf16 autocast has no GradScaler, so there is no unscaling to wait for.
+                    if self.allocator is not None:
+                        self.allocator.accumulate()
                     schedule.step()
+                optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().double() * batch_seen
             correct += batch_correct
             seen += batch_seen
@@ -374,9 +388,12 @@ class Run:
                     "best_score": progress.best_score,
                     "best_epoch": progress.best_epoch,
                     "train_time": progress.train_time,
+                    "best_sparsity": progress.best_sparsity,
                 },
                 "best_state": progress.best_state,
             }
+            if self.allocator is not None:  # the EMAs and the current sparsities: snella resumes bit for bit
+                state["allocator"] = self.allocator.state_dict()
             torch.save(state, tmp / "state.pt")
         acc.wait_for_everyone()
         if self.main:
@@ -401,6 +418,13 @@ class Run:
         load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
         load_optimizer_state(self.model, optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if self.allocator is not None:
+            if "allocator" not in state:
+                raise UserError(f"{latest}: holds no allocator state; it was not written by a snella run")
+            try:
+                self.allocator.load_state_dict(state["allocator"])
+            except ValueError as err:
+                raise UserError(f"{latest}: {err}") from None
         set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
         info = state["progress"]
         if self.main:
@@ -412,6 +436,7 @@ class Run:
             info["best_epoch"],
             state["best_state"],
             info["train_time"],
+            info.get("best_sparsity"),
         )
 
     # -- the whole run ---------------------------------------------------------------------------------
@@ -441,11 +466,47 @@ class Run:
         if not self.main:
             return
         write_metrics(self.out / METRICS_FILE, metrics)
-        curves = self.out / CURVES_FILE
+        curves, sparsity = self.out / CURVES_FILE, self.out / SPARSITY_FILE
+        title = f"{self.config.method} on {self.task.name}: {self.config.model}"
         if metrics:
-            plot_curves(metrics, curves, f"{self.config.method} on {self.task.name}: {self.config.model}")
+            plot_curves(metrics, curves, title)
         else:
             curves.unlink(missing_ok=True)
+        if metrics and self.allocator is not None:
+            plot_sparsity(metrics, sparsity, title)
+        else:
+            sparsity.unlink(missing_ok=True)
+
+    def _make_allocator(self) -> SparsityAllocator | None:
+        """snella's allocator over the (unwrapped) model's SNELL layers, each starting at ``--init-sparsity``."""
+        cfg = self.config
+        if cfg.method != "snella":
+            return None
+        config = AllocatorConfig(
+            target_sparsity=cfg.target_sparsity,
+            total_steps=cfg.allocation_epochs(),
+            init_warmup=cfg.alloc_init_warmup,
+            final_warmup=cfg.alloc_final_warmup,
+            mask_interval=cfg.alloc_mask_interval,
+            beta1=cfg.alloc_beta1,
+            beta2=cfg.alloc_beta2,
+        )
+        return SparsityAllocator(self.accelerator.unwrap_model(self.model), config)
+
+    def _sparsity_record(self) -> dict[str, Any]:
+        """What metrics.jsonl holds about the allocation after an epoch: the overall ratio (size-weighted, what
+        ``--target-sparsity`` aims at), the unweighted mean, min and max over all matrices, and every layer's
+        sparsities (one per adapter group: q, k and v of a fused projection are three)."""
+        assert self.allocator is not None
+        layers = self.allocator.sparsity()
+        values = [s for groups in layers.values() for s in groups]
+        return {
+            "overall": 1.0 - self.allocator.kept_ratio(),
+            "mean": sum(values) / len(values),
+            "min": min(values),
+            "max": max(values),
+            "layers": layers,
+        }
 
     def fit(self) -> dict[str, Any]:
         """Train, select or report per the protocol, save the result, and return the summary."""
@@ -471,6 +532,7 @@ class Run:
         eval_loader = acc.prepare(self._loader(eval_set, train=False)) if eval_set is not None else None
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
+        self.allocator = self._make_allocator()
         progress = self._restore(optimizer, schedule) if self.resume else Progress()
         self._record(progress.metrics)
         if self.main:
@@ -486,7 +548,11 @@ class Run:
             train_loader.set_epoch(epoch)
             sampler.set_epoch(epoch)
             started = time.time()
+            if self.allocator is not None and epoch < cfg.allocation_epochs():
+                self.allocator.update(epoch)  # before the epoch, with the epoch, as the authors' train_alloc*.py
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)
+            if self.allocator is not None:
+                record["sparsity"] = self._sparsity_record()
             if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 metrics = self.eval_metrics(eval_loader, eval_split)
                 reshard(self.model)
@@ -495,12 +561,15 @@ class Run:
                 if score > progress.best_score:
                     progress.best_score, progress.best_epoch = score, epoch + 1
                     progress.best_state = _cpu(mutable_state(acc.unwrap_model(self.model)))
+                    progress.best_sparsity = self.allocator.sparsity() if self.allocator is not None else None
             progress.train_time += time.time() - started
             progress.epoch = epoch + 1
             progress.metrics.append(record)
             self._record(progress.metrics)
             if self.main:
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k != "sparsity"}
+                if "sparsity" in record:  # the overall ratio only: the per-layer dict is for the file and the plot
+                    shown["sparsity"] = round(record["sparsity"]["overall"], 4)
                 if cfg.progress:
                     tqdm.write(json.dumps(shown))
             self._save_checkpoint(progress, optimizer, schedule)
@@ -512,6 +581,8 @@ class Run:
         model = acc.unwrap_model(self.model)
         if progress.best_state is not None:
             load_mutable_state(model, progress.best_state)
+            if self.allocator is not None and progress.best_sparsity is not None:
+                self.allocator.set_sparsity(progress.best_sparsity)  # the selected epoch's ΔW, not the last one's
         report = self._report(progress, eval_split)
         peak, peak_kind = peak_memory_mb(acc.device)
         peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()

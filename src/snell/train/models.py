@@ -20,7 +20,7 @@ from torch import nn
 
 import snell
 from snell.model import resolve_targets
-from snell.train.config import TrainConfig, UserError
+from snell.train.config import SNELL_METHODS, TrainConfig, UserError
 from snell.train.fsdp import like
 
 STATE_FILE = "model_state.safetensors"
@@ -260,14 +260,16 @@ def _token_parameters(model: nn.Module, config: TrainConfig) -> list[str]:
 
 
 def snell_config(config: TrainConfig, model: nn.Module, head_names: list[str]) -> snell.SnellConfig:
+    """The SNELL adapter of a snell or snella run (snella: mixk, every layer starting at ``--init-sparsity``)."""
+    snella = config.method == "snella"
     try:
         return snell.SnellConfig(
             r=config.r,
-            kernel=config.kernel,
+            kernel="mixk" if snella else config.kernel,
             num_pieces=config.num_pieces,
             coefficients=config.coefficients,
             learnable_coefficients=config.learnable_coefficients,
-            sparsity=config.sparsity,
+            sparsity=config.init_sparsity if snella else config.sparsity,
             sparsify_mode=config.sparsify_mode,
             target_modules=config.target_modules,
             exclude_modules=config.exclude_modules,
@@ -307,7 +309,7 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
     """The trainable model: ``backbone.model`` with the method's trainable parts switched on."""
     model = backbone.model
     heads = backbone.head_names
-    if config.method == "snell":
+    if config.method in SNELL_METHODS:
         try:
             model = snell.get_snell_model(model, snell_config(config, model, heads))
         except (TypeError, ValueError) as err:
@@ -378,7 +380,7 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path, trainin
     adapter's config; peft's loader warns on keys it does not know, so its adapters leave it to the run folder.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    if config.method == "snell":
+    if config.method in SNELL_METHODS:
         snell.save_adapter(model, directory, training)
     elif config.method in ("lora", "dora"):
         model.save_pretrained(str(directory))
@@ -405,7 +407,7 @@ def load_trained(backbone: Backbone, config: TrainConfig, directory: Path) -> nn
     if not directory.is_dir():
         raise UserError(f"{directory}: adapter folder not found")
     try:
-        if config.method == "snell":
+        if config.method in SNELL_METHODS:
             model = snell.load_adapter(model, directory)
         elif config.method in ("lora", "dora"):
             from peft import PeftModel
@@ -438,7 +440,7 @@ def load_trained(backbone: Backbone, config: TrainConfig, directory: Path) -> nn
 
 def merge_trained(model: nn.Module, config: TrainConfig) -> nn.Module:
     """The plain backbone class with the update folded into its weights (inference costs the base model)."""
-    if config.method == "snell":
+    if config.method in SNELL_METHODS:
         return snell.merge_and_unload(model)
     if config.method in ("lora", "dora"):
         return model.merge_and_unload()

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 CURVES_FILE = "curves.png"
+#: snella runs: where the allocator left each layer's kept ratio after every epoch.
+SPARSITY_FILE = "sparsity.png"
 
 
 def pyplot() -> Any:
@@ -54,6 +56,59 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> P
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_sparsity(metrics: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """SNELLA's allocation over a run (the ``sparsity`` records of metrics.jsonl): the kept ratio overall and its
+    spread per epoch, and a map of every adapted matrix's kept ratio (rows, in model order; q, k and v of a fused
+    projection each have a row) by epoch, which shows which layers won the competition for the budget."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    records = [m for m in metrics if "sparsity" in m]
+    epochs = [m["epoch"] for m in records]
+    units = [
+        f"{name}[{g}]" if len(groups) > 1 else name
+        for name, groups in records[-1]["sparsity"]["layers"].items()
+        for g in range(len(groups))
+    ]
+    kept = [[1.0 - s for groups in m["sparsity"]["layers"].values() for s in groups] for m in records]
+    fig, (line_ax, map_ax) = plt.subplots(
+        1, 2, figsize=(11, max(3.6, 0.12 * len(units) + 1.2)), gridspec_kw={"width_ratios": [1, 1.4]}
+    )
+    line_ax.plot(epochs, [1.0 - m["sparsity"]["overall"] for m in records], marker="o", label="overall (by size)")
+    line_ax.fill_between(
+        epochs,
+        [1.0 - m["sparsity"]["max"] for m in records],
+        [1.0 - m["sparsity"]["min"] for m in records],
+        alpha=0.25,
+        label="min to max over matrices",
+    )
+    line_ax.set_title("kept ratio (1 - sparsity)")
+    line_ax.set_xlabel("epoch")
+    line_ax.set_ylim(0.0, 1.02)
+    line_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    line_ax.grid(alpha=0.3)
+    line_ax.legend(fontsize=8)
+    image = map_ax.imshow(
+        list(map(list, zip(*kept, strict=True))),
+        aspect="auto",
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=1.0,
+        cmap="viridis",
+        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(units) - 0.5, -0.5),
+    )
+    map_ax.set_title("kept ratio per matrix")
+    map_ax.set_xlabel("epoch")
+    map_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    map_ax.set_yticks(range(len(units)))
+    map_ax.set_yticklabels(units, fontsize=5 if len(units) > 24 else 7)
+    fig.colorbar(image, ax=map_ax, fraction=0.04)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
