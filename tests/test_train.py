@@ -22,8 +22,8 @@ from snell.train.config import (
     load_recipe,
     resolve_config,
 )
-from snell.train.loop import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 from snell.train.models import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
+from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 
 VTAB_TASKS = {
     "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon",

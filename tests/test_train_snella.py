@@ -22,7 +22,7 @@ from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError, known_recipes, resolve_config
 from snell.train.data import export_vtab_folder
 from snell.train.evaluate import restore
-from snell.train.loop import param_groups
+from snell.train.optim import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

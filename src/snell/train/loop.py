@@ -17,7 +17,6 @@ import random
 import resource
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,11 +26,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import snell
-from snell.allocator import AllocatorConfig, SparsityAllocator
+from snell.allocator import SparsityAllocator
+from snell.train.allocation import make_allocator, sparsity_record
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.fsdp import full, load_optimizer_state, optimizer_state, reshard, shard, unsharded
 from snell.train.models import (
@@ -41,99 +41,13 @@ from snell.train.models import (
     save_trained,
     set_train_mode,
 )
+from snell.train.optim import EpochSampler, WarmupCosine, param_groups
 from snell.train.plots import CURVES_FILE, SPARSITY_FILE, plot_curves, plot_sparsity
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-#: Never decayed, whatever their shape. ``snell_mix`` is mixk's (α, γ, β), one row per adapter group (2-D, so the
-#: shape rule alone would decay it): scalars of the kernel's shape, which the authors keep as 1-D (1,) tensors that
-#: their optimizer does not decay; pulling α and γ towards 0 would change the kernel, not regularise the update.
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "snell_mix")
-
-
-# ------------------------------------------------------------------------------------------------------
-# Optimisation
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-D tensors (norms, biases, kernel coefficients), pos_embed, cls_token and mixk's
-    (α, γ, β) (see :data:`NO_DECAY_NAMES`)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or leaf == "bias" or leaf in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, warmup_lr: float, min_lr: float) -> float:
-    """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine from ``lr`` to ``min_lr``.
-
-    Step ``total_steps - 1`` (the last optimizer step) gets ``min_lr``.
-    """
-    if step < warmup_steps:
-        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-class WarmupCosine:
-    """Sets the learning rate of every group before each optimizer step; its state is the step count."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-        self.optimizer = optimizer
-        self.total_steps = config.epochs * steps_per_epoch
-        self.warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), self.total_steps - 1)
-        self.lr, self.warmup_lr, self.min_lr = config.lr, config.warmup_lr, config.min_lr
-        self.step_count = 0
-        self._apply()
-
-    def current(self) -> float:
-        return warmup_cosine(self.step_count, self.total_steps, self.warmup_steps, self.lr, self.warmup_lr, self.min_lr)
-
-    def _apply(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.current()
-
-    def step(self) -> None:
-        self.step_count += 1
-        self._apply()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step_count": self.step_count}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step_count = int(state["step_count"])
-        self._apply()
-
-
-class EpochSampler(Sampler[int]):
-    """A random permutation that depends on (seed, epoch) only, so a resumed epoch sees the same order."""
-
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 # ------------------------------------------------------------------------------------------------------
 # Memory, files, RNG
 
@@ -477,37 +391,6 @@ class Run:
         else:
             sparsity.unlink(missing_ok=True)
 
-    def _make_allocator(self) -> SparsityAllocator | None:
-        """snella's allocator over the (unwrapped) model's SNELL layers, each starting at ``--init-sparsity``."""
-        cfg = self.config
-        if cfg.method != "snella":
-            return None
-        config = AllocatorConfig(
-            target_sparsity=cfg.target_sparsity,
-            total_steps=cfg.allocation_epochs(),
-            init_warmup=cfg.alloc_init_warmup,
-            final_warmup=cfg.alloc_final_warmup,
-            mask_interval=cfg.alloc_mask_interval,
-            beta1=cfg.alloc_beta1,
-            beta2=cfg.alloc_beta2,
-        )
-        return SparsityAllocator(self.accelerator.unwrap_model(self.model), config)
-
-    def _sparsity_record(self) -> dict[str, Any]:
-        """What metrics.jsonl holds about the allocation after an epoch: the overall ratio (size-weighted, what
-        ``--target-sparsity`` aims at), the unweighted mean, min and max over all matrices, and every layer's
-        sparsities (one per adapter group: q, k and v of a fused projection are three)."""
-        assert self.allocator is not None
-        layers = self.allocator.sparsity()
-        values = [s for groups in layers.values() for s in groups]
-        return {
-            "overall": 1.0 - self.allocator.kept_ratio(),
-            "mean": sum(values) / len(values),
-            "min": min(values),
-            "max": max(values),
-            "layers": layers,
-        }
-
     def fit(self) -> dict[str, Any]:
         """Train, select or report per the protocol, save the result, and return the summary."""
         cfg, acc = self.config, self.accelerator
@@ -532,7 +415,7 @@ class Run:
         eval_loader = acc.prepare(self._loader(eval_set, train=False)) if eval_set is not None else None
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
-        self.allocator = self._make_allocator()
+        self.allocator = make_allocator(cfg, acc.unwrap_model(self.model))
         progress = self._restore(optimizer, schedule) if self.resume else Progress()
         self._record(progress.metrics)
         if self.main:
@@ -552,7 +435,7 @@ class Run:
                 self.allocator.update(epoch)  # before the epoch, with the epoch, as the authors' train_alloc*.py
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)
             if self.allocator is not None:
-                record["sparsity"] = self._sparsity_record()
+                record["sparsity"] = sparsity_record(self.allocator)
             if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 metrics = self.eval_metrics(eval_loader, eval_split)
                 reshard(self.model)

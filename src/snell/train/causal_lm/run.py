@@ -30,8 +30,9 @@ from snell.train.causal_lm.scoring import choices_for, extract_answer, pattern_f
 from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError
 from snell.train.fsdp import is_sharded
-from snell.train.loop import EpochSampler, Progress, Report, Run
+from snell.train.loop import Progress, Report, Run
 from snell.train.models import Backbone, apply_method, load_trained, merge_trained
+from snell.train.optim import EpochSampler
 from snell.train.tasks import Task
 
 ALL_TASKS = "all"  # the task name of records without a ``task`` field
