@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,7 +145,8 @@ def run(data: Path, task: str, key: str, point: dict[str, Any], seed: int, execu
     if not summary_file.is_file() and not execute:
         return None
     if not summary_file.is_file():
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # what an interrupted attempt left: the run starts again
+        out.mkdir(parents=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         with open(out.parent / f"{out.name}.log", "w") as log:
             done = subprocess.run(command(data, key, point, seed, out), env=env, stdout=log, stderr=log, check=False)
