@@ -98,6 +98,7 @@ def load(model: str) -> nn.Module:
     if path.suffix == ".gguf":
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         loaded.hf_quantizer, loaded.config.quantization_config = None, None  # de-quantised: plain weights now
+        loaded.is_quantized = False  # else transformers refuses .float() (full fine-tuning's float32 weights)
         return loaded.to(torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 
@@ -120,6 +121,8 @@ def worker(job: str, model_path: str, size: int, seq: int, prompt: int, warm: bo
     from snell.train.causal_lm.loss import chunked_response_loss, response_loss
 
     method, loss_kind, *flags = job.split(":")
+    if "torchpath" in flags:  # SNELL on its torch path everywhere: no numba kernels loaded (about 120 MB a process)
+        os.environ["SNELL_KERNELS"] = "torch"
     torch.manual_seed(0)
     model = load(model_path)
     if "ckpt" in flags:  # non-reentrant and before the method, as `snell train --gradient-checkpointing` does
@@ -242,7 +245,9 @@ def drive(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", nargs="+", default=JOBS, help="method:loss[:ckpt] or eval:loss")
+    parser.add_argument(
+        "--jobs", nargs="+", default=JOBS, help="method:loss[:ckpt][:torchpath] (SNELL without numba) or eval:loss"
+    )
     parser.add_argument("--model", help="a .gguf file or a transformers folder (default: the SmolLM2 GGUF)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval-batch", type=int, default=100)

@@ -68,9 +68,10 @@ class Method:
 
 
 #: SNELL: the default s = 0.9 across the rate's range (5e-3 is the LoRA-like rate that the issue saw fail), and
-#: s = 0.5 at the default rate.
-SNELL_GRID = (*({"lr": lr, "sparsity": 0.9} for lr in (5e-3, 2e-2, 5e-2)), {"lr": 2e-2, "sparsity": 0.5})
-LORA_GRID = tuple({"lr": lr} for lr in (2e-3, 5e-3))
+#: s = 0.5 at the default rate. SNELL's 1e-1 and LoRA's 1e-3 and 1e-2 were added when the first grids' bests lay
+#: on their edges; the report marks a selection that still does.
+SNELL_GRID = (*({"lr": lr, "sparsity": 0.9} for lr in (5e-3, 2e-2, 5e-2, 1e-1)), {"lr": 2e-2, "sparsity": 0.5})
+LORA_GRID = tuple({"lr": lr} for lr in (1e-3, 2e-3, 5e-3, 1e-2))
 METHODS = {
     "snell8": Method("SNELL-8", {"method": "snell", "r": 8}, SNELL_GRID),
     "snell32": Method("SNELL-32", {"method": "snell", "r": 32}, SNELL_GRID),
@@ -219,6 +220,10 @@ def report(records: list[dict[str, Any]], tasks: list[str], keys: list[str], wal
             seed0 = next(r for r in chosen if r["seed"] == 0)
             names = list(METHODS[key].grid[0])
             point = ", ".join(f"{n} {seed0[n]:g}" for n in names)
+            others = [n for n in names if n != "lr"]
+            rates = sorted(r["lr"] for r in mine if r["seed"] == 0 and all(r[n] == seed0[n] for n in others))
+            if len(rates) > 1 and seed0["lr"] in (rates[0], rates[-1]):
+                point += " (edge of the grid)"
             grid = "; ".join(
                 ", ".join(f"{r[n]:g}" for n in names) + f": {100 * r['summary']['best_val_accuracy']:.0f}"
                 for r in mine
