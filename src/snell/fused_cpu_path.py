@@ -10,9 +10,10 @@ from torch import Tensor
 from snell import fused_cpu
 from snell.spec import SnellSpec, WeightGradRows, base_blocks, grad_input, grouped_factors, row_blocks
 
-# The fused backward's blocks hold only their rows of dW (no piece distances, no ΔW): larger blocks mean
-# fewer hand-overs between torch's and numba's thread pools.
-BLOCK_ENTRIES = 1 << 22
+# Entries per block of the fused backward: the block's dW and its per-piece weights w_p (P × 4 bytes an entry)
+# exist at once, 12 MB at 2^20 in float32. Fewer, larger blocks mean fewer hand-overs between numba's and torch's
+# thread pools; 2^20 and 2^21 measured the same, 2^19 and below slower (under load, much slower).
+BLOCK_ENTRIES = 1 << 20
 
 
 def merged_and_tau(
@@ -39,10 +40,8 @@ def merged_and_tau(
 def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
     """:func:`snell.torch_path.backward` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
     one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
-    block of the merged weight for dx and reduces the kernel's gradient straight into dB and per-thread
-    column sums for dA. Only the block's dW and those sums ((r + P) × n per thread) exist beside the merged
-    matrix. (Writing the per-piece weights w_p out for torch's GEMMs to reduce was tried first: the skinny
-    GEMMs and the hand-overs between numba's and torch's thread pools took 2.5× the fused pass itself.)"""
+    block of the merged weight for dx and the block's per-piece weights w_p, which BLAS GEMMs reduce into dB
+    and dA. Only the block's dW and w_p exist beside the merged matrix."""
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     base = base_blocks(spec, weight)
