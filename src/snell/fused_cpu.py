@@ -9,8 +9,8 @@ cache:
    the few inside it; a partition of the band gives the exact k-th largest |ΔW| (ties kept);
 2. the merge pass writes W0 + ΔWˢ in the layer's dtype (bf16 rounded to nearest even, as torch does);
 3. backward, per block of rows of dW = gyᵀx (a BLAS GEMM): one pass rebuilds ΔW and the piece distances,
-   writes the merged weight for dx and the block's per-piece weights w_p = α_p·g·S'/d_p, which two BLAS GEMMs
-   per piece reduce into dB and dA (:class:`FactorGrads`).
+   writes the merged weight for dx and reduces the per-piece weights w_p = α_p·g·S'/d_p into dB and dA: in
+   the pass itself up to 4 columns a piece, through BLAS GEMMs on a block of w_p beyond (:class:`FactorGrads`).
 
 Every pass builds ΔW with the same routine (:func:`_delta_tile`), compiled without fast-math: each entry is
 the same sequence of IEEE operations (no reassociation, no FMA contraction), whatever the vector width
@@ -18,8 +18,8 @@ the same sequence of IEEE operations (no reassociation, no FMA contraction), wha
 selects the same survivors. A (r, n) copy of A is the inner loop's operand: a row of ΔW is then a
 contiguous loop over inputs that LLVM vectorises. The distances are summed from differences, not as
 ‖a‖² + ‖b‖² − 2a·b: that would cancel near d = 0, where 1/d_p enters the gradient, and a BLAS GEMM's bits
-may change with the tile shape and thread count. dA's and dB's sums run in BLAS, so their order (not ΔW's,
-τ's or the survivors') depends on the thread count.
+may change with the tile shape and thread count. dA's and dB's sums are split by thread or run in BLAS, so
+their order (not ΔW's, τ's or the survivors') depends on the thread count.
 
 Why numba and not a C++ extension: numba is one wheel with no compiler on the user's machine, the kernels
 stay Python-readable next to the torch path they replace, and ``cache=True`` keeps the compiled code on
@@ -256,28 +256,49 @@ if numba is not None:
                         values[t] = values[t] + delta[t] * _survivor(delta[t], tau, mode)
                     _store_row(out, j, i0, length, out_bf16, bits)
 
+    @_jit
+    def _halving_sum(values):
+        """Σ values (length a power of two) by halving: every step is an element-wise, vectorised add, in
+        an order that does not depend on the vector width."""
+        half = values.shape[0] // 2
+        while half > 0:
+            for t in range(half):
+                values[t] += values[half + t]
+            half //= 2
+        return values[0]
+
     @_jit(parallel=True)
     def _backward_rows(
         at, b, coef, width, tau, mode, j0, grad, grad_shift, base, base_shift, has_base,
-        merged, merged_bf16, need_merged, weights, coef_rows, need_coef, chunk_rows,
+        merged, merged_bf16, need_merged, weights, column_sums, grad_b, coef_rows, need_coef,
     ):  # fmt: skip
         """For rows j0.. of ΔW (grad holds their rows of dW = gyᵀx): the merged weight for dx (if asked) and
-        the per-piece weights w_p = α_p·g·S'/d_p into weights[p] (0 where d_p = 0, the zero subgradient;
-        S' = dΔWˢ/dΔW), which :class:`FactorGrads` reduces into dA and dB with BLAS. coef_rows[j, p] =
-        Σ_i g·S'·d_p when the coefficients learn."""
+        the per-piece weights w_p = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient; S' = dΔWˢ/dΔW).
+        With a weights buffer (P, rows, n) they are written there for :class:`FactorGrads`'s GEMMs. Without
+        (an empty one), they are reduced here: dB_p[j] = B_p[j]·Σ_i w_p[j,i] − Σ_i w_p[j,i]·A_p[i] into
+        grad_b, and each task adds its rows' Σ_j w_p·B_p[j] and Σ_j w_p into column_sums[task, p] (rows < width
+        and row width), reduced over tasks by the caller. coef_rows[j, p] = Σ_i g·S'·d_p when the coefficients
+        learn."""
         rows, n = grad.shape
         pieces = coef.shape[0]
-        for task in prange((rows + chunk_rows - 1) // chunk_rows):
+        here = weights.shape[1] == 0
+        tasks = column_sums.shape[0]
+        task_rows = (rows + tasks - 1) // tasks
+        for task in prange(tasks):
             dist = np.empty((pieces, _TILE), np.float32)
             delta = np.empty(_TILE, np.float32)
             bits = np.empty(_TILE, np.uint32)
             values = bits.view(np.float32)
-            for row in range(task * chunk_rows, min((task + 1) * chunk_rows, rows)):
+            scratch = np.empty(_TILE, np.float32)
+            row_sums = np.empty((pieces, width + 1, _TILE), np.float32)
+            for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 j = j0 + row
+                b_row = b[j]
+                row_sums[:] = 0.0
                 coef_sums = np.zeros(pieces, np.float64)
                 for i0 in range(0, n, _TILE):
                     length = min(_TILE, n - i0)
-                    _delta_tile(at, b[j], coef, width, i0, length, dist, delta)
+                    _delta_tile(at, b_row, coef, width, i0, length, dist, delta)
                     if need_merged:
                         if has_base:
                             _load_row(base, j, i0, length, base_shift, bits)
@@ -298,11 +319,30 @@ if numba is not None:
                         if need_coef:
                             for t in range(length):
                                 coef_sums[p] += values[t] * dp[t]
-                        weight = weights[p, row, i0 : i0 + length]
+                        weight = scratch if here else weights[p, row, i0 : i0 + length]
                         for t in range(length):
                             weight[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
+                        if not here:
+                            continue
+                        column = column_sums[task, p, width, i0 : i0 + length]
+                        own = row_sums[p, width]
+                        for t in range(length):
+                            column[t] += weight[t]
+                            own[t] += weight[t]
+                        for c in range(width):
+                            bc = b_row[p * width + c]
+                            ac = at[p * width + c, i0 : i0 + length]
+                            column = column_sums[task, p, c, i0 : i0 + length]
+                            own = row_sums[p, c]
+                            for t in range(length):
+                                column[t] += weight[t] * bc
+                                own[t] += weight[t] * ac[t]
                 for p in range(pieces):
                     coef_rows[row, p] = coef_sums[p]
+                    if here:
+                        total = _halving_sum(row_sums[p, width])
+                        for c in range(width):
+                            grad_b[row, p * width + c] = b_row[p * width + c] * total - _halving_sum(row_sums[p, c])
 
 
 @functools.cache
@@ -474,13 +514,14 @@ def merge(
 class FactorGrads:
     """Accumulates one matrix's dA (over blocks of rows) and its dB and coefficient gradients (per block).
 
-    Per block, the numba pass writes the per-piece weights w_p (P × rows × n float32, a buffer reused across
-    blocks) and BLAS reduces them: dB_p = B_p·(w_p 1) − w_p A_p for the block's rows and dA_p = A_p·(w_pᵀ 1) −
-    w_pᵀ B_p summed over blocks, one GEMM each with a column of ones appended to A_p and to B_p for the row and
-    column sums. Reducing inside the numba pass instead cost 2·r loads and stores per entry: the backward pass
-    of a 2048×4096 matrix at r = 32 took 51 ms that way and 29 ms this way (one thread; r = 8: 20 ms both ways).
-    BLAS's summation order depends on the thread count, so dA's and dB's last bits do (not ΔW's, τ's or the
-    survivors').
+    dB_p = B_p·(w_p 1) − w_p A_p and dA_p = A_p·(w_pᵀ 1) − w_pᵀ B_p, with the per-piece weights w_p of the kernel
+    (:func:`_backward_rows`). Up to 4 columns a piece (r = 8) the numba pass reduces them itself, each task into
+    its own (P, width + 1, n) column sums. Wider pieces would cost it 2·width loads and stores per entry and
+    piece, so it writes w_p (P × rows × n float32, a buffer reused across blocks) and two batched BLAS GEMMs per
+    block reduce them, a column of ones appended to A_p and to B_p giving the row and column sums: at 2048×4096
+    one thread took 51 ms the first way and 29 ms the second at r = 32, 20 ms both ways at r = 8, where the
+    GEMMs' extra memory traffic and thread hand-overs lost up to 5 % per layer. The summation order of dA and dB
+    depends on the thread count (not ΔW's, τ's or the survivors').
     """
 
     def __init__(self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool) -> None:
@@ -489,11 +530,13 @@ class FactorGrads:
         self.num_pieces, self.need_coef = num_pieces, need_coef
         rank, n = self.at.shape
         self.width = width = rank // num_pieces
+        self.here = width <= 4
         at = torch.from_numpy(self.at).reshape(num_pieces, width, n)
         b_pieces = self.b.T.reshape(num_pieces, width, -1)
         self.a_ones = torch.cat([at, torch.ones(num_pieces, 1, n)], 1).mT  # [A_p | 1]: (P, n, width + 1)
         self.b_ones = torch.cat([b_pieces, torch.ones(num_pieces, 1, len(self.b))], 1)  # [B_p | 1]ᵀ: (P, width + 1, m)
-        self.column_sums = torch.zeros(num_pieces, width + 1, n)  # Σ_j w_p·B_p[j] (rows < width) and Σ_j w_p
+        # Σ_j w_p·B_p[j] (rows < width) and Σ_j w_p, per task when the numba pass reduces
+        self.column_sums = torch.zeros(_threads() if self.here else 1, num_pieces, width + 1, n)
         self.grad_b = torch.empty(self.b.shape, dtype=torch.float32)
         self.grad_coef = np.zeros(num_pieces, np.float64)
         self.buffer = torch.empty(0)  # w_p of the largest block so far; shorter blocks use its start
@@ -513,10 +556,11 @@ class FactorGrads:
         their share of dA and of the coefficient gradients, and, into ``merged`` (the whole matrix, float32 or
         bf16) if given, their rows of W0 + ΔWˢ for dx. ``base``: the whole (m, n) W0 or None."""
         rows = grad.shape[0]
-        shape = (self.num_pieces, rows, self.at.shape[1])
+        shape = (self.num_pieces, 0 if self.here else rows, self.at.shape[1])
         if self.buffer.numel() < math.prod(shape):
             self.buffer = torch.empty(math.prod(shape))
         weights = self.buffer[: math.prod(shape)].view(shape)  # contiguous, as the kernel's loops want it
+        block = slice(first_row, first_row + rows)
         coef_rows = np.zeros((rows, self.num_pieces), np.float64)
         grad_bits, grad_shift = _bits(grad)
         merged_bits = _bits(merged)[0] if merged is not None else grad_bits[:0]
@@ -527,19 +571,19 @@ class FactorGrads:
                 self.at, self.b.numpy(), self.coef, self.width, np.float32(tau), _mode_code(mode, sparsity),
                 first_row, grad_bits, np.uint32(grad_shift), base_bits, np.uint32(base_shift), base is not None,
                 merged_bits, merged is not None and merged.dtype == torch.bfloat16, merged is not None,
-                weights.numpy(), coef_rows, self.need_coef, _chunk_rows(rows),
+                weights.numpy(), self.column_sums.numpy(), self.grad_b[block].numpy(), coef_rows, self.need_coef,
             )  # fmt: skip
-        block = slice(first_row, first_row + rows)
-        products = torch.bmm(weights, self.a_ones)  # w_p A_p and, last, Σ_i w_p: (P, rows, width + 1)
-        b_rows = self.b_ones[:, :-1, block].mT
-        self.grad_b[block] = (b_rows * products[..., -1:] - products[..., :-1]).transpose(0, 1).reshape(rows, -1)
-        self.column_sums.baddbmm_(self.b_ones[:, :, block], weights)
+        if not self.here:
+            products = torch.bmm(weights, self.a_ones)  # w_p A_p and, last, Σ_i w_p: (P, rows, width + 1)
+            b_rows = self.b_ones[:, :-1, block].mT
+            self.grad_b[block] = (b_rows * products[..., -1:] - products[..., :-1]).transpose(0, 1).reshape(rows, -1)
+            self.column_sums[0].baddbmm_(self.b_ones[:, :, block], weights)
         if self.need_coef:
             self.grad_coef += coef_rows.sum(0)
 
     def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64)."""
-        at, sums = torch.from_numpy(self.at), self.column_sums
+        at, sums = torch.from_numpy(self.at), self.column_sums.sum(0)
         totals = sums[:, -1:].expand(-1, self.width, -1).reshape(at.shape)  # Σ_j w_p for each column of A_p
         grad_a = (at * totals - sums[:, :-1].reshape(at.shape)).T
         return grad_a, self.grad_b, torch.from_numpy(self.grad_coef) if self.need_coef else None
