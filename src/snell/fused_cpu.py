@@ -74,61 +74,65 @@ if numba is not None:
         arrays inside the loops took ten times as long). A piece's squared distance is summed by groups of four
         columns, (((q0 + q1) + q2) + q3) + ..., in registers at widths 4, 8 and 16 (r = 8, 16, 32: 1.3× less
         time than column by column through dist at r = 32), through dist in the same order at other multiples
-        of four, column by column otherwise. Views and column offsets are formed here, with the literal width:
-        views returned by a helper, or offsets p·width, kept LLVM from vectorising as well (up to 1.5× slower)."""
+        of four, column by column otherwise. Views and column offsets are formed here, with the literal width,
+        and width 4 has its own loop nest: views returned by a helper, offsets p·width, or the wider branches in
+        the same loop over pieces each slowed a loop down by 15 % to 1.5×."""
         pieces = coef.shape[0]
-        for p in range(pieces):
-            dp = dist[p, :length]
-            if width == 4:
+        if width == 4:
+            for p in range(pieces):
+                dp = dist[p, :length]
                 f = p * 4
                 a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
                 b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
                 for t in range(length):
                     d0, d1, d2, d3 = a0[t] - b0, a1[t] - b1, a2[t] - b2, a3[t] - b3
                     dp[t] = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3)
-            elif width == 8:
-                f = p * 8
-                a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
-                b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
-                a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
-                b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
-                for t in range(length):
-                    squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
-                    dp[t] = math.sqrt(squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t))
-            elif width == 16:
-                f = p * 16
-                a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
-                b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
-                a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
-                b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
-                a8, a9, a10, a11 = at[f + 8, i0:], at[f + 9, i0:], at[f + 10, i0:], at[f + 11, i0:]
-                b8, b9, b10, b11 = b_row[f + 8], b_row[f + 9], b_row[f + 10], b_row[f + 11]
-                a12, a13, a14, a15 = at[f + 12, i0:], at[f + 13, i0:], at[f + 14, i0:], at[f + 15, i0:]
-                b12, b13, b14, b15 = b_row[f + 12], b_row[f + 13], b_row[f + 14], b_row[f + 15]
-                for t in range(length):
-                    squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
-                    squares = squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t)
-                    squares = squares + _squares(a8, a9, a10, a11, b8, b9, b10, b11, t)
-                    dp[t] = math.sqrt(squares + _squares(a12, a13, a14, a15, b12, b13, b14, b15, t))
-            elif width % 4 == 0:
-                dp[:] = 0.0
-                for f in range(p * width, (p + 1) * width, 4):
+        else:
+            for p in range(pieces):
+                dp = dist[p, :length]
+                if width == 8:
+                    f = p * 8
                     a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
                     b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
+                    a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
+                    b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
                     for t in range(length):
-                        dp[t] += _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
-                for t in range(length):
-                    dp[t] = math.sqrt(dp[t])
-            else:
-                dp[:] = 0.0
-                for c in range(p * width, (p + 1) * width):
-                    bc = b_row[c]
-                    ac = at[c, i0 : i0 + length]
+                        squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
+                        dp[t] = math.sqrt(squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t))
+                elif width == 16:
+                    f = p * 16
+                    a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
+                    b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
+                    a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
+                    b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
+                    a8, a9, a10, a11 = at[f + 8, i0:], at[f + 9, i0:], at[f + 10, i0:], at[f + 11, i0:]
+                    b8, b9, b10, b11 = b_row[f + 8], b_row[f + 9], b_row[f + 10], b_row[f + 11]
+                    a12, a13, a14, a15 = at[f + 12, i0:], at[f + 13, i0:], at[f + 14, i0:], at[f + 15, i0:]
+                    b12, b13, b14, b15 = b_row[f + 12], b_row[f + 13], b_row[f + 14], b_row[f + 15]
                     for t in range(length):
-                        diff = ac[t] - bc
-                        dp[t] += diff * diff
-                for t in range(length):
-                    dp[t] = math.sqrt(dp[t])
+                        squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
+                        squares = squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t)
+                        squares = squares + _squares(a8, a9, a10, a11, b8, b9, b10, b11, t)
+                        dp[t] = math.sqrt(squares + _squares(a12, a13, a14, a15, b12, b13, b14, b15, t))
+                elif width % 4 == 0:
+                    dp[:] = 0.0
+                    for f in range(p * width, (p + 1) * width, 4):
+                        a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
+                        b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
+                        for t in range(length):
+                            dp[t] += _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
+                    for t in range(length):
+                        dp[t] = math.sqrt(dp[t])
+                else:
+                    dp[:] = 0.0
+                    for c in range(p * width, (p + 1) * width):
+                        bc = b_row[c]
+                        ac = at[c, i0 : i0 + length]
+                        for t in range(length):
+                            diff = ac[t] - bc
+                            dp[t] += diff * diff
+                    for t in range(length):
+                        dp[t] = math.sqrt(dp[t])
         d0 = dist[0, :length]
         c0 = coef[0]
         for t in range(length):
