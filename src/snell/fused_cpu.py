@@ -53,6 +53,8 @@ DENSE = 3
 _TILE = 512  # columns per tile: the tile's distances and ΔW stay in L1
 _SAMPLE_SIZE = 1 << 16
 _BAND_MIN_NUMEL = 1 << 17  # below this, the dense ΔW and torch.kthvalue select τ
+# From this many entries, pieces wider than 4 columns reduce the backward's weights with BLAS (FactorGrads).
+_GEMM_MIN_NUMEL = 1 << 22
 # numba's default (workqueue) threading layer aborts if two Python threads enter parallel code at once.
 _LOCK = threading.Lock()
 
@@ -519,13 +521,14 @@ class FactorGrads:
     """Accumulates one matrix's dA (over blocks of rows) and its dB and coefficient gradients (per block).
 
     dB_p = B_p·(w_p 1) − w_p A_p and dA_p = A_p·(w_pᵀ 1) − w_pᵀ B_p, with the per-piece weights w_p of the kernel
-    (:func:`_backward_rows`). Up to 4 columns a piece (r = 8) the numba pass reduces them itself, each task into
-    its own (P, width + 1, n) column sums. Wider pieces would cost it 2·width loads and stores per entry and
-    piece, so it writes w_p (P × rows × n float32, a buffer reused across blocks) and two batched BLAS GEMMs per
-    block reduce them, a column of ones appended to A_p and to B_p giving the row and column sums: at 2048×4096
-    one thread took 51 ms the first way and 29 ms the second at r = 32, 20 ms both ways at r = 8, where the
-    GEMMs' extra memory traffic and thread hand-overs lost up to 5 % per layer. The summation order of dA and dB
-    depends on the thread count (not ΔW's, τ's or the survivors').
+    (:func:`_backward_rows`). By default the numba pass reduces them itself, each task into its own
+    (P, width + 1, n) column sums, at 2·width loads and stores per entry and piece. For wider pieces on matrices
+    from ``_GEMM_MIN_NUMEL`` entries it writes w_p instead (P × rows × n float32, a buffer reused across blocks)
+    and two batched BLAS GEMMs per block reduce them, a column of ones appended to A_p and to B_p giving the row
+    and column sums. Measured (benchmarks/results/fused_cpu/results.md): at 4096×4096 and r = 32 the GEMMs made
+    a layer's step 1.4× faster on a lightly loaded machine and tied under heavy load; on smaller matrices, and
+    at r = 8 everywhere, their extra memory traffic and thread hand-overs lost 5-30 %. The summation order of
+    dA and dB depends on the thread count (not ΔW's, τ's or the survivors').
     """
 
     def __init__(self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool) -> None:
@@ -534,7 +537,7 @@ class FactorGrads:
         self.num_pieces, self.need_coef = num_pieces, need_coef
         rank, n = self.at.shape
         self.width = width = rank // num_pieces
-        self.here = width <= 4
+        self.here = width <= 4 or self.b.shape[0] * n < _GEMM_MIN_NUMEL
         at = torch.from_numpy(self.at).reshape(num_pieces, width, n)
         b_pieces = self.b.T.reshape(num_pieces, width, -1)
         self.a_ones = torch.cat([at, torch.ones(num_pieces, 1, n)], 1).mT  # [A_p | 1]: (P, n, width + 1)
