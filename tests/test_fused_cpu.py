@@ -261,7 +261,8 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
     assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: measured faster at 2^24
     assert kernel_path(big, cpu, 64, torch.float32) == "torch"  # wider: not measured
-    assert kernel_path(vit, cpu, 16, torch.float32) == "torch"  # a wash at ViT sizes
+    assert kernel_path(vit, cpu, 16, torch.float32) == "fused_cpu"  # 8 columns a piece: measured faster from 2^19
+    assert kernel_path(vit, cpu, 32, torch.float32) == "torch"  # 16 columns a piece: a wash at ViT sizes
     assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # ViT-S sizes: not measured
     assert kernel_path(big, cpu, 8, torch.float64) == "torch"
     assert kernel_path(big, cpu, 8, torch.float16) == "torch"
