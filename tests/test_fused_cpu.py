@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from bounds import abs_gradient_scale, gamma, naive_with_bound, snell_kernels
+from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kernels
 
 import snell.function
 import snell.fused_cpu_path
@@ -107,16 +107,30 @@ def test_fused_forward_and_gradients_match_the_naive_formula_within_rounding_bou
     _check_against_naive(spec, _inputs(spec))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rank", [16, 24, 32])
+def test_wide_pieces_match_the_naive_formula_within_rounding_bounds(rank, mode):
+    spec = _spec(mode=mode, shape=(600, 300))
+    _check_against_naive(spec, _inputs(spec, r=rank))
+
+
 def test_learnable_coefficients_get_the_naive_gradient():
     spec = _spec(mode="reference", shape=(96, 80))
     _check_against_naive(spec, _inputs(spec))
 
 
-def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit():
+# Every branch of _delta_tile: widths 4, 8 and 16 in registers, 12 by groups of four through memory, 6 by columns.
+RANKS = [8, 12, 16, 24, 32]
+
+
+@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])
+@pytest.mark.parametrize("rank", RANKS)
+def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(rank, gemm_from, monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
     # The saved τ selects the forward's survivors only if the backward's ΔW is the forward's, bit for bit:
     # the merged weight the backward writes for dx must equal the forward's exactly, in float32 and bf16.
     spec = _spec(shape=(600, 300))
-    _, weight, _, a, b, coef = _inputs(spec)
+    _, weight, _, a, b, coef = _inputs(spec, r=rank)
     tau, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
     for dtype in (torch.float32, torch.bfloat16):
         base = weight.to(dtype)
@@ -141,10 +155,11 @@ def test_bf16_merge_rounds_like_torch():
     assert torch.equal(bf16[numbers], fp32.to(torch.bfloat16)[numbers])
 
 
+@pytest.mark.parametrize("rank", [8, 16, 32])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_same_tau_and_weight_at_any_thread_count(threads):
+def test_same_tau_and_weight_at_any_thread_count(threads, rank):
     spec = _spec(shape=(1000, 300))
-    _, weight, _, a, b, coef = _inputs(spec)
+    _, weight, _, a, b, coef = _inputs(spec, r=rank)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -164,9 +179,11 @@ def _assert_exact_top_k(a, b, coef, sparsity, tau):
     assert (delta > tau).sum() < k <= (delta >= tau).sum()
 
 
+@pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.9999])
-def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity):
-    _, _, _, a, b, coef = _inputs(_spec(shape=(700, 400)), seed=1)
+def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity, rank):
+    # The count pass and dense_delta build ΔW in different loops: exactness needs the same bits in both.
+    _, _, _, a, b, coef = _inputs(_spec(shape=(700, 400)), r=rank, seed=1)
     tau, _ = fused_cpu.select_tau(a, b, coef, 2, sparsity)
     _assert_exact_top_k(a, b, coef, sparsity, tau)
 
@@ -244,7 +261,8 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
     assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: measured faster at 2^24
     assert kernel_path(big, cpu, 64, torch.float32) == "torch"  # wider: not measured
-    assert kernel_path(vit, cpu, 16, torch.float32) == "torch"  # a wash at ViT sizes
+    assert kernel_path(vit, cpu, 16, torch.float32) == "fused_cpu"  # 8 columns a piece: measured faster from 2^19
+    assert kernel_path(vit, cpu, 32, torch.float32) == "torch"  # 16 columns a piece: a wash at ViT sizes
     assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # ViT-S sizes: not measured
     assert kernel_path(big, cpu, 8, torch.float64) == "torch"
     assert kernel_path(big, cpu, 8, torch.float16) == "torch"
@@ -271,11 +289,14 @@ def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
         assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
 
 
+@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])  # through w_p and BLAS; in the pass
+@pytest.mark.parametrize("rank", [8, 16])
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_backward_over_several_row_blocks_and_groups(mode, monkeypatch):
+def test_fused_backward_over_several_row_blocks_and_groups(mode, rank, gemm_from, monkeypatch):
     monkeypatch.setattr(snell.fused_cpu_path, "BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
+    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
     spec = _spec(mode=mode, shape=(900, 300), groups=3)
-    _check_against_naive(spec, _inputs(spec))
+    _check_against_naive(spec, _inputs(spec, r=rank))
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
@@ -295,3 +316,103 @@ def test_bf16_tokens_match_the_torch_path_within_one_bf16_rounding(weight_dtype)
     merged = weight.float() + snell.function.sparse_delta(spec, a, b, coef, "torch")[0].reshape(600, 300)
     bound = 2**-7 * (x.float().abs() @ merged.abs().T) + 2**-8 * outs["torch"].float().abs()
     assert ((outs["fused"].float() - outs["torch"].float()).abs() <= bound).all()
+
+
+def _exact_distances(a, b, width):
+    """‖a_p − b_p‖ per piece in float64 from explicit differences: exactly 0 where the pieces are equal."""
+    return [torch.cdist(b[:, p * width : (p + 1) * width], a[:, p * width : (p + 1) * width],
+                        compute_mode="donot_use_mm_for_euclid_dist") for p in range(2)]  # fmt: skip
+
+
+def _factor_grads(choice, spec, inputs, grad):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with snell_kernels(choice):
+        FusedSnell.apply(*leaves, spec).backward(grad)
+    return leaves[3].grad.double(), leaves[4].grad.double()
+
+
+@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])
+@pytest.mark.parametrize("rank", [16, 32])
+def test_wide_pieces_match_the_torch_path_within_both_paths_rounding_bounds(rank, gemm_from, monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
+    # Both paths select the same survivors here (asserted), so each is within its rounding bound of the exact
+    # float64 gradient and they are within the sum of the two bounds of each other. The fused path's is γ·M
+    # (bounds.py). The torch path's distances come from d² = ‖a‖² + ‖b‖² − 2a·b (a GEMM of 2w + 2 terms, whose
+    # magnitudes sum to T = Σ_c (|a_c| + |b_c|)²), so to first order its d_p carries the relative error
+    # e_p = γ_{2w+2}·T_p / (2 d_p²) + u, its ΔW the absolute error Σ_p |α_p|·d_p·(e_p + γ_2), and in the
+    # reference mode the survivor factor |ΔW| that error relative to |ΔW|: each weight w_p = α_p·g·|ΔW|/d_p is off
+    # by at most the sum ρ of those relative errors (+ γ_3), and dA_p[i] = Σ_j w_p·(a_i − b_j) by
+    # Σ_j |w_p|·ρ·(|a_i| + |b_j|) on top of γ·M.
+    spec = _spec(shape=(600, 300))
+    inputs = _inputs(spec, r=rank)
+    x, _, _, a, b, coef = inputs
+    own, tau = _own_delta_and_tau(spec, a, b, coef)
+    keep = (own.abs() >= tau.float()).double()
+    torch_delta, _ = snell.function.sparse_delta(spec, a, b, coef, "torch")
+    assert torch.equal(torch_delta != 0, keep.bool())
+    grad = torch.randn(x.shape[0], 600, generator=torch.Generator().manual_seed(5))
+    fused, reference = _factor_grads("fused", spec, inputs, grad), _factor_grads("torch", spec, inputs, grad)
+    width, m, n = rank // 2, 600, 300
+    a64, b64, coef64 = a.double(), b.double(), coef.double()
+    dists = _exact_distances(a64, b64, width)
+    delta = sum(c * d for c, d in zip(coef64, dists, strict=True))
+    g_abs = (grad.double().T @ x.double()).abs()
+    relative = []
+    for p in range(2):
+        cols = slice(p * width, (p + 1) * width)
+        total = (a64[:, cols].abs().unsqueeze(0) + b64[:, cols].abs().unsqueeze(1)).square().sum(-1)
+        relative.append(gamma(2 * width + 2) * total / (2 * dists[p].square()) + U32)
+    assert max(float((e * keep).max()) for e in relative) < 1e-3  # first order holds
+    delta_error = sum(c.abs() * d * (e + gamma(2)) for c, d, e in zip(coef64, dists, relative, strict=True))
+    survivor_error = torch.where(keep.bool()[0], delta_error / delta.abs(), 0)
+    depth = x.numel() + m + n + 64
+    for index, (mine, theirs) in enumerate(zip(fused, reference, strict=True)):
+        bound = 2 * gamma(depth * 2) * abs_gradient_scale(spec, inputs, keep, tau, grad.double(), inputs[3 + index])
+        extra = torch.zeros_like(bound)
+        for p in range(2):
+            cols = slice(p * width, (p + 1) * width)
+            weights = coef64[p].abs() * g_abs * delta.abs() * keep[0] / dists[p]
+            weights = weights * (relative[p] + survivor_error + gamma(3))
+            if index == 0:  # dA
+                extra[:, cols] = a64[:, cols].abs() * weights.sum(0, keepdim=True).T + weights.T @ b64[:, cols].abs()
+            else:
+                extra[:, cols] = b64[:, cols].abs() * weights.sum(1, keepdim=True) + weights @ a64[:, cols].abs()
+        assert ((mine - theirs).abs() <= bound + extra).all()
+
+
+@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+@pytest.mark.parametrize("rank", [8, 16, 32])
+def test_equal_pieces_get_the_zero_subgradient(rank, sparsity, gemm_from, monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
+    # ‖a_p − b_p‖ has no derivative at a_p = b_p: the kernels take 0 there (never NaN or Inf). Expected: the
+    # exact float64 gradients with that subgradient, dA_p[i] = Σ_j w_p[j,i]·(a_i − b_j) with w_p = α_p·g·S'/d_p
+    # and 0 where d_p = 0, within the γ·M bound of the naive-formula tests.
+    spec = _spec(sparsity=sparsity, shape=(200, 120))
+    inputs = _inputs(spec, r=rank)
+    x, _, _, a, b, coef = inputs
+    width = rank // 2
+    b[5, :width] = a[7, :width]  # piece 0 equal at (5, 7)
+    b[9] = a[11]  # both pieces equal at (9, 11): ΔW = 0 there
+    own, tau = _own_delta_and_tau(spec, a, b, coef)
+    assert own[0, 9, 11] == 0
+    keep = (own.abs() >= tau.float()).double()
+    grad = torch.randn(x.shape[0], 200, generator=torch.Generator().manual_seed(6))
+    mine = _factor_grads("fused", spec, inputs, grad)
+    assert all(torch.isfinite(t).all() for t in mine)
+    a64, b64, coef64 = a.double(), b.double(), coef.double()
+    dists = _exact_distances(a64, b64, width)
+    assert dists[0][5, 7] == 0 and dists[0][9, 11] == dists[1][9, 11] == 0
+    delta = sum(c * d for c, d in zip(coef64, dists, strict=True))
+    slope = torch.ones_like(delta) if sparsity == 0 else delta.abs() * keep[0]
+    q = (grad.double().T @ x.double()) * slope
+    expected = torch.empty_like(a64), torch.empty_like(b64)
+    for p in range(2):
+        cols = slice(p * width, (p + 1) * width)
+        w = torch.where(dists[p] > 0, coef64[p] * q / dists[p].clamp_min(1e-300), 0)
+        expected[0][:, cols] = a64[:, cols] * w.sum(0).unsqueeze(-1) - w.T @ b64[:, cols]
+        expected[1][:, cols] = b64[:, cols] * w.sum(1).unsqueeze(-1) - w @ a64[:, cols]
+    depth = x.numel() + 200 + 120 + 64
+    for index in range(2):
+        scale = abs_gradient_scale(spec, inputs, keep, tau, grad.double(), inputs[3 + index])
+        assert ((mine[index] - expected[index]).abs() <= gamma(depth * 2) * scale).all()

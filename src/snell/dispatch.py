@@ -20,13 +20,13 @@ CHOICES = ("auto", "torch", "fused", "triton")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Where the fused CPU path is the default: (fewest entries per matrix, widest piece r / P) rows, any of which
 # may match. Only where it was measured faster than the torch path (benchmarks/results/fused_cpu/results.md,
-# fwd + bwd of one layer, paired in one process). r = 8 (width 4): faster at every shape measured, from ViT-B's
-# 768×768 (1.04×) through ViT-L/H's MLPs (1.08–1.20×, fp32, 1576 tokens) to LLaMA's (bf16, 256 tokens: 1.55× at
-# 1024×1024, 2.15× at 11008×4096); a whole ViT-B step went from 1.47× to 1.36× LoRA-8 with it. Wider pieces
-# (r = 16 and 32) let the torch path's distance GEMMs catch up: a wash at ViT sizes (0.91–1.05×) and at
-# 1024×1024 r = 32 (0.70×), faster from LLaMA-7B's 4096×4096 on (r = 16 1.61×, r = 32 1.14–1.19×).
-# Smaller matrices were not measured.
-_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 19, 4), (1 << 24, 16))
+# fwd + bwd of one layer, paired in one process). r = 8 (width 4): faster at every shape measured from ViT-B's
+# 768×768 (1.03×) through LLaMA's (bf16, 1024 tokens: 1.72× at 4096×4096). r = 16 (width 8), since its distances
+# are summed in registers: 1.01-1.14× from 768×768 and SmolLM2's 1536×576 up, 1.5-1.7× at LLaMA's sizes; not at
+# 576×576 (0.93×). r = 32 (width 16): a wash below 2^24 entries (0.97-1.04× at ViT and SmolLM2 sizes, 0.77× at
+# 576×576), faster from LLaMA-7B's 4096×4096 on (1.29× bf16, 1.05× fp32 at 1576 tokens; 1.41× at 11008×4096).
+# Smaller matrices were not measured faster.
+_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 19, 8), (1 << 24, 16))
 
 
 # The Triton kernels are not the default on CUDA until a GPU has measured them faster than the torch path:

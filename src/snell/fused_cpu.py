@@ -9,15 +9,17 @@ cache:
    the few inside it; a partition of the band gives the exact k-th largest |ΔW| (ties kept);
 2. the merge pass writes W0 + ΔWˢ in the layer's dtype (bf16 rounded to nearest even, as torch does);
 3. backward, per block of rows of dW = gyᵀx (a BLAS GEMM): one pass rebuilds ΔW and the piece distances,
-   writes the merged weight for dx and reduces the per-piece weights w_p = α_p·g·S'/d_p straight into dB
-   and into per-thread column sums for dA (:class:`FactorGrads`).
+   writes the merged weight for dx and reduces the per-piece weights w_p = α_p·g·S'/d_p into dB and dA: in
+   the pass itself up to 4 columns a piece, through BLAS GEMMs on a block of w_p beyond (:class:`FactorGrads`).
 
 Every pass builds ΔW with the same routine (:func:`_delta_tile`), compiled without fast-math: each entry is
 the same sequence of IEEE operations (no reassociation, no FMA contraction), whatever the vector width
 (AVX2 or AVX-512) or thread count, so the backward rebuilds the forward's ΔW bit for bit and the saved τ
 selects the same survivors. A (r, n) copy of A is the inner loop's operand: a row of ΔW is then a
-contiguous loop over inputs that LLVM vectorises. dA's sums over rows are split by thread, so their order
-(not ΔW's, τ's or the survivors') depends on the thread count.
+contiguous loop over inputs that LLVM vectorises. The distances are summed from differences, not as
+‖a‖² + ‖b‖² − 2a·b: that would cancel near d = 0, where 1/d_p enters the gradient, and a BLAS GEMM's bits
+may change with the tile shape and thread count. dA's and dB's sums are split by thread or run in BLAS, so
+their order (not ΔW's, τ's or the survivors') depends on the thread count.
 
 Why numba and not a C++ extension: numba is one wheel with no compiler on the user's machine, the kernels
 stay Python-readable next to the torch path they replace, and ``cache=True`` keeps the compiled code on
@@ -51,6 +53,8 @@ DENSE = 3
 _TILE = 512  # columns per tile: the tile's distances and ΔW stay in L1
 _SAMPLE_SIZE = 1 << 16
 _BAND_MIN_NUMEL = 1 << 17  # below this, the dense ΔW and torch.kthvalue select τ
+# From this many entries, pieces wider than 4 columns reduce the backward's weights with BLAS (FactorGrads).
+_GEMM_MIN_NUMEL = 1 << 22
 # numba's default (workqueue) threading layer aborts if two Python threads enter parallel code at once.
 _LOCK = threading.Lock()
 
@@ -58,31 +62,79 @@ if numba is not None:
     _jit = functools.partial(njit, nogil=True, fastmath=False, cache=True)
 
     @_jit
+    def _squares(a0, a1, a2, a3, b0, b1, b2, b3, t):
+        """Σ_c (a_c[t] − b_c)² over four columns, always in this order. The views passed in must be sliced in
+        the caller's loop nest: views returned from a helper kept LLVM from vectorising (12 ms against 8)."""
+        d0, d1, d2, d3 = a0[t] - b0, a1[t] - b1, a2[t] - b2, a3[t] - b3
+        return d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
+
+    @_jit
     def _delta_tile(at, b_row, coef, width, i0, length, dist, delta):
         """ΔW[j, i0:i0+length] into delta[:length] and the piece distances into dist[p, :length].
 
         Every loop runs over contiguous 1-D views, which is what lets LLVM vectorise them (indexing the 2-D
-        arrays inside the loops took ten times as long)."""
+        arrays inside the loops took ten times as long). A piece's squared distance is summed by groups of four
+        columns, (((q0 + q1) + q2) + q3) + ..., in registers at widths 4, 8 and 16 (r = 8, 16, 32: 1.3× less
+        time than column by column through dist at r = 32), through dist in the same order at other multiples
+        of four, column by column otherwise. Views and column offsets are formed here, with the literal width,
+        and width 4 has its own loop nest: views returned by a helper, offsets p·width, or the wider branches in
+        the same loop over pieces each slowed a loop down by 15 % to 1.5×."""
         pieces = coef.shape[0]
-        for p in range(pieces):
-            dp = dist[p, :length]
-            if width == 4:  # rank 8 in two pieces: the sum stays in registers, same order and bits as below
-                first = p * 4
-                a0, a1, a2, a3 = at[first, i0:], at[first + 1, i0:], at[first + 2, i0:], at[first + 3, i0:]
-                b0, b1, b2, b3 = b_row[first], b_row[first + 1], b_row[first + 2], b_row[first + 3]
+        if width == 4:
+            for p in range(pieces):
+                dp = dist[p, :length]
+                f = p * 4
+                a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
+                b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
                 for t in range(length):
                     d0, d1, d2, d3 = a0[t] - b0, a1[t] - b1, a2[t] - b2, a3[t] - b3
                     dp[t] = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3)
-                continue
-            dp[:] = 0.0
-            for c in range(p * width, (p + 1) * width):
-                bc = b_row[c]
-                ac = at[c, i0 : i0 + length]
-                for t in range(length):
-                    diff = ac[t] - bc
-                    dp[t] += diff * diff
-            for t in range(length):
-                dp[t] = math.sqrt(dp[t])
+        else:
+            for p in range(pieces):
+                dp = dist[p, :length]
+                if width == 8:
+                    f = p * 8
+                    a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
+                    b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
+                    a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
+                    b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
+                    for t in range(length):
+                        squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
+                        dp[t] = math.sqrt(squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t))
+                elif width == 16:
+                    f = p * 16
+                    a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
+                    b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
+                    a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
+                    b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
+                    a8, a9, a10, a11 = at[f + 8, i0:], at[f + 9, i0:], at[f + 10, i0:], at[f + 11, i0:]
+                    b8, b9, b10, b11 = b_row[f + 8], b_row[f + 9], b_row[f + 10], b_row[f + 11]
+                    a12, a13, a14, a15 = at[f + 12, i0:], at[f + 13, i0:], at[f + 14, i0:], at[f + 15, i0:]
+                    b12, b13, b14, b15 = b_row[f + 12], b_row[f + 13], b_row[f + 14], b_row[f + 15]
+                    for t in range(length):
+                        squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
+                        squares = squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t)
+                        squares = squares + _squares(a8, a9, a10, a11, b8, b9, b10, b11, t)
+                        dp[t] = math.sqrt(squares + _squares(a12, a13, a14, a15, b12, b13, b14, b15, t))
+                elif width % 4 == 0:
+                    dp[:] = 0.0
+                    for f in range(p * width, (p + 1) * width, 4):
+                        a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
+                        b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
+                        for t in range(length):
+                            dp[t] += _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
+                    for t in range(length):
+                        dp[t] = math.sqrt(dp[t])
+                else:
+                    dp[:] = 0.0
+                    for c in range(p * width, (p + 1) * width):
+                        bc = b_row[c]
+                        ac = at[c, i0 : i0 + length]
+                        for t in range(length):
+                            diff = ac[t] - bc
+                            dp[t] += diff * diff
+                    for t in range(length):
+                        dp[t] = math.sqrt(dp[t])
         d0 = dist[0, :length]
         c0 = coef[0]
         for t in range(length):
@@ -224,27 +276,27 @@ if numba is not None:
     @_jit(parallel=True)
     def _backward_rows(
         at, b, coef, width, tau, mode, j0, grad, grad_shift, base, base_shift, has_base,
-        merged, merged_bf16, need_merged, column_sums, grad_b, coef_rows, need_coef,
+        merged, merged_bf16, need_merged, weights, column_sums, grad_b, coef_rows, need_coef,
     ):  # fmt: skip
         """For rows j0.. of ΔW (grad holds their rows of dW = gyᵀx): the merged weight for dx (if asked) and
-        the kernel's gradient. With w_p = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient; S' = dΔWˢ/dΔW):
-        dB_p[j] = B_p[j]·Σ_i w_p[j,i] − Σ_i w_p[j,i]·A_p[i] goes to grad_b; for dA_p[i] = A_p[i]·Σ_j w_p[j,i]
-        − Σ_j w_p[j,i]·B_p[j], each task adds its rows' Σ_j w_p (at row r + p) and Σ_j w_p·B_p[j] (rows of the
-        piece's columns) into column_sums[task], reduced over tasks by the caller. coef_rows[j, p] =
-        Σ_i g·S'·d_p when the coefficients learn."""
+        the per-piece weights w_p = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient; S' = dΔWˢ/dΔW).
+        With a weights buffer (P, rows, n) they are written there for :class:`FactorGrads`'s GEMMs. Without
+        (an empty one), they are reduced here: dB_p[j] = B_p[j]·Σ_i w_p[j,i] − Σ_i w_p[j,i]·A_p[i] into
+        grad_b, and each task adds its rows' Σ_j w_p·B_p[j] and Σ_j w_p into column_sums[task, p] (rows < width
+        and row width), reduced over tasks by the caller. coef_rows[j, p] = Σ_i g·S'·d_p when the coefficients
+        learn."""
         rows, n = grad.shape
         pieces = coef.shape[0]
-        rank = at.shape[0]
+        here = weights.shape[1] == 0
         tasks = column_sums.shape[0]
         task_rows = (rows + tasks - 1) // tasks
         for task in prange(tasks):
-            sums = column_sums[task]
             dist = np.empty((pieces, _TILE), np.float32)
             delta = np.empty(_TILE, np.float32)
             bits = np.empty(_TILE, np.uint32)
             values = bits.view(np.float32)
-            weight = np.empty(_TILE, np.float32)
-            row_sums = np.empty((rank + pieces, _TILE), np.float32)
+            scratch = np.empty(_TILE, np.float32)
+            row_sums = np.empty((pieces, width + 1, _TILE), np.float32)
             for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 j = j0 + row
                 b_row = b[j]
@@ -273,26 +325,30 @@ if numba is not None:
                         if need_coef:
                             for t in range(length):
                                 coef_sums[p] += values[t] * dp[t]
+                        weight = scratch if here else weights[p, row, i0 : i0 + length]
                         for t in range(length):
                             weight[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
-                        column = sums[rank + p, i0 : i0 + length]
-                        own = row_sums[rank + p]
+                        if not here:
+                            continue
+                        column = column_sums[task, p, width, i0 : i0 + length]
+                        own = row_sums[p, width]
                         for t in range(length):
                             column[t] += weight[t]
                             own[t] += weight[t]
-                        for c in range(p * width, (p + 1) * width):
-                            bc = b_row[c]
-                            ac = at[c, i0 : i0 + length]
-                            column = sums[c, i0 : i0 + length]
-                            own = row_sums[c]
+                        for c in range(width):
+                            bc = b_row[p * width + c]
+                            ac = at[p * width + c, i0 : i0 + length]
+                            column = column_sums[task, p, c, i0 : i0 + length]
+                            own = row_sums[p, c]
                             for t in range(length):
                                 column[t] += weight[t] * bc
                                 own[t] += weight[t] * ac[t]
                 for p in range(pieces):
                     coef_rows[row, p] = coef_sums[p]
-                    total = _halving_sum(row_sums[rank + p])
-                    for c in range(p * width, (p + 1) * width):
-                        grad_b[row, c] = b_row[c] * total - _halving_sum(row_sums[c])
+                    if here:
+                        total = _halving_sum(row_sums[p, width])
+                        for c in range(width):
+                            grad_b[row, p * width + c] = b_row[p * width + c] * total - _halving_sum(row_sums[p, c])
 
 
 @functools.cache
@@ -464,18 +520,33 @@ def merge(
 class FactorGrads:
     """Accumulates one matrix's dA (over blocks of rows) and its dB and coefficient gradients (per block).
 
-    Each parallel task adds its rows' column sums into its own slice of an (tasks, r + P, n) float32 buffer;
-    :meth:`result` reduces them in a fixed order. The task count is the thread count, so the summation order
-    of dA (not ΔW, nor τ, nor the survivors) depends on it: last-bit differences between thread counts.
+    dB_p = B_p·(w_p 1) − w_p A_p and dA_p = A_p·(w_pᵀ 1) − w_pᵀ B_p, with the per-piece weights w_p of the kernel
+    (:func:`_backward_rows`). By default the numba pass reduces them itself, each task into its own
+    (P, width + 1, n) column sums, at 2·width loads and stores per entry and piece. For wider pieces on matrices
+    from ``_GEMM_MIN_NUMEL`` entries it writes w_p instead (P × rows × n float32, a buffer reused across blocks)
+    and two batched BLAS GEMMs per block reduce them, a column of ones appended to A_p and to B_p giving the row
+    and column sums. Measured (benchmarks/results/fused_cpu/results.md): at 4096×4096 and r = 32 the GEMMs made
+    a layer's step 1.4× faster on a lightly loaded machine and tied under heavy load; on smaller matrices, and
+    at r = 8 everywhere, their extra memory traffic and thread hand-overs lost 5-30 %. The summation order of
+    dA and dB depends on the thread count (not ΔW's, τ's or the survivors').
     """
 
     def __init__(self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool) -> None:
-        self.at, self.b, self.coef = _factors(a, b, coefficients)
+        self.at, b_np, self.coef = _factors(a, b, coefficients)
+        self.b = torch.from_numpy(b_np)
         self.num_pieces, self.need_coef = num_pieces, need_coef
         rank, n = self.at.shape
-        self.column_sums = np.zeros((_threads(), rank + num_pieces, n), np.float32)
-        self.grad_b = torch.empty(b.shape, dtype=torch.float32)
+        self.width = width = rank // num_pieces
+        self.here = width <= 4 or self.b.shape[0] * n < _GEMM_MIN_NUMEL
+        at = torch.from_numpy(self.at).reshape(num_pieces, width, n)
+        b_pieces = self.b.T.reshape(num_pieces, width, -1)
+        self.a_ones = torch.cat([at, torch.ones(num_pieces, 1, n)], 1).mT  # [A_p | 1]: (P, n, width + 1)
+        self.b_ones = torch.cat([b_pieces, torch.ones(num_pieces, 1, len(self.b))], 1)  # [B_p | 1]ᵀ: (P, width + 1, m)
+        # Σ_j w_p·B_p[j] (rows < width) and Σ_j w_p, per task when the numba pass reduces
+        self.column_sums = torch.zeros(_threads() if self.here else 1, num_pieces, width + 1, n)
+        self.grad_b = torch.empty(self.b.shape, dtype=torch.float32)
         self.grad_coef = np.zeros(num_pieces, np.float64)
+        self.buffer = torch.empty(0)  # w_p of the largest block so far; shorter blocks use its start
 
     @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
     def add_rows(
@@ -492,28 +563,34 @@ class FactorGrads:
         their share of dA and of the coefficient gradients, and, into ``merged`` (the whole matrix, float32 or
         bf16) if given, their rows of W0 + ΔWˢ for dx. ``base``: the whole (m, n) W0 or None."""
         rows = grad.shape[0]
+        shape = (self.num_pieces, 0 if self.here else rows, self.at.shape[1])
+        if self.buffer.numel() < math.prod(shape):
+            self.buffer = torch.empty(math.prod(shape))
+        weights = self.buffer[: math.prod(shape)].view(shape)  # contiguous, as the kernel's loops want it
+        block = slice(first_row, first_row + rows)
         coef_rows = np.zeros((rows, self.num_pieces), np.float64)
         grad_bits, grad_shift = _bits(grad)
         merged_bits = _bits(merged)[0] if merged is not None else grad_bits[:0]
         base_bits, base_shift = _bits(base) if base is not None else (grad_bits[:0], 0)
-        grad_b = self.grad_b[first_row : first_row + rows].numpy()
         with _LOCK:
-            numba.set_num_threads(min(_threads(), self.column_sums.shape[0]))
+            numba.set_num_threads(_threads())
             _backward_rows(
-                self.at, self.b, self.coef, self.at.shape[0] // self.num_pieces, np.float32(tau),
-                _mode_code(mode, sparsity), first_row, grad_bits, np.uint32(grad_shift), base_bits,
-                np.uint32(base_shift), base is not None, merged_bits,
-                merged is not None and merged.dtype == torch.bfloat16, merged is not None, self.column_sums,
-                grad_b, coef_rows, self.need_coef,
+                self.at, self.b.numpy(), self.coef, self.width, np.float32(tau), _mode_code(mode, sparsity),
+                first_row, grad_bits, np.uint32(grad_shift), base_bits, np.uint32(base_shift), base is not None,
+                merged_bits, merged is not None and merged.dtype == torch.bfloat16, merged is not None,
+                weights.numpy(), self.column_sums.numpy(), self.grad_b[block].numpy(), coef_rows, self.need_coef,
             )  # fmt: skip
+        if not self.here:
+            products = torch.bmm(weights, self.a_ones)  # w_p A_p and, last, Σ_i w_p: (P, rows, width + 1)
+            b_rows = self.b_ones[:, :-1, block].mT
+            self.grad_b[block] = (b_rows * products[..., -1:] - products[..., :-1]).transpose(0, 1).reshape(rows, -1)
+            self.column_sums[0].baddbmm_(self.b_ones[:, :, block], weights)
         if self.need_coef:
             self.grad_coef += coef_rows.sum(0)
 
     def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64)."""
-        sums = torch.from_numpy(self.column_sums.sum(0))  # (r + P, n)
-        rank = self.at.shape[0]
-        width = rank // self.num_pieces
-        totals = sums[rank:].repeat_interleave(width, 0)  # Σ_j w_p for each column of A_p
-        grad_a = (torch.from_numpy(self.at) * totals - sums[:rank]).T
+        at, sums = torch.from_numpy(self.at), self.column_sums.sum(0)
+        totals = sums[:, -1:].expand(-1, self.width, -1).reshape(at.shape)  # Σ_j w_p for each column of A_p
+        grad_a = (at * totals - sums[:, :-1].reshape(at.shape)).T
         return grad_a, self.grad_b, torch.from_numpy(self.grad_coef) if self.need_coef else None

@@ -10,8 +10,10 @@ from torch import Tensor
 from snell import fused_cpu
 from snell.spec import SnellSpec, WeightGradRows, base_blocks, grad_input, grouped_factors, row_blocks
 
-# The fused backward's blocks hold only their rows of dW (no piece distances, no ΔW): larger blocks mean
-# fewer hand-overs between torch's and numba's thread pools.
+# Entries per block of the fused backward. Where FactorGrads reduces through BLAS (pieces wider than 4 columns,
+# matrices from fused_cpu._GEMM_MIN_NUMEL entries) the block's weights w_p exist beside its dW (P × 4 bytes an
+# entry: 32 MB at 2^22). Fewer, larger blocks mean fewer hand-overs between numba's
+# and torch's thread pools: 2^20 to 2^22 measured alike on a lightly loaded machine, 2^22 best under load.
 BLOCK_ENTRIES = 1 << 22
 
 
@@ -39,10 +41,10 @@ def merged_and_tau(
 def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
     """:func:`snell.torch_path.backward` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
     one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
-    block of the merged weight for dx and reduces the kernel's gradient straight into dB and per-thread
-    column sums for dA. Only the block's dW and those sums ((r + P) × n per thread) exist beside the merged
-    matrix. (Writing the per-piece weights w_p out for torch's GEMMs to reduce was tried first: the skinny
-    GEMMs and the hand-overs between numba's and torch's thread pools took 2.5× the fused pass itself.)"""
+    block of the merged weight for dx and reduces the kernel's gradient into dB and dA, by itself or, for wide
+    pieces on large matrices, through the block's per-piece weights w_p and BLAS GEMMs
+    (:class:`fused_cpu.FactorGrads`).
+    Only the block's dW (and w_p) exist beside the merged matrix."""
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     base = base_blocks(spec, weight)
