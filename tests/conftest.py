@@ -33,3 +33,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from llm_cases import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_llm"))
+
+
+@pytest.fixture(scope="session")
+def vtab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small VTAB-format folder (cli_cases.small_task) that the end-to-end CLI tests read, never write."""
+    from cli_cases import small_task
+
+    from snell.train.data import export_vtab_folder
+
+    return export_vtab_folder(small_task(), tmp_path_factory.mktemp("vtab") / "fashion")

@@ -19,22 +19,19 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from cli_cases import ENV, PNG, TINY_VIT
 from safetensors.torch import load_file
 
 import snell
 from snell.cli import main
 from snell.train.config import TrainConfig
-from snell.train.data import ImageTask, export_vtab_folder, load_builtin_task
 from snell.train.evaluate import restore
 from snell.train.tasks import load_task
 
-TINY_VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}'
 BASE = [
     "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT, "--rank", "4", "-s", "0.5",
     "--batch-size", "16", "--eval-batch-size", "32", "--lr", "5e-3", "--warmup-epochs", "0.5", "--no-progress",
 ]  # fmt: skip
-PNG = b"\x89PNG\r\n\x1a\n"
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,20 +41,6 @@ def _snell(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "snell", *args], env=ENV, capture_output=True, text=True, timeout=timeout
     )
-
-
-def _small_task() -> ImageTask:
-    """96 training, 32 validation and 64 test images of the committed Fashion-MNIST subset."""
-    full = load_builtin_task("fashion_mnist")
-    return ImageTask(
-        "fashion_small", full.class_names, full.train_images[:96], full.train_labels[:96],
-        full.val_images[:32], full.val_labels[:32], full.test_images[:64], full.test_labels[:64],
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def vtab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_vtab_folder(_small_task(), tmp_path_factory.mktemp("vtab") / "fashion")
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from cli_cases import ENV, PNG, TINY_VIT
 from safetensors.torch import load_file
-from test_cli import ENV, PNG, TINY_VIT, _small_task
 
 import snell
 from snell.allocator import SparsityAllocator
 from snell.cli import main
 from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError, known_recipes, resolve_config
-from snell.train.data import export_vtab_folder
 from snell.train.evaluate import restore
 from snell.train.optim import param_groups
 
@@ -34,11 +33,6 @@ BASE = [
 #: The tiny ViT's adapted matrices: per block q, k, v and proj (64×64 each), fc1 and fc2 (256×64 each); two blocks.
 UNITS = 2 * 6
 ENTRIES = 2 * (4 * 64 * 64 + 2 * 256 * 64)
-
-
-@pytest.fixture(scope="module")
-def vtab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_vtab_folder(_small_task(), tmp_path_factory.mktemp("vtab") / "fashion")
 
 
 @pytest.fixture(scope="module")
