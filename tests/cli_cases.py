@@ -3,9 +3,17 @@ environment their subprocesses run in."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import timm
+import torch
+from safetensors.torch import load_file
+
+from snell.cli import main
 from snell.train.data import ImageTask, load_builtin_task
+from snell.train.evaluate import restore
 
 TINY_VIT = '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}'
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -19,3 +27,15 @@ def small_task() -> ImageTask:
         "fashion_small", full.class_names, full.train_images[:96], full.train_labels[:96],
         full.val_images[:32], full.val_labels[:32], full.test_images[:64], full.test_labels[:64],
     )  # fmt: skip
+
+
+def merged_and_adapted(run: Path, out: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`snell merge RUN --output OUT`, then the logits of the merged plain ViT and of the run's adapted model on 8
+    test images, and the merged model's state dict."""
+    assert main(["merge", str(run), "--output", str(out)]) == 0
+    _, task, _, adapted = restore(run)
+    images = torch.stack([task.test[i][0] for i in range(8)])
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **json.loads(TINY_VIT))
+    plain.load_state_dict(load_file(str(out / "model.safetensors")))
+    with torch.no_grad():
+        return plain.eval()(images), adapted.eval()(images), plain.state_dict()

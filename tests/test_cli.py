@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT
+from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted
 from safetensors.torch import load_file
 
 import snell
@@ -94,15 +94,8 @@ def test_eval_reproduces_the_reported_accuracy(finished_run: Path, capsys: pytes
 
 
 def test_merged_model_gives_the_adapted_outputs(finished_run: Path, tmp_path: Path) -> None:
-    assert main(["merge", str(finished_run), "--output", str(tmp_path / "merged")]) == 0
-    _, task, _, adapted = restore(finished_run)
-    images = torch.stack([task.test[i][0] for i in range(8)])
-    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **json.loads(TINY_VIT))
-    plain.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
-    with torch.no_grad():
-        expected = adapted.eval()(images)
-        merged = plain.eval()(images)
-    assert not any("snell" in name for name in plain.state_dict())
+    merged, expected, state = merged_and_adapted(finished_run, tmp_path / "merged")
+    assert not any("snell" in name for name in state)
     torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
 
 

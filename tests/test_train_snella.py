@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT
+from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted
 from safetensors.torch import load_file
 
 import snell
@@ -129,13 +129,8 @@ def test_the_adapter_holds_the_selected_epochs_allocation_and_eval_reproduces_it
 def test_merged_snella_model_gives_the_adapted_outputs(snella_run: Path, tmp_path: Path) -> None:
     """W0 + ΔWˢ is rounded once to float32 in either path; logits of order 1 after two blocks of 64- to 256-term
     float32 sums then differ by a few 1e-6: 1e-4 leaves a wide margin and still catches a wrong ΔW (entries ~1e-3)."""
-    assert main(["merge", str(snella_run), "--output", str(tmp_path / "merged")]) == 0
-    _, task, _, adapted = restore(snella_run)
-    images = torch.stack([task.test[i][0] for i in range(8)])
-    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **json.loads(TINY_VIT))
-    plain.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
-    with torch.no_grad():
-        torch.testing.assert_close(plain.eval()(images), adapted.eval()(images), atol=1e-4, rtol=1e-4)
+    merged, adapted, _ = merged_and_adapted(snella_run, tmp_path / "merged")
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
 
 
 def test_the_allocator_reads_each_optimizer_steps_whole_gradient_once(
