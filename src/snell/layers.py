@@ -142,7 +142,11 @@ def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weig
     merged bf16 model computes what the adapted one did. Adding a ΔWˢ already rounded to bf16 would round twice
     and move some weights by one unit in the last place."""
     wide = torch.promote_types(torch.promote_types(weight.dtype, a.dtype), torch.float32)
-    weight.copy_(weight.to(wide).add_(delta_weight(spec, a, b, coefficients, wide), alpha=sign))
+    delta = delta_weight(spec, a, b, coefficients, wide)
+    if weight.dtype == wide:  # nothing to round: add in place (``weight.to(wide)`` would be weight itself)
+        weight.add_(delta, alpha=sign)
+    else:
+        weight.copy_(weight.to(wide).add_(delta, alpha=sign))
 
 
 class SnellLayer(nn.Module):
