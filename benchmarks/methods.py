@@ -12,6 +12,7 @@ from torch import nn
 
 import snell
 from benchmarks.reference_snell import inject_reference_snell
+from snell.allocator import AllocatorConfig, SparsityAllocator
 
 NUM_CLASSES = 100
 """A VTAB-sized classifier head (the numbers in the method doc were taken with 100 classes)."""
@@ -109,10 +110,46 @@ def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
     return lambda model: build_snell(model, sparsity, dropout)
 
 
+SNELLA_TARGET = 0.8
+"""SNELLA's target sparsity in the benchmarks: the default of its recipes and of `snell train --method snella`."""
+
+
+def _snella(model: nn.Module) -> nn.Module:
+    """SNELLA-8: the mixk kernel on the same layers, every matrix starting at the recipes' initial sparsity."""
+    config = snell.SnellConfig(
+        r=8, kernel="mixk", sparsity=0.01, target_modules=ADAPTED_LAYERS, modules_to_save=["head"]
+    )
+    return snell.get_snell_model(model, config)
+
+
+def _snella_allocation(model: nn.Module) -> Callable[[], None]:
+    """What SNELLA adds to every optimizer step: the allocator folds the factors' |θ·∇θ| into its EMAs. After the
+    first step it also allocates the target budget once, so the timed steps run with the per-layer sparsities of
+    the end of training (each q, k and v matrix its own), as the authors' runs do for most of their epochs."""
+    allocator = SparsityAllocator(model, AllocatorConfig(target_sparsity=SNELLA_TARGET, total_steps=1))
+    steps = 0
+
+    def after_step() -> None:
+        nonlocal steps
+        allocator.accumulate()
+        if steps == 0:
+            allocator.update(1)
+        steps += 1
+
+    return after_step
+
+
 @dataclass(frozen=True)
 class Method:
+    """A fine-tuning method: how to build it on a model, and what it runs after every optimizer step, if anything
+    (``after_step`` makes that callable for a built model)."""
+
     label: str
     build: Callable[[nn.Module], nn.Module]
+    after_step: Callable[[nn.Module], Callable[[], None]] | None = None
+
+    def step_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        return None if self.after_step is None else self.after_step(model)
 
 
 METHODS: dict[str, Method] = {
@@ -122,4 +159,7 @@ METHODS: dict[str, Method] = {
     "dora8": Method("peft DoRA-8", _peft(use_dora=True)),
     "reference_snell8": Method("reference-style SNELL-8 s=0.9, dropout/drop-path 0.1", _reference),
     **{name: Method(_snell_label(*settings), _snell(*settings)) for name, settings in SNELL_SETTINGS.items()},
+    "snella8": Method(
+        f"SNELLA-8 (mixk, allocated sparsity, target {SNELLA_TARGET:g})", _snella, after_step=_snella_allocation
+    ),
 }

@@ -60,7 +60,7 @@ def trace_step(model_name: str, method: str, batch: int, trim: bool) -> tuple[li
     model = METHODS[method].build(spec.create()).train()
     images = torch.randn(batch, 3, spec.image_size, spec.image_size)
     labels = torch.randint(NUM_CLASSES, (batch,))
-    step = make_step(model, images, labels, "fp32")
+    step = make_step(model, images, labels, "fp32", after_step=METHODS[method].step_hook(model))
     events: list[Event] = []
     start = 0
 

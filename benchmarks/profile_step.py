@@ -32,7 +32,8 @@ def main() -> None:
     spec = MODELS[args.model]
     model = METHODS[args.method].build(spec.create()).train()
     images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
-    step = make_step(model, images, torch.randint(NUM_CLASSES, (args.batch,)), args.dtype)
+    labels = torch.randint(NUM_CLASSES, (args.batch,))
+    step = make_step(model, images, labels, args.dtype, after_step=METHODS[args.method].step_hook(model))
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=args.by_shape) as prof:
         step()

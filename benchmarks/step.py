@@ -24,9 +24,15 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def make_step(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dtype: str, device_type: str = "cpu"
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    dtype: str,
+    device_type: str = "cpu",
+    after_step: Callable[[], None] | None = None,
 ) -> Callable[[], None]:
-    """One training step: forward + cross-entropy + backward + AdamW, autocast to ``dtype`` if not fp32."""
+    """One training step: forward + cross-entropy + backward + AdamW, autocast to ``dtype`` if not fp32, then the
+    method's ``after_step`` (SNELLA's allocator), still before the gradients are cleared."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast_dtype = DTYPES[dtype]
 
@@ -36,6 +42,8 @@ def make_step(
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
 
     return step
 
@@ -65,7 +73,7 @@ def benchmark_training(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     images = torch.randn(batch, 3, spec.image_size, spec.image_size)
     labels = torch.randint(NUM_CLASSES, (batch,))
-    step = make_step(model, images, labels, dtype)
+    step = make_step(model, images, labels, dtype, after_step=METHODS[method].step_hook(model))
     run = run_steps(step, warmup, steps)
     saved = saved_for_backward(model, images, labels, dtype)
     return {

@@ -63,6 +63,20 @@ def test_grid_expands_to_every_combination_with_val_selection(tmp_path):
         S.Grid(sparsity=(0.5, 0.5)).points(base)
 
 
+def test_snella_grid_sets_the_target_sparsity_and_keeps_the_allocators_start(tmp_path):
+    base = tiny_config(method="snella", init_sparsity=0.05)
+    trials = S.expand_grid(base, S.Grid(sparsity=(0.5, 0.9), lr=(1e-2,)), tmp_path)
+    assert [t.key for t in trials] == ["target=0.5,lr=0.01,r=8", "target=0.9,lr=0.01,r=8"]
+    for trial in trials:
+        cfg = trial.config
+        assert cfg.target_sparsity == trial.params["sparsity"]
+        assert (cfg.sparsity, cfg.init_sparsity) == (base.sparsity, 0.05)
+    assert len({t.fingerprint for t in trials}) == 1
+    best = {**fake_record(trials[1], 0.5), "params": trials[1].params}
+    final = S.final_trial(base, best, tmp_path / "final", seed=1)
+    assert (final.config.target_sparsity, final.config.seed, final.key) == (0.9, 1, "target=0.9,lr=0.01,r=8,seed=1")
+
+
 def test_winner_is_the_val_best_even_when_test_disagrees(tmp_path, monkeypatch):
     # Per grid point: (val, test if it were measured). s=0.9 is best on val, s=0.5 would be best on test.
     scores = {0.0: (0.70, 0.70), 0.5: (0.75, 0.95), 0.9: (0.80, 0.60)}

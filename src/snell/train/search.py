@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from snell.train.classification import ClassificationRun
 from snell.train.config import (
+    SNELL_METHODS,
     TrainConfig,
     UserError,
     add_train_arguments,
@@ -56,12 +57,24 @@ FINAL_FILE = "final.jsonl"
 RESULT_FILE = "search.json"
 PLOT_FILE = "val_vs_sparsity.png"
 #: Options that differ between the trials of one search, or do not change results.
-_NOT_IN_FINGERPRINT = ("sparsity", "lr", "r", "output_dir", "progress", "num_workers", "select_on", "protocol")
+_NOT_IN_FINGERPRINT = (
+    "sparsity",
+    "target_sparsity",
+    "lr",
+    "r",
+    "output_dir",
+    "progress",
+    "num_workers",
+    "select_on",
+    "protocol",
+)
 
 
 @dataclass(frozen=True)
 class Grid:
     """Values to try; None keeps the base config's value. Every combination is one trial.
+
+    ``sparsity`` is SNELL's fixed ratio, and for snella the ratio its allocator ends at (``target_sparsity``).
 
     ``lr_per_sparsity``: with no lr grid, each sparsity gets the method's default rate at that sparsity (for an
     unset ``--lr``: SNELL at s = 0 has no squared update and wants the dense kernel's rate, not 2e-2)."""
@@ -73,8 +86,9 @@ class Grid:
 
     def points(self, base: TrainConfig) -> list[dict[str, Any]]:
         """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest). Sparsity only
-        means something to SNELL: other methods get one point per (lr, r), at the base config's sparsity."""
-        sparsity = self.sparsity if base.method == "snell" else (base.sparsity,)
+        means something to SNELL and SNELLA: other methods get one point per (lr, r), at the base config's
+        sparsity."""
+        sparsity = self.sparsity if base.method in SNELL_METHODS else (base.sparsity,)
         values = (sparsity, self.lr or (base.lr,), self.r or (base.r,))
         for name, options in zip(("sparsity", "lr", "r"), values, strict=True):
             if not options:
@@ -86,6 +100,15 @@ class Grid:
             for point in points:
                 point["lr"] = default_lr(base.method, base.sparsify_mode, point["sparsity"])
         return points
+
+
+def trial_config(base: TrainConfig, params: dict[str, Any], **changes: Any) -> TrainConfig:
+    """``base`` at a grid point: its sparsity is SNELL's fixed ratio, or snella's target (snella's own sparsity is
+    the allocator's start and stays at the base config's)."""
+    values = dict(params)
+    if base.method == "snella":
+        values["target_sparsity"] = values.pop("sparsity")
+    return dataclasses.replace(base, **values, **changes)
 
 
 @dataclass(frozen=True)
@@ -142,8 +165,9 @@ def fingerprint(config: TrainConfig) -> str:
 
 
 def trial_key(params: dict[str, Any], method: str = "snell") -> str:
-    """A readable, file-name-safe identifier of a grid point, e.g. "s=0.9,lr=0.003,r=8" (no s but for snell)."""
-    sparsity = f"s={params['sparsity']:g}," if method == "snell" else ""
+    """A readable, file-name-safe identifier of a grid point: "s=0.9,lr=0.003,r=8" for SNELL, "target=0.8,lr=0.02,r=8"
+    for snella, "lr=0.001,r=8" for the others."""
+    sparsity = {"snell": f"s={params['sparsity']:g},", "snella": f"target={params['sparsity']:g},"}.get(method, "")
     return f"{sparsity}lr={params['lr']:g},r={params['r']}"
 
 
@@ -384,8 +408,8 @@ def expand_grid(
     trials = []
     for params in grid.points(base):
         key = trial_key(params, base.method)
-        config = dataclasses.replace(
-            base, **params, select_on="val", protocol="standard", output_dir=str(out / "trials" / key), progress=False
+        config = trial_config(
+            base, params, select_on="val", protocol="standard", output_dir=str(out / "trials" / key), progress=False
         )
         trials.append(Trial(key, params, config, out / TRIALS_FILE, fp, early_stop))
     return trials
@@ -415,9 +439,9 @@ def final_trial(
     out = Path(output_dir)
     seed = base.seed if seed is None else seed
     params = dict(best["params"])
-    config = dataclasses.replace(
+    config = trial_config(
         base,
-        **params,
+        params,
         seed=seed,
         select_on="none" if train_on_val else "val",
         protocol="standard",
@@ -460,7 +484,7 @@ def plot_search(records: list[dict[str, Any]], path: Path, title: str = "") -> P
         )
     sparsities = sorted({r["params"]["sparsity"] for r in records})
     ax.set_xticks([x_of(s) for s in sparsities], [f"{s:g}" for s in sparsities])
-    ax.set_xlabel("sparsity s (fraction of each update zeroed; x = -log10(1 - s))")
+    ax.set_xlabel("sparsity s (snella: its target; fraction of each update zeroed; x = -log10(1 - s))")
     ax.set_ylabel("val accuracy (last epoch)")
     ax.set_title(title or "snell search: validation accuracy (x = stopped early)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -535,7 +559,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """`snell search` takes every `snell train` flag (the base config) plus the grid and scheduling flags."""
     add_train_arguments(parser)
     parser.add_argument(
-        "--grid-sparsity", type=_floats, default=Grid.sparsity, help="sparsities to try [default: 0,0.5,0.9,0.99]"
+        "--grid-sparsity",
+        type=_floats,
+        default=Grid.sparsity,
+        help="sparsities to try (snella: its target sparsity) [default: 0,0.5,0.9,0.99]",
     )
     parser.add_argument(
         "--grid-lr",
