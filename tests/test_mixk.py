@@ -1,5 +1,5 @@
-"""SNELLA's mixed kernel in the layers: trained (α, γ, β) per adapted matrix, saved and loaded with the adapter, the
-torch path wherever ΔW needs its column softmax or per-group sparsities, and per-layer sparsities in adapter files."""
+"""SNELLA's mixed kernel in the layers: trained (α, γ, β) per adapted matrix, saved and loaded with the adapter,
+per-group sparsities, and per-layer sparsities in adapter files (the fused CPU kernels' mixk: test_fused_cpu_mixk)."""
 
 import dataclasses
 
@@ -10,7 +10,6 @@ from checks import QkvBlock as Block
 from checks import assert_matches_naive, dense_update, make_inputs, make_spec, naive_forward
 
 import snell
-from snell.dispatch import kernel_path
 from snell.function import FusedSnell
 from snell.spec import with_sparsities
 
@@ -89,16 +88,6 @@ def test_with_sparsities_names_the_expected_count():
     with pytest.raises(ValueError, match=r"3 adapter groups takes 3 sparsities, got \[0.5\]"):
         with_sparsities(make_spec(shape=(9, 5), groups=3), [0.5])
     assert with_sparsities(make_spec(shape=(9, 5), groups=3), [0.4] * 3).group_sparsity == ()
-
-
-@pytest.mark.parametrize("choice", ["auto", "fused"])
-def test_mixk_and_per_group_sparsities_take_the_torch_path(choice, monkeypatch):
-    monkeypatch.setenv("SNELL_KERNELS", choice)
-    big = dict(shape=(1024, 1024), sparsity=0.9)
-    mixk = make_spec(kernel="mixk", **big)
-    uneven = with_sparsities(make_spec(groups=2, **big), [0.5, 0.9])
-    for spec in (mixk, uneven):
-        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
 
 
 def test_mixk_at_sparsity_zero_still_scales_by_the_magnitude():

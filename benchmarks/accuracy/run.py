@@ -170,8 +170,10 @@ def tuning_trials(task: Task, work: Path, quick: bool) -> tuple[list[Trial], lis
     rule = EarlyStop(margin=0.15)
     for method in task.methods:
         base = dataclasses.replace(task.base, method=method)
-        if method == "snella":  # the last epoch at the target: a 2-epoch run would otherwise stop short of it
-            base = dataclasses.replace(base, alloc_epochs=max(1, base.epochs - 1))
+        if method == "snella":
+            # The schedule is stepped before each epoch t < T (T = epochs) and reaches the target at t = T − 1 only
+            # with one epoch of final warm-up: without it a 2-epoch run would end 1/8 of the way short of it.
+            base = dataclasses.replace(base, alloc_final_warmup=1 if base.epochs > 1 else 0)
             sparsities = TARGETS[-1:] if quick else TARGETS
         else:
             sparsities = (0.0, 0.9) if quick else SPARSITIES
@@ -380,8 +382,8 @@ def write_report(
         "rate is tuned per method family on the validation split with seed 0 (3 values each); SNELL's grid also "
         f"spans s in {list(SPARSITIES)} (`snell search`), and `snell-8 s=0` is the best s = 0 point of that grid. "
         f"SNELLA-8 (mixk kernel, the allocator's per-layer sparsity from 0.01 at the start) spans its target "
-        f"sparsity in {list(TARGETS)} (the `selected s` column), reached in the last epoch (`--alloc-epochs` = "
-        "epochs - 1; the schedule steps once per epoch, as the authors' does). "
+        f"sparsity in {list(TARGETS)} (the `selected s` column), reached in the last epoch (the schedule steps once "
+        "per epoch, as the authors' does, with `--alloc-final-warmup 1`). "
         "Selection never reads test. The selected setting is retrained with "
         f"{info['seeds']} seeds and evaluated once on test: on train + val (train800val200) for images; on the "
         "few-shot documents alone for text, at the epoch with the best val accuracy (adding the validation "

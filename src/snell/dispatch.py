@@ -39,20 +39,20 @@ def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch
     """ "torch", "fused_cpu" or "triton": which implementation builds, selects and differentiates ΔW here.
 
     ``rank``: r of the factors; ``dtypes``: those of x, the factors and W0 (whichever exist). Both fused
-    paths cover the piecewise-linear kernel. The CPU one takes float32/bf16 tensors whose weight is a
+    paths cover the piecewise-linear kernel; the CPU one also mixk and per-group sparsities (set by the
+    allocator), which the Triton one leaves to the torch path. The CPU one takes float32/bf16 tensors whose weight is a
     row-major (m, n) matrix (Linear, Conv2d), where a row of ``_FUSED_FROM`` allows the matrix's entries and
     the columns per piece; the Triton one what ``triton_path.supports`` accepts, on
     CUDA from ``_TRITON_MIN_NUMEL``. ``SNELL_KERNELS``: ``torch`` forces the torch path; ``fused`` takes the
     device's fused path wherever it is supported, whatever the size and width (the tests use it on small
     matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under the Triton
     interpreter, ``TRITON_INTERPRET=1``, for tests). The forward records its choice and the backward follows
-    it: τ selects the same survivors only if both build ΔW the same way. Other kernels (mixk's column softmax
-    included) and layers whose adapter groups have different sparsities (set by the allocator) take the torch path.
+    it: τ selects the same survivors only if both build ΔW the same way. Other kernels take the torch path.
     """
     choice = os.environ.get("SNELL_KERNELS", "auto")
     if choice not in CHOICES:
         raise ValueError(f"SNELL_KERNELS must be one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "torch" or spec.kernel != "piecewise_linear" or spec.group_sparsity:
+    if choice == "torch" or spec.kernel not in ("piecewise_linear", "mixk"):
         return "torch"
     numel = spec.grouped_shape[1] * spec.grouped_shape[2]
     if choice == "triton" or device.type == "cuda":

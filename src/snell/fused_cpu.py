@@ -1,4 +1,6 @@
-"""Fused CPU passes for the piecewise-linear kernel: ΔW is computed on the fly, row by row, and never stored.
+"""Fused CPU passes for the piecewise-linear and mixk kernels: ΔW is computed on the fly, row by row, and never
+stored. This module is the host side (selection, buffers, threads, the fallback); the numba kernels are in
+:mod:`snell.fused_cpu_kernels`.
 
 What the torch path does in a dozen passes over m×n memory (piece-distance GEMMs, sqrt, the sum of pieces,
 |ΔW|, the selection's comparisons, the survivor factor, the merge with W0, the bf16 copy) is done here in
@@ -12,21 +14,15 @@ cache:
    writes the merged weight for dx and reduces the per-piece weights w_p = α_p·g·S'/d_p into dB and dA: in
    the pass itself up to 4 columns a piece, through BLAS GEMMs on a block of w_p beyond (:class:`FactorGrads`).
 
-Every pass builds ΔW with the same routine (:func:`_delta_tile`), compiled without fast-math: each entry is
-the same sequence of IEEE operations (no reassociation, no FMA contraction), whatever the vector width
-(AVX2 or AVX-512) or thread count, so the backward rebuilds the forward's ΔW bit for bit and the saved τ
-selects the same survivors. A (r, n) copy of A is the inner loop's operand: a row of ΔW is then a
-contiguous loop over inputs that LLVM vectorises. The distances are summed from differences, not as
-‖a‖² + ‖b‖² − 2a·b: that would cancel near d = 0, where 1/d_p enters the gradient, and a BLAS GEMM's bits
-may change with the tile shape and thread count. dA's and dB's sums are split by thread or run in BLAS, so
-their order (not ΔW's, τ's or the survivors') depends on the thread count.
+mixk (SNELLA's ΔW = D + α·softmax(D/γ) + β, the softmax over each column's rows) adds one pass before the others,
+forward and backward alike: each column's max and sum of the softmax (:func:`mix_stats`, in an order that does
+not depend on the thread count), after which every pass builds its tile of ΔW as before and mixes it. Its
+backward needs each column's Σ_j g·softmax before any entry's gradient, so it takes the whole matrix as one block
+and sums those first (one more pass).
 
-Why numba and not a C++ extension: numba is one wheel with no compiler on the user's machine, the kernels
-stay Python-readable next to the torch path they replace, and ``cache=True`` keeps the compiled code on
-disk, so only the first process after an install (or a source change) pays the compile (measured in
-``benchmarks/README.md``). A C++/OpenMP extension would need a toolchain at install time or per-platform
-wheels. If numba is missing or a kernel fails to compile, :func:`available` says so once (a warning) and
-the torch path does the work.
+dA's and dB's sums are split by thread or run in BLAS, so their order (not ΔW's, τ's or the survivors') depends
+on the thread count. If numba is missing or a kernel fails to compile, :func:`available` says so once (a
+warning) and the torch path does the work.
 """
 
 from __future__ import annotations
@@ -34,321 +30,26 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from snell import fused_cpu_kernels as kernels
 from snell.fallback import warn_once
 
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # the torch path is used; available() warns once
-    numba = None
+numba = kernels.numba  # None where numba is not installed
 
 # Modes as the kernels see them; DENSE is sparsity 0 (every mode keeps the dense ΔW, as the reference does).
 _MODE_CODES = {"reference": 0, "mask": 1, "soft": 2}
 DENSE = 3
-_TILE = 512  # columns per tile: the tile's distances and ΔW stay in L1
 _SAMPLE_SIZE = 1 << 16
 _BAND_MIN_NUMEL = 1 << 17  # below this, the dense ΔW and torch.kthvalue select τ
 # From this many entries, pieces wider than 4 columns reduce the backward's weights with BLAS (FactorGrads).
 _GEMM_MIN_NUMEL = 1 << 22
 # numba's default (workqueue) threading layer aborts if two Python threads enter parallel code at once.
 _LOCK = threading.Lock()
-
-if numba is not None:
-    _jit = functools.partial(njit, nogil=True, fastmath=False, cache=True)
-
-    @_jit
-    def _squares(a0, a1, a2, a3, b0, b1, b2, b3, t):
-        """Σ_c (a_c[t] − b_c)² over four columns, always in this order. The views passed in must be sliced in
-        the caller's loop nest: views returned from a helper kept LLVM from vectorising (12 ms against 8)."""
-        d0, d1, d2, d3 = a0[t] - b0, a1[t] - b1, a2[t] - b2, a3[t] - b3
-        return d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3
-
-    @_jit
-    def _delta_tile(at, b_row, coef, width, i0, length, dist, delta):
-        """ΔW[j, i0:i0+length] into delta[:length] and the piece distances into dist[p, :length].
-
-        Every loop runs over contiguous 1-D views, which is what lets LLVM vectorise them (indexing the 2-D
-        arrays inside the loops took ten times as long). A piece's squared distance is summed by groups of four
-        columns, (((q0 + q1) + q2) + q3) + ..., in registers at widths 4, 8 and 16 (r = 8, 16, 32: 1.3× less
-        time than column by column through dist at r = 32), through dist in the same order at other multiples
-        of four, column by column otherwise. Views and column offsets are formed here, with the literal width,
-        and width 4 has its own loop nest: views returned by a helper, offsets p·width, or the wider branches in
-        the same loop over pieces each slowed a loop down by 15 % to 1.5×."""
-        pieces = coef.shape[0]
-        if width == 4:
-            for p in range(pieces):
-                dp = dist[p, :length]
-                f = p * 4
-                a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
-                b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
-                for t in range(length):
-                    d0, d1, d2, d3 = a0[t] - b0, a1[t] - b1, a2[t] - b2, a3[t] - b3
-                    dp[t] = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3)
-        else:
-            for p in range(pieces):
-                dp = dist[p, :length]
-                if width == 8:
-                    f = p * 8
-                    a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
-                    b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
-                    a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
-                    b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
-                    for t in range(length):
-                        squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
-                        dp[t] = math.sqrt(squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t))
-                elif width == 16:
-                    f = p * 16
-                    a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
-                    b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
-                    a4, a5, a6, a7 = at[f + 4, i0:], at[f + 5, i0:], at[f + 6, i0:], at[f + 7, i0:]
-                    b4, b5, b6, b7 = b_row[f + 4], b_row[f + 5], b_row[f + 6], b_row[f + 7]
-                    a8, a9, a10, a11 = at[f + 8, i0:], at[f + 9, i0:], at[f + 10, i0:], at[f + 11, i0:]
-                    b8, b9, b10, b11 = b_row[f + 8], b_row[f + 9], b_row[f + 10], b_row[f + 11]
-                    a12, a13, a14, a15 = at[f + 12, i0:], at[f + 13, i0:], at[f + 14, i0:], at[f + 15, i0:]
-                    b12, b13, b14, b15 = b_row[f + 12], b_row[f + 13], b_row[f + 14], b_row[f + 15]
-                    for t in range(length):
-                        squares = _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
-                        squares = squares + _squares(a4, a5, a6, a7, b4, b5, b6, b7, t)
-                        squares = squares + _squares(a8, a9, a10, a11, b8, b9, b10, b11, t)
-                        dp[t] = math.sqrt(squares + _squares(a12, a13, a14, a15, b12, b13, b14, b15, t))
-                elif width % 4 == 0:
-                    dp[:] = 0.0
-                    for f in range(p * width, (p + 1) * width, 4):
-                        a0, a1, a2, a3 = at[f, i0:], at[f + 1, i0:], at[f + 2, i0:], at[f + 3, i0:]
-                        b0, b1, b2, b3 = b_row[f], b_row[f + 1], b_row[f + 2], b_row[f + 3]
-                        for t in range(length):
-                            dp[t] += _squares(a0, a1, a2, a3, b0, b1, b2, b3, t)
-                    for t in range(length):
-                        dp[t] = math.sqrt(dp[t])
-                else:
-                    dp[:] = 0.0
-                    for c in range(p * width, (p + 1) * width):
-                        bc = b_row[c]
-                        ac = at[c, i0 : i0 + length]
-                        for t in range(length):
-                            diff = ac[t] - bc
-                            dp[t] += diff * diff
-                    for t in range(length):
-                        dp[t] = math.sqrt(dp[t])
-        d0 = dist[0, :length]
-        c0 = coef[0]
-        for t in range(length):
-            delta[t] = c0 * d0[t]
-        for p in range(1, pieces):
-            dp = dist[p, :length]
-            cp = coef[p]
-            for t in range(length):
-                delta[t] += cp * dp[t]
-
-    _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
-
-    @_jit
-    def _survivor(value, tau, mode):
-        """S for one entry of ΔW (sparsify.survivor_scale_), in float32 (float64 literals made numba unify S
-        to float64, so the merge and gradient loops ran in double precision)."""
-        magnitude = abs(value)
-        if mode == 3:
-            return _ONE
-        if mode == 2:
-            return max(magnitude - tau, _ZERO)
-        if magnitude >= tau:
-            return magnitude if mode == 0 else _ONE
-        return _ZERO
-
-    @_jit
-    def _load_row(src, j, i0, length, shift, bits):
-        """Row j, columns i0.., of a float32 (uint32 bits, shift 0) or bf16 (uint16 bits, shift 16) matrix."""
-        row = src[j, i0 : i0 + length]  # a 1-D view: indexing the 2-D array in the loop kept it scalar
-        for t in range(length):
-            bits[t] = np.uint32(row[t]) << shift
-
-    @_jit
-    def _store_row(dst, j, i0, length, bf16, bits):
-        """float32 bits into row j of a float32 matrix, or rounded to nearest even into a bf16 one."""
-        row = dst[j, i0 : i0 + length]  # a 1-D view, as in _load_row
-        if bf16:
-            for t in range(length):
-                u = bits[t]
-                nearest = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-                row[t] = np.uint16(0x7FC0) if nan else np.uint16(nearest)
-        else:
-            for t in range(length):
-                row[t] = bits[t]
-
-    @_jit
-    def _dense(at, b, coef, width, out):
-        """The whole ΔW into out (m, n) float32: the rare fallback of the selection, and the tests' ground truth
-        for what the kernels compute."""
-        m, n = out.shape
-        for j in prange(m):
-            dist = np.empty((coef.shape[0], _TILE), np.float32)
-            delta = np.empty(_TILE, np.float32)
-            for i0 in range(0, n, _TILE):
-                length = min(_TILE, n - i0)
-                _delta_tile(at, b[j], coef, width, i0, length, dist, delta)
-                out[j, i0 : i0 + length] = delta[:length]
-
-    @_jit
-    def _sample(at, b, coef, width, rows, cols):
-        """|ΔW| at the given positions (the sample that brackets τ), in plain scalar loops: calling
-        :func:`_delta_tile` per entry took ~100 ns each, 7 ms per matrix (this takes 0.5 ms), as long as merging
-        a whole ViT-B matrix. Only the bracket comes from these values (the count pass checks that τ lies in
-        it), so they need not have :func:`_delta_tile`'s bits. Serial: a parallel launch costs more than this
-        whenever another process or torch's threads hold a core."""
-        out = np.empty(rows.shape[0], np.float32)
-        for s in range(rows.shape[0]):
-            j, i = rows[s], cols[s]
-            total = _ZERO
-            for p in range(coef.shape[0]):
-                squares = _ZERO
-                for column in range(p * width, (p + 1) * width):
-                    diff = at[column, i] - b[j, column]
-                    squares += diff * diff
-                total += coef[p] * np.sqrt(squares)
-            out[s] = abs(total)
-        return out
-
-    @_jit(parallel=True)
-    def _count_band(at, b, coef, width, n, lower, upper, chunk_rows, offsets, capacity, band, above, inside):
-        """Per chunk of rows: how many |ΔW| > upper (above), how many in (lower, upper] (inside), and those
-        values themselves into band[offsets[c]:offsets[c] + capacity[c]] (as many as fit)."""
-        m = b.shape[0]
-        chunks = offsets.shape[0]
-        for c in prange(chunks):
-            dist = np.empty((coef.shape[0], _TILE), np.float32)
-            delta = np.empty(_TILE, np.float32)
-            count_above = 0
-            count_inside = 0
-            for j in range(c * chunk_rows, min((c + 1) * chunk_rows, m)):
-                for i0 in range(0, n, _TILE):
-                    length = min(_TILE, n - i0)
-                    _delta_tile(at, b[j], coef, width, i0, length, dist, delta)
-                    for t in range(length):
-                        magnitude = abs(delta[t])
-                        if magnitude > upper:
-                            count_above += 1
-                        elif magnitude > lower:
-                            if count_inside < capacity[c]:
-                                band[offsets[c] + count_inside] = magnitude
-                            count_inside += 1
-            above[c] = count_above
-            inside[c] = count_inside
-
-    @_jit(parallel=True)
-    def _merge(at, b, coef, width, tau, mode, base, base_shift, has_base, out, out_bf16, chunk_rows):
-        """out = W0 + ΔW ⊙ S (or ΔW ⊙ S without W0), float32 arithmetic, stored as float32 or bf16 bits."""
-        m, n = out.shape
-        for c in prange((m + chunk_rows - 1) // chunk_rows):
-            dist = np.empty((coef.shape[0], _TILE), np.float32)
-            delta = np.empty(_TILE, np.float32)
-            bits = np.empty(_TILE, np.uint32)
-            values = bits.view(np.float32)
-            for j in range(c * chunk_rows, min((c + 1) * chunk_rows, m)):
-                for i0 in range(0, n, _TILE):
-                    length = min(_TILE, n - i0)
-                    _delta_tile(at, b[j], coef, width, i0, length, dist, delta)
-                    if has_base:
-                        _load_row(base, j, i0, length, base_shift, bits)
-                    else:
-                        for t in range(length):
-                            values[t] = 0.0
-                    for t in range(length):
-                        values[t] = values[t] + delta[t] * _survivor(delta[t], tau, mode)
-                    _store_row(out, j, i0, length, out_bf16, bits)
-
-    @_jit
-    def _halving_sum(values):
-        """Σ values (length a power of two) by halving: every step is an element-wise, vectorised add, in
-        an order that does not depend on the vector width."""
-        half = values.shape[0] // 2
-        while half > 0:
-            for t in range(half):
-                values[t] += values[half + t]
-            half //= 2
-        return values[0]
-
-    @_jit(parallel=True)
-    def _backward_rows(
-        at, b, coef, width, tau, mode, j0, grad, grad_shift, base, base_shift, has_base,
-        merged, merged_bf16, need_merged, weights, column_sums, grad_b, coef_rows, need_coef,
-    ):  # fmt: skip
-        """For rows j0.. of ΔW (grad holds their rows of dW = gyᵀx): the merged weight for dx (if asked) and
-        the per-piece weights w_p = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient; S' = dΔWˢ/dΔW).
-        With a weights buffer (P, rows, n) they are written there for :class:`FactorGrads`'s GEMMs. Without
-        (an empty one), they are reduced here: dB_p[j] = B_p[j]·Σ_i w_p[j,i] − Σ_i w_p[j,i]·A_p[i] into
-        grad_b, and each task adds its rows' Σ_j w_p·B_p[j] and Σ_j w_p into column_sums[task, p] (rows < width
-        and row width), reduced over tasks by the caller. coef_rows[j, p] = Σ_i g·S'·d_p when the coefficients
-        learn."""
-        rows, n = grad.shape
-        pieces = coef.shape[0]
-        here = weights.shape[1] == 0
-        tasks = column_sums.shape[0]
-        task_rows = (rows + tasks - 1) // tasks
-        for task in prange(tasks):
-            dist = np.empty((pieces, _TILE), np.float32)
-            delta = np.empty(_TILE, np.float32)
-            bits = np.empty(_TILE, np.uint32)
-            values = bits.view(np.float32)
-            scratch = np.empty(_TILE, np.float32)
-            row_sums = np.empty((pieces, width + 1, _TILE), np.float32)
-            for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
-                j = j0 + row
-                b_row = b[j]
-                row_sums[:] = 0.0
-                coef_sums = np.zeros(pieces, np.float64)
-                for i0 in range(0, n, _TILE):
-                    length = min(_TILE, n - i0)
-                    _delta_tile(at, b_row, coef, width, i0, length, dist, delta)
-                    if need_merged:
-                        if has_base:
-                            _load_row(base, j, i0, length, base_shift, bits)
-                        else:
-                            values[:length] = 0.0
-                        for t in range(length):
-                            values[t] = values[t] + delta[t] * _survivor(delta[t], tau, mode)
-                        _store_row(merged, j, i0, length, merged_bf16, bits)
-                    _load_row(grad, row, i0, length, grad_shift, bits)
-                    for t in range(length):
-                        scale = _survivor(delta[t], tau, mode)
-                        if mode == 2:
-                            scale = np.float32(2.0) * scale + tau if scale > _ZERO else _ZERO
-                        values[t] = values[t] * scale
-                    for p in range(pieces):
-                        cp = coef[p]
-                        dp = dist[p, :length]
-                        if need_coef:
-                            for t in range(length):
-                                coef_sums[p] += values[t] * dp[t]
-                        weight = scratch if here else weights[p, row, i0 : i0 + length]
-                        for t in range(length):
-                            weight[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
-                        if not here:
-                            continue
-                        column = column_sums[task, p, width, i0 : i0 + length]
-                        own = row_sums[p, width]
-                        for t in range(length):
-                            column[t] += weight[t]
-                            own[t] += weight[t]
-                        for c in range(width):
-                            bc = b_row[p * width + c]
-                            ac = at[p * width + c, i0 : i0 + length]
-                            column = column_sums[task, p, c, i0 : i0 + length]
-                            own = row_sums[p, c]
-                            for t in range(length):
-                                column[t] += weight[t] * bc
-                                own[t] += weight[t] * ac[t]
-                for p in range(pieces):
-                    coef_rows[row, p] = coef_sums[p]
-                    if here:
-                        total = _halving_sum(row_sums[p, width])
-                        for c in range(width):
-                            grad_b[row, p * width + c] = b_row[p * width + c] * total - _halving_sum(row_sums[p, c])
 
 
 @functools.cache
@@ -357,11 +58,13 @@ def _compiles() -> bool:
     fails. The bf16 variants are compiled on first use."""
     try:
         a, b = torch.rand(40, 4), torch.rand(6, 4)
-        coef = torch.tensor([0.1, -0.1])
-        tau, _ = select_tau(a, b, coef, 2, 0.5)
         base = torch.zeros(6, 40)
-        merged = merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32)
-        FactorGrads(a, b, coef, 2, True).add_rows(tau, "reference", 0.5, 0, torch.ones(6, 40), base, merged)
+        for coef in (torch.tensor([0.1, -0.1]), torch.tensor([0.1, -0.1, 1.0, 1.0, 0.0])):  # piecewise, mixk
+            mix = mix_stats(a, b, coef, 2) if len(coef) > 2 else None
+            tau, _ = select_tau(a, b, coef, 2, 0.5, mix)
+            merged = merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32, mix=mix)
+            grads = FactorGrads(a, b, coef, 2, True, mix)
+            grads.add_rows(tau, "reference", 0.5, 0, torch.ones(6, 40), base, merged)
     except Exception as err:  # any compile or runtime failure means: use the torch path
         warn_once("fused CPU kernels", f"{type(err).__name__}: {err}")
         return False
@@ -395,19 +98,52 @@ def _factors(a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[np.ndarray, np
     return at, b.detach().to(torch.float32).contiguous().numpy(), coefficients.detach().to(torch.float32).numpy()
 
 
+@dataclass(frozen=True)
+class Mix:
+    """What every fused pass needs to build a mixk ΔW = D + α·softmax(D/γ) + β: (α, γ, β), and each column's max M
+    of D/γ and sum S of exp(D/γ − M) (``stats``, (2, n)), from :func:`mix_stats`. The passes take the matrix's
+    P + 3 coefficients and this; the piecewise-linear kernel's take P coefficients and None."""
+
+    params: np.ndarray
+    stats: np.ndarray
+
+
+_NO_MIX = Mix(np.empty(0, np.float32), np.empty((2, 0), np.float32))
+_STATS_COLUMNS = 64  # columns per task of _mix_stats: a block's D/γ over all rows stays m × 64 floats
+
+
+def _mix_arrays(mix: Mix | None) -> tuple[np.ndarray, np.ndarray]:
+    mix = mix or _NO_MIX
+    return mix.params, mix.stats
+
+
+@torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
+def mix_stats(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int) -> Mix:
+    """mixk's column statistics for one matrix (coefficients: its P + 3), computed so that they do not depend on
+    the thread count: every pass that is given them rebuilds the same ΔW, bit for bit."""
+    at, b_np, coef = _factors(a, b, coefficients)
+    stats = np.empty((2, at.shape[1]), np.float32)
+    with _LOCK:
+        numba.set_num_threads(_threads())
+        kernels.mix_column_stats(
+            at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, coef[num_pieces + 1], _STATS_COLUMNS, stats
+        )
+    return Mix(np.ascontiguousarray(coef[num_pieces:]), stats)
+
+
 def _chunk_rows(m: int) -> int:
     """Rows per parallel task: about four tasks per thread."""
     return max(1, math.ceil(m / (4 * _threads())))
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
-def dense_delta(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int) -> Tensor:
-    """ΔW (m, n) float32 exactly as every fused pass computes it."""
+def dense_delta(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, mix: Mix | None = None) -> Tensor:
+    """ΔW (m, n) float32 exactly as every fused pass computes it (mixk: give its :class:`Mix`)."""
     at, b_np, coef = _factors(a, b, coefficients)
     out = np.empty((b_np.shape[0], at.shape[1]), np.float32)
     with _LOCK:
         numba.set_num_threads(_threads())
-        _dense(at, b_np, coef, at.shape[0] // num_pieces, out)
+        kernels.dense(at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, *_mix_arrays(mix), out)
     return torch.from_numpy(out)
 
 
@@ -420,8 +156,8 @@ def _sample_positions(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def _kth_from_dense(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, k: int) -> float:
-    delta = dense_delta(a, b, coefficients, num_pieces).abs_().flatten()
+def _kth_from_dense(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, k: int, mix: Mix | None) -> float:
+    delta = dense_delta(a, b, coefficients, num_pieces, mix).abs_().flatten()
     return torch.kthvalue(delta, delta.numel() - k + 1).values.item()
 
 
@@ -431,14 +167,17 @@ def _band_capacity(expected: float) -> int:
     return int(2.0 * expected) + 4096
 
 
-def _kth_banded(at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, k: int) -> tuple[float, int] | None:
+def _kth_banded(
+    at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, mix: Mix | None, k: int
+) -> tuple[float, int] | None:
     """(k-th largest |ΔW|, entries in the band) from a sample bracket and one count-and-band pass, or None
     when the answer lies outside the bracket."""
     m, n = b.shape[0], at.shape[1]
     q = 1.0 - k / (m * n)
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
     low, high = math.floor((q - margin) * _SAMPLE_SIZE), math.ceil((q + margin) * _SAMPLE_SIZE)
-    sample = _sample(at, b, coef, width, *_sample_positions(m, n))
+    mix_params, stats = _mix_arrays(mix)
+    sample = kernels.sample(at, b, coef, width, mix_params, stats, *_sample_positions(m, n))
     sample.partition([i for i in (low, high) if 0 <= i < _SAMPLE_SIZE] or [0])
     lower = float(sample[low]) if low >= 0 else -1.0  # |ΔW| >= 0 > -1: everything is above the lower bound
     upper = float(sample[high]) if high < _SAMPLE_SIZE else math.inf
@@ -448,12 +187,14 @@ def _kth_banded(at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, k: 
     offsets = np.arange(chunks, dtype=np.int64) * capacity
     band = np.empty(chunks * int(capacity[0]), np.float32)
     above, inside = np.empty(chunks, np.int64), np.empty(chunks, np.int64)
-    _count_band(at, b, coef, width, n, lower, upper, chunk_rows, offsets, capacity, band, above, inside)
+    bounds = (n, lower, upper, chunk_rows, offsets)
+    kernels.count_band(at, b, coef, width, mix_params, stats, *bounds, capacity, band, above, inside)
     if (inside > capacity).any():
         capacity = inside.copy()
         offsets = np.concatenate([[0], np.cumsum(inside)[:-1]])
         band = np.empty(int(inside.sum()), np.float32)
-        _count_band(at, b, coef, width, n, lower, upper, chunk_rows, offsets, capacity, band, above, inside)
+        bounds = (n, lower, upper, chunk_rows, offsets)
+        kernels.count_band(at, b, coef, width, mix_params, stats, *bounds, capacity, band, above, inside)
     band = np.concatenate([band[o : o + c] for o, c in zip(offsets, inside, strict=True)])
     position = band.size - (k - int(above.sum()))
     if not 0 <= position < band.size:
@@ -463,7 +204,9 @@ def _kth_banded(at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, k: 
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
-def select_tau(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, sparsity: float) -> tuple[float, int]:
+def select_tau(
+    a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, sparsity: float, mix: Mix | None = None
+) -> tuple[float, int]:
     """(τ, band size): the exact k-th largest |ΔW| of the fused kernel's own ΔW, k = round((1 − s)·m·n);
     +inf for k = 0. The band size (0 when the dense fallback ran) is for the benchmarks."""
     from snell.sparsify import keep_count
@@ -473,18 +216,19 @@ def select_tau(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, spar
     if k == 0:
         return math.inf, 0
     if m * n < _BAND_MIN_NUMEL:
-        return _kth_from_dense(a, b, coefficients, num_pieces, k), 0
+        return _kth_from_dense(a, b, coefficients, num_pieces, k, mix), 0
     at, b_np, coef = _factors(a, b, coefficients)
     with _LOCK:
         numba.set_num_threads(_threads())
-        found = _kth_banded(at, b_np, coef, at.shape[0] // num_pieces, k)
+        found = _kth_banded(at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, mix, k)
     if found is None:  # the sample missed (rare): select on the dense ΔW, m×n float32 for this once
-        return _kth_from_dense(a, b, coefficients, num_pieces, k), 0
+        return _kth_from_dense(a, b, coefficients, num_pieces, k, mix), 0
     return found
 
 
-def _mode_code(mode: str, sparsity: float) -> int:
-    return DENSE if sparsity == 0.0 else _MODE_CODES[mode]
+def _mode_code(mode: str, sparsity: float, mix: Mix | None) -> int:
+    """The kernels' mode; DENSE at sparsity 0 except for mixk, which sparsifies at every ratio (SpecSnell.dense)."""
+    return DENSE if sparsity == 0.0 and mix is None else _MODE_CODES[mode]
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
@@ -499,6 +243,7 @@ def merge(
     base: Tensor | None,
     dtype: torch.dtype,
     out: Tensor | None = None,
+    mix: Mix | None = None,
 ) -> Tensor:
     """W0 + ΔWˢ (or ΔWˢ alone when base is None) as an (m, n) matrix of ``dtype`` (float32 or bfloat16),
     written into ``out`` if given. ``base`` is the (m, n) W0 in float32 or bfloat16, row-contiguous."""
@@ -509,10 +254,10 @@ def merge(
     base_bits, base_shift = _bits(base) if base is not None else (out_bits[:0], 0)
     with _LOCK:
         numba.set_num_threads(_threads())
-        _merge(
-            at, b_np, coef, at.shape[0] // num_pieces, np.float32(tau), _mode_code(mode, sparsity),
-            base_bits, np.uint32(base_shift), base is not None, out_bits, dtype == torch.bfloat16,
-            _chunk_rows(m),
+        kernels.merge_rows(
+            at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, *_mix_arrays(mix), np.float32(tau),
+            _mode_code(mode, sparsity, mix), base_bits, np.uint32(base_shift), base is not None, out_bits,
+            dtype == torch.bfloat16, _chunk_rows(m),
         )  # fmt: skip
     return out
 
@@ -521,7 +266,7 @@ class FactorGrads:
     """Accumulates one matrix's dA (over blocks of rows) and its dB and coefficient gradients (per block).
 
     dB_p = B_p·(w_p 1) − w_p A_p and dA_p = A_p·(w_pᵀ 1) − w_pᵀ B_p, with the per-piece weights w_p of the kernel
-    (:func:`_backward_rows`). By default the numba pass reduces them itself, each task into its own
+    (:func:`fused_cpu_kernels.backward_rows`). By default the numba pass reduces them itself, each task into its own
     (P, width + 1, n) column sums, at 2·width loads and stores per entry and piece. For wider pieces on matrices
     from ``_GEMM_MIN_NUMEL`` entries it writes w_p instead (P × rows × n float32, a buffer reused across blocks)
     and two batched BLAS GEMMs per block reduce them, a column of ones appended to A_p and to B_p giving the row
@@ -529,10 +274,17 @@ class FactorGrads:
     a layer's step 1.4× faster on a lightly loaded machine and tied under heavy load; on smaller matrices, and
     at r = 8 everywhere, their extra memory traffic and thread hand-overs lost 5-30 %. The summation order of
     dA and dB depends on the thread count (not ΔW's, τ's or the survivors').
+
+    mixk (``mix`` given, and the matrix's P + 3 coefficients): its softmax couples the rows of a column, so the
+    rows come in one block, the whole matrix, and a first pass sums the softmax's backward over each column.
     """
 
-    def __init__(self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool) -> None:
-        self.at, b_np, self.coef = _factors(a, b, coefficients)
+    def __init__(
+        self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool, mix: Mix | None = None
+    ) -> None:
+        self.at, b_np, coef = _factors(a, b, coefficients)
+        self.coef, self.mix = coef[:num_pieces], mix
+        self.mix_grads = np.zeros(3, np.float64)  # Σ over columns of the softmax sums (α), Σ dz·D (γ), Σ gΔ (β)
         self.b = torch.from_numpy(b_np)
         self.num_pieces, self.need_coef = num_pieces, need_coef
         rank, n = self.at.shape
@@ -562,20 +314,34 @@ class FactorGrads:
         """The rows first_row.. of ΔW whose dW = gyᵀx is ``grad`` (rows, n; float32 or bf16): their dB rows,
         their share of dA and of the coefficient gradients, and, into ``merged`` (the whole matrix, float32 or
         bf16) if given, their rows of W0 + ΔWˢ for dx. ``base``: the whole (m, n) W0 or None."""
-        rows = grad.shape[0]
+        rows, n = grad.shape
+        if self.mix is not None and (first_row, rows) != (0, len(self.b)):
+            raise ValueError(f"mixk's backward takes the whole matrix's {len(self.b)} rows at once, got {first_row}..")
         shape = (self.num_pieces, 0 if self.here else rows, self.at.shape[1])
         if self.buffer.numel() < math.prod(shape):
             self.buffer = torch.empty(math.prod(shape))
         weights = self.buffer[: math.prod(shape)].view(shape)  # contiguous, as the kernel's loops want it
         block = slice(first_row, first_row + rows)
-        coef_rows = np.zeros((rows, self.num_pieces), np.float64)
+        coef_rows = np.zeros((rows, self.num_pieces + (self.mix is not None)), np.float64)
         grad_bits, grad_shift = _bits(grad)
         merged_bits = _bits(merged)[0] if merged is not None else grad_bits[:0]
         base_bits, base_shift = _bits(base) if base is not None else (grad_bits[:0], 0)
+        mix_params, stats = _mix_arrays(self.mix)
+        tau, mode_code = np.float32(tau), _mode_code(mode, sparsity, self.mix)
+        mix_column = np.zeros(n if self.mix is not None else 0, np.float32)
         with _LOCK:
             numba.set_num_threads(_threads())
-            _backward_rows(
-                self.at, self.b.numpy(), self.coef, self.width, np.float32(tau), _mode_code(mode, sparsity),
+            if self.mix is not None:
+                sums, totals = np.zeros((_threads(), n), np.float32), np.zeros(_threads(), np.float64)
+                kernels.mix_column_grads(
+                    self.at, self.b.numpy(), self.coef, self.width, mix_params, stats, tau, mode_code,
+                    grad_bits, np.uint32(grad_shift), sums, totals,
+                )  # fmt: skip
+                mix_column = sums.sum(0)
+                self.mix_grads[0] += mix_column.sum(dtype=np.float64)
+                self.mix_grads[2] += totals.sum()
+            kernels.backward_rows(
+                self.at, self.b.numpy(), self.coef, self.width, mix_params, stats, mix_column, tau, mode_code,
                 first_row, grad_bits, np.uint32(grad_shift), base_bits, np.uint32(base_shift), base is not None,
                 merged_bits, merged is not None and merged.dtype == torch.bfloat16, merged is not None,
                 weights.numpy(), self.column_sums.numpy(), self.grad_b[block].numpy(), coef_rows, self.need_coef,
@@ -586,11 +352,20 @@ class FactorGrads:
             self.grad_b[block] = (b_rows * products[..., -1:] - products[..., :-1]).transpose(0, 1).reshape(rows, -1)
             self.column_sums[0].baddbmm_(self.b_ones[:, :, block], weights)
         if self.need_coef:
-            self.grad_coef += coef_rows.sum(0)
+            sums = coef_rows.sum(0)
+            self.grad_coef += sums[: self.num_pieces]
+            self.mix_grads[1] += sums[self.num_pieces :].sum()
 
     def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64)."""
+        """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64; mixk's P + 3)."""
         at, sums = torch.from_numpy(self.at), self.column_sums.sum(0)
         totals = sums[:, -1:].expand(-1, self.width, -1).reshape(at.shape)  # Σ_j w_p for each column of A_p
         grad_a = (at * totals - sums[:, :-1].reshape(at.shape)).T
-        return grad_a, self.grad_b, torch.from_numpy(self.grad_coef) if self.need_coef else None
+        if not self.need_coef:
+            return grad_a, self.grad_b, None
+        grad_coef = self.grad_coef
+        if self.mix is not None:
+            gamma = float(self.mix.params[1])
+            mix = [self.mix_grads[0], -self.mix_grads[1] / (gamma * gamma), self.mix_grads[2]]
+            grad_coef = np.concatenate([grad_coef, mix])
+        return grad_a, self.grad_b, torch.from_numpy(grad_coef)

@@ -8,13 +8,27 @@ import torch
 from torch import Tensor
 
 from snell import fused_cpu
-from snell.spec import SnellSpec, WeightGradRows, base_blocks, grad_input, grouped_factors, row_blocks
+from snell.spec import (
+    SnellSpec,
+    WeightGradRows,
+    base_blocks,
+    grad_input,
+    group_coefficients,
+    grouped_factors,
+    row_blocks,
+)
 
 # Entries per block of the fused backward. Where FactorGrads reduces through BLAS (pieces wider than 4 columns,
 # matrices from fused_cpu._GEMM_MIN_NUMEL entries) the block's weights w_p exist beside its dW (P × 4 bytes an
 # entry: 32 MB at 2^22). Fewer, larger blocks mean fewer hand-overs between numba's
 # and torch's thread pools: 2^20 to 2^22 measured alike on a lightly loaded machine, 2^22 best under load.
 BLOCK_ENTRIES = 1 << 22
+
+
+def _mix(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> fused_cpu.Mix | None:
+    """mixk's column statistics for one group's matrix (None for the piecewise-linear kernel): the forward and the
+    backward compute them alike, so both rebuild the same ΔW."""
+    return fused_cpu.mix_stats(a, b, coefficients, spec.num_pieces) if spec.kernel == "mixk" else None
 
 
 def merged_and_tau(
@@ -27,12 +41,14 @@ def merged_and_tau(
     merged = torch.empty(spec.grouped_shape, dtype=dtype)
     taus = []
     for g in range(spec.groups):
+        coef, sparsity = group_coefficients(coefficients, g), spec.sparsity_of(g)
+        mix = _mix(spec, a_g[g], b_g[g], coef)
         tau = -math.inf
-        if spec.sparsity != 0.0:
-            tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coefficients, spec.num_pieces, spec.sparsity)
+        if not spec.dense(g):
+            tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coef, spec.num_pieces, sparsity, mix)
         fused_cpu.merge(
-            a_g[g], b_g[g], coefficients, spec.num_pieces, tau, spec.mode, spec.sparsity,
-            None if base is None else base[g], dtype, out=merged[g],
+            a_g[g], b_g[g], coef, spec.num_pieces, tau, spec.mode, sparsity,
+            None if base is None else base[g], dtype, out=merged[g], mix=mix,
         )  # fmt: skip
         taus.append(tau)
     return merged, torch.tensor(taus, dtype=torch.float32).reshape(-1, 1, 1)
@@ -51,29 +67,33 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
     merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
     weight_grad = WeightGradRows(spec, x, grad_out, need_w, need_w or need_factors)
     taus = [float(t) for t in tau.flatten()]
+    coefs = [group_coefficients(coefficients, g) for g in range(groups)]
+    mixes = [_mix(spec, a_g[g], b_g[g], coefs[g]) for g in range(groups)] if need_x or need_factors else []
     if not need_factors:
         for g in range(groups):
             if need_x:
                 fused_cpu.merge(
-                    a_g[g], b_g[g], coefficients, spec.num_pieces, taus[g], spec.mode, spec.sparsity,
-                    None if base is None else base[g], x.dtype, out=merged[g],
+                    a_g[g], b_g[g], coefs[g], spec.num_pieces, taus[g], spec.mode, spec.sparsity_of(g),
+                    None if base is None else base[g], x.dtype, out=merged[g], mix=mixes[g],
                 )  # fmt: skip
             if need_w:
                 weight_grad.block(g, slice(0, rows_per_group))
     accumulators = [
-        fused_cpu.FactorGrads(a_g[g], b_g[g], coefficients, spec.num_pieces, need_coef)
+        fused_cpu.FactorGrads(a_g[g], b_g[g], coefs[g], spec.num_pieces, need_coef, mixes[g])
         for g in range(groups if need_factors else 0)
     ]
     for g, rows in row_blocks(spec, BLOCK_ENTRIES) if need_factors else ():
         accumulators[g].add_rows(
-            taus[g], spec.mode, spec.sparsity, rows.start, weight_grad.block(g, rows),
+            taus[g], spec.mode, spec.sparsity_of(g), rows.start, weight_grad.block(g, rows),
             None if base is None else base[g], None if merged is None else merged[g],
         )  # fmt: skip
     factor_grads = None
     if need_factors:
         results = [accumulator.result() for accumulator in accumulators]
         grad_a, grad_b = torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
-        grad_coef = sum(r[2] for r in results) if need_coef else None
+        grad_coef = None
+        if need_coef:  # mixk's are per group, (G, P + 3); the others' shared by every group
+            grad_coef = torch.stack([r[2] for r in results]) if coefficients.dim() == 2 else sum(r[2] for r in results)
         factor_grads = (grad_a, grad_b, grad_coef)
     grad_x = None if merged is None else grad_input(spec, x, merged.reshape(spec.matrix_shape), grad_out)
     return grad_x, weight_grad.matrix, factor_grads

@@ -16,12 +16,14 @@ _OPS = ("linear", "linear_t", "conv2d")
 
 
 def supports(spec: SnellSpec, rank: int, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """Piecewise-linear kernel, a layer seen as a row-major (m, n) matrix (Linear, Conv2d) or its transpose
-    (Conv1D, read through W0's strides), float32/bf16/fp16 tensors, r a multiple of the pieces, and fewer than
-    2^31 entries in the layer's matrix (the kernels' offsets and the radix histograms' counts are int32)."""
+    """Piecewise-linear kernel with one sparsity for every adapter group, a layer seen as a row-major (m, n) matrix
+    (Linear, Conv2d) or its transpose (Conv1D, read through W0's strides), float32/bf16/fp16 tensors, r a multiple
+    of the pieces, and fewer than 2^31 entries in the layer's matrix (the kernels' offsets and the radix
+    histograms' counts are int32)."""
     m, n = spec.matrix_shape
     return (
         spec.kernel == "piecewise_linear"
+        and not spec.group_sparsity
         and spec.op in _OPS
         and rank % spec.num_pieces == 0
         and all(dtype in _DTYPES for dtype in dtypes)
