@@ -10,6 +10,7 @@ GEMM) is timed the same way.
     python -m benchmarks.fused_layer                       # 11008×4096, 256 tokens, bf16, SNELL-8 s=0.9
     python -m benchmarks.fused_layer --tokens 1024 --rank 32 --dtype float32
     python -m benchmarks.fused_layer --sweep 768x3072 2048x2048 4096x4096 --out sweep.json   # fwd + bwd per shape
+    python -m benchmarks.fused_layer --kernel mixk --sweep 768x768 3072x768   # SNELLA's kernel, (α, γ, β) trained
 
 ``--sweep`` times forward + backward alone for each out×in shape (the other options apply to all), one table
 row per shape: where the fused path starts to pay (snell.dispatch's ``_FUSED_FROM``).
@@ -41,19 +42,24 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 Step = Callable[[], None]
 
 
-def _snell_layer(m: int, n: int, rank: int, tokens: int, dtype: torch.dtype, sparsity: float) -> tuple[Step, Step]:
-    """(forward + backward, forward alone) of a SNELL Linear with a frozen W0 and no bias."""
+def _snell_layer(
+    m: int, n: int, rank: int, tokens: int, dtype: torch.dtype, sparsity: float, kernel: str = "piecewise_linear"
+) -> tuple[Step, Step]:
+    """(forward + backward, forward alone) of a SNELL Linear with a frozen W0 and no bias; for mixk its (α, γ, β)
+    train, as in a SNELLA layer (the piecewise coefficients stay fixed in both)."""
     weight = nn.Parameter(torch.randn(m, n, dtype=dtype) * 0.02, requires_grad=False)
     a = nn.Parameter(torch.empty(n, rank, dtype=dtype))
     b = nn.Parameter(torch.empty(m, rank, dtype=dtype))
     init_factors(a, b, num_pieces=2)
     coefficients = torch.tensor([0.1, -0.1])
-    spec = SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", sparsity)
+    if kernel == "mixk":  # one (α, γ, β) row per adapter group, at the authors' initial values
+        coefficients = nn.Parameter(torch.tensor([[0.1, -0.1, 1.0, 1.0, 0.0]]))
+    spec = SnellSpec("linear", (m, n), kernel, 2, "reference", sparsity)
     x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, m, dtype=dtype)
 
     def step() -> None:
-        x.grad = a.grad = b.grad = None  # as optimizer.zero_grad(set_to_none=True) leaves them
+        x.grad = a.grad = b.grad = coefficients.grad = None  # as optimizer.zero_grad(set_to_none=True) leaves them
         FusedSnell.apply(x, weight, None, a, b, coefficients, spec).backward(grad)
 
     def forward() -> None:
@@ -115,16 +121,19 @@ def report(title: str, times: dict[str, list[float]], against: str) -> None:
     print(f"  torch / fused: median of rounds {statistics.median(speedups):.2f}")
 
 
-def sweep(shapes: list[str], tokens: int, rank: int, dtype: torch.dtype, sparsity: float, rounds: int) -> list[dict]:
+def sweep(
+    shapes: list[str], tokens: int, rank: int, dtype: torch.dtype, sparsity: float, rounds: int, kernel: str
+) -> list[dict]:
     """One row per out×in shape: medians of forward + backward on each path, and the per-round ratios."""
     rows = []
     for shape in shapes:
         m, n = (int(side) for side in shape.lower().split("x"))
-        snell_step, _ = _snell_layer(m, n, rank, tokens, dtype, sparsity)
+        snell_step, _ = _snell_layer(m, n, rank, tokens, dtype, sparsity, kernel)
         plain_step, _ = _plain_layer(m, n, tokens, dtype)
         steps = {"torch": _with_kernels("torch", snell_step), "fused": _with_kernels("fused", snell_step)}
         times = paired({**steps, "plain": plain_step}, rounds)
         row = {"shape": f"{m}x{n}", "numel": m * n, "tokens": tokens, "dtype": str(dtype).removeprefix("torch.")}
+        row["kernel"], row["rank"] = kernel, rank
         row |= {f"{name}_ms": statistics.median(values) * 1e3 for name, values in times.items()}
         row["torch_over_fused"] = statistics.median(
             [t / f for t, f in zip(times["torch"], times["fused"], strict=True)]
@@ -147,6 +156,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--kernel", choices=("piecewise_linear", "mixk"), default="piecewise_linear")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sweep", nargs="+", metavar="OUTxIN", help="time fwd + bwd for each of these shapes")
     parser.add_argument("--out", help="with --sweep: write the rows as JSON here")
@@ -162,16 +172,17 @@ def main() -> None:
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     print(
-        f"{args.sweep or f'{m}×{n}'}, {args.tokens} tokens, {args.dtype}, SNELL-{args.rank} s={args.sparsity}, "
+        f"{args.sweep or f'{m}×{n}'}, {args.tokens} tokens, {args.dtype}, {args.kernel} r={args.rank} "
+        f"s={args.sparsity}, "
         f"{torch.get_num_threads()} threads, load average {load:.2f} at start"
     )
     if args.sweep:
-        rows = sweep(args.sweep, args.tokens, args.rank, dtype, args.sparsity, args.rounds)
+        rows = sweep(args.sweep, args.tokens, args.rank, dtype, args.sparsity, args.rounds, args.kernel)
         print(f"load average {os.getloadavg()[0]:.2f} at end")
         if args.out:
             Path(args.out).write_text(json.dumps({"load_average": [load, os.getloadavg()[0]], "rows": rows}, indent=1))
         return
-    snell_step, snell_forward = _snell_layer(m, n, args.rank, args.tokens, dtype, args.sparsity)
+    snell_step, snell_forward = _snell_layer(m, n, args.rank, args.tokens, dtype, args.sparsity, args.kernel)
     plain_step, plain_forward = _plain_layer(m, n, args.tokens, dtype)
     steps = {
         "torch": _with_kernels("torch", snell_step),

@@ -353,7 +353,7 @@ if numba is not None:
             exp_bits = np.empty(_TILE, np.uint32)
             bits = np.empty(_TILE, np.uint32)
             values = bits.view(np.float32)
-            total = 0.0
+            total = np.zeros(_TILE, np.float64)  # by position in the tile: a vector add, not a serial chain
             for j in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 for i0 in range(0, n, _TILE):
                     length = min(_TILE, n - i0)
@@ -364,8 +364,8 @@ if numba is not None:
                     for t in range(length):
                         g = values[t] * _grad_scale(delta[t], tau, mode)
                         column[t] += g * soft[t]
-                        total += g
-            totals[task] = total
+                        total[t] += g
+            totals[task] = _halving_sum(total)
 
     @_jit(parallel=True)
     def backward_rows(
@@ -397,12 +397,14 @@ if numba is not None:
             soft = np.empty(_TILE, np.float32)
             exp_bits = np.empty(_TILE, np.uint32)
             row_sums = np.empty((pieces, width + 1, _TILE), np.float32)
+            coef_sums = np.empty((pieces + 1, _TILE), np.float64)
             for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 j = j0 + row
                 b_row = b[j]
                 row_sums[:] = 0.0
-                coef_sums = np.zeros(pieces, np.float64)
-                mix_sum = 0.0
+                # Σ g·d_p (and mixk's Σ dz·D) by position in the tile, in float64: an add into one scalar per entry
+                # is a serial chain (no reassociation without fast-math) that cost more than the rest of the pass.
+                coef_sums[:] = 0.0
                 for i0 in range(0, n, _TILE):
                     length = min(_TILE, n - i0)
                     _delta_tile(at, b_row, coef, width, i0, length, dist, delta)
@@ -423,17 +425,18 @@ if numba is not None:
                     if has_mix:
                         alpha, gamma = mix[0], mix[1]
                         sums = mix_column[i0 : i0 + length]
+                        acc = coef_sums[pieces]  # 1-D views in the loops, as in _delta_tile
                         for t in range(length):
                             dz = (values[t] * soft[t] - soft[t] * sums[t]) * alpha
-                            if need_coef:
-                                mix_sum += dz * plain[t]
+                            acc[t] += dz * plain[t]  # γ's gradient; unused when the coefficients are frozen
                             values[t] = dz / gamma + values[t]
                     for p in range(pieces):
                         cp = coef[p]
                         dp = dist[p, :length]
                         if need_coef:
+                            acc = coef_sums[p]
                             for t in range(length):
-                                coef_sums[p] += values[t] * dp[t]
+                                acc[t] += values[t] * dp[t]
                         weight = scratch if here else weights[p, row, i0 : i0 + length]
                         for t in range(length):
                             weight[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
@@ -453,9 +456,9 @@ if numba is not None:
                                 column[t] += weight[t] * bc
                                 own[t] += weight[t] * ac[t]
                 if has_mix:
-                    coef_rows[row, pieces] = mix_sum
+                    coef_rows[row, pieces] = _halving_sum(coef_sums[pieces])
                 for p in range(pieces):
-                    coef_rows[row, p] = coef_sums[p]
+                    coef_rows[row, p] = _halving_sum(coef_sums[p])
                     if here:
                         total = _halving_sum(row_sums[p, width])
                         for c in range(width):
