@@ -191,6 +191,26 @@ def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path
     assert evaluate_run(tmp_path / method)["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)  # tied weights too
 
 
+def test_snella_allocates_a_causal_lm_and_eval_reproduces_the_selected_epoch(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """2 epochs, T = 2, one epoch of final warm-up: epoch 0 at --init-sparsity, epoch 1 at the target exactly (each
+    matrix's count floored once after the hand-out: at most one entry per matrix lost)."""
+    args = train_args(*tiny, tmp_path / "run", "--method", "snella")
+    del args[args.index("-s") : args.index("-s") + 2]  # snella's sparsity is the allocator's
+    assert main([*args, "--target-sparsity", "0.6", "--alloc-final-warmup", "1", "--select-on", "none"]) == 0
+    records = [json.loads(line)["sparsity"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    layers = records[-1]["layers"]
+    assert records[0]["overall"] == pytest.approx(0.01) and len(layers) == 14  # q k v o gate up down × 2 layers
+    entries = 2 * (4 * 32 * 32 + 3 * 64 * 32)  # q k v o (32×32), gate up (64×32), down (32×64) in 2 layers
+    assert records[-1]["overall"] == pytest.approx(0.6, abs=len(layers) / entries)
+    assert len({s for groups in layers.values() for s in groups}) > 1  # the matrices did compete
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["kernel"] == "mixk" and config["layer_sparsity"] == layers
+    assert evaluate_run(tmp_path / "run")["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_full_fine_tuning_of_half_precision_weights_is_refused_before_anything_is_written(
     tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, dtype: str

@@ -198,3 +198,27 @@ def test_trainer_checkpoints_hold_the_allocator_and_load_restores_it(tmp_path):
     assert fresh.last_update == 1 and fresh.allocator.sparsity() == allocator.sparsity()
     for key, value in allocator.sensitivity.items():
         assert torch.equal(fresh.allocator.sensitivity[key], value)
+
+
+def test_trainer_resumed_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path):
+    """Epoch 1's checkpoint resumed in a fresh process-like setup (a new model, allocator and callback, then
+    ``callback.load`` and ``train(resume_from_checkpoint=...)``) ends with the uninterrupted run's factors, mix
+    scalars, sparsities and EMAs, bit for bit: the same arithmetic in the same order on one CPU."""
+
+    def run(folder, resume=None):
+        model = _peft_model(seed=0 if resume is None else 7)  # a resumed run's own init must not matter
+        callback = SnellaCallback(snella_allocator(model, AllocatorConfig(target_sparsity=0.6, total_steps=3)))
+        if resume is not None:
+            callback.load(resume)
+        trainer = _trainer(folder, model, callback, num_train_epochs=3, max_grad_norm=0, save_strategy="epoch")
+        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+        return model, callback.allocator
+
+    straight, straight_allocator = run(tmp_path / "straight")
+    resumed, resumed_allocator = run(tmp_path / "resumed", resume=tmp_path / "straight" / "checkpoint-3")
+    assert resumed_allocator.sparsity() == straight_allocator.sparsity()
+    for kind in ("sensitivity", "uncertainty"):
+        for key, value in getattr(straight_allocator, kind).items():
+            assert torch.equal(getattr(resumed_allocator, kind)[key], value), key
+    mine, theirs = dict(resumed.named_parameters()), dict(straight.named_parameters())
+    assert all(torch.equal(mine[name], value) for name, value in theirs.items() if value.requires_grad)
