@@ -16,6 +16,7 @@ import pytest
 import torch
 from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kernels
 
+import snell
 import snell.function
 import snell.fused_cpu_path
 import snell.spec
@@ -416,3 +417,14 @@ def test_equal_pieces_get_the_zero_subgradient(rank, sparsity, gemm_from, monkey
     for index in range(2):
         scale = abs_gradient_scale(spec, inputs, keep, tau, grad.double(), inputs[3 + index])
         assert ((mine[index] - expected[index]).abs() <= gamma(depth * 2) * scale).all()
+
+
+def test_injection_loads_the_fused_kernels_only_where_a_layer_takes_them(monkeypatch):
+    # Loaded at injection, their one-time cost (numba's code and threads, ~60 MB) stays out of the first step.
+    calls = []
+    monkeypatch.setattr(fused_cpu, "available", lambda: calls.append(True) or True)
+    config = snell.SnellConfig(r=8, target_modules=["0"])
+    snell.get_snell_model(torch.nn.Sequential(torch.nn.Linear(1024, 1024)), config)
+    assert calls == [True]
+    snell.get_snell_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), config)  # the torch path's size
+    assert calls == [True]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from snell.config import PIECEWISE_KERNELS, SnellConfig
+from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell, sparse_delta
 from snell.spec import SnellSpec, to_weight_layout, with_sparsities
@@ -306,9 +307,17 @@ def new_mix(spec: SnellSpec, config: SnellConfig, weight: Tensor) -> nn.Paramete
     return nn.Parameter(initial.to(weight.device).repeat(spec.groups, 1))
 
 
+def load_kernels(spec: SnellSpec, weight: Tensor, factor: Tensor) -> None:
+    """Load the fused kernels now if a layer like this one takes them, rather than inside its first forward: on the
+    CPU, numba's compiled kernels (compiled once, then read from its on-disk cache) and its thread pool, a one-time
+    cost of about 60 MB and a second that would otherwise land in the first training step's memory and time."""
+    kernel_path(spec, weight.device, factor.shape[-1], factor.dtype, weight.dtype)
+
+
 def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
     """Turn ``module`` into a SNELL layer in place and return it."""
     a, b, coefficients = new_factors(spec, config, module.weight)
+    load_kernels(spec, module.weight, a)
     module.__class__ = _mixed_class(SnellLayer, type(module), "Snell")
     module.snell_A = a
     module.snell_B = b

@@ -77,6 +77,7 @@ from snell.layers import (  # noqa: E402
     fold_delta,
     iter_snell_layers,
     kernel_coefficients,
+    load_kernels,
     new_factors,
     new_mix,
 )
@@ -218,6 +219,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         """Add adapter ``adapter_name`` (spec and initial factors exactly as ``snell.get_snell_model`` makes them)."""
         spec = build_spec(name, self.base_layer, config)
         a, b, coefficients = new_factors(spec, config, self.base_layer.weight)
+        load_kernels(spec, self.base_layer.weight, a)
         self.snell_A[adapter_name] = a
         self.snell_B[adapter_name] = b
         self.snell_coefficients[adapter_name] = nn.Parameter(coefficients)
