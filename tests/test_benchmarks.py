@@ -109,6 +109,7 @@ def test_targets_compare_the_right_rows() -> None:
         row("snell8_s0.9", 4.8, 1000.0, 900.0),
         row("reference_snell8", 10.0, 1200.0, 950.0),
         row("full", 5.0, 2000.0, 900.0),
+        row("snella8", 5.52, 990.0, 900.0),
     ]
     infer = [{"variant": "snell merged", "ratio_to_base": 1.01}]
     threshold = [{"shape": "11008x4096", "method": "snell threshold (τ of |ΔW| from ΔW)", "ratio_to_gemm": 0.3}]
@@ -119,6 +120,8 @@ def test_targets_compare_the_right_rows() -> None:
     assert verdicts["peak memory: SNELL-8 s=0.9 / full fine-tuning"] == (0.5, "PASS")
     assert verdicts["inference: merged SNELL / base model"] == (1.01, "PASS")
     assert verdicts["threshold 11008x4096 / one dense GEMM with 2048 tokens"] == (0.3, "MISS")
+    assert verdicts["step time: SNELLA-8 / SNELL-8 s=0.9"] == (1.15, "MISS")
+    assert verdicts["peak memory: SNELLA-8 / SNELL-8 s=0.9"] == (0.99, "PASS")
     assert all(verdict != "n/a" for _, verdict in verdicts.values())
 
 
