@@ -12,6 +12,7 @@ torch path's and from float64. Hence:
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kernels
@@ -21,6 +22,7 @@ import snell.function
 import snell.fused_cpu_path
 import snell.spec
 from snell import fallback, fused_cpu
+from snell import fused_cpu_kernels as kernels
 from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
@@ -187,6 +189,26 @@ def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity, rank):
     _, _, _, a, b, coef = _inputs(_spec(shape=(700, 400)), r=rank, seed=1)
     tau, _ = fused_cpu.select_tau(a, b, coef, 2, sparsity)
     _assert_exact_top_k(a, b, coef, sparsity, tau)
+
+
+@pytest.mark.parametrize("n", [1029, 404])  # tiles of 512, 512 and 5 columns; one of 404 (not a multiple of 8)
+def test_count_band_counts_and_gathers_exactly_the_entries_of_the_dense_delta(n):
+    # The band is gathered by words of eight flags: short tiles leave stale flags past their length.
+    _, _, _, a, b, coef = _inputs(_spec(shape=(90, n)), seed=4)
+    at, b_np, coef_np = fused_cpu._factors(a, b, coef)
+    magnitudes = fused_cpu.dense_delta(a, b, coef, 2).abs().flatten()
+    ordered = magnitudes.sort().values
+    lower, upper = ordered[len(ordered) // 3].numpy(), ordered[len(ordered) // 2].numpy()
+    chunk_rows, chunks, capacity = 8, 12, 4000
+    band = np.empty(chunks * capacity, np.float32)
+    above, inside = np.empty(chunks, np.int64), np.empty(chunks, np.int64)
+    mix = fused_cpu._mix_arrays(None)
+    offsets, room = np.arange(chunks) * capacity, np.full(chunks, capacity)
+    kernels.count_band(at, b_np, coef_np, 4, *mix, n, lower, upper, chunk_rows, offsets, room, band, above, inside)
+    expected = magnitudes[(magnitudes > float(lower)) & (magnitudes <= float(upper))]
+    assert above.sum() == (magnitudes > float(upper)).sum() and inside.sum() == len(expected)
+    gathered = np.concatenate([band[o : o + i] for o, i in zip(offsets, inside, strict=True)])
+    assert torch.equal(torch.from_numpy(np.sort(gathered)), expected.sort().values)
 
 
 def test_ties_at_tau_are_all_kept():

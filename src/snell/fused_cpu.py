@@ -179,8 +179,9 @@ def _kth_banded(
     mix_params, stats = _mix_arrays(mix)
     sample = kernels.sample(at, b, coef, width, mix_params, stats, *_sample_positions(m, n))
     sample.partition([i for i in (low, high) if 0 <= i < _SAMPLE_SIZE] or [0])
-    lower = float(sample[low]) if low >= 0 else -1.0  # |ΔW| >= 0 > -1: everything is above the lower bound
-    upper = float(sample[high]) if high < _SAMPLE_SIZE else math.inf
+    # float32, as the kernel compares them: |ΔW| >= 0 > -1, so everything is above a lower bound of -1
+    lower = sample[low] if low >= 0 else np.float32(-1.0)
+    upper = sample[high] if high < _SAMPLE_SIZE else np.float32(np.inf)
     chunk_rows = _chunk_rows(m)
     chunks = (m + chunk_rows - 1) // chunk_rows
     capacity = np.full(chunks, _band_capacity((high - low) / _SAMPLE_SIZE * chunk_rows * n), np.int64)
