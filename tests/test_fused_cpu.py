@@ -124,12 +124,19 @@ def test_learnable_coefficients_get_the_naive_gradient():
 
 # Every branch of _delta_tile: widths 4, 8 and 16 in registers, 12 by groups of four through memory, 6 by columns.
 RANKS = [8, 12, 16, 24, 32]
+# FactorGrads's reductions: every entry in the numba pass, every entry through BLAS, the survivors alone (s > 0)
+ROUTES = ["pass", "gemm", "survivors"]
 
 
-@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])
+def _force_route(monkeypatch, route):
+    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", 0 if route == "gemm" else 1 << 62)
+    monkeypatch.setattr(fused_cpu, "_SPARSE_KEPT_PER_COLUMN", 1.0 if route == "survivors" else 0.0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("rank", RANKS)
-def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(rank, gemm_from, monkeypatch):
-    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
+def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(rank, route, monkeypatch):
+    _force_route(monkeypatch, route)
     # The saved τ selects the forward's survivors only if the backward's ΔW is the forward's, bit for bit:
     # the merged weight the backward writes for dx must equal the forward's exactly, in float32 and bf16.
     spec = _spec(shape=(600, 300))
@@ -139,7 +146,7 @@ def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(rank, gemm_from
         base = weight.to(dtype)
         forward = fused_cpu.merge(a, b, coef, 2, tau, "reference", 0.9, base, dtype)
         backward = torch.empty_like(forward)
-        accumulator = fused_cpu.FactorGrads(a, b, coef, 2, False)
+        accumulator = fused_cpu.FactorGrads(a, b, coef, 2, False, sparsity=0.9)
         for start in range(0, 600, 77):
             grad = torch.randn(min(77, 600 - start), 300).to(dtype)
             accumulator.add_rows(tau, "reference", 0.9, start, grad, base, backward)
@@ -312,12 +319,12 @@ def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
         assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "torch"
 
 
-@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])  # through w_p and BLAS; in the pass
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("rank", [8, 16])
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_backward_over_several_row_blocks_and_groups(mode, rank, gemm_from, monkeypatch):
+def test_fused_backward_over_several_row_blocks_and_groups(mode, rank, route, monkeypatch):
     monkeypatch.setattr(snell.fused_cpu_path, "BLOCK_ENTRIES", 1 << 14)  # 54 rows: 6 blocks per group
-    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
+    _force_route(monkeypatch, route)
     spec = _spec(mode=mode, shape=(900, 300), groups=3)
     _check_against_naive(spec, _inputs(spec, r=rank))
 
@@ -354,10 +361,10 @@ def _factor_grads(choice, spec, inputs, grad):
     return leaves[3].grad.double(), leaves[4].grad.double()
 
 
-@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("rank", [16, 32])
-def test_wide_pieces_match_the_torch_path_within_both_paths_rounding_bounds(rank, gemm_from, monkeypatch):
-    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
+def test_wide_pieces_match_the_torch_path_within_both_paths_rounding_bounds(rank, route, monkeypatch):
+    _force_route(monkeypatch, route)
     # Both paths select the same survivors here (asserted), so each is within its rounding bound of the exact
     # float64 gradient and they are within the sum of the two bounds of each other. The fused path's is γ·M
     # (bounds.py). The torch path's distances come from d² = ‖a‖² + ‖b‖² − 2a·b (a GEMM of 2w + 2 terms, whose
@@ -403,11 +410,11 @@ def test_wide_pieces_match_the_torch_path_within_both_paths_rounding_bounds(rank
         assert ((mine - theirs).abs() <= bound + extra).all()
 
 
-@pytest.mark.parametrize("gemm_from", [0, fused_cpu._GEMM_MIN_NUMEL])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 @pytest.mark.parametrize("rank", [8, 16, 32])
-def test_equal_pieces_get_the_zero_subgradient(rank, sparsity, gemm_from, monkeypatch):
-    monkeypatch.setattr(fused_cpu, "_GEMM_MIN_NUMEL", gemm_from)
+def test_equal_pieces_get_the_zero_subgradient(rank, sparsity, route, monkeypatch):
+    _force_route(monkeypatch, route)
     # ‖a_p − b_p‖ has no derivative at a_p = b_p: the kernels take 0 there (never NaN or Inf). Expected: the
     # exact float64 gradients with that subgradient, dA_p[i] = Σ_j w_p[j,i]·(a_i − b_j) with w_p = α_p·g·S'/d_p
     # and 0 where d_p = 0, within the γ·M bound of the naive-formula tests.

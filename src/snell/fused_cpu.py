@@ -48,6 +48,10 @@ _SAMPLE_SIZE = 1 << 16
 _BAND_MIN_NUMEL = 1 << 17  # below this, the dense ΔW and torch.kthvalue select τ
 # From this many entries, pieces wider than 4 columns reduce the backward's weights with BLAS (FactorGrads).
 _GEMM_MIN_NUMEL = 1 << 22
+# The backward reduces the survivors alone (FactorGrads) where the kept fraction of ΔW is at most this times the
+# columns per piece: its cost follows the kept entries, the dense reduction's the width. Measured (one matrix's
+# backward, both ways, benchmarks/results/fused_cpu/results.md) even at kept 0.1 for width 8, 0.2 for width 16.
+_SPARSE_KEPT_PER_COLUMN = 1 / 64
 # numba's default (workqueue) threading layer aborts if two Python threads enter parallel code at once.
 _LOCK = threading.Lock()
 
@@ -267,21 +271,35 @@ class FactorGrads:
     """Accumulates one matrix's dA (over blocks of rows) and its dB and coefficient gradients (per block).
 
     dB_p = B_p·(w_p 1) − w_p A_p and dA_p = A_p·(w_pᵀ 1) − w_pᵀ B_p, with the per-piece weights w_p of the kernel
-    (:func:`fused_cpu_kernels.backward_rows`). By default the numba pass reduces them itself, each task into its own
-    (P, width + 1, n) column sums, at 2·width loads and stores per entry and piece. For wider pieces on matrices
-    from ``_GEMM_MIN_NUMEL`` entries it writes w_p instead (P × rows × n float32, a buffer reused across blocks)
-    and two batched BLAS GEMMs per block reduce them, a column of ones appended to A_p and to B_p giving the row
-    and column sums. Measured (benchmarks/results/fused_cpu/results.md): at 4096×4096 and r = 32 the GEMMs made
-    a layer's step 1.4× faster on a lightly loaded machine and tied under heavy load; on smaller matrices, and
-    at r = 8 everywhere, their extra memory traffic and thread hand-overs lost 5-30 %. The summation order of
-    dA and dB depends on the thread count (not ΔW's, τ's or the survivors').
+    (:func:`fused_cpu_kernels.backward_rows`), reduced one of three ways:
 
+    - survivors alone: w_p is 0 wherever S' = 0, off the survivors. Where few entries are kept for the width (kept
+      fraction <= width·``_SPARSE_KEPT_PER_COLUMN``: r = 16 and 32 at s = 0.9, r = 8 from s = 0.94) the numba pass
+      adds each survivor into its column's sums and its row's, so the reduction costs what the kept entries do,
+      whatever the width;
+    - every entry, in the numba pass: each task into its own (P, width + 1, n) column sums, at 2·width loads and
+      stores per entry and piece (s = 0, mixk, whose gradient w.r.t. D is not 0 off the survivors, and r = 8);
+    - through BLAS, for wider pieces on matrices from ``_GEMM_MIN_NUMEL`` entries where the survivors are not few:
+      the pass writes w_p (P × rows × n float32, a buffer reused across blocks) and two batched GEMMs per block
+      reduce them, a column of ones appended to A_p and to B_p giving the row and column sums. At 4096×4096 and
+      r = 32 they made a layer's step 1.4× faster than the dense pass; on smaller matrices, and at r = 8, their
+      extra memory traffic and thread hand-overs lost 5-30 % (benchmarks/results/fused_cpu/results.md).
+
+    The summation order of dA depends on the thread count (not ΔW's, τ's or the survivors'); dB's too through BLAS.
     mixk (``mix`` given, and the matrix's P + 3 coefficients): its softmax couples the rows of a column, so the
     rows come in one block, the whole matrix, and a first pass sums the softmax's backward over each column.
+    ``sparsity``: the matrix's s, which chooses the reduction.
     """
 
     def __init__(
-        self, a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, need_coef: bool, mix: Mix | None = None
+        self,
+        a: Tensor,
+        b: Tensor,
+        coefficients: Tensor,
+        num_pieces: int,
+        need_coef: bool,
+        mix: Mix | None = None,
+        sparsity: float = 0.0,
     ) -> None:
         self.at, b_np, coef = _factors(a, b, coefficients)
         self.coef, self.mix = coef[:num_pieces], mix
@@ -290,13 +308,18 @@ class FactorGrads:
         self.num_pieces, self.need_coef = num_pieces, need_coef
         rank, n = self.at.shape
         self.width = width = rank // num_pieces
-        self.here = width <= 4 or self.b.shape[0] * n < _GEMM_MIN_NUMEL
+        self.sparse = mix is None and sparsity > 0.0 and 1.0 - sparsity <= width * _SPARSE_KEPT_PER_COLUMN
+        self.here = not self.sparse and (width <= 4 or self.b.shape[0] * n < _GEMM_MIN_NUMEL)
         at = torch.from_numpy(self.at).reshape(num_pieces, width, n)
         b_pieces = self.b.T.reshape(num_pieces, width, -1)
         self.a_ones = torch.cat([at, torch.ones(num_pieces, 1, n)], 1).mT  # [A_p | 1]: (P, n, width + 1)
         self.b_ones = torch.cat([b_pieces, torch.ones(num_pieces, 1, len(self.b))], 1)  # [B_p | 1]ᵀ: (P, width + 1, m)
-        # Σ_j w_p·B_p[j] (rows < width) and Σ_j w_p, per task when the numba pass reduces
-        self.column_sums = torch.zeros(_threads() if self.here else 1, num_pieces, width + 1, n)
+        # Σ_j w_p·B_p[j] (rows < width) and Σ_j w_p: per task and by column (sparse, (n, P·(width + 1))) or by piece
+        # (P, width + 1, n) when the numba pass reduces, once for BLAS
+        tasks = _threads() if self.here or self.sparse else 1
+        self.column_sums = torch.zeros(0 if self.sparse else tasks, num_pieces, width + 1, n)
+        self.point_sums = torch.zeros(tasks, n if self.sparse else 0, num_pieces * (width + 1))
+        self.a_rows = np.ascontiguousarray(self.at.T if self.sparse else self.at[:, :0].T)  # A (n, r) for the survivors
         self.grad_b = torch.empty(self.b.shape, dtype=torch.float32)
         self.grad_coef = np.zeros(num_pieces, np.float64)
         self.buffer = torch.empty(0)  # w_p of the largest block so far; shorter blocks use its start
@@ -318,7 +341,7 @@ class FactorGrads:
         rows, n = grad.shape
         if self.mix is not None and (first_row, rows) != (0, len(self.b)):
             raise ValueError(f"mixk's backward takes the whole matrix's {len(self.b)} rows at once, got {first_row}..")
-        shape = (self.num_pieces, 0 if self.here else rows, self.at.shape[1])
+        shape = (self.num_pieces, 0 if self.here or self.sparse else rows, self.at.shape[1])
         if self.buffer.numel() < math.prod(shape):
             self.buffer = torch.empty(math.prod(shape))
         weights = self.buffer[: math.prod(shape)].view(shape)  # contiguous, as the kernel's loops want it
@@ -345,9 +368,10 @@ class FactorGrads:
                 self.at, self.b.numpy(), self.coef, self.width, mix_params, stats, mix_column, tau, mode_code,
                 first_row, grad_bits, np.uint32(grad_shift), base_bits, np.uint32(base_shift), base is not None,
                 merged_bits, merged is not None and merged.dtype == torch.bfloat16, merged is not None,
-                weights.numpy(), self.column_sums.numpy(), self.grad_b[block].numpy(), coef_rows, self.need_coef,
+                weights.numpy(), self.column_sums.numpy(), self.a_rows, self.point_sums.numpy(),
+                self.grad_b[block].numpy(), coef_rows, self.need_coef,
             )  # fmt: skip
-        if not self.here:
+        if not (self.here or self.sparse):
             products = torch.bmm(weights, self.a_ones)  # w_p A_p and, last, Σ_i w_p: (P, rows, width + 1)
             b_rows = self.b_ones[:, :-1, block].mT
             self.grad_b[block] = (b_rows * products[..., -1:] - products[..., :-1]).transpose(0, 1).reshape(rows, -1)
@@ -359,7 +383,11 @@ class FactorGrads:
 
     def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64; mixk's P + 3)."""
-        at, sums = torch.from_numpy(self.at), self.column_sums.sum(0)
+        at = torch.from_numpy(self.at)
+        if self.sparse:  # by column (n, P·(width + 1)) to by piece (P, width + 1, n)
+            sums = self.point_sums.sum(0).reshape(-1, self.num_pieces, self.width + 1).permute(1, 2, 0)
+        else:
+            sums = self.column_sums.sum(0)
         totals = sums[:, -1:].expand(-1, self.width, -1).reshape(at.shape)  # Σ_j w_p for each column of A_p
         grad_a = (at * totals - sums[:, :-1].reshape(at.shape)).T
         if not self.need_coef:

@@ -385,7 +385,7 @@ if numba is not None:
     @_jit(parallel=True)
     def backward_rows(
         at, b, coef, width, mix, stats, mix_column, tau, mode, j0, grad, grad_shift, base, base_shift, has_base,
-        merged, merged_bf16, need_merged, weights, column_sums, grad_b, coef_rows, need_coef,
+        merged, merged_bf16, need_merged, weights, column_sums, a_rows, point_sums, grad_b, coef_rows, need_coef,
     ):  # fmt: skip
         """For rows j0.. of ΔW (grad holds their rows of dW = gyᵀx): the merged weight for dx (if asked) and
         the per-piece weights w_p = α_p·g·S'/d_p (0 where d_p = 0, the zero subgradient; S' = dΔWˢ/dΔW).
@@ -395,12 +395,22 @@ if numba is not None:
         and row width), reduced over tasks by the caller. coef_rows[j, p] = Σ_i g·S'·d_p when the coefficients
         learn. mixk (``mix`` not empty): g becomes the gradient w.r.t. D first, g + α·(g·s − s·c_i)/γ with the
         softmax s and the column sums c from :func:`mix_column_grads` (mix_column), and coef_rows[j, P] gets
-        Σ_i α·(g·s − s·c_i)·D, from which the caller forms γ's gradient."""
+        Σ_i α·(g·s − s·c_i)·D, from which the caller forms γ's gradient.
+
+        With ``point_sums`` (tasks, n, P·(width + 1)) instead (and A's rows, a_rows (n, r)), only the survivors are
+        reduced: w_p is 0 wherever S' = 0, so at s = 0.9 nine entries in ten add nothing. Each task adds its
+        survivors' w_p·B_p[j] and w_p into point_sums[task, i], by column i, and each row's Σ w_p·A_p[i] and Σ w_p
+        are summed survivor by survivor (in column order, by one task: their order does not depend on the thread
+        count). The cost of the reduction is then that of the kept entries, not of all m·n, whatever the width.
+        The tile's w_p are formed in vectorised loops and its survivors' positions gathered without a branch (a
+        branch per entry, or a division per survivor, cost a fifth more at r = 8). Not for mixk, whose gradient
+        w.r.t. D is not 0 off the survivors."""
         rows, n = grad.shape
         pieces = coef.shape[0]
-        here = weights.shape[1] == 0
+        sparse = point_sums.shape[1] != 0
+        here = weights.shape[1] == 0 and not sparse
         has_mix = mix.shape[0] != 0
-        tasks = column_sums.shape[0]
+        tasks = point_sums.shape[0] if sparse else column_sums.shape[0]
         task_rows = (rows + tasks - 1) // tasks
         for task in prange(tasks):
             dist = np.empty((pieces, _TILE), np.float32)
@@ -415,10 +425,16 @@ if numba is not None:
             # width 16, and clearing them per row cost a quarter of the pass where BLAS does the reduction
             row_sums = np.empty((pieces, width + 1, _TILE if here else 0), np.float32)
             coef_sums = np.empty((pieces + 1, _TILE if need_coef or has_mix else 0), np.float64)
+            row_totals = np.empty((pieces, width + 1), np.float32)  # the sparse reduction's Σ w_p·A_p[i] and Σ w_p
+            coef_totals = np.empty(pieces, np.float64)
+            positions = np.empty(_TILE, np.int64)  # the tile's survivors, for the sparse reduction
+            piece_weights = np.empty((pieces, _TILE), np.float32)
             for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 j = j0 + row
                 b_row = b[j]
                 row_sums[:] = 0.0
+                row_totals[:] = 0.0
+                coef_totals[:] = 0.0
                 # Σ g·d_p (and mixk's Σ dz·D) by position in the tile, in float64: an add into one scalar per entry
                 # is a serial chain (no reassociation without fast-math) that cost more than the rest of the pass.
                 coef_sums[:] = 0.0
@@ -447,6 +463,32 @@ if numba is not None:
                             dz = (values[t] * soft[t] - soft[t] * sums[t]) * alpha
                             acc[t] += dz * plain[t]  # γ's gradient; unused when the coefficients are frozen
                             values[t] = dz / gamma + values[t]
+                    if sparse:
+                        kept = 0
+                        for t in range(length):  # the survivors' positions, without a branch
+                            positions[kept] = t
+                            kept += np.int32(values[t] != _ZERO)
+                        for p in range(pieces):
+                            cp = coef[p]
+                            dp = dist[p, :length]
+                            wp = piece_weights[p]
+                            for t in range(length):
+                                wp[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
+                        for k in range(kept):
+                            t = positions[k]
+                            a_i = a_rows[i0 + t]
+                            sums_i = point_sums[task, i0 + t]
+                            for p in range(pieces):
+                                if need_coef:
+                                    coef_totals[p] += values[t] * dist[p, t]
+                                weight_p = piece_weights[p, t]
+                                f, s0 = p * width, p * (width + 1)
+                                for c in range(width):
+                                    sums_i[s0 + c] += weight_p * b_row[f + c]
+                                    row_totals[p, c] += weight_p * a_i[f + c]
+                                sums_i[s0 + width] += weight_p
+                                row_totals[p, width] += weight_p
+                        continue
                     for p in range(pieces):
                         cp = coef[p]
                         dp = dist[p, :length]
@@ -475,6 +517,11 @@ if numba is not None:
                 if has_mix:
                     coef_rows[row, pieces] = _halving_sum(coef_sums[pieces])
                 for p in range(pieces):
+                    if sparse:
+                        coef_rows[row, p] = coef_totals[p]
+                        for c in range(width):
+                            grad_b[row, p * width + c] = b_row[p * width + c] * row_totals[p, width] - row_totals[p, c]
+                        continue
                     if need_coef:
                         coef_rows[row, p] = _halving_sum(coef_sums[p])
                     if here:

@@ -79,7 +79,7 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
             if need_w:
                 weight_grad.block(g, slice(0, rows_per_group))
     accumulators = [
-        fused_cpu.FactorGrads(a_g[g], b_g[g], coefs[g], spec.num_pieces, need_coef, mixes[g])
+        fused_cpu.FactorGrads(a_g[g], b_g[g], coefs[g], spec.num_pieces, need_coef, mixes[g], spec.sparsity_of(g))
         for g in range(groups if need_factors else 0)
     ]
     for g, rows in row_blocks(spec, BLOCK_ENTRIES) if need_factors else ():
