@@ -79,11 +79,11 @@ def _reference(model: nn.Module) -> nn.Module:
     return inject_reference_snell(model, r=8, sparsity=0.9)
 
 
-def build_snell(model: nn.Module, sparsity: float, dropout: float, library: ModuleType = snell) -> nn.Module:
-    """SNELL-8 on the adapted layers, built with ``library`` (the installed snell, or another version of it
+def build_snell(model: nn.Module, rank: int, sparsity: float, dropout: float, library: ModuleType = snell) -> nn.Module:
+    """SNELL-r on the adapted layers, built with ``library`` (the installed snell, or another version of it
     imported under its own names, as :mod:`benchmarks.ab_step` does)."""
     config = library.SnellConfig(
-        r=8,
+        r=rank,
         sparsity=sparsity,
         dropout=dropout,
         drop_path=dropout,
@@ -93,21 +93,22 @@ def build_snell(model: nn.Module, sparsity: float, dropout: float, library: Modu
     return library.get_snell_model(model, config)
 
 
-SNELL_SETTINGS: dict[str, tuple[float, float]] = {
-    "snell8_s0": (0.0, 0.0),
-    "snell8_s0.9": (0.9, 0.0),
-    "snell8_s0_dropout": (0.0, 0.1),
-    "snell8_s0.9_dropout": (0.9, 0.1),
+SNELL_SETTINGS: dict[str, tuple[int, float, float]] = {
+    "snell8_s0": (8, 0.0, 0.0),
+    "snell8_s0.9": (8, 0.9, 0.0),
+    "snell8_s0_dropout": (8, 0.0, 0.1),
+    "snell8_s0.9_dropout": (8, 0.9, 0.1),
+    "snell32_s0.9": (32, 0.9, 0.0),
 }
-"""(sparsity, dropout and drop-path rate) of each SNELL method."""
+"""(rank, sparsity, dropout and drop-path rate) of each SNELL method."""
 
 
-def _snell_label(sparsity: float, dropout: float) -> str:
-    return f"SNELL-8 s={sparsity:g}" + (f", dropout/drop-path {dropout:g}" if dropout else "")
+def _snell_label(rank: int, sparsity: float, dropout: float) -> str:
+    return f"SNELL-{rank} s={sparsity:g}" + (f", dropout/drop-path {dropout:g}" if dropout else "")
 
 
-def _snell(sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
-    return lambda model: build_snell(model, sparsity, dropout)
+def _snell(rank: int, sparsity: float, dropout: float) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: build_snell(model, rank, sparsity, dropout)
 
 
 SNELLA_TARGET = 0.8

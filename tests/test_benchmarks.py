@@ -110,6 +110,7 @@ def test_targets_compare_the_right_rows() -> None:
         row("reference_snell8", 10.0, 1200.0, 950.0),
         row("full", 5.0, 2000.0, 900.0),
         row("snella8", 5.52, 990.0, 900.0),
+        row("snell32_s0.9", 5.04, 1010.0, 900.0),
     ]
     infer = [{"variant": "snell merged", "ratio_to_base": 1.01}]
     threshold = [{"shape": "11008x4096", "method": "snell threshold (τ of |ΔW| from ΔW)", "ratio_to_gemm": 0.3}]
@@ -121,6 +122,7 @@ def test_targets_compare_the_right_rows() -> None:
     assert verdicts["inference: merged SNELL / base model"] == (1.01, "PASS")
     assert verdicts["threshold 11008x4096 / one dense GEMM with 2048 tokens"] == (0.3, "MISS")
     assert verdicts["step time: SNELLA-8 / SNELL-8 s=0.9"] == (1.15, "MISS")
+    assert verdicts["step time: SNELL-32 s=0.9 / SNELL-8 s=0.9"] == (1.05, "PASS")
     assert verdicts["peak memory: SNELLA-8 / SNELL-8 s=0.9"] == (0.99, "PASS")
     assert all(verdict != "n/a" for _, verdict in verdicts.values())
 
@@ -209,3 +211,14 @@ def test_llm_scale_projects_from_two_depths() -> None:
     total, arithmetic = project({"step_s": 5.0}, {"step_s": 3.0}, "step_s")
     # per layer 2, rest 1: 1 + 32 × 2
     assert total == 65.0 and "1.00 + 32 × 2.00 = 65.00" in arithmetic
+
+
+def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_projections() -> None:
+    from benchmarks.smollm2_step import worker
+
+    row = worker("snell8", batch=1, seq=8, warmup=0, steps=1)
+    # SmolLM2-135M: 30 layers of q/o (576×576), k/v (192×576), gate/up (1536×576) and down (576×1536); SNELL-8
+    # trains A (n×8) and B (m×8) of each, 8·(m + n) parameters
+    per_layer = 8 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
+    assert row["trainable_params"] == 30 * per_layer
+    assert row["step_s"] > 0 and len(row["step_times"]) == 1 and row["peak_mb"] >= 0

@@ -1,0 +1,120 @@
+"""Issue 25's real-model benchmark: one training step of SmolLM2-135M at batch 4 × 256 tokens on the CPU.
+
+SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576, MLP 1536, vocabulary 49152), the installed GGUF
+de-quantised to bf16 weights, no autocast, random tokens with every position in the loss. The methods of
+``benchmarks.llm_scale`` (peft LoRA-8/32 and SNELL-8/32 at s = 0.9 on all seven projections, full fine-tuning of
+every parameter in bf16), AdamW. Each method runs in fresh processes (``benchmarks.run.run_worker``): one under the
+suite's pinned allocator for the median step time, one under its 1 MiB mmap threshold for the peak RSS above the
+loaded model. The real model's matrices are 576×576, 192×576 (k/v), 1536×576 and 576×1536: where the fused CPU
+path applies is ``snell.dispatch._FUSED_FROM``'s decision, as in any user's run.
+
+    python -m benchmarks.smollm2_step --out benchmarks/results/llm_scale/smollm2.json
+    python -m benchmarks.smollm2_step --methods snell8 lora8 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from benchmarks.llm_memory import default_model, load
+from benchmarks.llm_scale import METHODS
+from benchmarks.memory import run_steps
+
+MB = 1024 * 1024
+VOCAB = 49152
+# (method, against, step limit, peak limit): issue 25's targets on this model
+TARGETS = (("snell8", "lora8", 1.15, 0.85), ("snell32", "lora32", 1.2, 0.85))
+
+
+def worker(method: str, batch: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+    """Median step time and peak RSS above the loaded model of one method."""
+    torch.manual_seed(0)
+    model = METHODS[method](load(default_model())).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    tokens = torch.randint(VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+
+    run = run_steps(step, warmup, steps)
+    return {
+        "method": method,
+        "batch": batch,
+        "seq": seq,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "step_times": run.times,
+        "step_s": statistics.median(run.times),
+        "peak_mb": run.peak / MB,
+        "loaded_mb": run.loaded / MB,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def drive(methods: Sequence[str], batch: int, seq: int, warmup: int, steps: int, timeout: float) -> list[dict]:
+    """Every method in fresh processes; prints each row, then the targets with their verdicts."""
+    from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker
+
+    print(f"SmolLM2-135M, batch {batch} × {seq}, bf16, load average {os.getloadavg()[0]:.2f} at start")
+    rows = {}
+    for method in methods:
+        args = ["--worker", "--method", method, "--batch", str(batch), "--seq", str(seq)]
+        timed, status = run_worker(
+            "benchmarks.smollm2_step", [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV
+        )
+        memory, memory_status = run_worker(
+            "benchmarks.smollm2_step", [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV
+        )
+        if timed is None or memory is None:
+            print(f"{method}: {status}, memory worker {memory_status}")
+            continue
+        rows[method] = {**timed, "peak_mb": memory["peak_mb"]}
+        times = ", ".join(f"{t:.2f}" for t in timed["step_times"])
+        peak = memory["peak_mb"]
+        print(f"{method:>8}: step {timed['step_s']:.2f} s ({times}), peak above the loaded model {peak:.0f} MB")
+    for method, other, step_limit, peak_limit in TARGETS:
+        if method in rows and other in rows:
+            step = rows[method]["step_s"] / rows[other]["step_s"]
+            peak = rows[method]["peak_mb"] / rows[other]["peak_mb"]
+            verdict = {True: "PASS", False: "MISS"}
+            step_ok, peak_ok = verdict[step <= step_limit], verdict[peak <= peak_limit]
+            print(
+                f"{method} / {other}: step {step:.3f} (target <= {step_limit}: {step_ok}), "
+                f"peak {peak:.3f} (target <= {peak_limit}: {peak_ok})"
+            )
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    return list(rows.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--worker", action="store_true", help="run one method in this process (JSON on stdout)")
+    parser.add_argument("--method", choices=list(METHODS))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.method, args.batch, args.seq, args.warmup, args.steps)))
+        return
+    rows = drive(args.methods, args.batch, args.seq, args.warmup, args.steps, args.timeout)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
