@@ -284,16 +284,18 @@ def test_bf16_layer_on_the_fused_path_saves_nothing_m_by_n():
 
 def test_kernel_path_dispatch(monkeypatch):
     cpu = torch.device("cpu")
-    big, vit, small = _spec(shape=(4096, 4096)), _spec(shape=(768, 768)), _spec(shape=(384, 384))
+    big, vit, small = _spec(shape=(4096, 4096)), _spec(shape=(768, 768)), _spec(shape=(192, 576))
     assert kernel_path(big, cpu, 8, torch.float32, torch.bfloat16) == "fused_cpu"  # LLaMA-2-7B's projections
     assert kernel_path(vit, cpu, 8, torch.float32) == "fused_cpu"  # ViT-B's smallest matrix, measured faster
     assert kernel_path(_spec(shape=(2304, 768), groups=3), cpu, 8, torch.float32) == "fused_cpu"  # ViT-B's q/k/v
     assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
-    assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: measured faster at 2^24
+    assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: measured faster from 2^19
     assert kernel_path(big, cpu, 64, torch.float32) == "torch"  # wider: not measured
-    assert kernel_path(vit, cpu, 16, torch.float32) == "fused_cpu"  # 8 columns a piece: measured faster from 2^19
-    assert kernel_path(vit, cpu, 32, torch.float32) == "torch"  # 16 columns a piece: a wash at ViT sizes
-    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # ViT-S sizes: not measured
+    assert kernel_path(vit, cpu, 16, torch.float32) == "fused_cpu"  # 8 columns a piece: faster from 2^18
+    assert kernel_path(vit, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: a tie here, faster above
+    assert kernel_path(_spec(shape=(576, 576)), cpu, 8, torch.bfloat16) == "fused_cpu"  # SmolLM2's q/o: 1.16x
+    assert kernel_path(_spec(shape=(576, 576)), cpu, 32, torch.bfloat16) == "torch"  # 0.98x at 16 columns a piece
+    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # SmolLM2's k/v: only 1.05x
     assert kernel_path(big, cpu, 8, torch.float64) == "torch"
     assert kernel_path(big, cpu, 8, torch.float16) == "torch"
     assert kernel_path(big, torch.device("meta"), 8, torch.float32) == "torch"

@@ -20,13 +20,12 @@ CHOICES = ("auto", "torch", "fused", "triton")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Where the fused CPU path is the default: (fewest entries per matrix, widest piece r / P) rows, any of which
 # may match. Only where it was measured faster than the torch path (benchmarks/results/fused_cpu/results.md,
-# fwd + bwd of one layer, paired in one process). r = 8 (width 4): faster at every shape measured from ViT-B's
-# 768×768 (1.03×) through LLaMA's (bf16, 1024 tokens: 1.72× at 4096×4096). r = 16 (width 8), since its distances
-# are summed in registers: 1.01-1.14× from 768×768 and SmolLM2's 1536×576 up, 1.5-1.7× at LLaMA's sizes; not at
-# 576×576 (0.93×). r = 32 (width 16): a wash below 2^24 entries (0.97-1.04× at ViT and SmolLM2 sizes, 0.77× at
-# 576×576), faster from LLaMA-7B's 4096×4096 on (1.29× bf16, 1.05× fp32 at 1576 tokens; 1.41× at 11008×4096).
-# Smaller matrices were not measured faster.
-_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 19, 8), (1 << 24, 16))
+# fwd + bwd of one layer, paired in one process; the last sweep after the count pass's vectorised band and the
+# backward's survivors-only reduction). r = 8 and 16 (widths 4 and 8): 1.07-1.46× from SmolLM2's 576×576 (0.32 Mi
+# entries) through ViT-B's and SmolLM2's other matrices, 1.8-2.2× at LLaMA's (bf16, 1024 tokens); ViT-B's 768×768
+# at r = 16 a wash (0.98×); SmolLM2's 192×576 (0.11 Mi) only 1.05×. r = 32 (width 16): 1.13-1.25× from 0.84 Mi
+# (SmolLM2's MLP, ViT-B's) up, 1.65× at LLaMA's, a tie at 768×768 and 1024×1024, 0.97× below.
+_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 18, 8), (1 << 19, 16))
 
 
 # The Triton kernels are not the default on CUDA until a GPU has measured them faster than the torch path:
