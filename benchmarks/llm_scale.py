@@ -64,38 +64,38 @@ METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def worker(method: str, layers: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
-    """Median step time, peak RSS above the loaded model and bytes saved for backward of one method."""
-    torch.manual_seed(0)
-    model = METHODS[method](llama.build(layers)).train()  # built in bf16: no float32 copy passes through RSS
+def timed_training(model: nn.Module, tokens: torch.Tensor, warmup: int, steps: int) -> dict[str, Any]:
+    """AdamW steps of a causal LM on ``tokens`` (their own labels) inside :func:`run_steps`'s window: the median
+    step, the peak RSS above the loaded model and the trainable parameter count, as a worker's row reports them."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    tokens = torch.randint(32000, (1, seq))
-
-    def loss() -> torch.Tensor:
-        return model(input_ids=tokens, labels=tokens).loss
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss().backward()
+        model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()
 
     run = run_steps(step, warmup, steps)
-    with SavedTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
-        value = loss()
-    value.backward()
     return {
-        "method": method,
-        "layers": layers,
-        "seq": seq,
         "trainable_params": sum(p.numel() for p in trainable),
         "step_times": run.times,
         "step_s": statistics.median(run.times),
         "peak_mb": run.peak / MB,
-        "saved_mb": counter.nbytes / MB,
         "loaded_mb": run.loaded / MB,
         "threads": torch.get_num_threads(),
     }
+
+
+def worker(method: str, layers: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+    """Median step time, peak RSS above the loaded model and bytes saved for backward of one method."""
+    torch.manual_seed(0)
+    model = METHODS[method](llama.build(layers)).train()  # built in bf16: no float32 copy passes through RSS
+    tokens = torch.randint(32000, (1, seq))
+    row = {"method": method, "layers": layers, "seq": seq, **timed_training(model, tokens, warmup, steps)}
+    with SavedTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        value = model(input_ids=tokens, labels=tokens).loss
+    value.backward()
+    return {**row, "saved_mb": counter.nbytes / MB}
 
 
 def project(two: dict[str, Any], one: dict[str, Any], column: str) -> tuple[float, str]:
@@ -110,29 +110,32 @@ def project(two: dict[str, Any], one: dict[str, Any], column: str) -> tuple[floa
     return total, text
 
 
-def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float) -> list[dict[str, Any]]:
-    """Every method at 2 and 1 layers, each in a fresh process; prints the table and the projections."""
+def measure(module: str, args: list[str], warmup: int, steps: int, timeout: float) -> tuple[dict | None, str]:
+    """One worker of ``module`` timed under the suite's pinned allocator and one for memory under its 1 MiB mmap
+    threshold (freed blocks go back to the OS, so the peak follows live memory), each in its own process: the timed
+    row with the memory worker's peak (and saved bytes, if it counts them), or None and why."""
     from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker
 
+    timed, status = run_worker(module, [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV)
+    memory, memory_status = run_worker(module, [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV)
+    if timed is None or memory is None:
+        return None, f"{status}, memory worker {memory_status}"
+    return {**timed, **{key: memory[key] for key in ("peak_mb", "saved_mb") if key in memory}}, "ok"
+
+
+def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float) -> list[dict[str, Any]]:
+    """Every method at 2 and 1 layers, each in a fresh process; prints the table and the projections."""
     print(f"seq {seq}, batch 1, bf16, load average {os.getloadavg()[0]:.2f} at start")
     rows = []
     for method in methods:
         runs = {}
         for layers in (2, 1):
             args = ["--worker", "--method", method, "--layers", str(layers), "--seq", str(seq)]
-            # Time under the pinned allocator, memory under the 1 MiB mmap threshold (freed blocks go back to
-            # the OS, so the peak follows live memory), each in its own process, as the suite does.
-            result, status = run_worker(
-                "benchmarks.llm_scale", [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV
-            )
-            memory, memory_status = run_worker(
-                "benchmarks.llm_scale", [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV
-            )
-            if result is None or memory is None:
-                print(f"{method} at {layers} layers: {status}, memory worker {memory_status}")
+            result, status = measure("benchmarks.llm_scale", args, warmup, steps, timeout)
+            if result is None:
+                print(f"{method} at {layers} layers: {status}")
                 break
-            runs[layers] = {**result, "peak_mb": memory["peak_mb"], "saved_mb": memory["saved_mb"]}
-            result = runs[layers]
+            runs[layers] = result
             print(
                 f"{method:>8} {layers} layers: step {result['step_s']:.2f} s (steps {result['step_times']}), "
                 f"peak above the loaded model {result['peak_mb']:.0f} MB, saved for backward "
@@ -157,25 +160,34 @@ def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: fl
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def method_parser(doc: str, seq: int) -> argparse.ArgumentParser:
+    """The options every LLM step benchmark here shares: which methods, the sequence, the steps, and the worker mode."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--worker", action="store_true", help="run one method in this process (JSON on stdout)")
     parser.add_argument("--method", choices=list(METHODS))
+    return parser
+
+
+def write_rows(rows: list[dict[str, Any]], out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def main() -> None:
+    parser = method_parser(__doc__, seq=512)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.method, args.layers, args.seq, args.warmup, args.steps)))
         return
-    rows = drive(args.methods, args.seq, args.warmup, args.steps, args.timeout)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(drive(args.methods, args.seq, args.warmup, args.steps, args.timeout), args.out)
 
 
 if __name__ == "__main__":

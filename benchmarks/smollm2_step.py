@@ -14,20 +14,16 @@ path applies is ``snell.dispatch._FUSED_FROM``'s decision, as in any user's run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from benchmarks.llm_memory import default_model, load
-from benchmarks.llm_scale import METHODS
-from benchmarks.memory import run_steps
+from benchmarks.llm_scale import METHODS, measure, method_parser, timed_training, write_rows
 
-MB = 1024 * 1024
 VOCAB = 49152
 # (method, against, step limit, peak limit): issue 25's targets on this model
 TARGETS = (("snell8", "lora8", 1.15, 0.85), ("snell32", "lora32", 1.2, 0.85))
@@ -37,50 +33,23 @@ def worker(method: str, batch: int, seq: int, warmup: int, steps: int) -> dict[s
     """Median step time and peak RSS above the loaded model of one method."""
     torch.manual_seed(0)
     model = METHODS[method](load(default_model())).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     tokens = torch.randint(VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer.step()
-
-    run = run_steps(step, warmup, steps)
-    return {
-        "method": method,
-        "batch": batch,
-        "seq": seq,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "step_times": run.times,
-        "step_s": statistics.median(run.times),
-        "peak_mb": run.peak / MB,
-        "loaded_mb": run.loaded / MB,
-        "threads": torch.get_num_threads(),
-    }
+    return {"method": method, "batch": batch, "seq": seq, **timed_training(model, tokens, warmup, steps)}
 
 
 def drive(methods: Sequence[str], batch: int, seq: int, warmup: int, steps: int, timeout: float) -> list[dict]:
     """Every method in fresh processes; prints each row, then the targets with their verdicts."""
-    from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker
-
     print(f"SmolLM2-135M, batch {batch} × {seq}, bf16, load average {os.getloadavg()[0]:.2f} at start")
     rows = {}
     for method in methods:
         args = ["--worker", "--method", method, "--batch", str(batch), "--seq", str(seq)]
-        timed, status = run_worker(
-            "benchmarks.smollm2_step", [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV
-        )
-        memory, memory_status = run_worker(
-            "benchmarks.smollm2_step", [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV
-        )
-        if timed is None or memory is None:
-            print(f"{method}: {status}, memory worker {memory_status}")
+        row, status = measure("benchmarks.smollm2_step", args, warmup, steps, timeout)
+        if row is None:
+            print(f"{method}: {status}")
             continue
-        rows[method] = {**timed, "peak_mb": memory["peak_mb"]}
-        times = ", ".join(f"{t:.2f}" for t in timed["step_times"])
-        peak = memory["peak_mb"]
-        print(f"{method:>8}: step {timed['step_s']:.2f} s ({times}), peak above the loaded model {peak:.0f} MB")
+        rows[method] = row
+        times = ", ".join(f"{t:.2f}" for t in row["step_times"])
+        print(f"{method:>8}: step {row['step_s']:.2f} s ({times}), peak above the loaded model {row['peak_mb']:.0f} MB")
     for method, other, step_limit, peak_limit in TARGETS:
         if method in rows and other in rows:
             step = rows[method]["step_s"] / rows[other]["step_s"]
@@ -96,24 +65,13 @@ def drive(methods: Sequence[str], batch: int, seq: int, warmup: int, steps: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser = method_parser(__doc__, seq=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--out", help="write the rows as JSON here")
-    parser.add_argument("--worker", action="store_true", help="run one method in this process (JSON on stdout)")
-    parser.add_argument("--method", choices=list(METHODS))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.method, args.batch, args.seq, args.warmup, args.steps)))
         return
-    rows = drive(args.methods, args.batch, args.seq, args.warmup, args.steps, args.timeout)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(drive(args.methods, args.batch, args.seq, args.warmup, args.steps, args.timeout), args.out)
 
 
 if __name__ == "__main__":
