@@ -417,7 +417,6 @@ if numba is not None:
             delta = np.empty(_TILE, np.float32)
             bits = np.empty(_TILE, np.uint32)
             values = bits.view(np.float32)
-            scratch = np.empty(_TILE, np.float32)
             plain = np.empty(_TILE, np.float32)
             soft = np.empty(_TILE, np.float32)
             exp_bits = np.empty(_TILE, np.uint32)
@@ -426,15 +425,13 @@ if numba is not None:
             row_sums = np.empty((pieces, width + 1, _TILE if here else 0), np.float32)
             coef_sums = np.empty((pieces + 1, _TILE if need_coef or has_mix else 0), np.float64)
             row_totals = np.empty((pieces, width + 1), np.float32)  # the sparse reduction's Σ w_p·A_p[i] and Σ w_p
-            coef_totals = np.empty(pieces, np.float64)
             positions = np.empty(_TILE, np.int64)  # the tile's survivors, for the sparse reduction
-            piece_weights = np.empty((pieces, _TILE), np.float32)
+            piece_weights = np.empty((pieces, _TILE), np.float32)  # the tile's w_p, unless BLAS reduces them
             for row in range(task * task_rows, min((task + 1) * task_rows, rows)):
                 j = j0 + row
                 b_row = b[j]
                 row_sums[:] = 0.0
                 row_totals[:] = 0.0
-                coef_totals[:] = 0.0
                 # Σ g·d_p (and mixk's Σ dz·D) by position in the tile, in float64: an add into one scalar per entry
                 # is a serial chain (no reassociation without fast-math) that cost more than the rest of the pass.
                 coef_sums[:] = 0.0
@@ -463,32 +460,6 @@ if numba is not None:
                             dz = (values[t] * soft[t] - soft[t] * sums[t]) * alpha
                             acc[t] += dz * plain[t]  # γ's gradient; unused when the coefficients are frozen
                             values[t] = dz / gamma + values[t]
-                    if sparse:
-                        kept = 0
-                        for t in range(length):  # the survivors' positions, without a branch
-                            positions[kept] = t
-                            kept += np.int32(values[t] != _ZERO)
-                        for p in range(pieces):
-                            cp = coef[p]
-                            dp = dist[p, :length]
-                            wp = piece_weights[p]
-                            for t in range(length):
-                                wp[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
-                        for k in range(kept):
-                            t = positions[k]
-                            a_i = a_rows[i0 + t]
-                            sums_i = point_sums[task, i0 + t]
-                            for p in range(pieces):
-                                if need_coef:
-                                    coef_totals[p] += values[t] * dist[p, t]
-                                weight_p = piece_weights[p, t]
-                                f, s0 = p * width, p * (width + 1)
-                                for c in range(width):
-                                    sums_i[s0 + c] += weight_p * b_row[f + c]
-                                    row_totals[p, c] += weight_p * a_i[f + c]
-                                sums_i[s0 + width] += weight_p
-                                row_totals[p, width] += weight_p
-                        continue
                     for p in range(pieces):
                         cp = coef[p]
                         dp = dist[p, :length]
@@ -496,7 +467,8 @@ if numba is not None:
                             acc = coef_sums[p]
                             for t in range(length):
                                 acc[t] += values[t] * dp[t]
-                        weight = scratch if here else weights[p, row, i0 : i0 + length]
+                        blas = not (here or sparse)  # w_p go to the weights buffer; else kept for this tile
+                        weight = weights[p, row, i0 : i0 + length] if blas else piece_weights[p]
                         for t in range(length):
                             weight[t] = cp * values[t] / dp[t] if dp[t] != _ZERO else _ZERO
                         if not here:
@@ -514,17 +486,32 @@ if numba is not None:
                             for t in range(length):
                                 column[t] += weight[t] * bc
                                 own[t] += weight[t] * ac[t]
+                    if sparse:
+                        kept = 0
+                        for t in range(length):  # the survivors' positions, without a branch
+                            positions[kept] = t
+                            kept += np.int32(values[t] != _ZERO)
+                        for k in range(kept):
+                            t = positions[k]
+                            a_i = a_rows[i0 + t]
+                            sums_i = point_sums[task, i0 + t]
+                            for p in range(pieces):
+                                weight_p = piece_weights[p, t]
+                                f, s0 = p * width, p * (width + 1)
+                                for c in range(width):
+                                    sums_i[s0 + c] += weight_p * b_row[f + c]
+                                    row_totals[p, c] += weight_p * a_i[f + c]
+                                sums_i[s0 + width] += weight_p
+                                row_totals[p, width] += weight_p
                 if has_mix:
                     coef_rows[row, pieces] = _halving_sum(coef_sums[pieces])
                 for p in range(pieces):
-                    if sparse:
-                        coef_rows[row, p] = coef_totals[p]
-                        for c in range(width):
-                            grad_b[row, p * width + c] = b_row[p * width + c] * row_totals[p, width] - row_totals[p, c]
-                        continue
                     if need_coef:
                         coef_rows[row, p] = _halving_sum(coef_sums[p])
-                    if here:
+                    if sparse:
+                        for c in range(width):
+                            grad_b[row, p * width + c] = b_row[p * width + c] * row_totals[p, width] - row_totals[p, c]
+                    elif here:
                         total = _halving_sum(row_sums[p, width])
                         for c in range(width):
                             grad_b[row, p * width + c] = b_row[p * width + c] * total - _halving_sum(row_sums[p, c])
