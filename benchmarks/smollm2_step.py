@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.llm_memory import default_model, load
 from benchmarks.llm_scale import METHODS, measure, method_parser, timed_training, write_rows
+from benchmarks.report import Target
 
 VOCAB = 49152
 # (method, against, step limit, peak limit): issue 25's targets on this model
@@ -52,13 +53,13 @@ def drive(methods: Sequence[str], batch: int, seq: int, warmup: int, steps: int,
         print(f"{method:>8}: step {row['step_s']:.2f} s ({times}), peak above the loaded model {row['peak_mb']:.0f} MB")
     for method, other, step_limit, peak_limit in TARGETS:
         if method in rows and other in rows:
-            step = rows[method]["step_s"] / rows[other]["step_s"]
-            peak = rows[method]["peak_mb"] / rows[other]["peak_mb"]
-            verdict = {True: "PASS", False: "MISS"}
-            step_ok, peak_ok = verdict[step <= step_limit], verdict[peak <= peak_limit]
+            step, peak = (
+                Target(f"{column}: {method} / {other}", rows[method][column] / rows[other][column], limit)
+                for column, limit in (("step_s", step_limit), ("peak_mb", peak_limit))
+            )
             print(
-                f"{method} / {other}: step {step:.3f} (target <= {step_limit}: {step_ok}), "
-                f"peak {peak:.3f} (target <= {peak_limit}: {peak_ok})"
+                f"{method} / {other}: step {step.value:.3f} (target <= {step.limit}: {step.verdict}), "
+                f"peak {peak.value:.3f} (target <= {peak.limit}: {peak.verdict})"
             )
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     return list(rows.values())
