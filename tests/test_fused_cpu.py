@@ -218,6 +218,16 @@ def test_count_band_counts_and_gathers_exactly_the_entries_of_the_dense_delta(n)
     assert torch.equal(torch.from_numpy(np.sort(gathered)), expected.sort().values)
 
 
+@pytest.mark.parametrize("n", [5, 16, 404, 1024, 3072])
+def test_factors_lay_a_transposed_over_an_odd_number_of_cache_lines_per_row(n):
+    # At a stride of a multiple of 4 KiB every row of Aᵀ fell into one L1 set (the r = 32 rebuild ran 1.4× slower).
+    a = torch.randn(n, 8)
+    at, _, _ = fused_cpu._factors(a, torch.randn(3, 8), torch.ones(2))
+    lines, rest = divmod(at.shape[1] * at.itemsize, 64)
+    assert rest == 0 and lines % 2 == 1 and n <= at.shape[1] < n + 32
+    assert at.flags.c_contiguous and np.array_equal(at[:, :n], a.T.numpy())
+
+
 def test_ties_at_tau_are_all_kept():
     # Rows of B repeated: every |ΔW| value appears 50 times, so τ sits inside a block of ties.
     _, _, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=2)

@@ -96,9 +96,21 @@ def _bits(t: Tensor) -> tuple[np.ndarray, int]:
     return t.view(torch.int32).numpy().view(np.uint32), 0
 
 
+def _padded_stride(n: int) -> int:
+    """Aᵀ's row stride in floats: an odd number of 64-byte lines. A tile reads the r rows of Aᵀ at the same column
+    offset, and at a stride of a multiple of 4 KiB (n a multiple of 1024: LLaMA's 4096, ViT's 3072) all of them
+    fall into one set of the 12-way L1 cache: a piece's 16 rows at r = 32 evicted each other, and rebuilding ΔW
+    took 1.4× as long (63 against 44 ms at 11008×4096, benchmarks/results/fused_cpu/results.md). At an odd number
+    of lines, consecutive rows fall into different sets."""
+    return 16 * (-(-n // 16) | 1)
+
+
 def _factors(a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Aᵀ (r, n), B (m, r) and the coefficients as contiguous float32 numpy arrays."""
-    at = a.detach().to(torch.float32).T.contiguous().numpy()
+    """Aᵀ (r, :func:`_padded_stride` (n); its first n columns are Aᵀ), B (m, r) and the coefficients as contiguous
+    float32 numpy arrays. The kernels take n from B's partner arrays, never from Aᵀ's shape."""
+    n, r = a.shape
+    at = np.zeros((r, _padded_stride(n)), np.float32)
+    at[:, :n] = a.detach().to(torch.float32).T.numpy()
     return at, b.detach().to(torch.float32).contiguous().numpy(), coefficients.detach().to(torch.float32).numpy()
 
 
@@ -126,7 +138,7 @@ def mix_stats(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int) -> Mi
     """mixk's column statistics for one matrix (coefficients: its P + 3), computed so that they do not depend on
     the thread count: every pass that is given them rebuilds the same ΔW, bit for bit."""
     at, b_np, coef = _factors(a, b, coefficients)
-    stats = np.empty((2, at.shape[1]), np.float32)
+    stats = np.empty((2, a.shape[0]), np.float32)
     with _LOCK:
         numba.set_num_threads(_threads())
         kernels.mix_column_stats(
@@ -144,7 +156,7 @@ def _chunk_rows(m: int) -> int:
 def dense_delta(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, mix: Mix | None = None) -> Tensor:
     """ΔW (m, n) float32 exactly as every fused pass computes it (mixk: give its :class:`Mix`)."""
     at, b_np, coef = _factors(a, b, coefficients)
-    out = np.empty((b_np.shape[0], at.shape[1]), np.float32)
+    out = np.empty((b_np.shape[0], a.shape[0]), np.float32)
     with _LOCK:
         numba.set_num_threads(_threads())
         kernels.dense(at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, *_mix_arrays(mix), out)
@@ -172,11 +184,11 @@ def _band_capacity(expected: float) -> int:
 
 
 def _kth_banded(
-    at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, mix: Mix | None, k: int
+    at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, mix: Mix | None, n: int, k: int
 ) -> tuple[float, int] | None:
-    """(k-th largest |ΔW|, entries in the band) from a sample bracket and one count-and-band pass, or None
-    when the answer lies outside the bracket."""
-    m, n = b.shape[0], at.shape[1]
+    """(k-th largest |ΔW|, entries in the band) of the (b.shape[0], n) ΔW from a sample bracket and one
+    count-and-band pass, or None when the answer lies outside the bracket."""
+    m = b.shape[0]
     q = 1.0 - k / (m * n)
     margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
     low, high = math.floor((q - margin) * _SAMPLE_SIZE), math.ceil((q + margin) * _SAMPLE_SIZE)
@@ -225,7 +237,7 @@ def select_tau(
     at, b_np, coef = _factors(a, b, coefficients)
     with _LOCK:
         numba.set_num_threads(_threads())
-        found = _kth_banded(at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, mix, k)
+        found = _kth_banded(at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, mix, n, k)
     if found is None:  # the sample missed (rare): select on the dense ΔW, m×n float32 for this once
         return _kth_from_dense(a, b, coefficients, num_pieces, k, mix), 0
     return found
@@ -253,7 +265,7 @@ def merge(
     """W0 + ΔWˢ (or ΔWˢ alone when base is None) as an (m, n) matrix of ``dtype`` (float32 or bfloat16),
     written into ``out`` if given. ``base`` is the (m, n) W0 in float32 or bfloat16, row-contiguous."""
     at, b_np, coef = _factors(a, b, coefficients)
-    m, n = b_np.shape[0], at.shape[1]
+    m, n = b_np.shape[0], a.shape[0]
     out = torch.empty((m, n), dtype=dtype) if out is None else out
     out_bits, _ = _bits(out)
     base_bits, base_shift = _bits(base) if base is not None else (out_bits[:0], 0)
@@ -306,11 +318,12 @@ class FactorGrads:
         self.mix_grads = np.zeros(3, np.float64)  # Σ over columns of the softmax sums (α), Σ dz·D (γ), Σ gΔ (β)
         self.b = torch.from_numpy(b_np)
         self.num_pieces, self.need_coef = num_pieces, need_coef
-        rank, n = self.at.shape
+        n, rank = a.shape
+        self.n = n
         self.width = width = rank // num_pieces
         self.sparse = mix is None and sparsity > 0.0 and 1.0 - sparsity <= width * _SPARSE_KEPT_PER_COLUMN
         self.here = not self.sparse and (width <= 4 or self.b.shape[0] * n < _GEMM_MIN_NUMEL)
-        at = torch.from_numpy(self.at).reshape(num_pieces, width, n)
+        at = torch.from_numpy(self.at[:, :n]).reshape(num_pieces, width, n)
         b_pieces = self.b.T.reshape(num_pieces, width, -1)
         self.a_ones = torch.cat([at, torch.ones(num_pieces, 1, n)], 1).mT  # [A_p | 1]: (P, n, width + 1)
         self.b_ones = torch.cat([b_pieces, torch.ones(num_pieces, 1, len(self.b))], 1)  # [B_p | 1]ᵀ: (P, width + 1, m)
@@ -319,7 +332,7 @@ class FactorGrads:
         tasks = _threads() if self.here or self.sparse else 1
         self.column_sums = torch.zeros(0 if self.sparse else tasks, num_pieces, width + 1, n)
         self.point_sums = torch.zeros(tasks, n if self.sparse else 0, num_pieces * (width + 1))
-        self.a_rows = np.ascontiguousarray(self.at.T if self.sparse else self.at[:, :0].T)  # A (n, r) for the survivors
+        self.a_rows = np.ascontiguousarray(self.at[:, : n if self.sparse else 0].T)  # A (n, r) for the survivors
         self.grad_b = torch.empty(self.b.shape, dtype=torch.float32)
         self.grad_coef = np.zeros(num_pieces, np.float64)
         self.buffer = torch.empty(0)  # w_p of the largest block so far; shorter blocks use its start
@@ -341,7 +354,7 @@ class FactorGrads:
         rows, n = grad.shape
         if self.mix is not None and (first_row, rows) != (0, len(self.b)):
             raise ValueError(f"mixk's backward takes the whole matrix's {len(self.b)} rows at once, got {first_row}..")
-        shape = (self.num_pieces, 0 if self.here or self.sparse else rows, self.at.shape[1])
+        shape = (self.num_pieces, 0 if self.here or self.sparse else rows, n)
         if self.buffer.numel() < math.prod(shape):
             self.buffer = torch.empty(math.prod(shape))
         weights = self.buffer[: math.prod(shape)].view(shape)  # contiguous, as the kernel's loops want it
@@ -383,7 +396,7 @@ class FactorGrads:
 
     def result(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """(dA (n, r), dB (m, r), dcoefficients or None), float32 (the coefficients' in float64; mixk's P + 3)."""
-        at = torch.from_numpy(self.at)
+        at = torch.from_numpy(self.at[:, : self.n])
         if self.sparse:  # by column (n, P·(width + 1)) to by piece (P, width + 1, n)
             sums = self.point_sums.sum(0).reshape(-1, self.num_pieces, self.width + 1).permute(1, 2, 0)
         else:

@@ -185,7 +185,7 @@ if numba is not None:
         """mixk: each column's max M of D/γ and its sum S of exp(D/γ − M), over all rows, into stats (2, n). Parallel
         over blocks of ``chunk`` columns, each going down its rows in order, so the values (and every ΔW built
         from them) do not depend on the thread count. A block's D/γ is kept (m × chunk), not computed twice."""
-        m, n = b.shape[0], at.shape[1]
+        m, n = b.shape[0], stats.shape[1]
         for c in prange((n + chunk - 1) // chunk):
             i0 = c * chunk
             length = min(chunk, n - i0)
