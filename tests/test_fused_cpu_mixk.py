@@ -189,3 +189,18 @@ def test_mixk_and_per_group_sparsities_run_fused_on_the_cpu_and_on_the_torch_pat
         assert kernel_path(uneven, torch.device("cpu"), 8, torch.float32) == "fused_cpu"
     with snell_kernels("triton"):
         assert kernel_path(uneven, torch.device("cpu"), 8, torch.float32) == "torch"
+
+
+def test_the_backward_reuses_the_forwards_column_statistics(monkeypatch):
+    # The softmax's column statistics cost a pass over ΔW: the forward keeps its own (2n floats) for the backward.
+    spec = SnellSpec("linear", (300, 200), "mixk", 2, "reference", 0.9)
+    a, b, coef = _factors(300, 200, seed=8)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(9))
+    calls = []
+    original = fused_cpu.mix_stats
+    monkeypatch.setattr(fused_cpu, "mix_stats", lambda *args: calls.append(args) or original(*args))
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, coef)]
+    with snell_kernels("fused"):
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "fused_cpu"
+        FusedSnell.apply(leaves[0], None, None, *leaves[1:], spec).square().sum().backward()
+    assert len(calls) == 1 and all(t.grad is not None and t.grad.isfinite().all() for t in leaves)

@@ -1,6 +1,7 @@
 """Which implementation builds, selects and differentiates ΔW for a layer: the one place that decides.
 
-Three implementations share one interface (``merged_and_tau`` for forward, ``backward``): the torch path
+Three implementations share one interface (``merged_and_tau`` for forward, ``backward`` given what the forward
+selected: τ, (G, 1, 1), with mixk's column statistics after it on the fused CPU path): the torch path
 (torch_path.py, every device, kernel, mode and dtype), the fused CPU kernels (fused_cpu_path.py, numba) and
 the fused Triton kernels (triton_path.py, CUDA). A fused path is the default only where it was measured
 faster than the torch path; ``SNELL_KERNELS`` overrides the choice.

@@ -144,7 +144,14 @@ def mix_stats(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int) -> Mi
         kernels.mix_column_stats(
             at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, coef[num_pieces + 1], _STATS_COLUMNS, stats
         )
-    return Mix(np.ascontiguousarray(coef[num_pieces:]), stats)
+    return mix_from_stats(coefficients, num_pieces, stats)
+
+
+def mix_from_stats(coefficients: Tensor, num_pieces: int, stats: np.ndarray) -> Mix:
+    """The :class:`Mix` of a matrix whose column statistics :func:`mix_stats` gave earlier for the same factors:
+    the forward's, kept for the backward instead of another pass over ΔW."""
+    params = coefficients.detach().to(torch.float32).numpy()[num_pieces:]
+    return Mix(np.ascontiguousarray(params), np.ascontiguousarray(stats, np.float32))
 
 
 def _chunk_rows(m: int) -> int:

@@ -26,20 +26,35 @@ BLOCK_ENTRIES = 1 << 22
 
 
 def _mix(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> fused_cpu.Mix | None:
-    """mixk's column statistics for one group's matrix (None for the piecewise-linear kernel): the forward and the
-    backward compute them alike, so both rebuild the same ΔW."""
+    """mixk's column statistics for one group's matrix (None for the piecewise-linear kernel)."""
     return fused_cpu.mix_stats(a, b, coefficients, spec.num_pieces) if spec.kernel == "mixk" else None
+
+
+def _selection(tau: float, mix: fused_cpu.Mix | None) -> Tensor:
+    """What the backward needs to rebuild one group's ΔWˢ: τ, then for mixk each column's softmax max and sum (the
+    forward's, so the backward neither pays that pass again nor can differ from it), as one float32 row."""
+    tau_row = torch.tensor([tau], dtype=torch.float32)
+    return tau_row if mix is None else torch.cat([tau_row, torch.from_numpy(mix.stats).flatten()])
+
+
+def _selected(spec: SnellSpec, selection: Tensor, coefficients: Tensor) -> tuple[float, fused_cpu.Mix | None]:
+    """(τ, the Mix or None) of one group back from its :func:`_selection` row."""
+    if spec.kernel != "mixk":
+        return float(selection[0]), None
+    stats = selection[1:].reshape(2, -1).numpy()
+    return float(selection[0]), fused_cpu.mix_from_stats(coefficients, spec.num_pieces, stats)
 
 
 def merged_and_tau(
     spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """(W0 + ΔWˢ, or ΔWˢ alone without ``weight``, as (G, m/G, n) in ``dtype``; τ (G, 1, 1) float32) by the
-    fused CPU kernels: ΔW is never stored, only the merged matrix is written."""
+    """(W0 + ΔWˢ, or ΔWˢ alone without ``weight``, as (G, m/G, n) in ``dtype``; the selection, float32) by the
+    fused CPU kernels: ΔW is never stored, only the merged matrix is written. The selection is τ, (G, 1, 1), and
+    for mixk each column's softmax statistics after it, (G, 1, 1 + 2n): 2n floats a matrix, kept for backward."""
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     base = base_blocks(spec, weight)
     merged = torch.empty(spec.grouped_shape, dtype=dtype)
-    taus = []
+    selections = []
     for g in range(spec.groups):
         coef, sparsity = group_coefficients(coefficients, g), spec.sparsity_of(g)
         mix = _mix(spec, a_g[g], b_g[g], coef)
@@ -50,8 +65,8 @@ def merged_and_tau(
             a_g[g], b_g[g], coef, spec.num_pieces, tau, spec.mode, sparsity,
             None if base is None else base[g], dtype, out=merged[g], mix=mix,
         )  # fmt: skip
-        taus.append(tau)
-    return merged, torch.tensor(taus, dtype=torch.float32).reshape(-1, 1, 1)
+        selections.append(_selection(tau, mix))
+    return merged, torch.stack(selections).unsqueeze(1)
 
 
 def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
@@ -60,15 +75,15 @@ def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w,
     block of the merged weight for dx and reduces the kernel's gradient into dB and dA, by itself or, for wide
     pieces on large matrices, through the block's per-piece weights w_p and BLAS GEMMs
     (:class:`fused_cpu.FactorGrads`).
-    Only the block's dW (and w_p) exist beside the merged matrix."""
+    Only the block's dW (and w_p) exist beside the merged matrix. ``tau``: the forward's selection, τ and mixk's
+    column statistics (:func:`merged_and_tau`)."""
     groups, rows_per_group, n = spec.grouped_shape
     a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
     base = base_blocks(spec, weight)
     merged = x.new_empty((groups, rows_per_group, n)) if need_x else None
     weight_grad = WeightGradRows(spec, x, grad_out, need_w, need_w or need_factors)
-    taus = [float(t) for t in tau.flatten()]
     coefs = [group_coefficients(coefficients, g) for g in range(groups)]
-    mixes = [_mix(spec, a_g[g], b_g[g], coefs[g]) for g in range(groups)] if need_x or need_factors else []
+    taus, mixes = zip(*(_selected(spec, tau[g, 0], coefs[g]) for g in range(groups)), strict=True)
     if not need_factors:
         for g in range(groups):
             if need_x:
