@@ -117,8 +117,9 @@ def _factors(a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[np.ndarray, np
 @dataclass(frozen=True)
 class Mix:
     """What every fused pass needs to build a mixk ΔW = D + α·softmax(D/γ) + β: (α, γ, β), and each column's max M
-    of D/γ and sum S of exp(D/γ − M) (``stats``, (2, n)), from :func:`mix_stats`. The passes take the matrix's
-    P + 3 coefficients and this; the piecewise-linear kernel's take P coefficients and None."""
+    of D/γ and the reciprocal 1/S of its sum of exp(D/γ − M) (``stats``, (2, n)), from :func:`mix_stats`. The
+    passes take the matrix's P + 3 coefficients and this; the piecewise-linear kernel's take P coefficients and
+    None."""
 
     params: np.ndarray
     stats: np.ndarray

@@ -168,24 +168,28 @@ if numba is not None:
     @_jit
     def _mix_tile(d, length, i0, mix, stats, soft, bits, out):
         """mixk: ΔW = D + α·softmax(D/γ) + β into out[:length] (out may be d) for a tile whose D is d[:length], and
-        the softmax entries exp(D/γ − M_i)/S_i into soft[:length], with each column's max M and sum S from
-        :func:`mix_column_stats` (stats[0], stats[1]). The torch path's operations in its order (its exp and sums
-        round differently)."""
-        alpha, gamma, beta = mix[0], mix[1], mix[2]
-        col_max, col_sum = stats[0, i0 : i0 + length], stats[1, i0 : i0 + length]
+        the softmax entries exp(D·(1/γ) − M_i)·(1/S_i) into soft[:length], with each column's max M and reciprocal
+        sum 1/S from :func:`mix_column_stats` (stats[0], stats[1]). The torch path's operations in its order, with
+        reciprocals for its two divisions (its exp and sums round differently): a vector division costs ten times
+        a multiplication, and these two were a fifth of a mixk pass."""
+        alpha, beta = mix[0], mix[2]
+        inverse_gamma = _ONE / mix[1]
+        col_max, col_inverse_sum = stats[0, i0 : i0 + length], stats[1, i0 : i0 + length]
         for t in range(length):
-            soft[t] = d[t] / gamma - col_max[t]
+            soft[t] = d[t] * inverse_gamma - col_max[t]
         _exp_tile(soft, length, bits)
         for t in range(length):
-            soft[t] = soft[t] / col_sum[t]
+            soft[t] = soft[t] * col_inverse_sum[t]
             out[t] = (d[t] + soft[t] * alpha) + beta
 
     @_jit(parallel=True)
     def mix_column_stats(at, b, coef, width, gamma, chunk, stats):
-        """mixk: each column's max M of D/γ and its sum S of exp(D/γ − M), over all rows, into stats (2, n). Parallel
-        over blocks of ``chunk`` columns, each going down its rows in order, so the values (and every ΔW built
-        from them) do not depend on the thread count. A block's D/γ is kept (m × chunk), not computed twice."""
+        """mixk: each column's max M of D·(1/γ) and the reciprocal 1/S of its sum S of exp(D·(1/γ) − M), over all
+        rows, into stats (2, n). Parallel over blocks of ``chunk`` columns, each going down its rows in order, so the
+        values (and every ΔW built from them) do not depend on the thread count. A block's D/γ is kept (m × chunk),
+        not computed twice."""
         m, n = b.shape[0], stats.shape[1]
+        inverse_gamma = _ONE / gamma
         for c in prange((n + chunk - 1) // chunk):
             i0 = c * chunk
             length = min(chunk, n - i0)
@@ -197,7 +201,7 @@ if numba is not None:
                 zj = z[j]
                 _delta_tile(at, b[j], coef, width, i0, length, dist, zj)
                 for t in range(length):
-                    zj[t] = zj[t] / gamma
+                    zj[t] = zj[t] * inverse_gamma
                     col_max[t] = max(col_max[t], zj[t])
             total = np.zeros(chunk, np.float32)
             for j in range(m):
@@ -208,7 +212,8 @@ if numba is not None:
                 for t in range(length):
                     total[t] += zj[t]
             stats[0, i0 : i0 + length] = col_max[:length]
-            stats[1, i0 : i0 + length] = total[:length]
+            for t in range(length):
+                stats[1, i0 + t] = _ONE / total[t]
 
     @_jit
     def _load_row(src, j, i0, length, shift, bits):
@@ -266,7 +271,7 @@ if numba is not None:
                     squares += diff * diff
                 total += coef[p] * np.sqrt(squares)
             if mix.shape[0] != 0:
-                soft = math.exp(total / mix[1] - stats[0, i]) / stats[1, i]
+                soft = math.exp(total * (_ONE / mix[1]) - stats[0, i]) * stats[1, i]
                 total = (total + soft * mix[0]) + mix[2]
             out[s] = abs(total)
         return out
@@ -453,13 +458,13 @@ if numba is not None:
                     for t in range(length):
                         values[t] = values[t] * _grad_scale(delta[t], tau, mode)
                     if has_mix:
-                        alpha, gamma = mix[0], mix[1]
+                        alpha, inverse_gamma = mix[0], _ONE / mix[1]
                         sums = mix_column[i0 : i0 + length]
                         acc = coef_sums[pieces]  # 1-D views in the loops, as in _delta_tile
                         for t in range(length):
                             dz = (values[t] * soft[t] - soft[t] * sums[t]) * alpha
                             acc[t] += dz * plain[t]  # γ's gradient; unused when the coefficients are frozen
-                            values[t] = dz / gamma + values[t]
+                            values[t] = dz * inverse_gamma + values[t]
                     for p in range(pieces):
                         cp = coef[p]
                         dp = dist[p, :length]
