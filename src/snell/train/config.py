@@ -147,6 +147,11 @@ class TrainConfig:
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs, from --warmup-lr to --lr")
     warmup_lr: float = _opt(1e-6, "learning rate at the first step")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
+    ema_decay: float | None = _opt(
+        None,
+        "keep a moving average of the trained weights with this decay (e.g. 0.9999), score it at every evaluation "
+        "beside the model and keep the better; without evaluations, the run ends with the average",
+    )
     seed: int = _opt(0, "seed of initialisation, data order and dropout")
     bf16: bool = _opt(False, "bfloat16 autocast")
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")
@@ -235,6 +240,11 @@ class TrainConfig:
             raise UserError(
                 "--protocol reference selects on test by definition; it cannot be combined with --select-on val"
             )
+        decay = self.ema_decay
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
+            raise UserError(f"ema_decay must lie in (0, 1), got {decay!r}")
+        if decay is not None and self.fsdp:  # the average would be of this process's shards, and so would the swap
+            raise UserError("--ema-decay cannot be combined with --fsdp")
         if self.fsdp and self.merge:  # merging rewrites weights that only the main process would hold whole
             raise UserError("--merge cannot be combined with --fsdp; run `snell merge RUN_DIR` after training")
         if not isinstance(self.model_kwargs, dict):

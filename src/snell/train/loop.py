@@ -33,6 +33,7 @@ import snell
 from snell.allocator import SparsityAllocator
 from snell.train.allocation import make_allocator, sparsity_record
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
+from snell.train.ema import WeightEma
 from snell.train.fsdp import full, load_optimizer_state, optimizer_state, reshard, shard, unsharded
 from snell.train.models import (
     load_mutable_state,
@@ -113,6 +114,8 @@ class Progress:
     train_time: float = 0.0
     #: snella: the per-layer sparsities that go with ``best_state`` (they are no tensor of the model).
     best_sparsity: dict[str, list[float]] | None = None
+    #: --ema-decay: whether ``best_state`` holds the model's weights ("model") or their moving average ("ema").
+    best_weights: str = "model"
 
 
 class Report(NamedTuple):
@@ -148,6 +151,7 @@ class Run:
                 raise UserError(f"{name} {getattr(config, name)} must be divisible by the {world} processes")
         self.resume = resume
         self.allocator: SparsityAllocator | None = None  # snella's, made in fit() once the model is on its device
+        self.ema: WeightEma | None = None  # --ema-decay's, made in fit() likewise
         self._check_output_dir()
         self.accelerator.wait_for_everyone()
         set_seed(config.seed)
@@ -250,6 +254,8 @@ class Run:
                     # Nothing scales them: --bf16 autocast has no GradScaler, so there is no unscaling to wait for.
                     if self.allocator is not None:
                         self.allocator.accumulate()
+                    if self.ema is not None:
+                        self.ema.update(self.accelerator.unwrap_model(self.model))
                     schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().double() * batch_seen
@@ -303,11 +309,14 @@ class Run:
                     "best_epoch": progress.best_epoch,
                     "train_time": progress.train_time,
                     "best_sparsity": progress.best_sparsity,
+                    "best_weights": progress.best_weights,
                 },
                 "best_state": progress.best_state,
             }
             if self.allocator is not None:  # the EMAs and the current sparsities: snella resumes bit for bit
                 state["allocator"] = self.allocator.state_dict()
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
             torch.save(state, tmp / "state.pt")
         acc.wait_for_everyone()
         if self.main:
@@ -339,6 +348,13 @@ class Run:
                 self.allocator.load_state_dict(state["allocator"])
             except ValueError as err:
                 raise UserError(f"{latest}: {err}") from None
+        if self.ema is not None:
+            if "ema" not in state:
+                raise UserError(f"{latest}: holds no weight average; it was not written by a run with --ema-decay")
+            try:
+                self.ema.load_state_dict(state["ema"])
+            except ValueError as err:
+                raise UserError(f"{latest}: {err}") from None
         set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
         info = state["progress"]
         if self.main:
@@ -351,6 +367,7 @@ class Run:
             state["best_state"],
             info["train_time"],
             info.get("best_sparsity"),
+            info.get("best_weights", "model"),
         )
 
     # -- the whole run ---------------------------------------------------------------------------------
@@ -416,6 +433,8 @@ class Run:
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         schedule = WarmupCosine(optimizer, cfg, steps_per_epoch)
         self.allocator = make_allocator(cfg, acc.unwrap_model(self.model))
+        if cfg.ema_decay is not None:
+            self.ema = WeightEma(acc.unwrap_model(self.model), cfg.ema_decay)
         progress = self._restore(optimizer, schedule) if self.resume else Progress()
         self._record(progress.metrics)
         if self.main:
@@ -441,10 +460,12 @@ class Run:
                 reshard(self.model)
                 score = metrics.pop("score")
                 record.update(metrics)
-                if score > progress.best_score:
-                    progress.best_score, progress.best_epoch = score, epoch + 1
-                    progress.best_state = _cpu(mutable_state(acc.unwrap_model(self.model)))
-                    progress.best_sparsity = self.allocator.sparsity() if self.allocator is not None else None
+                self._keep_if_best(progress, score, epoch, "model")
+                if self.ema is not None:  # scored as the authors' train_alloc_ema.py does, and kept if better
+                    with self.ema.applied(acc.unwrap_model(self.model)):
+                        metrics = self.eval_metrics(eval_loader, eval_split)
+                        record.update({f"ema_{key}": value for key, value in metrics.items() if key != "score"})
+                        self._keep_if_best(progress, metrics["score"], epoch, "ema")
             progress.train_time += time.time() - started
             progress.epoch = epoch + 1
             progress.metrics.append(record)
@@ -458,14 +479,25 @@ class Run:
             self._save_checkpoint(progress, optimizer, schedule)
         return self._finish(progress, eval_split)
 
+    def _keep_if_best(self, progress: Progress, score: float, epoch: int, weights: str) -> None:
+        """Keep the model's current state as the selection if ``score`` beats the best so far (a tie keeps it)."""
+        if score > progress.best_score:
+            progress.best_score, progress.best_epoch, progress.best_weights = score, epoch + 1, weights
+            progress.best_state = _cpu(mutable_state(self.accelerator.unwrap_model(self.model)))
+            progress.best_sparsity = self.allocator.sparsity() if self.allocator is not None else None
+
     def _finish(self, progress: Progress, eval_split: str | None) -> dict[str, Any]:
-        """Restore the selected epoch, score it (:meth:`_report`), save the adapter and write summary.json."""
+        """Restore the selected epoch (without evaluations and with --ema-decay: the weight average), score it
+        (:meth:`_report`), save the adapter and write summary.json."""
         cfg, acc = self.config, self.accelerator
         model = acc.unwrap_model(self.model)
         if progress.best_state is not None:
             load_mutable_state(model, progress.best_state)
             if self.allocator is not None and progress.best_sparsity is not None:
                 self.allocator.set_sparsity(progress.best_sparsity)  # the selected epoch's ΔW, not the last one's
+        elif self.ema is not None:
+            self.ema.copy_to(model)
+            progress.best_weights = "ema"
         report = self._report(progress, eval_split)
         peak, peak_kind = peak_memory_mb(acc.device)
         peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()
@@ -478,6 +510,7 @@ class Run:
             **report.fields,
             "protocol": "reference" if cfg.protocol == "reference" else f"select_on={cfg.select_on}",
             "selected_epoch": progress.best_epoch if eval_split else cfg.epochs,
+            "selected_weights": progress.best_weights,
             "trainable_params": self.trainable,
             "total_params": self.total,
             "peak_memory_mb": max(peaks),
@@ -501,7 +534,8 @@ class Run:
             write_json_atomic(self.out / SUMMARY_FILE, summary)
             for name, data in report.files.items():
                 write_json_atomic(self.out / name, data)
-            print(f"{cfg.method}: {report.line}  (run folder {self.out})", flush=True)
+            weights = ", weight average" if progress.best_weights == "ema" else ""
+            print(f"{cfg.method}: {report.line}  (run folder {self.out}{weights})", flush=True)
         acc.wait_for_everyone()
         # Tear the process group down before the interpreter exits: left to exit, gloo's threads can die
         # with "terminate called without an active exception" (SIGABRT), seen once in the sharded test.

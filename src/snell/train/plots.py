@@ -46,7 +46,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> P
     loss_ax.plot(epochs, [m["train_loss"] for m in metrics], marker="o", label="train")
     loss_ax.set_title("loss")
     acc_ax.plot(epochs, [m["train_acc"] for m in metrics], marker="o", label="train")
-    for key in ("val_acc", "test_acc"):
+    for key in ("val_acc", "test_acc", "ema_val_acc", "ema_test_acc"):  # ema_: the weight average (--ema-decay)
         evaluated = [m for m in metrics if key in m]
         if evaluated:
             acc_ax.plot([m["epoch"] for m in evaluated], [m[key] for m in evaluated], marker="s", label=key[:-4])
