@@ -3,6 +3,9 @@
     .venv/bin/python -m benchmarks.profile_step --method snell8_s0.9 [--model vit_b16] [--rows 25] [--by-shape]
 
 ``--by-shape`` splits every op by its input shapes: which GEMM of which layer, which m×n block pass.
+``--fused-passes N`` instead times N steps' fused CPU work, which the profiler sees as one opaque op per layer: the
+fused path's forward and backward over all layers, and inside them each numba pass (summed over the layers, ms per
+step), beside the whole step.
 
 Backs the profile findings in the benchmark report; not part of the timed suite.
 """
@@ -10,12 +13,59 @@ Backs the profile findings in the benchmark report; not part of the timed suite.
 from __future__ import annotations
 
 import argparse
+import functools
+import time
+from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
 from benchmarks.step import DTYPES, make_step
+from snell import fused_cpu, fused_cpu_kernels, fused_cpu_path
+
+#: (module, function, row label): the fused CPU path's entry points and its passes, timed by --fused-passes.
+FUSED_PASSES = (
+    (fused_cpu_path, "merged_and_tau", "forward, fused path"),
+    (fused_cpu, "mix_stats", "  mixk column statistics"),
+    (fused_cpu, "select_tau", "  tau: sample, count and band"),
+    (fused_cpu, "merge", "  merge"),
+    (fused_cpu_path, "backward", "backward, fused path (with the dW and dx GEMMs)"),
+    (fused_cpu_kernels, "mix_column_grads", "  mixk column sums"),
+    (fused_cpu_kernels, "backward_rows", "  gradient pass"),
+)
+
+
+def time_fused_passes(step: Callable[[], object], steps: int) -> None:
+    """Print ms per step of each of FUSED_PASSES (wall time of the calls, summed over layers) and of the step."""
+    spent: Counter[str] = Counter()
+    originals = [(module, name, getattr(module, name)) for module, name, _ in FUSED_PASSES]
+
+    def timed(function: Callable, label: str) -> Callable:
+        @functools.wraps(function)
+        def call(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - start
+
+        return call
+
+    try:
+        for (module, name, label), (_, _, function) in zip(FUSED_PASSES, originals, strict=True):
+            setattr(module, name, timed(function, label))
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - start
+    finally:
+        for module, name, function in originals:
+            setattr(module, name, function)
+    print(f"{'whole step':48s} {total / steps * 1e3:9.1f} ms")
+    for _, _, label in FUSED_PASSES:
+        print(f"{label:48s} {spent[label] / steps * 1e3:9.1f} ms")
 
 
 def main() -> None:
@@ -27,6 +77,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--sort", default="self_cpu_time_total", help="profiler table sort key")
     parser.add_argument("--by-shape", action="store_true", help="one row per (op, input shapes)")
+    parser.add_argument("--fused-passes", type=int, metavar="N", help="time N steps' fused CPU passes instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     spec = MODELS[args.model]
@@ -35,6 +86,10 @@ def main() -> None:
     labels = torch.randint(NUM_CLASSES, (args.batch,))
     step = make_step(model, images, labels, args.dtype, after_step=METHODS[args.method].step_hook(model))
     step()
+    if args.fused_passes:
+        step()  # a second warm-up: SNELLA's allocator has read one step's gradients and allocated
+        time_fused_passes(step, args.fused_passes)
+        return
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=args.by_shape) as prof:
         step()
     table = prof.key_averages(group_by_input_shape=args.by_shape).table(

@@ -222,3 +222,20 @@ def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_proje
     per_layer = 8 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
     assert row["trainable_params"] == 30 * per_layer
     assert row["step_s"] > 0 and len(row["step_times"]) == 1 and row["peak_mb"] >= 0
+
+
+def test_fused_passes_are_timed_per_step_and_given_back_untouched(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("numba")
+    from benchmarks import profile_step
+    from snell import fused_cpu
+
+    originals = [getattr(module, name) for module, name, _ in profile_step.FUSED_PASSES]
+    a, b, coef = torch.rand(300, 8), torch.rand(500, 8), torch.tensor([0.1, -0.1])
+    profile_step.time_fused_passes(lambda: fused_cpu.select_tau(a, b, coef, 2, 0.9), steps=2)
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        label, value, _ = line.rsplit(None, 2)
+        rows[label.strip()] = float(value)
+    assert rows["tau: sample, count and band"] > 0.0 and rows["merge"] == 0.0
+    assert rows["whole step"] >= rows["tau: sample, count and band"]
+    assert [getattr(module, name) for module, name, _ in profile_step.FUSED_PASSES] == originals
