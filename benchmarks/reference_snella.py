@@ -61,6 +61,13 @@ class ReferenceSNELLA(nn.Module):
         return F.linear(x, self.sparsify(self.path_integrals()).T)
 
 
+class ReferenceMixK(ReferenceSNELLA):
+    """``MixK`` (``tuning_model='mixk'``, the caltech, svhn and cars scripts): the same kernel, never sparsified."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.path_integrals().T)
+
+
 class ReferenceAllocator:
     """``Allocator`` with ``metric='ipt'``: the schedule is stepped once per epoch, the sensitivity once per step."""
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounds import snell_kernels
 from torch import nn
 
 import snell
 from snell.allocator import AllocatorConfig, SparsityAllocator
+from snell.dispatch import kernel_path
 
 ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
@@ -37,15 +39,16 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * scale)
 
 
-def _pair(sparsity: float, m: int = 12, n: int = 10, seed: int = 0):
-    """Our mixk layer (m×n Linear, float64) and the authors' SNELLA module with the same factors and scalars."""
+def _pair(sparsity: float, m: int = 12, n: int = 10, seed: int = 0, mode: str = "reference", module=None):
+    """Our mixk layer (m×n Linear, float64) and the authors' SNELLA module (or ``module``) with the same factors and
+    scalars."""
     torch.manual_seed(seed)
-    config = snell.SnellConfig(r=R, kernel="mixk", sparsity=sparsity, target_modules=["0"])
+    config = snell.SnellConfig(r=R, kernel="mixk", sparsity=sparsity, sparsify_mode=mode, target_modules=["0"])
     ours = snell.get_snell_model(nn.Sequential(nn.Linear(n, m)).double(), config)[0]
     with torch.no_grad():
         # Away from the init, so that each scalar matters.
         ours.snell_mix.copy_(torch.tensor([[1.3, 0.7, -0.02]], dtype=torch.float64))
-    theirs = ref.ReferenceSNELLA(n, m, q_dim=R, init_thres=sparsity).double()
+    theirs = (module or ref.ReferenceSNELLA)(n, m, q_dim=R, init_thres=sparsity).double()
     with torch.no_grad():
         theirs.In_Qs.copy_(split_pieces(ours.snell_A.detach()))
         theirs.Out_Qs.copy_(split_pieces(ours.snell_B.detach()))
@@ -75,6 +78,35 @@ def test_outputs_support_and_gradients_equal_the_authors_module(sparsity):
     _close(ours.snell_A.grad, _unsplit(theirs.In_Qs.grad))
     _close(ours.snell_B.grad, _unsplit(theirs.Out_Qs.grad))
     _close(ours.snell_mix.grad[0], torch.cat([theirs.alpha.grad, theirs.gamma.grad, theirs.beta.grad]))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
+def test_mask_mode_at_sparsity_zero_is_the_authors_dense_mixk_module(kernels):
+    # Their caltech, svhn and cars scripts train MixK: the mixed kernel, never sparsified (no |ΔW| factor, no
+    # dropped entry). Ours at sparsity 0 in mask mode keeps every entry as it is, on either path (the fused
+    # kernels run in float32, and from 2^18 entries: 700×400).
+    ours, theirs = _pair(0.0, m=700, n=400, mode="mask", module=ref.ReferenceMixK)
+    if kernels == "fused":
+        ours.float()
+        theirs.float()
+    x = torch.randn(6, 400, dtype=ours.weight.dtype)
+    with snell_kernels(kernels):
+        assert kernel_path(ours.snell_spec, x.device, R, x.dtype) == ("fused_cpu" if kernels == "fused" else "torch")
+        mine, expected = _branch(ours, x), theirs(x)
+        grad = torch.randn(mine.shape, dtype=mine.dtype)
+        mine.backward(grad)
+        expected.backward(grad)
+    pairs = [(mine, expected), (ours.snell_A.grad, _unsplit(theirs.In_Qs.grad))]
+    pairs += [(ours.snell_B.grad, _unsplit(theirs.Out_Qs.grad))]
+    pairs += [(ours.snell_mix.grad[0], torch.cat([theirs.alpha.grad, theirs.gamma.grad, theirs.beta.grad]))]
+    for actual, want in pairs:
+        if kernels == "torch":
+            _close(actual, want)
+        else:
+            # float32 on both sides: ΔW's entries and the sums over 700 rows or 400 columns round differently (the
+            # fused kernels' own exp, cdist's expansion), each within ~1e-6 of the magnitudes summed
+            tolerance = 1e-4 * float(want.detach().abs().max())
+            torch.testing.assert_close(actual.detach(), want.detach(), rtol=1e-4, atol=tolerance)
 
 
 def _unsplit(pieces: torch.Tensor) -> torch.Tensor:

@@ -223,10 +223,33 @@ SNELLA_SCRIPTS = {
 }
 
 
+#: The snella32 scripts that train the dense MixK module (no sparsification, no allocator): batch, lr, weight decay.
+MIXK_SCRIPTS = {
+    "vtab/caltech101": (16, 1e-3, 1e-4),
+    "vtab/svhn": (16, 1e-3, 1e-4),
+    "fgvc/stanford_cars": (16, 1e-3, 0.05),
+}
+
+
 def test_each_snella_recipe_resolves_to_its_scripts_values() -> None:
-    assert {name for name in known_recipes() if name.startswith("snella/")} == {f"snella/{t}" for t in SNELLA_SCRIPTS}
+    scripts = {f"snella/{task}" for task in [*SNELLA_SCRIPTS, *MIXK_SCRIPTS]}
+    assert {name for name in known_recipes() if name.startswith("snella/")} == scripts
+    for task, (batch, lr, wd) in MIXK_SCRIPTS.items():
+        config = resolve_config(f"snella/{task}", {})
+        assert (config.method, config.kernel, config.sparsity, config.sparsify_mode) == ("snell", "mixk", 0.0, "mask")
+        assert (config.r, config.data_format, config.batch_size, config.lr, config.weight_decay) == (
+            32,
+            task[:4],
+            batch,
+            lr,
+            wd,
+        )
+        assert (config.epochs, config.warmup_epochs, config.eval_every) == (100, 10, 10)
+        assert (config.adapter_dropout, config.adapter_drop_path, config.drop_path_rate) == (0.1, 0.1, 0.1)
+        assert config.ema_decay == (0.9999 if task.startswith("fgvc") else None)
     for task, (batch, lr, wd, init, target, every) in SNELLA_SCRIPTS.items():
         config = resolve_config(f"snella/{task}", {})
+        assert config.ema_decay == (0.9999 if task.startswith("fgvc") else None), task  # train_alloc_ema.py
         assert (config.method, config.kernel, config.r, config.data_format) == ("snella", "mixk", 32, task[:4])
         assert (config.batch_size, config.lr, config.weight_decay, config.eval_every) == (batch, lr, wd, every), task
         assert (config.init_sparsity, config.target_sparsity, config.allocation_epochs()) == (init, target, 100), task

@@ -43,8 +43,9 @@ class SnellSpec:
 
     def dense(self, group: int) -> bool:
         """Whether group ``group`` keeps the dense ΔW: at sparsity 0, as the reference SNELL code does, except for
-        mixk, whose reference module (SNELLA) sparsifies at every ratio, 0 included."""
-        return self.sparsity_of(group) == 0.0 and self.kernel != "mixk"
+        mixk in the reference and soft modes, whose reference module (SNELLA) sparsifies at every ratio, 0 included.
+        mixk in mask mode at sparsity 0 keeps every entry as it is: the authors' dense MixK module."""
+        return self.sparsity_of(group) == 0.0 and (self.kernel != "mixk" or self.mode == "mask")
 
     @property
     def whole_matrix(self) -> bool:
