@@ -38,6 +38,7 @@ from torch import Tensor
 
 from snell import fused_cpu_kernels as kernels
 from snell.fallback import warn_once
+from snell.spec import keeps_dense
 
 numba = kernels.numba  # None where numba is not installed
 
@@ -252,8 +253,9 @@ def select_tau(
 
 
 def _mode_code(mode: str, sparsity: float, mix: Mix | None) -> int:
-    """The kernels' mode; DENSE at sparsity 0 except for mixk, which sparsifies at every ratio (SpecSnell.dense)."""
-    return DENSE if sparsity == 0.0 and mix is None else _MODE_CODES[mode]
+    """The kernels' mode: DENSE where the matrix keeps its dense ΔW (:func:`snell.spec.keeps_dense`)."""
+    kernel = "mixk" if mix is not None else "piecewise_linear"  # the two kernels the fused passes build
+    return DENSE if keeps_dense(kernel, mode, sparsity) else _MODE_CODES[mode]
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is

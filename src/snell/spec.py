@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def keeps_dense(kernel: str, mode: str, sparsity: float) -> bool:
+    """Whether a matrix keeps its dense ΔW, with no selection: at sparsity 0, as the reference SNELL code does, except
+    for mixk in the reference and soft modes, whose reference module (SNELLA) sparsifies at every ratio, 0 included.
+    mixk in mask mode at sparsity 0 keeps every entry as it is: the authors' dense MixK module."""
+    return sparsity == 0.0 and (kernel != "mixk" or mode == "mask")
+
+
 @dataclass(frozen=True)
 class SnellSpec:
     """Static description of one adapted layer (hashable, so torch.compile treats it as a constant).
@@ -42,10 +49,8 @@ class SnellSpec:
         return self.group_sparsity[group] if self.group_sparsity else self.sparsity
 
     def dense(self, group: int) -> bool:
-        """Whether group ``group`` keeps the dense ΔW: at sparsity 0, as the reference SNELL code does, except for
-        mixk in the reference and soft modes, whose reference module (SNELLA) sparsifies at every ratio, 0 included.
-        mixk in mask mode at sparsity 0 keeps every entry as it is: the authors' dense MixK module."""
-        return self.sparsity_of(group) == 0.0 and (self.kernel != "mixk" or self.mode == "mask")
+        """Whether group ``group`` keeps the dense ΔW (:func:`keeps_dense`)."""
+        return keeps_dense(self.kernel, self.mode, self.sparsity_of(group))
 
     @property
     def whole_matrix(self) -> bool:
