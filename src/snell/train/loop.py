@@ -341,18 +341,17 @@ class Run:
         load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
         load_optimizer_state(self.model, optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        if self.allocator is not None:
-            if "allocator" not in state:
-                raise UserError(f"{latest}: holds no allocator state; it was not written by a snella run")
+        optional = (
+            (self.allocator, "allocator", "allocator state; it was not written by a snella run"),
+            (self.ema, "ema", "weight average; it was not written by a run with --ema-decay"),
+        )
+        for part, key, missing in optional:
+            if part is None:
+                continue
+            if key not in state:
+                raise UserError(f"{latest}: holds no {missing}")
             try:
-                self.allocator.load_state_dict(state["allocator"])
-            except ValueError as err:
-                raise UserError(f"{latest}: {err}") from None
-        if self.ema is not None:
-            if "ema" not in state:
-                raise UserError(f"{latest}: holds no weight average; it was not written by a run with --ema-decay")
-            try:
-                self.ema.load_state_dict(state["ema"])
+                part.load_state_dict(state[key])
             except ValueError as err:
                 raise UserError(f"{latest}: {err}") from None
         set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
