@@ -156,3 +156,21 @@ def test_without_evaluations_the_run_ends_with_the_average_and_resumes_exactly(
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_run_without_an_average_with_one_is_refused_by_name(
+    vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--data", str(vtab_dir), *BASE[:-2], "--epochs", "2", "--output-dir", str(tmp_path / "run")]
+    save = ClassificationRun._save_checkpoint
+
+    def save_then_stop(self: ClassificationRun, *more: object) -> None:
+        save(self, *more)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save_then_stop)
+    assert main(args) == 130  # no --ema-decay: BASE ends with it
+    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save)
+    capsys.readouterr()
+    assert main([*args, "--resume", "--ema-decay", "0.8"]) == 2
+    assert "ema_decay: saved None vs now 0.8" in capsys.readouterr().err  # before anything is loaded or trained
