@@ -21,9 +21,15 @@ from torch import Tensor
 
 MODES = ("reference", "mask", "soft")
 
-_SAMPLE_SIZE = 1 << 16
+_SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the answer, at most (see _sample_size)
 # float16/32/64 go to numpy as they are; anything else (bfloat16) as float32, which holds it exactly.
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _sample_size(n: int) -> int:
+    """2^16, or a 32nd of the entries where that is fewer: the sample's gather and partition cost about 1 ms at 2^16,
+    as in the fused kernels' selection (fused_cpu._sample_size); a smaller one only widens the band."""
+    return min(_SAMPLE_SIZE, n // 32)
 
 
 @functools.cache
@@ -31,7 +37,7 @@ def _sample_positions(n: int) -> np.ndarray:
     """Fixed random sample positions for a matrix of n entries, sorted (the gather then reads memory in order):
     drawn once per size, read-only afterwards, so concurrent threads share no generator state. ΔW changes
     every step, so a fixed set of positions is still a fresh sample of it; the answer is exact either way."""
-    positions = torch.randint(n, (_SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n)).numpy()
+    positions = torch.randint(n, (_sample_size(n),), generator=torch.Generator().manual_seed(n)).numpy()
     positions.sort()
     positions.flags.writeable = False
     return positions
@@ -68,15 +74,17 @@ def _kth_largest_banded(values: Tensor, k: int, magnitude: bool) -> Tensor | Non
     n = values.numel()
     array = values.detach().to(values.dtype if values.dtype in _NUMPY_FLOATS else torch.float32).numpy()
     q = 1.0 - k / n  # the answer's quantile
-    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE) + 2.0 / _SAMPLE_SIZE
-    low = math.floor((q - margin) * _SAMPLE_SIZE)  # 0-based positions in the sorted sample
-    high = math.ceil((q + margin) * _SAMPLE_SIZE)
-    sample = array[_sample_positions(n)]
+    positions = _sample_positions(n)
+    size = len(positions)
+    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / size) / size) + 2.0 / size
+    low = math.floor((q - margin) * size)  # 0-based positions in the sorted sample
+    high = math.ceil((q + margin) * size)
+    sample = array[positions]
     if magnitude:
         np.abs(sample, out=sample)
-    sample.partition([i for i in (low, high) if 0 <= i < _SAMPLE_SIZE] or [0])
+    sample.partition([i for i in (low, high) if 0 <= i < size] or [0])
     lower = sample[low] if low >= 0 else -math.inf
-    upper = sample[high] if high < _SAMPLE_SIZE else math.inf
+    upper = sample[high] if high < size else math.inf
     above = _beyond(array, upper, magnitude)
     count_above = int(np.count_nonzero(above))
     inside = _beyond(array, lower, magnitude)
