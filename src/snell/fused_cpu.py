@@ -38,6 +38,7 @@ from torch import Tensor
 
 from snell import fused_cpu_kernels as kernels
 from snell.fallback import warn_once
+from snell.sparsify import keep_count, sample_bracket, sample_size
 from snell.spec import keeps_dense
 
 numba = kernels.numba  # None where numba is not installed
@@ -45,7 +46,6 @@ numba = kernels.numba  # None where numba is not installed
 # Modes as the kernels see them; DENSE is sparsity 0 (every mode keeps the dense ΔW, as the reference does).
 _MODE_CODES = {"reference": 0, "mask": 1, "soft": 2}
 DENSE = 3
-_SAMPLE_SIZE = 1 << 16  # entries sampled to bracket τ, at most (see _sample_size)
 _BAND_MIN_NUMEL = 1 << 17  # below this, the dense ΔW and torch.kthvalue select τ
 # From this many entries, pieces wider than 4 columns reduce the backward's weights with BLAS (FactorGrads).
 _GEMM_MIN_NUMEL = 1 << 22
@@ -172,17 +172,10 @@ def dense_delta(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, mix
     return torch.from_numpy(out)
 
 
-def _sample_size(m: int, n: int) -> int:
-    """Entries sampled to bracket τ: 2^16, or a 32nd of the matrix where that is fewer. Drawing and partitioning
-    2^16 values takes about 1 ms, which made τ cost six times the merge on SmolLM2's 576×576 matrices (1.24 against
-    0.21 ms); a smaller sample only widens the band the count pass gathers (to about 4 % of a 576×576 matrix)."""
-    return min(_SAMPLE_SIZE, m * n // 32)
-
-
 @functools.cache
 def _sample_positions(m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed random (row, column) sample positions per shape, sorted by row; read-only once drawn."""
-    flat = np.sort(np.random.default_rng(m * 1_000_003 + n).integers(0, m * n, _sample_size(m, n)))
+    flat = np.sort(np.random.default_rng(m * 1_000_003 + n).integers(0, m * n, sample_size(m * n)))
     rows, cols = (flat // n).astype(np.int64), (flat % n).astype(np.int64)
     rows.flags.writeable = cols.flags.writeable = False
     return rows, cols
@@ -208,8 +201,7 @@ def _kth_banded(
     q = 1.0 - k / (m * n)
     rows, cols = _sample_positions(m, n)
     size = len(rows)
-    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / size) / size) + 2.0 / size
-    low, high = math.floor((q - margin) * size), math.ceil((q + margin) * size)
+    low, high = sample_bracket(q, size)
     mix_params, stats = _mix_arrays(mix)
     sample = kernels.sample(at, b, coef, width, mix_params, stats, rows, cols)
     sample.partition([i for i in (low, high) if 0 <= i < size] or [0])
@@ -244,8 +236,6 @@ def select_tau(
 ) -> tuple[float, int]:
     """(τ, band size): the exact k-th largest |ΔW| of the fused kernel's own ΔW, k = round((1 − s)·m·n);
     +inf for k = 0. The band size (0 when the dense fallback ran) is for the benchmarks."""
-    from snell.sparsify import keep_count
-
     m, n = b.shape[0], a.shape[0]
     k = keep_count(m * n, sparsity)
     if k == 0:

@@ -21,15 +21,24 @@ from torch import Tensor
 
 MODES = ("reference", "mask", "soft")
 
-_SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the answer, at most (see _sample_size)
+_SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the answer, at most (see sample_size)
 # float16/32/64 go to numpy as they are; anything else (bfloat16) as float32, which holds it exactly.
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
-def _sample_size(n: int) -> int:
-    """2^16, or a 32nd of the entries where that is fewer: the sample's gather and partition cost about 1 ms at 2^16,
-    as in the fused kernels' selection (fused_cpu._sample_size); a smaller one only widens the band."""
+def sample_size(n: int) -> int:
+    """Entries sampled to bracket the k-th largest of n (here and in the fused kernels' selection): 2^16, or a 32nd
+    of them where that is fewer. Drawing and partitioning 2^16 values takes about 1 ms, which made τ cost six times
+    the merge on SmolLM2's 576×576 matrices; a smaller sample only widens the band that is gathered."""
     return min(_SAMPLE_SIZE, n // 32)
+
+
+def sample_bracket(q: float, size: int) -> tuple[int, int]:
+    """0-based positions (low, high) in a sorted sample of ``size`` entries that bracket the whole's q-quantile: six
+    standard errors of the sample quantile either side, and two positions for rounding. Either may lie outside the
+    sample: the bracket is then open on that side."""
+    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / size) / size) + 2.0 / size
+    return math.floor((q - margin) * size), math.ceil((q + margin) * size)
 
 
 @functools.cache
@@ -37,7 +46,7 @@ def _sample_positions(n: int) -> np.ndarray:
     """Fixed random sample positions for a matrix of n entries, sorted (the gather then reads memory in order):
     drawn once per size, read-only afterwards, so concurrent threads share no generator state. ΔW changes
     every step, so a fixed set of positions is still a fresh sample of it; the answer is exact either way."""
-    positions = torch.randint(n, (_sample_size(n),), generator=torch.Generator().manual_seed(n)).numpy()
+    positions = torch.randint(n, (sample_size(n),), generator=torch.Generator().manual_seed(n)).numpy()
     positions.sort()
     positions.flags.writeable = False
     return positions
@@ -76,9 +85,7 @@ def _kth_largest_banded(values: Tensor, k: int, magnitude: bool) -> Tensor | Non
     q = 1.0 - k / n  # the answer's quantile
     positions = _sample_positions(n)
     size = len(positions)
-    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / size) / size) + 2.0 / size
-    low = math.floor((q - margin) * size)  # 0-based positions in the sorted sample
-    high = math.ceil((q + margin) * size)
+    low, high = sample_bracket(q, size)
     sample = array[positions]
     if magnitude:
         np.abs(sample, out=sample)
