@@ -18,13 +18,9 @@ from torch import nn
 
 
 def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters an optimizer steps, by name (each tensor once, under its first name)."""
-    found, seen = {}, set()
-    for name, param in model.named_parameters():
-        if param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            found[name] = param
-    return found
+    """The parameters an optimizer steps, by name (each tensor once, under its first name: named_parameters drops
+    the later names of a shared one)."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
 class WeightEma:
