@@ -31,8 +31,8 @@ def _mix(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor) -> fused_c
 
 
 def _selection(tau: float, mix: fused_cpu.Mix | None) -> Tensor:
-    """What the backward needs to rebuild one group's ΔWˢ: τ, then for mixk each column's softmax max and sum (the
-    forward's, so the backward neither pays that pass again nor can differ from it), as one float32 row."""
+    """What the backward needs to rebuild one group's ΔWˢ: τ, then for mixk each column's softmax max and reciprocal
+    sum (the forward's, so the backward neither pays that pass again nor can differ from it), as one float32 row."""
     tau_row = torch.tensor([tau], dtype=torch.float32)
     return tau_row if mix is None else torch.cat([tau_row, torch.from_numpy(mix.stats).flatten()])
 
