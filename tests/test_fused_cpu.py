@@ -218,6 +218,58 @@ def test_count_band_counts_and_gathers_exactly_the_entries_of_the_dense_delta(n)
     assert torch.equal(torch.from_numpy(np.sort(gathered)), expected.sort().values)
 
 
+def _bits_of(t):
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+def _two_pass_merge(a, b, coef, mode, sparsity, base, dtype, mix=None):
+    """select_tau's τ and merge's matrix with it: what merge_selected must reproduce bit for bit."""
+    tau, _ = fused_cpu.select_tau(a, b, coef, 2, sparsity, mix)
+    return tau, fused_cpu.merge(a, b, coef, 2, tau, mode, sparsity, base, dtype, mix=mix)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the one-pass route should not have needed the two passes")
+
+
+@pytest.mark.parametrize("rank", [8, 32])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [1029, 404])  # tiles of 512, 512 and 5 columns; one of 404 (not a multiple of 8)
+def test_the_one_pass_merge_writes_what_select_tau_and_merge_write(n, mode, sparsity, rank, monkeypatch):
+    # merge_selected merges the entries outside the sampled bracket before τ is known and the band's once it is:
+    # every entry, in float32 and bf16, with W0 and without, must come out as merge writes it with τ.
+    _, weight, _, a, b, coef = _inputs(_spec(shape=(200, n)), r=rank, seed=5)
+    cases = [(base, dtype) for dtype in (torch.float32, torch.bfloat16) for base in (weight.to(dtype), None)]
+    expected = [_two_pass_merge(a, b, coef, mode, sparsity, base, dtype) for base, dtype in cases]
+    if mode != "soft":  # S above τ depends on τ in the soft mode only: the others must take the one pass
+        monkeypatch.setattr(fused_cpu, "select_tau", _refuse)
+        monkeypatch.setattr(fused_cpu, "merge", _refuse)
+    for (base, dtype), (tau, merged) in zip(cases, expected, strict=True):
+        ours, our_tau = fused_cpu.merge_selected(a, b, coef, 2, mode, sparsity, base, dtype)
+        assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
+
+
+def test_the_one_pass_merge_redoes_an_overflowing_band_in_two(monkeypatch):
+    _, weight, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=4)
+    tau, merged = _two_pass_merge(a, b, coef, "reference", 0.9, weight, torch.float32)
+    monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: 1)
+    ours, our_tau = fused_cpu.merge_selected(a, b, coef, 2, "reference", 0.9, weight, torch.float32)
+    assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
+
+
+def test_the_one_pass_merge_recovers_from_a_sample_that_misses(monkeypatch):
+    _, weight, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=3)
+    b = b.clone()
+    b[0] = 10.0  # row 0's |ΔW| is far from the rest: a sample of row 0 alone brackets the wrong values
+    tau, merged = _two_pass_merge(a, b, coef, "mask", 0.9, weight, torch.bfloat16)
+    rows, cols = fused_cpu._sample_positions(600, 400)
+    monkeypatch.setattr(fused_cpu, "_sample_positions", lambda m, n: (rows * 0, cols))
+    ours, our_tau = fused_cpu.merge_selected(a, b, coef, 2, "mask", 0.9, weight, torch.bfloat16)
+    assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
+    _assert_exact_top_k(a, b, coef, 0.9, our_tau)
+
+
 @pytest.mark.parametrize("n", [5, 16, 404, 1024, 3072])
 def test_factors_lay_a_transposed_over_an_odd_number_of_cache_lines_per_row(n):
     # At a stride of a multiple of 4 KiB every row of Aᵀ fell into one L1 set (the r = 32 rebuild ran 1.4× slower).

@@ -105,6 +105,19 @@ def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(mode):
         assert torch.equal(forward, backward)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_one_pass_merge_writes_what_select_tau_and_merge_write(mode):
+    a, b, coef = _factors(600, 300, seed=2)
+    weight = torch.randn(600, 300, generator=torch.Generator().manual_seed(3)) * 0.05
+    mix = fused_cpu.mix_stats(a, b, coef, 2)
+    tau, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9, mix)
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = fused_cpu.merge(a, b, coef, 2, tau, mode, 0.9, weight.to(dtype), dtype, mix=mix)
+        merged, our_tau = fused_cpu.merge_selected(a, b, coef, 2, mode, 0.9, weight.to(dtype), dtype, mix=mix)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert our_tau == tau and torch.equal(merged.view(bits), expected.view(bits))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_same_statistics_tau_and_weight_at_any_thread_count(threads):
     a, b, coef = _factors(1000, 300, seed=4)

@@ -4,12 +4,14 @@ stored. This module is the host side (selection, buffers, threads, the fallback)
 
 What the torch path does in a dozen passes over m×n memory (piece-distance GEMMs, sqrt, the sum of pieces,
 |ΔW|, the selection's comparisons, the survivor factor, the merge with W0, the bf16 copy) is done here in
-two passes for τ and one for the merged weight, each rebuilding a row of ΔW from A and B while it is in
-cache:
+passes that each rebuild a row of ΔW from A and B while it is in cache:
 
 1. a sample of ΔW brackets τ; one count-and-band pass counts the entries above the bracket and gathers
    the few inside it; a partition of the band gives the exact k-th largest |ΔW| (ties kept);
-2. the merge pass writes W0 + ΔWˢ in the layer's dtype (bf16 rounded to nearest even, as torch does);
+2. the merge pass writes W0 + ΔWˢ in the layer's dtype (bf16 rounded to nearest even, as torch does). In the
+   reference and mask modes, where S above τ does not depend on τ, the forward does both in one pass
+   (:func:`merge_selected`): it merges every entry outside the bracket as it will stay and gathers the band's,
+   which are merged again once τ is known;
 3. backward, per block of rows of dW = gyᵀx (a BLAS GEMM): one pass rebuilds ΔW and the piece distances,
    writes the merged weight for dx and reduces the per-piece weights w_p = α_p·g·S'/d_p into dB and dA: in
    the pass itself up to 4 columns a piece, through BLAS GEMMs on a block of w_p beyond (:class:`FactorGrads`).
@@ -46,7 +48,9 @@ numba = kernels.numba  # None where numba is not installed
 # Modes as the kernels see them; DENSE is sparsity 0 (every mode keeps the dense ΔW, as the reference does).
 _MODE_CODES = {"reference": 0, "mask": 1, "soft": 2}
 DENSE = 3
-_BAND_MIN_NUMEL = 1 << 17  # below this, the dense ΔW and torch.kthvalue select τ
+# Below this many entries the dense ΔW and torch.kthvalue select τ (the sample would hold fewer than 256). From it
+# the banded selection was 1.4-4× faster (8 Ki entries 0.12 against 0.16 ms, SmolLM2's 192×576 0.39 against 1.57).
+_BAND_MIN_NUMEL = 1 << 13
 # From this many entries, pieces wider than 4 columns reduce the backward's weights with BLAS (FactorGrads).
 _GEMM_MIN_NUMEL = 1 << 22
 # The backward reduces the survivors alone (FactorGrads) where the kept fraction of ΔW is at most this times the
@@ -62,14 +66,14 @@ def _compiles() -> bool:
     """Compile (or load from numba's cache) every kernel on a tiny problem; False, with one warning, if any
     fails. The bf16 variants are compiled on first use."""
     try:
-        a, b = torch.rand(40, 4), torch.rand(6, 4)
-        base = torch.zeros(6, 40)
+        a, b = torch.rand(100, 4), torch.rand(90, 4)  # enough entries for the banded selection
+        base = torch.zeros(90, 100)
         for coef in (torch.tensor([0.1, -0.1]), torch.tensor([0.1, -0.1, 1.0, 1.0, 0.0])):  # piecewise, mixk
             mix = mix_stats(a, b, coef, 2) if len(coef) > 2 else None
-            tau, _ = select_tau(a, b, coef, 2, 0.5, mix)
-            merged = merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32, mix=mix)
+            merged, tau = merge_selected(a, b, coef, 2, "reference", 0.5, base, torch.float32, mix=mix)
+            merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32, merged, mix)
             grads = FactorGrads(a, b, coef, 2, True, mix)
-            grads.add_rows(tau, "reference", 0.5, 0, torch.ones(6, 40), base, merged)
+            grads.add_rows(tau, "reference", 0.5, 0, torch.ones(90, 100), base, merged)
     except Exception as err:  # any compile or runtime failure means: use the torch path
         warn_once("fused CPU kernels", f"{type(err).__name__}: {err}")
         return False
@@ -192,42 +196,60 @@ def _band_capacity(expected: float) -> int:
     return int(2.0 * expected) + 4096
 
 
+def _bracket(
+    at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, mix: Mix | None, n: int, k: int
+) -> tuple[np.float32, np.float32, int, np.ndarray]:
+    """(lower, upper, rows per chunk, band room per chunk) for a band pass over the (b.shape[0], n) ΔW: the sampled
+    bracket (lower, upper] of its k-th largest |ΔW|, as float32 values of the sample (the kernels compare in
+    float32)."""
+    m = b.shape[0]
+    rows, cols = _sample_positions(m, n)
+    size = len(rows)
+    low, high = sample_bracket(1.0 - k / (m * n), size)
+    sample = kernels.sample(at, b, coef, width, *_mix_arrays(mix), rows, cols)
+    sample.partition([i for i in (low, high) if 0 <= i < size] or [0])
+    # |ΔW| >= 0 > -1, so everything is above a lower bound of -1
+    lower = sample[low] if low >= 0 else np.float32(-1.0)
+    upper = sample[high] if high < size else np.float32(np.inf)
+    chunk_rows = _chunk_rows(m)
+    chunks = (m + chunk_rows - 1) // chunk_rows
+    return lower, upper, chunk_rows, np.full(chunks, _band_capacity((high - low) / size * chunk_rows * n), np.int64)
+
+
+def _offsets(capacity: np.ndarray) -> np.ndarray:
+    """Where each chunk's share of the band starts: the chunks' room laid end to end."""
+    return np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
+
+
+def _kth_in_band(band: np.ndarray, offsets: np.ndarray, inside: np.ndarray, above: np.ndarray, k: int) -> float | None:
+    """The k-th largest |ΔW| from a band pass's gathered entries (magnitudes or signed values) and counts, or None
+    when it lies outside the bracket."""
+    magnitudes = np.abs(np.concatenate([band[o : o + c] for o, c in zip(offsets, inside, strict=True)]))
+    position = magnitudes.size - (k - int(above.sum()))
+    if not 0 <= position < magnitudes.size:
+        return None
+    magnitudes.partition(position)
+    return float(magnitudes[position])
+
+
 def _kth_banded(
     at: np.ndarray, b: np.ndarray, coef: np.ndarray, width: int, mix: Mix | None, n: int, k: int
 ) -> tuple[float, int] | None:
     """(k-th largest |ΔW|, entries in the band) of the (b.shape[0], n) ΔW from a sample bracket and one
     count-and-band pass, or None when the answer lies outside the bracket."""
-    m = b.shape[0]
-    q = 1.0 - k / (m * n)
-    rows, cols = _sample_positions(m, n)
-    size = len(rows)
-    low, high = sample_bracket(q, size)
-    mix_params, stats = _mix_arrays(mix)
-    sample = kernels.sample(at, b, coef, width, mix_params, stats, rows, cols)
-    sample.partition([i for i in (low, high) if 0 <= i < size] or [0])
-    # float32, as the kernel compares them: |ΔW| >= 0 > -1, so everything is above a lower bound of -1
-    lower = sample[low] if low >= 0 else np.float32(-1.0)
-    upper = sample[high] if high < size else np.float32(np.inf)
-    chunk_rows = _chunk_rows(m)
-    chunks = (m + chunk_rows - 1) // chunk_rows
-    capacity = np.full(chunks, _band_capacity((high - low) / size * chunk_rows * n), np.int64)
-    offsets = np.arange(chunks, dtype=np.int64) * capacity
-    band = np.empty(chunks * int(capacity[0]), np.float32)
+    lower, upper, chunk_rows, capacity = _bracket(at, b, coef, width, mix, n, k)
+    chunks = len(capacity)
     above, inside = np.empty(chunks, np.int64), np.empty(chunks, np.int64)
-    bounds = (n, lower, upper, chunk_rows, offsets)
-    kernels.count_band(at, b, coef, width, mix_params, stats, *bounds, capacity, band, above, inside)
-    if (inside > capacity).any():
+    for _ in range(2):  # a chunk whose band overflowed its room is counted again with exactly the room it needs
+        offsets = _offsets(capacity)
+        band = np.empty(int(capacity.sum()), np.float32)
+        bounds = (n, lower, upper, chunk_rows, offsets, capacity)
+        kernels.count_band(at, b, coef, width, *_mix_arrays(mix), *bounds, band, above, inside)
+        if not (inside > capacity).any():
+            break
         capacity = inside.copy()
-        offsets = np.concatenate([[0], np.cumsum(inside)[:-1]])
-        band = np.empty(int(inside.sum()), np.float32)
-        bounds = (n, lower, upper, chunk_rows, offsets)
-        kernels.count_band(at, b, coef, width, mix_params, stats, *bounds, capacity, band, above, inside)
-    band = np.concatenate([band[o : o + c] for o, c in zip(offsets, inside, strict=True)])
-    position = band.size - (k - int(above.sum()))
-    if not 0 <= position < band.size:
-        return None
-    band.partition(position)
-    return float(band[position]), band.size
+    tau = _kth_in_band(band, offsets, inside, above, k)
+    return None if tau is None else (tau, int(inside.sum()))
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
@@ -286,6 +308,52 @@ def merge(
             dtype == torch.bfloat16, _chunk_rows(m),
         )  # fmt: skip
     return out
+
+
+@torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
+def merge_selected(
+    a: Tensor,
+    b: Tensor,
+    coefficients: Tensor,
+    num_pieces: int,
+    mode: str,
+    sparsity: float,
+    base: Tensor | None,
+    dtype: torch.dtype,
+    out: Tensor | None = None,
+    mix: Mix | None = None,
+) -> tuple[Tensor, float]:
+    """(:func:`merge`'s W0 + ΔWˢ, :func:`select_tau`'s τ), bit for bit the same, from one pass over ΔW where S above
+    τ does not depend on τ (the reference and mask modes, on matrices where τ is banded): the pass merges every
+    entry outside the sampled bracket as it will stay and gathers those inside, whose k-th largest magnitude is τ;
+    only they are merged again. The forward then rebuilds ΔW once instead of twice. The soft mode, small matrices
+    and a band that overflows or misses τ (rare) take select_tau and merge."""
+    m, n = b.shape[0], a.shape[0]
+    k = keep_count(m * n, sparsity)
+    code = _mode_code(mode, sparsity, mix)
+    if code in (_MODE_CODES["reference"], _MODE_CODES["mask"]) and k > 0 and m * n >= _BAND_MIN_NUMEL:
+        out = torch.empty((m, n), dtype=dtype) if out is None else out
+        out_bits, _ = _bits(out)
+        base_bits, base_shift = _bits(base) if base is not None else (out_bits[:0], 0)
+        targets = (base_bits, np.uint32(base_shift), base is not None, out_bits, dtype == torch.bfloat16)
+        at, b_np, coef = _factors(a, b, coefficients)
+        width = at.shape[0] // num_pieces
+        with _LOCK:
+            numba.set_num_threads(_threads())
+            lower, upper, chunk_rows, capacity = _bracket(at, b_np, coef[:num_pieces], width, mix, n, k)
+            offsets = _offsets(capacity)
+            band, positions = np.empty(int(capacity.sum()), np.float32), np.empty(int(capacity.sum()), np.int64)
+            above, inside = np.empty(len(capacity), np.int64), np.empty(len(capacity), np.int64)
+            kernels.merge_band(
+                at, b_np, coef[:num_pieces], width, *_mix_arrays(mix), code, lower, upper, *targets, chunk_rows,
+                offsets, capacity, band, positions, above, inside,
+            )  # fmt: skip
+            tau = None if (inside > capacity).any() else _kth_in_band(band, offsets, inside, above, k)
+            if tau is not None:
+                kernels.merge_band_fix(band, positions, offsets, inside, np.float32(tau), code, *targets)
+                return out, tau
+    tau, _ = select_tau(a, b, coefficients, num_pieces, sparsity, mix)
+    return merge(a, b, coefficients, num_pieces, tau, mode, sparsity, base, dtype, out, mix), tau
 
 
 class FactorGrads:

@@ -347,6 +347,76 @@ if numba is not None:
                         values[t] = values[t] + delta[t] * _survivor(delta[t], tau, mode)
                     _store_row(out, j, i0, length, out_bf16, bits)
 
+    @_jit(parallel=True)
+    def merge_band(
+        at, b, coef, width, mix, stats, mode, lower, upper, base, base_shift, has_base, out, out_bf16, chunk_rows,
+        offsets, capacity, band, positions, above, inside,
+    ):  # fmt: skip
+        """merge_rows and count_band in one pass, for the modes whose S above τ does not depend on τ (reference,
+        mask): τ lies in (lower, upper], so every entry above ``upper`` is merged as kept and every one at or below
+        ``lower`` as dropped, as merge_rows would with τ. The entries inside are merged as if τ were ``upper`` and
+        gathered, signed, with their flat positions (as count_band gathers |ΔW|), for :func:`merge_band_fix` to
+        merge again once their k-th largest magnitude gives τ."""
+        m, n = out.shape
+        for c in prange(offsets.shape[0]):
+            dist = np.empty((coef.shape[0], _TILE), np.float32)
+            delta = np.empty(_TILE, np.float32)
+            soft = np.empty(_TILE, np.float32)
+            exp_bits = np.empty(_TILE, np.uint32)
+            bits = np.empty(_TILE, np.uint32)
+            values = bits.view(np.float32)
+            flags = np.zeros(_TILE, np.uint8)
+            words = flags.view(np.uint64)  # flags past a short tile's length are stale: the scan stops at length
+            count_above = 0
+            count_inside = 0
+            for j in range(c * chunk_rows, min((c + 1) * chunk_rows, m)):
+                for i0 in range(0, n, _TILE):
+                    length = min(_TILE, n - i0)
+                    _delta_tile(at, b[j], coef, width, i0, length, dist, delta)
+                    if mix.shape[0] != 0:
+                        _mix_tile(delta, length, i0, mix, stats, soft, exp_bits, delta)
+                    if has_base:
+                        _load_row(base, j, i0, length, base_shift, bits)
+                    else:
+                        for t in range(length):
+                            values[t] = 0.0
+                    tile_above = 0
+                    for t in range(length):
+                        magnitude = abs(delta[t])
+                        tile_above += np.int32(magnitude > upper)
+                        flags[t] = np.uint8(magnitude > lower) & np.uint8(magnitude <= upper)
+                        values[t] = values[t] + delta[t] * _survivor(delta[t], upper, mode)
+                    _store_row(out, j, i0, length, out_bf16, bits)
+                    count_above += tile_above
+                    for word in range((length + 7) // 8):
+                        if words[word] == 0:
+                            continue
+                        for t in range(8 * word, min(8 * word + 8, length)):
+                            if flags[t]:
+                                if count_inside < capacity[c]:
+                                    band[offsets[c] + count_inside] = delta[t]
+                                    positions[offsets[c] + count_inside] = j * n + i0 + t
+                                count_inside += 1
+            above[c] = count_above
+            inside[c] = count_inside
+
+    @_jit(parallel=True)
+    def merge_band_fix(band, positions, offsets, inside, tau, mode, base, base_shift, has_base, out, out_bf16):
+        """Merges again the entries merge_band gathered, now that τ is known: each with the same float32 operations
+        and bf16 rounding as merge_rows, so the whole matrix is what merge_rows writes with τ, bit for bit."""
+        n = out.shape[1]
+        for c in prange(offsets.shape[0]):
+            bits = np.empty(1, np.uint32)
+            value = bits.view(np.float32)
+            for e in range(offsets[c], offsets[c] + inside[c]):
+                j, i = positions[e] // n, positions[e] % n
+                if has_base:
+                    _load_row(base, j, i, 1, base_shift, bits)
+                else:
+                    value[0] = 0.0
+                value[0] = value[0] + band[e] * _survivor(band[e], tau, mode)
+                _store_row(out, j, i, 1, out_bf16, bits)
+
     @_jit
     def _halving_sum(values):
         """Σ values (length a power of two) by halving: every step is an element-wise, vectorised add, in

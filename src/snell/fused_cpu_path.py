@@ -58,13 +58,12 @@ def merged_and_tau(
     for g in range(spec.groups):
         coef, sparsity = group_coefficients(coefficients, g), spec.sparsity_of(g)
         mix = _mix(spec, a_g[g], b_g[g], coef)
-        tau = -math.inf
-        if not spec.dense(g):
-            tau, _ = fused_cpu.select_tau(a_g[g], b_g[g], coef, spec.num_pieces, sparsity, mix)
-        fused_cpu.merge(
-            a_g[g], b_g[g], coef, spec.num_pieces, tau, spec.mode, sparsity,
-            None if base is None else base[g], dtype, out=merged[g], mix=mix,
-        )  # fmt: skip
+        targets = (None if base is None else base[g], dtype, merged[g], mix)
+        if spec.dense(g):
+            tau = -math.inf
+            fused_cpu.merge(a_g[g], b_g[g], coef, spec.num_pieces, tau, spec.mode, sparsity, *targets)
+        else:
+            _, tau = fused_cpu.merge_selected(a_g[g], b_g[g], coef, spec.num_pieces, spec.mode, sparsity, *targets)
         selections.append(_selection(tau, mix))
     return merged, torch.stack(selections).unsqueeze(1)
 
