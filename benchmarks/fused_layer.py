@@ -13,13 +13,17 @@ GEMM) is timed the same way.
     python -m benchmarks.fused_layer --kernel mixk --sweep 768x768 3072x768   # SNELLA's kernel, (α, γ, β) trained
 
 ``--sweep`` times forward + backward alone for each out×in shape (the other options apply to all), one table
-row per shape: where the fused path starts to pay (snell.dispatch's ``_FUSED_FROM``).
+row per shape: where the fused path starts to pay (snell.dispatch's ``_FUSED_FROM``). A shape out×in×kh×kw is a
+Conv2d with 'same' padding over images of 28×28 positions, as many as ``--tokens`` positions make (at least one).
+
+    python -m benchmarks.fused_layer --sweep 64x64x3x3 512x128x1x1 --tokens 6272 --dtype float32   # batch 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -28,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from benchmarks.run import TIMED_ENV
 from snell import fused_cpu
@@ -37,26 +41,46 @@ from snell.layers import init_factors
 from snell.spec import SnellSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+IMAGE = 28  # a Conv2d's input side in a sweep
 
 
 Step = Callable[[], None]
 
 
+def _layer_input(weight_shape: tuple[int, ...], tokens: int, dtype: torch.dtype) -> Tensor:
+    """The input of a Linear (tokens, in), or of a Conv2d (tokens / IMAGE² images of IMAGE² positions)."""
+    if len(weight_shape) == 2:
+        return torch.randn(tokens, weight_shape[1], dtype=dtype, requires_grad=True)
+    return torch.randn(max(1, tokens // IMAGE**2), weight_shape[1], IMAGE, IMAGE, dtype=dtype, requires_grad=True)
+
+
 def _snell_layer(
-    m: int, n: int, rank: int, tokens: int, dtype: torch.dtype, sparsity: float, kernel: str = "piecewise_linear"
+    weight_shape: tuple[int, ...],
+    rank: int,
+    tokens: int,
+    dtype: torch.dtype,
+    sparsity: float,
+    kernel: str = "piecewise_linear",
 ) -> tuple[Step, Step]:
-    """(forward + backward, forward alone) of a SNELL Linear with a frozen W0 and no bias; for mixk its (α, γ, β)
-    train, as in a SNELLA layer (the piecewise coefficients stay fixed in both)."""
-    weight = nn.Parameter(torch.randn(m, n, dtype=dtype) * 0.02, requires_grad=False)
+    """(forward + backward, forward alone) of a SNELL Linear (out, in) or Conv2d (out, in, kh, kw; 'same' padding)
+    with a frozen W0 and no bias; for mixk its (α, γ, β) train, as in a SNELLA layer (the piecewise coefficients
+    stay fixed in both)."""
+    m, n = weight_shape[0], math.prod(weight_shape[1:])
+    weight = nn.Parameter(torch.randn(weight_shape, dtype=dtype) * 0.02, requires_grad=False)
     a = nn.Parameter(torch.empty(n, rank, dtype=dtype))
     b = nn.Parameter(torch.empty(m, rank, dtype=dtype))
     init_factors(a, b, num_pieces=2)
     coefficients = torch.tensor([0.1, -0.1])
     if kernel == "mixk":  # one (α, γ, β) row per adapter group, at the authors' initial values
         coefficients = nn.Parameter(torch.tensor([[0.1, -0.1, 1.0, 1.0, 0.0]]))
-    spec = SnellSpec("linear", (m, n), kernel, 2, "reference", sparsity)
-    x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
-    grad = torch.randn(tokens, m, dtype=dtype)
+    if len(weight_shape) == 2:
+        spec = SnellSpec("linear", weight_shape, kernel, 2, "reference", sparsity)
+    else:
+        padding = (weight_shape[2] // 2, weight_shape[3] // 2)
+        spec = SnellSpec("conv2d", weight_shape, kernel, 2, "reference", sparsity, padding=padding)
+    x = _layer_input(weight_shape, tokens, dtype)
+    with torch.no_grad():
+        grad = torch.randn_like(FusedSnell.apply(x, weight, None, a, b, coefficients, spec))
 
     def step() -> None:
         x.grad = a.grad = b.grad = coefficients.grad = None  # as optimizer.zero_grad(set_to_none=True) leaves them
@@ -69,11 +93,16 @@ def _snell_layer(
     return step, forward
 
 
-def _plain_layer(m: int, n: int, tokens: int, dtype: torch.dtype) -> tuple[Step, Step]:
-    """(forward + backward, forward alone) of a plain Linear with a trainable weight."""
-    layer = nn.Linear(n, m, bias=False, dtype=dtype)
-    x = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
-    grad = torch.randn(tokens, m, dtype=dtype)
+def _plain_layer(weight_shape: tuple[int, ...], tokens: int, dtype: torch.dtype) -> tuple[Step, Step]:
+    """(forward + backward, forward alone) of a plain Linear or Conv2d with a trainable weight."""
+    if len(weight_shape) == 2:
+        layer = nn.Linear(weight_shape[1], weight_shape[0], bias=False, dtype=dtype)
+    else:
+        out, inputs, kh, kw = weight_shape
+        layer = nn.Conv2d(inputs, out, (kh, kw), padding=(kh // 2, kw // 2), bias=False, dtype=dtype)
+    x = _layer_input(weight_shape, tokens, dtype)
+    with torch.no_grad():
+        grad = torch.randn_like(layer(x))
 
     def step() -> None:
         x.grad = layer.weight.grad = None
@@ -127,12 +156,16 @@ def sweep(
     """One row per out×in shape: medians of forward + backward on each path, and the per-round ratios."""
     rows = []
     for shape in shapes:
-        m, n = (int(side) for side in shape.lower().split("x"))
-        snell_step, _ = _snell_layer(m, n, rank, tokens, dtype, sparsity, kernel)
-        plain_step, _ = _plain_layer(m, n, tokens, dtype)
+        weight_shape = tuple(int(side) for side in shape.lower().split("x"))
+        if len(weight_shape) not in (2, 4):
+            raise SystemExit(f"a --sweep shape is OUTxIN or OUTxINxKHxKW, got {shape!r}")
+        m, n = weight_shape[0], math.prod(weight_shape[1:])
+        snell_step, _ = _snell_layer(weight_shape, rank, tokens, dtype, sparsity, kernel)
+        plain_step, _ = _plain_layer(weight_shape, tokens, dtype)
         steps = {"torch": _with_kernels("torch", snell_step), "fused": _with_kernels("fused", snell_step)}
         times = paired({**steps, "plain": plain_step}, rounds)
-        row = {"shape": f"{m}x{n}", "numel": m * n, "tokens": tokens, "dtype": str(dtype).removeprefix("torch.")}
+        row = {"shape": "x".join(map(str, weight_shape)), "numel": m * n, "tokens": tokens}
+        row["dtype"] = str(dtype).removeprefix("torch.")
         row["kernel"], row["rank"] = kernel, rank
         row |= {f"{name}_ms": statistics.median(values) * 1e3 for name, values in times.items()}
         row["torch_over_fused"] = statistics.median(
@@ -158,7 +191,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--kernel", choices=("piecewise_linear", "mixk"), default="piecewise_linear")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--sweep", nargs="+", metavar="OUTxIN", help="time fwd + bwd for each of these shapes")
+    parser.add_argument(
+        "--sweep", nargs="+", metavar="OUTxIN", help="time fwd + bwd for each of these shapes (OUTxINxKHxKW: a Conv2d)"
+    )
     parser.add_argument("--out", help="with --sweep: write the rows as JSON here")
     args = parser.parse_args()
     if any(os.environ.get(name) != value for name, value in TIMED_ENV.items()):
@@ -182,8 +217,8 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps({"load_average": [load, os.getloadavg()[0]], "rows": rows}, indent=1))
         return
-    snell_step, snell_forward = _snell_layer(m, n, args.rank, args.tokens, dtype, args.sparsity, args.kernel)
-    plain_step, plain_forward = _plain_layer(m, n, args.tokens, dtype)
+    snell_step, snell_forward = _snell_layer((m, n), args.rank, args.tokens, dtype, args.sparsity, args.kernel)
+    plain_step, plain_forward = _plain_layer((m, n), args.tokens, dtype)
     steps = {
         "torch": _with_kernels("torch", snell_step),
         "fused": _with_kernels("fused", snell_step),

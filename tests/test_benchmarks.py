@@ -195,13 +195,15 @@ def test_fused_layer_sweep_writes_one_row_per_shape(tmp_path: Path) -> None:
     pytest.importorskip("numba")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(Path(ROOT) / "src")])}
     out = tmp_path / "sweep.json"
-    args = ["--sweep", "48x32", "96x64", "--tokens", "4", "--rounds", "2", "--dtype", "float32", "--out", str(out)]
+    shapes = ["48x32", "96x64", "8x4x3x3"]  # the last a Conv2d
+    args = ["--sweep", *shapes, "--tokens", "4", "--rounds", "2", "--dtype", "float32", "--out", str(out)]
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.fused_layer", *args], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["shape"], row["numel"], row["tokens"]) for row in rows] == [("48x32", 1536, 4), ("96x64", 6144, 4)]
+    expected = [("48x32", 1536, 4), ("96x64", 6144, 4), ("8x4x3x3", 288, 4)]
+    assert [(row["shape"], row["numel"], row["tokens"]) for row in rows] == expected
     assert all(row[f"{name}_ms"] > 0 for row in rows for name in ("torch", "fused", "plain"))
 
 
