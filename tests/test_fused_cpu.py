@@ -351,19 +351,20 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(vit, cpu, 8, torch.float32) == "fused_cpu"  # ViT-B's smallest matrix, measured faster
     assert kernel_path(_spec(shape=(2304, 768), groups=3), cpu, 8, torch.float32) == "fused_cpu"  # ViT-B's q/k/v
     assert kernel_path(big, cpu, 16, torch.float32) == "fused_cpu"
-    assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: measured faster from 2^19
+    assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece
     assert kernel_path(big, cpu, 64, torch.float32) == "torch"  # wider: not measured
-    assert kernel_path(vit, cpu, 16, torch.float32) == "fused_cpu"  # 8 columns a piece: faster from 2^18
-    assert kernel_path(vit, cpu, 32, torch.float32) == "fused_cpu"  # 16 columns a piece: a tie here, faster above
-    assert kernel_path(_spec(shape=(576, 576)), cpu, 8, torch.bfloat16) == "fused_cpu"  # SmolLM2's q/o: 1.16x
-    assert kernel_path(_spec(shape=(576, 576)), cpu, 32, torch.bfloat16) == "torch"  # 0.98x at 16 columns a piece
-    assert kernel_path(small, cpu, 8, torch.float32) == "torch"  # SmolLM2's k/v: only 1.05x
+    assert kernel_path(vit, cpu, 16, torch.float32) == "fused_cpu"
+    assert kernel_path(vit, cpu, 32, torch.float32) == "fused_cpu"
+    assert kernel_path(_spec(shape=(576, 576)), cpu, 32, torch.bfloat16) == "fused_cpu"  # SmolLM2's q/o: 1.21x
+    assert kernel_path(small, cpu, 32, torch.float32) == "fused_cpu"  # SmolLM2's k/v: 1.53x
+    assert kernel_path(_spec(shape=(128, 128)), cpu, 8, torch.float32) == "fused_cpu"  # 16 Ki entries: 1.13-1.32x
+    assert kernel_path(_spec(shape=(127, 128)), cpu, 8, torch.float32) == "torch"  # fewer: not measured
     assert kernel_path(big, cpu, 8, torch.float64) == "torch"
     assert kernel_path(big, cpu, 8, torch.float16) == "torch"
     assert kernel_path(big, torch.device("meta"), 8, torch.float32) == "torch"
     assert kernel_path(_spec(op="linear_t", shape=(4096, 4096)), cpu, 8, torch.float32) == "torch"
     monkeypatch.setenv("SNELL_KERNELS", "fused")
-    assert kernel_path(small, cpu, 8, torch.float32) == "fused_cpu"
+    assert kernel_path(_spec(shape=(127, 128)), cpu, 8, torch.float32) == "fused_cpu"
     assert kernel_path(big, cpu, 32, torch.float32) == "fused_cpu"
     monkeypatch.setenv("SNELL_KERNELS", "torch")
     assert kernel_path(big, cpu, 8, torch.float32) == "torch"

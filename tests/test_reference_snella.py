@@ -84,7 +84,7 @@ def test_outputs_support_and_gradients_equal_the_authors_module(sparsity):
 def test_mask_mode_at_sparsity_zero_is_the_authors_dense_mixk_module(kernels):
     # Their caltech, svhn and cars scripts train MixK: the mixed kernel, never sparsified (no |ΔW| factor, no
     # dropped entry). Ours at sparsity 0 in mask mode keeps every entry as it is, on either path (the fused
-    # kernels run in float32, and from 2^18 entries: 700×400).
+    # kernels run in float32).
     ours, theirs = _pair(0.0, m=700, n=400, mode="mask", module=ref.ReferenceMixK)
     if kernels == "fused":
         ours.float()

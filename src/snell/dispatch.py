@@ -21,12 +21,12 @@ CHOICES = ("auto", "torch", "fused", "triton")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Where the fused CPU path is the default: (fewest entries per matrix, widest piece r / P) rows, any of which
 # may match. Only where it was measured faster than the torch path (benchmarks/results/fused_cpu/results.md,
-# fwd + bwd of one layer, paired in one process; the last sweep after the count pass's vectorised band and the
-# backward's survivors-only reduction). r = 8 and 16 (widths 4 and 8): 1.07-1.46× from SmolLM2's 576×576 (0.32 Mi
-# entries) through ViT-B's and SmolLM2's other matrices, 1.8-2.2× at LLaMA's (bf16, 1024 tokens); ViT-B's 768×768
-# at r = 16 a wash (0.98×); SmolLM2's 192×576 (0.11 Mi) only 1.05×. r = 32 (width 16): 1.13-1.25× from 0.84 Mi
-# (SmolLM2's MLP, ViT-B's) up, 1.65× at LLaMA's, a tie at 768×768 and 1024×1024, 0.97× below.
-_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 18, 8), (1 << 19, 16))
+# fwd + bwd of one layer, paired in one process; the last sweep after the forward's one-pass selection and merge
+# and the banded selection on small matrices). Every shape measured, r = 8, 16 and 32 (widths 4 to 16): Linear
+# 1.13-1.53× from 16 Ki entries (64×256, 128×128) through SmolLM2's matrices (192×576 1.47-1.53×, 576×576
+# 1.21-1.25×), 1.06-1.20× at ViT-B's fp32 ones; Conv2d 0.99-1.10× from 16 Ki (the convolution dominates); mixk
+# 1.08-1.17×. Wider pieces were not measured.
+_FUSED_FROM: tuple[tuple[int, int], ...] = ((1 << 14, 16),)
 
 
 # The Triton kernels are not the default on CUDA until a GPU has measured them faster than the torch path:
