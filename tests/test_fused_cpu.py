@@ -20,6 +20,7 @@ from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kerne
 import snell
 import snell.function
 import snell.fused_cpu_path
+import snell.io
 import snell.spec
 from snell import fallback, fused_cpu
 from snell import fused_cpu_kernels as kernels
@@ -342,6 +343,22 @@ def test_bf16_layer_on_the_fused_path_saves_nothing_m_by_n():
     assert out.dtype == torch.bfloat16 and max(saved) < 600 * 300
     out.float().sum().backward()
     assert a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad.float()).all()
+
+
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "mixk"])
+def test_fused_passes_leave_the_layers_tensors_resizable(kernel):
+    # FSDP frees a layer's gathered parameters by resizing their storage to 0; Tensor.numpy() marks a storage
+    # non-resizable for good, and a 2-process --fsdp run failed at its first reshard once small layers ran fused.
+    spec = SnellSpec("linear", (600, 300), kernel, 2, "reference", 0.9)
+    x, weight, _, a, b, coef = _inputs(spec)
+    coef = torch.tensor([[0.1, -0.1, 1.0, 1.0, 0.0]]) if kernel == "mixk" else coef
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, coef)]
+    with snell_kernels("fused"):
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "fused_cpu"
+        FusedSnell.apply(leaves[0], weight, None, *leaves[1:], spec).sum().backward()
+    assert all(t.untyped_storage().resizable() for t in (weight, *leaves))
+    snell.io.tensors_digest({"a": leaves[1], "weight": weight})  # the trained tensors' fingerprint, after training
+    assert weight.untyped_storage().resizable() and leaves[1].untyped_storage().resizable()
 
 
 def test_kernel_path_dispatch(monkeypatch):

@@ -93,12 +93,19 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
+def _array(t: Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's memory that leaves the tensor's storage resizable. ``Tensor.numpy()`` marks a
+    storage non-resizable for good, and FSDP frees a layer's gathered parameters by resizing their storage to 0:
+    after one fused pass over W0, A or B its next reshard failed."""
+    return np.from_dlpack(t.detach())
+
+
 def _bits(t: Tensor) -> tuple[np.ndarray, int]:
     """A float32 or bfloat16 CPU tensor as its raw bits (uint32 / uint16 numpy, no copy) and the shift that
     widens them to float32 bits."""
     if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy(), 16
-    return t.view(torch.int32).numpy().view(np.uint32), 0
+        return _array(t.view(torch.uint16)), 16
+    return _array(t.view(torch.int32)).view(np.uint32), 0
 
 
 def _padded_stride(n: int) -> int:
@@ -115,8 +122,8 @@ def _factors(a: Tensor, b: Tensor, coefficients: Tensor) -> tuple[np.ndarray, np
     float32 numpy arrays. The kernels take n from B's partner arrays, never from Aᵀ's shape."""
     n, r = a.shape
     at = np.zeros((r, _padded_stride(n)), np.float32)
-    at[:, :n] = a.detach().to(torch.float32).T.numpy()
-    return at, b.detach().to(torch.float32).contiguous().numpy(), coefficients.detach().to(torch.float32).numpy()
+    at[:, :n] = _array(a.to(torch.float32).T)
+    return at, _array(b.to(torch.float32).contiguous()), _array(coefficients.to(torch.float32))
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ def mix_stats(a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int) -> Mi
 def mix_from_stats(coefficients: Tensor, num_pieces: int, stats: np.ndarray) -> Mix:
     """The :class:`Mix` of a matrix whose column statistics :func:`mix_stats` gave earlier for the same factors:
     the forward's, kept for the backward instead of another pass over ΔW."""
-    params = coefficients.detach().to(torch.float32).numpy()[num_pieces:]
+    params = _array(coefficients.to(torch.float32))[num_pieces:]
     return Mix(np.ascontiguousarray(params), np.ascontiguousarray(stats, np.float32))
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -68,7 +69,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         tensor = tensors[key].detach().cpu().contiguous()
         digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(np.from_dlpack(tensor.reshape(-1).view(torch.uint8)))  # .numpy() would pin a parameter's storage
     return digest.hexdigest()
 
 
