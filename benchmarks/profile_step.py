@@ -29,8 +29,10 @@ from snell import fused_cpu, fused_cpu_kernels, fused_cpu_path
 FUSED_PASSES = (
     (fused_cpu_path, "merged_and_tau", "forward, fused path"),
     (fused_cpu, "mix_stats", "  mixk column statistics"),
-    (fused_cpu, "select_tau", "  tau: sample, count and band"),
-    (fused_cpu, "merge", "  merge"),
+    (fused_cpu, "merge_selected", "  tau and merge"),
+    (fused_cpu_kernels, "merge_band", "    their one pass over ΔW (reference and mask modes)"),
+    (fused_cpu, "select_tau", "    tau alone: sample, count and band (soft mode)"),
+    (fused_cpu, "merge", "    merge alone (soft mode, dense matrices)"),
     (fused_cpu_path, "backward", "backward, fused path (with the dW and dx GEMMs)"),
     (fused_cpu_kernels, "mix_column_grads", "  mixk column sums"),
     (fused_cpu_kernels, "backward_rows", "  gradient pass"),

@@ -226,6 +226,30 @@ def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_proje
     assert row["step_s"] > 0 and len(row["step_times"]) == 1 and row["peak_mb"] >= 0
 
 
+def test_smollm2_step_rounds_run_in_turns_and_judge_the_median_ratio(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import smollm2_step
+
+    calls = []
+    # lora8, snell8 | snell8, lora8 | lora8, snell8: SNELL-8 / LoRA-8 1.5, 2.0 and 1.1 in the three rounds
+    seconds = iter([2.0, 3.0, 4.0, 2.0, 2.0, 2.2])
+
+    def timed(module, args, *rest):
+        calls.append(args[args.index("--method") + 1])
+        step = next(seconds)
+        return {"step_s": step, "step_times": [step], "peak_mb": 100.0 if calls[-1] == "lora8" else 70.0}, "ok"
+
+    monkeypatch.setattr(smollm2_step, "measure", lambda module, args, warmup, steps, timeout: timed(module, args))
+    monkeypatch.setattr(smollm2_step, "run_worker", timed)
+    rows = smollm2_step.drive(["lora8", "snell8"], 4, 256, 1, 3, 60.0, rounds=3)
+    assert calls == ["lora8", "snell8", "snell8", "lora8", "lora8", "snell8"]
+    by_method = {row["round_steps"][0]: row for row in rows}
+    assert by_method[2.0]["round_steps"] == [2.0, 2.0, 2.0] and by_method[3.0]["round_steps"] == [3.0, 4.0, 2.2]
+    assert by_method[3.0]["step_s"] == 3.0
+    assert "snell8 / lora8: step 1.500 (target <= 1.15: MISS), peak 0.700" in capsys.readouterr().out
+
+
 def test_fused_passes_are_timed_per_step_and_given_back_untouched(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("numba")
     from benchmarks import profile_step
@@ -233,11 +257,12 @@ def test_fused_passes_are_timed_per_step_and_given_back_untouched(capsys: pytest
 
     originals = [getattr(module, name) for module, name, _ in profile_step.FUSED_PASSES]
     a, b, coef = torch.rand(300, 8), torch.rand(500, 8), torch.tensor([0.1, -0.1])
-    profile_step.time_fused_passes(lambda: fused_cpu.select_tau(a, b, coef, 2, 0.9), steps=2)
+    profile_step.time_fused_passes(lambda: fused_cpu.merge_selected(a, b, coef, 2, "mask", 0.9, None, a.dtype), 2)
     rows = {}
     for line in capsys.readouterr().out.splitlines():
         label, value, _ = line.rsplit(None, 2)
         rows[label.strip()] = float(value)
-    assert rows["tau: sample, count and band"] > 0.0 and rows["merge"] == 0.0
-    assert rows["whole step"] >= rows["tau: sample, count and band"]
+    one_pass = "their one pass over ΔW (reference and mask modes)"
+    assert rows["tau and merge"] >= rows[one_pass] > 0.0 and rows["merge alone (soft mode, dense matrices)"] == 0.0
+    assert rows["whole step"] >= rows["tau and merge"]
     assert [getattr(module, name) for module, name, _ in profile_step.FUSED_PASSES] == originals
