@@ -250,6 +250,15 @@ def test_smollm2_step_rounds_run_in_turns_and_judge_the_median_ratio(
     assert "snell8 / lora8: step 1.500 (target <= 1.15: MISS), peak 0.700" in capsys.readouterr().out
 
 
+def test_fused_forward_times_both_ways_and_checks_they_agree() -> None:
+    pytest.importorskip("numba")
+    from benchmarks.fused_forward import compare
+
+    for dtype in (torch.float32, torch.bfloat16):
+        row = compare(100, 300, 8, dtype, "mask", 0.9, rounds=2)
+        assert row["identical"] and row["two_passes_ms"] > 0 and row["one_pass_ms"] > 0 and row["speedup"] > 0
+
+
 def test_fused_passes_are_timed_per_step_and_given_back_untouched(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("numba")
     from benchmarks import profile_step
