@@ -304,17 +304,25 @@ def merge(
     written into ``out`` if given. ``base`` is the (m, n) W0 in float32 or bfloat16, row-contiguous."""
     at, b_np, coef = _factors(a, b, coefficients)
     m, n = b_np.shape[0], a.shape[0]
-    out = torch.empty((m, n), dtype=dtype) if out is None else out
-    out_bits, _ = _bits(out)
-    base_bits, base_shift = _bits(base) if base is not None else (out_bits[:0], 0)
+    out, targets = _merge_targets(m, n, base, dtype, out)
     with _LOCK:
         numba.set_num_threads(_threads())
         kernels.merge_rows(
             at, b_np, coef[:num_pieces], at.shape[0] // num_pieces, *_mix_arrays(mix), np.float32(tau),
-            _mode_code(mode, sparsity, mix), base_bits, np.uint32(base_shift), base is not None, out_bits,
-            dtype == torch.bfloat16, _chunk_rows(m),
+            _mode_code(mode, sparsity, mix), *targets, _chunk_rows(m),
         )  # fmt: skip
     return out
+
+
+def _merge_targets(
+    m: int, n: int, base: Tensor | None, dtype: torch.dtype, out: Tensor | None
+) -> tuple[Tensor, tuple[np.ndarray, np.uint32, bool, np.ndarray, bool]]:
+    """The (m, n) merged matrix (``out``, or a new one) and what a merging kernel takes for W0 and it: W0's bits and
+    their shift, whether there is a W0, the matrix's bits and whether they are bf16."""
+    out = torch.empty((m, n), dtype=dtype) if out is None else out
+    out_bits, _ = _bits(out)
+    base_bits, base_shift = _bits(base) if base is not None else (out_bits[:0], 0)
+    return out, (base_bits, np.uint32(base_shift), base is not None, out_bits, dtype == torch.bfloat16)
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
@@ -339,10 +347,7 @@ def merge_selected(
     k = keep_count(m * n, sparsity)
     code = _mode_code(mode, sparsity, mix)
     if code in (_MODE_CODES["reference"], _MODE_CODES["mask"]) and k > 0 and m * n >= _BAND_MIN_NUMEL:
-        out = torch.empty((m, n), dtype=dtype) if out is None else out
-        out_bits, _ = _bits(out)
-        base_bits, base_shift = _bits(base) if base is not None else (out_bits[:0], 0)
-        targets = (base_bits, np.uint32(base_shift), base is not None, out_bits, dtype == torch.bfloat16)
+        out, targets = _merge_targets(m, n, base, dtype, out)
         at, b_np, coef = _factors(a, b, coefficients)
         width = at.shape[0] // num_pieces
         with _LOCK:
