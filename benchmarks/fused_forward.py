@@ -14,12 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.fused_layer import paired
 from snell import fused_cpu
 from snell.layers import init_factors
 
@@ -43,15 +43,7 @@ def compare(m: int, n: int, rank: int, dtype: torch.dtype, mode: str, sparsity: 
     def one_pass() -> None:
         _, taus["one pass"] = fused_cpu.merge_selected(a, b, coef, 2, mode, sparsity, base, dtype, outputs["one pass"])
 
-    ways = {"two passes": two_passes, "one pass": one_pass}
-    for way in ways.values():  # warm-up: compiles, allocator
-        way()
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for r in range(rounds):
-        for name in ways if r % 2 == 0 else reversed(ways):
-            start = time.perf_counter()
-            ways[name]()
-            times[name].append(time.perf_counter() - start)
+    times = paired({"two passes": two_passes, "one pass": one_pass}, rounds)
     same = taus["two passes"] == taus["one pass"] and torch.equal(
         *(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32) for out in outputs.values())
     )
