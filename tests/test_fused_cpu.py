@@ -390,6 +390,18 @@ def test_kernel_path_dispatch(monkeypatch):
         kernel_path(big, cpu, 8, torch.float32)
 
 
+def test_the_compile_check_runs_every_kernel(monkeypatch):
+    # available() promises that a kernel that fails to compile sends the layers to the torch path, so the check must
+    # run every kernel a pass can call: the public ones of fused_cpu_kernels.
+    names = [name for name, value in vars(kernels).items() if not name.startswith("_") and hasattr(value, "signatures")]
+    ran = set()
+    for name in names:
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, _kernel=kernel, _name=name: ran.add(_name) or _kernel(*args))
+    monkeypatch.setattr(fused_cpu, "_compiles", fused_cpu._compiles.__wrapped__)
+    assert fused_cpu._compiles() and "merge_band" in names and ran == set(names)
+
+
 def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused_cpu, "numba", None)
     monkeypatch.setattr(fallback, "_said", set())

@@ -70,8 +70,10 @@ def _compiles() -> bool:
         base = torch.zeros(90, 100)
         for coef in (torch.tensor([0.1, -0.1]), torch.tensor([0.1, -0.1, 1.0, 1.0, 0.0])):  # piecewise, mixk
             mix = mix_stats(a, b, coef, 2) if len(coef) > 2 else None
-            merged, tau = merge_selected(a, b, coef, 2, "reference", 0.5, base, torch.float32, mix=mix)
+            merged, _ = merge_selected(a, b, coef, 2, "reference", 0.5, base, torch.float32, mix=mix)
+            tau, _ = select_tau(a, b, coef, 2, 0.5, mix)  # the count-and-band pass, for the soft mode
             merge(a, b, coef, 2, tau, "reference", 0.5, base, torch.float32, merged, mix)
+            dense_delta(a, b, coef, 2, mix)  # the dense ΔW small matrices select τ on
             grads = FactorGrads(a, b, coef, 2, True, mix)
             grads.add_rows(tau, "reference", 0.5, 0, torch.ones(90, 100), base, merged)
     except Exception as err:  # any compile or runtime failure means: use the torch path
