@@ -230,7 +230,7 @@ def _two_pass_merge(a, b, coef, mode, sparsity, base, dtype, mix=None):
 
 
 def _refuse(*args, **kwargs):
-    raise AssertionError("the one-pass route should not have needed the two passes")
+    raise AssertionError("the one-pass route should not have needed this")
 
 
 @pytest.mark.parametrize("rank", [8, 32])
@@ -251,10 +251,12 @@ def test_the_one_pass_merge_writes_what_select_tau_and_merge_write(n, mode, spar
         assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
 
 
-def test_the_one_pass_merge_redoes_an_overflowing_band_in_two(monkeypatch):
+def test_the_one_pass_merge_redoes_an_overflowing_band_with_exact_room(monkeypatch):
     _, weight, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=4)
     tau, merged = _two_pass_merge(a, b, coef, "reference", 0.9, weight, torch.float32)
     monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: 1)
+    monkeypatch.setattr(fused_cpu, "select_tau", _refuse)
+    monkeypatch.setattr(fused_cpu, "merge", _refuse)
     ours, our_tau = fused_cpu.merge_selected(a, b, coef, 2, "reference", 0.9, weight, torch.float32)
     assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
 
@@ -266,6 +268,7 @@ def test_the_one_pass_merge_recovers_from_a_sample_that_misses(monkeypatch):
     tau, merged = _two_pass_merge(a, b, coef, "mask", 0.9, weight, torch.bfloat16)
     rows, cols = fused_cpu._sample_positions(600, 400)
     monkeypatch.setattr(fused_cpu, "_sample_positions", lambda m, n: (rows * 0, cols))
+    monkeypatch.setattr(fused_cpu, "select_tau", _refuse)  # its own pass would miss in the same way
     ours, our_tau = fused_cpu.merge_selected(a, b, coef, 2, "mask", 0.9, weight, torch.bfloat16)
     assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
     _assert_exact_top_k(a, b, coef, 0.9, our_tau)

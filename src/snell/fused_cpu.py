@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,18 +248,32 @@ def _kth_banded(
     """(k-th largest |ΔW|, entries in the band) of the (b.shape[0], n) ΔW from a sample bracket and one
     count-and-band pass, or None when the answer lies outside the bracket."""
     lower, upper, chunk_rows, capacity = _bracket(at, b, coef, width, mix, n, k)
-    chunks = len(capacity)
-    above, inside = np.empty(chunks, np.int64), np.empty(chunks, np.int64)
-    for _ in range(2):  # a chunk whose band overflowed its room is counted again with exactly the room it needs
-        offsets = _offsets(capacity)
-        band = np.empty(int(capacity.sum()), np.float32)
-        bounds = (n, lower, upper, chunk_rows, offsets, capacity)
+
+    def count(offsets: np.ndarray, room: np.ndarray, above: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray]:
+        band = np.empty(int(room.sum()), np.float32)
+        bounds = (n, lower, upper, chunk_rows, offsets, room)
         kernels.count_band(at, b, coef, width, *_mix_arrays(mix), *bounds, band, above, inside)
-        if not (inside > capacity).any():
-            break
-        capacity = inside.copy()
+        return (band,)
+
+    offsets, above, inside, (band,) = _band_pass(capacity, count)
     tau = _kth_in_band(band, offsets, inside, above, k)
     return None if tau is None else (tau, int(inside.sum()))
+
+
+def _band_pass(
+    capacity: np.ndarray, run: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, ...]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """(offsets, above, inside, what ``run`` gathered) of a band pass, ``run(offsets, room, above, inside)``, which
+    allocates its band for ``room`` per chunk and fills the counts. A chunk whose band overflowed its room is run
+    again with exactly the room each chunk needs (the counts do not change, so once is enough)."""
+    above, inside = np.empty(len(capacity), np.int64), np.empty(len(capacity), np.int64)
+    offsets = _offsets(capacity)
+    gathered = run(offsets, capacity, above, inside)
+    if (inside > capacity).any():
+        capacity = inside.copy()
+        offsets = _offsets(capacity)
+        gathered = run(offsets, capacity, above, inside)
+    return offsets, above, inside, gathered
 
 
 @torch.compiler.disable  # numpy and numba: torch.compile runs it as it is
@@ -343,8 +358,9 @@ def merge_selected(
     """(:func:`merge`'s W0 + ΔWˢ, :func:`select_tau`'s τ), bit for bit the same, from one pass over ΔW where S above
     τ does not depend on τ (the reference and mask modes, on matrices where τ is banded): the pass merges every
     entry outside the sampled bracket as it will stay and gathers those inside, whose k-th largest magnitude is τ;
-    only they are merged again. The forward then rebuilds ΔW once instead of twice. The soft mode, small matrices
-    and a band that overflows or misses τ (rare) take select_tau and merge."""
+    only they are merged again. The forward then rebuilds ΔW once instead of twice. A chunk whose band overflows its
+    room is redone with exact room, as in select_tau; a sample that misses τ (rare) selects on the dense ΔW and
+    merges in a second pass; the soft mode and small matrices take select_tau and merge."""
     m, n = b.shape[0], a.shape[0]
     k = keep_count(m * n, sparsity)
     code = _mode_code(mode, sparsity, mix)
@@ -355,18 +371,26 @@ def merge_selected(
         with _LOCK:
             numba.set_num_threads(_threads())
             lower, upper, chunk_rows, capacity = _bracket(at, b_np, coef[:num_pieces], width, mix, n, k)
-            offsets = _offsets(capacity)
-            band, positions = np.empty(int(capacity.sum()), np.float32), np.empty(int(capacity.sum()), np.int64)
-            above, inside = np.empty(len(capacity), np.int64), np.empty(len(capacity), np.int64)
-            kernels.merge_band(
-                at, b_np, coef[:num_pieces], width, *_mix_arrays(mix), code, lower, upper, *targets, chunk_rows,
-                offsets, capacity, band, positions, above, inside,
-            )  # fmt: skip
-            tau = None if (inside > capacity).any() else _kth_in_band(band, offsets, inside, above, k)
+
+            def merge_and_gather(
+                offsets: np.ndarray, room: np.ndarray, above: np.ndarray, inside: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+                band, positions = np.empty(int(room.sum()), np.float32), np.empty(int(room.sum()), np.int64)
+                kernels.merge_band(
+                    at, b_np, coef[:num_pieces], width, *_mix_arrays(mix), code, lower, upper, *targets, chunk_rows,
+                    offsets, room, band, positions, above, inside,
+                )  # fmt: skip
+                return band, positions
+
+            offsets, above, inside, (band, positions) = _band_pass(capacity, merge_and_gather)
+            tau = _kth_in_band(band, offsets, inside, above, k)
             if tau is not None:
                 kernels.merge_band_fix(band, positions, offsets, inside, np.float32(tau), code, *targets)
                 return out, tau
-    tau, _ = select_tau(a, b, coefficients, num_pieces, sparsity, mix)
+        # the sample missed τ (rare): select on the dense ΔW, as select_tau would after its own pass missed too
+        tau = _kth_from_dense(a, b, coefficients, num_pieces, k, mix)
+    else:
+        tau, _ = select_tau(a, b, coefficients, num_pieces, sparsity, mix)
     return merge(a, b, coefficients, num_pieces, tau, mode, sparsity, base, dtype, out, mix), tau
 
 
