@@ -405,6 +405,14 @@ def test_the_compile_check_runs_every_kernel(monkeypatch):
     assert fused_cpu._compiles() and "merge_band" in names and ran == set(names)
 
 
+def test_the_compile_check_leaves_torchs_random_state_alone():
+    # It runs at the first fused layer of a process: drawing from the default generator there made a run's dropout
+    # masks depend on whether an earlier run in the same process had already triggered it.
+    state = torch.get_rng_state()
+    assert fused_cpu._compiles.__wrapped__()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_without_numba_the_torch_path_runs_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused_cpu, "numba", None)
     monkeypatch.setattr(fallback, "_said", set())
