@@ -223,6 +223,10 @@ SNELLA_SCRIPTS = {
 }
 
 
+#: The snella32 scripts that pass --amp (float16 autocast and a GradScaler): their recipes set fp16.
+AMP_SCRIPTS = {"vtab/cifar", "vtab/patch_camelyon", "vtab/oxford_iiit_pet"}
+
+
 #: The snella32 scripts that train the dense MixK module (no sparsification, no allocator): batch, lr, weight decay.
 MIXK_SCRIPTS = {
     "vtab/caltech101": (16, 1e-3, 1e-4),
@@ -257,3 +261,4 @@ def test_each_snella_recipe_resolves_to_its_scripts_values() -> None:
         assert (config.alloc_beta1, config.alloc_beta2, config.epochs, config.warmup_epochs) == (0.85, 0.85, 100, 10)
         assert (config.adapter_dropout, config.adapter_drop_path, config.drop_path_rate) == (0.1, 0.1, 0.1)
         assert config.color_jitter == (0.4 if task.startswith("fgvc") else 0.0)
+        assert config.fp16 == (task in AMP_SCRIPTS) and not config.bf16, task

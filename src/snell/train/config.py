@@ -154,6 +154,9 @@ class TrainConfig:
     )
     seed: int = _opt(0, "seed of initialisation, data order and dropout")
     bf16: bool = _opt(False, "bfloat16 autocast")
+    fp16: bool = _opt(
+        False, "float16 autocast with a dynamic loss scale (GradScaler), as the authors' --amp; on CPU and GPU alike"
+    )
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)")
     eval_batch_size: int = _opt(128, "batch size of evaluation")
     num_workers: int = _opt(0, "data loader worker processes")
@@ -245,6 +248,10 @@ class TrainConfig:
             raise UserError(f"ema_decay must lie in (0, 1), got {decay!r}")
         if decay is not None and self.fsdp:  # the average would be of this process's shards, and so would the swap
             raise UserError("--ema-decay cannot be combined with --fsdp")
+        if self.bf16 and self.fp16:
+            raise UserError("--bf16 and --fp16 are two autocast precisions; give one")
+        if self.fp16 and self.fsdp:  # each process would unscale only its shards and could skip a step the others take
+            raise UserError("--fp16 cannot be combined with --fsdp; use --bf16, which needs no loss scale")
         if self.fsdp and self.merge:  # merging rewrites weights that only the main process would hold whole
             raise UserError("--merge cannot be combined with --fsdp; run `snell merge RUN_DIR` after training")
         if not isinstance(self.model_kwargs, dict):

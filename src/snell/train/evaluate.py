@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -22,6 +20,7 @@ from snell.train.classification import accuracy, make_loader
 from snell.train.config import TrainConfig, UserError, check_output_folder
 from snell.train.loop import CONFIG_FILE
 from snell.train.models import MERGED_FILES, Backbone, build_backbone, load_trained, merge_trained, save_merged
+from snell.train.precision import make_accelerator
 from snell.train.tasks import Task, attach_transforms, load_task
 
 
@@ -71,7 +70,7 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
         return causal.evaluate_run(run_dir, causal.recorded_config(config, record), split, adapter, data)
     config, task, backbone, model = restore(run_dir, adapter, split, data)
     dataset = task.test if split == "test" else task.val
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config)
     loader = accelerator.prepare(make_loader(dataset, task, config, backbone.tokenizer, train=False))
     model = accelerator.prepare(model)
     return {

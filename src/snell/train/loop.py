@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -44,6 +43,7 @@ from snell.train.models import (
 )
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups
 from snell.train.plots import CURVES_FILE, SPARSITY_FILE, plot_curves, plot_sparsity
+from snell.train.precision import make_accelerator
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -139,11 +139,10 @@ class Run:
         self.config = config
         self.out = Path(config.output_dir) if config.output_dir else default_output_dir(config).resolve()
         self.config.output_dir = str(self.out)
-        self.accelerator = Accelerator(
+        self.accelerator = make_accelerator(
+            config,
             gradient_accumulation_steps=config.grad_accum,
-            mixed_precision="bf16" if config.bf16 else "no",
             dataloader_config=DataLoaderConfiguration(split_batches=True),
-            cpu=not torch.cuda.is_available(),  # lets torchrun on a CPU-only machine run DDP over gloo
         )
         world = self.accelerator.num_processes
         for name in ("batch_size", "eval_batch_size"):
@@ -251,7 +250,8 @@ class Run:
                     # Only once per optimizer step, and before zero_grad: the gradients are then the whole step's
                     # (accelerate divides each micro-batch's loss by --grad-accum and steps on the sum; under DDP
                     # they are already averaged over the processes, so every process makes the same allocation).
-                    # Nothing scales them: --bf16 autocast has no GradScaler, so there is no unscaling to wait for.
+                    # Under --fp16 the step has unscaled them in place; on a step it skipped they hold the inf or
+                    # NaN that made it skip, which the allocator counts as zero sensitivity.
                     if self.allocator is not None:
                         self.allocator.accumulate()
                     if self.ema is not None:
@@ -317,6 +317,8 @@ class Run:
                 state["allocator"] = self.allocator.state_dict()
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
+            if acc.scaler is not None:  # --fp16's loss scale and its count of good steps
+                state["scaler"] = acc.scaler.state_dict()
             torch.save(state, tmp / "state.pt")
         acc.wait_for_everyone()
         if self.main:
@@ -344,6 +346,7 @@ class Run:
         optional = (
             (self.allocator, "allocator", "allocator state; it was not written by a snella run"),
             (self.ema, "ema", "weight average; it was not written by a run with --ema-decay"),
+            (self.accelerator.scaler, "scaler", "loss scale; it was not written by a run with --fp16"),
         )
         for part, key, missing in optional:
             if part is None:

@@ -33,6 +33,7 @@ from snell.train.fsdp import is_sharded
 from snell.train.loop import Progress, Report, Run
 from snell.train.models import Backbone, apply_method, load_trained, merge_trained
 from snell.train.optim import EpochSampler
+from snell.train.precision import make_accelerator
 from snell.train.tasks import Task
 
 ALL_TASKS = "all"  # the task name of records without a ``task`` field
@@ -341,7 +342,7 @@ def evaluate_run(
     config = dataclasses.replace(config, progress=False, data=data or config.data, select_on=select_on)
     examples = load_examples(config)
     backbone, model = restore(run_dir, config, adapter)
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config)
     dataset = encode_split(examples[split], backbone, config, train=False)
     loader = accelerator.prepare(make_loader(dataset, backbone.tokenizer, config, train=False))
     result = evaluate_split(
