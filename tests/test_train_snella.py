@@ -61,7 +61,6 @@ def _metrics(run: Path) -> list[dict]:
         ({"alloc_init_warmup": 5, "alloc_final_warmup": 5}, "must be below the schedule's 10 epochs, got 5 \\+ 5"),
         ({"sparsity": 0.5}, "leave sparsity unset \\(got 0.5\\)"),
         ({"kernel": "rbf"}, "kernel must be mixk or unset, got 'rbf'"),
-        ({"fsdp": True}, "cannot be combined with --fsdp"),
     ],
 )
 def test_allocation_options_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:

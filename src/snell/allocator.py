@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from snell.layers import SnellLayer, iter_snell_layers
 from snell.spec import SnellSpec, with_sparsities
@@ -127,6 +128,19 @@ class LayerSlot:
         self.layer.snell_spec = spec
 
 
+def _whole(t: Tensor) -> Tensor:
+    """``t`` whole on every process: a factor sharded by FSDP2 (a DTensor), and the averages made like it, are
+    all-gathered, which copies bits. Collective: every process calls it, in the same order."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _load_whole(target: Tensor, whole: Tensor) -> None:
+    """Copy ``whole`` into ``target``, or into this process's shard of it when ``target`` is sharded."""
+    if isinstance(target, DTensor):  # every process holds the whole value and keeps its own slice: no communication
+        whole = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(whole)
+
+
 def _unit_sizes(spec: SnellSpec) -> list[int]:
     groups, rows, n = spec.grouped_shape
     return [rows * n] * groups
@@ -164,6 +178,11 @@ class SparsityAllocator:
     GradScaler), and :meth:`update` with the schedule step (the authors: once per epoch, with the epoch, before
     it). Per-layer sparsities go into each layer's spec, so the forward uses them at once, and are saved by
     :func:`snell.save_adapter`. :meth:`state_dict` / :meth:`load_state_dict` resume bit for bit.
+
+    Under FSDP2 (factors and gradients sharded as DTensors) the averages are shards made like the factors and
+    updated element by element, as whole tensors are; :meth:`update` and :meth:`state_dict` all-gather them (bits
+    copied), so every process allocates as one unsharded process would. Those two are then collective: every process
+    calls them, in the same order.
 
     ``slots`` (name → :class:`AdapterSlot`) replaces the model's own SNELL layers as what is allocated: how the peft
     integration points the allocator at one adapter of a peft model. The model is then only named in messages.
@@ -222,16 +241,17 @@ class SparsityAllocator:
                 self.uncertainty[key].mul_(beta2).add_(current.sub_(average).abs_(), alpha=1.0 - beta2)
 
     def scores(self) -> Tensor:
-        """Each unit's score, float64, in layer order (q, k, v of a fused projection one after the other)."""
+        """Each unit's score, float64 on the CPU (where :func:`allocate` counts), in layer order (q, k, v of a fused
+        projection one after the other). Collective when the factors are sharded."""
         scores = []
         for name, slot in self.slots.items():
             products = []
             for factor in FACTORS:
                 key = f"{name}.{factor}"
-                product = self.sensitivity[key] * self.uncertainty[key]
+                product = _whole(self.sensitivity[key] * self.uncertainty[key])
                 products.append(product.reshape(slot.spec().groups, -1).mean(-1))
             scores.append(products[0] + products[1])
-        return torch.cat(scores)
+        return torch.cat(scores).cpu()
 
     def update(self, step: int) -> dict[str, list[float]] | None:
         """Apply the schedule at ``step``: re-allocate when it says so and return the new sparsities, else None."""
@@ -268,13 +288,14 @@ class SparsityAllocator:
             slot.set_spec(with_sparsities(slot.spec(), list(sparsity[name])))
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: the EMAs, the budgets and the current sparsities."""
+        """Everything needed to resume exactly: the EMAs (whole tensors, also from a sharded model), the budgets and the
+        current sparsities."""
         return {
             "config": asdict(self.config),
             "initial_volume": self.initial_volume,
             "target_volume": self.target_volume,
-            "sensitivity": {k: v.clone() for k, v in self.sensitivity.items()},
-            "uncertainty": {k: v.clone() for k, v in self.uncertainty.items()},
+            "sensitivity": {k: _whole(v).clone() for k, v in self.sensitivity.items()},
+            "uncertainty": {k: _whole(v).clone() for k, v in self.uncertainty.items()},
             "sparsity": self.sparsity(),
         }
 
@@ -298,6 +319,6 @@ class SparsityAllocator:
                 raise ValueError(f"the allocator state's {kind} must be finite, got {state[kind]!r}")
         for kind in ("sensitivity", "uncertainty"):
             for key, value in getattr(self, kind).items():
-                value.copy_(state[kind][key])
+                _load_whole(value, state[kind][key])
         self.initial_volume, self.target_volume = float(state["initial_volume"]), float(state["target_volume"])
         self._apply(sparsity)

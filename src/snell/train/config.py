@@ -297,10 +297,6 @@ class TrainConfig:
                 f"--sparsity is SNELL's fixed ratio; --method snella starts every layer at --init-sparsity and ends at "
                 f"--target-sparsity, so leave sparsity unset (got {self.sparsity!r})"
             )
-        if self.fsdp:
-            raise UserError(
-                "--method snella cannot be combined with --fsdp: the allocator reads whole factor gradients"
-            )
         length = self.allocation_epochs()
         if length > self.epochs:
             raise UserError(

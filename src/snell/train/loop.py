@@ -297,6 +297,8 @@ class Run:
         torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
         model_state = _cpu(mutable_state(acc.unwrap_model(self.model)))  # gathered by all when sharded
         optimizer_dict = optimizer_state(self.model, optimizer)
+        # Gathered by all when sharded; the EMAs and the current sparsities: snella resumes bit for bit.
+        allocator_state = self.allocator.state_dict() if self.allocator is not None else None
         if self.main:
             state = {
                 "model": model_state,
@@ -313,8 +315,8 @@ class Run:
                 },
                 "best_state": progress.best_state,
             }
-            if self.allocator is not None:  # the EMAs and the current sparsities: snella resumes bit for bit
-                state["allocator"] = self.allocator.state_dict()
+            if allocator_state is not None:
+                state["allocator"] = allocator_state
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
             if acc.scaler is not None:  # --fp16's loss scale and its count of good steps
