@@ -42,10 +42,10 @@ def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch
     paths cover the piecewise-linear kernel and mixk, with one sparsity for every adapter group or one each (set
     by the allocator). The CPU one takes float32/bf16 tensors whose weight is a row-major (m, n) matrix (Linear,
     Conv2d), where a row of ``_FUSED_FROM`` allows the matrix's entries and the columns per piece; the Triton one
-    what ``triton_path.supports`` accepts, on CUDA from ``_TRITON_MIN_NUMEL``. ``SNELL_KERNELS``: ``torch`` forces the torch path; ``fused`` takes the
-    device's fused path wherever it is supported, whatever the size and width (the tests use it on small
-    matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under the Triton
-    interpreter, ``TRITON_INTERPRET=1``, for tests). The forward records its choice and the backward follows
+    what ``triton_path.supports`` accepts, on CUDA from ``_TRITON_MIN_NUMEL``. ``SNELL_KERNELS``: ``torch`` forces
+    the torch path; ``fused`` takes the device's fused path wherever it is supported, whatever the size and width
+    (the tests use it on small matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under
+    the Triton interpreter, ``TRITON_INTERPRET=1``, for tests). The forward records its choice and the backward follows
     it: τ selects the same survivors only if both build ΔW the same way. Other kernels take the torch path.
     """
     choice = os.environ.get("SNELL_KERNELS", "auto")
