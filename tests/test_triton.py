@@ -32,7 +32,7 @@ from snell import fallback, fused_triton
 from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
-from snell.spec import SnellSpec, grouped_factors
+from snell.spec import SnellSpec, grouped_factors, with_sparsities
 
 pytestmark = pytest.mark.usefixtures("one_thread", "interpreter")
 
@@ -205,10 +205,16 @@ def test_ties_at_tau_are_all_kept_and_the_kept_count_is_exact():
         assert int((sparse != 0).sum()) == snell.sparsify.keep_count(120 * 100, 0.9)
 
 
-def test_the_path_reads_no_device_value_on_the_host(monkeypatch):
+SNELLA_SPEC = with_sparsities(SnellSpec("linear", (99, 80), "mixk", 2, "soft", 0.5, 3), [0.0, 0.5, 0.95])
+"""mixk with one sparsity per group (the allocator's), one of them 0."""
+
+
+@pytest.mark.parametrize("spec", [_spec(mode="soft", shape=(99, 80), groups=3), SNELLA_SPEC], ids=["pl", "mixk"])
+def test_the_path_reads_no_device_value_on_the_host(spec, monkeypatch):
     # The CPU stand-in for CUDA's sync debug mode: any read of a tensor's value by the host raises.
-    spec = _spec(mode="soft", shape=(99, 80), groups=3)
     x, weight, bias, a, b, coef = _inputs(spec)
+    if spec.kernel == "mixk":
+        coef = torch.tensor([[0.1, -0.1, 1.3, 0.7, 0.01]] * 3)  # one (P + 3) row per group, as the layers pass them
     leaves = [t.requires_grad_() for t in (x, a, b)]
 
     def host_read(*args, **kwargs):
@@ -232,6 +238,10 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(spec, CPU, 8, torch.float32, torch.bfloat16, torch.float16) == "triton"
     assert kernel_path(spec, CPU, 8, torch.float64) == "torch"
     assert kernel_path(SnellSpec("linear", (64, 64), "rbf", 1, "reference", 0.9), CPU, 8, torch.float32) == "torch"
+    assert kernel_path(SNELLA_SPEC, CPU, 8, torch.float32, torch.bfloat16) == "triton"  # mixk, group sparsities
+    monkeypatch.setenv("SNELL_KERNELS", "auto")
+    assert kernel_path(SNELLA_SPEC, cuda, 8, torch.bfloat16) == "torch"  # not the default on CUDA until measured
+    monkeypatch.setenv("SNELL_KERNELS", "triton")
     monkeypatch.setattr(fused_triton, "interpreted", lambda: False)  # a CPU without the interpreter
     monkeypatch.setattr(fallback, "_said", set())
     with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
