@@ -181,9 +181,13 @@ def dense_update(layer):
             return dense_delta(spec, a, b, layer.kernel_coefficients())
         a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
         if path == "triton":
-            from snell import fused_triton
+            from snell import fused_triton, fused_triton_mixk
 
-            return fused_triton.dense_delta(a_g, b_g, coefficients, spec.num_pieces)
+            coefficients = layer.kernel_coefficients()  # mixk's: one (P + 3) row per group
+            stats = None
+            if spec.kernel == "mixk":
+                stats = fused_triton_mixk.column_stats(a_g, b_g, coefficients, spec.num_pieces)
+            return fused_triton.dense_delta(a_g, b_g, coefficients, spec.num_pieces, stats)
         return torch.stack(
             [fused_cpu.dense_delta(a_g[g], b_g[g], coefficients, spec.num_pieces) for g in range(spec.groups)]
         )
