@@ -181,9 +181,13 @@ def dense_update(layer):
             return dense_delta(spec, a, b, layer.kernel_coefficients())
         a_g, b_g, coefficients = grouped_factors(spec, a, b, coefficients)
         if path == "triton":
-            from snell import fused_triton
+            from snell import fused_triton, fused_triton_mixk
 
-            return fused_triton.dense_delta(a_g, b_g, coefficients, spec.num_pieces)
+            coefficients = layer.kernel_coefficients()  # mixk's: one (P + 3) row per group
+            stats = None
+            if spec.kernel == "mixk":
+                stats = fused_triton_mixk.column_stats(a_g, b_g, coefficients, spec.num_pieces)
+            return fused_triton.dense_delta(a_g, b_g, coefficients, spec.num_pieces, stats)
         return torch.stack(
             [fused_cpu.dense_delta(a_g[g], b_g[g], coefficients, spec.num_pieces) for g in range(spec.groups)]
         )
@@ -236,7 +240,7 @@ def assert_triton_tau_is_exact(groups: int, m: int, n: int, sparsity: float, dev
     from snell import fused_triton
 
     a, b, coef = _triton_factors(groups, m, n, device)
-    tau = fused_triton.select_tau(a, b, coef, 2, sparsity)
+    tau = fused_triton.select_tau(a, b, coef, 2, [sparsity] * groups)
     delta = fused_triton.dense_delta(a, b, coef, 2)
     assert tau.dtype == torch.float32 and tau.device == delta.device
     assert_keeps_top_k(delta, delta.abs() >= tau, sparsify.keep_count(m * n, sparsity))
@@ -249,14 +253,14 @@ def assert_triton_backward_merges_as_forward(m: int, n: int, dtype: torch.dtype,
 
     a, b, coef = _triton_factors(2, m, n, device)
     base = torch.randn(2, n, m, generator=torch.Generator().manual_seed(1)).to(device, dtype).mT
-    tau = fused_triton.select_tau(a, b, coef, 2, 0.9)
-    forward = fused_triton.merge(a, b, coef, 2, tau, "reference", 0.9, base, dtype)
+    tau = fused_triton.select_tau(a, b, coef, 2, [0.9, 0.9])
+    forward = fused_triton.merge(a, b, coef, 2, tau, "reference", base, dtype)
     backward = torch.empty_like(forward)
     grads = fused_triton.FactorGrads(a, b, coef, 2, False)
     for group in range(2):
         for start in range(0, m, rows):
             grad = torch.ones(min(rows, m - start), n, device=device, dtype=dtype)
-            grads.add_rows(group, tau, "reference", 0.9, start, grad, base, backward)
+            grads.add_rows(group, tau, "reference", start, grad, base, backward)
     assert torch.equal(forward, backward), f"{int((forward != backward).sum())} entries differ"
 
 

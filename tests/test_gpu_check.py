@@ -65,10 +65,11 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     layers = _rows(tmp_path / "layers.csv")
     assert [row["blocks"] for row in layers] == ["8", "1"] and all(float(row["ms"]) > 0 for row in layers)
     # the Triton parts run under the interpreter: conftest.py set TRITON_INTERPRET=1, which the run inherits
-    assert sum(row["check"].startswith("triton") for row in checks) == 18 + 3 + 3
+    assert sum(row["check"].startswith("triton") for row in checks) == 18 + 10 + 3 + 3  # piecewise, mixk, τ, merge
     kernels = _rows(tmp_path / "kernels.csv")
-    assert [(row["shape"], row["path"]) for row in kernels] == [
-        (shape, path) for shape in ("96x80", "130x64") for path in ("dense layer, weight trains", "torch", "triton")
+    layers = [("96x80", "piecewise_linear"), ("130x64", "piecewise_linear"), ("96x80", "mixk")]
+    assert [(row["shape"], row["kernel"], row["path"]) for row in kernels] == [
+        (*layer, path) for layer in layers for path in ("dense layer, weight trains", "torch", "triton")
     ]
     assert all(float(row["ms"]) > 0 for row in kernels)
     training = _rows(tmp_path / "training.csv")
@@ -145,3 +146,5 @@ def test_triton_min_numel_is_the_smallest_size_from_which_triton_was_faster_at_e
     assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(100, 2.0, 1.0), *rows(1000, 5.0, 4.0)]) == 10
     assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(1000, 5.0, 6.0)]) is None
     assert gpu.triton_min_numel(rows(10, 1.0, None)) is None  # the Triton path could not run
+    mixk = [{**row, "kernel": "mixk"} for row in rows(1000, 5.0, 6.0)]  # one bound for both kernels
+    assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(1000, 5.0, 4.0), *mixk]) is None

@@ -32,7 +32,7 @@ from snell import fallback, fused_triton
 from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell
-from snell.spec import SnellSpec, grouped_factors
+from snell.spec import SnellSpec, grouped_factors, with_sparsities
 
 pytestmark = pytest.mark.usefixtures("one_thread", "interpreter")
 
@@ -172,11 +172,11 @@ def test_bf16_and_fp16_merges_round_like_torch():
     _, weight, _, a, b, coef = _inputs(_spec(shape=(96, 80)))
     weight[0, :4] = torch.tensor([math.inf, -math.inf, math.nan, 1e38])  # specials, and overflow to inf in fp16
     a, b, base = a[None], b[None], weight[None]
-    tau = fused_triton.select_tau(a, b, coef, 2, 0.9)
-    fp32 = fused_triton.merge(a, b, coef, 2, tau, "mask", 0.9, base, torch.float32)
+    tau = fused_triton.select_tau(a, b, coef, 2, [0.9])
+    fp32 = fused_triton.merge(a, b, coef, 2, tau, "mask", base, torch.float32)
     numbers = ~fp32.isnan()
     for dtype in (torch.bfloat16, torch.float16):
-        rounded = fused_triton.merge(a, b, coef, 2, tau, "mask", 0.9, base, dtype)
+        rounded = fused_triton.merge(a, b, coef, 2, tau, "mask", base, dtype)
         assert torch.equal(rounded.isnan(), fp32.isnan())
         assert torch.equal(rounded[numbers], fp32.to(dtype)[numbers])
 
@@ -188,7 +188,7 @@ def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity):
 
 def test_keeping_nothing_gives_an_infinite_tau():
     _, _, _, a, b, coef = _inputs(_spec())
-    tau = fused_triton.select_tau(a[None], b[None], coef, 2, 1.0)  # k = 0
+    tau = fused_triton.select_tau(a[None], b[None], coef, 2, [1.0])  # k = 0
     assert (tau == math.inf).all() and not (fused_triton.dense_delta(a[None], b[None], coef, 2).abs() >= tau).any()
 
 
@@ -196,7 +196,7 @@ def test_ties_at_tau_are_all_kept_and_the_kept_count_is_exact():
     # Rows of B repeated: every |ΔW| value appears 10 times, so τ sits inside a block of ties.
     _, _, _, a, b, coef = _inputs(_spec(shape=(120, 100)), seed=2)
     tied = b[:12].repeat(10, 1)[None]
-    tau = fused_triton.select_tau(a[None], tied, coef, 2, 0.9)
+    tau = fused_triton.select_tau(a[None], tied, coef, 2, [0.9])
     _assert_exact_top_k(fused_triton.dense_delta(a[None], tied, coef, 2), 0.9, tau)
     # Without ties the reference and mask modes keep exactly k = round((1 − s)·m·n) entries.
     for mode in ("reference", "mask"):
@@ -205,10 +205,16 @@ def test_ties_at_tau_are_all_kept_and_the_kept_count_is_exact():
         assert int((sparse != 0).sum()) == snell.sparsify.keep_count(120 * 100, 0.9)
 
 
-def test_the_path_reads_no_device_value_on_the_host(monkeypatch):
+SNELLA_SPEC = with_sparsities(SnellSpec("linear", (99, 80), "mixk", 2, "soft", 0.5, 3), [0.0, 0.5, 0.95])
+"""mixk with one sparsity per group (the allocator's), one of them 0."""
+
+
+@pytest.mark.parametrize("spec", [_spec(mode="soft", shape=(99, 80), groups=3), SNELLA_SPEC], ids=["pl", "mixk"])
+def test_the_path_reads_no_device_value_on_the_host(spec, monkeypatch):
     # The CPU stand-in for CUDA's sync debug mode: any read of a tensor's value by the host raises.
-    spec = _spec(mode="soft", shape=(99, 80), groups=3)
     x, weight, bias, a, b, coef = _inputs(spec)
+    if spec.kernel == "mixk":
+        coef = torch.tensor([[0.1, -0.1, 1.3, 0.7, 0.01]] * 3)  # one (P + 3) row per group, as the layers pass them
     leaves = [t.requires_grad_() for t in (x, a, b)]
 
     def host_read(*args, **kwargs):
@@ -232,6 +238,10 @@ def test_kernel_path_dispatch(monkeypatch):
     assert kernel_path(spec, CPU, 8, torch.float32, torch.bfloat16, torch.float16) == "triton"
     assert kernel_path(spec, CPU, 8, torch.float64) == "torch"
     assert kernel_path(SnellSpec("linear", (64, 64), "rbf", 1, "reference", 0.9), CPU, 8, torch.float32) == "torch"
+    assert kernel_path(SNELLA_SPEC, CPU, 8, torch.float32, torch.bfloat16) == "triton"  # mixk, group sparsities
+    monkeypatch.setenv("SNELL_KERNELS", "auto")
+    assert kernel_path(SNELLA_SPEC, cuda, 8, torch.bfloat16) == "torch"  # not the default on CUDA until measured
+    monkeypatch.setenv("SNELL_KERNELS", "triton")
     monkeypatch.setattr(fused_triton, "interpreted", lambda: False)  # a CPU without the interpreter
     monkeypatch.setattr(fallback, "_said", set())
     with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
@@ -259,19 +269,28 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from snell import fused_triton as ft
 
+from snell import fused_triton_mixk as mixk
+
 shapes = dict(RANK=8, PIECES=2, BM=64, BN=64)
 ptr, i32 = "*fp32", "i32"
-radix = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr")} | {"prefix_ptr": "*i32", "hist_ptr": "*i32"}
-radix |= {"m": i32, "n": i32}
-merge = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr", "tau_ptr")} | {"base_ptr": "*bf16", "out_ptr": "*i16"}
+factors = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr", "stats_ptr")}
+radix = factors | {"prefix_ptr": "*i32", "hist_ptr": "*i32", "m": i32, "n": i32}
+merge = factors | {"tau_ptr": ptr, "base_ptr": "*bf16", "out_ptr": "*i16"}
 merge |= {n: i32 for n in ("m", "n", "base_sg", "base_sm", "base_sn")}
-backward = {n: ptr for n in ("at_ptr", "b_ptr", "coef_ptr", "tau_ptr")} | {"grad_ptr": "*bf16", "base_ptr": "*bf16"}
+backward = factors | {"soft_sums_ptr": ptr, "tau_ptr": ptr, "grad_ptr": "*bf16", "base_ptr": "*bf16"}
 backward |= {"merged_ptr": "*i16"} | {n: ptr for n in ("row_part_ptr", "col_part_ptr", "coef_part_ptr")}
 backward |= {n: i32 for n in ("group", "first_row", "rows_in_block", "m", "n", "base_sm", "base_sn")}
+stats = factors | {"m": i32, "n": i32}
+grads = factors | {"tau_ptr": ptr, "grad_ptr": "*bf16", "soft_sums_ptr": ptr, "grad_sums_ptr": ptr, "m": i32, "n": i32}
 kernels = [
-    (ft._radix_pass, radix, dict(SHIFT=16)),
-    (ft._merge, merge, dict(MODE=2, HAS_BASE=True, KIND=1)),
-    (ft._backward_rows, backward, dict(MODE=2, HAS_BASE=True, NEED_MERGED=True, KIND=1, NEED_COEF=True)),
+    (ft._radix_pass, radix, dict(SHIFT=16, MIX=False)),
+    (ft._merge, merge, dict(MODE=2, HAS_BASE=True, KIND=1, MIX=False)),
+    (ft._backward_rows, backward, dict(MODE=2, HAS_BASE=True, NEED_MERGED=True, KIND=1, NEED_COEF=True, MIX=False)),
+    (ft._radix_pass, radix, dict(SHIFT=16, MIX=True)),
+    (ft._merge, merge, dict(MODE=2, HAS_BASE=True, KIND=1, MIX=True)),
+    (ft._backward_rows, backward, dict(MODE=2, HAS_BASE=True, NEED_MERGED=True, KIND=1, NEED_COEF=True, MIX=True)),
+    (mixk._column_stats, stats, {}),
+    (mixk._column_grads, grads, dict(MODE=2)),
 ]
 for fusion in (False, True):
     counts = []
@@ -295,5 +314,5 @@ def test_kernels_compile_for_hopper_without_fma_contraction():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     without, with_fusion = (line.split() for line in done.stdout.strip().splitlines())
-    assert without == ["False", "0", "0", "0"]
+    assert without == ["False"] + ["0"] * 8
     assert with_fusion[0] == "True" and all(int(count) > 0 for count in with_fusion[1:])

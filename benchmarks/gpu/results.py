@@ -47,7 +47,7 @@ TRAIN_COLUMNS = (
 )
 PART_COLUMNS = ("part", "estimate_s", "wall_s", "status")
 LAYER_COLUMNS = ("shape", "block_entries", "blocks", "ms", "ratio_to_dense", "note")
-KERNEL_COLUMNS = ("shape", "numel", "dtype", "tokens", "path", "ms", "ratio_to_dense", "note")
+KERNEL_COLUMNS = ("shape", "numel", "dtype", "tokens", "kernel", "path", "ms", "ratio_to_dense", "note")
 
 
 def _value(rows: Sequence[dict[str, Any]], model: str, method: str, column: str) -> float | None:

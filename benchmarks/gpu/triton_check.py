@@ -1,6 +1,7 @@
-"""The Triton path on the device: the suite's piecewise-linear checks with ``SNELL_KERNELS=fused``, its training
-step without host synchronisation, and one layer's forward + backward timed against the torch path and a dense
-layer whose weight trains, with the ``_TRITON_MIN_NUMEL`` bound those timings support.
+"""The Triton path on the device: the suite's piecewise-linear and mixk checks with ``SNELL_KERNELS=fused``, its
+training step without host synchronisation, and one layer's forward + backward (piecewise-linear, and SNELLA's mixk)
+timed against the torch path and a dense layer whose weight trains, with the ``_TRITON_MIN_NUMEL`` bound those
+timings support.
 
 In a smoke run on the CPU the same parts run under the Triton interpreter (``SNELL_KERNELS=triton``) at tiny
 sizes when TRITON_INTERPRET=1 was set before triton was imported (the test suite's conftest.py does); otherwise
@@ -27,14 +28,21 @@ from snell.layers import init_factors
 from snell.spec import SnellSpec
 
 SPARSITY = 0.9
-# (m, n), dtype of x and W0, tokens: ViT-B's MLP in fp32 with a batch of 8 at 197 tokens, LLaMA-2-7B's
-# attention projection and MLP in bf16 with a sequence of 256.
+# (m, n), dtype of x and W0, tokens, kernel: ViT-B's MLP in fp32 with a batch of 8 at 197 tokens, LLaMA-2-7B's
+# attention projection and MLP in bf16 with a sequence of 256; SNELLA's mixk on ViT-B's MLP and LLaMA's projection.
 TIMED_LAYERS = (
-    ((768, 3072), torch.float32, 1576),
-    ((4096, 4096), torch.bfloat16, 256),
-    ((11008, 4096), torch.bfloat16, 256),
+    ((768, 3072), torch.float32, 1576, "piecewise_linear"),
+    ((4096, 4096), torch.bfloat16, 256, "piecewise_linear"),
+    ((11008, 4096), torch.bfloat16, 256, "piecewise_linear"),
+    ((768, 3072), torch.float32, 1576, "mixk"),
+    ((4096, 4096), torch.bfloat16, 256, "mixk"),
 )
-SMOKE_LAYERS = (((96, 80), torch.float32, 16), ((130, 64), torch.bfloat16, 8))
+SMOKE_LAYERS = (
+    ((96, 80), torch.float32, 16, "piecewise_linear"),
+    ((130, 64), torch.bfloat16, 8, "piecewise_linear"),
+    ((96, 80), torch.float32, 16, "mixk"),
+)
+_SNELLA_COEFFICIENTS = (0.1, -0.1, 1.0, 1.0, 0.0)  # mixk: the piecewise ones, then (α, γ, β) at the authors' start
 
 
 def _triton_choice(device: str) -> str:
@@ -73,9 +81,9 @@ def _assert_triton_path(spec: SnellSpec, device: str, rank: int, *dtypes: torch.
 
 
 def part_triton_correctness(run: Run) -> None:
-    """tests/checks.py's piecewise-linear cases on the Triton path (fp32 and bf16 autocast), τ by its definition on
-    the kernels' own ΔW, the backward's merged weight against the forward's bit for bit, then a training step of
-    one layer under ``torch.cuda.set_sync_debug_mode("error")``."""
+    """tests/checks.py's piecewise-linear and mixk cases on the Triton path (fp32 and bf16 autocast), τ by its
+    definition on the kernels' own ΔW, the backward's merged weight against the forward's bit for bit, then a
+    training step of one layer under ``torch.cuda.set_sync_debug_mode("error")``."""
     checks = _load_test_checks()
     device = run.device
     reason = _why_not(device)
@@ -89,7 +97,7 @@ def part_triton_correctness(run: Run) -> None:
 
     with _no_tf32(), kernels(_triton_choice(device)):
         for precision, autocast in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-            for spec in (s for s in checks.CASES if s.kernel == "piecewise_linear"):
+            for spec in (s for s in checks.CASES if s.kernel in ("piecewise_linear", "mixk")):
                 inputs = checks.make_inputs(spec, dtype=torch.float32, device=device)
                 _record(
                     run,
@@ -125,7 +133,7 @@ def _step_without_sync(m: int, n: int, dtype: torch.dtype, device: str) -> str |
     raising; on the CPU the step runs unchecked."""
     spec = SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", SPARSITY)
     _assert_triton_path(spec, device, 8, dtype, torch.float32)
-    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, 32, device)
+    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, 32, device, "piecewise_linear")
 
     def step() -> None:
         FusedSnell.apply(x, weight, None, a, b, coefficients, spec).backward(grad)
@@ -143,27 +151,32 @@ def _step_without_sync(m: int, n: int, dtype: torch.dtype, device: str) -> str |
     return None
 
 
-def _layer_inputs(m: int, n: int, dtype: torch.dtype, tokens: int, device: str):
-    """x (trainable), W0 and gy in ``dtype``; SNELL-8's factors (trainable) and coefficients in fp32."""
+def _layer_inputs(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, kernel: str):
+    """x (trainable), W0 and gy in ``dtype``; SNELL-8's factors (trainable) and coefficients in fp32 (mixk's (α, γ, β)
+    trainable, as in a SNELLA layer)."""
     torch.manual_seed(0)
     x = torch.randn(tokens, n, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(m, n, device=device) / math.sqrt(n)).to(dtype)
     a, b = torch.empty(n, 8, device=device), torch.empty(m, 8, device=device)
     init_factors(a, b, num_pieces=2)
     coefficients = torch.tensor([0.1, -0.1], device=device)
+    if kernel == "mixk":
+        coefficients = torch.tensor(_SNELLA_COEFFICIENTS, device=device).requires_grad_()
     grad = torch.randn(tokens, m, device=device).to(dtype)
     return x, weight, a.requires_grad_(), b.requires_grad_(), coefficients, grad
 
 
-def layer_rows(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, repeats: int) -> list[dict[str, Any]]:
-    """One SNELL-8 s = 0.9 layer's forward + backward on the torch path and on the Triton path, and a dense layer
-    whose weight trains (full fine-tuning's three GEMMs), median milliseconds of ``repeats``."""
-    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, tokens, device)
+def layer_rows(
+    m: int, n: int, dtype: torch.dtype, tokens: int, device: str, repeats: int, kernel: str = "piecewise_linear"
+) -> list[dict[str, Any]]:
+    """One SNELL-8 s = 0.9 layer's (``kernel``'s) forward + backward on the torch path and on the Triton path, and a
+    dense layer whose weight trains (full fine-tuning's three GEMMs), median milliseconds of ``repeats``."""
+    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, tokens, device, kernel)
     dense = weight.clone().requires_grad_()
-    spec = SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", SPARSITY)
+    spec = SnellSpec("linear", (m, n), kernel, 2, "reference", SPARSITY)
 
     def snell_layer() -> None:
-        x.grad = a.grad = b.grad = None
+        x.grad = a.grad = b.grad = coefficients.grad = None
         FusedSnell.apply(x, weight, None, a, b, coefficients, spec).backward(grad)
 
     def dense_layer() -> None:
@@ -172,6 +185,7 @@ def layer_rows(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, rep
 
     dense_ms = timed_ms(dense_layer, device, repeats)
     base = {"shape": f"{m}x{n}", "numel": m * n, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens}
+    base["kernel"] = kernel
     rows = [{**base, "path": "dense layer, weight trains", "ms": dense_ms, "ratio_to_dense": 1.0, "note": ""}]
     reason = _why_not(device)
     for label, choice in (("torch", "torch"), ("triton", _triton_choice(device))):
@@ -182,29 +196,31 @@ def layer_rows(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, rep
                 ms = timed_ms(snell_layer, device, repeats)
             row.update(ms=ms, ratio_to_dense=ms / dense_ms, note=f"dispatch: {chosen}")
         rows.append(row)
-        print(f"  {m}x{n} {row['dtype']} {label}: {fmt(row['ms'])} ms, {fmt(row['ratio_to_dense'])}x dense", flush=True)
+        timing = f"{fmt(row['ms'])} ms, {fmt(row['ratio_to_dense'])}x dense"
+        print(f"  {m}x{n} {row['dtype']} {kernel} {label}: {timing}", flush=True)
     return rows
 
 
 def part_triton_timing(run: Run) -> None:
     """The Triton path against the torch path per layer size: what _TRITON_MIN_NUMEL should be."""
     layers = SMOKE_LAYERS if run.smoke else TIMED_LAYERS
-    for (m, n), dtype, tokens in layers:
-        run.kernels.extend(layer_rows(m, n, dtype, tokens, run.device, repeats=2 if run.smoke else 10))
+    for (m, n), dtype, tokens, kernel in layers:
+        run.kernels.extend(layer_rows(m, n, dtype, tokens, run.device, 2 if run.smoke else 10, kernel))
     print(f"  _TRITON_MIN_NUMEL these timings support: {triton_min_numel(run.kernels)}", flush=True)
 
 
 def triton_min_numel(rows: list[dict[str, Any]]) -> int | None:
     """The smallest measured entries per matrix from which the Triton path was faster than the torch path at every
-    measured size above; None when it was not faster at the largest (or nothing was measured)."""
-    timed: dict[int, dict[str, float]] = {}
+    measured size above, for every kernel measured there (one bound serves both); None when it was not faster at the
+    largest (or nothing was measured)."""
+    timed: dict[int, dict[str, dict[str, float]]] = {}
     for row in rows:
         if row["path"] in ("torch", "triton") and row["ms"] is not None:
-            timed.setdefault(row["numel"], {})[row["path"]] = row["ms"]
+            kernel = row.get("kernel", "piecewise_linear")
+            timed.setdefault(row["numel"], {}).setdefault(kernel, {})[row["path"]] = row["ms"]
     bound = None
     for numel in sorted(timed, reverse=True):
-        times = timed[numel]
-        if len(times) < 2 or times["triton"] >= times["torch"]:
+        if not all(len(times) == 2 and times["triton"] < times["torch"] for times in timed[numel].values()):
             break
         bound = numel
     return bound

@@ -1,7 +1,7 @@
 """Which implementation builds, selects and differentiates ΔW for a layer: the one place that decides.
 
 Three implementations share one interface (``merged_and_tau`` for forward, ``backward`` given what the forward
-selected: τ, (G, 1, 1), with mixk's column statistics after it on the fused CPU path): the torch path
+selected: τ, (G, 1, 1), with mixk's column statistics after it on the fused paths): the torch path
 (torch_path.py, every device, kernel, mode and dtype), the fused CPU kernels (fused_cpu_path.py, numba) and
 the fused Triton kernels (triton_path.py, CUDA). A fused path is the default only where it was measured
 faster than the torch path; ``SNELL_KERNELS`` overrides the choice.
@@ -39,14 +39,13 @@ def kernel_path(spec: SnellSpec, device: torch.device, rank: int, *dtypes: torch
     """ "torch", "fused_cpu" or "triton": which implementation builds, selects and differentiates ΔW here.
 
     ``rank``: r of the factors; ``dtypes``: those of x, the factors and W0 (whichever exist). Both fused
-    paths cover the piecewise-linear kernel; the CPU one also mixk and per-group sparsities (set by the
-    allocator), which the Triton one leaves to the torch path. The CPU one takes float32/bf16 tensors whose weight is a
-    row-major (m, n) matrix (Linear, Conv2d), where a row of ``_FUSED_FROM`` allows the matrix's entries and
-    the columns per piece; the Triton one what ``triton_path.supports`` accepts, on
-    CUDA from ``_TRITON_MIN_NUMEL``. ``SNELL_KERNELS``: ``torch`` forces the torch path; ``fused`` takes the
-    device's fused path wherever it is supported, whatever the size and width (the tests use it on small
-    matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under the Triton
-    interpreter, ``TRITON_INTERPRET=1``, for tests). The forward records its choice and the backward follows
+    paths cover the piecewise-linear kernel and mixk, with one sparsity for every adapter group or one each (set
+    by the allocator). The CPU one takes float32/bf16 tensors whose weight is a row-major (m, n) matrix (Linear,
+    Conv2d), where a row of ``_FUSED_FROM`` allows the matrix's entries and the columns per piece; the Triton one
+    what ``triton_path.supports`` accepts, on CUDA from ``_TRITON_MIN_NUMEL``. ``SNELL_KERNELS``: ``torch`` forces
+    the torch path; ``fused`` takes the device's fused path wherever it is supported, whatever the size and width
+    (the tests use it on small matrices); ``triton`` takes the Triton kernels on any device (on the CPU only under
+    the Triton interpreter, ``TRITON_INTERPRET=1``, for tests). The forward records its choice and the backward follows
     it: τ selects the same survivors only if both build ΔW the same way. Other kernels take the torch path.
     """
     choice = os.environ.get("SNELL_KERNELS", "auto")

@@ -1,7 +1,7 @@
 """The fused SNELL autograd function: y = op(x, W0 + ΔWˢ) + b in one GEMM (or convolution).
 
 Forward builds ΔW from the factors, selects τ, adds the sparsified update to W0 and runs the layer's own
-op once; it saves only x, the factors and τ (W0 and b are parameters, already alive; the fused CPU path adds
+op once; it saves only x, the factors and τ (W0 and b are parameters, already alive; the fused paths add
 mixk's column statistics, 2n floats a matrix). Backward rebuilds
 ΔWˢ with the saved τ (no second selection), runs the two GEMMs every trained layer needs (dx and
 dW = gyᵀx) and sends dW through the sparsifier and the kernel to A and B. No m×n tensor lives between
