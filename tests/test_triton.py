@@ -248,6 +248,13 @@ def test_kernel_path_dispatch(monkeypatch):
         assert kernel_path(spec, CPU, 8, torch.float32) == "torch"
 
 
+def test_the_compile_check_leaves_torchs_random_state_alone():
+    # It runs at a process's first Triton layer: drawing from the default generator shifted that run's dropout masks.
+    state = torch.get_rng_state()
+    assert fused_triton._runs_on.__wrapped__(torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_without_triton_the_torch_path_runs_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused_triton, "triton", None)
     monkeypatch.setattr(fallback, "_said", set())
