@@ -4,6 +4,7 @@ Fast: a tiny random-weight timm ViT on scikit-learn's digits (800/200/797), one 
 """
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -75,6 +76,17 @@ def test_snella_grid_sets_the_target_sparsity_and_keeps_the_allocators_start(tmp
     best = {**fake_record(trials[1], 0.5), "params": trials[1].params}
     final = S.final_trial(base, best, tmp_path / "final", seed=1)
     assert (final.config.target_sparsity, final.config.seed, final.key) == (0.9, 1, "target=0.9,lr=0.01,r=8,seed=1")
+
+
+def test_an_option_at_its_default_leaves_the_fingerprint_alone(monkeypatch):
+    config = tiny_config()
+    before = S.fingerprint(config)
+    assert S.fingerprint(dataclasses.replace(config, fp16=True)) != before  # a changed option is a different search
+    # An option a later snell adds, at the default that keeps the old behaviour, must not orphan the tables of
+    # searches run before it.
+    to_dict = TrainConfig.to_dict
+    monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {**to_dict(self), "added_later": False})
+    assert S.fingerprint(config) == before
 
 
 def test_winner_is_the_val_best_even_when_test_disagrees(tmp_path, monkeypatch):

@@ -159,8 +159,14 @@ class TrialStopped(Exception):
 
 
 def fingerprint(config: TrainConfig) -> str:
-    """A short hash of everything that must be equal across the trials of one search."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    """A short hash of everything that must be equal across the trials of one search.
+
+    Options at their default value are left out: an option that a later snell adds (at a default that keeps the old
+    behaviour) then leaves the hash alone, and a search's table stays resumable after an upgrade.
+    """
+    defaults = TrainConfig().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if k not in defaults or v != defaults[k]}
+    values = {k: v for k, v in changed.items() if k not in _NOT_IN_FINGERPRINT}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
