@@ -358,3 +358,37 @@ class QkvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.qkv(x)))
+
+
+def check_snella_under_fp16_autocast(device="cpu", depth=2) -> None:
+    """SNELLA's loop as `snell train --method snella --fp16` runs it: mixk layers under float16 autocast with a
+    GradScaler, the allocator fed after every step (unscaled gradients) and re-allocating from its scores. On a GPU
+    the averages live on the device and the counts on the host."""
+    from snell.allocator import AllocatorConfig, SparsityAllocator, budget
+
+    model = tiny_vit(depth=depth, device=device)
+    snell.get_snell_model(model, snell.SnellConfig(r=8, kernel="mixk", sparsity=0.01, modules_to_save=["head"]))
+    allocator = SparsityAllocator(model, AllocatorConfig(target_sparsity=0.7, total_steps=2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scaler = torch.amp.GradScaler(device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=generator).to(device)
+    labels = torch.randint(0, 5, (8,), generator=generator).to(device)
+    for _ in range(4):
+        with torch.autocast(device, dtype=torch.float16):
+            loss = F.cross_entropy(model.train()(x), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        allocator.accumulate()
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss), loss
+    scores = allocator.scores()
+    assert scores.device.type == "cpu" and bool(torch.isfinite(scores).all()) and bool((scores > 0).any())
+    volume, _ = budget(allocator.config, allocator.initial_volume, allocator.target_volume, 1)
+    sparsity = allocator.update(1)
+    assert sparsity is not None
+    values = [s for groups in sparsity.values() for s in groups]
+    assert min(values) < max(values)  # the layers competed: their shares follow their scores
+    kept = allocator.kept_ratio() * float(allocator.sizes.sum())
+    assert volume - len(values) <= kept <= volume  # each unit's count is floored: at most one entry lost per unit

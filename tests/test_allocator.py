@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 from checks import QkvBlock as Block
+from checks import check_snella_under_fp16_autocast
 
 import snell
 from snell.allocator import AllocatorConfig, SparsityAllocator, allocate, budget
@@ -169,3 +170,8 @@ def test_set_sparsity_goes_back_to_a_selected_allocation_and_refuses_a_mismatch(
     with pytest.raises(ValueError, match="do not match"):
         allocator.set_sparsity({"fc": [0.5]})
     assert allocator.sparsity() == selected
+
+
+def test_snella_steps_under_fp16_autocast_and_a_grad_scaler():
+    # The GPU check runs the same on the device, where the averages live on the GPU and the counts on the host.
+    check_snella_under_fp16_autocast()

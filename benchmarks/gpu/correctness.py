@@ -103,6 +103,8 @@ def part_correctness(run: Run) -> None:
             _record(run, "save / load into a fresh model", lambda: checks.check_save_load(Path(folder), device, depth))
         reproducible = checks.check_dropout_is_reproducible
         _record(run, "dropout and drop-path reproducible from the seed", lambda: reproducible(device, min(depth, 2)))
+        snella = checks.check_snella_under_fp16_autocast
+        _record(run, "SNELLA: allocator under fp16 autocast and a GradScaler", lambda: snella(device, min(depth, 2)))
 
 
 def _several_blocks(spec, device: str) -> None:
