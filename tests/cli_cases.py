@@ -7,11 +7,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
 from snell.cli import main
+from snell.train.classification import ClassificationRun
 from snell.train.data import ImageTask, load_builtin_task
 from snell.train.evaluate import restore
 
@@ -39,3 +41,22 @@ def merged_and_adapted(run: Path, out: Path) -> tuple[torch.Tensor, torch.Tensor
     plain.load_state_dict(load_file(str(out / "model.safetensors")))
     with torch.no_grad():
         return plain.eval()(images), adapted.eval()(images), plain.state_dict()
+
+
+def stop_after_first_checkpoint(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snell ARGS` in this process, interrupted (Ctrl-C, exit 130) right after its first epoch's checkpoint."""
+    save = ClassificationRun._save_checkpoint
+
+    def save_then_stop(self: ClassificationRun, *more: object) -> None:
+        save(self, *more)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassificationRun, "_save_checkpoint", save_then_stop)
+        assert main(args) == 130
+
+
+def assert_same_adapter(first: Path, second: Path) -> None:
+    """The adapters of two run folders hold the same tensors, bit for bit."""
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import TINY_VIT
-from safetensors.torch import load_file
+from cli_cases import TINY_VIT, assert_same_adapter, stop_after_first_checkpoint
 from torch import nn
 
 from snell.cli import main
@@ -142,35 +141,17 @@ def test_without_evaluations_the_run_ends_with_the_average_and_resumes_exactly(
         assert torch.equal(trained[name].detach().float(), tensor)
     assert any(not torch.equal(state["model"][name], average[name]) for name in average if name in state["model"])
 
-    save = ClassificationRun._save_checkpoint
-
-    def save_then_stop(self: ClassificationRun, *more: object) -> None:
-        save(self, *more)
-        raise KeyboardInterrupt
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save_then_stop)
-    assert main([*args, "--output-dir", str(cut)]) == 130
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save)
+    stop_after_first_checkpoint([*args, "--output-dir", str(cut)], monkeypatch)
     assert main([*args, "--output-dir", str(cut), "--resume"]) == 0
-    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(straight, cut)
 
 
 def test_resuming_a_run_without_an_average_with_one_is_refused_by_name(
     vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["train", "--data", str(vtab_dir), *BASE[:-2], "--epochs", "2", "--output-dir", str(tmp_path / "run")]
-    save = ClassificationRun._save_checkpoint
-
-    def save_then_stop(self: ClassificationRun, *more: object) -> None:
-        save(self, *more)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save_then_stop)
-    assert main(args) == 130  # no --ema-decay: BASE ends with it
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save)
+    stop_after_first_checkpoint(args, monkeypatch)  # no --ema-decay: BASE ends with it
     capsys.readouterr()
     assert main([*args, "--resume", "--ema-decay", "0.8"]) == 2
     assert "ema_decay: saved None vs now 0.8" in capsys.readouterr().err  # before anything is loaded or trained

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from cli_cases import TINY_VIT
-from safetensors.torch import load_file
+from cli_cases import TINY_VIT, assert_same_adapter, stop_after_first_checkpoint
 
 from snell.cli import main
-from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError
 from snell.train.precision import make_accelerator
 
@@ -87,16 +85,6 @@ def test_fp16_skips_overflowing_steps_and_resumes_bit_identical(
     averages = [t for key in ("sensitivity", "uncertainty") for t in state["allocator"][key].values()]
     assert averages and all(bool(torch.isfinite(t).all()) for t in averages)
 
-    save = ClassificationRun._save_checkpoint
-
-    def save_then_stop(self: ClassificationRun, *more: object) -> None:
-        save(self, *more)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save_then_stop)
-    assert main([*args, "--output-dir", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save)
+    stop_after_first_checkpoint([*args, "--output-dir", str(tmp_path / "cut")], monkeypatch)
     assert main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "cut")

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted
+from cli_cases import ENV, PNG, TINY_VIT, assert_same_adapter, merged_and_adapted, stop_after_first_checkpoint
 from safetensors.torch import load_file
 
 import snell
 from snell.allocator import SparsityAllocator
 from snell.cli import main
-from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError, known_recipes, resolve_config
 from snell.train.evaluate import restore
 from snell.train.optim import param_groups
@@ -162,19 +161,9 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(
     checkpointed EMAs exactly as the straight run does; dropout makes the RNG state part of it too."""
     args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "3", "--adapter-dropout", "0.1"]
     assert main([*args, "--output-dir", str(tmp_path / "straight")]) == 0
-    save = ClassificationRun._save_checkpoint
-
-    def save_then_stop(self: ClassificationRun, *more: object) -> None:
-        save(self, *more)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save_then_stop)
-    assert main([*args, "--output-dir", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(ClassificationRun, "_save_checkpoint", save)
+    stop_after_first_checkpoint([*args, "--output-dir", str(tmp_path / "cut")], monkeypatch)
     assert main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(tmp_path / "straight", tmp_path / "cut")
     config = lambda run: json.loads((run / "adapter" / "adapter_config.json").read_text())  # noqa: E731
     assert config(tmp_path / "cut")["layer_sparsity"] == config(tmp_path / "straight")["layer_sparsity"] is not None
     strip = lambda run: [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in _metrics(run)]  # noqa: E731
@@ -200,9 +189,7 @@ def test_two_processes_allocate_like_one_that_accumulates_the_same_halves(vtab_d
     first, second = json.loads((tmp_path / "two" / "summary.json").read_text())["rank_fingerprints"]
     assert first == second
     assert [m["sparsity"] for m in _metrics(tmp_path / "one")] == [m["sparsity"] for m in _metrics(tmp_path / "two")]
-    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")
 
 
 #: (batch size, lr, weight decay, init_thres, target_ratio, val_interval) of the authors' snella32 scripts that run
