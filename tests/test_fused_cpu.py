@@ -10,6 +10,9 @@ torch path's and from float64. Hence:
 """
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -403,6 +406,16 @@ def test_the_compile_check_runs_every_kernel(monkeypatch):
         monkeypatch.setattr(kernels, name, lambda *args, _kernel=kernel, _name=name: ran.add(_name) or _kernel(*args))
     monkeypatch.setattr(fused_cpu, "_compiles", fused_cpu._compiles.__wrapped__)
     assert fused_cpu._compiles() and "merge_band" in names and ran == set(names)
+
+
+def test_starting_the_kernels_keeps_torchs_thread_count():
+    # numba's OpenMP pool starts once per process and set the process's OpenMP thread count to its own, which torch
+    # reads: a fresh process with a pool of two, one torch thread, then the check that starts the pool.
+    code = "import torch; torch.set_num_threads(1); from snell import fused_cpu; assert fused_cpu.available(); "
+    code += "print(torch.get_num_threads(), fused_cpu._threads())"
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["1", "1"], done.stderr[-2000:]
 
 
 def test_the_compile_check_leaves_torchs_random_state_alone():

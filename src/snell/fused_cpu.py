@@ -62,11 +62,24 @@ _SPARSE_KEPT_PER_COLUMN = 1 / 64
 _LOCK = threading.Lock()
 
 
+def _launch_threads() -> None:
+    """Start numba's thread pool with torch's thread count left as it was. numba's OpenMP layer sets the process's
+    OpenMP thread count to NUMBA_NUM_THREADS when it starts, and torch reads its own from the same runtime: a process
+    that ran torch on one thread (torchrun's default, `snell search --jobs 2`) was put on every core, torch and these
+    kernels alike, and two such processes on two cores trained 8x slower."""
+    threads = torch.get_num_threads()
+    try:
+        numba.get_num_threads()  # starts the pool
+    finally:
+        torch.set_num_threads(threads)
+
+
 @functools.cache
 def _compiles() -> bool:
-    """Compile (or load from numba's cache) every kernel on a tiny problem; False, with one warning, if any
-    fails. The bf16 variants are compiled on first use."""
+    """Start numba's threads, then compile (or load from numba's cache) every kernel on a tiny problem; False, with
+    one warning, if any fails. The bf16 variants are compiled on first use."""
     try:
+        _launch_threads()
         # Its own generator: drawn from torch's default one, the check (run once per process, at the first fused
         # layer) shifted the first run's dropout masks against a later run in the same process with the same seed.
         generator = torch.Generator().manual_seed(0)
