@@ -40,9 +40,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from snell.layers import SnellLayer, iter_snell_layers
+from snell.sharded import full, like
 from snell.spec import SnellSpec, with_sparsities
 
 #: The factors whose sensitivity is measured (the authors' ``In_Qs`` and ``Out_Qs``), by their attribute names.
@@ -126,19 +126,6 @@ class LayerSlot:
 
     def set_spec(self, spec: SnellSpec) -> None:
         self.layer.snell_spec = spec
-
-
-def _whole(t: Tensor) -> Tensor:
-    """``t`` whole on every process: a factor sharded by FSDP2 (a DTensor), and the averages made like it, are
-    all-gathered, which copies bits. Collective: every process calls it, in the same order."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _load_whole(target: Tensor, whole: Tensor) -> None:
-    """Copy ``whole`` into ``target``, or into this process's shard of it when ``target`` is sharded."""
-    if isinstance(target, DTensor):  # every process holds the whole value and keeps its own slice: no communication
-        whole = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
-    target.copy_(whole)
 
 
 def _unit_sizes(spec: SnellSpec) -> list[int]:
@@ -248,7 +235,7 @@ class SparsityAllocator:
             products = []
             for factor in FACTORS:
                 key = f"{name}.{factor}"
-                product = _whole(self.sensitivity[key] * self.uncertainty[key])
+                product = full(self.sensitivity[key] * self.uncertainty[key])
                 products.append(product.reshape(slot.spec().groups, -1).mean(-1))
             scores.append(products[0] + products[1])
         return torch.cat(scores).cpu()
@@ -294,8 +281,8 @@ class SparsityAllocator:
             "config": asdict(self.config),
             "initial_volume": self.initial_volume,
             "target_volume": self.target_volume,
-            "sensitivity": {k: _whole(v).clone() for k, v in self.sensitivity.items()},
-            "uncertainty": {k: _whole(v).clone() for k, v in self.uncertainty.items()},
+            "sensitivity": {k: full(v).clone() for k, v in self.sensitivity.items()},
+            "uncertainty": {k: full(v).clone() for k, v in self.uncertainty.items()},
             "sparsity": self.sparsity(),
         }
 
@@ -319,6 +306,6 @@ class SparsityAllocator:
                 raise ValueError(f"the allocator state's {kind} must be finite, got {state[kind]!r}")
         for kind in ("sensitivity", "uncertainty"):
             for key, value in getattr(self, kind).items():
-                _load_whole(value, state[kind][key])
+                value.copy_(like(value, state[kind][key]))  # a shard takes its slice of the whole
         self.initial_volume, self.target_volume = float(state["initial_volume"]), float(state["target_volume"])
         self._apply(sparsity)

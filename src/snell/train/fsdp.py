@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from snell.train.config import UserError
 
@@ -60,19 +60,6 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a shard (collective); any other tensor as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor) laid out as ``target``: this process's shard of it when ``target`` is sharded."""
-    if not isinstance(target, DTensor):
-        return value
-    # src_data_rank=None: every process holds the whole value and keeps its own slice, with no communication.
-    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
 
 
 def reshard(model: nn.Module) -> None:

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 
 import snell
 from snell.allocator import SparsityAllocator
+from snell.sharded import full
 from snell.train.allocation import make_allocator, sparsity_record
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.ema import WeightEma
-from snell.train.fsdp import full, load_optimizer_state, optimizer_state, reshard, shard, unsharded
+from snell.train.fsdp import load_optimizer_state, optimizer_state, reshard, shard, unsharded
 from snell.train.models import (
     load_mutable_state,
     merge_trained,

@@ -20,8 +20,8 @@ from torch import nn
 
 import snell
 from snell.model import resolve_targets
+from snell.sharded import like
 from snell.train.config import SNELL_METHODS, TrainConfig, UserError
-from snell.train.fsdp import like
 
 STATE_FILE = "model_state.safetensors"
 EXTRA_FILE = "extra_trainable.safetensors"
