@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 # Triton's interpreter must be on before triton is first imported: @triton.jit makes a compiled or an interpreted
 # function when it decorates (triton.knobs.runtime.interpret, from TRITON_INTERPRET), and triton.language's own
@@ -43,3 +44,12 @@ def vtab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from snell.train.data import export_vtab_folder
 
     return export_vtab_folder(small_task(), tmp_path_factory.mktemp("vtab") / "fashion")
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one state per process, which in-process runs in another precision (or an earlier test's) must
+    not share: reset before and after the test."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

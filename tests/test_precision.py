@@ -4,27 +4,17 @@ GPUs only), with SNELLA's allocator reading the unscaled gradients and the scale
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from cli_cases import TINY_VIT, assert_same_adapter, stop_after_first_checkpoint
 
 from snell.cli import main
 from snell.train.config import TrainConfig, UserError
 from snell.train.precision import make_accelerator
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state() -> Iterator[None]:
-    """accelerate keeps one global state per process, which runs in other precisions (other tests) must not share."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate_state")
 
 
 ARGS = [
