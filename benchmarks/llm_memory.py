@@ -91,16 +91,14 @@ def default_model() -> str:
 
 
 def load(model: str) -> nn.Module:
-    """A causal LM in bf16 from a transformers folder or a GGUF file (de-quantised to fp32 first)."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM in bf16 from a transformers folder or a GGUF file (de-quantised to fp32 first), as `snell train`
+    loads it."""
+    from snell.train.causal_lm.source import find_source, load_causal_lm
 
-    path = Path(model)
-    if path.suffix == ".gguf":
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        loaded.hf_quantizer, loaded.config.quantization_config = None, None  # de-quantised: plain weights now
-        loaded.is_quantized = False  # else transformers refuses .float() (full fine-tuning's float32 weights)
-        return loaded.to(torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    source = find_source(model)
+    if source is None:
+        raise SystemExit(f"{model}: not a causal LM (a ...ForCausalLM folder or a .gguf file)")
+    return load_causal_lm(source, torch.bfloat16)[0]
 
 
 def batch(size: int, seq: int, prompt: int, vocab: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

