@@ -64,18 +64,23 @@ METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def timed_training(model: nn.Module, tokens: torch.Tensor, warmup: int, steps: int) -> dict[str, Any]:
-    """AdamW steps of a causal LM on ``tokens`` (their own labels) inside :func:`run_steps`'s window: the median
-    step, the peak RSS above the loaded model and the trainable parameter count, as a worker's row reports them."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+def training_step(model: nn.Module, tokens: torch.Tensor) -> Callable[[], None]:
+    """One AdamW step of a causal LM on ``tokens`` (their own labels), over its trainable parameters."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()
 
-    run = run_steps(step, warmup, steps)
+    return step
+
+
+def timed_training(model: nn.Module, tokens: torch.Tensor, warmup: int, steps: int) -> dict[str, Any]:
+    """:func:`training_step` inside :func:`run_steps`'s window: the median step, the peak RSS above the loaded model
+    and the trainable parameter count, as a worker's row reports them."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run = run_steps(training_step(model, tokens), warmup, steps)
     return {
         "trainable_params": sum(p.numel() for p in trainable),
         "step_times": run.times,

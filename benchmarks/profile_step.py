@@ -1,6 +1,10 @@
 """Where a training step's time goes: torch.profiler over one step, after warm-up, as a table of ops.
 
     .venv/bin/python -m benchmarks.profile_step --method snell8_s0.9 [--model vit_b16] [--rows 25] [--by-shape]
+    .venv/bin/python -m benchmarks.profile_step --llama-layers 2 --seq 256 --method snell8 [--fused-passes 3]
+
+``--llama-layers N`` profiles benchmarks.llm_scale's step instead (N LLaMA-2-7B-shaped decoder layers, bf16, batch 1,
+its methods: snell8, snell32, lora8, lora32, full).
 
 ``--by-shape`` splits every op by its input shapes: which GEMM of which layer, which m×n block pass.
 ``--fused-passes N`` instead times N steps' fused CPU work, which the profiler sees as one opaque op per layer: the
@@ -21,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import llama, llm_scale
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
 from benchmarks.step import DTYPES, make_step
 from snell import fused_cpu, fused_cpu_kernels, fused_cpu_path
@@ -73,7 +78,9 @@ def time_fused_passes(step: Callable[[], object], steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
-    parser.add_argument("--method", choices=list(METHODS), required=True)
+    parser.add_argument("--method", required=True, help="a vision method, or with --llama-layers an llm_scale one")
+    parser.add_argument("--llama-layers", type=int, metavar="N", help="profile llm_scale's step of N decoder layers")
+    parser.add_argument("--seq", type=int, default=256, help="tokens of the LLaMA step")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
@@ -81,12 +88,19 @@ def main() -> None:
     parser.add_argument("--by-shape", action="store_true", help="one row per (op, input shapes)")
     parser.add_argument("--fused-passes", type=int, metavar="N", help="time N steps' fused CPU passes instead")
     args = parser.parse_args()
+    methods = llm_scale.METHODS if args.llama_layers else METHODS
+    if args.method not in methods:
+        parser.error(f"--method {args.method}: not one of {', '.join(methods)}")
     torch.manual_seed(0)
-    spec = MODELS[args.model]
-    model = METHODS[args.method].build(spec.create()).train()
-    images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
-    labels = torch.randint(NUM_CLASSES, (args.batch,))
-    step = make_step(model, images, labels, args.dtype, after_step=METHODS[args.method].step_hook(model))
+    if args.llama_layers:
+        model = llm_scale.METHODS[args.method](llama.build(args.llama_layers)).train()
+        step = llm_scale.training_step(model, torch.randint(model.config.vocab_size, (1, args.seq)))
+    else:
+        spec = MODELS[args.model]
+        model = METHODS[args.method].build(spec.create()).train()
+        images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
+        labels = torch.randint(NUM_CLASSES, (args.batch,))
+        step = make_step(model, images, labels, args.dtype, after_step=METHODS[args.method].step_hook(model))
     step()
     if args.fused_passes:
         step()  # a second warm-up: SNELLA's allocator has read one step's gradients and allocated

@@ -293,3 +293,28 @@ def test_fused_passes_are_timed_per_step_and_given_back_untouched(capsys: pytest
     assert rows["tau and merge"] >= rows[one_pass] > 0.0 and rows["merge alone (soft mode, dense matrices)"] == 0.0
     assert rows["whole step"] >= rows["tau and merge"]
     assert [getattr(module, name) for module, name, _ in profile_step.FUSED_PASSES] == originals
+
+
+def test_profile_step_times_the_llama_steps_fused_passes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--llama-layers profiles llm_scale's step (here at the tiny shape, 172×64 MLP matrices on the fused path once
+    numba is there) and refuses a method of the other table."""
+    pytest.importorskip("numba")
+    from benchmarks import llama, profile_step
+
+    build = llama.build
+    monkeypatch.setattr(llama, "build", lambda layers: build(layers, shape=llama.TINY))
+    argv = ["profile_step", "--llama-layers", "1", "--seq", "8", "--method", "snell8", "--fused-passes", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr("snell.dispatch._FUSED_FROM", ((1, 16),))
+    profile_step.main()
+    rows = {
+        line.rsplit(None, 2)[0].strip(): float(line.rsplit(None, 2)[1]) for line in capsys.readouterr().out.splitlines()
+    }
+    assert rows["whole step"] >= rows["backward, fused path (with the dW and dx GEMMs)"] >= rows["gradient pass"] > 0
+    assert rows["forward, fused path"] > 0
+    monkeypatch.setattr(sys, "argv", [*argv[:5], "--method", "snell8_s0.9"])
+    with pytest.raises(SystemExit) as stopped:
+        profile_step.main()
+    assert stopped.value.code == 2 and "snell8_s0.9: not one of" in capsys.readouterr().err
