@@ -209,7 +209,8 @@ def test_count_band_counts_and_gathers_exactly_the_entries_of_the_dense_delta(n)
     at, b_np, coef_np = fused_cpu._factors(a, b, coef)
     magnitudes = fused_cpu.dense_delta(a, b, coef, 2).abs().flatten()
     ordered = magnitudes.sort().values
-    lower, upper = ordered[len(ordered) // 3].numpy(), ordered[len(ordered) // 2].numpy()
+    # float32 scalars, as fused_cpu._bracket passes them (0-d arrays would compile the kernel a second time)
+    lower, upper = np.float32(ordered[len(ordered) // 3].item()), np.float32(ordered[len(ordered) // 2].item())
     chunk_rows, chunks, capacity = 8, 12, 4000
     band = np.empty(chunks * capacity, np.float32)
     above, inside = np.empty(chunks, np.int64), np.empty(chunks, np.int64)
