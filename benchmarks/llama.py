@@ -77,16 +77,32 @@ def _full(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True)
 
 
-def _lora8(model: nn.Module) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def lora_method(rank: int, targets: list[str] | str = TARGETS) -> Callable[[nn.Module], nn.Module]:
+    """peft LoRA-``rank`` (alpha = rank, no dropout) on ``targets``, as a model-to-model function."""
 
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    def build(model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets))
+
+    return build
 
 
-def _snell8(model: nn.Module) -> nn.Module:
-    return snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.9, target_modules=TARGETS))
+def snell_method(rank: int, targets: list[str] | str = TARGETS) -> Callable[[nn.Module], nn.Module]:
+    """SNELL-``rank`` at s = 0.9 on ``targets``, as a model-to-model function."""
+
+    def build(model: nn.Module) -> nn.Module:
+        return snell.get_snell_model(model, snell.SnellConfig(r=rank, sparsity=0.9, target_modules=targets))
+
+    return build
 
 
-METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {"snell8_s0.9": _snell8, "lora8": _lora8, "full": _full}
-"""The methods with the same names in :mod:`benchmarks.methods`, on the LLaMA projections. The reference-style
-SNELL is missing by design: its torch.quantile refuses the 11008×4096 matrices."""
+METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "snell8_s0.9": snell_method(8),
+    "snell32_s0.9": snell_method(32),
+    "lora8": lora_method(8),
+    "full": _full,
+}
+"""The methods with the same names in :mod:`benchmarks.methods`, on the LLaMA projections; SNELL-32 (the paper's LLM
+rank) for issue 25's SNELL-32 / SNELL-8 target. The reference-style SNELL is missing by design: its torch.quantile
+refuses the 11008×4096 matrices."""

@@ -37,30 +37,12 @@ LLAMA_LAYERS = r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|m
 FULL_DEPTH = 32
 
 
-def _lora(rank: int) -> Callable[[nn.Module], nn.Module]:
-    def build(model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LLAMA_LAYERS))
-
-    return build
-
-
-def _snell(rank: int) -> Callable[[nn.Module], nn.Module]:
-    def build(model: nn.Module) -> nn.Module:
-        import snell
-
-        return snell.get_snell_model(model, snell.SnellConfig(r=rank, sparsity=0.9, target_modules=LLAMA_LAYERS))
-
-    return build
-
-
 METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "full": lambda model: model.requires_grad_(True),
-    "lora8": _lora(8),
-    "lora32": _lora(32),
-    "snell8": _snell(8),
-    "snell32": _snell(32),
+    "lora8": llama.lora_method(8, LLAMA_LAYERS),
+    "lora32": llama.lora_method(32, LLAMA_LAYERS),
+    "snell8": llama.snell_method(8, LLAMA_LAYERS),
+    "snell32": llama.snell_method(32, LLAMA_LAYERS),
 }
 
 

@@ -67,21 +67,30 @@ def test_smoke_run_passes_every_check_and_writes_every_table_without_test_or_plo
     # the Triton parts run under the interpreter: conftest.py set TRITON_INTERPRET=1, which the run inherits
     assert sum(row["check"].startswith("triton") for row in checks) == 18 + 10 + 3 + 3  # piecewise, mixk, τ, merge
     kernels = _rows(tmp_path / "kernels.csv")
-    layers = [("96x80", "piecewise_linear"), ("130x64", "piecewise_linear"), ("96x80", "mixk")]
-    assert [(row["shape"], row["kernel"], row["path"]) for row in kernels] == [
+    layers = [
+        ("96x80", "piecewise_linear", "8"),
+        ("130x64", "piecewise_linear", "8"),
+        ("130x64", "piecewise_linear", "32"),
+    ]
+    layers.append(("96x80", "mixk", "8"))
+    assert [(row["shape"], row["kernel"], row["rank"], row["path"]) for row in kernels] == [
         (*layer, path) for layer in layers for path in ("dense layer, weight trains", "torch", "triton")
     ]
     assert all(float(row["ms"]) > 0 for row in kernels)
     training = _rows(tmp_path / "training.csv")
     assert {(row["model"], row["method"]) for row in training} == {
         *(("vit_tiny_test", m) for m in gpu.VIT_METHODS),
-        *(("llama_tiny_2_layers", m) for m in ("snell8_s0.9", "lora8", "full")),
+        *(("llama_tiny_2_layers", m) for m in ("snell8_s0.9", "snell32_s0.9", "lora8", "full")),
     }
     assert all(row["status"] == "ok" and float(row["step_ms_median"]) > 0 for row in training)
     markdown = (tmp_path / "results.md").read_text()
     assert "SMOKE RUN" in markdown and "UNFINISHED" not in markdown and "`_TRITON_MIN_NUMEL` these" in markdown
     assert "Command: `" in markdown and "--smoke" in markdown
     assert "snell commit" in markdown and "| torch |" in markdown
+    assert (
+        "| 130x64 | bfloat16 | piecewise_linear | triton |"
+        in markdown.split("One layer's SNELL-32 over its SNELL-8")[1]
+    )
     assert "skipped: nothing" in done.stdout
     for target in gpu.targets(gpu.Run("cpu", True, 0)):
         assert target.name in markdown
@@ -148,3 +157,20 @@ def test_triton_min_numel_is_the_smallest_size_from_which_triton_was_faster_at_e
     assert gpu.triton_min_numel(rows(10, 1.0, None)) is None  # the Triton path could not run
     mixk = [{**row, "kernel": "mixk"} for row in rows(1000, 5.0, 6.0)]  # one bound for both kernels
     assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(1000, 5.0, 4.0), *mixk]) is None
+    wide = [{**row, "rank": 32} for row in rows(1000, 5.0, 6.0)]  # and for every rank
+    assert gpu.triton_min_numel([*rows(10, 1.0, 0.5), *rows(1000, 5.0, 4.0), *wide]) is None
+
+
+def test_rank_costs_pair_each_layers_r32_with_its_r8_per_path() -> None:
+    from benchmarks.gpu.triton_check import rank_costs
+
+    def row(shape: str, path: str, rank: int, ms: float | None) -> dict:
+        return {"shape": shape, "dtype": "bfloat16", "kernel": "piecewise_linear", "path": path, "rank": rank, "ms": ms}
+
+    rows = [row("4x4", "dense layer, weight trains", 8, 1.0), row("4x4", "torch", 8, 2.0), row("4x4", "torch", 32, 3.0)]
+    rows += [row("4x4", "triton", 8, 1.0), row("4x4", "triton", 32, 1.5), row("8x8", "torch", 8, 2.0)]
+    rows += [row("8x8", "triton", 8, 1.0), row("8x8", "triton", 32, None)]  # the Triton path could not run at r = 32
+    assert rank_costs(rows) == [
+        ["4x4", "bfloat16", "piecewise_linear", "torch", 2.0, 3.0, 1.5],
+        ["4x4", "bfloat16", "piecewise_linear", "triton", 1.0, 1.5, 1.5],
+    ]

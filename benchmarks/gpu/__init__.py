@@ -10,9 +10,9 @@ against the naive formulas (tests/checks.py, the test suite's own checks) for ev
 and under bf16 autocast, kept counts, merge/unmerge, save/load and dropout; no host synchronisation in a
 training step; torch.compile graph breaks; the exact k-th-largest selection against torch's and one GEMM;
 one SNELL layer per ΔW row-block size; the Triton kernels (SNELL_KERNELS=fused): the same checks, no host sync,
-and one layer timed against the torch path; then training steps (each model × method in its own process, memory
-reset per configuration) on ViT-B/16, LLaMA-2-7B-shaped layers, ViT-L/16 and ViT-H/14. The estimates are
-guesses for an H200 until a run records each part's wall time (parts.csv).
+and one layer timed against the torch path (LLaMA's at r = 8 and at r = 32); then training steps (each model ×
+method in its own process, memory reset per configuration) on ViT-B/16, LLaMA-2-7B-shaped layers, ViT-L/16 and
+ViT-H/14. The estimates are guesses for an H200 until a run records each part's wall time (parts.csv).
 """
 
 # The docstring above is also the command line's --help. One concept per module: run.py (Run, the budget, a check

@@ -32,10 +32,10 @@ PARTS: tuple[tuple[str, float, Callable[[Run], None]], ...] = (
     ("compile", 30, part_compile),
     ("selection", 45, part_selection),
     ("blocks", 15, part_blocks),
-    # Guesses: about 30 Triton compiles (modes × dtypes × passes, no shape specialisation) then tiny checks; three
-    # layers × three implementations × 11 fwd + bwd of at most ~20 ms, after the rank-8 variants compile.
+    # Guesses: about 30 Triton compiles (modes × dtypes × passes, no shape specialisation) then tiny checks; seven
+    # layers × three implementations × 11 fwd + bwd of at most ~20 ms, after the rank-8 and rank-32 variants compile.
     ("triton_correctness", 40, part_triton_correctness),
-    ("triton_timing", 20, part_triton_timing),
+    ("triton_timing", 35, part_triton_timing),
 )
 """The checks before training, with a guess at their seconds on an H200."""
 

@@ -14,7 +14,7 @@ import torch
 from benchmarks.gpu.run import Run
 from benchmarks.gpu.selection import TOKENS, fastest_exact
 from benchmarks.gpu.training import VIT_METHODS
-from benchmarks.gpu.triton_check import triton_min_numel
+from benchmarks.gpu.triton_check import rank_costs, triton_min_numel
 from benchmarks.report import REPO, Target, _version, markdown_table, write_csv
 from snell import sparsify
 
@@ -47,7 +47,11 @@ TRAIN_COLUMNS = (
 )
 PART_COLUMNS = ("part", "estimate_s", "wall_s", "status")
 LAYER_COLUMNS = ("shape", "block_entries", "blocks", "ms", "ratio_to_dense", "note")
-KERNEL_COLUMNS = ("shape", "numel", "dtype", "tokens", "kernel", "path", "ms", "ratio_to_dense", "note")
+KERNEL_COLUMNS = ("shape", "numel", "dtype", "tokens", "kernel", "rank", "path", "ms", "ratio_to_dense", "note")
+
+
+#: The batch each model's target rows are read at (bf16); the tiny ViT stand-in's is 2.
+TARGET_BATCH = {"vit_b16": 64, "llama2_7b_2_layers": 1, "llama_tiny_2_layers": 1}
 
 
 def _value(rows: Sequence[dict[str, Any]], model: str, method: str, column: str) -> float | None:
@@ -56,7 +60,7 @@ def _value(rows: Sequence[dict[str, Any]], model: str, method: str, column: str)
             model,
             method,
             "bf16",
-            64 if model == "vit_b16" else 2,
+            TARGET_BATCH.get(model, 2),
         ):
             return row.get(column) if row["status"] == "ok" else None
     return None
@@ -66,14 +70,17 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or not denominator else numerator / denominator
 
 
-TARGET_SETTING = "ViT-B/16, bf16 autocast, batch 64"
+TARGET_SETTING = "ViT-B/16, bf16 autocast, batch 64; the last step row two LLaMA-2-7B-shaped decoder layers, bf16"
 
 
 def targets(run: Run) -> list[Target]:
-    """The issue's targets: ViT-B/16, bf16 autocast, batch 64 (the tiny stand-in at batch 2 in a smoke run)."""
+    """The issues' targets: ViT-B/16, bf16 autocast, batch 64, and issue 25's SNELL-32 / SNELL-8 on the LLaMA-shaped
+    layers (the tiny stand-ins in a smoke run)."""
     model = "vit_tiny_test" if run.smoke else "vit_b16"
     step = {m: _value(run.training, model, m, "step_ms_median") for m in VIT_METHODS}
     peak = {m: _value(run.training, model, m, "peak_mb") for m in VIT_METHODS}
+    llm = "llama_tiny_2_layers" if run.smoke else "llama2_7b_2_layers"
+    snell8, snell32 = (_value(run.training, llm, m, "step_ms_median") for m in ("snell8_s0.9", "snell32_s0.9"))
     shape = "512x300" if run.smoke else "11008x4096"
     selection = next(
         (r["ratio_to_gemm_fp32"] for r in run.selection if r["shape"] == shape and r["method"].startswith("library")),
@@ -86,6 +93,7 @@ def targets(run: Run) -> list[Target]:
         Target("peak memory: SNELL-8 s=0.9 / peft LoRA-8", _ratio(peak[ours], peak["lora8"]), 1.0),
         Target("peak memory: SNELL-8 s=0.9 / full fine-tuning", _ratio(peak[ours], peak["full"]), 0.6),
         Target(f"threshold {shape} / one fp32 GEMM with {TOKENS} tokens", selection, 0.2),
+        Target("LLaMA step: SNELL-32 s=0.9 / SNELL-8 s=0.9", _ratio(snell32, snell8), 1.1),
     ]
 
 
@@ -191,7 +199,7 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
         lines += [f"**UNFINISHED: written after `{done}`; a complete run overwrites this.**", ""]
     lines += [markdown_table(["", ""], env.items()), "", f"Command: `{command}`", f"Budget: {run.budget_s:.0f} s", ""]
     lines += [
-        f"## Targets ({'the tiny ViT stand-in, bf16 autocast, batch 2' if run.smoke else TARGET_SETTING})",
+        f"## Targets ({'the tiny stand-ins; ViT bf16 autocast, batch 2' if run.smoke else TARGET_SETTING})",
         "",
     ]
     lines += [
@@ -222,7 +230,10 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     lines += [markdown_table(LAYER_COLUMNS, [[r.get(c) for c in LAYER_COLUMNS] for r in run.layers])]
     lines += ["", "## One SNELL layer on the torch path and on the Triton path (forward + backward)", ""]
     lines += [f"`_TRITON_MIN_NUMEL` these measurements support: `{triton_min_numel(run.kernels)}`", ""]
-    lines += [markdown_table(KERNEL_COLUMNS, [[r.get(c) for c in KERNEL_COLUMNS] for r in run.kernels])]
+    lines += [markdown_table(KERNEL_COLUMNS, [[r.get(c) for c in KERNEL_COLUMNS] for r in run.kernels]), ""]
+    lines += ["One layer's SNELL-32 over its SNELL-8 (the wider pieces' cost, issue 25):", ""]
+    headers = ["shape", "dtype", "kernel", "path", "r = 8 ms", "r = 32 ms", "r = 32 / r = 8"]
+    lines += [markdown_table(headers, rank_costs(run.kernels))]
     lines += [
         "",
         "## Training steps",

@@ -28,19 +28,23 @@ from snell.layers import init_factors
 from snell.spec import SnellSpec
 
 SPARSITY = 0.9
-# (m, n), dtype of x and W0, tokens, kernel: ViT-B's MLP in fp32 with a batch of 8 at 197 tokens, LLaMA-2-7B's
-# attention projection and MLP in bf16 with a sequence of 256; SNELLA's mixk on ViT-B's MLP and LLaMA's projection.
+# (m, n), dtype of x and W0, tokens, kernel, rank: ViT-B's MLP in fp32 with a batch of 8 at 197 tokens, LLaMA-2-7B's
+# attention projection and MLP in bf16 with a sequence of 256; the LLaMA ones again at r = 32 (the paper's LLM rank:
+# issue 25 asks what the wider pieces cost on the Triton path); SNELLA's mixk on ViT-B's MLP and LLaMA's projection.
 TIMED_LAYERS = (
-    ((768, 3072), torch.float32, 1576, "piecewise_linear"),
-    ((4096, 4096), torch.bfloat16, 256, "piecewise_linear"),
-    ((11008, 4096), torch.bfloat16, 256, "piecewise_linear"),
-    ((768, 3072), torch.float32, 1576, "mixk"),
-    ((4096, 4096), torch.bfloat16, 256, "mixk"),
+    ((768, 3072), torch.float32, 1576, "piecewise_linear", 8),
+    ((4096, 4096), torch.bfloat16, 256, "piecewise_linear", 8),
+    ((11008, 4096), torch.bfloat16, 256, "piecewise_linear", 8),
+    ((4096, 4096), torch.bfloat16, 256, "piecewise_linear", 32),
+    ((11008, 4096), torch.bfloat16, 256, "piecewise_linear", 32),
+    ((768, 3072), torch.float32, 1576, "mixk", 8),
+    ((4096, 4096), torch.bfloat16, 256, "mixk", 8),
 )
 SMOKE_LAYERS = (
-    ((96, 80), torch.float32, 16, "piecewise_linear"),
-    ((130, 64), torch.bfloat16, 8, "piecewise_linear"),
-    ((96, 80), torch.float32, 16, "mixk"),
+    ((96, 80), torch.float32, 16, "piecewise_linear", 8),
+    ((130, 64), torch.bfloat16, 8, "piecewise_linear", 8),
+    ((130, 64), torch.bfloat16, 8, "piecewise_linear", 32),
+    ((96, 80), torch.float32, 16, "mixk", 8),
 )
 _SNELLA_COEFFICIENTS = (0.1, -0.1, 1.0, 1.0, 0.0)  # mixk: the piecewise ones, then (α, γ, β) at the authors' start
 
@@ -133,7 +137,7 @@ def _step_without_sync(m: int, n: int, dtype: torch.dtype, device: str) -> str |
     raising; on the CPU the step runs unchecked."""
     spec = SnellSpec("linear", (m, n), "piecewise_linear", 2, "reference", SPARSITY)
     _assert_triton_path(spec, device, 8, dtype, torch.float32)
-    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, 32, device, "piecewise_linear")
+    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, 32, device, "piecewise_linear", 8)
 
     def step() -> None:
         FusedSnell.apply(x, weight, None, a, b, coefficients, spec).backward(grad)
@@ -151,13 +155,13 @@ def _step_without_sync(m: int, n: int, dtype: torch.dtype, device: str) -> str |
     return None
 
 
-def _layer_inputs(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, kernel: str):
-    """x (trainable), W0 and gy in ``dtype``; SNELL-8's factors (trainable) and coefficients in fp32 (mixk's (α, γ, β)
-    trainable, as in a SNELLA layer)."""
+def _layer_inputs(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, kernel: str, rank: int):
+    """x (trainable), W0 and gy in ``dtype``; SNELL-``rank``'s factors (trainable) and coefficients in fp32 (mixk's
+    (α, γ, β) trainable, as in a SNELLA layer)."""
     torch.manual_seed(0)
     x = torch.randn(tokens, n, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(m, n, device=device) / math.sqrt(n)).to(dtype)
-    a, b = torch.empty(n, 8, device=device), torch.empty(m, 8, device=device)
+    a, b = torch.empty(n, rank, device=device), torch.empty(m, rank, device=device)
     init_factors(a, b, num_pieces=2)
     coefficients = torch.tensor([0.1, -0.1], device=device)
     if kernel == "mixk":
@@ -167,11 +171,18 @@ def _layer_inputs(m: int, n: int, dtype: torch.dtype, tokens: int, device: str, 
 
 
 def layer_rows(
-    m: int, n: int, dtype: torch.dtype, tokens: int, device: str, repeats: int, kernel: str = "piecewise_linear"
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    tokens: int,
+    device: str,
+    repeats: int,
+    kernel: str = "piecewise_linear",
+    rank: int = 8,
 ) -> list[dict[str, Any]]:
-    """One SNELL-8 s = 0.9 layer's (``kernel``'s) forward + backward on the torch path and on the Triton path, and a
-    dense layer whose weight trains (full fine-tuning's three GEMMs), median milliseconds of ``repeats``."""
-    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, tokens, device, kernel)
+    """One SNELL-``rank`` s = 0.9 layer's (``kernel``'s) forward + backward on the torch path and on the Triton path,
+    and a dense layer whose weight trains (full fine-tuning's three GEMMs), median milliseconds of ``repeats``."""
+    x, weight, a, b, coefficients, grad = _layer_inputs(m, n, dtype, tokens, device, kernel, rank)
     dense = weight.clone().requires_grad_()
     spec = SnellSpec("linear", (m, n), kernel, 2, "reference", SPARSITY)
 
@@ -185,42 +196,57 @@ def layer_rows(
 
     dense_ms = timed_ms(dense_layer, device, repeats)
     base = {"shape": f"{m}x{n}", "numel": m * n, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens}
-    base["kernel"] = kernel
+    base.update(kernel=kernel, rank=rank)
     rows = [{**base, "path": "dense layer, weight trains", "ms": dense_ms, "ratio_to_dense": 1.0, "note": ""}]
     reason = _why_not(device)
     for label, choice in (("torch", "torch"), ("triton", _triton_choice(device))):
         row = {**base, "path": label, "ms": None, "ratio_to_dense": None, "note": reason or ""}
         if label == "torch" or not reason:
             with kernels(choice):
-                chosen = dispatch.kernel_path(spec, torch.device(device), 8, dtype, torch.float32)
+                chosen = dispatch.kernel_path(spec, torch.device(device), rank, dtype, torch.float32)
                 ms = timed_ms(snell_layer, device, repeats)
             row.update(ms=ms, ratio_to_dense=ms / dense_ms, note=f"dispatch: {chosen}")
         rows.append(row)
         timing = f"{fmt(row['ms'])} ms, {fmt(row['ratio_to_dense'])}x dense"
-        print(f"  {m}x{n} {row['dtype']} {kernel} {label}: {timing}", flush=True)
+        print(f"  {m}x{n} {row['dtype']} {kernel} r={rank} {label}: {timing}", flush=True)
     return rows
 
 
 def part_triton_timing(run: Run) -> None:
     """The Triton path against the torch path per layer size: what _TRITON_MIN_NUMEL should be."""
     layers = SMOKE_LAYERS if run.smoke else TIMED_LAYERS
-    for (m, n), dtype, tokens, kernel in layers:
-        run.kernels.extend(layer_rows(m, n, dtype, tokens, run.device, 2 if run.smoke else 10, kernel))
+    for (m, n), dtype, tokens, kernel, rank in layers:
+        run.kernels.extend(layer_rows(m, n, dtype, tokens, run.device, 2 if run.smoke else 10, kernel, rank))
     print(f"  _TRITON_MIN_NUMEL these timings support: {triton_min_numel(run.kernels)}", flush=True)
 
 
 def triton_min_numel(rows: list[dict[str, Any]]) -> int | None:
     """The smallest measured entries per matrix from which the Triton path was faster than the torch path at every
-    measured size above, for every kernel measured there (one bound serves both); None when it was not faster at the
-    largest (or nothing was measured)."""
-    timed: dict[int, dict[str, dict[str, float]]] = {}
+    measured size above, for every kernel and rank measured there (one bound serves them all); None when it was not
+    faster at the largest (or nothing was measured)."""
+    timed: dict[int, dict[tuple[str, int], dict[str, float]]] = {}
     for row in rows:
         if row["path"] in ("torch", "triton") and row["ms"] is not None:
-            kernel = row.get("kernel", "piecewise_linear")
-            timed.setdefault(row["numel"], {}).setdefault(kernel, {})[row["path"]] = row["ms"]
+            setting = (row.get("kernel", "piecewise_linear"), row.get("rank", 8))
+            timed.setdefault(row["numel"], {}).setdefault(setting, {})[row["path"]] = row["ms"]
     bound = None
     for numel in sorted(timed, reverse=True):
         if not all(len(times) == 2 and times["triton"] < times["torch"] for times in timed[numel].values()):
             break
         bound = numel
     return bound
+
+
+def rank_costs(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Per shape, dtype and path where both were measured: one layer's SNELL-32 ms over its SNELL-8 ms (issue 25's
+    question for the Triton path: what the wider pieces cost)."""
+    ms = {
+        (r["shape"], r["dtype"], r.get("kernel", "piecewise_linear"), r["path"], r.get("rank", 8)): r["ms"]
+        for r in rows
+        if r["path"] in ("torch", "triton") and r["ms"] is not None
+    }
+    return [
+        [*key, ms[(*key, 8)], ms[(*key, 32)], ms[(*key, 32)] / ms[(*key, 8)]]
+        for key in dict.fromkeys(k[:4] for k in ms)
+        if (*key, 8) in ms and (*key, 32) in ms
+    ]
