@@ -70,7 +70,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or not denominator else numerator / denominator
 
 
-TARGET_SETTING = "ViT-B/16, bf16 autocast, batch 64; the last step row two LLaMA-2-7B-shaped decoder layers, bf16"
+TARGET_SETTING = "ViT-B/16, bf16 autocast, batch 64; the LLaMA row: 2 LLaMA-2-7B-shaped layers, bf16, 1 × 512 tokens"
 
 
 def targets(run: Run) -> list[Target]:
