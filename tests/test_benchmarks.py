@@ -194,7 +194,8 @@ def test_fused_layer_sweep_writes_one_row_per_shape(tmp_path: Path) -> None:
     import subprocess
 
     pytest.importorskip("numba")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(Path(ROOT) / "src")])}
+    # already under the pinned allocator, so it does not start itself again (the test above covers that restart)
+    env = {**os.environ, **run.TIMED_ENV, "PYTHONPATH": os.pathsep.join([ROOT, str(Path(ROOT) / "src")])}
     out = tmp_path / "sweep.json"
     shapes = ["48x32", "96x64", "8x4x3x3"]  # the last a Conv2d
     args = ["--sweep", *shapes, "--tokens", "4", "--rounds", "2", "--dtype", "float32", "--out", str(out)]
