@@ -45,6 +45,15 @@ def test_the_accelerator_autocasts_to_the_flags_dtype_and_scales_only_fp16(flag:
     assert isinstance(accelerator.scaler, torch.amp.GradScaler) == (flag == "fp16")
 
 
+def test_runs_in_one_process_may_change_precision() -> None:
+    """accelerate's state is one per process and refuses a second precision; each snell run starts it afresh (a
+    notebook trains in bf16, then in float32, then in fp16)."""
+    for flag, dtype in (("bf16", torch.bfloat16), (None, torch.float32), ("fp16", torch.float16)):
+        accelerator = make_accelerator(TrainConfig(**({flag: True} if flag else {})))
+        with accelerator.autocast():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
 def test_fp16_skips_overflowing_steps_and_resumes_bit_identical(
     vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

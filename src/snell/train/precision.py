@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from snell.train.config import TrainConfig
 
@@ -29,7 +30,16 @@ def make_accelerator(config: TrainConfig, **kwargs) -> Accelerator:
     """
     kwargs.setdefault("cpu", not torch.cuda.is_available())
     precision = precision_name(config)
-    accelerator = Accelerator(mixed_precision=precision, **kwargs)
+    try:
+        accelerator = Accelerator(mixed_precision=precision, **kwargs)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        # accelerate keeps one state per process and refuses a second run in another precision (a notebook that
+        # trains in bf16, then in float32). Each run here is a run of its own: start the state afresh, as
+        # transformers' TrainingArguments does before every Trainer.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(mixed_precision=precision, **kwargs)
     if precision == "fp16" and accelerator.scaler is None:  # accelerate left fp16 off: the CPU
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
