@@ -38,7 +38,7 @@ FULL_DEPTH = 32
 
 
 METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "full": lambda model: model.requires_grad_(True),
+    "full": llama.METHODS["full"],
     "lora8": llama.lora_method(8, LLAMA_LAYERS),
     "lora32": llama.lora_method(32, LLAMA_LAYERS),
     "snell8": llama.snell_method(8, LLAMA_LAYERS),
