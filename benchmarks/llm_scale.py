@@ -1,4 +1,4 @@
-"""Issue 18's scale benchmark: LLaMA-2-7B-shaped decoder layers, one training step, CPU, batch 1.
+"""Issue 18's scale benchmark: LLaMA-2-7B-shaped decoder layers, one training step, CPU, batch 1 (``--batch``).
 
 Two decoder layers of LLaMA-2-7B's shape (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000;
 transformers' LlamaConfig, random init, bf16 weights, no autocast) trained with peft LoRA-8/32, SNELL-8/32
@@ -15,6 +15,10 @@ embedding, the head over 32000 words, the loss, the optimizer on those) = 1-laye
     python -m benchmarks.llm_scale                    # seq 512; also --seq 256 / 1024
     python -m benchmarks.llm_scale --methods snell8 lora8 --steps 2
     python -m benchmarks.llm_scale --worker --method snell8 --seq 256 --layers 2   # one worker, JSON out
+    python -m benchmarks.llm_scale --worker --method snell8 --seq 256 --batch 16   # the llm/commonsense recipe's batch
+
+SNELL's passes over ΔW cost the same whatever the batch, and LoRA's step grows with the tokens, so the ratios at
+batch 1 are SNELL's worst case; ``--batch 16`` is LLM-Adapters' (and the ``llm/commonsense`` recipe's) 16 × 256.
 """
 
 from __future__ import annotations
@@ -73,12 +77,13 @@ def timed_training(model: nn.Module, tokens: torch.Tensor, warmup: int, steps: i
     }
 
 
-def worker(method: str, layers: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
+def worker(method: str, layers: int, seq: int, warmup: int, steps: int, batch: int = 1) -> dict[str, Any]:
     """Median step time, peak RSS above the loaded model and bytes saved for backward of one method."""
     torch.manual_seed(0)
     model = METHODS[method](llama.build(layers)).train()  # built in bf16: no float32 copy passes through RSS
-    tokens = torch.randint(32000, (1, seq))
-    row = {"method": method, "layers": layers, "seq": seq, **timed_training(model, tokens, warmup, steps)}
+    tokens = torch.randint(model.config.vocab_size, (batch, seq))
+    row = {"method": method, "layers": layers, "batch": batch, "seq": seq}
+    row.update(timed_training(model, tokens, warmup, steps))
     with SavedTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
         value = model(input_ids=tokens, labels=tokens).loss
     value.backward()
@@ -110,14 +115,16 @@ def measure(module: str, args: list[str], warmup: int, steps: int, timeout: floa
     return {**timed, **{key: memory[key] for key in ("peak_mb", "saved_mb") if key in memory}}, "ok"
 
 
-def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float) -> list[dict[str, Any]]:
+def drive(
+    methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float, batch: int = 1
+) -> list[dict[str, Any]]:
     """Every method at 2 and 1 layers, each in a fresh process; prints the table and the projections."""
-    print(f"seq {seq}, batch 1, bf16, load average {os.getloadavg()[0]:.2f} at start")
+    print(f"seq {seq}, batch {batch}, bf16, load average {os.getloadavg()[0]:.2f} at start")
     rows = []
     for method in methods:
         runs = {}
         for layers in (2, 1):
-            args = ["--worker", "--method", method, "--layers", str(layers), "--seq", str(seq)]
+            args = ["--worker", "--method", method, "--layers", str(layers), "--seq", str(seq), "--batch", str(batch)]
             result, status = measure("benchmarks.llm_scale", args, warmup, steps, timeout)
             if result is None:
                 print(f"{method} at {layers} layers: {status}")
@@ -147,10 +154,12 @@ def drive(methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: fl
     return rows
 
 
-def method_parser(doc: str, seq: int) -> argparse.ArgumentParser:
-    """The options every LLM step benchmark here shares: which methods, the sequence, the steps, and the worker mode."""
+def method_parser(doc: str, seq: int, batch: int) -> argparse.ArgumentParser:
+    """The options every LLM step benchmark here shares: which methods, the batch and sequence, the steps, and the
+    worker mode."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -168,13 +177,13 @@ def write_rows(rows: list[dict[str, Any]], out: str | None) -> None:
 
 
 def main() -> None:
-    parser = method_parser(__doc__, seq=512)
+    parser = method_parser(__doc__, seq=512, batch=1)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.method, args.layers, args.seq, args.warmup, args.steps)))
+        print(json.dumps(worker(args.method, args.layers, args.seq, args.warmup, args.steps, args.batch)))
         return
-    write_rows(drive(args.methods, args.seq, args.warmup, args.steps, args.timeout), args.out)
+    write_rows(drive(args.methods, args.seq, args.warmup, args.steps, args.timeout, args.batch), args.out)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.profile_step --method snell8_s0.9 [--model vit_b16] [--rows 25] [--by-shape]
     .venv/bin/python -m benchmarks.profile_step --llama-layers 2 --seq 256 --method snell8 [--fused-passes 3]
 
-``--llama-layers N`` profiles benchmarks.llm_scale's step instead (N LLaMA-2-7B-shaped decoder layers, bf16, batch 1,
-its methods: snell8, snell32, lora8, lora32, full).
+``--llama-layers N`` profiles benchmarks.llm_scale's step instead (N LLaMA-2-7B-shaped decoder layers, bf16, batch 1
+unless ``--batch``, its methods: snell8, snell32, lora8, lora32, full).
 
 ``--by-shape`` splits every op by its input shapes: which GEMM of which layer, which m×n block pass.
 ``--fused-passes N`` instead times N steps' fused CPU work, which the profiler sees as one opaque op per layer: the
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--llama-layers", type=int, metavar="N", help="profile llm_scale's step of N decoder layers")
     parser.add_argument("--seq", type=int, default=256, help="tokens of the LLaMA step")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, help="images (default 8), or with --llama-layers sequences (default 1)")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--sort", default="self_cpu_time_total", help="profiler table sort key")
     parser.add_argument("--by-shape", action="store_true", help="one row per (op, input shapes)")
@@ -94,12 +94,14 @@ def main() -> None:
     torch.manual_seed(0)
     if args.llama_layers:
         model = llm_scale.METHODS[args.method](llama.build(args.llama_layers)).train()
-        step = llm_scale.training_step(model, torch.randint(model.config.vocab_size, (1, args.seq)))
+        tokens = torch.randint(model.config.vocab_size, (args.batch or 1, args.seq))
+        step = llm_scale.training_step(model, tokens)
     else:
         spec = MODELS[args.model]
         model = METHODS[args.method].build(spec.create()).train()
-        images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
-        labels = torch.randint(NUM_CLASSES, (args.batch,))
+        batch = args.batch or 8
+        images = torch.randn(batch, 3, spec.image_size, spec.image_size)
+        labels = torch.randint(NUM_CLASSES, (batch,))
         step = make_step(model, images, labels, args.dtype, after_step=METHODS[args.method].step_hook(model))
     step()
     if args.fused_passes:

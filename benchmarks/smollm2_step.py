@@ -81,8 +81,7 @@ def drive(
 
 
 def main() -> None:
-    parser = method_parser(__doc__, seq=256)
-    parser.add_argument("--batch", type=int, default=4)
+    parser = method_parser(__doc__, seq=256, batch=4)
     parser.add_argument("--rounds", type=int, default=1, help="time every method this many times, in turns")
     args = parser.parse_args()
     if args.worker:

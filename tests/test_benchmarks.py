@@ -217,6 +217,19 @@ def test_llm_scale_projects_from_two_depths() -> None:
     assert total == 65.0 and "1.00 + 32 × 2.00 = 65.00" in arithmetic
 
 
+def test_llm_scale_worker_trains_a_batch_of_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--batch reaches the tokens: the saved-for-backward count grows with the batch (the activations of 3 sequences,
+    not 1), at the tiny LLaMA shape."""
+    from benchmarks import llama, llm_scale
+
+    build = llama.build
+    monkeypatch.setattr(llama, "build", lambda layers: build(layers, shape=llama.TINY))
+    rows = {batch: llm_scale.worker("snell8", layers=1, seq=8, warmup=0, steps=1, batch=batch) for batch in (1, 3)}
+    assert [(row["batch"], row["seq"], len(row["step_times"])) for row in rows.values()] == [(1, 8, 1), (3, 8, 1)]
+    assert rows[3]["trainable_params"] == rows[1]["trainable_params"] > 0
+    assert rows[3]["saved_mb"] > 2 * rows[1]["saved_mb"] > 0
+
+
 def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_projections(
     smollm2: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
