@@ -15,10 +15,11 @@ embedding, the head over 32000 words, the loss, the optimizer on those) = 1-laye
     python -m benchmarks.llm_scale                    # seq 512; also --seq 256 / 1024
     python -m benchmarks.llm_scale --methods snell8 lora8 --steps 2
     python -m benchmarks.llm_scale --worker --method snell8 --seq 256 --layers 2   # one worker, JSON out
-    python -m benchmarks.llm_scale --worker --method snell8 --seq 256 --batch 16   # the llm/commonsense recipe's batch
+    python -m benchmarks.llm_scale --seq 256 --batch 4 --rounds 2   # 2 layers only, in turns, issue 25's targets
 
-SNELL's passes over ΔW cost the same whatever the batch, and LoRA's step grows with the tokens, so the ratios at
-batch 1 are SNELL's worst case; ``--batch 16`` is LLM-Adapters' (and the ``llm/commonsense`` recipe's) 16 × 256.
+``--rounds N`` times every method N times in turns at ``--layers`` (no projection) and judges issue 25's LLaMA
+targets on the median of the per-round ratios (:mod:`benchmarks.in_turns`). SNELL's passes over ΔW cost the same
+whatever the batch while every GEMM grows with the tokens, so ``--batch`` moves the ratios.
 """
 
 from __future__ import annotations
@@ -34,11 +35,19 @@ import torch
 from torch import nn
 
 from benchmarks import llama
+from benchmarks.in_turns import RatioTarget, drive_in_turns, measure
 from benchmarks.memory import SavedTensorBytes, run_steps
 
 MB = 1024 * 1024
 LLAMA_LAYERS = r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 FULL_DEPTH = 32
+# issue 25's LLaMA-shaped targets (its peak targets compare SNELL and LoRA at the same rank)
+TARGETS = (
+    RatioTarget("snell8", "lora8", step_limit=1.8, peak_limit=1.0),
+    RatioTarget("snell32", "lora32", peak_limit=1.0),
+    RatioTarget("snell32", "snell8", step_limit=1.1),
+    RatioTarget("snell32", "full", step_limit=1.0),
+)
 
 
 METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
@@ -102,19 +111,6 @@ def project(two: dict[str, Any], one: dict[str, Any], column: str) -> tuple[floa
     return total, text
 
 
-def measure(module: str, args: list[str], warmup: int, steps: int, timeout: float) -> tuple[dict | None, str]:
-    """One worker of ``module`` timed under the suite's pinned allocator and one for memory under its 1 MiB mmap
-    threshold (freed blocks go back to the OS, so the peak follows live memory), each in its own process: the timed
-    row with the memory worker's peak (and saved bytes, if it counts them), or None and why."""
-    from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker
-
-    timed, status = run_worker(module, [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV)
-    memory, memory_status = run_worker(module, [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV)
-    if timed is None or memory is None:
-        return None, f"{status}, memory worker {memory_status}"
-    return {**timed, **{key: memory[key] for key in ("peak_mb", "saved_mb") if key in memory}}, "ok"
-
-
 def drive(
     methods: Sequence[str], seq: int, warmup: int, steps: int, timeout: float, batch: int = 1
 ) -> list[dict[str, Any]]:
@@ -154,15 +150,16 @@ def drive(
     return rows
 
 
-def method_parser(doc: str, seq: int, batch: int) -> argparse.ArgumentParser:
-    """The options every LLM step benchmark here shares: which methods, the batch and sequence, the steps, and the
-    worker mode."""
+def method_parser(doc: str, seq: int, batch: int, rounds: int | None) -> argparse.ArgumentParser:
+    """The options every LLM step benchmark here shares: which methods, the batch and sequence, the steps, the
+    rounds in turns, and the worker mode."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds, help="time every method this many times, in turns")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--worker", action="store_true", help="run one method in this process (JSON on stdout)")
@@ -177,13 +174,24 @@ def write_rows(rows: list[dict[str, Any]], out: str | None) -> None:
 
 
 def main() -> None:
-    parser = method_parser(__doc__, seq=512, batch=1)
+    parser = method_parser(__doc__, seq=512, batch=1, rounds=None)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.method, args.layers, args.seq, args.warmup, args.steps, args.batch)))
         return
-    write_rows(drive(args.methods, args.seq, args.warmup, args.steps, args.timeout, args.batch), args.out)
+    if args.rounds is None:
+        write_rows(drive(args.methods, args.seq, args.warmup, args.steps, args.timeout, args.batch), args.out)
+        return
+    load = os.getloadavg()[0]
+    header = f"{args.layers} layers, batch {args.batch} × {args.seq}, bf16, load average {load:.2f} at start"
+    worker_args = ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
+    rows = drive_in_turns(
+        "benchmarks.llm_scale", header, args.methods, worker_args, args.warmup, args.steps, args.timeout, args.rounds,
+        TARGETS,
+    )  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -189,7 +190,6 @@ def test_fused_layer_times_three_variants_in_turns() -> None:
 
 
 def test_fused_layer_sweep_writes_one_row_per_shape(tmp_path: Path) -> None:
-    import json
     import os
     import subprocess
 
@@ -258,28 +258,63 @@ def test_llm_memory_loads_a_causal_lm_folder_in_bf16_and_refuses_anything_else(t
         load(str(tmp_path / "missing.gguf"))
 
 
+def _fake_workers(monkeypatch: pytest.MonkeyPatch, seconds: list[float], peaks: dict[str, float]) -> list[list[str]]:
+    """Stands in for :mod:`benchmarks.in_turns`' worker processes: each returns the next of ``seconds`` as its step and
+    its method's peak; returns the list every call's arguments go to."""
+    from benchmarks import in_turns, run
+
+    calls, steps = [], iter(seconds)
+
+    def timed(module, args, *rest):
+        calls.append(args)
+        step = next(steps)
+        return {"step_s": step, "step_times": [step], "peak_mb": peaks[args[args.index("--method") + 1]]}, "ok"
+
+    monkeypatch.setattr(in_turns, "measure", lambda module, args, warmup, steps, timeout: timed(module, args))
+    monkeypatch.setattr(run, "run_worker", timed)
+    return calls
+
+
 def test_smollm2_step_rounds_run_in_turns_and_judge_the_median_ratio(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from benchmarks import smollm2_step
 
-    calls = []
     # lora8, snell8 | snell8, lora8 | lora8, snell8: SNELL-8 / LoRA-8 1.5, 2.0 and 1.1 in the three rounds
-    seconds = iter([2.0, 3.0, 4.0, 2.0, 2.0, 2.2])
-
-    def timed(module, args, *rest):
-        calls.append(args[args.index("--method") + 1])
-        step = next(seconds)
-        return {"step_s": step, "step_times": [step], "peak_mb": 100.0 if calls[-1] == "lora8" else 70.0}, "ok"
-
-    monkeypatch.setattr(smollm2_step, "measure", lambda module, args, warmup, steps, timeout: timed(module, args))
-    monkeypatch.setattr(smollm2_step, "run_worker", timed)
+    calls = _fake_workers(monkeypatch, [2.0, 3.0, 4.0, 2.0, 2.0, 2.2], {"lora8": 100.0, "snell8": 70.0})
     rows = smollm2_step.drive(["lora8", "snell8"], 4, 256, 1, 3, 60.0, rounds=3)
-    assert calls == ["lora8", "snell8", "snell8", "lora8", "lora8", "snell8"]
+    methods = [args[args.index("--method") + 1] for args in calls]
+    assert methods == ["lora8", "snell8", "snell8", "lora8", "lora8", "snell8"]
+    assert all(args[args.index("--batch") + 1] == "4" for args in calls)
     by_method = {row["round_steps"][0]: row for row in rows}
     assert by_method[2.0]["round_steps"] == [2.0, 2.0, 2.0] and by_method[3.0]["round_steps"] == [3.0, 4.0, 2.2]
     assert by_method[3.0]["step_s"] == 3.0
-    assert "snell8 / lora8: step 1.500 (target <= 1.15: MISS), peak 0.700" in capsys.readouterr().out
+    verdict = "snell8 / lora8: step 1.500 (target <= 1.15: MISS), peak 0.700 (target <= 0.85: PASS)"
+    assert verdict in capsys.readouterr().out
+
+
+def test_llm_scale_rounds_time_the_given_depth_in_turns_against_the_llama_targets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from benchmarks import llm_scale
+
+    methods = ["lora8", "snell8", "snell32", "full"]
+    # round 1 in this order, round 2 reversed: SNELL-32 / SNELL-8 1.2 then 0.95, median 1.075
+    seconds = [1.0, 2.0, 2.4, 3.0, 3.0, 1.9, 2.0, 1.0]
+    calls = _fake_workers(monkeypatch, seconds, {"lora8": 100.0, "snell8": 90.0, "snell32": 95.0, "full": 300.0})
+    out = tmp_path / "rows.json"
+    argv = ["llm_scale", "--methods", *methods, "--layers", "2", "--batch", "4", "--seq", "256", "--rounds", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    llm_scale.main()
+    shapes = {tuple(args[args.index("--layers") :][:6]) for args in calls}
+    assert shapes == {("--layers", "2", "--batch", "4", "--seq", "256")}
+    printed = capsys.readouterr().out
+    assert "snell8 / lora8: step 2.000 (target <= 1.8: MISS), peak 0.900 (target <= 1.0: PASS)" in printed
+    assert "snell32 / snell8: step 1.075 (target <= 1.1: PASS), peak 1.056" in printed
+    assert "snell32 / full: step 0.717 (target <= 1.0: PASS), peak 0.317" in printed
+    assert "snell32 / lora32" not in printed  # LoRA-32 was not timed
+    rounds = [row["round_steps"] for row in json.loads(out.read_text())]
+    assert rounds == [[1.0, 1.0], [2.0, 2.0], [2.4, 1.9], [3.0, 3.0]]
 
 
 def test_fused_forward_times_both_ways_and_checks_they_agree() -> None:
