@@ -81,7 +81,8 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # the GGUF de-quantization bar, one per load
+    # transformers' own "Loading weights" bar; the GGUF de-quantization bar is tqdm's, which this leaves on
+    hf_logging.disable_progress_bar()
     kwargs = source.load_kwargs()
     try:
         # float32 first: transformers warns that GGUF weights asked for in half precision compute through casts.
