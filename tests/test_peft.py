@@ -277,6 +277,50 @@ def test_snell_is_registered_in_peft_lookup_tables_because_register_peft_method_
         register_peft_method(name="snell", config_cls=SnellPeftConfig, model_cls=SnellPeftModel)
 
 
+@pytest.mark.parametrize("route", ["get_peft_model", "add_adapter"])
+def test_a_target_that_cannot_be_adapted_is_refused_before_any_module_is_wrapped(route):
+    """peft wraps the targets one at a time, q_proj before input_layernorm; a SNELL adapter changes its layer's
+    output from the start, so a refusal found at the norm must come before q_proj is wrapped."""
+    base = _llama().eval()
+    inputs = _tokens()
+    expected = _output(base, inputs)
+    config = SnellPeftConfig(r=4, target_modules=["q_proj", "input_layernorm"])
+    model = base
+    if route == "add_adapter":
+        model = peft.get_peft_model(base, SnellPeftConfig(r=4, target_modules=["v_proj"]))
+        with model.disable_adapter():
+            expected = _output(model, inputs)
+    before = [name for name, _ in model.named_modules()]
+    with pytest.raises(TypeError, match=r"'model\.layers\.0\.input_layernorm' of type LlamaRMSNorm cannot take"):
+        if route == "add_adapter":
+            model.add_adapter("second", config)
+        else:
+            peft.get_peft_model(model, config)
+    assert [name for name, _ in model.named_modules()] == before
+    if route == "add_adapter":
+        with model.disable_adapter():
+            assert torch.equal(_output(model, inputs), expected)
+    else:
+        assert torch.equal(_output(model, inputs), expected)
+
+
+def test_layer_sparsity_naming_a_layer_that_is_not_adapted_is_refused_in_both_routes():
+    """A typo or a short name in layer_sparsity would leave that layer at the default sparsity without a word."""
+    typo = {"lin0": [0.5], "lin1x": [0.7]}  # lin0 is a full module name here; lin1x is not one
+    for call in (
+        lambda: peft.get_peft_model(MLP(), SnellPeftConfig(r=4, target_modules=["lin0", "lin1"], layer_sparsity=typo)),
+        lambda: snell.get_snell_model(
+            MLP(), snell.SnellConfig(r=4, target_modules=["lin0", "lin1"], layer_sparsity=typo)
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"layer_sparsity names \['lin1x'\], which are not among the 2 layers"):
+            call()
+    model = peft.get_peft_model(
+        MLP(), SnellPeftConfig(r=4, target_modules=["lin0", "lin1"], layer_sparsity={"lin1": [0.7]})
+    )
+    assert model.base_model.model.lin1.snell_specs["default"].sparsity_of(0) == pytest.approx(0.7)
+
+
 def test_config_is_validated_by_snell_and_the_version_pin_is_checked():
     with pytest.raises(ValueError, match="sparsity must be in"):
         SnellPeftConfig(sparsity=1.5)
@@ -363,7 +407,11 @@ def test_peft_type_behaves_as_a_peft_type_member_wherever_peft_reads_it(tmp_path
     with pytest.raises(ValueError, match=r"Hotswapping only supports .* but SNELL was passed"):
         check_hotswap_configs_compatible(config, copy.deepcopy(config))
 
-    peft.get_peft_model(MLP(), config).save_pretrained(tmp_path)
+    # str() reads as str(PeftType.LORA) does, "PeftType.<name>": get_model_status() names the method from it
+    assert str(config.peft_type) == "PeftType.SNELL" and str(peft.PeftType.LORA) == "PeftType.LORA"
+    model = peft.get_peft_model(MLP(), config)
+    assert model.get_model_status().peft_types == {"default": "SNELL"}
+    model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["peft_type"] == "SNELL"  # a plain JSON string
     loaded = peft.PeftConfig.from_pretrained(tmp_path)
     assert type(loaded) is SnellPeftConfig and loaded.peft_type.value == "SNELL"

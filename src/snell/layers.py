@@ -87,6 +87,17 @@ def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
         raise ValueError(f"layer_sparsity[{name!r}]: {err}") from None
 
 
+def check_layer_sparsity_names(config: SnellConfig, adapted: list[str], model: nn.Module) -> None:
+    """ValueError when ``layer_sparsity`` names a layer that is not among ``adapted``: a typo or a short name there
+    would silently leave that layer at ``sparsity``."""
+    unknown = sorted(set(config.layer_sparsity or {}) - set(adapted))
+    if unknown:
+        raise ValueError(
+            f"layer_sparsity names {unknown}, which are not among the {len(adapted)} layers adapted in "
+            f"{type(model).__name__} (full module names, such as {adapted[0]!r})"
+        )
+
+
 def sample_keep_scale(x: Tensor, p: float) -> Tensor | None:
     """Stochastic depth's per-sample factor, shaped to broadcast over a layer output of x's rank: 0 with
     probability p, else 1 / (1 − p); None when p = 0."""

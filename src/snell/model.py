@@ -17,6 +17,7 @@ from snell.layers import (
     SnellLayer,
     attach,
     build_spec,
+    check_layer_sparsity_names,
     detach,
     freeze_running_stats,
     has_running_stats,
@@ -78,6 +79,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         names = [n for n in names if not _name_matches(n, excluded)]
         if not names:
             raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
+    check_layer_sparsity_names(config, names, model)
     return {name: build_spec(name, modules[name], config) for name in names}
 
 

@@ -67,12 +67,14 @@ from peft.tuners.tuners_utils import (  # noqa: E402
     _get_in_out_features,
     check_adapters_to_merge,
 )
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND  # noqa: E402
 
 from snell.allocator import AllocatorConfig, SparsityAllocator  # noqa: E402
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
 from snell.layers import (  # noqa: E402
     adapted_forward,
     build_spec,
+    check_layer_sparsity_names,
     delta_weight,
     fold_delta,
     iter_snell_layers,
@@ -87,17 +89,22 @@ from snell.spec import SnellSpec  # noqa: E402
 
 class MethodType(str):
     """A ``peft_type`` outside peft's closed ``PeftType`` enum that behaves like one of its members: it is the
-    string itself (dict keys, ``==``, JSON) and has the members' ``.value`` and ``.name``."""
+    string itself (dict keys, ``==``, JSON) and has the members' ``.value`` and ``.name``, and ``str()`` of it reads
+    ``PeftType.SNELL`` as ``str(PeftType.LORA)`` reads ``PeftType.LORA`` (peft's ``get_model_status`` takes the part
+    after the dot)."""
 
     __slots__ = ()
 
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
+
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)  # the plain string
 
     @property
     def name(self) -> str:
-        return str(self)
+        return self.value
 
 
 #: The ``peft_type`` of SNELL adapters, in peft's configs and (as the plain string) in adapter_config.json.
@@ -128,7 +135,8 @@ def _names(value: Any) -> list[str] | str | None:
 class SnellPeftConfig(PeftConfig):
     """A SNELL adapter for peft. The method fields mean what they mean in :class:`snell.SnellConfig` and are
     validated by it; ``target_modules`` / ``exclude_modules`` take a list of name suffixes or a regex, and
-    ``target_modules=None`` picks snell's preset for the model family.
+    ``target_modules=None`` picks snell's preset for the model family. As in peft, a list entry that matches no
+    module is skipped (``snell.get_snell_model`` refuses it).
 
     ``task_type="SEQ_CLS"`` makes peft add the classifier head (``classifier`` / ``score``) to
     ``modules_to_save``, so the new head is trained and saved by default, as with LoRA. The core's
@@ -342,6 +350,21 @@ class SnellPeftModel(BaseTuner):
         if peft_config.target_modules is None:
             peft_config.target_modules = detect_preset(self.model).pattern
         return peft_config
+
+    def _prepare_model(self, peft_config: SnellPeftConfig, model: nn.Module) -> None:
+        """Checks every module the config targets before peft wraps the first (peft wraps them one at a time, and
+        a SNELL adapter changes its layer's output from the start, ΔW ≠ 0: one that cannot be adapted, found
+        halfway, would leave the model half-adapted), and that ``layer_sparsity`` names only those modules."""
+        super()._prepare_model(peft_config, model)
+        config = peft_config.snell_config()
+        wrapped = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        targets = []
+        for name, module in model.named_modules():
+            if name and not name.startswith(tuple(wrapped)) and self._check_target_module_exists(peft_config, name):
+                build_spec(name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, config)
+                targets.append(name)
+        if targets and peft_config.target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:  # peft expands it later
+            check_layer_sparsity_names(config, targets, model)
 
     def _create_and_replace(
         self,
