@@ -212,6 +212,10 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
         ({"adapter_dropout": 1.5}, r"adapter_dropout must lie in \[0, 1\), got 1.5"),
         ({"drop_path_rate": -0.1}, r"drop_path_rate must lie in \[0, 1\), got -0.1"),
         ({"color_jitter": -1.0}, "color_jitter must be a non-negative number, got -1.0"),
+        ({"lr": float("nan")}, "lr must be a finite number, got nan"),  # nan < 0 is False: a range check misses it
+        ({"warmup_epochs": float("nan")}, "warmup_epochs must be a finite number, got nan"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number, got inf"),
+        ({"sparsity": float("nan")}, "sparsity must be a finite number, got nan"),
     ],
 )
 def test_values_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -222,6 +223,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise UserError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+            # nan passes every range check below (each comparison is false), inf the open-ended ones
+            if f.type.startswith("float") and isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number, got {value!r}")
         positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length", "shots")
         positive += ("max_new_tokens", "num_beams")
         for name in positive:
