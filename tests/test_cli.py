@@ -248,6 +248,24 @@ def test_existing_run_is_never_overwritten(finished_run: Path, vtab_dir: Path, c
     assert _files(finished_run) == before
 
 
+def test_a_folder_holding_another_tools_config_is_not_an_output_dir(
+    finished_run: Path, vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run writes config.json: into a model's folder (or any folder with a config.json of its own) that would
+    destroy the model, and `snell merge RUN --output RUN` would overwrite the run's own config."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    before = _files(model_dir)
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(model_dir)],
+           "config.json exists and is not a snell run's config")  # fmt: skip
+    assert _files(model_dir) == before
+    before = _files(finished_run)
+    for force in ([], ["--force"]):
+        _fails(capsys, ["merge", str(finished_run), "--output", str(finished_run), *force], "holds a `snell train` run")
+    assert _files(finished_run) == before
+
+
 def test_user_errors_exit_nonzero_without_traceback_from_the_shell(tmp_path: Path) -> None:
     result = _snell("train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"))
     assert result.returncode == 2

@@ -18,7 +18,7 @@ from torch import nn
 from snell.train.causal_lm import is_causal_lm
 from snell.train.classification import accuracy, make_loader
 from snell.train.config import TrainConfig, UserError, check_output_folder
-from snell.train.loop import CONFIG_FILE
+from snell.train.loop import CONFIG_FILE, SUMMARY_FILE, is_run_config
 from snell.train.models import MERGED_FILES, Backbone, build_backbone, load_trained, merge_trained, save_merged
 from snell.train.precision import make_accelerator
 from snell.train.tasks import Task, attach_transforms, load_task
@@ -88,6 +88,8 @@ def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) ->
     """
     output = output or run_dir / "merged"
     check_output_folder(output, "--output")
+    if is_run_config(output / CONFIG_FILE) or (output / SUMMARY_FILE).is_file():
+        raise UserError(f"--output {output} holds a `snell train` run, whose files a merged model would overwrite")
     existing = [output / name for name in MERGED_FILES if (output / name).exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it, or choose another --output")

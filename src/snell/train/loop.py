@@ -50,8 +50,19 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
+
 # ------------------------------------------------------------------------------------------------------
 # Memory, files, RNG
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a ``snell train`` run's config.json (a JSON object with the run's "config"), not another
+    tool's file of that name, such as a transformers model's."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("config"), dict)
 
 
 def current_rss_mb() -> float:
@@ -202,6 +213,8 @@ class Run:
         """
         check_output_folder(self.out, "--output-dir")
         saved = self.out / CONFIG_FILE
+        if saved.is_file() and not is_run_config(saved):  # a model's folder, say: the run would overwrite it
+            raise UserError(f"{saved} exists and is not a snell run's config; choose another --output-dir")
         holds_run = (self.out / SUMMARY_FILE).is_file() or bool(checkpoint_dirs(self.out))
         if not self.resume:
             if holds_run:
