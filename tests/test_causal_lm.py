@@ -171,6 +171,33 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)  # bf16 weights: the merge rounds once
 
 
+def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answers(
+    tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Under the default protocol val trains too, whole; and a free-word task's answers come from every split, so
+    scoring one record still chooses among the task's four sections (its own answer alone would always be right)."""
+    from snell.train.causal_lm.run import _answer_sets, answer_pool, evaluated, load_examples
+
+    model_dir, _ = tiny
+    data = tmp_path / "data"
+    data.mkdir()
+    sections = ["business", "politics", "sport", "tech"]
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        rows = [{"instruction": f"Article {i} of {split}: which section?", "output": sections[i % 4],
+                 "answer": sections[i % 4], "task": "news"} for i in range(n)]  # fmt: skip
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(run), "--rank", "4",
+            "--epochs", "1", "--batch-size", "8", "--max-length", "96", "--max-eval-samples", "1",
+            "--score-by", "likelihood", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((run / "summary.json").read_text())["split_sizes"] == {"train": 16, "test": 1}
+    config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_eval_samples": 1})
+    splits = load_examples(config)
+    tasks, choices = _answer_sets(evaluated(splits, "test", config), answer_pool(splits))
+    assert tasks == ["news"] and choices == {"news": sections}
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_other_methods_run_in_the_same_harness(tiny: tuple[Path, Path], tmp_path: Path, method: str) -> None:
     extra = ("--method", method, "--packing", "--max-eval-samples", "5")

@@ -98,13 +98,25 @@ def _check_answers(split: str, examples: list[I.Example]) -> bool:
 
 
 def load_examples(config: TrainConfig) -> dict[str, list[I.Example]]:
-    """The splits a run uses, with ``--max-eval-samples`` applied to val and test."""
+    """The splits a run uses, whole: ``--max-eval-samples`` limits what is evaluated (:func:`evaluated`), not the
+    val records that train under the default protocol, nor the answers a task may take."""
     splits = I.load_splits(Path(config.data), need_val=config.select_on == "val")
     for split in ("val", "test"):
         if split in splits:
-            splits[split] = splits[split][: config.max_eval_samples]
             _check_answers(split, splits[split])
     return splits
+
+
+def evaluated(splits: dict[str, list[I.Example]], split: str, config: TrainConfig) -> list[I.Example]:
+    """The records of ``split`` that an evaluation scores: its first ``--max-eval-samples``."""
+    return splits[split][: config.max_eval_samples]
+
+
+def answer_pool(splits: dict[str, list[I.Example]]) -> list[I.Example]:
+    """Every record with an answer, in every split: a task's closed set of answers is drawn from all of them, so an
+    evaluation of a few records still chooses among all the task's answers (among only its own records' answers, one
+    record would always be right)."""
+    return [e for examples in splits.values() for e in examples if e.answer is not None]
 
 
 def encode_split(examples: list[I.Example], backbone: Backbone, config: TrainConfig, train: bool) -> I.EncodedSplit:
@@ -141,12 +153,13 @@ def make_loader(dataset: I.EncodedSplit, tokenizer: Any, config: TrainConfig, tr
     )
 
 
-def _answer_sets(examples: list[I.Example]) -> tuple[list[str], dict[str, list[str]]]:
-    """Each record's task, and each task's closed set of answers."""
+def _answer_sets(examples: list[I.Example], pool: list[I.Example]) -> tuple[list[str], dict[str, list[str]]]:
+    """Each record's task, and each task's closed set of answers, from the answers of ``pool`` (and ``examples``)."""
     tasks = [e.task or ALL_TASKS for e in examples]
-    answers: dict[str, list[str]] = {}
-    for task, e in zip(tasks, examples, strict=True):
-        answers.setdefault(task, []).append(e.answer)
+    answers: dict[str, list[str]] = {task: [] for task in tasks}
+    for e in [*examples, *pool]:
+        if (e.task or ALL_TASKS) in answers:
+            answers[e.task or ALL_TASKS].append(e.answer)
     return tasks, {task: choices_for(task, values)[0] for task, values in answers.items()}
 
 
@@ -158,13 +171,15 @@ def evaluate_split(
     examples: list[I.Example],
     tokenizer: Any,
     config: TrainConfig,
+    pool: list[I.Example] | None = None,
 ) -> dict[str, Any]:
     """Loss and perplexity on the responses; with answers, accuracy by ``--score-by``: greedy generation (or
-    beam search) and the first answer found in the text, or the most likely answer of the task's set."""
+    beam search) and the first answer found in the text, or the most likely answer of the task's set (drawn from
+    ``pool``'s answers too: :func:`answer_pool`)."""
     model.eval()
     generator = accelerator.unwrap_model(model)
     scored = bool(examples) and examples[0].answer is not None
-    tasks, choices = _answer_sets(examples) if scored else ([], {})
+    tasks, choices = _answer_sets(examples, pool or []) if scored else ([], {})
     by_likelihood = scored and config.score_by == "likelihood"
     if by_likelihood:
         options = [choices[t] for t in tasks]
@@ -230,10 +245,12 @@ class CausalLMRun(Run):
         config = self.config
         check_config(config)
         check_trainable_dtype(config)
-        self.examples = load_examples(config)
+        splits = load_examples(config)
         self.backbone = build_causal_lm(config)
         select = config.select_on == "val"
-        train = self.examples["train"] + ([] if select else self.examples.get("val", []))
+        train = splits["train"] + ([] if select else splits.get("val", []))
+        self.examples = {split: evaluated(splits, split, config) for split in ("val", "test") if split in splits}
+        self.answer_pool = answer_pool(splits)
         sets = {
             "train": encode_split(train, self.backbone, config, train=True),
             "val": encode_split(self.examples["val"], self.backbone, config, False) if select else None,
@@ -263,6 +280,7 @@ class CausalLMRun(Run):
             self.examples[split],
             self.backbone.tokenizer,
             self.config,
+            self.answer_pool,
         )
         self.model.train()
         return result
@@ -340,18 +358,20 @@ def evaluate_run(
     """`snell eval` of a causal-LM run: loss, perplexity and (with answers) accuracy on one split."""
     select_on = "val" if split == "val" else config.select_on  # the val file is read only when selecting on it
     config = dataclasses.replace(config, progress=False, data=data or config.data, select_on=select_on)
-    examples = load_examples(config)
+    splits = load_examples(config)
+    examples = evaluated(splits, split, config)
     backbone, model = restore(run_dir, config, adapter)
     accelerator = make_accelerator(config)
-    dataset = encode_split(examples[split], backbone, config, train=False)
+    dataset = encode_split(examples, backbone, config, train=False)
     loader = accelerator.prepare(make_loader(dataset, backbone.tokenizer, config, train=False))
     result = evaluate_split(
         accelerator.prepare(model),
         loader,
         accelerator,
-        examples[split],
+        examples,
         backbone.tokenizer,
         config,
+        answer_pool(splits),
     )
     result.pop("predictions", None)
     return {"run": str(run_dir), "split": split, **result}
