@@ -146,8 +146,11 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     assert main(train_args(model_dir, data, run, *extra)) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["test_accuracy_per_task"]) == set(TASKS) and 0 <= summary["test_accuracy"] <= 1
+    assert summary["accuracy_kind"].endswith("(mean over tasks; answers by greedy generation)")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all({"val_loss", "val_ppl", "val_acc", "val_acc_per_task"} <= set(r) for r in records)
+    # the loss is a mean over response tokens, and so is the throughput: not examples
+    assert all(r["response_tokens_per_s"] > 0 and "examples_per_s" not in r for r in records)
     predictions = json.loads((run / "test_predictions.json").read_text())
     assert len(predictions) == 8 and all(set(p) == {"generated", "extracted"} for p in predictions)
     factors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
@@ -169,6 +172,23 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
         got = merged.eval()(input_ids=ids).logits.float()
     assert not any("snell" in name for name in merged.state_dict())
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)  # bf16 weights: the merge rounds once
+
+
+def test_an_evaluation_split_without_a_response_token_within_max_length_is_refused(tiny: tuple[Path, Path]) -> None:
+    """Its loss would be 0 and its perplexity 1 over no token at all, a perfect score when selecting on val."""
+    from types import SimpleNamespace
+
+    from snell.train.causal_lm.run import encode_split
+
+    model_dir, data = tiny
+    backbone = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir), info={"prompt_format": "alpaca"})
+    examples = I.read_examples(data / "test.jsonl")
+    config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 96})
+    assert len(encode_split(examples, backbone, config, train=False)) == len(examples)
+    config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 4})
+    for train, what in ((False, "evaluation"), (True, "training")):
+        with pytest.raises(UserError, match=f"no {what} example has a response token within --max-length 4"):
+            encode_split(examples, backbone, config, train=train)
 
 
 def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answers(

@@ -88,6 +88,7 @@ def test_likelihood_scoring_picks_one_answer_of_the_tasks_set(tiny: tuple[Path, 
         for task in TASKS
     }
     assert summary["test_accuracy_per_task"] == pytest.approx(per_task)
+    assert summary["accuracy_kind"].endswith("(mean over tasks; answers by the most likely answer of each task's set)")
     assert evaluate_run(run)["accuracy"] == summary["test_accuracy"]
 
 

@@ -66,6 +66,7 @@ def test_train_writes_summary_metrics_and_adapter(finished_run: Path) -> None:
     assert summary["config"]["sparsity"] == 0.5 and summary["config"]["r"] == 4
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2] and all("val_acc" in m and "train_loss" in m for m in metrics)
+    assert all(m["examples_per_s"] > 0 for m in metrics)
     assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
     assert (finished_run / "adapter" / "adapter_config.json").is_file()
     assert [p.name for p in (finished_run / "checkpoints").iterdir()] == ["epoch-0002"]

@@ -146,6 +146,9 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 class Run:
     """One training run in ``out``: set-up, epochs, checkpoints and the final report."""
 
+    #: what :meth:`_batch_loss` counts as scored predictions, which the epoch's throughput is per
+    scored_unit = "examples"
+
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.started = time.time()
         self.config = config
@@ -280,7 +283,7 @@ class Run:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / max(seen.item(), 1):.4f}",
                 acc=f"{correct.item() / max(seen.item(), 1):.3f}",
-                img_s=f"{seen.item() * self.accelerator.num_processes / max(elapsed, 1e-9):.1f}",
+                per_s=f"{seen.item() * self.accelerator.num_processes / max(elapsed, 1e-9):.1f}",
             )
         bar.close()
         totals = self.accelerator.reduce(torch.stack([loss_sum, correct, seen]).to(self.accelerator.device), "sum")
@@ -292,7 +295,7 @@ class Run:
             "lr": schedule.current(),
             "train_loss": loss_total / seen_total,
             "train_acc": correct_total / seen_total,
-            "examples_per_s": seen_total / max(elapsed, 1e-9),
+            f"{self.scored_unit}_per_s": seen_total / max(elapsed, 1e-9),
             "epoch_time_s": elapsed,
         }
 

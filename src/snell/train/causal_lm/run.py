@@ -124,8 +124,9 @@ def encode_split(examples: list[I.Example], backbone: Backbone, config: TrainCon
     tokenizer, prompt_format = backbone.tokenizer, backbone.info["prompt_format"]
     items = [I.encode(e, tokenizer, config.max_length, prompt_format, config.train_on_prompt) for e in examples]
     lost = [e.origin for e, item in zip(examples, items, strict=True) if len(item["prompt_ids"]) >= config.max_length]
-    if train and len(lost) == len(items):
-        raise UserError(f"no training example has a response token within --max-length {config.max_length}; raise it")
+    if lost and len(lost) == len(items):  # an evaluation would report loss 0 and perplexity 1 on no token at all
+        what = "training" if train else "evaluation"
+        raise UserError(f"no {what} example has a response token within --max-length {config.max_length}; raise it")
     if lost:
         print(
             f"warning: {len(lost)} of {len(items)} examples (e.g. {lost[0]}) have no response token left within "
@@ -241,6 +242,8 @@ def evaluate_split(
 class CausalLMRun(Run):
     """A `snell train` run on a causal LM; everything not overridden here is the shared harness."""
 
+    scored_unit = "response_tokens"  # the loss is a mean over them
+
     def _build(self) -> None:
         config = self.config
         check_config(config)
@@ -294,7 +297,7 @@ class CausalLMRun(Run):
         return {"score": result.get("accuracy", math.exp(-result["loss"])), **metrics}
 
     def _report(self, progress: Progress, eval_split: str | None) -> Report:
-        """Test loss and perplexity, and with answers greedy-generation accuracy (mean over tasks, per task)."""
+        """Test loss and perplexity, and with answers the accuracy by ``--score-by`` (mean over tasks, per task)."""
         cfg = self.config
         test = self._evaluate(self.accelerator.prepare(self._loader(self.task.test, train=False)), "test")
         epoch = progress.best_epoch if eval_split else cfg.epochs
@@ -306,7 +309,9 @@ class CausalLMRun(Run):
             "test_accuracy_per_task": test.get("accuracy_per_task"),
             "test_loss": test["loss"],
             "test_perplexity": test["perplexity"],
-            "accuracy_kind": kind + " (mean over tasks of greedy-generation accuracy)",
+            "accuracy_kind": (kind + _scoring(cfg))
+            if "accuracy" in test
+            else "test has no answers: loss and perplexity",
         }
         if eval_split:
             fields[f"best_{eval_split}_accuracy" if "accuracy" in test else f"best_{eval_split}_score"] = (
@@ -321,6 +326,15 @@ class CausalLMRun(Run):
 
     def _adapter_record(self) -> dict[str, Any]:
         return {"prompt_format": self.backbone.info["prompt_format"]}
+
+
+def _scoring(config: TrainConfig) -> str:
+    """How a run's accuracy was scored, for summary.json's accuracy_kind."""
+    if config.score_by == "likelihood":
+        how = "the most likely answer of each task's set"
+    else:
+        how = "greedy generation" if config.num_beams == 1 else f"beam search with {config.num_beams} beams"
+    return f" (mean over tasks; answers by {how})"
 
 
 PROMPT_FILE = "snell_prompt.json"
