@@ -82,6 +82,13 @@ def test_bad_records_name_file_and_line(tmp_path: Path, name: str, content: str,
         I.read_examples(tmp_path / name)
 
 
+def test_a_split_given_both_as_jsonl_and_json_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "train.json").write_text('[{"instruction": "c", "output": "d"}]')
+    with pytest.raises(UserError, match=r"holds both train\.jsonl and train\.json"):
+        I.split_file(tmp_path, "train")
+
+
 def test_answers_must_be_given_for_all_records_of_a_split_or_none(tmp_path: Path) -> None:
     (tmp_path / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     rows = ['{"instruction": "a", "output": "true", "answer": "true"}', '{"instruction": "a", "output": "b"}']
@@ -152,7 +159,9 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     # the loss is a mean over response tokens, and so is the throughput: not examples
     assert all(r["response_tokens_per_s"] > 0 and "examples_per_s" not in r for r in records)
     predictions = json.loads((run / "test_predictions.json").read_text())
-    assert len(predictions) == 8 and all(set(p) == {"generated", "extracted"} for p in predictions)
+    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    assert [(p["task"], p["answer"]) for p in predictions] == [(r["task"], r["answer"]) for r in records]
+    assert all(set(p) == {"task", "generated", "extracted", "answer"} for p in predictions)
     factors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert factors and all(t.dtype == torch.float32 for t in factors.values())
 
@@ -192,7 +201,7 @@ def test_an_evaluation_split_without_a_response_token_within_max_length_is_refus
 
 
 def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answers(
-    tiny: tuple[Path, Path], tmp_path: Path
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Under the default protocol val trains too, whole; and a free-word task's answers come from every split, so
     scoring one record still chooses among the task's four sections (its own answer alone would always be right)."""
@@ -212,6 +221,9 @@ def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answ
             "--score-by", "likelihood", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     assert json.loads((run / "summary.json").read_text())["split_sizes"] == {"train": 16, "test": 1}
+    capsys.readouterr()
+    assert evaluate_run(run, split="val")["examples"] == 1
+    assert "trained on its val split too (--select-on none)" in capsys.readouterr().err
     config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_eval_samples": 1})
     splits = load_examples(config)
     tasks, choices = _answer_sets(evaluated(splits, "test", config), answer_pool(splits))

@@ -101,6 +101,8 @@ def test_instruction_data_with_a_model_that_is_not_a_causal_lm_is_one_line(
     assert main(train_args(bert, tiny[1], tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "instruction data" in err and "BertForMaskedLM" in err
+    assert main(train_args(tmp_path / "no_model", tiny[1], tmp_path / "run")) == 2  # a path, not a timm name
+    assert "is a path that does not exist" in capsys.readouterr().err
     assert main(train_args(tiny[0], tiny[1], tmp_path / "chat", "--prompt-format", "chat")) == 2
     assert "no chat template" in capsys.readouterr().err
 

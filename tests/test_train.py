@@ -145,6 +145,8 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
     restored = WarmupCosine(optimizer, config, steps_per_epoch=5)
     restored.load_state_dict(schedule.state_dict())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(low)
+    # after 19 steps: the 19th ran at seen[18] (what an epoch's record logs), the 20th and last will run at seen[19]
+    assert schedule.last() == seen[18] and schedule.current() == seen[19]
 
 
 def test_data_order_depends_on_seed_and_epoch_only() -> None:
@@ -212,6 +214,7 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
         ({"adapter_dropout": 1.5}, r"adapter_dropout must lie in \[0, 1\), got 1.5"),
         ({"drop_path_rate": -0.1}, r"drop_path_rate must lie in \[0, 1\), got -0.1"),
         ({"color_jitter": -1.0}, "color_jitter must be a non-negative number, got -1.0"),
+        ({"lora_alpha": 0.0}, r"lora_alpha must be a positive number \(or unset: r\), got 0.0"),
         ({"lr": float("nan")}, "lr must be a finite number, got nan"),  # nan < 0 is False: a range check misses it
         ({"warmup_epochs": float("nan")}, "warmup_epochs must be a finite number, got nan"),
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number, got inf"),

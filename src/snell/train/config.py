@@ -263,6 +263,8 @@ class TrainConfig:
         kwargs_size = self.model_kwargs.get("img_size")
         if self.img_size is not None and kwargs_size is not None and kwargs_size != self.img_size:
             raise UserError(f"img_size {self.img_size} differs from model_kwargs img_size {kwargs_size!r}; give one")
+        if self.lora_alpha is not None and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            raise UserError(f"lora_alpha must be a positive number (or unset: r), got {self.lora_alpha!r}")
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "color_jitter"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")

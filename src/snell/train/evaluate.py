@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,13 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
     config, record = load_run_config(run_dir)
+    if split == "val" and config.select_on != "val":
+        print(
+            f"warning: {run_dir} trained on its val split too (--select-on {config.select_on}); its val score is not "
+            "a held-out one",
+            file=sys.stderr,
+            flush=True,
+        )
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
 

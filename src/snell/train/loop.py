@@ -292,7 +292,7 @@ class Run:
         return {
             "epoch": epoch + 1,
             "step": schedule.step_count,
-            "lr": schedule.current(),
+            "lr": schedule.last(),  # the rate of the epoch's last step
             "train_loss": loss_total / seen_total,
             "train_acc": correct_total / seen_total,
             f"{self.scored_unit}_per_s": seen_total / max(elapsed, 1e-9),

@@ -40,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, warmup_lr: float, min_lr: float) -> float:
     """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine from ``lr`` to ``min_lr``.
 
-    Step ``total_steps - 1`` (the last optimizer step) gets ``min_lr``.
+    Step ``total_steps - 1`` (the last optimizer step) gets ``min_lr``, unless the warmup takes every step before
+    it: the one step after the warmup then runs at ``lr``, as the cosine's first step does.
     """
     if step < warmup_steps:
         return warmup_lr + (lr - warmup_lr) * step / warmup_steps
@@ -61,7 +62,15 @@ class WarmupCosine:
         self._apply()
 
     def current(self) -> float:
-        return warmup_cosine(self.step_count, self.total_steps, self.warmup_steps, self.lr, self.warmup_lr, self.min_lr)
+        """The rate of the next optimizer step."""
+        return self.rate(self.step_count)
+
+    def last(self) -> float:
+        """The rate the last optimizer step ran at (the first step's before any)."""
+        return self.rate(max(self.step_count - 1, 0))
+
+    def rate(self, step: int) -> float:
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.lr, self.warmup_lr, self.min_lr)
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:

@@ -99,8 +99,11 @@ def prompt_ids(example: Example, tokenizer: Any, prompt_format: str) -> list[int
 
 
 def split_file(root: Path, split: str) -> Path | None:
-    """``root/<split>.jsonl`` or ``root/<split>.json``, whichever exists."""
-    return next((root / f"{split}{ext}" for ext in (".jsonl", ".json") if (root / f"{split}{ext}").is_file()), None)
+    """``root/<split>.jsonl`` or ``root/<split>.json``, whichever exists; both is ambiguous, and refused."""
+    found = [root / f"{split}{ext}" for ext in (".jsonl", ".json") if (root / f"{split}{ext}").is_file()]
+    if len(found) > 1:
+        raise UserError(f"{root} holds both {found[0].name} and {found[1].name}; keep the one {split} split to use")
+    return found[0] if found else None
 
 
 def _records(path: Path) -> list[tuple[str, Any]]:

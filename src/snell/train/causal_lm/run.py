@@ -235,7 +235,10 @@ def evaluate_split(
         scores = score(tasks, [p == e.answer for p, e in zip(predictions, examples, strict=True)])
         result.update(accuracy=scores.average, accuracy_overall=scores.overall, accuracy_per_task=scores.per_task)
         key = "chosen" if by_likelihood else "generated"
-        result["predictions"] = [{key: outputs[i], "extracted": p} for i, p in enumerate(predictions)]
+        result["predictions"] = [
+            {"task": e.task, key: outputs[i], "extracted": p, "answer": e.answer}
+            for i, (p, e) in enumerate(zip(predictions, examples, strict=True))
+        ]
     return result
 
 

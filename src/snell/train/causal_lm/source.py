@@ -72,6 +72,8 @@ def describe_model(model: str | Path) -> str:
         return f"a {' / '.join(names) or 'transformers model without an architecture'} folder"
     if path.exists():
         return "not a transformers folder or a .gguf file"
+    if path.suffix == GGUF_SUFFIX or path.is_absolute() or len(path.parts) > 1:  # a path, not a timm name
+        return "a path that does not exist"
     return "a timm model name"
 
 
