@@ -205,7 +205,8 @@ def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answ
 ) -> None:
     """Under the default protocol val trains too, whole; and a free-word task's answers come from every split, so
     scoring one record still chooses among the task's four sections (its own answer alone would always be right)."""
-    from snell.train.causal_lm.run import _answer_sets, answer_pool, evaluated, load_examples
+    from snell.train.causal_lm.evaluation import _answer_sets, answer_pool
+    from snell.train.causal_lm.run import evaluated, load_examples
 
     model_dir, _ = tiny
     data = tmp_path / "data"
