@@ -53,6 +53,9 @@ def test_json_round_trip_keeps_every_field():
         ({"target_modules": "(unclosed"}, r"not a valid regular expression"),
         ({"target_modules": [1, 2]}, r"target_modules must be a list of names"),
         ({"kernel": "rbf", "coefficients": [1.0]}, r"kernel 'rbf' takes 3 coefficients, got 1"),
+        ({"coefficients": [float("nan"), -0.1]}, r"coefficients must be finite numbers, got \[nan, -0.1\]"),
+        ({"kernel": "rbf", "coefficients": [1.0, float("inf"), -1.0]}, r"coefficients must be finite"),
+        ({"kernel": "mixk", "coefficients": [0.1, -0.1, 1.0, 0.0, 0.0]}, r"mixk's γ \(coefficients\[3\]\) divides D"),
         ({"format_version": FORMAT_VERSION + 1}, r"format_version .* upgrade snell"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -172,6 +173,10 @@ class SnellConfig:
             if len(self.coefficients) != expected:
                 raise ValueError(f"kernel {self.kernel!r} takes {expected} coefficients, got {len(self.coefficients)}")
             object.__setattr__(self, "coefficients", [float(c) for c in self.coefficients])
+            if not all(math.isfinite(c) for c in self.coefficients):
+                raise ValueError(f"coefficients must be finite numbers, got {self.coefficients}")
+            if self.kernel == "mixk" and self.coefficients[self.num_pieces + 1] == 0.0:  # softmax(D / γ)
+                raise ValueError(f"mixk's γ (coefficients[{self.num_pieces + 1}]) divides D; it must not be 0")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):

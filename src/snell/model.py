@@ -234,7 +234,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold every ΔWˢ into its base weight (reversible with unmerge_adapters)."""
+    """Fold every ΔWˢ into its base weight (reversible with unmerge_adapters, up to the weight dtype's rounding:
+    W0 + ΔWˢ is rounded once, so in bf16 an unmerged weight may differ from W0 by one unit in the last place; W0
+    itself is not kept, which is what makes merging free of memory. ``unload`` without merging gives W0 exactly)."""
     for layer in _require_adapters(model):
         layer.merge()
     return model
