@@ -109,10 +109,13 @@ def kernel_delta(
             delta.addcmul_(pieces[p], coefficients[p])
         return delta
     alpha, beta, gamma = coefficients[0], coefficients[1], coefficients[2]
+    # α·exp(x) + γ and α·σ(t) + γ written as α·expm1(x) + (α + γ) and (α/2)·tanh(t/2) + (γ + α/2): the same values,
+    # without the cancellation of exp(x) − 1 and σ(t) − 1/2 near 0, where the default coefficients start every
+    # entry (σ(t) − 1/2 in float32 kept about 4 of its 24 bits there, and the top-k then broke ties that are not)
     if kernel == "rbf":
-        return _squared_distances(b, a, out).mul_(-beta).exp_().mul_(alpha).add_(gamma)
+        return _squared_distances(b, a, out).mul_(-beta).expm1_().mul_(alpha).add_(alpha + gamma)
     if kernel == "sigmoid":
-        return torch.matmul(b, a.mT, out=out).mul_(beta).sigmoid_().mul_(alpha).add_(gamma)
+        return torch.matmul(b, a.mT, out=out).mul_(beta / 2).tanh_().mul_(alpha / 2).add_(gamma + alpha / 2)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
