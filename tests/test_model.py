@@ -355,6 +355,35 @@ def test_deepcopy_state_dict_and_compile():
     assert model.blocks[0].attn.qkv.A.grad is not None
 
 
+def test_compiled_training_steps_on_the_fused_cpu_path_do_not_recompile_as_tau_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fused CPU path returns τ as a Python float; traced by dynamo, every step's new τ compiled again until
+    torch.compile's recompile limit, after which it ran eagerly with a warning."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr("snell.dispatch._FUSED_FROM", ((1, 16),))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.9, target_modules=["0", "2"]))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(8, 32)
+
+    def step() -> None:
+        compiled(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # compiles
+    taus = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            step()
+            delta = model[0].delta_weight()
+            taus.add(float(delta[delta != 0].abs().min()))  # the smallest kept |ΔW|: τ, or just above it
+    assert len(taus) == 3  # τ did move
+
+
 def test_large_llama_mlp_matrix_trains():
     layer = nn.Sequential(nn.Linear(4096, 11008, bias=False))
     snell.get_snell_model(layer, snell.SnellConfig(target_modules=["0"], sparsity=0.9))

@@ -45,6 +45,7 @@ def _selected(spec: SnellSpec, selection: Tensor, coefficients: Tensor) -> tuple
     return float(selection[0]), fused_cpu.mix_from_stats(coefficients, spec.num_pieces, stats)
 
 
+@torch.compiler.disable  # numpy and numba, and τ a Python float: traced, every new τ would compile again
 def merged_and_tau(
     spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -68,6 +69,7 @@ def merged_and_tau(
     return merged, torch.stack(selections).unsqueeze(1)
 
 
+@torch.compiler.disable  # as merged_and_tau
 def backward(spec, x, weight, a, b, coefficients, tau, grad_out, need_x, need_w, need_factors, need_coef):
     """:func:`snell.torch_path.backward` on the fused CPU kernels. Per block of rows, dW = gyᵀx is one BLAS GEMM;
     one fused pass rebuilds ΔW (bit-identical to the forward's, so τ keeps the same survivors), writes the
