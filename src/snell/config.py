@@ -160,8 +160,11 @@ class SnellConfig:
             raise ValueError(
                 f"r must be divisible by num_pieces for {self.kernel}, got r={self.r}, num_pieces={self.num_pieces}"
             )
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1) (fraction of entries zeroed), got {self.sparsity!r}")
+        for name in ("learnable_coefficients", "split_fused_qkv"):  # a string such as "no" would read as True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.layer_sparsity is not None:
             object.__setattr__(self, "layer_sparsity", _checked_layer_sparsity(self.layer_sparsity))
         for name in ("dropout", "drop_path"):
