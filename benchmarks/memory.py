@@ -98,8 +98,10 @@ def run_steps(step: Callable[[], object], warmup: int, steps: int) -> StepRun:
     garbage collection, so it holds what training adds (gradients, optimizer state, activations, allocator
     slack); the warm-up, which allocates the optimizer state, is inside the window but not timed."""
     gc.collect()
-    loaded = rss_bytes()
     reset_peak_rss()
+    # read after the reset: read before it, RSS that fell in between (a thread pool's or the allocator's release) put
+    # the mark below the loaded RSS, and the peak above it came out negative (-0.04 MB in one CI run)
+    loaded = rss_bytes()
     for _ in range(warmup):
         step()
     times = []
