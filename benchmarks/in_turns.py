@@ -8,6 +8,7 @@ measured once, in the first round, by a worker of its own (:func:`measure`).
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def _verdicts(rows: dict[str, dict], target: RatioTarget) -> str | None:
 
 def drive_in_turns(
     module: str,
-    header: str,
+    setting: str,
     methods: Sequence[str],
     worker_args: Sequence[str],
     warmup: int,
@@ -69,12 +70,13 @@ def drive_in_turns(
     rounds: int,
     targets: Sequence[RatioTarget],
 ) -> list[dict]:
-    """Every method's ``module --worker --method M *worker_args`` ``rounds`` times in turns; prints each row, each
-    method's median step and peak, then every target's ratios and verdicts. Returns a row per method timed, with its
-    ``round_steps`` and their median as ``step_s``."""
+    """Every method's ``module --worker --method M *worker_args`` ``rounds`` times in turns; prints ``setting`` and
+    the load average, each row, each method's median step and peak, then every target's ratios and verdicts, and the
+    load average at the end. Returns a row per method timed, with its ``round_steps`` and their median as
+    ``step_s``."""
     from benchmarks.run import TIMED_ENV, run_worker
 
-    print(header)
+    print(f"{setting}, load average {os.getloadavg()[0]:.2f} at start")
     rows: dict[str, dict] = {}
     for round_index in range(rounds):
         for method in methods if round_index % 2 == 0 else reversed(methods):
@@ -97,4 +99,5 @@ def drive_in_turns(
         line = _verdicts(rows, target)
         if line is not None:
             print(line)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
     return list(rows.values())

@@ -183,14 +183,12 @@ def main() -> None:
     if args.rounds is None:
         write_rows(drive(args.methods, args.seq, args.warmup, args.steps, args.timeout, args.batch), args.out)
         return
-    load = os.getloadavg()[0]
-    header = f"{args.layers} layers, batch {args.batch} × {args.seq}, bf16, load average {load:.2f} at start"
+    setting = f"{args.layers} layers, batch {args.batch} × {args.seq}, bf16"
     worker_args = ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
     rows = drive_in_turns(
-        "benchmarks.llm_scale", header, args.methods, worker_args, args.warmup, args.steps, args.timeout, args.rounds,
+        "benchmarks.llm_scale", setting, args.methods, worker_args, args.warmup, args.steps, args.timeout, args.rounds,
         TARGETS,
     )  # fmt: skip
-    print(f"load average {os.getloadavg()[0]:.2f} at end")
     write_rows(rows, args.out)
 
 

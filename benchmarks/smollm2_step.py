@@ -16,7 +16,6 @@ path applies is ``snell.dispatch._FUSED_FROM``'s decision, as in any user's run.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,11 +42,9 @@ def drive(
     methods: Sequence[str], batch: int, seq: int, warmup: int, steps: int, timeout: float, rounds: int = 1
 ) -> list[dict]:
     """Every method in fresh processes, ``rounds`` times in turns, then the targets' verdicts (:mod:`.in_turns`)."""
-    header = f"SmolLM2-135M, batch {batch} × {seq}, bf16, load average {os.getloadavg()[0]:.2f} at start"
     args = ["--batch", str(batch), "--seq", str(seq)]
-    rows = drive_in_turns(MODULE, header, methods, args, warmup, steps, timeout, rounds, TARGETS)
-    print(f"load average {os.getloadavg()[0]:.2f} at end")
-    return rows
+    setting = f"SmolLM2-135M, batch {batch} × {seq}, bf16"
+    return drive_in_turns(MODULE, setting, methods, args, warmup, steps, timeout, rounds, TARGETS)
 
 
 def main() -> None:

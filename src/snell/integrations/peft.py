@@ -357,10 +357,10 @@ class SnellPeftModel(BaseTuner):
         halfway, would leave the model half-adapted), and that ``layer_sparsity`` names only those modules."""
         super()._prepare_model(peft_config, model)
         config = peft_config.snell_config()
-        wrapped = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        wrapped = tuple(name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
         targets = []
         for name, module in model.named_modules():
-            if name and not name.startswith(tuple(wrapped)) and self._check_target_module_exists(peft_config, name):
+            if name and not name.startswith(wrapped) and self._check_target_module_exists(peft_config, name):
                 build_spec(name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, config)
                 targets.append(name)
         if targets and peft_config.target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:  # peft expands it later

@@ -50,7 +50,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-
 # ------------------------------------------------------------------------------------------------------
 # Memory, files, RNG
 

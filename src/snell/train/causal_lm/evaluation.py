@@ -29,10 +29,11 @@ def answer_pool(splits: dict[str, list[I.Example]]) -> list[I.Example]:
 
 
 def _answer_sets(examples: list[I.Example], pool: list[I.Example]) -> tuple[list[str], dict[str, list[str]]]:
-    """Each record's task, and each task's closed set of answers, from the answers of ``pool`` (and ``examples``)."""
+    """Each record's task, and each task's closed set of answers, from the answers of ``pool`` (:func:`answer_pool`,
+    which holds the evaluated records too)."""
     tasks = [e.task or ALL_TASKS for e in examples]
     answers: dict[str, list[str]] = {task: [] for task in tasks}
-    for e in [*examples, *pool]:
+    for e in pool:
         if (e.task or ALL_TASKS) in answers:
             answers[e.task or ALL_TASKS].append(e.answer)
     return tasks, {task: choices_for(task, values)[0] for task, values in answers.items()}
@@ -46,15 +47,15 @@ def evaluate_split(
     examples: list[I.Example],
     tokenizer: Any,
     config: TrainConfig,
-    pool: list[I.Example] | None = None,
+    pool: list[I.Example],
 ) -> dict[str, Any]:
     """Loss and perplexity on the responses; with answers, accuracy by ``--score-by``: greedy generation (or
     beam search) and the first answer found in the text, or the most likely answer of the task's set (drawn from
-    ``pool``'s answers too: :func:`answer_pool`)."""
+    ``pool``'s answers: :func:`answer_pool` of the splits ``examples`` come from)."""
     model.eval()
     generator = accelerator.unwrap_model(model)
     scored = bool(examples) and examples[0].answer is not None
-    tasks, choices = _answer_sets(examples, pool or []) if scored else ([], {})
+    tasks, choices = _answer_sets(examples, pool) if scored else ([], {})
     by_likelihood = scored and config.score_by == "likelihood"
     if by_likelihood:
         options = [choices[t] for t in tasks]

@@ -155,14 +155,14 @@ class CausalLMRun(Run):
         self.backbone = build_causal_lm(config)
         select = config.select_on == "val"
         train = splits["train"] + ([] if select else splits.get("val", []))
-        self.examples = {split: evaluated(splits, split, config) for split in ("val", "test") if split in splits}
+        self.eval_examples = {split: evaluated(splits, split, config) for split in ("val", "test") if split in splits}
         self.answer_pool = answer_pool(splits)
         sets = {
             "train": encode_split(train, self.backbone, config, train=True),
-            "val": encode_split(self.examples["val"], self.backbone, config, False) if select else None,
-            "test": encode_split(self.examples["test"], self.backbone, config, False),
+            "val": encode_split(self.eval_examples["val"], self.backbone, config, False) if select else None,
+            "test": encode_split(self.eval_examples["test"], self.backbone, config, False),
         }
-        names = sorted({e.task or ALL_TASKS for e in self.examples["test"]})
+        names = sorted({e.task or ALL_TASKS for e in self.eval_examples["test"]})
         self.task = Task(Path(config.data).name, "causal_lm", "instructions", 0, names, sets["train"], sets["test"])
         self.task.val = sets["val"]
         self.task.sizes = {k: len(v) for k, v in sets.items() if v is not None}
@@ -183,7 +183,7 @@ class CausalLMRun(Run):
             self.model,
             loader,
             self.accelerator,
-            self.examples[split],
+            self.eval_examples[split],
             self.backbone.tokenizer,
             self.config,
             self.answer_pool,
