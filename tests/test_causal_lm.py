@@ -3,6 +3,7 @@ and `snell train` / `eval` / `merge` / `--resume` end to end on a tiny random LL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from snell.cli import _build_parser, main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import is_causal_lm
 from snell.train.causal_lm.demo import METHODS, SMOLLM2, TINY_MODEL_DIR, train_command
-from snell.train.causal_lm.run import CausalLMRun, check_config, check_trainable_dtype, restore
+from snell.train.causal_lm.run import CausalLMRun, build_causal_lm, check_config, check_trainable_dtype, restore
 from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
 from snell.train.config import UserError, config_from_args, resolve_config
 from snell.train.evaluate import evaluate_run, load_run_config
@@ -269,9 +270,29 @@ def test_full_fine_tuning_of_half_precision_weights_is_refused_before_anything_i
     """Its AdamW steps would mostly round away (check_trainable_dtype); the one-line error names the fix."""
     out = tmp_path / "full"
     assert main(train_args(*tiny, out, "--method", "full", "--model-dtype", dtype)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--model-dtype {dtype}" in err and "--model-dtype float32" in err
+    warning, err = capsys.readouterr().err.strip().splitlines()  # train_args' SNELL flags, then the one-line error
+    assert warning == "warning: --method full does not use --rank, --sparsity; ignored"
+    assert f"--model-dtype {dtype}" in err and "--model-dtype float32" in err
     assert not out.exists()
+
+
+def test_sequences_longer_than_the_models_positions_are_refused_before_anything_is_written(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The tiny LLaMA has 256 positions: a training sequence may take them all, and a generated answer is appended
+    to a prompt of up to --max-length tokens, so scoring by generation needs the sum to fit."""
+    out = tmp_path / "run"
+    for extra, message in (
+        (("--max-length", "257"), "--max-length 257 exceeds the model's 256 positions"),
+        (("--max-length", "250", "--max-new-tokens", "7"), "--max-length + --max-new-tokens 257 exceeds the model's"),
+    ):
+        assert main(train_args(*tiny, out, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert not out.exists()
+    config = resolve_config(None, {"model": str(tiny[0]), "data": str(tiny[1]), "max_length": 250})
+    for score_by, new_tokens in (("generate", 6), ("likelihood", 7)):  # likelihood generates nothing
+        build_causal_lm(dataclasses.replace(config, score_by=score_by, max_new_tokens=new_tokens))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 from snell.cli import main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import run as causal_lm_run
-from snell.train.causal_lm.source import ModelSource, find_source
+from snell.train.causal_lm.source import ModelSource, find_source, load_causal_lm
 from snell.train.config import UserError
 from snell.train.evaluate import evaluate_run
 
@@ -114,6 +114,30 @@ def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) ->
     with pytest.raises(UserError, match="2 GGUF files"):
         find_source(tmp_path)
     assert find_source(tmp_path / "missing.gguf") is None and find_source(tmp_path / "a.txt") is None
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_gguf_de_quantization_bar_follows_progress(
+    tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, progress: bool
+) -> None:
+    """transformers draws that bar with tqdm itself (its progress-bar switch leaves it on), inside from_pretrained:
+    stood in for here by a from_pretrained that draws it as transformers does, so no real GGUF file is read."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+
+    def from_pretrained(folder: str, **kwargs: object) -> torch.nn.Module:
+        assert kwargs["gguf_file"] == "m.gguf"
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda folder, **kwargs: None)
+    bar = gguf_utils.tqdm
+    load_causal_lm(ModelSource(tiny[0], "m.gguf"), torch.float32, progress=progress)
+    assert ("de-quantizing GGUF tensors" in capsys.readouterr().err) is progress
+    assert gguf_utils.tqdm is bar  # transformers' own name, back as it was
 
 
 @pytest.mark.slow

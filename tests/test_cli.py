@@ -313,6 +313,10 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
         "--output-dir",
         str(out),
     ]
+    # past its 64 positions, a long text would fail in the position embedding: refused before anything is written
+    _fails(capsys, [*args, "--max-length", "65"], "--max-length 65 exceeds the model's 64 positions")
+    assert not out.exists()
+    args += ["--max-length", "64"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split_sizes"] == {"train": 32, "val": 8, "test": 8}

@@ -69,6 +69,26 @@ def test_precedence_defaults_then_recipe_then_flags() -> None:
     assert no_recipe.batch_size == TrainConfig().batch_size
 
 
+def test_a_flag_the_method_does_not_read_is_named_and_a_recipes_value_is_not(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    lora = _parse(["--method", "lora", "-s", "0.5", "--kernel", "rbf", "--rank", "4", "--lora-alpha", "8"])
+    assert (lora.sparsity, lora.r, lora.lora_alpha) == (0.5, 4, 8)  # kept in the run's record, unused
+    assert capsys.readouterr().err == "warning: --method lora does not use --kernel, --sparsity; ignored\n"
+    _parse(["--method", "full", "--rank", "4", "--adapter-dropout", "0.1", "--init-sparsity", "0.2"])
+    assert "--method full does not use --adapter-dropout, --init-sparsity, --rank;" in capsys.readouterr().err
+    _parse(["--method", "snell", "--lora-alpha", "16", "--target-sparsity", "0.5"])
+    assert "--method snell does not use --lora-alpha, --target-sparsity;" in capsys.readouterr().err
+    # the recipe's SNELL values (sparsity, kernel, drop path) are not the user's flags: LoRA in SNELL's recipe
+    for argv in (["--recipe", "vtab/cifar", "--method", "lora"], ["--method", "snell", "-s", "0.5", "--rank", "4"]):
+        _parse(argv)
+        assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # under torchrun only the first process says it
+    _parse(["--method", "lora", "-s", "0.5"])
+    assert capsys.readouterr().err == ""
+
+
 def test_flags_parse_lists_regexes_and_json() -> None:
     config = _parse(
         ["--target-modules", "qkv,fc1", "--exclude-modules", r"re:.*blocks\.0\..*", "--coefficients", "0.2,-0.2",

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -469,11 +470,43 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*names, **kwargs)
 
 
+_SNELL_OPTIONS = (
+    "kernel", "num_pieces", "coefficients", "learnable_coefficients", "sparsity", "sparsify_mode", "adapter_drop_path",
+    "split_fused_qkv",
+)  # fmt: skip
+_ALLOCATION_OPTIONS = (
+    "target_sparsity", "init_sparsity", "alloc_epochs", "alloc_init_warmup", "alloc_final_warmup",
+    "alloc_mask_interval", "alloc_beta1", "alloc_beta2",
+)  # fmt: skip
+#: The options only some methods read, and those methods. Recipes carry them for any method (``--recipe vtab/cifar
+#: --method lora`` compares LoRA in SNELL's recipe); given as a flag to another method, the flag changes nothing.
+_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(_SNELL_OPTIONS, SNELL_METHODS),
+    **dict.fromkeys(("r", "target_modules", "exclude_modules", "adapter_dropout"), (*SNELL_METHODS, "lora", "dora")),
+    "lora_alpha": ("lora", "dora"),
+    **dict.fromkeys(_ALLOCATION_OPTIONS, ("snella",)),
+}
+
+
+def ignored_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> list[str]:
+    """The flags among ``flags`` (option names) that ``config.method`` does not read, as ``--flag`` strings."""
+    return [
+        "--rank" if name == "r" else "--" + name.replace("_", "-")
+        for name in sorted(flags)
+        if name in _METHOD_OPTIONS and config.method not in _METHOD_OPTIONS[name]
+    ]
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The resolved config of a `snell train` command line."""
+    """The resolved config of a `snell train` command line; a flag its method does not read is named on stderr
+    (by the first process only, under torchrun), not refused: a script may give every method the same flags."""
     names = {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return resolve_config(args.recipe, overrides)
+    config = resolve_config(args.recipe, overrides)
+    ignored = ignored_flags(config, overrides)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --method {config.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
+    return config
 
 
 def check_output_folder(path: Path, flag: str) -> None:

@@ -73,6 +73,7 @@ def _build_transformers(config: TrainConfig, num_classes: int) -> Backbone:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{config.model}: cannot load a transformers classifier from this folder: {err}") from None
+    check_positions(model, config.max_length, "--max-length")
     new = {key.rsplit(".", 1)[0] for key in list(info["missing_keys"]) + [k[0] for k in info["mismatched_keys"]]}
     head = _classifier_names(model) | new
     return Backbone(
@@ -83,6 +84,14 @@ def _build_transformers(config: TrainConfig, num_classes: int) -> Backbone:
         info={"new_modules": sorted(new)},
         weights=config.model,
     )
+
+
+def check_positions(model: nn.Module, tokens: int, what: str) -> None:
+    """Refuse sequences longer than a transformers model's positions: learned position embeddings (BERT, GPT-2) fail
+    on them with an IndexError deep inside torch, and rotary ones (LLaMA) run past what the model was trained on."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and tokens > positions:
+        raise UserError(f"{what} {tokens} exceeds the model's {positions} positions (max_position_embeddings)")
 
 
 def _classifier_names(model: nn.Module) -> set[str]:

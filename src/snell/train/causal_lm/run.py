@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from snell.train.causal_lm.loss import chunked_response_loss
 from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError
 from snell.train.loop import Progress, Report, Run
-from snell.train.models import Backbone, apply_method, load_trained, merge_trained
+from snell.train.models import Backbone, apply_method, check_positions, load_trained, merge_trained
 from snell.train.optim import EpochSampler
 from snell.train.precision import make_accelerator
 from snell.train.tasks import Task
@@ -40,7 +41,12 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
     source = find_source(config.model)
     if source is None:
         raise UserError(f"{config.model}: not a causal LM (a ...ForCausalLM folder, a .gguf file or a folder with one)")
-    model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype))
+    shown = config.progress and os.environ.get("RANK", "0") == "0"  # one bar, from the first process
+    model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype), progress=shown)
+    check_positions(model, config.max_length, "--max-length")
+    # a prompt keeps up to --max-length tokens, and greedy or beam scoring appends --max-new-tokens to it
+    if config.score_by == "generate":
+        check_positions(model, config.max_length + config.max_new_tokens, "--max-length + --max-new-tokens")
     if config.gradient_checkpointing:
         # Non-reentrant: correct with frozen embeddings (no input that requires grad) and with SNELL's function.
         kwargs = {"use_reentrant": False}

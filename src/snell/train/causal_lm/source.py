@@ -10,7 +10,10 @@ it, so a merged model saves as a normal transformers folder.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,19 +80,34 @@ def describe_model(model: str | Path) -> str:
     return "a timm model name"
 
 
-def load_causal_lm(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any]:
-    """The model in ``dtype`` and its tokenizer; GGUF weights are dequantized in float32, then cast."""
+@contextmanager
+def _gguf_bar(shown: bool) -> Iterator[None]:
+    """transformers draws its GGUF de-quantization bar with tqdm itself, past its own progress-bar switch."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    if not shown:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def load_causal_lm(source: ModelSource, dtype: torch.dtype, progress: bool = True) -> tuple[Any, Any]:
+    """The model in ``dtype`` and its tokenizer; GGUF weights are dequantized in float32, then cast. ``progress``:
+    show the de-quantization bar of a GGUF file (its only one: transformers' "Loading weights" bar is off)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    # transformers' own "Loading weights" bar; the GGUF de-quantization bar is tqdm's, which this leaves on
     hf_logging.disable_progress_bar()
     kwargs = source.load_kwargs()
     try:
         # float32 first: transformers warns that GGUF weights asked for in half precision compute through casts.
         load_dtype = torch.float32 if source.gguf_file else dtype
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=load_dtype, **kwargs)
+        with _gguf_bar(progress):
+            model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=load_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"{source.describe()}: cannot load a transformers causal LM: {err}") from None
