@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 from snell.cli import main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import run as causal_lm_run
+from snell.train.causal_lm import source as source_module
 from snell.train.causal_lm.source import ModelSource, find_source, load_causal_lm
 from snell.train.config import UserError
 from snell.train.evaluate import evaluate_run
@@ -138,6 +139,23 @@ def test_the_gguf_de_quantization_bar_follows_progress(
     load_causal_lm(ModelSource(tiny[0], "m.gguf"), torch.float32, progress=progress)
     assert ("de-quantizing GGUF tensors" in capsys.readouterr().err) is progress
     assert gguf_utils.tqdm is bar  # transformers' own name, back as it was
+
+
+def test_the_gguf_name_map_is_built_once_per_load_and_maps_every_tensor_as_before(tiny: tuple[Path, Path]) -> None:
+    """transformers matches GGUF tensor names to the model's by rebuilding gguf-py's name map for every module;
+    during snell's load it is built once. The mapping it yields is the same, and gguf-py's function is its own after."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, get_gguf_hf_weights_map
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    processor = TENSOR_PROCESSORS["llama"](config={})
+    function = gguf.get_tensor_name_map
+    expected = get_gguf_hf_weights_map(model, processor)
+    assert sorted(expected.values()) == sorted(model.state_dict())  # every tensor of the model has its name
+    with source_module._gguf_loading(progress=False):
+        assert get_gguf_hf_weights_map(model, processor) == expected
+        assert gguf.get_tensor_name_map.cache_info().misses == 1  # one model: one architecture and depth
+    assert gguf.get_tensor_name_map is function
 
 
 @pytest.mark.slow

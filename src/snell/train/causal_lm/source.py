@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,17 +81,25 @@ def describe_model(model: str | Path) -> str:
 
 
 @contextmanager
-def _gguf_bar(shown: bool) -> Iterator[None]:
-    """transformers draws its GGUF de-quantization bar with tqdm itself, past its own progress-bar switch."""
+def _gguf_loading(progress: bool) -> Iterator[None]:
+    """Two things of transformers' GGUF loader, for one load. Its de-quantization bar, which it draws with tqdm past
+    its own progress-bar switch, follows ``progress``. And gguf-py's tensor-name map, which it rebuilds for every
+    module of the model while matching names (397 times for SmolLM2-135M, most of the load's time), is built once
+    per architecture and depth: transformers only reads it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("reading a .gguf file needs the gguf package: pip install 'snell[text]'") from None
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    bar = gguf_utils.tqdm
-    if not shown:
+    bar, name_map = gguf_utils.tqdm, gguf.get_tensor_name_map
+    if not progress:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
+    gguf.get_tensor_name_map = functools.cache(name_map)
     try:
         yield
     finally:
-        gguf_utils.tqdm = bar
+        gguf_utils.tqdm, gguf.get_tensor_name_map = bar, name_map
 
 
 def load_causal_lm(source: ModelSource, dtype: torch.dtype, progress: bool = True) -> tuple[Any, Any]:
@@ -106,7 +114,7 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype, progress: bool = Tru
     try:
         # float32 first: transformers warns that GGUF weights asked for in half precision compute through casts.
         load_dtype = torch.float32 if source.gguf_file else dtype
-        with _gguf_bar(progress):
+        with _gguf_loading(progress) if source.gguf_file else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=load_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
