@@ -154,3 +154,35 @@ def test_trl_sft_trainer_trains_a_causal_lm_with_snell_and_its_adapter_reloads(t
     merged = copy.deepcopy(reloaded).merge_and_unload()
     # Merging rounds W0 + ΔWˢ to float32 in another order than the fused forward: a few float32 ulps.
     torch.testing.assert_close(_logits(merged), trained, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_restores_an_allocators_per_layer_sparsities_and_checks_the_file(tmp_path):
+    """A SNELLA allocator changes each layer's sparsity without touching the model's config, and save_adapter records
+    them (layer_sparsity); resuming, or load_best_model_at_end, put them back with the factors. Before, the config
+    comparison refused every such checkpoint. A corrupt checkpoint is refused as load_adapter refuses it."""
+    from snell.integrations.transformers import restore_adapter
+    from snell.spec import with_sparsities
+
+    trained = _adapted_llama()
+    with torch.no_grad():
+        for index, (_, layer) in enumerate(snell.snell_layers(trained)):
+            layer.snell_B.add_(0.5)
+            layer.snell_spec = with_sparsities(layer.snell_spec, [0.25 * (index + 1)])  # as LayerSlot.set_spec does
+    snell.save_adapter(trained, tmp_path / "checkpoint")
+    resumed = _adapted_llama()
+    assert not torch.equal(_logits(resumed), _logits(trained))
+    restore_adapter(resumed, tmp_path / "checkpoint")
+    assert [layer.snell_spec for _, layer in snell.snell_layers(resumed)] == [
+        layer.snell_spec for _, layer in snell.snell_layers(trained)
+    ]
+    torch.testing.assert_close(_logits(resumed), _logits(trained), rtol=0, atol=0)
+
+    weights = tmp_path / "checkpoint" / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data
+    weights.write_bytes(bytes(data))
+    fresh = _adapted_llama()
+    before = _logits(fresh)
+    with pytest.raises(ValueError, match="is corrupt"):
+        restore_adapter(fresh, tmp_path / "checkpoint")
+    torch.testing.assert_close(_logits(fresh), before, rtol=0, atol=0)

@@ -149,7 +149,26 @@ def test_failed_saves_leave_existing_files_alone(saved):
     merged = snell.merge_adapters(snell.get_snell_model(_vit(), snell.SnellConfig()))
     with pytest.raises(ValueError, match="unmerge"):
         snell.save_adapter(merged, saved)
+    # a training record JSON cannot write used to fail after the new weights had replaced the old ones
+    other = snell.get_snell_model(_vit(seed=1), snell.SnellConfig(r=16, modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="cannot be written as JSON"):
+        snell.save_adapter(other, saved, training={"lr": object()})
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_a_compiled_models_adapter_records_the_models_own_names(tmp_path):
+    """torch.compile wraps the model (its modules become ``_orig_mod.*``); the adapter must load into the plain
+    model, and into a compiled one."""
+    model = snell.get_snell_model(_vit(), snell.SnellConfig(sparsity=0.5, modules_to_save=["head"]))
+    snell.save_adapter(torch.compile(model), tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert record["adapted_modules"] == [name for name, _ in snell.snell_layers(model)]
+    assert record["base_model"]["class"] == "timm.models.vision_transformer.VisionTransformer"
+    for fresh in (_vit(), torch.compile(_vit())):  # the base weights the adapter was trained on
+        loaded = snell.load_adapter(fresh, tmp_path / "adapter")
+        assert loaded is fresh
+        state = getattr(loaded, "_orig_mod", loaded).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def _read(path):

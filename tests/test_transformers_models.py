@@ -62,6 +62,28 @@ def test_presets_pick_the_attention_and_mlp_projections(build, expected_suffixes
     torch.testing.assert_close(merged(input_ids=ids).logits, adapted.detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_the_vit_preset_adapts_every_attention_and_mlp_projection(family: str) -> None:
+    """transformers 5 names them ``...layers.N.attention.q_proj`` (ViT) or ``encoder.layer.N.attention.q_proj``
+    (DINOv2) and ``mlp.fc1``/``fc2``; the preset knew only the older ``attention.attention.query`` names."""
+    if family == "vit":
+        config = transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+            patch_size=8, num_labels=3,
+        )  # fmt: skip
+        model = transformers.ViTForImageClassification(config)
+    else:
+        config = transformers.Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=16, patch_size=8
+        )
+        model = transformers.Dinov2Model(config)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".attention." in n + "."]
+    linears += [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".mlp." in n]
+    assert len(linears) == 2 * 6  # per layer: q, k, v, o and the MLP's two
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
+    assert sorted(n for n, _ in snell.snell_layers(model)) == sorted(linears)
+
+
 def test_gpt2_conv1d_fused_c_attn_is_split_and_transposed():
     model = _gpt2()
     snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.9, target_modules=["c_attn"]))
@@ -110,3 +132,51 @@ def test_a_classification_task_type_trains_and_saves_the_new_head(tmp_path):
     assert not any(p.requires_grad for p in causal.lm_head.parameters())
     with pytest.raises(ValueError, match="task_type must be None or one of"):
         snell.SnellConfig(task_type="SEQ_CLASSIFICATION")
+
+
+def _tied_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_merging_into_a_tied_weight_is_refused_before_anything_changes() -> None:
+    """Folding ΔW into an LM head tied to the input embeddings would change the embeddings too (and the outputs)."""
+    model = snell.get_snell_model(
+        _tied_llama(), snell.SnellConfig(r=4, sparsity=0.5, target_modules=["q_proj", "lm_head"])
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (snell.merge_adapters, snell.merge_and_unload):
+        with pytest.raises(ValueError, match=r"lm_head\.weight is shared with model\.embed_tokens\.weight"):
+            merge(model)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        assert not any(layer.snell_merged for _, layer in snell.snell_layers(model))
+    plain = snell.unload(model)  # without the tied head, the same layers merge
+    snell.merge_and_unload(snell.get_snell_model(plain, snell.SnellConfig(r=4, target_modules=["q_proj"])))
+
+
+def test_tied_embeddings_saved_both_ways_round_trip(tmp_path) -> None:
+    """Embeddings and LM head in modules_to_save share one tensor, which safetensors refused to write."""
+    saved = ["embed_tokens", "lm_head"]
+    config = snell.SnellConfig(r=4, sparsity=0.5, target_modules=["q_proj"], modules_to_save=saved)
+    model = snell.get_snell_model(_tied_llama(), config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # as training the tied pair does
+    snell.save_adapter(model, tmp_path / "adapter")
+    fresh = snell.load_adapter(_tied_llama(), tmp_path / "adapter")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_adapted_layer_inside_modules_to_save_is_refused_before_anything_changes() -> None:
+    model = _tied_llama()
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.q_proj' is adapted and lies in"):
+        snell.get_snell_model(model, snell.SnellConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.1"]))
+    assert [type(m) for m in model.modules()] == types
+    assert all(p.requires_grad for p in model.parameters())

@@ -114,9 +114,16 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, whose names an adapter records (not the wrapper's ``_orig_mod.``)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter file holds: factors, learnable coefficients, modules_to_save and
     parameters_to_save tensors."""
+    model = _uncompiled(model)
     config: SnellConfig | None = getattr(model, "snell_config", None)
     layers = list(iter_snell_layers(model))
     if config is None or not layers:
@@ -133,7 +140,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in module.state_dict().items():
             tensors[f"{module_name}.{key}"] = value
     tensors.update(resolve_parameters_to_save(model, config))
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # Tied weights saved twice (embeddings and LM head both in modules_to_save) share a storage, which safetensors
+    # refuses to write: the second name gets its own copy, and loading writes the same values to both.
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if value.untyped_storage().data_ptr() in seen:
+            tensors[key] = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+    return tensors
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, list[float]] | None:
@@ -154,12 +169,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[
     ``training``: how the adapter was trained, for whoever uses it later (``snell train`` records the causal-LM
     prompt format there); stored in adapter_config.json as is and not needed to load the adapter.
     """
+    model = _uncompiled(model)
     tensors = adapter_state_dict(model)
     config: SnellConfig = model.snell_config
     if any(layer.snell_merged for _, layer in iter_snell_layers(model)):
         raise ValueError("adapters are merged into the weights; unmerge_adapters(model) before saving")
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": _FORMAT_TAG,
         "format_version": str(FORMAT_VERSION),
@@ -175,14 +190,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[
         "adapted_modules": [name for name, _ in iter_snell_layers(model)],
         **({"training": training} if training else {}),
     }
+    try:  # before any file is written: a record that is not JSON must not leave new weights beside an old config
+        config_text = json.dumps(config_file, indent=2, sort_keys=True) + "\n"
+    except TypeError as err:
+        raise ValueError(f"the adapter config cannot be written as JSON ({err}); nothing was saved") from None
+    out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(
-        out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config_file, indent=2, sort_keys=True) + "\n")
-    )
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
     return out
 
 
-def _read_adapter(directory: Path) -> tuple[SnellConfig, dict | None, dict, dict[str, torch.Tensor]]:
+def read_adapter(directory: Path) -> tuple[SnellConfig, dict | None, dict, dict[str, torch.Tensor]]:
     """The config, the base model record (None in older files), the layer records and the tensors, checked."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -232,8 +250,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Everything is checked against the model first (layer names, ops, shapes, tensor shapes); on any
     mismatch a ValueError names it and the model is left untouched.
     """
+    compiled, model = model, _uncompiled(model)
     directory = Path(directory)
-    config, base_model, records, tensors = _read_adapter(directory)
+    config, base_model, records, tensors = read_adapter(directory)
     modules = dict(model.named_modules())
     specs: dict[str, SnellSpec] = {}
     for name, record in records.items():
@@ -303,4 +322,4 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             param.copy_(tensors[name])
     for module, state in module_states.items():
         module.load_state_dict(state)
-    return model
+    return compiled

@@ -159,6 +159,13 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
     if any(True for _ in iter_snell_layers(model)):
         raise ValueError("this model already has SNELL adapters; merge_and_unload() it or use a fresh model")
     to_save = resolve_modules_to_save(model, config)
+    for name in specs:
+        outer = next((saved for saved in to_save if name == saved or name.startswith(f"{saved}.")), None)
+        if outer is not None:
+            raise ValueError(
+                f"{name!r} is adapted and lies in modules_to_save entry {outer!r}, which trains it fully: choose "
+                "one (exclude_modules for the adapter, or a module of modules_to_save that does not hold it)"
+            )
     parameters_to_save = resolve_parameters_to_save(model, config)
     modules = dict(model.named_modules())
     requires_grad = {p: p.requires_grad for p in model.parameters()}
@@ -233,11 +240,28 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.snell_disabled = flag
 
 
+def _check_untied(model: nn.Module) -> None:
+    """ValueError, before any weight changes, when an adapted weight is shared with another module (an LM head tied
+    to the input embeddings): merging ΔWˢ into it would change that module too, and the outputs with it."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, layer in iter_snell_layers(model):
+        others = [n for n in owners.get(id(layer.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"{name}.weight is shared with {others[0]} (tied weights): merging ΔW into it would change both; "
+                "keep this adapter unmerged, or untie them first (give the layer its own copy of the weight)"
+            )
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every ΔWˢ into its base weight (reversible with unmerge_adapters, up to the weight dtype's rounding:
     W0 + ΔWˢ is rounded once, so in bf16 an unmerged weight may differ from W0 by one unit in the last place; W0
     itself is not kept, which is what makes merging free of memory. ``unload`` without merging gives W0 exactly)."""
-    for layer in _require_adapters(model):
+    layers = _require_adapters(model)
+    _check_untied(model)
+    for layer in layers:
         layer.merge()
     return model
 
@@ -258,7 +282,10 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
-    for layer in _require_adapters(model):
+    layers = _require_adapters(model)
+    if merge and not all(layer.snell_merged for layer in layers):
+        _check_untied(model)
+    for layer in layers:
         if merge:
             layer.merge()
         elif layer.snell_merged:

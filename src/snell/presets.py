@@ -49,11 +49,14 @@ PRESETS: tuple[Preset, ...] = (
         r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
         r"|intermediate\.dense|output\.dense)",
     ),
+    # transformers before 5.x: encoder.layer.N.attention.attention.query ...; from 5.x (one attention module, an
+    # mlp, and for ViT itself layers.N): ...layer(s).N.attention.q_proj ... o_proj, mlp.fc1, mlp.fc2
     Preset(
         "hf_vit",
         ("ViTModel", "ViTFor", "ViTMAE", "Dinov2"),
         r"(.*\.)?encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense"
-        r"|intermediate\.dense|output\.dense)",
+        r"|intermediate\.dense|output\.dense)"
+        r"|(.*\.)?(encoder\.layer|layers)\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(fc1|fc2))",
     ),
     Preset(
         "hf_llama",

@@ -16,6 +16,7 @@ needs none of this: Trainer and TRL save and resume peft models themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -23,16 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from snell.allocator import SparsityAllocator
-from snell.config import SnellConfig
-from snell.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, save_adapter
+from snell.io import CONFIG_NAME, adapter_state_dict, read_adapter, save_adapter
 from snell.layers import iter_snell_layers
+from snell.spec import with_sparsities
 
 
 def _has_adapters(model: nn.Module) -> bool:
@@ -43,19 +43,27 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Copy the tensors of the adapter saved in ``directory`` into ``model``'s existing SNELL adapter, in place.
 
     Unlike :func:`snell.load_adapter` (which adapts a fresh model), this keeps the parameter objects, which is
-    what resuming needs; the saved config must equal the model's.
+    what resuming needs; the saved config must equal the model's, but for the per-layer sparsities a SNELLA
+    allocator set, which are restored with the tensors. The file is checked as ``load_adapter`` checks it.
     """
     directory = Path(directory)
-    saved = SnellConfig.from_json((directory / CONFIG_NAME).read_text())
-    if saved != model.snell_config:
+    saved, _, _, tensors = read_adapter(directory)
+    if dataclasses.replace(saved, layer_sparsity=None) != dataclasses.replace(model.snell_config, layer_sparsity=None):
         raise ValueError(f"the SNELL adapter in {directory} has another config than the model's: {saved}")
-    tensors = load_file(str(directory / WEIGHTS_NAME))
     expected = {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
     found = {key: tuple(value.shape) for key, value in tensors.items()}
     if found != expected:
         differing = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
         raise ValueError(f"the SNELL adapter in {directory} does not fit the model: {differing[:5]} differ")
+    layers = list(iter_snell_layers(model))
+    sparsities = saved.layer_sparsity or {}
+    specs = [  # checked before anything is copied
+        with_sparsities(layer.snell_spec, sparsities.get(name, [saved.sparsity] * layer.snell_spec.groups))
+        for name, layer in layers
+    ]
     model.load_state_dict(tensors, strict=False)
+    for (_, layer), spec in zip(layers, specs, strict=True):
+        layer.snell_spec = spec
 
 
 class SnellTrainerMixin:
