@@ -156,6 +156,29 @@ def test_trl_sft_trainer_trains_a_causal_lm_with_snell_and_its_adapter_reloads(t
     torch.testing.assert_close(_logits(merged), trained, rtol=1e-5, atol=1e-6)
 
 
+def test_the_mixin_with_trls_sft_trainer_refuses_an_adapted_lm_head(tmp_path):
+    """TRL's loss multiplies the hidden states by lm_head.weight itself: a SNELL adapter there would never train
+    (TRL refuses the same for peft adapters). The q/v adapters alone are fine."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from snell.integrations.transformers import SnellTrainerMixin
+
+    class SnellSFTTrainer(SnellTrainerMixin, trl.SFTTrainer):
+        pass
+
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "run"), max_length=12, bf16=False, report_to=[], use_cpu=True, disable_tqdm=True
+    )
+    data = datasets.Dataset.from_dict({"text": _sentences()})
+    for targets, refused in ((["q_proj", "v_proj", "lm_head"], True), (["q_proj", "v_proj"], False)):
+        model = snell.get_snell_model(_llama(), snell.SnellConfig(r=4, sparsity=0.5, target_modules=targets))
+        if refused:
+            with pytest.raises(ValueError, match="adapter on the LM head is not trained by TRL"):
+                SnellSFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer())
+        else:
+            SnellSFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer())
+
+
 def test_resuming_restores_an_allocators_per_layer_sparsities_and_checks_the_file(tmp_path):
     """A SNELLA allocator changes each layer's sparsity without touching the model's config, and save_adapter records
     them (layer_sparsity); resuming, or load_best_model_at_end, put them back with the factors. Before, the config

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from snell.allocator import SparsityAllocator
 from snell.io import CONFIG_NAME, adapter_state_dict, read_adapter, save_adapter
-from snell.layers import iter_snell_layers
+from snell.layers import SnellLayer, iter_snell_layers
 from snell.spec import with_sparsities
 
 
@@ -69,6 +70,18 @@ def restore_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
 class SnellTrainerMixin:
     """Put in front of any Trainer class (``class MyTrainer(SnellTrainerMixin, trl.SFTTrainer)``) so that models
     from ``snell.get_snell_model`` are saved and resumed as SNELL adapters; other models are left to the Trainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = self._snell_model()
+        trl = sys.modules.get("trl")  # imported already where an SFTTrainer is in use
+        head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+        if trl is not None and isinstance(self, trl.SFTTrainer) and isinstance(head, SnellLayer):
+            # TRL refuses the same for peft adapters: its loss multiplies the hidden states by lm_head.weight itself.
+            raise ValueError(
+                "a SNELL adapter on the LM head is not trained by TRL's SFTTrainer: its loss reads lm_head.weight "
+                "directly, so ΔW would stay at its random start; leave the LM head out of target_modules"
+            )
 
     def _snell_model(self) -> nn.Module | None:
         model = self.accelerator.unwrap_model(self.model)
