@@ -173,8 +173,8 @@ def test_smollm2_gguf_trains_merges_to_a_plain_folder_and_loads_back(
     source, loaded, tokenizer = smollm2
     asked = []
 
-    def copy_of_the_load(wanted: ModelSource, dtype: torch.dtype) -> tuple:
-        asked.append((wanted, dtype))
+    def copy_of_the_load(wanted: ModelSource, dtype: torch.dtype, progress: bool) -> tuple:
+        asked.append((wanted, dtype, progress))
         return copy.deepcopy(loaded), copy.deepcopy(tokenizer)
 
     monkeypatch.setattr(causal_lm_run, "load_causal_lm", copy_of_the_load)
@@ -196,7 +196,7 @@ def test_smollm2_gguf_trains_merges_to_a_plain_folder_and_loads_back(
     assert 0 <= summary["test_accuracy"] <= 1
     assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert asked == [(source, torch.float32)] * 2  # train, then merge
+    assert asked == [(source, torch.float32, False)] * 2  # train, then merge (the run's --no-progress)
     model = copy.deepcopy(loaded)
     import snell
 
