@@ -141,7 +141,10 @@ def _trainer(output_dir, model, callback, **more) -> transformers.Trainer:
         seed=0,
         **more,
     )
-    return transformers.Trainer(model=Wrapped(model), args=args, train_dataset=rows, callbacks=[callback])
+    evaluated = rows if args.eval_strategy != "no" else None  # the training rows, for load_best_model_at_end
+    return transformers.Trainer(
+        model=Wrapped(model), args=args, train_dataset=rows, eval_dataset=evaluated, callbacks=[callback]
+    )
 
 
 def test_trainer_callback_reads_each_steps_gradient_before_zero_grad_and_updates_per_epoch(tmp_path, monkeypatch):
@@ -198,6 +201,28 @@ def test_trainer_checkpoints_hold_the_allocator_and_load_restores_it(tmp_path):
     assert fresh.last_update == 1 and fresh.allocator.sparsity() == allocator.sparsity()
     for key, value in allocator.sensitivity.items():
         assert torch.equal(fresh.allocator.sensitivity[key], value)
+
+
+def test_load_best_model_at_end_brings_back_the_best_checkpoints_sparsities(tmp_path):
+    """Trainer loads the best checkpoint's factors alone (peft reads no config there); the callback then sets the
+    sparsities saved with that checkpoint, or the model would pair them with the last epoch's."""
+    model = _peft_model()
+    allocator = snella_allocator(model, AllocatorConfig(target_sparsity=0.6, total_steps=2))
+    callback = SnellaCallback(allocator)
+    trainer = _trainer(
+        tmp_path, model, callback, num_train_epochs=2, max_grad_norm=0, save_strategy="epoch", eval_strategy="epoch",
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the first epoch's
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-3")  # 3 optimizer steps per epoch
+    saved, last = (
+        torch.load(f"{folder}/{SnellaCallback.STATE_NAME}", weights_only=False)["allocator"]["sparsity"]
+        for folder in (best, tmp_path / "checkpoint-6")
+    )
+    assert saved != last  # the schedule moved on in epoch 2
+    assert allocator.sparsity() == saved
+    assert model.peft_config["default"].layer_sparsity == saved
 
 
 def test_trainer_resumed_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path):

@@ -164,6 +164,14 @@ class SnellaCallback(TrainerCallback):
             state_dict = {"allocator": self.allocator.state_dict(), "last_update": self.last_update}
             torch.save(state_dict, folder / self.STATE_NAME)
 
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        # load_best_model_at_end has just loaded the best checkpoint's factors (Trainer calls this after it), and
+        # for a peft model only them: the sparsities that go with them are in that checkpoint's allocator state.
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None and (Path(best) / self.STATE_NAME).is_file():
+            saved = torch.load(Path(best) / self.STATE_NAME, map_location="cpu", weights_only=False)
+            self.allocator.set_sparsity(saved["allocator"]["sparsity"])
+
     def load(self, checkpoint: str | os.PathLike) -> None:
         """Restore the allocator saved in the Trainer checkpoint folder ``checkpoint`` (see :meth:`on_save`)."""
         saved = torch.load(Path(checkpoint) / self.STATE_NAME, map_location="cpu", weights_only=False)
