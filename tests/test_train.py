@@ -8,9 +8,11 @@ import math
 from itertools import pairwise
 from pathlib import Path
 
+import numpy
 import pytest
 import timm
 import torch
+from torch import nn
 
 import snell
 from snell.train.config import (
@@ -207,6 +209,33 @@ def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"garbage\.safetensors: not a readable checkpoint"):
         load_timm_checkpoint(model, garbage, skip_prefix="head")
+    truncated = tmp_path / "truncated.npz"  # the first bytes of a real .npz: zipfile's own error, not a traceback
+    numpy.savez(tmp_path / "whole.npz", weight=numpy.zeros((64, 64), numpy.float32))
+    truncated.write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])
+    with pytest.raises(UserError, match=r"truncated\.npz: does not fit VisionTransformer"):
+        load_timm_checkpoint(model, truncated, skip_prefix="head")
+
+
+@pytest.mark.parametrize("name", ["repvit_m0_9", "deit_tiny_distilled_patch16_224"])
+def test_a_timm_head_with_a_norm_or_a_distillation_twin_starts_at_zero_and_learns(name: str) -> None:
+    """RepViT's head is a BatchNorm and a Linear: zeroing both left every gradient at zero for good (a run trained
+    at loss ln C). Distilled DeiT has two heads (timm's get_classifier gives a tuple), which crashed the build."""
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2} if "deit" in name else {}
+    backbone = build_backbone(TrainConfig(model=name, model_kwargs=kwargs, method="full"), 3)
+    assert backbone.head_names == (["head", "head_dist"] if "deit" in name else ["head"])
+    model = backbone.model.train()
+    images, labels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits[0] if isinstance(logits, tuple) else logits, labels)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[0] == pytest.approx(math.log(3), abs=1e-6)  # zero logits: ln C
+    assert losses[-1] < losses[0] - 0.01
 
 
 def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:

@@ -9,6 +9,7 @@ not provide, is always trained fully.
 from __future__ import annotations
 
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,19 +120,23 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
         raise
     except TypeError as err:
         raise UserError(f"timm model {config.model!r} does not accept these --model-kwargs: {err}") from None
-    head = next(name for name, module in model.named_modules() if module is model.get_classifier())
-    for param in model.get_classifier().parameters():
-        # A zero head starts every method at loss ln(C) instead of first unlearning a random projection
+    classifier = model.get_classifier()  # a tuple for distilled models (DeiT's head and head_dist, LeViT, ...)
+    classifiers = classifier if isinstance(classifier, tuple) else (classifier,)
+    heads = [name for name, module in model.named_modules() if any(module is c for c in classifiers)]
+    for projection in (m for c in classifiers for m in c.modules() if isinstance(m, (nn.Linear, nn.Conv2d))):
+        # A zero output projection starts every method at loss ln(C) instead of first unlearning a random projection
         # of large pretrained features (timm's default head init gave first-epoch losses of 4-5 for 10 classes).
-        nn.init.zeros_(param)
+        # Only the projections: a zeroed norm in front of one (RepViT's head) would leave every gradient at zero.
+        for param in projection.parameters(recurse=False):
+            nn.init.zeros_(param)
     info: dict[str, Any] = {}
     if config.checkpoint:
-        info = load_timm_checkpoint(model, Path(config.checkpoint), skip_prefix=head)
+        info = load_timm_checkpoint(model, Path(config.checkpoint), skip_prefix=tuple(heads))
     data_config = resolve_data_config({}, model=model)
     img_size = config.img_size or int(kwargs.get("img_size") or data_config["input_size"][-1])
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
-    return Backbone(model, "timm", [head], mean, std, img_size, info=info, weights=weights)
+    return Backbone(model, "timm", heads, mean, std, img_size, info=info, weights=weights)
 
 
 def _create_timm(config: TrainConfig, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
@@ -212,14 +217,16 @@ def efficientnet_keys_to_timm(state: dict[str, torch.Tensor], model: nn.Module) 
     return renamed
 
 
-def load_timm_checkpoint(model: nn.Module, path: Path, skip_prefix: str) -> dict[str, Any]:
-    """Load backbone weights; every key except the classifier's must be present and fit exactly."""
+def load_timm_checkpoint(model: nn.Module, path: Path, skip_prefix: str | tuple[str, ...]) -> dict[str, Any]:
+    """Load backbone weights; every key except the classifier's (``skip_prefix``: its module name, or names) must be
+    present and fit exactly."""
+    prefixes = (skip_prefix,) if isinstance(skip_prefix, str) else skip_prefix
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise UserError(f"{path}: .npz checkpoints are only supported for timm vision transformers")
         try:
             model.load_pretrained(str(path))
-        except (KeyError, RuntimeError, ValueError, OSError) as err:
+        except (KeyError, RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
             raise UserError(f"{path}: does not fit {type(model).__name__}: {err}") from None
         return {"checkpoint": str(path), "format": "npz"}
     state = _read_state_dict(path)
@@ -231,7 +238,7 @@ def load_timm_checkpoint(model: nn.Module, path: Path, skip_prefix: str) -> dict
             state = filter_fn(state, model)
         except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(f"{path}: does not fit {type(model).__name__}: {err}") from None
-    is_head = lambda key: key == skip_prefix or key.startswith(skip_prefix + ".")  # noqa: E731
+    is_head = lambda key: any(key == p or key.startswith(p + ".") for p in prefixes)  # noqa: E731
     own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
     given = {k: v for k, v in state.items() if not is_head(k)}
     missing = sorted(set(own) - set(given))
