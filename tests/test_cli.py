@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted
+from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted, stop_after_first_checkpoint
 from safetensors.torch import load_file
 
 import snell
@@ -241,6 +241,36 @@ def test_bad_checkpoint_and_recipe(vtab_dir: Path, tmp_path: Path, capsys: pytes
     assert not Path(out).exists()
 
 
+def test_an_adapter_on_the_head_is_refused_for_every_adapter_method(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The head trains fully; LoRA on it failed in peft with a traceback, SNELL adapted it and trained it twice."""
+    out = tmp_path / "out"
+    expected = (("lora", "'head' is in the head 'head', trained fully"), ("snell", "lies in modules_to_save"))
+    for method, message in expected:
+        args = ["train", "--data", str(vtab_dir), *BASE, "--method", method, "--target-modules", "head"]
+        assert main([*args, "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err.splitlines()[-1], err
+    assert not out.exists()
+
+
+def test_resuming_on_another_process_count_is_refused_by_every_process(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each process checked for its own random-state file only, so the first one resumed (and died in a collective)
+    while the others refused; the file count is what every process sees alike. Here: a checkpoint as 2 processes
+    leave it, resumed by 1."""
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--output-dir", str(tmp_path / "run")]
+    stop_after_first_checkpoint(args, monkeypatch)
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    (checkpoint / "rng-rank1.pt").write_bytes((checkpoint / "rng-rank0.pt").read_bytes())
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the random-weights warning
+    assert last.startswith("snell train: error:") and "written by a run of 2 process(es), resumed on 1" in last
+
+
 def test_existing_run_is_never_overwritten(finished_run: Path, vtab_dir: Path, capsys: pytest.CaptureFixture) -> None:
     before = _files(finished_run)
     _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(finished_run)], "already holds a run")
@@ -314,7 +344,9 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
         str(out),
     ]
     # past its 64 positions, a long text would fail in the position embedding: refused before anything is written
+    capsys.readouterr()  # save_pretrained's bars
     _fails(capsys, [*args, "--max-length", "65"], "--max-length 65 exceeds the model's 64 positions")
+    _fails(capsys, [*args, "--checkpoint", str(model_dir / "config.json")], "--checkpoint applies to timm models")
     assert not out.exists()
     args += ["--max-length", "64"]
     assert main(args) == 0
@@ -325,6 +357,12 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
     assert main(["eval", str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] == summary["test_accuracy"]
+    # other data whose classes differ by name, not by number: "aaa" sorts first and would take sport's label 0
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for part in data.iterdir():
+        (renamed / part.name).write_text(part.read_text().replace("sport", "aaa"))
+    _fails(capsys, ["eval", str(out), "--data", str(renamed)], "class 0 is 'aaa', but the run's was 'sport'")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -387,6 +425,9 @@ def test_an_output_path_that_is_a_file_is_a_user_error(
     _fails(capsys, ["search", "--data", str(vtab_dir), *BASE, "--output-dir", str(file)], "is a file")
     _fails(capsys, ["demo", "--output-dir", str(file)], "is a file")
     assert file.read_text() == "mine"
+    # a method without a measured demo rate (snella) failed with a KeyError after creating the results folder
+    _fails(capsys, ["demo", "--methods", "snella", "--output-dir", str(tmp_path / "demo")], "the demo compares")
+    assert not (tmp_path / "demo").exists()
 
 
 def test_test_labels_beyond_the_training_classes_fail_before_training(

@@ -433,3 +433,17 @@ def test_fgvc_transforms():
         build_transforms("vtab", 224, train=True, color_jitter=0.4)
     with pytest.raises(ValueError, match="protocol"):
         build_transforms("imagenet", 224)
+
+
+def test_data_with_one_class_is_refused(tmp_path):
+    """A 1-way head's cross-entropy is 0 whatever the input: the run used to train nothing and report accuracy 1."""
+    from snell.train.config import TrainConfig, UserError
+    from snell.train.tasks import load_task
+
+    for split in ("train", "test"):
+        _png(tmp_path / split / "cat" / "a.png")
+    with pytest.raises(UserError, match="has 1 class; classification needs at least 2"):
+        load_task(TrainConfig(data=str(tmp_path), data_format="imagefolder"))
+    _png(tmp_path / "train" / "dog" / "b.png")
+    _png(tmp_path / "test" / "dog" / "b.png")
+    assert load_task(TrainConfig(data=str(tmp_path), data_format="imagefolder")).num_classes == 2

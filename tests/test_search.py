@@ -210,6 +210,16 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
     assert result.final is None
     with pytest.raises(UserError, match="set by snell search"):
         S.search_from_args(parser.parse_args([*argv, "--select-on", "val"]))
+    # values out of range are refused before any trial trains (s = 0 trained first, then s = 1 was refused)
+    trained = []
+    monkeypatch.setattr(S, "train_trial", lambda trial: trained.append(trial) or fake_record(trial, 0.5))
+    out = ["--output-dir", str(tmp_path / "bad")]
+    with pytest.raises(UserError, match=r"sparsity must lie in \[0, 1\), got 1\.0"):
+        S.search_from_args(parser.parse_args([*argv, *out, "--grid-sparsity", "0,1"]))
+    for margin in ("-1", "nan"):  # a negative margin stopped every trial that tied the best
+        with pytest.raises(UserError, match=f"--early-stop-margin must be a finite number >= 0, got {margin}"):
+            S.search_from_args(parser.parse_args([*argv, *out, "--early-stop-margin", margin]))
+    assert not trained
 
 
 def test_snell_search_subcommand(tmp_path, monkeypatch, capsys):

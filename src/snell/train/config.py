@@ -238,9 +238,9 @@ class TrainConfig:
                 raise UserError(f"{name} must be a positive integer (or unset), got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise UserError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
-        for name in ("drop_path_rate", "adapter_dropout", "adapter_drop_path"):
+        for name in ("sparsity", "drop_path_rate", "adapter_dropout", "adapter_drop_path"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise UserError(f"{name} must lie in [0, 1), got {value!r}")
         if self.augment not in (None, "vtab", "fgvc"):
             raise UserError(f"augment must be vtab or fgvc, got {self.augment!r}")

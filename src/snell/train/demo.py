@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import METHODS, UserError, check_output_folder
+from snell.train.config import UserError, check_output_folder
 from snell.train.plots import pyplot, save_figure
 
 #: Settings shared by every method of a demo task; values are `snell train` flags.
@@ -191,9 +191,10 @@ def train_and_compare(
 
 def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int | None, progress: bool) -> Path:
     """Train every method on the demo task, print the comparison table and return the results folder."""
-    unknown = [m for m in methods if m not in METHODS]
+    offered = list(LEARNING_RATES[task])  # the methods whose rate was chosen on this task's val split
+    unknown = [m for m in methods if m not in offered]
     if unknown or not methods:
-        raise UserError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        raise UserError(f"the demo compares {offered}; got {unknown or 'none'}")
     out = output_dir or Path("results") / "demo" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_output_folder(out, "--output-dir")
     if out.exists() and any(out.iterdir()):

@@ -54,6 +54,13 @@ def restore(
         raise UserError(
             f"{config.data} has {task.num_classes} classes but the run was trained on {record['num_classes']}"
         )
+    trained = record.get("class_names")
+    if trained is not None and list(task.class_names) != list(trained):  # the head's outputs are these, in order
+        first = next(i for i, (a, b) in enumerate(zip(task.class_names, trained, strict=True)) if a != b)
+        raise UserError(
+            f"{config.data}'s class {first} is {task.class_names[first]!r}, but the run's was {trained[first]!r}: "
+            "its labels would be scored against other classes"
+        )
     backbone = build_backbone(config, task.num_classes)
     attach_transforms(task, config, backbone.img_size, backbone.mean, backbone.std)
     model = load_trained(backbone, config, adapter or run_dir / "adapter")

@@ -354,9 +354,15 @@ class Run:
         if not found:
             return Progress()
         latest = found[-1]
+        # Every process reads the same folder, so every one refuses (one alone would leave the others to fail in a
+        # collective); each process's data order and random state are its own, so the count must match.
+        written = len(list(latest.glob("rng-rank*.pt")))
+        if written != self.accelerator.num_processes:
+            raise UserError(
+                f"{latest}: written by a run of {written} process(es), resumed on {self.accelerator.num_processes}; "
+                "resume with the same process count"
+            )
         rank_file = latest / f"rng-rank{self.accelerator.process_index}.pt"
-        if not rank_file.is_file():
-            raise UserError(f"{latest}: written by a run with fewer processes; resume with the same process count")
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
         load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
         load_optimizer_state(self.model, optimizer, state["optimizer"])

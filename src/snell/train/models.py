@@ -64,9 +64,11 @@ def _build_transformers(config: TrainConfig, num_classes: int) -> Backbone:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if config.drop_path_rate:
-        raise UserError("--drop-path-rate applies to timm models only")
+    for flag, value in (("--drop-path-rate", config.drop_path_rate), ("--checkpoint", config.checkpoint)):
+        if value:  # the folder holds the weights a transformers model loads
+            raise UserError(f"{flag} applies to timm models only; {config.model} is a transformers model folder")
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected: the head is trained
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: the run's own bars follow --progress
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             config.model, num_labels=num_classes, output_loading_info=True, ignore_mismatched_sizes=True
@@ -333,7 +335,12 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
     elif config.method in ("lora", "dora"):
         from peft import get_peft_model
 
-        model = get_peft_model(model, _peft_config(config, adapted_layer_names(model, config, heads), heads))
+        targets = adapted_layer_names(model, config, heads)
+        for target in targets:  # peft fails on it with its own traceback; SNELL's injection refuses it as this does
+            head = next((h for h in heads if target == h or target.startswith(f"{h}.")), None)
+            if head is not None:
+                raise UserError(f"{target!r} is in the head {head!r}, trained fully; leave it out of --target-modules")
+        model = get_peft_model(model, _peft_config(config, targets, heads))
     elif config.method == "full":
         model.requires_grad_(True)
     else:  # linear

@@ -99,6 +99,8 @@ class Grid:
         if self.lr_per_sparsity and self.lr is None:
             for point in points:
                 point["lr"] = default_lr(base.method, base.sparsify_mode, point["sparsity"])
+        for point in points:  # every trial's values checked (TrainConfig's ranges) before the first one trains
+            trial_config(base, point)
         return points
 
 
@@ -609,7 +611,10 @@ def search_from_args(args: argparse.Namespace) -> SearchResult:
         if name in vars(args):
             raise UserError(f"--{name.replace('_', '-')} is set by snell search (val for trials, none for the retrain)")
     grid = Grid(args.grid_sparsity, args.grid_lr, args.grid_r, lr_per_sparsity="lr" not in vars(args))
-    rule = EarlyStop(margin=args.early_stop_margin) if args.early_stop else None
+    margin = args.early_stop_margin
+    if not (math.isfinite(margin) and margin >= 0):  # a negative margin stops trials that tie the best
+        raise UserError(f"--early-stop-margin must be a finite number >= 0, got {margin!r}")
+    rule = EarlyStop(margin=margin) if args.early_stop else None
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     isolate = args.jobs > 1 or args.threads is not None

@@ -115,6 +115,8 @@ def load_task(config: TrainConfig) -> Task:
         task = _text_task(root, select)
     else:
         task = _builtin_task(config, select)
+    if task.num_classes < 2:  # a 1-way head's cross-entropy is 0 whatever the input: nothing would be learned
+        raise UserError(f"{config.data} has {task.num_classes} class; classification needs at least 2")
     task.test = _limit(task.test, config.max_eval_samples)
     task.val = _limit(task.val, config.max_eval_samples)
     task.sizes = {name: len(ds) for name, ds in (("train", task.train), ("val", task.val), ("test", task.test)) if ds}
