@@ -84,8 +84,8 @@ def describe_model(model: str | Path) -> str:
 def _gguf_loading(progress: bool) -> Iterator[None]:
     """Two things of transformers' GGUF loader, for one load. Its de-quantization bar, which it draws with tqdm past
     its own progress-bar switch, follows ``progress``. And gguf-py's tensor-name map, which it rebuilds for every
-    module of the model while matching names (397 times for SmolLM2-135M, most of the load's time), is built once
-    per architecture and depth: transformers only reads it."""
+    module of the model while matching names (397 times for SmolLM2-135M: 6-8 s of an 18 s load on 2 cores), is
+    built once per architecture and depth: transformers only reads it."""
     try:
         import gguf
     except ImportError:
