@@ -216,6 +216,15 @@ def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None
         load_timm_checkpoint(model, truncated, skip_prefix="head")
 
 
+@pytest.mark.parametrize(("name", "size"), [("vit_tiny_patch16_224", 8), ("convnext_atto", 16)])
+def test_an_image_size_the_model_cannot_take_is_refused_when_it_is_built(name: str, size: int) -> None:
+    """A 16-pixel patch on 8-pixel images, or ConvNeXt's stride-2 stages on 16 pixels, failed in the first training
+    step with a traceback; the build now runs one blank image through the model and says so in one line."""
+    with pytest.raises(UserError, match=rf"{name} cannot run on {size}×{size} images \(--img-size {size}\): "):
+        build_backbone(TrainConfig(model=name, img_size=size), 3)
+    assert build_backbone(TrainConfig(model=name, img_size=32), 3).model.training  # as built: training mode
+
+
 @pytest.mark.parametrize("name", ["repvit_m0_9", "deit_tiny_distilled_patch16_224"])
 def test_a_timm_head_with_a_norm_or_a_distillation_twin_starts_at_zero_and_learns(name: str) -> None:
     """RepViT's head is a BatchNorm and a Linear: zeroing both left every gradient at zero for good (a run trained

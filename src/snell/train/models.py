@@ -136,9 +136,26 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
         info = load_timm_checkpoint(model, Path(config.checkpoint), skip_prefix=tuple(heads))
     data_config = resolve_data_config({}, model=model)
     img_size = config.img_size or int(kwargs.get("img_size") or data_config["input_size"][-1])
+    _check_image_size(model, int(data_config["input_size"][0]), img_size, config.model)
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
     return Backbone(model, "timm", heads, mean, std, img_size, info=info, weights=weights)
+
+
+def _check_image_size(model: nn.Module, channels: int, size: int, name: str) -> None:
+    """One blank image at the run's size through the model, in eval mode and without gradients: a size it cannot
+    take (a ViT patch larger than the image, ConvNeXt's stride-2 stages below 32 px) fails here, in one line, and
+    not in the first training step with a traceback."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name} cannot run on {size}×{size} images (--img-size {size}): {detail}") from None
+    finally:
+        model.train(training)
 
 
 def _create_timm(config: TrainConfig, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
