@@ -14,10 +14,10 @@ from snell.config import FORMAT_VERSION
 from snell.io import CONFIG_NAME, WEIGHTS_NAME, tensors_digest
 
 
-def _vit(embed_dim=192, seed=0):
+def _vit(embed_dim=192, seed=0, depth=2):
     torch.manual_seed(seed)
     return timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=2, embed_dim=embed_dim
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5, depth=depth, embed_dim=embed_dim
     )
 
 
@@ -249,3 +249,14 @@ def test_loading_into_another_model_class_with_the_same_shapes_warns(tmp_path):
     ):
         model = snell.load_adapter(OtherMlp(), tmp_path)
     assert [n for n, _ in snell.snell_layers(model)] == ["fc1", "fc2"]
+
+
+def test_loading_into_a_deeper_model_of_the_same_widths_warns_about_the_layers_left_out(saved):
+    """Every layer of the file exists in a 3-block ViT, so it loads; but the preset selects block 2 too, which the
+    adapter does not cover: a likely mix-up of base models, said once."""
+    message = r"adapts 8 layers, but its target_modules select 12 in this VisionTransformer \(e.g. 'blocks\.2\."
+    with pytest.warns(UserWarning, match=message):
+        snell.load_adapter(_vit(depth=3), saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model it was saved from: no warning
+        snell.load_adapter(_vit(), saved)

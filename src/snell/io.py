@@ -28,7 +28,7 @@ from torch import nn
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
 from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
-from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save
+from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save, resolve_targets
 from snell.spec import SnellSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -302,6 +302,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory / WEIGHTS_NAME}: {name} should have shape {tuple(param.shape)} for this model, "
                 f"found {found}"
             )
+    try:  # what the saved config's targets select in this model: a deeper model of the same widths selects more
+        selected = set(resolve_targets(model, config))
+    except (TypeError, ValueError):  # a target list entry this model lacks: the records above are what counts
+        selected = set(records)
+    if selected - set(records):
+        extra = sorted(selected - set(records))
+        warnings.warn(
+            f"the adapter in {directory} adapts {len(records)} layers, but its target_modules select {len(selected)} "
+            f"in this {type(model).__name__} (e.g. {extra[0]!r} is not in the file): those stay unadapted; check "
+            "that this is the base model the adapter was trained on",
+            stacklevel=2,
+        )
     current = base_model_record(model)
     if isinstance(base_model, dict) and base_model.get("class") != current["class"]:
         warnings.warn(
