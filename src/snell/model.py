@@ -44,6 +44,11 @@ def _unmatched(selectors: Sequence[str], names: Iterable[str]) -> list[str]:
     return [s for s in selectors if not any(_name_matches(n, [s]) for n in names)]
 
 
+def enclosing_module(name: str, modules: Iterable[str]) -> str | None:
+    """The first of ``modules`` (full module names) that is the module or parameter ``name`` or holds it, else None."""
+    return next((module for module in modules if name == module or name.startswith(f"{module}.")), None)
+
+
 def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpec]:
     """The layers ``config`` adapts in ``model``, each with its spec. Changes nothing; raises on bad input."""
     selector = config.target_modules
@@ -160,7 +165,7 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
         raise ValueError("this model already has SNELL adapters; merge_and_unload() it or use a fresh model")
     to_save = resolve_modules_to_save(model, config)
     for name in specs:
-        outer = next((saved for saved in to_save if name == saved or name.startswith(f"{saved}.")), None)
+        outer = enclosing_module(name, to_save)
         if outer is not None:
             raise ValueError(
                 f"{name!r} is adapted and lies in modules_to_save entry {outer!r}, which trains it fully: choose "

@@ -169,14 +169,16 @@ class SnellaCallback(TrainerCallback):
         # for a peft model only them: the sparsities that go with them are in that checkpoint's allocator state.
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best is not None and (Path(best) / self.STATE_NAME).is_file():
-            saved = torch.load(Path(best) / self.STATE_NAME, map_location="cpu", weights_only=False)
-            self.allocator.set_sparsity(saved["allocator"]["sparsity"])
+            self.allocator.set_sparsity(self._saved(best)["allocator"]["sparsity"])
 
     def load(self, checkpoint: str | os.PathLike) -> None:
         """Restore the allocator saved in the Trainer checkpoint folder ``checkpoint`` (see :meth:`on_save`)."""
-        saved = torch.load(Path(checkpoint) / self.STATE_NAME, map_location="cpu", weights_only=False)
+        saved = self._saved(checkpoint)
         self.allocator.load_state_dict(saved["allocator"])
         self.last_update = int(saved["last_update"])
+
+    def _saved(self, checkpoint: str | os.PathLike) -> dict[str, Any]:
+        return torch.load(Path(checkpoint) / self.STATE_NAME, map_location="cpu", weights_only=False)
 
 
 __all__ = ["SnellTrainer", "SnellTrainerMixin", "SnellaCallback", "restore_adapter"]

@@ -497,6 +497,12 @@ def ignored_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> list
     ]
 
 
+def first_process() -> bool:
+    """Whether this is the first (or only) process of a launch, before any process group exists: torchrun and
+    accelerate set RANK for every process they start."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The resolved config of a `snell train` command line; a flag its method does not read is named on stderr
     (by the first process only, under torchrun), not refused: a script may give every method the same flags."""
@@ -504,7 +510,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: v for k, v in vars(args).items() if k in names}
     config = resolve_config(args.recipe, overrides)
     ignored = ignored_flags(config, overrides)
-    if ignored and os.environ.get("RANK", "0") == "0":
+    if ignored and first_process():
         print(f"warning: --method {config.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
     return config
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import snell
-from snell.model import resolve_targets
+from snell.model import enclosing_module, resolve_targets
 from snell.sharded import like
 from snell.train.config import SNELL_METHODS, TrainConfig, UserError
 
@@ -257,9 +257,8 @@ def load_timm_checkpoint(model: nn.Module, path: Path, skip_prefix: str | tuple[
             state = filter_fn(state, model)
         except (KeyError, RuntimeError, ValueError) as err:
             raise UserError(f"{path}: does not fit {type(model).__name__}: {err}") from None
-    is_head = lambda key: any(key == p or key.startswith(p + ".") for p in prefixes)  # noqa: E731
-    own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
-    given = {k: v for k, v in state.items() if not is_head(k)}
+    own = {k: v for k, v in model.state_dict().items() if enclosing_module(k, prefixes) is None}
+    given = {k: v for k, v in state.items() if enclosing_module(k, prefixes) is None}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     wrong = [
@@ -354,7 +353,7 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
 
         targets = adapted_layer_names(model, config, heads)
         for target in targets:  # peft fails on it with its own traceback; SNELL's injection refuses it as this does
-            head = next((h for h in heads if target == h or target.startswith(f"{h}.")), None)
+            head = enclosing_module(target, heads)
             if head is not None:
                 raise UserError(f"{target!r} is in the head {head!r}, trained fully; leave it out of --target-modules")
         model = get_peft_model(model, _peft_config(config, targets, heads))

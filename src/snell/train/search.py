@@ -99,8 +99,6 @@ class Grid:
         if self.lr_per_sparsity and self.lr is None:
             for point in points:
                 point["lr"] = default_lr(base.method, base.sparsify_mode, point["sparsity"])
-        for point in points:  # every trial's values checked (TrainConfig's ranges) before the first one trains
-            trial_config(base, point)
         return points
 
 

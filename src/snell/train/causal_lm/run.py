@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.evaluation import ALL_TASKS, answer_pool, evaluate_split
 from snell.train.causal_lm.loss import chunked_response_loss
 from snell.train.causal_lm.source import find_source, load_causal_lm
-from snell.train.config import TrainConfig, UserError
+from snell.train.config import TrainConfig, UserError, first_process
 from snell.train.loop import Progress, Report, Run
 from snell.train.models import Backbone, apply_method, check_positions, load_trained, merge_trained
 from snell.train.optim import EpochSampler
@@ -41,8 +40,8 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
     source = find_source(config.model)
     if source is None:
         raise UserError(f"{config.model}: not a causal LM (a ...ForCausalLM folder, a .gguf file or a folder with one)")
-    shown = config.progress and os.environ.get("RANK", "0") == "0"  # one bar, from the first process
-    model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype), progress=shown)
+    progress = config.progress and first_process()  # one bar, not one per process
+    model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype), progress=progress)
     check_positions(model, config.max_length, "--max-length")
     # a prompt keeps up to --max-length tokens, and greedy or beam scoring appends --max-new-tokens to it
     if config.score_by == "generate":
