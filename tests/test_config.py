@@ -60,6 +60,10 @@ def test_json_round_trip_keeps_every_field():
         ({"kernel": "rbf", "coefficients": [1.0, float("inf"), -1.0]}, r"coefficients must be finite"),
         ({"kernel": "mixk", "coefficients": [0.1, -0.1, 1.0, 0.0, 0.0]}, r"mixk's γ \(coefficients\[3\]\) divides D"),
         ({"format_version": FORMAT_VERSION + 1}, r"format_version .* upgrade snell"),
+        ({"coefficients": 0.1}, r"coefficients must be a list of 2 numbers \(or None\), got 0.1"),
+        ({"coefficients": [1, None]}, r"coefficients must be a list of 2 numbers .*got \[1, None\]"),
+        ({"coefficients": ["a", "b"]}, r"coefficients must be a list of 2 numbers"),
+        ({"coefficients": [True, 0.1]}, r"coefficients must be a list of 2 numbers"),
     ],
 )
 def test_bad_values_are_rejected_with_a_clear_message(kwargs, message):
@@ -112,3 +116,11 @@ def test_valid_assignments_and_replace_still_work():
     clone = copy.deepcopy(cfg)
     clone.r = 16
     assert clone.r == 16 and cfg.r == 8
+
+
+def test_assigning_a_field_that_does_not_exist_is_refused():
+    """A typo would otherwise set a new attribute and leave the field it meant as it was."""
+    cfg = SnellConfig()
+    with pytest.raises(AttributeError, match=r"SnellConfig has no field 'sparsty'; did you mean 'sparsity'\?"):
+        cfg.sparsty = 0.5
+    assert cfg.to_dict() == SnellConfig().to_dict() and not hasattr(cfg, "sparsty")

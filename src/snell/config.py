@@ -4,8 +4,10 @@ round-trippable."""
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -27,6 +29,11 @@ ADAPTER_FILE_KEYS = ("base_model", "adapted_modules", "training")
 
 #: Saved configs name their method under peft's key, so that peft and snell both tell their folders apart.
 METHOD_KEY, METHOD = "peft_type", "SNELL"
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool (True would read as 1.0) nor a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def default_coefficients(kernel: str, num_pieces: int) -> list[float]:
@@ -141,6 +148,10 @@ class SnellConfig:
         if not self.__dict__.get("_validated"):
             object.__setattr__(self, name, value)  # dataclass __init__; __post_init__ validates the whole
             return
+        if name not in self.__dataclass_fields__:  # a typo (cfg.sparsty = 0.5) would otherwise change nothing
+            close = difflib.get_close_matches(name, self.__dataclass_fields__, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AttributeError(f"SnellConfig has no field {name!r}{hint}")
         candidate = copy.copy(self)
         object.__setattr__(candidate, name, value)
         candidate.validate()
@@ -173,9 +184,12 @@ class SnellConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.coefficients is not None:
             expected = expected_num_coefficients(self.kernel, self.num_pieces)
-            if len(self.coefficients) != expected:
-                raise ValueError(f"kernel {self.kernel!r} takes {expected} coefficients, got {len(self.coefficients)}")
-            object.__setattr__(self, "coefficients", [float(c) for c in self.coefficients])
+            values = self.coefficients
+            if not isinstance(values, (list, tuple)) or not all(_is_number(c) for c in values):
+                raise ValueError(f"coefficients must be a list of {expected} numbers (or None), got {values!r}")
+            if len(values) != expected:
+                raise ValueError(f"kernel {self.kernel!r} takes {expected} coefficients, got {len(values)}")
+            object.__setattr__(self, "coefficients", [float(c) for c in values])
             if not all(math.isfinite(c) for c in self.coefficients):
                 raise ValueError(f"coefficients must be finite numbers, got {self.coefficients}")
             if self.kernel == "mixk" and self.coefficients[self.num_pieces + 1] == 0.0:  # softmax(D / γ)
