@@ -1,4 +1,5 @@
 import copy
+from collections import OrderedDict
 
 import pytest
 import timm
@@ -502,3 +503,124 @@ def test_a_classification_task_type_without_a_head_says_to_name_it():
     with pytest.raises(ValueError, match=r"cannot find the classification head of Sequential.*modules_to_save"):
         snell.get_snell_model(model, snell.SnellConfig(target_modules=["0"], task_type="SEQ_CLS"))
     assert not list(snell.snell_layers(model))
+
+
+class PaddedConv(nn.Conv2d):
+    """A Conv2d whose own forward pads first, as timm's Conv2dSame does: SNELL would drop the padding."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.encoder(self.attn(x, x, x)[0]))
+
+
+@pytest.mark.parametrize(
+    ("build", "target", "message"),
+    [
+        (lambda: nn.Sequential(PaddedConv(3, 4, 3)), "0", "PaddedConv.forward does more than Conv2d's"),
+        (lambda: nn.Sequential(timm.layers.Conv2dSame(3, 4, 3, 2)), "0", "Conv2dSame.forward"),
+        (lambda: nn.Sequential(timm.layers.StdConv2d(3, 4, 3)), "0", "StdConv2d.forward"),
+        (Attention, "attn.out_proj", "belongs to a MultiheadAttention"),
+        (Attention, "encoder.linear1", "belongs to a TransformerEncoderLayer"),
+    ],
+)
+def test_layers_whose_forward_snell_would_replace_or_never_see_are_refused(build, target, message):
+    """An adapter there would silently do the wrong thing: drop the subclass's own forward (padding, weight
+    standardisation), or never act because the parent reads the weight itself (MultiheadAttention's out_proj, the
+    encoder layer's inference fast path)."""
+    model = build()
+    snapshot = _snapshot(model)
+    with pytest.raises(TypeError, match=message):
+        snell.get_snell_model(model, snell.SnellConfig(r=2, target_modules=[target]))
+    _assert_unchanged(model, snapshot)
+
+
+def test_a_linear_subclass_whose_forward_is_plain_is_adapted():
+    """timm's Linear only casts under TorchScript: it computes what nn.Linear does, so it is accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.Linear(8, 8))
+    snell.get_snell_model(model, snell.SnellConfig(r=2, sparsity=0.5, target_modules=["0"]))
+    x = torch.randn(3, 8)
+    expected = nn.functional.linear(x, model[0].weight + model[0].delta_weight(), model[0].bias)
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_merging_into_a_weight_computed_on_every_forward_is_refused(kind):
+    """weight_norm recomputes the weight from g and v before each forward: ΔW added to it vanished, and the merge
+    reported success with the adapter lost."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    if kind == "parametrization":
+        nn.utils.parametrizations.weight_norm(layer)
+    else:
+        with pytest.warns(FutureWarning):
+            nn.utils.weight_norm(layer)
+    model = nn.Sequential(OrderedDict(normed=layer, plain=nn.Linear(8, 8)))
+    snell.get_snell_model(model, snell.SnellConfig(r=2, sparsity=0.5, target_modules=["normed", "plain"]))
+    x = torch.randn(3, 8)
+    adapted = model(x)
+    snapshot = _snapshot(model)
+    for merge in (snell.merge_adapters, snell.merge_and_unload):
+        with pytest.raises(ValueError, match="the weight of normed is computed from other tensors on every forward"):
+            merge(model)
+        _assert_unchanged(model, snapshot)
+    torch.testing.assert_close(model(x), adapted, atol=0, rtol=0)
+
+
+def test_batchnorm_parameters_to_save_train_on_frozen_statistics_and_reload_exactly(tmp_path):
+    """The adapter saves bn1's weight and bias, not its running statistics: training them must not move those."""
+    torch.manual_seed(0)
+    base = ConvBN()
+    model = copy.deepcopy(base)
+    config = snell.SnellConfig(
+        r=4,
+        sparsity=0.5,
+        target_modules=["conv2"],
+        parameters_to_save=["bn1.weight", "bn1.bias"],
+        modules_to_save=["head"],
+    )
+    snell.get_snell_model(model, config)
+    stats = {k: v.clone() for k, v in model.bn1.named_buffers()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 6, 6) * 3 + 1).square().mean().backward()
+        optimizer.step()
+    assert not torch.equal(model.bn1.weight, base.bn1.weight)
+    assert all(torch.equal(v, stats[k]) for k, v in model.bn1.named_buffers())
+    snell.save_adapter(model, tmp_path)
+    loaded = snell.load_adapter(copy.deepcopy(base), tmp_path)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+
+
+def test_an_adapted_conv_takes_an_unbatched_image_as_nn_conv2d_does():
+    torch.manual_seed(0)
+    model = snell.get_snell_model(TinyNet(), snell.SnellConfig(r=4, sparsity=0.5, target_modules=["conv"]))
+    image = torch.randn(3, 6, 6)
+    unbatched = model.conv(image)
+    unbatched.square().sum().backward()
+    grads = model.conv.snell_A.grad.clone(), model.conv.snell_B.grad.clone()
+    model.zero_grad()
+    batched = model.conv(image[None])
+    batched.square().sum().backward()
+    assert unbatched.shape == (8, 6, 6)
+    torch.testing.assert_close(unbatched, batched[0], atol=0, rtol=0)
+    torch.testing.assert_close(grads, (model.conv.snell_A.grad, model.conv.snell_B.grad), atol=0, rtol=0)
+
+
+def test_a_compiled_model_finds_its_classification_head():
+    model = torch.compile(_tiny_vit(depth=1))
+    snell.get_snell_model(model, snell.SnellConfig(r=2, task_type="IMAGE_CLS"))
+    assert model._orig_mod.head.weight.requires_grad and not model._orig_mod.patch_embed.proj.weight.requires_grad

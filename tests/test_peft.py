@@ -573,3 +573,25 @@ def test_several_active_adapters_train_each_with_its_own_dropout():
     weight = layer.base_layer.weight.detach()
     grad_bound = 8 * _gemm_bound(grad, weight.T, *(d.T for d in deltas)) + 1e-7
     assert ((grad_x - (alone["default"][2] + alone["other"][2] - grad @ weight)).abs() <= grad_bound).all()
+
+
+def test_the_peft_route_refuses_what_the_core_refuses_for_weights_read_or_recomputed_by_others():
+    """MultiheadAttention reads out_proj.weight itself, so peft's wrapper would never act there; a weight_norm
+    weight is recomputed before each forward, so a merged ΔW would vanish while the layer reported merged."""
+    attention = nn.Sequential()
+    attention.add_module("attn", nn.MultiheadAttention(8, 2, batch_first=True))
+    with pytest.raises(TypeError, match=r"'attn\.out_proj' belongs to a MultiheadAttention"):
+        peft.get_peft_model(attention, SnellPeftConfig(r=2, target_modules=["out_proj"]))
+    assert not any(isinstance(m, SnellPeftLayer) for m in attention.modules())
+    torch.manual_seed(0)
+    base = MLP().eval()
+    nn.utils.parametrizations.weight_norm(base.lin0)
+    model = peft.get_peft_model(base, SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0"]))
+    layer = model.base_model.model.lin0
+    x = torch.randn(3, layer.in_features)
+    adapted = model(x)
+    with pytest.raises(
+        ValueError, match="the weight of this ParametrizedLinear is computed from other tensors on every forward"
+    ):
+        model.merge_adapter()
+    assert not layer.merged and torch.equal(model(x), adapted)

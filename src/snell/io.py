@@ -28,7 +28,7 @@ from torch import nn
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
 from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
-from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save, resolve_targets
+from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save, resolve_targets, uncompiled
 from snell.spec import SnellSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,16 +114,10 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped, whose names an adapter records (not the wrapper's ``_orig_mod.``)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything an adapter file holds: factors, learnable coefficients, modules_to_save and
     parameters_to_save tensors."""
-    model = _uncompiled(model)
+    model = uncompiled(model)
     config: SnellConfig | None = getattr(model, "snell_config", None)
     layers = list(iter_snell_layers(model))
     if config is None or not layers:
@@ -169,7 +163,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[
     ``training``: how the adapter was trained, for whoever uses it later (``snell train`` records the causal-LM
     prompt format there); stored in adapter_config.json as is and not needed to load the adapter.
     """
-    model = _uncompiled(model)
+    model = uncompiled(model)
     tensors = adapter_state_dict(model)
     config: SnellConfig = model.snell_config
     if any(layer.snell_merged for _, layer in iter_snell_layers(model)):
@@ -250,7 +244,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Everything is checked against the model first (layer names, ops, shapes, tensor shapes); on any
     mismatch a ValueError names it and the model is left untouched.
     """
-    compiled, model = model, _uncompiled(model)
+    compiled, model = model, uncompiled(model)
     directory = Path(directory)
     config, base_model, records, tensors = read_adapter(directory)
     modules = dict(model.named_modules())

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.utils import parametrize
 
 from snell.config import PIECEWISE_KERNELS, SnellConfig
 from snell.dispatch import kernel_path
@@ -26,12 +27,25 @@ from snell.spec import SnellSpec, to_weight_layout, with_sparsities
 FUSED_QKV_NAMES = frozenset({"qkv", "c_attn", "qkv_proj", "Wqkv"})
 
 
+# Subclasses of nn.Linear whose own forward computes x·Wᵀ + b as nn.Linear's does (timm's casts for TorchScript only;
+# Falcon's adds the bias after the product). Any other subclass with its own forward is refused: the SNELL layer
+# replaces the forward, and would silently drop what it did (timm's Conv2dSame pads, StdConv2d standardises W).
+_PLAIN_FORWARDS = frozenset({"timm.layers.linear.Linear", "transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> type[nn.Module] | None:
+    """The subclass of ``base`` that gives ``module`` a forward other than ``base``'s, or None."""
+    owner = next(cls for cls in type(module).__mro__ if "forward" in vars(cls))
+    if owner is base or f"{owner.__module__}.{owner.__qualname__}" in _PLAIN_FORWARDS:
+        return None
+    return owner
+
+
 def describe_support(module: nn.Module) -> str | None:
     """The op SNELL uses for ``module``, or None when the layer type is not supported."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
+    for base, op in ((nn.Linear, "linear"), (nn.Conv2d, "conv2d")):
+        if isinstance(module, base):
+            return None if _own_forward(module, base) else op
     # transformers' Conv1D (GPT-2 family): a linear layer whose weight is stored (in, out).
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2 and hasattr(module, "nf"):
@@ -39,9 +53,27 @@ def describe_support(module: nn.Module) -> str | None:
     return None
 
 
+def check_forward_called(name: str, parent: nn.Module) -> None:
+    """TypeError when module ``name``'s parent does not call its forward: nn.MultiheadAttention reads out_proj's weight
+    itself, and nn.TransformerEncoderLayer's inference fast path reads linear1's and linear2's, so an adapter there
+    would never act, or act in training and not in eval."""
+    if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+        raise TypeError(
+            f"module {name!r} belongs to a {type(parent).__name__}, which reads its weight without calling its "
+            "forward: it cannot take a SNELL adapter"
+        )
+
+
 def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
     """Describe how ``module`` is adapted; raises TypeError/ValueError before anything is changed."""
     op = describe_support(module)
+    for base in (nn.Linear, nn.Conv2d):
+        owner = _own_forward(module, base) if isinstance(module, base) else None
+        if owner is not None:
+            raise TypeError(
+                f"module {name!r} is a {type(module).__name__}, whose {owner.__name__}.forward does more than "
+                f"{base.__name__}'s (SNELL replaces the forward and would drop it): it cannot take a SNELL adapter"
+            )
     if op is None:
         raise TypeError(
             f"module {name!r} of type {type(module).__name__} cannot take a SNELL adapter; supported: "
@@ -122,6 +154,8 @@ def adapted_forward(
     SnellLayer here, the peft integration's wrapper layer), so there is a single implementation of the method.
     Pass dropout = drop_path = 0 in eval mode. With ``weight`` and ``bias`` None it is the adapter branch alone,
     op(x, ΔWˢ) (what a further active adapter of a peft layer adds)."""
+    if spec.op == "conv2d" and x.dim() == 3:  # an unbatched (C, H, W) image, as nn.Conv2d takes: a batch of one
+        return adapted_forward(x.unsqueeze(0), weight, bias, a, b, coefficients, spec, dropout, drop_path).squeeze(0)
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
@@ -147,6 +181,19 @@ def delta_weight(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, dt
 
 
 @torch.no_grad()
+def check_mergeable(name: str, module: nn.Module) -> None:
+    """ValueError when ``module``'s weight is computed on every forward (a torch parametrization, or the hook of
+    torch.nn.utils.weight_norm / spectral_norm): ΔWˢ added to it would be recomputed away, and a merge that
+    reports success would lose the adapter."""
+    hooked = [h for h in module._forward_pre_hooks.values() if getattr(h, "name", None) == "weight"]
+    if parametrize.is_parametrized(module, "weight") or hooked:
+        raise ValueError(
+            f"the weight of {name} is computed from other tensors on every forward (a parametrization such as "
+            "weight_norm): "
+            "ΔW cannot be merged into it; keep this adapter unmerged, or remove the parametrization first"
+        )
+
+
 def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor, sign: int = 1) -> None:
     """weight ← weight + sign·ΔWˢ in place, summed in float32 (or wider) and rounded once to the weight's dtype.
 

@@ -17,7 +17,9 @@ from snell.layers import (
     SnellLayer,
     attach,
     build_spec,
+    check_forward_called,
     check_layer_sparsity_names,
+    check_mergeable,
     detach,
     freeze_running_stats,
     has_running_stats,
@@ -85,6 +87,8 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         if not names:
             raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
     check_layer_sparsity_names(config, names, model)
+    for name in names:
+        check_forward_called(name, modules[name.rpartition(".")[0]])
     return {name: build_spec(name, modules[name], config) for name in names}
 
 
@@ -104,10 +108,17 @@ def _named_matches(
 _HEAD_NAMES = ("classifier", "score", "qa_outputs", "head", "fc")
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, whose names an adapter records (not the wrapper's ``_orig_mod.``)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def head_name(model: nn.Module) -> str:
     """The name of ``model``'s classification head: timm's ``pretrained_cfg["classifier"]`` where the model has
     one (e.g. ``head.fc`` for ConvNeXt), else the first of classifier, score, qa_outputs, head, fc that is a
     child module with parameters. ValueError if none is."""
+    model = uncompiled(model)  # torch.compile's wrapper has neither the model's pretrained_cfg nor its names
     modules = dict(model.named_modules())
     declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     candidates = [declared] if isinstance(declared, str) else []
@@ -146,16 +157,14 @@ def resolve_parameters_to_save(model: nn.Module, config: SnellConfig) -> dict[st
 
 
 def _frozen_running_stats(model: nn.Module, to_save: dict[str, nn.Module]) -> list[nn.Module]:
-    """Normalisation layers whose running statistics the adapter would not save: no trainable parameter of
-    their own and not inside a module of modules_to_save (whose buffers are saved with it)."""
+    """Normalisation layers whose running statistics the adapter would not save: those outside modules_to_save
+    (whose buffers are saved with it). One whose affine parameters are in parameters_to_save trains them on frozen
+    statistics: the adapter saves parameters, not buffers."""
     saved = tuple(f"{name}." for name in to_save)
     return [
         module
         for name, module in model.named_modules()
-        if has_running_stats(module)
-        and name not in to_save
-        and not name.startswith(saved)
-        and not any(p.requires_grad for p in module.parameters(recurse=False))
+        if has_running_stats(module) and name not in to_save and not name.startswith(saved)
     ]
 
 
@@ -245,13 +254,15 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.snell_disabled = flag
 
 
-def _check_untied(model: nn.Module) -> None:
-    """ValueError, before any weight changes, when an adapted weight is shared with another module (an LM head tied
-    to the input embeddings): merging ΔWˢ into it would change that module too, and the outputs with it."""
+def _check_mergeable(model: nn.Module) -> None:
+    """ValueError, before any weight changes, when an adapted weight cannot take ΔWˢ: it is shared with another
+    module (an LM head tied to the input embeddings), so merging would change that module too, and the outputs with
+    it; or it is computed on every forward (:func:`snell.layers.check_mergeable`)."""
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     for name, layer in iter_snell_layers(model):
+        check_mergeable(name, layer)
         others = [n for n in owners.get(id(layer.weight), []) if n != f"{name}.weight"]
         if others:
             raise ValueError(
@@ -265,7 +276,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     W0 + ΔWˢ is rounded once, so in bf16 an unmerged weight may differ from W0 by one unit in the last place; W0
     itself is not kept, which is what makes merging free of memory. ``unload`` without merging gives W0 exactly)."""
     layers = _require_adapters(model)
-    _check_untied(model)
+    _check_mergeable(model)
     for layer in layers:
         layer.merge()
     return model
@@ -289,7 +300,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     layers = _require_adapters(model)
     if merge and not all(layer.snell_merged for layer in layers):
-        _check_untied(model)
+        _check_mergeable(model)
     for layer in layers:
         if merge:
             layer.merge()
@@ -309,5 +320,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the adapters without merging: the base model as it was before injection."""
+    """Remove the adapters without merging: the base model's weights as they were before injection. Its parameters
+    stay frozen (requires_grad False), as peft's unload leaves them; unfreeze what you want to train."""
     return _remove_adapters(model, merge=False)

@@ -74,7 +74,9 @@ from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
 from snell.layers import (  # noqa: E402
     adapted_forward,
     build_spec,
+    check_forward_called,
     check_layer_sparsity_names,
+    check_mergeable,
     delta_weight,
     fold_delta,
     iter_snell_layers,
@@ -276,6 +278,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold ΔWˢ into the base weight; ``safe_merge`` checks the result for inf/NaN before writing it."""
+        check_mergeable(f"this {type(self.get_base_layer()).__name__}", self.get_base_layer())
         weight = self.get_base_layer().weight
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.snell_A:
@@ -359,8 +362,10 @@ class SnellPeftModel(BaseTuner):
         config = peft_config.snell_config()
         wrapped = tuple(name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
         targets = []
-        for name, module in model.named_modules():
+        modules = dict(model.named_modules())
+        for name, module in modules.items():
             if name and not name.startswith(wrapped) and self._check_target_module_exists(peft_config, name):
+                check_forward_called(name, modules[name.rpartition(".")[0]])
                 build_spec(name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, config)
                 targets.append(name)
         if targets and peft_config.target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:  # peft expands it later
