@@ -8,6 +8,8 @@ and exit code, destroying nothing.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -301,6 +303,26 @@ def test_user_errors_exit_nonzero_without_traceback_from_the_shell(tmp_path: Pat
     result = _snell("train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "nowhere: no such file or folder" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--target-sparsity", "abc"], "snell train: error: argument --target-sparsity: invalid float value"),
+        (
+            ["search", "--grid-sparsity", "abc"],
+            "snell search: error: argument --grid-sparsity: expected comma-separated",
+        ),
+        (["bogus"], "snell: error: argument command: invalid choice: 'bogus'"),
+    ],
+)
+def test_a_malformed_flag_value_is_one_line_not_the_usage_block(argv: list[str], message: str) -> None:
+    """argparse printed the whole usage (about 50 lines for train) before its message."""
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message) and lines[0].endswith("--help)")
 
 
 def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

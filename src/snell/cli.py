@@ -11,15 +11,24 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: a mistyped flag value printed the whole usage block (about 50
+    lines for `snell train`) before the message. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from snell.train.config import add_train_arguments
     from snell.train.search import add_search_arguments
 
-    parser = argparse.ArgumentParser(prog="snell", description="SNELL sparse fine-tuning: train, evaluate, merge.")
+    parser = _Parser(prog="snell", description="SNELL sparse fine-tuning: train, evaluate, merge.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model (snell, lora, dora, full or linear)")
