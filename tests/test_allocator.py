@@ -175,3 +175,24 @@ def test_set_sparsity_goes_back_to_a_selected_allocation_and_refuses_a_mismatch(
 def test_snella_steps_under_fp16_autocast_and_a_grad_scaler():
     # The GPU check runs the same on the device, where the averages live on the GPU and the counts on the host.
     check_snella_under_fp16_autocast()
+
+
+def test_the_allocator_leaves_merged_layers_alone():
+    """Unmerging subtracts the ΔWˢ of the spec at that time: a sparsity changed while merged left W0 changed."""
+    model = _model()
+    allocator = SparsityAllocator(model, CONFIG)
+    _train(model, allocator, 3)
+    state, before = allocator.state_dict(), allocator.sparsity()
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith(".weight")}
+    snell.merge_adapters(model.eval())
+    for change in (lambda: allocator.update(3), lambda: allocator.set_sparsity(state["sparsity"])):
+        with pytest.raises(ValueError, match=r"adapted layers \(e\.g\. '\w+'\) are merged into their weights"):
+            change()
+    with pytest.raises(ValueError, match="merged into their weights"):
+        allocator.load_state_dict(state)
+    assert allocator.sparsity() == before
+    snell.unmerge_adapters(model)
+    for name, p in model.named_parameters():
+        if name in weights:  # W0 + ΔWˢ rounded once, then − ΔWˢ: within a float32 ulp of W0's entries and ΔWˢ's
+            torch.testing.assert_close(p, weights[name], rtol=0, atol=4 * 2**-24 * (weights[name].abs().max() + 1))
+    assert allocator.update(3) is not None  # unmerged, the schedule goes on

@@ -111,6 +111,10 @@ class AdapterSlot(Protocol):
         """Make ``spec`` the layer's spec: the next forward uses its sparsities."""
         ...
 
+    def merged(self) -> bool:
+        """Whether the adapter's ΔWˢ is folded into the base weight (unmerging rebuilds it from the spec)."""
+        ...
+
 
 class LayerSlot:
     """An :class:`AdapterSlot` over a layer adapted in place by :func:`snell.get_snell_model`."""
@@ -126,6 +130,9 @@ class LayerSlot:
 
     def set_spec(self, spec: SnellSpec) -> None:
         self.layer.snell_spec = spec
+
+    def merged(self) -> bool:
+        return self.layer.snell_merged
 
 
 def _unit_sizes(spec: SnellSpec) -> list[int]:
@@ -247,6 +254,7 @@ class SparsityAllocator:
         volume, reallocate = budget(self.config, self.initial_volume, self.target_volume, step)
         if not reallocate:
             return None
+        self._check_unmerged()
         counts = allocate(self.scores(), volume, self.sizes)
         ratios = (1.0 - counts / self.sizes).clamp_(0.0, 1.0).tolist()
         sparsity, first = {}, 0
@@ -261,7 +269,18 @@ class SparsityAllocator:
         """Give every layer the sparsities of ``sparsity`` (as :meth:`sparsity` returns them), e.g. to go back to
         the ones of a selected epoch; checked first, nothing changes on a mismatch. The EMAs are not touched."""
         self._check_sparsity(sparsity)
+        self._check_unmerged()
         self._apply(sparsity)
+
+    def _check_unmerged(self) -> None:
+        """ValueError while an adapter is merged: unmerging subtracts the ΔWˢ its spec gives then, so a sparsity
+        changed in between would leave W0 changed for good."""
+        merged = [name for name, slot in self.slots.items() if slot.merged()]
+        if merged:
+            raise ValueError(
+                f"{len(merged)} adapted layers (e.g. {merged[0]!r}) are merged into their weights: unmerge them "
+                "before the allocator changes their sparsities"
+            )
 
     def _check_sparsity(self, sparsity: Mapping[str, list[float]]) -> None:
         if set(sparsity) != set(self.slots) or any(
@@ -304,6 +323,7 @@ class SparsityAllocator:
         for kind in ("initial_volume", "target_volume"):
             if not math.isfinite(state[kind]):
                 raise ValueError(f"the allocator state's {kind} must be finite, got {state[kind]!r}")
+        self._check_unmerged()
         for kind in ("sensitivity", "uncertainty"):
             for key, value in getattr(self, kind).items():
                 value.copy_(like(value, state[kind][key]))  # a shard takes its slice of the whole

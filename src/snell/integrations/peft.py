@@ -407,6 +407,9 @@ class PeftAdapterSlot:
         layers[self.name] = [spec.sparsity_of(g) for g in range(spec.groups)]
         self.config.layer_sparsity = layers
 
+    def merged(self) -> bool:
+        return self.adapter_name in self.layer.merged_adapters
+
 
 def snella_allocator(model: nn.Module, config: AllocatorConfig, adapter_name: str = "default") -> SparsityAllocator:
     """A SNELLA allocator over adapter ``adapter_name`` of a peft model made with ``SnellPeftConfig`` (mixk is what
