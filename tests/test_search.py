@@ -216,6 +216,8 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
     out = ["--output-dir", str(tmp_path / "bad")]
     with pytest.raises(UserError, match=r"sparsity must lie in \[0, 1\), got 1\.0"):
         S.search_from_args(parser.parse_args([*argv, *out, "--grid-sparsity", "0,1"]))
+    with pytest.raises(UserError, match="r must be divisible by num_pieces for piecewise_linear, got r=3"):
+        S.search_from_args(parser.parse_args([*argv, *out, "--grid-r", "4,3"]))  # r = 4 trained, then r = 3 failed
     for margin in ("-1", "nan"):  # a negative margin stopped every trial that tied the best
         with pytest.raises(UserError, match=f"--early-stop-margin must be a finite number >= 0, got {margin}"):
             S.search_from_args(parser.parse_args([*argv, *out, "--early-stop-margin", margin]))
@@ -240,3 +242,26 @@ def test_without_any_rate_each_sparsity_gets_the_methods_default() -> None:
     assert [p["lr"] for p in grid.points(tiny_config(lr=None))] == [1e-3, 2e-2]
     given = S.Grid(sparsity=(0.0, 0.9), lr=(5e-3,), lr_per_sparsity=True)
     assert [p["lr"] for p in given.points(tiny_config())] == [5e-3, 5e-3]
+
+
+def test_grid_flags_the_method_does_not_read_are_named_and_make_no_trials(tmp_path, monkeypatch, capsys):
+    """LoRA has no sparsity and full fine-tuning no rank: --grid-sparsity 0,0.5,0.9 ran one LoRA trial without a word,
+    and --grid-r 4,8 two identical full fine-tuning trials."""
+    parser = argparse.ArgumentParser()
+    S.add_search_arguments(parser)
+    monkeypatch.setattr(S, "train_trial", lambda trial: fake_record(trial, 0.5))
+    base = ["--data", "digits", "--model", "test_vit", "--no-early-stop", "--no-retrain"]
+    cases = [
+        (
+            "lora",
+            ["--grid-sparsity", "0,0.5,0.9", "--grid-r", "4,8"],
+            "--grid-sparsity",
+            ["lr=0.001,r=4", "lr=0.001,r=8"],
+        ),
+        ("full", ["--grid-r", "4,8"], "--grid-r", ["lr=0.001,r=8"]),
+    ]
+    for method, grid, ignored, keys in cases:
+        argv = [*base, "--method", method, "--lr", "1e-3", *grid, "--output-dir", str(tmp_path / method)]
+        result = S.search_from_args(parser.parse_args(argv))
+        assert [r["key"] for r in result.records] == keys
+        assert capsys.readouterr().err.splitlines() == [f"warning: --method {method} does not use {ignored}; ignored"]

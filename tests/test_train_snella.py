@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 import snell
 from snell.allocator import SparsityAllocator
-from snell.cli import main
-from snell.train.config import TrainConfig, UserError, known_recipes, resolve_config
+from snell.cli import _build_parser, main
+from snell.train.config import TrainConfig, UserError, config_from_args, known_recipes, resolve_config
 from snell.train.evaluate import restore
 from snell.train.optim import param_groups
 
@@ -58,13 +58,24 @@ def _metrics(run: Path) -> list[dict]:
         ({"alloc_epochs": 0}, r"alloc_epochs must be a positive integer \(or unset\), got 0"),
         ({"alloc_epochs": 11}, r"alloc_epochs must be in \[1, epochs=10\] .*got 11"),
         ({"alloc_init_warmup": 5, "alloc_final_warmup": 5}, "must be below the schedule's 10 epochs, got 5 \\+ 5"),
-        ({"sparsity": 0.5}, "leave sparsity unset \\(got 0.5\\)"),
+        ({"r": 9}, "r must be divisible by num_pieces for mixk, got r=9, num_pieces=2"),
         ({"kernel": "rbf"}, "kernel must be mixk or unset, got 'rbf'"),
     ],
 )
 def test_allocation_options_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         TrainConfig(method="snella", epochs=10, **values)
+
+
+def test_the_sparsity_flag_is_refused_with_snella_and_a_recipes_sparsity_is_not() -> None:
+    """snella reads --init-sparsity and --target-sparsity. The check compared the value with the default, so `-s 0.9`
+    passed silently while `--recipe vtab/dtd` (s = 0.995, no flag given) was refused."""
+    parse = _build_parser().parse_args
+    for sparsity in ("0.9", "0.5"):
+        with pytest.raises(UserError, match=f"leave --sparsity out \\(got {sparsity}\\)"):
+            config_from_args(parse(["train", "--method", "snella", "-s", sparsity]))
+    config = config_from_args(parse(["train", "--recipe", "vtab/dtd", "--method", "snella"]))
+    assert (config.method, config.sparsity, config.kernel) == ("snella", 0.995, "mixk")
 
 
 def test_snella_defaults_are_the_authors_script_values_and_its_kernel_is_mixk() -> None:

@@ -20,9 +20,13 @@ from typing import Any
 
 import yaml
 
+from snell.config import PIECEWISE_KERNELS
+
 METHODS = ("snell", "snella", "lora", "dora", "full", "linear")
 #: The methods whose result is a SNELL adapter (saved, loaded and merged by snell itself).
 SNELL_METHODS = ("snell", "snella")
+#: The methods that read r (and the target modules): the low-rank ones.
+RANKED_METHODS = (*SNELL_METHODS, "lora", "dora")
 KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid", "mixk")
 DATA_FORMATS = ("auto", "vtab", "fgvc", "imagefolder", "text", "builtin")
 BUILTIN_DATA = ("fashion_mnist", "mnist", "digits", "bbc_news")
@@ -227,7 +231,8 @@ class TrainConfig:
             # nan passes every range check below (each comparison is false), inf the open-ended ones
             if f.type.startswith("float") and isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{f.name} must be a finite number, got {value!r}")
-        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "max_length", "shots")
+        positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "num_pieces")
+        positive += ("max_length", "shots")
         positive += ("max_new_tokens", "num_beams")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -269,6 +274,11 @@ class TrainConfig:
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "color_jitter"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        kernel = "mixk" if self.method == "snella" else self.kernel
+        if self.method in SNELL_METHODS and kernel in PIECEWISE_KERNELS and self.r % self.num_pieces:
+            raise UserError(
+                f"r must be divisible by num_pieces for {kernel}, got r={self.r}, num_pieces={self.num_pieces}"
+            )
         self._validate_allocation()
 
     def allocation_epochs(self) -> int:
@@ -298,11 +308,6 @@ class TrainConfig:
         if self.kernel != "mixk":
             raise UserError(
                 f"--method snella trains the mixk kernel; kernel must be mixk or unset, got {self.kernel!r}"
-            )
-        if self.sparsity != TrainConfig.sparsity:
-            raise UserError(
-                f"--sparsity is SNELL's fixed ratio; --method snella starts every layer at --init-sparsity and ends at "
-                f"--target-sparsity, so leave sparsity unset (got {self.sparsity!r})"
             )
         length = self.allocation_epochs()
         if length > self.epochs:
@@ -482,7 +487,7 @@ _ALLOCATION_OPTIONS = (
 #: --method lora`` compares LoRA in SNELL's recipe); given as a flag to another method, the flag changes nothing.
 _METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(_SNELL_OPTIONS, SNELL_METHODS),
-    **dict.fromkeys(("r", "target_modules", "exclude_modules", "adapter_dropout"), (*SNELL_METHODS, "lora", "dora")),
+    **dict.fromkeys(("r", "target_modules", "exclude_modules", "adapter_dropout"), RANKED_METHODS),
     "lora_alpha": ("lora", "dora"),
     **dict.fromkeys(_ALLOCATION_OPTIONS, ("snella",)),
 }
@@ -509,6 +514,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     config = resolve_config(args.recipe, overrides)
+    if config.method == "snella" and "sparsity" in overrides:  # a recipe's sparsity (vtab/dtd's 0.995) stays quiet
+        raise UserError(
+            f"--sparsity is SNELL's fixed ratio; --method snella starts every layer at --init-sparsity and ends at "
+            f"--target-sparsity, so leave --sparsity out (got {overrides['sparsity']!r})"
+        )
     ignored = ignored_flags(config, overrides)
     if ignored and first_process():
         print(f"warning: --method {config.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)

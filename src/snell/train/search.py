@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from snell.train.classification import ClassificationRun
 from snell.train.config import (
+    RANKED_METHODS,
     SNELL_METHODS,
     TrainConfig,
     UserError,
@@ -48,6 +50,7 @@ from snell.train.config import (
     check_output_folder,
     config_from_args,
     default_lr,
+    first_process,
 )
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
 from snell.train.plots import pyplot, save_figure
@@ -86,10 +89,11 @@ class Grid:
 
     def points(self, base: TrainConfig) -> list[dict[str, Any]]:
         """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest). Sparsity only
-        means something to SNELL and SNELLA: other methods get one point per (lr, r), at the base config's
-        sparsity."""
+        means something to SNELL and SNELLA, and r to them, LoRA and DoRA: other methods get one point per value they
+        read, at the base config's others."""
         sparsity = self.sparsity if base.method in SNELL_METHODS else (base.sparsity,)
-        values = (sparsity, self.lr or (base.lr,), self.r or (base.r,))
+        ranks = self.r if self.r and base.method in RANKED_METHODS else (base.r,)
+        values = (sparsity, self.lr or (base.lr,), ranks)
         for name, options in zip(("sparsity", "lr", "r"), values, strict=True):
             if not options:
                 raise UserError(f"the {name} grid is empty")
@@ -567,7 +571,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid-sparsity",
         type=_floats,
-        default=Grid.sparsity,
+        default=None,
         help="sparsities to try (snella: its target sparsity) [default: 0,0.5,0.9,0.99]",
     )
     parser.add_argument(
@@ -608,7 +612,12 @@ def search_from_args(args: argparse.Namespace) -> SearchResult:
     for name in ("select_on", "protocol"):
         if name in vars(args):
             raise UserError(f"--{name.replace('_', '-')} is set by snell search (val for trials, none for the retrain)")
-    grid = Grid(args.grid_sparsity, args.grid_lr, args.grid_r, lr_per_sparsity="lr" not in vars(args))
+    readers = {"--grid-sparsity": (args.grid_sparsity, SNELL_METHODS), "--grid-r": (args.grid_r, RANKED_METHODS)}
+    ignored = [flag for flag, (value, methods) in readers.items() if value is not None and base.method not in methods]
+    if ignored and first_process():
+        print(f"warning: --method {base.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
+    sparsity = Grid.sparsity if args.grid_sparsity is None else args.grid_sparsity
+    grid = Grid(sparsity, args.grid_lr, args.grid_r, lr_per_sparsity="lr" not in vars(args))
     margin = args.early_stop_margin
     if not (math.isfinite(margin) and margin >= 0):  # a negative margin stops trials that tie the best
         raise UserError(f"--early-stop-margin must be a finite number >= 0, got {margin!r}")
