@@ -178,13 +178,22 @@ def test_search_retrains_the_winner_on_train_and_val_and_reports_test(tmp_path, 
     final = result.final
     assert final["params"] == result.best["params"] and final["split_sizes"] == {"train": 1000, "test": 797}
     assert 0.0 <= final["test_accuracy"] <= 1.0 and not math.isnan(final["test_accuracy"])
-    summary = json.loads((tmp_path / "final-seed0" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "final" / final["key"] / "summary.json").read_text())
     assert summary["config"]["select_on"] == "none" and summary["test_accuracy"] == final["test_accuracy"]
     assert result.plot == tmp_path / S.PLOT_FILE and result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    monkeypatch.setattr(S, "train_trial", lambda trial: pytest.fail(f"{trial.key} ran again"))
-    again = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.9)), tmp_path, early_stop=None, verbose=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(S, "train_trial", lambda trial: pytest.fail(f"{trial.key} ran again"))
+        again = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.9)), tmp_path, early_stop=None, verbose=False)
     assert again.final == final
+
+    # a wider grid whose new point wins: its retrain gets its own folder (it resumed the first winner's and failed)
+    monkeypatch.setattr(S, "select_best", lambda records: next(r for r in records if r["params"]["sparsity"] == 0.5))
+    wider = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.5, 0.9)), tmp_path, early_stop=None, verbose=False)
+    assert wider.final["params"]["sparsity"] == 0.5 and wider.final["key"] != final["key"]
+    assert (
+        json.loads((tmp_path / "final" / wider.final["key"] / "summary.json").read_text())["config"]["sparsity"] == 0.5
+    )
 
 
 def test_command_line_builds_the_grid(tmp_path, monkeypatch):

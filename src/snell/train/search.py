@@ -449,16 +449,17 @@ def final_trial(
     out = Path(output_dir)
     seed = base.seed if seed is None else seed
     params = dict(best["params"])
+    key = f"{trial_key(params, base.method)},seed={seed}"
+    # a folder per winner: a rerun with a wider grid may pick another, which must not resume the first one's run
     config = trial_config(
         base,
         params,
         seed=seed,
         select_on="none" if train_on_val else "val",
         protocol="standard",
-        output_dir=str(out / f"final-seed{seed}"),
+        output_dir=str(out / "final" / key),
         progress=False,
     )
-    key = f"{trial_key(params, base.method)},seed={seed}"
     return Trial(key, params, config, out / FINAL_FILE, fingerprint(base), final=True)
 
 
