@@ -72,6 +72,18 @@ def test_head_of_another_size_is_refused(saved):
     _assert_unchanged(other, snapshot)
 
 
+def test_layer_sparsity_naming_a_layer_the_adapter_does_not_hold_is_refused(saved):
+    """get_snell_model refuses such a config; load_adapter loaded it and left the layer at the config's sparsity."""
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    config["layer_sparsity"] = {"qkv": [0.9, 0.9, 0.9]}  # a short name, not blocks.0.attn.qkv
+    (saved / CONFIG_NAME).write_text(json.dumps(config))
+    other = _vit()
+    snapshot = _snapshot(other)
+    with pytest.raises(ValueError, match=r"adapter_config.json: layer_sparsity names \['qkv'\], which are not among"):
+        snell.load_adapter(other, saved)
+    _assert_unchanged(other, snapshot)
+
+
 def test_parameters_to_save_round_trip(tmp_path):
     config = snell.SnellConfig(sparsity=0.5, modules_to_save=["head"], parameters_to_save=["cls_token"])
     model = snell.get_snell_model(_vit(), config)

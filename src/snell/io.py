@@ -27,7 +27,7 @@ from torch import nn
 
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
-from snell.layers import SnellLayer, build_spec, factor_shapes, iter_snell_layers
+from snell.layers import SnellLayer, build_spec, check_layer_sparsity_names, factor_shapes, iter_snell_layers
 from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save, resolve_targets, uncompiled
 from snell.spec import SnellSpec
 
@@ -274,6 +274,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             if tensor is None or tuple(tensor.shape) != shape:
                 found = None if tensor is None else tuple(tensor.shape)
                 raise ValueError(f"{directory / WEIGHTS_NAME}: {name}.{key} should have shape {shape}, found {found}")
+    try:  # as get_snell_model refuses it: a layer it names would silently stay at the config's sparsity
+        check_layer_sparsity_names(config, list(specs), model)
+    except ValueError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
     module_states: dict[nn.Module, dict[str, torch.Tensor]] = {}
     for module_name, module in resolve_modules_to_save(model, config).items():
         state = {}
