@@ -168,6 +168,24 @@ def test_a_real_trial_stops_after_its_first_evaluation(tmp_path):
         S.select_best([record])
 
 
+def test_with_a_weight_average_trials_are_ranked_and_stopped_on_the_average(tmp_path):
+    """The retrain has no evaluations, so under --ema-decay it ends on the average: the trials must be ranked (and
+    stopped early) by the average's val score, not the raw model's."""
+    base = tiny_config(epochs=2, ema_decay=0.9)
+    (trial,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path / "full", early_stop=None)
+    (record,) = S.run_trials([trial], verbose=False)
+    metrics = [json.loads(line) for line in (tmp_path / "full" / "trials" / trial.key / "metrics.jsonl").open()]
+    assert any(m["ema_val_acc"] != m["val_acc"] for m in metrics)  # else this test could not tell them apart
+    assert record["val_curve"] == {str(m["epoch"]): m["ema_val_acc"] for m in metrics}
+    assert record["val_accuracy"] == metrics[-1]["ema_val_acc"]
+    # the same trial again, against a finished one no score can reach: it stops at epoch 1 on the average's score
+    (again,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path / "stop", S.EarlyStop(margin=0.0))
+    other = {"key": "other", "params": {}, "fingerprint": again.fingerprint, "status": "finished"}
+    S.append_record(again.table, {**other, "val_curve": {"1": 1.01, "2": 1.01}, "val_accuracy": 1.01})
+    (stopped,) = S.run_trials([again], verbose=False)
+    assert stopped["status"] == "stopped" and stopped["val_curve"] == {"1": metrics[0]["ema_val_acc"]}
+
+
 def test_search_retrains_the_winner_on_train_and_val_and_reports_test(tmp_path, monkeypatch):
     result = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.9)), tmp_path, early_stop=None, verbose=False)
     for record in result.records:

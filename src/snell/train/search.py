@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from snell.train.classification import ClassificationRun
 from snell.train.config import (
@@ -240,21 +239,21 @@ class _ValOnly:
         self.trial = trial
         self.stopped_at: tuple[int, float] | None = None
 
-    def eval_metrics(self, loader: DataLoader, split: str) -> dict[str, Any]:
-        metrics = super().eval_metrics(loader, split)
-        score = metrics["score"]
-        epoch = len(_metrics(self.out)) + 1  # metrics.jsonl holds one line per completed epoch
+    def _keep_if_best(self, progress: Progress, score: float, epoch: int, weights: str) -> None:
+        """The run's own selection, then the early-stop rule on the score of the weights a trial is ranked by
+        (:func:`_scored_weights`): with --ema-decay a bad raw score must not stop a trial whose average is good."""
+        super()._keep_if_best(progress, score, epoch, weights)
         rule = self.trial.early_stop
-        if rule is not None:
-            finished = [
-                {int(e): a for e, a in r["val_curve"].items()}
-                for r in read_table(self.trial.table)
-                if r["status"] == "finished" and r["key"] != self.trial.key
-            ]
-            if rule.should_stop(epoch, score, finished):
-                self.stopped_at = (epoch, score)
-                raise TrialStopped(f"{self.trial.key}: val {score:.4f} at epoch {epoch}")
-        return metrics
+        if rule is None or weights != _scored_weights(self.trial.config):
+            return
+        finished = [
+            {int(e): a for e, a in r["val_curve"].items()}
+            for r in read_table(self.trial.table)
+            if r["status"] == "finished" and r["key"] != self.trial.key
+        ]
+        if rule.should_stop(epoch + 1, score, finished):
+            self.stopped_at = (epoch + 1, score)
+            raise TrialStopped(f"{self.trial.key}: val {score:.4f} at epoch {epoch + 1}")
 
     def _report(self, progress: Progress, eval_split: str | None) -> Report:
         kind = "search trial: scored on val only, test not evaluated"
@@ -275,14 +274,22 @@ def _run_class(config: TrainConfig, val_only: bool) -> type:
     return type(f"Search{kind.__name__}", (_ValOnly, kind), {}) if val_only else kind
 
 
-def _val_score_curve(out: Path) -> dict[int, float]:
-    """Val score per epoch: accuracy, or 1/perplexity for causal-LM data without answers (the runs' own score)."""
+def _scored_weights(config: TrainConfig) -> str:
+    """The weights a trial is ranked by: those the winner's retrain ends with (it has no evaluations to choose by),
+    the weight average under --ema-decay ("ema"), else the model's own ("model")."""
+    return "ema" if config.ema_decay is not None else "model"
+
+
+def _val_score_curve(out: Path, weights: str = "model") -> dict[int, float]:
+    """Val score per epoch of ``weights`` (:func:`_scored_weights`): accuracy, or 1/perplexity for causal-LM data
+    without answers (the runs' own score)."""
+    prefix = "ema_" if weights == "ema" else ""
     curve = {}
     for m in _metrics(out):
-        if "val_acc" in m:
-            curve[int(m["epoch"])] = float(m["val_acc"])
-        elif "val_loss" in m:
-            curve[int(m["epoch"])] = math.exp(-float(m["val_loss"]))
+        if f"{prefix}val_acc" in m:
+            curve[int(m["epoch"])] = float(m[f"{prefix}val_acc"])
+        elif f"{prefix}val_loss" in m:
+            curve[int(m["epoch"])] = math.exp(-float(m[f"{prefix}val_loss"]))
     return curve
 
 
@@ -298,7 +305,7 @@ def train_trial(trial: Trial) -> dict[str, Any]:
         except TrialStopped:
             summary = None
             record["status"] = "stopped"
-        curve = _val_score_curve(run.out)
+        curve = _val_score_curve(run.out, _scored_weights(trial.config))
         if run.stopped_at is not None:
             curve[run.stopped_at[0]] = run.stopped_at[1]
         last = max(curve) if curve else 0
