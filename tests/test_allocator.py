@@ -9,7 +9,7 @@ from checks import QkvBlock as Block
 from checks import check_snella_under_fp16_autocast
 
 import snell
-from snell.allocator import AllocatorConfig, SparsityAllocator, allocate, budget
+from snell.allocator import AllocatorConfig, SparsityAllocator, allocate, budget, scheduled_end
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,6 +58,15 @@ def test_budget_stays_then_falls_on_a_cube_then_holds_the_target():
     assert budget(config, 1000.0, 100.0, 4) == (float(int(100 + 900 * (1 - 2 / 6) ** 3)), False)
     assert budget(config, 1000.0, 100.0, 6) == (float(int(100 + 900 * (1 - 4 / 6) ** 3)), True)
     assert budget(config, 1000.0, 100.0, 9) == (100.0, True)
+
+
+def test_the_schedules_end_is_where_its_last_reallocation_leaves_it():
+    def end(**kwargs):
+        return scheduled_end(AllocatorConfig(target_sparsity=0.8, **kwargs), init_sparsity=0.0)
+
+    assert end(total_steps=4, final_warmup=1) == pytest.approx(0.8, abs=1e-12)
+    assert end(total_steps=2) == pytest.approx(1 - (0.2 + 0.8 / 8), abs=1e-12)  # step 1 of 0..1: (1/2)³ short
+    assert end(total_steps=1) is None and end(total_steps=3, mask_interval=5) is None
 
 
 def test_allocation_follows_the_scores_caps_at_size_and_hands_the_rest_to_the_others():

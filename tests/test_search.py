@@ -65,7 +65,7 @@ def test_grid_expands_to_every_combination_with_val_selection(tmp_path):
 
 
 def test_snella_grid_sets_the_target_sparsity_and_keeps_the_allocators_start(tmp_path):
-    base = tiny_config(method="snella", init_sparsity=0.05)
+    base = tiny_config(method="snella", init_sparsity=0.05, epochs=2)
     trials = S.expand_grid(base, S.Grid(sparsity=(0.5, 0.9), lr=(1e-2,)), tmp_path)
     assert [t.key for t in trials] == ["target=0.5,lr=0.01,r=8", "target=0.9,lr=0.01,r=8"]
     for trial in trials:

@@ -59,12 +59,14 @@ def _metrics(run: Path) -> list[dict]:
         ({"alloc_epochs": 11}, r"alloc_epochs must be in \[1, epochs=10\] .*got 11"),
         ({"alloc_init_warmup": 5, "alloc_final_warmup": 5}, "must be below the schedule's 10 epochs, got 5 \\+ 5"),
         ({"r": 9}, "r must be divisible by num_pieces for mixk, got r=9, num_pieces=2"),
+        ({"epochs": 1}, "SNELLA's schedule of 1 epochs .* never re-allocates"),  # step 0 is the start
+        ({"epochs": 3, "alloc_mask_interval": 5}, r"schedule of 3 epochs \(init warm-up 0, mask interval 5\) never"),
         ({"kernel": "rbf"}, "kernel must be mixk or unset, got 'rbf'"),
     ],
 )
 def test_allocation_options_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        TrainConfig(method="snella", epochs=10, **values)
+        TrainConfig(method="snella", **{"epochs": 10, **values})
 
 
 def test_the_sparsity_flag_is_refused_with_snella_and_a_recipes_sparsity_is_not() -> None:
@@ -76,6 +78,17 @@ def test_the_sparsity_flag_is_refused_with_snella_and_a_recipes_sparsity_is_not(
             config_from_args(parse(["train", "--method", "snella", "-s", sparsity]))
     config = config_from_args(parse(["train", "--recipe", "vtab/dtd", "--method", "snella"]))
     assert (config.method, config.sparsity, config.kernel) == ("snella", 0.995, "mixk")
+
+
+def test_a_schedule_that_ends_short_of_the_target_is_named(capsys: pytest.CaptureFixture) -> None:
+    """Four epochs re-allocating every second one last re-allocate at step 2 of 0..3: the kept fraction is then
+    0.2 + (0.99 − 0.2)·(1 − 2/4)³ = 0.29875, sparsity 0.70125 against the target 0.8. It said nothing."""
+    parse = _build_parser().parse_args
+    config_from_args(parse(["train", "--method", "snella", "--epochs", "4", "--alloc-mask-interval", "2"]))
+    assert capsys.readouterr().err.startswith("warning: SNELLA's schedule ends at sparsity 0.701, short of")
+    for quiet in (["--epochs", "100"], ["--epochs", "4", "--alloc-final-warmup", "1"]):
+        config_from_args(parse(["train", "--method", "snella", *quiet]))
+        assert capsys.readouterr().err == ""
 
 
 def test_snella_defaults_are_the_authors_script_values_and_its_kernel_is_mixk() -> None:

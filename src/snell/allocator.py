@@ -151,6 +151,16 @@ def budget(config: AllocatorConfig, initial: float, target: float, step: int) ->
     return float(int(target + (initial - target) * remaining**3)), step % config.mask_interval == 0
 
 
+def scheduled_end(config: AllocatorConfig, init_sparsity: float) -> float | None:
+    """The overall sparsity the schedule's last re-allocation gives (steps 0 … total_steps − 1, as the authors' loop
+    steps it) to an adapter whose layers start at ``init_sparsity``, or None when no step re-allocates. Without final
+    warm-up it falls (1/T)³ of the way short of the target, more where ``mask_interval`` skips the last steps."""
+    scale = 1e12  # budget() counts whole entries: these are fractions of a notional 10^12-entry adapter
+    initial, target = (1.0 - init_sparsity) * scale, (1.0 - config.target_sparsity) * scale
+    ends = [volume for volume, due in (budget(config, initial, target, t) for t in range(config.total_steps)) if due]
+    return 1.0 - ends[-1] / scale if ends else None
+
+
 def allocate(scores: Tensor, volume: float, sizes: Tensor) -> Tensor:
     """Integer entry counts per unit: ``volume`` shared by ``scores``, each capped at its size (float64 in and out)."""
     total = scores.sum()

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from snell.allocator import AllocatorConfig, SparsityAllocator
+from snell.allocator import SparsityAllocator
 from snell.train.config import TrainConfig
 
 
@@ -16,16 +16,7 @@ def make_allocator(config: TrainConfig, model: nn.Module) -> SparsityAllocator |
     every other method."""
     if config.method != "snella":
         return None
-    schedule = AllocatorConfig(
-        target_sparsity=config.target_sparsity,
-        total_steps=config.allocation_epochs(),
-        init_warmup=config.alloc_init_warmup,
-        final_warmup=config.alloc_final_warmup,
-        mask_interval=config.alloc_mask_interval,
-        beta1=config.alloc_beta1,
-        beta2=config.alloc_beta2,
-    )
-    return SparsityAllocator(model, schedule)
+    return SparsityAllocator(model, config.allocation_schedule())
 
 
 def sparsity_record(allocator: SparsityAllocator) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from snell.allocator import AllocatorConfig, scheduled_end
 from snell.config import PIECEWISE_KERNELS
 
 METHODS = ("snell", "snella", "lora", "dora", "full", "linear")
@@ -285,6 +286,18 @@ class TrainConfig:
         """T, the length of SNELLA's sparsity schedule in epochs (``--alloc-epochs``, else ``--epochs``)."""
         return self.alloc_epochs if self.alloc_epochs is not None else self.epochs
 
+    def allocation_schedule(self) -> AllocatorConfig:
+        """SNELLA's allocator schedule, stepped once per epoch (check the options with :meth:`validate` first)."""
+        return AllocatorConfig(
+            target_sparsity=self.target_sparsity,
+            total_steps=self.allocation_epochs(),
+            init_warmup=self.alloc_init_warmup,
+            final_warmup=self.alloc_final_warmup,
+            mask_interval=self.alloc_mask_interval,
+            beta1=self.alloc_beta1,
+            beta2=self.alloc_beta2,
+        )
+
     def _validate_allocation(self) -> None:
         """SNELLA's options: ranges always (a recipe may carry them for any method), their combination for snella."""
         for name in ("target_sparsity", "init_sparsity"):
@@ -319,6 +332,12 @@ class TrainConfig:
             raise UserError(
                 f"alloc_init_warmup + alloc_final_warmup must be below the schedule's {length} epochs, got "
                 f"{self.alloc_init_warmup} + {self.alloc_final_warmup}"
+            )
+        if scheduled_end(self.allocation_schedule(), self.init_sparsity) is None:
+            raise UserError(
+                f"SNELLA's schedule of {length} epochs (init warm-up {self.alloc_init_warmup}, mask interval "
+                f"{self.alloc_mask_interval}) never re-allocates, so every layer would stay at --init-sparsity "
+                f"{self.init_sparsity}: give it more epochs (--epochs, --alloc-epochs) or a shorter mask interval"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -522,6 +541,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     ignored = ignored_flags(config, overrides)
     if ignored and first_process():
         print(f"warning: --method {config.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
+    if config.method == "snella" and first_process():
+        end = scheduled_end(config.allocation_schedule(), config.init_sparsity)
+        if end is not None and end < config.target_sparsity - 0.005:  # the authors' schedule, at a short T
+            print(
+                f"warning: SNELLA's schedule ends at sparsity {end:.3f}, short of --target-sparsity "
+                f"{config.target_sparsity} (its last re-allocation is (1/T)^3 of the way short, at T = "
+                f"{config.allocation_epochs()} epochs); --alloc-final-warmup 1 makes the last epoch run at the target",
+                file=sys.stderr,
+            )
     return config
 
 
