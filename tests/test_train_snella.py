@@ -5,6 +5,7 @@ metrics.jsonl, the plot and the adapter, `snell eval` / `snell merge` of the res
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from snell.allocator import SparsityAllocator
 from snell.cli import _build_parser, main
 from snell.train.config import TrainConfig, UserError, config_from_args, known_recipes, resolve_config
 from snell.train.evaluate import restore
+from snell.train.loop import train
 from snell.train.optim import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,8 +61,6 @@ def _metrics(run: Path) -> list[dict]:
         ({"alloc_epochs": 11}, r"alloc_epochs must be in \[1, epochs=10\] .*got 11"),
         ({"alloc_init_warmup": 5, "alloc_final_warmup": 5}, "must be below the schedule's 10 epochs, got 5 \\+ 5"),
         ({"r": 9}, "r must be divisible by num_pieces for mixk, got r=9, num_pieces=2"),
-        ({"epochs": 1}, "SNELLA's schedule of 1 epochs .* never re-allocates"),  # step 0 is the start
-        ({"epochs": 3, "alloc_mask_interval": 5}, r"schedule of 3 epochs \(init warm-up 0, mask interval 5\) never"),
         ({"kernel": "rbf"}, "kernel must be mixk or unset, got 'rbf'"),
     ],
 )
@@ -78,6 +78,25 @@ def test_the_sparsity_flag_is_refused_with_snella_and_a_recipes_sparsity_is_not(
             config_from_args(parse(["train", "--method", "snella", "-s", sparsity]))
     config = config_from_args(parse(["train", "--recipe", "vtab/dtd", "--method", "snella"]))
     assert (config.method, config.sparsity, config.kernel) == ("snella", 0.995, "mixk")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epochs": 1}, "SNELLA's schedule of 1 epochs .* never re-allocates"),  # step 0 is the start
+        ({"epochs": 3, "alloc_mask_interval": 5}, r"schedule of 3 epochs \(init warm-up 0, mask interval 5\) never"),
+    ],
+)
+def test_a_schedule_that_never_reallocates_is_refused_when_a_run_starts(
+    values: dict, message: str, tmp_path: Path
+) -> None:
+    """Only then: `snell eval` and `merge` read the configs of runs trained before the check existed."""
+    config = TrainConfig(method="snella", data="digits", output_dir=str(tmp_path / "run"), **values)
+    with pytest.raises(UserError, match=message):
+        config.allocation_end()
+    with pytest.raises(UserError, match=message):
+        train(config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_schedule_that_ends_short_of_the_target_is_named(capsys: pytest.CaptureFixture) -> None:
@@ -272,3 +291,18 @@ def test_each_snella_recipe_resolves_to_its_scripts_values() -> None:
         assert (config.adapter_dropout, config.adapter_drop_path, config.drop_path_rate) == (0.1, 0.1, 0.1)
         assert config.color_jitter == (0.4 if task.startswith("fgvc") else 0.0)
         assert config.fp16 == (task in AMP_SCRIPTS) and not config.bf16, task
+
+
+def test_eval_and_merge_read_a_run_whose_schedule_a_newer_snell_would_refuse(
+    snella_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A 1-epoch run trained before the never-re-allocates check still evaluates and merges: the check is about
+    training, and eval and merge only read the config."""
+    old = tmp_path / "old"
+    shutil.copytree(snella_run, old)
+    record = json.loads((old / "config.json").read_text())
+    record["config"].update(epochs=1, output_dir=str(old))
+    (old / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["eval", str(old)]) == 0 and main(["merge", str(old)]) == 0
+    assert (old / "merged").is_dir()

@@ -286,6 +286,19 @@ class TrainConfig:
         """T, the length of SNELLA's sparsity schedule in epochs (``--alloc-epochs``, else ``--epochs``)."""
         return self.alloc_epochs if self.alloc_epochs is not None else self.epochs
 
+    def allocation_end(self) -> float:
+        """The sparsity SNELLA's schedule ends at (:func:`snell.allocator.scheduled_end`); UserError when it never
+        re-allocates. Checked when a run starts, not in :meth:`validate`: eval and merge read finished runs' configs."""
+        end = scheduled_end(self.allocation_schedule(), self.init_sparsity)
+        if end is None:
+            raise UserError(
+                f"SNELLA's schedule of {self.allocation_epochs()} epochs (init warm-up {self.alloc_init_warmup}, mask "
+                f"interval {self.alloc_mask_interval}) never re-allocates, so every layer would stay at "
+                f"--init-sparsity {self.init_sparsity}: give it more epochs (--epochs, --alloc-epochs) or a shorter "
+                "mask interval"
+            )
+        return end
+
     def allocation_schedule(self) -> AllocatorConfig:
         """SNELLA's allocator schedule, stepped once per epoch (check the options with :meth:`validate` first)."""
         return AllocatorConfig(
@@ -332,12 +345,6 @@ class TrainConfig:
             raise UserError(
                 f"alloc_init_warmup + alloc_final_warmup must be below the schedule's {length} epochs, got "
                 f"{self.alloc_init_warmup} + {self.alloc_final_warmup}"
-            )
-        if scheduled_end(self.allocation_schedule(), self.init_sparsity) is None:
-            raise UserError(
-                f"SNELLA's schedule of {length} epochs (init warm-up {self.alloc_init_warmup}, mask interval "
-                f"{self.alloc_mask_interval}) never re-allocates, so every layer would stay at --init-sparsity "
-                f"{self.init_sparsity}: give it more epochs (--epochs, --alloc-epochs) or a shorter mask interval"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -541,9 +548,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     ignored = ignored_flags(config, overrides)
     if ignored and first_process():
         print(f"warning: --method {config.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
-    if config.method == "snella" and first_process():
-        end = scheduled_end(config.allocation_schedule(), config.init_sparsity)
-        if end is not None and end < config.target_sparsity - 0.005:  # the authors' schedule, at a short T
+    if config.method == "snella":
+        end = config.allocation_end()
+        if end < config.target_sparsity - 0.005 and first_process():  # the authors' schedule, at a short T
             print(
                 f"warning: SNELLA's schedule ends at sparsity {end:.3f}, short of --target-sparsity "
                 f"{config.target_sparsity} (its last re-allocation is (1/T)^3 of the way short, at T = "

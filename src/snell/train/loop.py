@@ -162,6 +162,8 @@ class Run:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(config, name) % world:
                 raise UserError(f"{name} {getattr(config, name)} must be divisible by the {world} processes")
+        if config.method == "snella":
+            config.allocation_end()  # a schedule that never re-allocates is refused before anything is written
         self.resume = resume
         self.allocator: SparsityAllocator | None = None  # snella's, made in fit() once the model is on its device
         self.ema: WeightEma | None = None  # --ema-decay's, made in fit() likewise
