@@ -296,11 +296,16 @@ def test_sequences_longer_than_the_models_positions_are_refused_before_anything_
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_smollm2_demo_command_passes_the_training_checks(tmp_path: Path, method: str) -> None:
-    """The demo's settings per method are a valid `snell train` run; full fine-tuning trains float32 weights."""
+def test_every_smollm2_demo_command_passes_the_training_checks(
+    tmp_path: Path, method: str, capsys: pytest.CaptureFixture
+) -> None:
+    """The demo's settings per method are a valid `snell train` run, with no flag its method or model does not read
+    (the demo's own output warned that LoRA does not use --sparsity); full fine-tuning trains float32 weights."""
+    (tmp_path / "model.gguf").touch()  # a .gguf path is a causal LM to the flag checks
     command = train_command(tmp_path / "model.gguf", SMOLLM2, method, tmp_path, tmp_path / method, None)
     args = _build_parser().parse_args(command[command.index("train") :])
     config = config_from_args(args)
+    assert capsys.readouterr().err == ""
     check_config(config)
     check_trainable_dtype(config)
     assert config.model_dtype == ("float32" if method == "full" else "bfloat16")

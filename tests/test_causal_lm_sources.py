@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,14 @@ def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) ->
     with pytest.raises(UserError, match="2 GGUF files"):
         find_source(tmp_path)
     assert find_source(tmp_path / "missing.gguf") is None and find_source(tmp_path / "a.txt") is None
+
+
+def test_a_gguf_file_cut_off_in_its_header_is_one_line(tmp_path: Path) -> None:
+    """gguf-py's reader raised struct.error (a traceback, exit 1) where the header's key-value pairs ran out."""
+    path = tmp_path / "cut.gguf"  # magic, version 3, 2 tensors, 5 key-value pairs, then the first key cut short
+    path.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 2, 5, 40) + b"general.arch")
+    with pytest.raises(UserError, match=r"cut\.gguf.*: cannot load a transformers causal LM: unpack_from requires"):
+        load_causal_lm(find_source(path), torch.float32, progress=False)
 
 
 @pytest.mark.parametrize("progress", [True, False])

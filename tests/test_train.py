@@ -24,6 +24,7 @@ from snell.train.config import (
     load_recipe,
     resolve_config,
 )
+from snell.train.data import DATA_DIR
 from snell.train.models import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 
@@ -89,6 +90,21 @@ def test_a_flag_the_method_does_not_read_is_named_and_a_recipes_value_is_not(
     monkeypatch.setenv("RANK", "1")  # under torchrun only the first process says it
     _parse(["--method", "lora", "-s", "0.5"])
     assert capsys.readouterr().err == ""
+
+
+def test_a_flag_the_kind_of_model_does_not_read_is_named(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--model-dtype on a timm ViT trained in float32 without a word (and config.json recorded bfloat16); a causal LM
+    reads no --num-classes or --img-size."""
+    monkeypatch.delenv("RANK", raising=False)
+    _parse(["--model", "vit_tiny_patch16_224", "--model-dtype", "bfloat16", "--packing", "--img-size", "32"])
+    expected = "is not a causal LM, which does not use --model-dtype, --packing; ignored\n"
+    assert capsys.readouterr().err == f"warning: --model vit_tiny_patch16_224 {expected}"
+    llama = str(DATA_DIR / "tiny_llama_bbc")
+    _parse(["--model", llama, "--num-classes", "5", "--img-size", "64", "--model-dtype", "bfloat16"])
+    expected = "is a causal LM, which does not use --img-size, --num-classes; ignored\n"
+    assert capsys.readouterr().err == f"warning: --model {llama} {expected}"
 
 
 def test_flags_parse_lists_regexes_and_json() -> None:
@@ -209,6 +225,12 @@ def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"garbage\.safetensors: not a readable checkpoint"):
         load_timm_checkpoint(model, garbage, skip_prefix="head")
+    # .pth files torch's weights-only loader refuses: objects besides tensors (DeiT's argparse.Namespace), garbage
+    torch.save({"model": other.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "deit.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    for name in ("deit.pth", "garbage.pth"):
+        with pytest.raises(UserError, match=rf"{name}: not a readable checkpoint"):
+            load_timm_checkpoint(model, tmp_path / name, skip_prefix="head")
     truncated = tmp_path / "truncated.npz"  # the first bytes of a real .npz: zipfile's own error, not a traceback
     numpy.savez(tmp_path / "whole.npz", weight=numpy.zeros((64, 64), numpy.float32))
     truncated.write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])
@@ -277,6 +299,9 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
         ({"warmup_epochs": float("nan")}, "warmup_epochs must be a finite number, got nan"),
         ({"weight_decay": float("inf")}, "weight_decay must be a finite number, got inf"),
         ({"sparsity": float("nan")}, "sparsity must be a finite number, got nan"),
+        ({"bf16": "no"}, "bf16 must be true or false, got 'no'"),  # a recipe's quoted "no" was true: bf16 on
+        ({"merge": 0}, "merge must be true or false, got 0"),
+        ({"epochs": True}, "epochs must be a number, got True"),  # bool is an int to isinstance
     ],
 )
 def test_values_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:

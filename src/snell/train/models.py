@@ -8,6 +8,7 @@ not provide, is always trained fully.
 
 from __future__ import annotations
 
+import pickle
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -186,7 +187,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+    except pickle.UnpicklingError as err:  # torch's weights-only loader runs no code from the file
+        raise UserError(
+            f"{path}: not a readable checkpoint: it holds Python objects besides tensors, which torch's safe loader "
+            f"refuses ({str(err).splitlines()[0]}); save its state dict alone with torch.save"
+        ) from None
+    except Exception as err:  # any bytes reach the unpickler: IndexError, KeyError, ... on garbage
         raise UserError(f"{path}: not a readable checkpoint (corrupt, truncated or not a state dict?): {err}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

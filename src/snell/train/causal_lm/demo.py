@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import UserError
+from snell.train.config import UserError, method_reads
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
 from snell.train.demo import _flags, train_and_compare
 
@@ -145,6 +145,7 @@ def train_command(
     model: Path, demo: DemoModel, method: str, data: Path, out_dir: Path, epochs: int | None
 ) -> list[str]:
     settings = {**demo.settings, **demo.method_settings.get(method, {})}
+    settings = {name: value for name, value in settings.items() if method_reads(method, name)}  # no LoRA sparsity
     settings |= {"model": model, "data": data, "method": method, "lr": demo.learning_rates[method]}
     if epochs is not None:
         settings["epochs"] = epochs

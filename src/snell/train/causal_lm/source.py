@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype, progress: bool = Tru
         with _gguf_loading(progress) if source.gguf_file else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=load_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:  # struct: a GGUF header cut short
         raise UserError(f"{source.describe()}: cannot load a transformers causal LM: {err}") from None
     if source.gguf_file:
         model = model.to(dtype)
