@@ -180,7 +180,6 @@ def delta_weight(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, dt
     return to_weight_layout(spec, delta_s).to(dtype)
 
 
-@torch.no_grad()
 def check_mergeable(name: str, module: nn.Module) -> None:
     """ValueError when ``module``'s weight is computed on every forward (a torch parametrization, or the hook of
     torch.nn.utils.weight_norm / spectral_norm): ΔWˢ added to it would be recomputed away, and a merge that
@@ -189,11 +188,11 @@ def check_mergeable(name: str, module: nn.Module) -> None:
     if parametrize.is_parametrized(module, "weight") or hooked:
         raise ValueError(
             f"the weight of {name} is computed from other tensors on every forward (a parametrization such as "
-            "weight_norm): "
-            "ΔW cannot be merged into it; keep this adapter unmerged, or remove the parametrization first"
+            "weight_norm): ΔW cannot be merged into it; keep this adapter unmerged, or remove the parametrization first"
         )
 
 
+@torch.no_grad()
 def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor, sign: int = 1) -> None:
     """weight ← weight + sign·ΔWˢ in place, summed in float32 (or wider) and rounded once to the weight's dtype.
 
