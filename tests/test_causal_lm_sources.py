@@ -100,6 +100,7 @@ def test_instruction_data_with_a_model_that_is_not_a_causal_lm_is_one_line(
     bert = tmp_path / "bert"
     config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     BertForMaskedLM(config).save_pretrained(bert)
+    capsys.readouterr()  # save_pretrained's progress bar, on unless an earlier test turned transformers' bars off
     assert main(train_args(bert, tiny[1], tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "instruction data" in err and "BertForMaskedLM" in err

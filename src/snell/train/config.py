@@ -546,9 +546,12 @@ def _flag(name: str) -> str:
 def ignored_model_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> str | None:
     """A warning naming the flags among ``flags`` that ``config.model``'s kind (causal LM or classifier) does not
     read, or None: --model-dtype on a timm ViT trained in float32 without a word, and config.json recorded it."""
+    from snell.train.causal_lm.instructions import holds_instructions
     from snell.train.causal_lm.source import is_causal_lm
 
     causal = is_causal_lm(config.model)
+    if not causal and holds_instructions(config.data):  # the run refuses this pair in one line; no warning before it
+        return None
     unread = [_flag(name) for name in sorted(flags) if name in (_CLASSIFIER_OPTIONS if causal else _CAUSAL_LM_OPTIONS)]
     if not unread:
         return None
