@@ -527,3 +527,15 @@ def test_too_many_shots_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFi
     _fails(capsys, ["train", "--data", "bbc_news", "--shots", "1000", "--output-dir", str(out)],
            "--shots 1000 is too many for bbc_news", "1000 shots + 20 val + 100 test")  # fmt: skip
     assert not out.exists()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(finished_run: Path) -> None:
+    """`snell eval RUN | head -1`: the reader leaves before the output is written; that ended in a BrokenPipeError
+    traceback. Here the pipe is closed before the process writes anything (loading torch takes seconds)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "snell", "eval", str(finished_run)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

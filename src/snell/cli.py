@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from snell.train.data import DataFormatError
 
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `snell eval RUN | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 0
     except (UserError, DataFormatError, FileNotFoundError) as err:
         if os.environ.get("SNELL_DEBUG"):
             raise
