@@ -209,3 +209,24 @@ def test_resuming_restores_an_allocators_per_layer_sparsities_and_checks_the_fil
     with pytest.raises(ValueError, match="is corrupt"):
         restore_adapter(fresh, tmp_path / "checkpoint")
     torch.testing.assert_close(_logits(fresh), before, rtol=0, atol=0)
+
+
+def test_reentrant_gradient_checkpointing_trains_a_model_that_takes_pixel_values(tmp_path):
+    """transformers makes the embeddings' output require grad for input_ids models and peft's, so a reentrant
+    checkpoint passes gradients to the layers inside it; a SNELL ViT got none, and its factors never moved."""
+    from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)  # fmt: skip
+    model = snell.get_snell_model(ViTForImageClassification(config), snell.SnellConfig(r=4, task_type="IMAGE_CLS"))
+    factors = {name: p.detach().clone() for name, p in model.named_parameters() if "snell_A" in name}
+    data = [{"pixel_values": torch.randn(3, 16, 16), "labels": i % 3} for i in range(8)]
+    args = TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )  # fmt: skip
+    SnellTrainer(model=model, args=args, train_dataset=data).train()
+    assert model.vit.layers[0].gradient_checkpointing  # the checkpoints were on
+    assert all(not torch.equal(p, factors[name]) for name, p in model.named_parameters() if name in factors)

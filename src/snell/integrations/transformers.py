@@ -82,6 +82,13 @@ class SnellTrainerMixin:
                 "a SNELL adapter on the LM head is not trained by TRL's SFTTrainer: its loss reads lm_head.weight "
                 "directly, so ΔW would stay at its random start; leave the LM head out of target_modules"
             )
+        checkpointing = getattr(self.args, "activation_checkpointing", False)
+        reentrant = (getattr(self.args, "activation_checkpointing_kwargs", None) or {}).get("use_reentrant", False)
+        if model is not None and checkpointing and reentrant and getattr(model, "main_input_name", "") != "input_ids":
+            # A reentrant checkpoint gives its layers' parameters gradients only if an input of the segment requires
+            # grad. transformers makes the embeddings' output require it for input_ids models and for peft's; a SNELL
+            # model that takes pixel values got no gradient at all in its factors, and trained nothing.
+            model.enable_input_require_grads()
 
     def _snell_model(self) -> nn.Module | None:
         model = self.accelerator.unwrap_model(self.model)
