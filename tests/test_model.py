@@ -460,10 +460,16 @@ def test_cnn_presets_train_including_grouped_convs(name, head, grouped, kwargs):
         torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_injecting_twice_is_refused():
+def test_injecting_twice_is_refused(tmp_path):
     model = snell.get_snell_model(TinyNet(), snell.SnellConfig(target_modules=["fc1"]))
+    snell.save_adapter(model, tmp_path)
+    snapshot = _snapshot(model)
+    for again in ("fc2", "fc1"):  # fc1 again was refused as "a Linear subclass with its own forward"
+        with pytest.raises(ValueError, match="already has SNELL adapters"):
+            snell.get_snell_model(model, snell.SnellConfig(target_modules=[again]))
     with pytest.raises(ValueError, match="already has SNELL adapters"):
-        snell.get_snell_model(model, snell.SnellConfig(target_modules=["fc2"]))
+        snell.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snapshot)
 
 
 def test_preset_detection_for_timm_families():

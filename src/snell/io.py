@@ -28,7 +28,14 @@ from torch import nn
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
 from snell.layers import SnellLayer, build_spec, check_layer_sparsity_names, factor_shapes, iter_snell_layers
-from snell.model import inject, resolve_modules_to_save, resolve_parameters_to_save, resolve_targets, uncompiled
+from snell.model import (
+    check_not_adapted,
+    inject,
+    resolve_modules_to_save,
+    resolve_parameters_to_save,
+    resolve_targets,
+    uncompiled,
+)
 from snell.spec import SnellSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -245,6 +252,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     mismatch a ValueError names it and the model is left untouched.
     """
     compiled, model = model, uncompiled(model)
+    check_not_adapted(model)
     directory = Path(directory)
     config, base_model, records, tensors = read_adapter(directory)
     modules = dict(model.named_modules())

@@ -51,8 +51,15 @@ def enclosing_module(name: str, modules: Iterable[str]) -> str | None:
     return next((module for module in modules if name == module or name.startswith(f"{module}.")), None)
 
 
+def check_not_adapted(model: nn.Module) -> None:
+    """ValueError when ``model`` has SNELL adapters already: one set of adapters per model."""
+    if any(True for _ in iter_snell_layers(model)):
+        raise ValueError("this model already has SNELL adapters; merge_and_unload() it or use a fresh model")
+
+
 def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpec]:
     """The layers ``config`` adapts in ``model``, each with its spec. Changes nothing; raises on bad input."""
+    check_not_adapted(model)  # first: an adapted layer would otherwise be refused as a Linear subclass
     selector = config.target_modules
     if selector is None:
         preset = detect_preset(model)
@@ -170,8 +177,7 @@ def _frozen_running_stats(model: nn.Module, to_save: dict[str, nn.Module]) -> li
 
 def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -> nn.Module:
     """Attach adapters per ``specs``; on any failure the model is restored exactly as it was."""
-    if any(True for _ in iter_snell_layers(model)):
-        raise ValueError("this model already has SNELL adapters; merge_and_unload() it or use a fresh model")
+    check_not_adapted(model)
     to_save = resolve_modules_to_save(model, config)
     for name in specs:
         outer = enclosing_module(name, to_save)
