@@ -226,6 +226,9 @@ def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answ
     capsys.readouterr()
     assert evaluate_run(run, split="val")["examples"] == 1
     assert "trained on its val split too (--select-on none)" in capsys.readouterr().err
+    (data / "val.jsonl").unlink()  # no val split: the one-line error alone, not a warning that it trained on one
+    assert main(["eval", str(run), "--split", "val"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"snell eval: error: {data}: no val.jsonl or val.json"]
     config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_eval_samples": 1})
     splits = load_examples(config)
     tasks, choices = _answer_sets(evaluated(splits, "test", config), answer_pool(splits))

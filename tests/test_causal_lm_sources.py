@@ -21,7 +21,7 @@ from snell.cli import main
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm import run as causal_lm_run
 from snell.train.causal_lm import source as source_module
-from snell.train.causal_lm.source import ModelSource, find_source, load_causal_lm
+from snell.train.causal_lm.source import ModelSource, cast_weights, find_source, load_causal_lm
 from snell.train.config import UserError
 from snell.train.evaluate import evaluate_run
 
@@ -117,6 +117,29 @@ def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) ->
     with pytest.raises(UserError, match="2 GGUF files"):
         find_source(tmp_path)
     assert find_source(tmp_path / "missing.gguf") is None and find_source(tmp_path / "a.txt") is None
+
+
+def test_a_gguf_model_cast_to_bf16_computes_what_its_merged_folder_will(tmp_path: Path) -> None:
+    """A GGUF model loads in float32 and is cast. model.to(bfloat16) rounded the rotary embeddings' inv_freq too, which
+    a merged folder rebuilds in float32 when it loads: SmolLM2 trained and scored on other angles than it was merged
+    with (logits by up to 1, another greedy answer). cast_weights must give what from_pretrained(dtype=bf16) gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    cast = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    cast_weights(cast, torch.bfloat16)
+    rounded = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (1, 200))  # far positions: the angles' rounding shows there
+    with torch.no_grad():
+        expected, got, before = (m(ids).logits for m in (reference, cast, rounded))
+    assert {p.dtype for p in cast.parameters()} == {
+        torch.bfloat16
+    } and cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(got, expected) and not torch.equal(before, expected)  # the check can tell the two casts apart
 
 
 def test_a_gguf_file_cut_off_in_its_header_is_one_line(tmp_path: Path) -> None:

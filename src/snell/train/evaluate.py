@@ -72,28 +72,27 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
     config, record = load_run_config(run_dir)
-    if split == "val" and config.select_on != "val":
+    if is_causal_lm(config.model):
+        from snell.train.causal_lm import run as causal
+
+        result = causal.evaluate_run(run_dir, causal.recorded_config(config, record), split, adapter, data)
+    else:
+        config, task, backbone, model = restore(run_dir, adapter, split, data)
+        dataset = task.test if split == "test" else task.val
+        accelerator = make_accelerator(config)
+        loader = accelerator.prepare(make_loader(dataset, task, config, backbone.tokenizer, train=False))
+        model = accelerator.prepare(model)
+        result = {"run": str(run_dir), "split": split, "examples": len(dataset)}
+        result["accuracy"] = accuracy(model, loader, accelerator)
+    # after the evaluation: a run whose data has no val split gets its one-line error, not this warning before it
+    if split == "val" and config.select_on != "val" and data is None:
         print(
             f"warning: {run_dir} trained on its val split too (--select-on {config.select_on}); its val score is not "
             "a held-out one",
             file=sys.stderr,
             flush=True,
         )
-    if is_causal_lm(config.model):
-        from snell.train.causal_lm import run as causal
-
-        return causal.evaluate_run(run_dir, causal.recorded_config(config, record), split, adapter, data)
-    config, task, backbone, model = restore(run_dir, adapter, split, data)
-    dataset = task.test if split == "test" else task.val
-    accelerator = make_accelerator(config)
-    loader = accelerator.prepare(make_loader(dataset, task, config, backbone.tokenizer, train=False))
-    model = accelerator.prepare(model)
-    return {
-        "run": str(run_dir),
-        "split": split,
-        "examples": len(dataset),
-        "accuracy": accuracy(model, loader, accelerator),
-    }
+    return result
 
 
 def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from snell.train.config import UserError
 
@@ -103,6 +104,20 @@ def _gguf_loading(progress: bool) -> Iterator[None]:
         gguf_utils.tqdm, gguf.get_tensor_name_map = bar, name_map
 
 
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters and saved buffers of ``model`` to ``dtype``, in place, as ``from_pretrained(dtype=...)``
+    builds them. Buffers a model does not save (rotary embeddings' ``inv_freq``) keep their dtype: a merged folder
+    rebuilds them in float32 when it loads, and ``model.to(bfloat16)`` rounded them, so the trained model's rotary
+    angles differed from the merged one's (logits by up to 1 on SmolLM2, another greedy answer)."""
+    for param in model.parameters():  # once each: a tied pair stays one Parameter
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(dtype))
+
+
 def load_causal_lm(source: ModelSource, dtype: torch.dtype, progress: bool = True) -> tuple[Any, Any]:
     """The model in ``dtype`` and its tokenizer; GGUF weights are dequantized in float32, then cast. ``progress``:
     show the de-quantization bar of a GGUF file (its only one: transformers' "Loading weights" bar is off)."""
@@ -121,7 +136,7 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype, progress: bool = Tru
     except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:  # struct: a GGUF header cut short
         raise UserError(f"{source.describe()}: cannot load a transformers causal LM: {err}") from None
     if source.gguf_file:
-        model = model.to(dtype)
+        cast_weights(model, dtype)
         # The weights are plain tensors now; the marker would only make save_pretrained refuse.
         model.hf_quantizer = None
         model.is_quantized = False
