@@ -41,11 +41,15 @@ def _own_forward(module: nn.Module, base: type[nn.Module]) -> type[nn.Module] | 
     return owner
 
 
+_BASES = {"linear": nn.Linear, "conv2d": nn.Conv2d}  # the torch layers whose forward a SNELL layer replaces
+
+
 def describe_support(module: nn.Module) -> str | None:
-    """The op SNELL uses for ``module``, or None when the layer type is not supported."""
-    for base, op in ((nn.Linear, "linear"), (nn.Conv2d, "conv2d")):
+    """The op SNELL uses for ``module``'s layer type, or None when the type is not supported (a subclass with a
+    forward of its own is refused by :func:`build_spec`)."""
+    for op, base in _BASES.items():
         if isinstance(module, base):
-            return None if _own_forward(module, base) else op
+            return op
     # transformers' Conv1D (GPT-2 family): a linear layer whose weight is stored (in, out).
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2 and hasattr(module, "nf"):
@@ -67,13 +71,13 @@ def check_forward_called(name: str, parent: nn.Module) -> None:
 def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
     """Describe how ``module`` is adapted; raises TypeError/ValueError before anything is changed."""
     op = describe_support(module)
-    for base in (nn.Linear, nn.Conv2d):
-        owner = _own_forward(module, base) if isinstance(module, base) else None
-        if owner is not None:
-            raise TypeError(
-                f"module {name!r} is a {type(module).__name__}, whose {owner.__name__}.forward does more than "
-                f"{base.__name__}'s (SNELL replaces the forward and would drop it): it cannot take a SNELL adapter"
-            )
+    base = _BASES.get(op)
+    owner = _own_forward(module, base) if base is not None else None
+    if owner is not None:
+        raise TypeError(
+            f"module {name!r} is a {type(module).__name__}, whose {owner.__name__}.forward does more than "
+            f"{base.__name__}'s (SNELL replaces the forward and would drop it): it cannot take a SNELL adapter"
+        )
     if op is None:
         raise TypeError(
             f"module {name!r} of type {type(module).__name__} cannot take a SNELL adapter; supported: "

@@ -26,8 +26,6 @@ from snell.config import PIECEWISE_KERNELS
 METHODS = ("snell", "snella", "lora", "dora", "full", "linear")
 #: The methods whose result is a SNELL adapter (saved, loaded and merged by snell itself).
 SNELL_METHODS = ("snell", "snella")
-#: The methods that read r (and the target modules): the low-rank ones.
-RANKED_METHODS = (*SNELL_METHODS, "lora", "dora")
 KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid", "mixk")
 DATA_FORMATS = ("auto", "vtab", "fgvc", "imagefolder", "text", "builtin")
 BUILTIN_DATA = ("fashion_mnist", "mnist", "digits", "bbc_news")
@@ -522,7 +520,7 @@ _ALLOCATION_OPTIONS = (
 #: --method lora`` compares LoRA in SNELL's recipe); given as a flag to another method, the flag changes nothing.
 _METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(_SNELL_OPTIONS, SNELL_METHODS),
-    **dict.fromkeys(("r", "target_modules", "exclude_modules", "adapter_dropout"), RANKED_METHODS),
+    **dict.fromkeys(("r", "target_modules", "exclude_modules", "adapter_dropout"), (*SNELL_METHODS, "lora", "dora")),
     "lora_alpha": ("lora", "dora"),
     **dict.fromkeys(_ALLOCATION_OPTIONS, ("snella",)),
 }

@@ -82,8 +82,8 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
         accelerator = make_accelerator(config)
         loader = accelerator.prepare(make_loader(dataset, task, config, backbone.tokenizer, train=False))
         model = accelerator.prepare(model)
-        result = {"run": str(run_dir), "split": split, "examples": len(dataset)}
-        result["accuracy"] = accuracy(model, loader, accelerator)
+        examples, score = len(dataset), accuracy(model, loader, accelerator)
+        result = {"run": str(run_dir), "split": split, "examples": examples, "accuracy": score}
     # after the evaluation: a run whose data has no val split gets its one-line error, not this warning before it
     if split == "val" and config.select_on != "val" and data is None:
         print(

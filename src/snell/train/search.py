@@ -41,8 +41,6 @@ import torch
 
 from snell.train.classification import ClassificationRun
 from snell.train.config import (
-    RANKED_METHODS,
-    SNELL_METHODS,
     TrainConfig,
     UserError,
     add_train_arguments,
@@ -50,6 +48,7 @@ from snell.train.config import (
     config_from_args,
     default_lr,
     first_process,
+    method_reads,
 )
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
 from snell.train.plots import pyplot, save_figure
@@ -90,8 +89,8 @@ class Grid:
         """One {"sparsity", "lr", "r"} dict per trial, in grid order (sparsity varies slowest). Sparsity only
         means something to SNELL and SNELLA, and r to them, LoRA and DoRA: other methods get one point per value they
         read, at the base config's others."""
-        sparsity = self.sparsity if base.method in SNELL_METHODS else (base.sparsity,)
-        ranks = self.r if self.r and base.method in RANKED_METHODS else (base.r,)
+        sparsity = self.sparsity if method_reads(base.method, "sparsity") else (base.sparsity,)
+        ranks = self.r if self.r and method_reads(base.method, "r") else (base.r,)
         values = (sparsity, self.lr or (base.lr,), ranks)
         for name, options in zip(("sparsity", "lr", "r"), values, strict=True):
             if not options:
@@ -620,8 +619,10 @@ def search_from_args(args: argparse.Namespace) -> SearchResult:
     for name in ("select_on", "protocol"):
         if name in vars(args):
             raise UserError(f"--{name.replace('_', '-')} is set by snell search (val for trials, none for the retrain)")
-    readers = {"--grid-sparsity": (args.grid_sparsity, SNELL_METHODS), "--grid-r": (args.grid_r, RANKED_METHODS)}
-    ignored = [flag for flag, (value, methods) in readers.items() if value is not None and base.method not in methods]
+    grids = {"--grid-sparsity": (args.grid_sparsity, "sparsity"), "--grid-r": (args.grid_r, "r")}
+    ignored = [
+        flag for flag, (value, name) in grids.items() if value is not None and not method_reads(base.method, name)
+    ]
     if ignored and first_process():
         print(f"warning: --method {base.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
     sparsity = Grid.sparsity if args.grid_sparsity is None else args.grid_sparsity
