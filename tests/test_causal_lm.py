@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snell.cli import _build_parser, main
+from snell.train.causal_lm import demo, is_causal_lm
 from snell.train.causal_lm import instructions as I
-from snell.train.causal_lm import is_causal_lm
 from snell.train.causal_lm.demo import METHODS, SMOLLM2, TINY_MODEL_DIR, train_command
 from snell.train.causal_lm.run import CausalLMRun, build_causal_lm, check_config, check_trainable_dtype, restore
 from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
@@ -384,8 +384,13 @@ def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> No
     assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
 
 
-def test_llm_demo_trains_the_shipped_model_and_prints_its_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`snell demo --task llm` end to end, at one epoch and one method to stay quick (the full demo: README)."""
+def test_llm_demo_trains_the_shipped_model_and_prints_its_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`snell demo --task llm` end to end, at one epoch, one method, 8 articles a section and 100 test records
+    to stay quick (the full demo: README)."""
+    quick = {**demo.TINY.settings, "max_eval_samples": 100}
+    monkeypatch.setattr(demo, "TINY", dataclasses.replace(demo.TINY, shots=8, settings=quick))
     out = tmp_path / "demo"
     assert main(["demo", "--task", "llm", "--epochs", "1", "--methods", "snell", "--no-progress",
                  "--output-dir", str(out), "--model", str(TINY_MODEL_DIR)]) == 0  # fmt: skip

@@ -61,25 +61,15 @@ def _optimizer_by_name(state: dict) -> dict[str, dict[str, torch.Tensor]]:
     return {str(n): state["state"][n] for n in names if n in state["state"]}
 
 
-def _snella(args: list[str]) -> list[str]:
-    """The same run with SNELLA: the allocator, not --sparsity, sets each matrix's sparsity (re-allocated before
-    epoch 2 from the sensitivities of epoch 1, so the resumed half depends on the checkpointed averages)."""
-    at = args.index("-s")
-    return [*args[:at], *args[at + 2 :], "--method", "snella", "--target-sparsity", "0.5"]
-
-
-@pytest.mark.parametrize("method", ["snell", "snella"])
-def test_two_sharded_processes_resume_and_match_one_unsharded(
-    tiny: tuple[Path, Path], tmp_path: Path, method: str
-) -> None:
-    """SNELLA's allocator keeps its averages as shards of the factors' shape and all-gathers them to score and to
-    checkpoint, so its allocations, and everything they drive, must equal the unsharded run's as well."""
-    common = [
-        *train_args(*tiny, tmp_path / "unused"),
-        "--select-on",
-        "none",
-    ]  # 32 examples (train + val): 2 steps an epoch
-    common = _snella(common) if method == "snella" else common
+def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """With SNELLA: its run holds what a SNELL run does (the same layers, with the mixk kernel, sharded per decoder
+    layer, and their AdamW state) and the allocator. The allocator keeps its averages as shards of the factors'
+    shape and all-gathers them to score and to checkpoint, so its allocations, re-made before epoch 2 from the
+    sensitivities of epoch 1 (the resumed half depends on the checkpointed averages), and everything they drive
+    must equal the unsharded run's as well. (A SNELL ViT in one shard group: tests/test_cli.py's FSDP case.)"""
+    common = train_args(*tiny, tmp_path / "unused")  # 32 examples (train + val): 2 steps an epoch
+    at = common.index("-s")  # the allocator, not --sparsity, sets each matrix's sparsity
+    common = [*common[:at], *common[at + 2 :], "--select-on", "none", "--method", "snella", "--target-sparsity", "0.5"]
     single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
     done = _run([sys.executable, "-m", "snell", *single])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -108,13 +98,12 @@ def test_two_sharded_processes_resume_and_match_one_unsharded(
     assert len(adam[0]) == len(adam[1]) == len(states[0]["model"])
     for (name, x), y in zip(adam[0].items(), adam[1].values(), strict=True):
         assert all(torch.equal(x[k], y[k]) for k in ("exp_avg", "exp_avg_sq")), name
-    if method == "snella":
-        assert states[0]["allocator"].keys() == states[1]["allocator"].keys()
-        for kind in ("sensitivity", "uncertainty"):  # whole, and equal element by element
-            mine, theirs = states[0]["allocator"][kind], states[1]["allocator"][kind]
-            assert mine.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in mine.items())
-        sparsities = [[m["sparsity"] for m in _metrics(tmp_path / run)] for run in ("one", "two")]
-        assert sparsities[0] == sparsities[1] and sparsities[0][1]["min"] != sparsities[0][1]["max"]  # re-allocated
+    assert states[0]["allocator"].keys() == states[1]["allocator"].keys()
+    for kind in ("sensitivity", "uncertainty"):  # whole, and equal element by element
+        mine, theirs = states[0]["allocator"][kind], states[1]["allocator"][kind]
+        assert mine.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    sparsities = [[m["sparsity"] for m in _metrics(tmp_path / run)] for run in ("one", "two")]
+    assert sparsities[0] == sparsities[1] and sparsities[0][1]["min"] != sparsities[0][1]["max"]  # re-allocated
     predictions = [json.loads((tmp_path / run / "test_predictions.json").read_text()) for run in ("one", "two")]
     assert predictions[0] == predictions[1]  # generation in step on both ranks (synced), gathered in file order
 
