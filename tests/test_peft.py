@@ -452,6 +452,30 @@ def test_autocast_adapter_dtype_false_keeps_the_factors_in_the_base_dtype_as_lor
         torch.testing.assert_close(reloaded(x), trained, rtol=0, atol=0)  # same bf16 factors, same arithmetic
 
 
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_low_cpu_mem_usage_load_into_a_bf16_base_is_the_normal_load(tmp_path, trainable):
+    """peft's low_cpu_mem_usage path moves each adapter tensor to its base layer afterwards; its own move also cast
+    them to bf16 and made the fixed coefficients trainable. The two loads must give the same tensors."""
+    torch.manual_seed(0)
+    base = MLP().to(torch.bfloat16).eval()
+    bases = [copy.deepcopy(base) for _ in range(2)]
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0", "lin1"]))
+    _train(model, {"x": x})
+    model.save_pretrained(tmp_path)
+    normal, low = (
+        peft.PeftModel.from_pretrained(b, tmp_path, is_trainable=trainable, low_cpu_mem_usage=low_cpu)
+        for b, low_cpu in zip(bases, (False, True), strict=True)
+    )
+    expected = {n: (p.dtype, p.requires_grad, p.detach()) for n, p in normal.named_parameters()}
+    got = {n: (p.dtype, p.requires_grad, p.detach()) for n, p in low.named_parameters()}
+    assert got.keys() == expected.keys()
+    for name, (dtype, requires_grad, value) in expected.items():
+        assert got[name][:2] == (dtype, requires_grad) and torch.equal(got[name][2], value), name
+    coefficients = low.base_model.model.lin0.snell_coefficients["default"]
+    assert coefficients.dtype == torch.float32 and not coefficients.requires_grad
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=["linear", "conv2d", "conv1d"])
 def test_layers_report_in_and_out_features_as_lora_layers_do(case):
     base, fresh, _, config = _build(case)

@@ -255,6 +255,20 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             if not self.snell_learnable[name]:
                 coefficients.requires_grad_(False)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """To the base layer's device only. peft's version also casts to the base dtype and re-wraps each
+        ParameterDict entry as a new, trainable Parameter: after ``from_pretrained(..., low_cpu_mem_usage=True)``
+        the loaded factors were rounded to bf16 and the fixed coefficients trained. The dtypes stay what loading
+        gave them (``_cast_adapter_dtype`` applies ``autocast_adapter_dtype``), and so does ``requires_grad``."""
+        target = device if device is not None else self.get_base_layer().weight.device
+        if target.type == "meta":
+            return
+        for name in self.adapter_layer_names:
+            entries = getattr(self, name)
+            old = entries.get(adapter_name)
+            if old is not None and old.device != target and old.device.type != "meta":
+                entries[adapter_name] = nn.Parameter(old.detach().to(target), requires_grad=old.requires_grad)
+
     def kernel_coefficients(self, adapter_name: str) -> torch.Tensor:
         """What the kernel of ``adapter_name`` takes: its coefficients, and for mixk its (α, γ, β) row per group."""
         mix = self.snell_mix.get(adapter_name)
