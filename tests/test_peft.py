@@ -609,13 +609,31 @@ def test_the_peft_route_refuses_what_the_core_refuses_for_weights_read_or_recomp
     assert not any(isinstance(m, SnellPeftLayer) for m in attention.modules())
     torch.manual_seed(0)
     base = MLP().eval()
-    nn.utils.parametrizations.weight_norm(base.lin0)
-    model = peft.get_peft_model(base, SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0"]))
-    layer = model.base_model.model.lin0
-    x = torch.randn(3, layer.in_features)
-    adapted = model(x)
-    with pytest.raises(
-        ValueError, match="the weight of this ParametrizedLinear is computed from other tensors on every forward"
-    ):
-        model.merge_adapter()
+    nn.utils.parametrizations.weight_norm(base.lin1)
+    model = peft.get_peft_model(base, SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0", "lin1"]))
+    first = model.base_model.model.lin0
+    w0, x = first.base_layer.weight.detach().clone(), torch.randn(3, first.in_features)
+    with torch.no_grad():
+        adapted = model(x)
+    for merge in (model.merge_adapter, model.merge_and_unload, model.base_model.merge_adapter):
+        # every layer is checked before the first merges: lin0, before lin1, must stay unmerged and wrapped
+        with pytest.raises(ValueError, match="the weight of lin1 is computed from other tensors on every forward"):
+            merge()
+        assert model.base_model.model.lin0 is first and not first.merged
+        assert torch.equal(first.base_layer.weight, w0) and torch.equal(model(x), adapted)
+    layer = model.base_model.model.lin1  # a merge of this layer alone says so too
+    with pytest.raises(ValueError, match="the weight of this ParametrizedLinear is computed from other tensors"):
+        layer.merge()
     assert not layer.merged and torch.equal(model(x), adapted)
+
+
+def test_the_peft_route_refuses_to_merge_into_a_tied_lm_head_as_the_core_does():
+    """peft only warns, and the merge changed the embeddings too: the logits moved by 2.4 and more."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_gpt2(), SnellPeftConfig(r=4, sparsity=0.5, target_modules=["c_attn", "lm_head"]))
+    embeddings = model.base_model.model.transformer.wte.weight.detach().clone()
+    shared = r"lm_head\.weight is shared with transformer\.wte\.weight"
+    with pytest.warns(UserWarning, match="tie_word_embeddings"), pytest.raises(ValueError, match=shared):
+        model.merge_and_unload()  # peft's own warning comes first
+    assert torch.equal(model.base_model.model.transformer.wte.weight, embeddings)
+    assert not any(m.merged for m in model.modules() if isinstance(m, SnellPeftLayer))

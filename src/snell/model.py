@@ -260,16 +260,17 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.snell_disabled = flag
 
 
-def _check_mergeable(model: nn.Module) -> None:
-    """ValueError, before any weight changes, when an adapted weight cannot take ΔWˢ: it is shared with another
-    module (an LM head tied to the input embeddings), so merging would change that module too, and the outputs with
-    it; or it is computed on every forward (:func:`snell.layers.check_mergeable`)."""
+def check_merge_targets(model: nn.Module, layers: Iterable[tuple[str, nn.Module]]) -> None:
+    """ValueError, before any weight changes, when one of ``layers`` (name in ``model``, the layer holding the
+    weight ΔWˢ goes into) cannot take ΔWˢ: its weight is shared with another module (an LM head tied to the input
+    embeddings), so merging would change that module too, and the outputs with it; or it is computed on every
+    forward (:func:`snell.layers.check_mergeable`). The peft route checks its base layers with it too."""
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
-    for name, layer in iter_snell_layers(model):
+    for name, layer in layers:
         check_mergeable(name, layer)
-        others = [n for n in owners.get(id(layer.weight), []) if n != f"{name}.weight"]
+        others = [n for n in owners.get(id(layer.weight), []) if not n.startswith(f"{name}.")]
         if others:
             raise ValueError(
                 f"{name}.weight is shared with {others[0]} (tied weights): merging ΔW into it would change both; "
@@ -282,7 +283,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     W0 + ΔWˢ is rounded once, so in bf16 an unmerged weight may differ from W0 by one unit in the last place; W0
     itself is not kept, which is what makes merging free of memory. ``unload`` without merging gives W0 exactly)."""
     layers = _require_adapters(model)
-    _check_mergeable(model)
+    check_merge_targets(model, iter_snell_layers(model))
     for layer in layers:
         layer.merge()
     return model
@@ -306,7 +307,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     layers = _require_adapters(model)
     if merge and not all(layer.snell_merged for layer in layers):
-        _check_mergeable(model)
+        check_merge_targets(model, iter_snell_layers(model))
     for layer in layers:
         if merge:
             layer.merge()

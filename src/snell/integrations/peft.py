@@ -85,6 +85,7 @@ from snell.layers import (  # noqa: E402
     new_factors,
     new_mix,
 )
+from snell.model import check_merge_targets  # noqa: E402
 from snell.presets import detect_preset  # noqa: E402
 from snell.spec import SnellSpec  # noqa: E402
 
@@ -350,6 +351,14 @@ class SnellPeftModel(BaseTuner):
             raise ValueError(
                 "this model already has snell.get_snell_model adapters; use a fresh model for get_peft_model"
             )
+
+    def _check_merge_allowed(self) -> None:
+        """peft calls this before merging any layer (merge_adapter, merge_and_unload): every layer is checked as
+        the core checks them, before the first weight changes. A refusal found at a later layer used to leave the
+        earlier ones merged, or merged and unloaded, and their adapters out of the next save."""
+        super()._check_merge_allowed()
+        layers = [(n, m.get_base_layer()) for n, m in self.model.named_modules() if isinstance(m, SnellPeftLayer)]
+        check_merge_targets(self.model, layers)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's ``autocast_adapter_dtype``: True (the default) keeps the factors in float32, as they are created
