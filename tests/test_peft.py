@@ -304,6 +304,32 @@ def test_a_target_that_cannot_be_adapted_is_refused_before_any_module_is_wrapped
         assert torch.equal(_output(model, inputs), expected)
 
 
+class _Doubled(nn.Linear):
+    """A Linear with a forward of its own, which a SNELL layer would replace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_all_linear_is_checked_as_the_layer_names_it_stands_for():
+    """peft expands "all-linear" only after _prepare_model, whose checks saw no layer: a refused layer was found
+    after lin0 was wrapped, and a typo in layer_sparsity passed."""
+    base = MLP()
+    base.lin1 = _Doubled(24, 24)
+    with pytest.raises(TypeError, match=r"'lin1' is a _Doubled, whose _Doubled\.forward does more"):
+        peft.get_peft_model(base, SnellPeftConfig(r=4, target_modules="all-linear"))
+    assert type(base.lin0) is nn.Linear and base.lin0.weight.requires_grad
+    with pytest.raises(ValueError, match=r"layer_sparsity names \['lin9'\], which are not among the 3 layers"):
+        peft.get_peft_model(MLP(), SnellPeftConfig(r=4, target_modules="all-linear", layer_sparsity={"lin9": [0.5]}))
+    model = peft.get_peft_model(
+        MLP(), SnellPeftConfig(r=4, target_modules="all-linear", layer_sparsity={"lin1": [0.7]})
+    )
+    assert sorted(n for n, m in model.base_model.model.named_children() if isinstance(m, SnellPeftLayer)) == [
+        "head", "lin0", "lin1"
+    ]  # fmt: skip
+    assert model.base_model.model.lin1.snell_specs["default"].sparsity_of(0) == pytest.approx(0.7)
+
+
 def test_layer_sparsity_naming_a_layer_that_is_not_adapted_is_refused_in_both_routes():
     """A typo or a short name in layer_sparsity would leave that layer at the default sparsity without a word."""
     typo = {"lin0": [0.5], "lin1x": [0.7]}  # lin0 is a full module name here; lin1x is not one

@@ -65,9 +65,9 @@ from peft.tuners.tuners_utils import (  # noqa: E402
     BaseTuner,
     BaseTunerLayer,
     _get_in_out_features,
+    _maybe_include_all_linear_layers,
     check_adapters_to_merge,
 )
-from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND  # noqa: E402
 
 from snell.allocator import AllocatorConfig, SparsityAllocator  # noqa: E402
 from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
@@ -373,9 +373,11 @@ class SnellPeftModel(BaseTuner):
                 module.cast_factors(adapter_name, module.get_base_layer().weight.dtype)
 
     def _prepare_adapter_config(self, peft_config: SnellPeftConfig, model_config: dict) -> SnellPeftConfig:
+        """The preset for ``target_modules=None``; ``"all-linear"`` expanded to its layer names now, as peft does
+        only after ``_prepare_model``, so that its checks see the layers it will wrap."""
         if peft_config.target_modules is None:
             peft_config.target_modules = detect_preset(self.model).pattern
-        return peft_config
+        return _maybe_include_all_linear_layers(peft_config, self.model)
 
     def _prepare_model(self, peft_config: SnellPeftConfig, model: nn.Module) -> None:
         """Checks every module the config targets before peft wraps the first (peft wraps them one at a time, and
@@ -391,7 +393,7 @@ class SnellPeftModel(BaseTuner):
                 check_forward_called(name, modules[name.rpartition(".")[0]])
                 build_spec(name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, config)
                 targets.append(name)
-        if targets and peft_config.target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:  # peft expands it later
+        if targets:
             check_layer_sparsity_names(config, targets, model)
 
     def _create_and_replace(
