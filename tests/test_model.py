@@ -495,6 +495,53 @@ def test_preset_detection_for_timm_families():
         snell.get_snell_model(TinyNet(), snell.SnellConfig())
 
 
+_TINY_BLOCKS = {"depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
+_QKV_FROM_ITS_WEIGHT = [  # timm models whose attention reads qkv.weight with q/v biases unless told otherwise
+    ("beit_base_patch16_224", {**_TINY_BLOCKS, "img_size": 32}, (2, 3, 32, 32)),
+    ("eva02_tiny_patch14_224", {**_TINY_BLOCKS, "img_size": 28}, (2, 3, 28, 28)),
+    ("swinv2_tiny_window8_256", {"depths": (1, 1), "num_heads": (2, 2), "embed_dim": 16, "num_classes": 3,
+                                 "img_size": 32, "window_size": 4}, (2, 3, 32, 32)),
+    ("eva02_base_patch14_224", {**_TINY_BLOCKS, "img_size": 28}, (2, 3, 28, 28)),  # separate q/k/v, SwiGLU
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kwargs", "shape"), _QKV_FROM_ITS_WEIGHT, ids=[c[0] for c in _QKV_FROM_ITS_WEIGHT])
+@pytest.mark.parametrize("route", ["core", "peft"])
+def test_every_layer_the_timm_vit_preset_adapts_acts_and_merges(name, kwargs, shape, route):
+    """BEiT, EVA and Swin V2 compute F.linear(x, qkv.weight, q/k/v bias) without calling qkv: an adapter there
+    never acted (no gradient; scaling its ΔW changed nothing) and merging it changed the outputs. EVA-02's
+    separate q/k/v and SwiGLU fc1_g/fc1_x were left out of the preset."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    for norm in (m for m in model.modules() if isinstance(m, nn.LayerNorm)):
+        nn.init.normal_(norm.weight, 1.0, 0.1)  # Swin V2 starts its residual post-norms at 0: no gradient at init
+    block = [n for n, m in model.named_modules() if type(m).__name__ in ("Block", "EvaBlock", "SwinTransformerV2Block")]
+    linears = [n for n, m in model.get_submodule(block[0]).named_modules() if isinstance(m, nn.Linear)]
+    assert {n.rpartition(".")[2] for n in linears} - {"0", "2"} <= {"qkv", "q_proj", "k_proj", "v_proj", "proj",
+                                                                      "fc1", "fc1_g", "fc1_x", "fc2"}  # fmt: skip
+    x = torch.randn(shape)
+    config = dict(r=4, sparsity=0.5, sparsify_mode="mask")
+    if route == "peft":
+        peft = pytest.importorskip("peft")
+        from snell.integrations.peft import SnellPeftConfig, SnellPeftLayer
+
+        model = peft.get_peft_model(model, SnellPeftConfig(**config))
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, SnellPeftLayer)}
+        factors = {n: m.snell_A["default"] for n, m in layers.items()}
+    else:
+        snell.get_snell_model(model, snell.SnellConfig(**config))
+        layers = dict(snell.snell_layers(model))
+        factors = {n: m.snell_A for n, m in layers.items()}
+    adapted = {n.rpartition(block[0] + ".")[2] for n in layers if block[0] + "." in n}
+    assert adapted == {n for n in linears if "cpb_mlp" not in n}  # every block projection; Swin V2's bias MLP not
+    with torch.no_grad():
+        before = model(x)
+    model(x).sum().backward()
+    assert [n for n, a in factors.items() if a.grad is None or not a.grad.any()] == []
+    merged = (model.merge_and_unload() if route == "peft" else snell.merge_and_unload(model))(x)
+    torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-5)  # fp32 rounding of W0 + ΔW against two GEMMs
+
+
 @pytest.mark.parametrize(("name", "head"), [("vit_tiny_patch16_224", "head"), ("convnext_atto", "head.fc"),
                                             ("resnet18", "fc"), ("efficientnet_b0", "classifier")])  # fmt: skip
 def test_image_cls_task_type_trains_the_timm_head(name, head):

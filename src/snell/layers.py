@@ -68,6 +68,20 @@ def check_forward_called(name: str, parent: nn.Module) -> None:
         )
 
 
+def call_through_forward(name: str, parent: nn.Module) -> None:
+    """Make ``parent`` call module ``name``'s forward where it has a switch for it. timm's BEiT, EVA and Swin V2
+    attention compute ``F.linear(x, qkv.weight, q/k/v bias)`` when they have q and v biases, never calling qkv, so
+    an adapter there would never act (and a merge would change the outputs). Their own ``qkv_bias_separate``
+    computes ``qkv(x)`` and adds the same bias after it: x·Wᵀ + b in two steps. Call after every check has passed;
+    the switch stays set after unloading."""
+    if (
+        name.rpartition(".")[2] == "qkv"
+        and getattr(parent, "q_bias", None) is not None
+        and getattr(parent, "qkv_bias_separate", None) is False
+    ):
+        parent.qkv_bias_separate = True
+
+
 def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
     """Describe how ``module`` is adapted; raises TypeError/ValueError before anything is changed."""
     op = describe_support(module)

@@ -17,6 +17,7 @@ from snell.layers import (
     SnellLayer,
     attach,
     build_spec,
+    call_through_forward,
     check_forward_called,
     check_layer_sparsity_names,
     check_mergeable,
@@ -212,6 +213,8 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
         for param, flag in requires_grad.items():
             param.requires_grad_(flag)
         raise
+    for name in specs:
+        call_through_forward(name, modules[name.rpartition(".")[0]])
     model.snell_config = copy.deepcopy(config)
     return model
 

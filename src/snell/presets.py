@@ -1,10 +1,10 @@
 """Where SNELL adapters go by default, per model family (used when ``target_modules`` is None).
 
 Each preset is a regular expression over full module names, matching the layers the reference code
-adapts (timm ViT/Swin: q, k, v, attn.proj, mlp.fc1, mlp.fc2; ConvNeXt: the pointwise MLP), the convs
-of CNN blocks (EfficientNet/MobileNet: pointwise; ResNet/ResNeXt, RegNet: every block conv), or the
-usual attention/MLP projections of a language model. Families are recognised by class names, so the
-core never imports timm or transformers.
+adapts (timm ViT/Swin: q, k, v, attn.proj, mlp.fc1, mlp.fc2, or EVA-02's separate q/k/v and SwiGLU fc1_g/fc1_x;
+ConvNeXt: the pointwise MLP), the convs of CNN blocks (EfficientNet/MobileNet: pointwise; ResNet/ResNeXt, RegNet:
+every block conv), or the usual attention/MLP projections of a language model. Families are recognised by class
+names, so the core never imports timm or transformers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         "timm_vit",
         ("VisionTransformer", "SwinTransformer", "Deit", "Eva", "Beit"),
-        r"(.*\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
+        r"(.*\.)?blocks\.\d+\.(attn\.(qkv|q_proj|k_proj|v_proj|proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))",
     ),
     Preset("timm_convnext", ("ConvNeXt",), r"(.*\.)?stages\.\d+\.blocks\.\d+\.mlp\.(fc1|fc2)"),
     Preset(

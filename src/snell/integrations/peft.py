@@ -74,6 +74,7 @@ from snell.config import FORMAT_VERSION, METHOD, SnellConfig  # noqa: E402
 from snell.layers import (  # noqa: E402
     adapted_forward,
     build_spec,
+    call_through_forward,
     check_forward_called,
     check_layer_sparsity_names,
     check_mergeable,
@@ -411,6 +412,7 @@ class SnellPeftModel(BaseTuner):
             target.update_layer(adapter_name, config, current_key)
         else:
             self._replace_module(parent, target_name, SnellPeftLayer(target, adapter_name, config, current_key), target)
+            call_through_forward(current_key, parent)
 
 
 class PeftAdapterSlot:
