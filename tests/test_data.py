@@ -273,6 +273,21 @@ def test_fgvc_json_reads_splits_relative_to_image_dir(tmp_path):
         FgvcJson(tmp_path, "val", image_dir=tmp_path / "images")
 
 
+@pytest.mark.parametrize("images", ["", "images", "Images"])
+def test_an_fgvc_folder_finds_its_images_where_vpt_keeps_them(tmp_path, images):
+    """VPT (and the reference code) keep CUB's and NABirds' images in images/, Stanford Dogs' in Images/, Oxford
+    Flowers' and Stanford Cars' beside the json files; the paths in the json files are relative to that folder."""
+    from snell.train.config import TrainConfig
+    from snell.train.tasks import load_task
+
+    for split, (name, label) in {"train": ("a/0.png", 0), "val": ("b/1.png", 1), "test": ("b/2.png", 1)}.items():
+        _png(tmp_path / images / name, value=label)
+        (tmp_path / f"{split}.json").write_text(json.dumps({name: label}))
+    task = load_task(TrainConfig(data=str(tmp_path), data_format="fgvc", select_on="val"))
+    assert [path for path, _ in task.train.files()] == [tmp_path / images / "a/0.png"]
+    assert task.val[0][1] == 1 and task.test[0][1] == 1  # the images load
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

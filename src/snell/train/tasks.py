@@ -153,11 +153,12 @@ def _vtab_task(root: Path, select: bool, num_classes: int | None) -> Task:
 def _fgvc_task(root: Path, select: bool, num_classes: int | None) -> Task:
     # Every split takes its classes from train.json and val.json (or --num-classes), so a test label beyond
     # them is an error.
-    train = D.FgvcJson(root, "train", num_classes=num_classes)
-    val = D.FgvcJson(root, "val", num_classes=num_classes) if (root / "val.json").is_file() else None
+    images = D.fgvc_image_dir(root)
+    train = D.FgvcJson(root, "train", num_classes=num_classes, image_dir=images)
+    val = D.FgvcJson(root, "val", num_classes=num_classes, image_dir=images) if (root / "val.json").is_file() else None
     if select and val is None:
         raise UserError(f"{root / 'val.json'}: file not found (needed by --select-on val)")
-    test = D.FgvcJson(root, "test", num_classes=num_classes)
+    test = D.FgvcJson(root, "test", num_classes=num_classes, image_dir=images)
     train_set = train if select or val is None else _concat([train, val])
     names = [str(i) for i in range(train.num_classes)]
     return Task(root.name, "image", "fgvc", train.num_classes, names, train_set, test, val if select else None)

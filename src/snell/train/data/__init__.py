@@ -30,6 +30,7 @@ from snell.train.data.images import (
     VtabFolder,
     build_transforms,
     check_image,
+    fgvc_image_dir,
     image_folder,
     load_rgb,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "class_balanced_split",
     "export_vtab_folder",
     "few_shot_split",
+    "fgvc_image_dir",
     "image_folder",
     "load_bbc_news",
     "load_builtin_task",

@@ -191,6 +191,20 @@ def _read_json_split(path: Path, image_dir: Path) -> list[_Entry]:
     return entries
 
 
+#: Where VPT's FGVC folders keep their images, below the folder with the json files: CUB and NABirds in images/,
+#: Stanford Dogs in Images/, Oxford Flowers and Stanford Cars beside the json files.
+FGVC_IMAGE_DIRS = ("", "images", "Images")
+
+
+def fgvc_image_dir(root: Path) -> Path:
+    """The folder the paths of ``root/train.json`` are relative to: the first of :data:`FGVC_IMAGE_DIRS` holding
+    its first image (``root`` itself when none does, so that the error names the path under ``root``)."""
+    first = next(iter(_read_json_split(root / "train.json", Path())), None)
+    if first is None:
+        return root
+    return next((root / d for d in FGVC_IMAGE_DIRS if (root / d / first.path).is_file()), root)
+
+
 class FgvcJson(_ImageListDataset):
     """A VPT-style FGVC task: ``train.json``, ``val.json``, ``test.json`` at ``root``, each mapping a relative
     image path to an integer label.
