@@ -309,6 +309,17 @@ def test_values_that_cannot_work_name_the_value_and_the_range(values: dict, mess
         TrainConfig(**values)
 
 
+def test_the_reference_protocol_evaluates_when_the_reference_code_does() -> None:
+    """The reference train.py evaluates after 0-based epoch e when e % val_interval == 0 or e >= epochs - 10; the
+    maximum it reports is over those evaluations. The standard protocols evaluate every N-th epoch and the last."""
+    evaluated = lambda **kw: [e + 1 for e in range(kw["epochs"]) if TrainConfig(**kw).evaluates_after(e)]  # noqa: E731
+    assert evaluated(epochs=100, eval_every=10, protocol="reference") == [1, 11, 21, 31, 41, 51, 61, 71, 81,
+                                                                           *range(91, 101)]  # fmt: skip
+    assert evaluated(epochs=12, eval_every=10, protocol="reference") == [1, *range(3, 13)]
+    assert evaluated(epochs=100, eval_every=10, select_on="val") == list(range(10, 101, 10))
+    assert evaluated(epochs=12, eval_every=5, select_on="val") == [5, 10, 12]
+
+
 def test_paths_are_stored_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same folder given relative or absolute is the same config value (so --resume accepts either)."""
     (tmp_path / "data").mkdir()

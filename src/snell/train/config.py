@@ -177,7 +177,8 @@ class TrainConfig:
     )
     protocol: str = _opt(
         "standard",
-        "reference: report the MAXIMUM test accuracy over evaluations, as the paper's code does",
+        "reference: report the MAXIMUM test accuracy over evaluations, as the paper's code does (evaluating after "
+        "epochs 1, 1 + N, 1 + 2N, ... for --eval-every N, and each of the last ten)",
         ("standard", "reference"),
     )
     output_dir: str | None = _opt(None, "run folder (default: runs/<data>-<method>-seed<seed>)")
@@ -288,6 +289,14 @@ class TrainConfig:
                 f"r must be divisible by num_pieces for {kernel}, got r={self.r}, num_pieces={self.num_pieces}"
             )
         self._validate_allocation()
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ends with an evaluation: every ``eval_every``-th and the last; with
+        ``--protocol reference`` the reference code's schedule, the first of every ``eval_every`` and each of the
+        last ten (its train.py: ``epoch % val_interval == 0 or epoch >= epochs - 10``)."""
+        if self.protocol == "reference":
+            return epoch % self.eval_every == 0 or epoch >= self.epochs - 10
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs
 
     def allocation_epochs(self) -> int:
         """T, the length of SNELLA's sparsity schedule in epochs (``--alloc-epochs``, else ``--epochs``)."""

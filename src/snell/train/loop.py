@@ -483,7 +483,7 @@ class Run:
             record = self._train_epoch(train_loader, optimizer, schedule, epoch)
             if self.allocator is not None:
                 record["sparsity"] = sparsity_record(self.allocator)
-            if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            if eval_loader is not None and cfg.evaluates_after(epoch):
                 metrics = self.eval_metrics(eval_loader, eval_split)
                 reshard(self.model)
                 score = metrics.pop("score")
