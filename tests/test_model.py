@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 from collections import OrderedDict
 
 import pytest
@@ -331,6 +332,30 @@ def test_adapter_dropout_and_drop_path_branch():
     assert model.blocks[0].mlp.fc2.B.grad.abs().sum() > 0
     model.eval()
     torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize("sharing", ["split", "fused"])
+def test_drop_path_draws_one_factor_per_sample_and_q_k_v_group(sharing):
+    """The reference code adapts q, k and v with three modules, each with its own DropPath: a split fused qkv layer
+    draws one factor per sample and group (one for the whole layer with split_fused_qkv=False). With W0 = 0 and
+    b = 0 the training output is k·(the eval output) per sample and group, k ∈ {0, 1/(1 − p)}."""
+    model = _tiny_vit(depth=1)
+    layer = model.blocks[0].attn.qkv
+    with torch.no_grad():
+        layer.weight.zero_(), layer.bias.zero_()
+    config = snell.SnellConfig(r=4, sparsity=0.5, sparsify_mode="mask", drop_path=0.5)
+    snell.get_snell_model(model, dataclasses.replace(config, split_fused_qkv=sharing == "split"))
+    x = torch.randn(400, 3, layer.in_features)
+    with torch.no_grad():
+        expected = layer.eval()(x).unflatten(-1, (3, -1))
+        torch.manual_seed(0)
+        got = layer.train()(x).unflatten(-1, (3, -1))
+    dropped = (got == 0).all(dim=(1, 3))  # (sample, group): the whole group's branch is exactly 0
+    kept = torch.isclose(got, 2 * expected, rtol=1e-5, atol=1e-9).all(dim=(1, 3))
+    assert (dropped ^ kept).all()
+    mixed = int((dropped.any(dim=1) & kept.any(dim=1)).sum())  # samples whose groups were not all dropped alike
+    # independent draws at p = 1/2: a sample's three groups differ with probability 3/4 (300 of 400, sd 8.7)
+    assert 200 < mixed < 400 if sharing == "split" else mixed == 0
 
 
 def test_dropout_training_step_is_a_function_of_the_seed():

@@ -148,13 +148,19 @@ def check_layer_sparsity_names(config: SnellConfig, adapted: list[str], model: n
         )
 
 
-def sample_keep_scale(x: Tensor, p: float) -> Tensor | None:
+def sample_keep_scale(x: Tensor, p: float, spec: SnellSpec) -> Tensor | None:
     """Stochastic depth's per-sample factor, shaped to broadcast over a layer output of x's rank: 0 with
-    probability p, else 1 / (1 − p); None when p = 0."""
+    probability p, else 1 / (1 − p); None when p = 0. A split fused q/k/v layer draws one per sample and group,
+    as the reference code's separate q, k and v adapters each have their own DropPath."""
     if p == 0.0:
         return None
-    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=torch.float32)
-    return keep.bernoulli_(1.0 - p).div_(1.0 - p)
+    features = 1 if spec.op == "conv2d" else x.dim() - 1  # where the output's features are
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[features] = spec.groups
+    keep = torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).div_(1.0 - p)
+    if spec.groups == 1:
+        return keep
+    return keep.repeat_interleave(spec.matrix_shape[0] // spec.groups, dim=features)
 
 
 def adapted_forward(
@@ -179,7 +185,7 @@ def adapted_forward(
         x = x.to(torch.get_autocast_dtype(device))
     if dropout == 0.0 and drop_path == 0.0:
         return FusedSnell.apply(x, weight, bias, a, b, coefficients, spec)
-    keep = sample_keep_scale(x, drop_path)
+    keep = sample_keep_scale(x, drop_path, spec)
     return FusedSnellDropout.apply(x, weight, bias, a, b, coefficients, spec, dropout, keep)
 
 
