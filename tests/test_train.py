@@ -63,6 +63,17 @@ def test_recipe_values_follow_the_reference_scripts() -> None:
     assert resolve_config("vtab/dtd", {}).sparsity == 0.995
 
 
+def test_reference_recipes_normalise_images_as_the_reference_code_does() -> None:
+    """The reference's VTAB-1k and FGVC transforms normalise with ImageNet's mean/std whatever the backbone; timm's
+    config for the IN-21k ViT-B/16 says 0.5. A recipe run takes ImageNet's, a plain run the model's own."""
+    names = [n for n in known_recipes() if n.startswith(("vtab/", "fgvc/", "snella/"))]
+    assert names and all(resolve_config(n, {}).normalize == "imagenet" for n in names)
+    tiny = {"model": "vit_tiny_patch16_224", "model_kwargs": {"depth": 1}, "img_size": 32}
+    for normalize, mean in (("model", (0.5, 0.5, 0.5)), ("imagenet", (0.485, 0.456, 0.406))):
+        backbone = build_backbone(TrainConfig(**tiny, normalize=normalize), num_classes=3)
+        assert backbone.mean == pytest.approx(mean)
+
+
 def test_precedence_defaults_then_recipe_then_flags() -> None:
     config = _parse(["--recipe", "vtab/cifar", "--lr", "0.05", "-s", "0.3", "--no-split-fused-qkv"])
     assert config.lr == 0.05 and config.sparsity == 0.3 and config.split_fused_qkv is False

@@ -85,6 +85,12 @@ class TrainConfig:
     )
     augment: str | None = _opt(None, "image protocol: vtab (resize, no augmentation) or fgvc (default: by format)")
     color_jitter: float = _opt(0.0, "colour jitter strength for fgvc training transforms")
+    normalize: str = _opt(
+        "model",
+        "image mean/std: the model's own (timm's pretrained config), or imagenet's, which the reference code uses "
+        "for VTAB-1k and FGVC whatever the backbone (the recipes' choice)",
+        ("model", "imagenet"),
+    )
     max_eval_samples: int | None = _opt(None, "evaluate on the first N examples of each split (a fixed subset)")
     num_classes: int | None = _opt(
         None,
@@ -541,8 +547,8 @@ _CAUSAL_LM_OPTIONS = (
     "score_by", "num_beams",
 )  # fmt: skip
 _CLASSIFIER_OPTIONS = (
-    "shots", "data_seed", "img_size", "num_classes", "augment", "color_jitter", "model_kwargs", "pretrained",
-    "drop_path_rate", "train_cls_token",
+    "shots", "data_seed", "img_size", "num_classes", "augment", "color_jitter", "normalize", "model_kwargs",
+    "pretrained", "drop_path_rate", "train_cls_token",
 )  # fmt: skip
 
 

@@ -110,7 +110,7 @@ def _outermost(names: set[str]) -> list[str]:
 
 
 def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
-    from timm.data import resolve_data_config
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
     kwargs = dict(config.model_kwargs)
     if config.drop_path_rate:
@@ -139,6 +139,8 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
     img_size = config.img_size or int(kwargs.get("img_size") or data_config["input_size"][-1])
     _check_image_size(model, int(data_config["input_size"][0]), img_size, config.model)
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    if config.normalize == "imagenet":
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
     return Backbone(model, "timm", heads, mean, std, img_size, info=info, weights=weights)
 
