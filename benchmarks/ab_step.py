@@ -89,10 +89,17 @@ def builder(model_name: str, method: str, library: ModuleType | None = None) -> 
 
 
 def paired_steps(
-    build_a: Callable[[], nn.Module], build_b: Callable[[], nn.Module], model_name: str, batch: int, pairs: int
+    build_a: Callable[[], nn.Module],
+    build_b: Callable[[], nn.Module],
+    model_name: str,
+    batch: int,
+    pairs: int,
+    methods: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, Any]:
     """Time ``pairs`` steps of model a and model b in alternating order (a b, b a, ...) after one warm-up step
-    each, on one shared batch; also each model's loss on that batch before training."""
+    each, on one shared batch; also each model's loss on that batch before training. ``methods`` names the
+    :data:`METHODS` entry of a and b where their steps run its ``after_step`` (SNELLA's allocator), as the suite's
+    steps do."""
     if pairs < 1:
         raise ValueError(f"pairs must be at least 1, got {pairs}")
     spec = MODELS[model_name]
@@ -102,7 +109,10 @@ def paired_steps(
     models = {"a": build_a().train(), "b": build_b().train()}
     with torch.no_grad():
         losses = {key: F.cross_entropy(model(images), labels).item() for key, model in models.items()}
-    steps = {key: make_step(model, images, labels, "fp32") for key, model in models.items()}
+    steps = {}
+    for key, name in zip(("a", "b"), methods, strict=True):
+        hook = None if name is None else METHODS[name].step_hook(models[key])
+        steps[key] = make_step(models[key], images, labels, "fp32", after_step=hook)
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {"a": [], "b": []}
@@ -151,7 +161,8 @@ def main() -> None:
             build_a, label_a = builder(args.model, args.method, library), args.baseline
         else:
             build_a, label_a = builder(args.model, args.against), args.against
-        result = paired_steps(build_a, build_b, args.model, args.batch, args.pairs)
+        methods = (None if args.baseline is not None else args.against, args.method)
+        result = paired_steps(build_a, build_b, args.model, args.batch, args.pairs, methods)
     result.update(a=label_a, b=f"{args.method} (working tree)")
     print(
         f"{args.model}, batch {args.batch}, {args.pairs} pairs: a = {result['a']}: {result['median_a']:.3f} s, "

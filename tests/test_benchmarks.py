@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,33 @@ def test_ab_step_imports_the_baseline_beside_the_working_tree_and_pairs_their_st
     assert sys.modules["snell"] is snell
     with pytest.raises(ValueError, match="pairs must be at least 1, got 0"):
         ab_step.paired_steps(build_a, build_b, "vit_tiny_test", batch=2, pairs=0)
+
+
+def test_ab_step_runs_each_methods_after_step_hook_as_the_suite_does() -> None:
+    """SNELLA's allocator runs after every optimizer step in the suite's workers; ab_step timed SNELLA-8 without it,
+    every layer left at the initial sparsity."""
+    import snell
+    from benchmarks import ab_step
+
+    built = {}
+
+    def keep(key: str) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:
+            built[key] = ab_step.builder("vit_tiny_test", "snella8")()
+            return built[key]
+
+        return build
+
+    ab_step.paired_steps(keep("a"), keep("b"), "vit_tiny_test", batch=2, pairs=1, methods=(None, "snella8"))
+    sparsities = {
+        key: {
+            s
+            for _, layer in snell.snell_layers(model)
+            for s in layer.snell_spec.group_sparsity or (layer.snell_spec.sparsity,)
+        }
+        for key, model in built.items()
+    }
+    assert sparsities["a"] <= {0.01} and len(sparsities["b"]) > 1  # b re-allocated after its steps, a did not
 
 
 def test_fused_layer_times_three_variants_in_turns() -> None:

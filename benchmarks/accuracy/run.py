@@ -173,8 +173,9 @@ def tuning_trials(task: Task, work: Path, quick: bool) -> tuple[list[Trial], lis
         base = dataclasses.replace(task.base, method=method)
         if method == "snella":
             # The schedule is stepped before each epoch t < T (T = epochs) and reaches the target at t = T − 1 only
-            # with one epoch of final warm-up: without it a 2-epoch run would end 1/8 of the way short of it.
-            base = dataclasses.replace(base, alloc_final_warmup=1 if base.epochs > 1 else 0)
+            # with one epoch of final warm-up: without it a 2-epoch run would end 1/8 of the way short of it. A
+            # 1-epoch run (--quick) would never re-allocate, which snell train refuses: SNELLA gets two there.
+            base = dataclasses.replace(base, epochs=max(base.epochs, 2), alloc_final_warmup=1)
             sparsities = TARGETS[-1:] if quick else TARGETS
         else:
             sparsities = (0.0, 0.9) if quick else SPARSITIES
