@@ -1,6 +1,7 @@
 """SNELL against LoRA, DoRA and full fine-tuning on a real pretrained LLM, offline, on CPU: SmolLM2-135M-Instruct.
 
-One command runs the study and writes its report to benchmarks/results/accuracy/smollm2/ (report.md, runs.csv):
+One command runs the study and writes its report to benchmarks/results/accuracy/smollm2/ (report.md, runs.csv);
+a part of it writes to runs/llm_study/report/ unless --out says otherwise (the committed report stays whole):
 
     .venv/bin/python -m benchmarks.llm_study                 # both tasks, every method, 3 seeds
     .venv/bin/python -m benchmarks.llm_study --tasks bbc --methods snell8,lora8   # a part of it
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from the runs that exist; run nothing"
     )
+    parser.add_argument(
+        "--out", type=Path, help=f"report folder (default {RESULTS} for the whole study, {RUNS / 'report'} for a part)"
+    )
     args = parser.parse_args(argv)
     tasks, keys = args.tasks.split(","), args.methods.split(",")
     unknown = [t for t in tasks if t not in TASKS] + [k for k in keys if k not in METHODS]
@@ -266,10 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown tasks or methods: {unknown}")
     started = time.time()
     records = study(tasks, keys, args.jobs, execute=not args.report_only)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    whole = set(tasks) == set(TASKS) and set(keys) == set(METHODS)
+    out = args.out or (RESULTS if whole else RUNS / "report")
+    out.mkdir(parents=True, exist_ok=True)
     text = report(records, tasks, keys, time.time() - started, sys.argv[1:] if argv is None else argv)
-    (RESULTS / "report.md").write_text(text)
-    write_csv(records, RESULTS / "runs.csv")
+    (out / "report.md").write_text(text)
+    write_csv(records, out / "runs.csv")
     print(text)
 
 

@@ -35,6 +35,7 @@ from benchmarks.report import REPO, Target, command_line, environment, environme
 
 FULL_OUT = REPO / "benchmarks" / "results"
 QUICK_OUT = REPO / "runs" / "bench-quick"
+PART_OUT = REPO / "runs" / "bench-part"  # a subset would overwrite the committed tables with its own part
 PARTS = ("train", "infer", "threshold")
 DEFAULT_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
 # Step times: blocks below 256 MiB come from the heap and freed memory is never handed back, so no method
@@ -406,17 +407,28 @@ def write_markdown(
     (out / "results.md").write_text("\n".join(parts) + "\n")
 
 
+def output_folder(args: argparse.Namespace) -> Path:
+    """--out, else the committed folder for the whole suite only: a part of it would replace its tables."""
+    whole = set(args.parts) == set(PARTS) and args.models is None and args.methods is None
+    return args.out or (QUICK_OUT if args.quick else FULL_OUT if whole else PART_OUT)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Target]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps and rounds: a smoke test, not results")
-    parser.add_argument("--out", type=Path, help=f"output folder (default {FULL_OUT} or, with --quick, {QUICK_OUT})")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default {FULL_OUT} for the whole suite, {PART_OUT} for a part of it (--parts, "
+        f"--models, --methods), {QUICK_OUT} with --quick)",
+    )
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="training/inference models to keep")
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="training methods to keep")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
+    out = output_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     env, command = environment(), command_line("benchmarks.run", argv)
     started = time.time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
@@ -48,6 +49,26 @@ def test_quick_training_run_writes_csv_markdown_and_plot(tmp_path: Path) -> None
     assert "| vit_tiny_test | fp32 | SNELL-8 s=0.9 |" in markdown
     assert "Command: `" in markdown and "--quick" in markdown
     assert (tmp_path / "training_vit_tiny_test.png").stat().st_size > 0
+
+
+def test_a_part_of_a_suite_never_writes_over_its_committed_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`benchmarks.run --parts infer` and `benchmarks.llm_study --report-only --tasks bbc` rewrote the committed
+    tables with their part alone (74 of 75 SmolLM2 runs gone from runs.csv)."""
+    from benchmarks import llm_study
+
+    parser = argparse.Namespace(quick=False, out=None, parts=list(run.PARTS), models=None, methods=None)
+    assert run.output_folder(parser) == run.FULL_OUT
+    for part in ({"parts": ["infer"]}, {"models": ["vit_b16"]}, {"methods": ["lora8"]}):
+        assert run.output_folder(argparse.Namespace(**{**vars(parser), **part})) == run.PART_OUT
+    assert run.output_folder(argparse.Namespace(**{**vars(parser), "out": tmp_path})) == tmp_path
+    monkeypatch.setattr(llm_study, "RESULTS", tmp_path / "committed")
+    monkeypatch.setattr(llm_study, "RUNS", tmp_path / "runs")
+    llm_study.main(["--report-only", "--tasks", "bbc", "--methods", "snell8,lora8"])
+    assert not (tmp_path / "committed").exists() and (tmp_path / "runs" / "report" / "report.md").is_file()
+    llm_study.main(["--report-only", "--tasks", "bbc", "--methods", "snell8", "--out", str(tmp_path / "chosen")])
+    assert (tmp_path / "chosen" / "runs.csv").is_file() and not (tmp_path / "committed").exists()
 
 
 class _SaveThree(torch.autograd.Function):
