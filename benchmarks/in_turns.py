@@ -52,8 +52,9 @@ def _verdicts(rows: dict[str, dict], target: RatioTarget) -> str | None:
         ("peak", mine["peak_mb"] / theirs["peak_mb"], target.peak_limit),
     ):
         if limit is not None:
-            verdict = Target(f"{column}: {target.method} / {target.against}", value, limit).verdict
-            parts.append(f"{column} {value:.3f} (target <= {limit}: {verdict})")
+            judged = Target(f"{column}: {target.method} / {target.against}", value, limit)
+            shown = judged.show(lambda v, digits: f"{v:.{digits}f}")
+            parts.append(f"{column} {shown} (target <= {limit}: {judged.verdict})")
         else:
             parts.append(f"{column} {value:.3f}")
     return f"{target.method} / {target.against}: {', '.join(parts)}"

@@ -8,7 +8,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,22 @@ class Target:
         if self.value is None:
             return "n/a"
         return "PASS" if self.value <= self.limit else "MISS"
+
+    @property
+    def shown(self) -> str:
+        """The value as the tables show numbers (:func:`fmt`), with the digits its verdict needs."""
+        return self.show(fmt)
+
+    def show(self, digits_format: Callable[[float, int], str]) -> str:
+        """The value in ``digits_format`` (value, digits), from 3 digits up to as many as its verdict needs:
+        1.000073 against a limit of 1.0 reads 1.0001, not a 1 that MISSes."""
+        if self.value is None:
+            return "–"
+        for digits in range(3, 10):
+            text = digits_format(self.value, digits)
+            if (float(text) <= self.limit) == (self.value <= self.limit):
+                return text
+        return repr(self.value)
 
 
 def _cpu_model() -> str:

@@ -277,7 +277,8 @@ def targets(
     peak = {m: _train_value(train, m, "peak_mb") for m in (ours, "lora8", "full", "snella8")}
     peak_default = {m: _train_value(train, m, "peak_default_malloc_mb") for m in (ours, "lora8", "full")}
     saved = {m: _train_value(train, m, "saved_mb") for m in (ours, "lora8")}
-    merged = next((r["ratio_to_base"] for r in infer if r["variant"] == "snell merged"), None)
+    vit_b16 = [r for r in infer if r["model"] == "vit_b16"]  # the heading says ViT-B/16: not another model's row
+    merged = next((r["ratio_to_base"] for r in vit_b16 if r["variant"] == "snell merged"), None)
     selection = next(
         (r["ratio_to_gemm"] for r in threshold if r["shape"] == "11008x4096" and r["method"].startswith("snell thr")),
         None,
@@ -356,7 +357,7 @@ def write_markdown(
         "## Targets (ViT-B/16, batch 8, fp32)",
         "",
         markdown_table(
-            ["target", "measured", "limit", "verdict"], [(g.name, g.value, f"<= {g.limit}", g.verdict) for g in goals]
+            ["target", "measured", "limit", "verdict"], [(g.name, g.shown, f"<= {g.limit}", g.verdict) for g in goals]
         ),
     ]
     if train:
@@ -463,8 +464,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
     pictures = plots.training(out, train) + plots.threshold(out, threshold)
     write_markdown(out, args.quick, env, command, goals, train, infer, threshold, pictures)
     for goal in goals:
-        shown = "n/a" if goal.value is None else f"{goal.value:.3f}"
-        print(f"{goal.verdict:4}  {goal.name}: {shown} (limit {goal.limit})")
+        print(f"{goal.verdict:4}  {goal.name}: {goal.shown} (limit {goal.limit})")
     print(f"results: {out / 'results.md'}")
     return goals
 

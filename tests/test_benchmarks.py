@@ -136,7 +136,8 @@ def test_targets_compare_the_right_rows() -> None:
         row("snella8", 5.52, 990.0, 900.0),
         row("snell32_s0.9", 5.04, 1010.0, 900.0),
     ]
-    infer = [{"variant": "snell merged", "ratio_to_base": 1.01}]
+    merged = (("vit_l16", 1.2), ("vit_b16", 1.01))  # the ViT-B/16 row, wherever it comes
+    infer = [{"model": m, "variant": "snell merged", "ratio_to_base": r} for m, r in merged]
     threshold = [{"shape": "11008x4096", "method": "snell threshold (τ of |ΔW| from ΔW)", "ratio_to_gemm": 0.3}]
     verdicts = {goal.name: (round(goal.value, 3), goal.verdict) for goal in run.targets(train, infer, threshold)}
     assert verdicts["step time: SNELL-8 s=0.9 / peft LoRA-8"] == (1.2, "PASS")
@@ -149,6 +150,23 @@ def test_targets_compare_the_right_rows() -> None:
     assert verdicts["step time: SNELL-32 s=0.9 / SNELL-8 s=0.9"] == (1.05, "PASS")
     assert verdicts["peak memory: SNELLA-8 / SNELL-8 s=0.9"] == (0.99, "PASS")
     assert all(verdict != "n/a" for _, verdict in verdicts.values())
+
+
+def test_a_value_is_shown_with_the_digits_its_verdict_needs() -> None:
+    """vit_b16_ranks/results.md read `| peak memory: SNELLA-8 / SNELL-8 s=0.9 | 1 | <= 1.0 | MISS |` for 1.000073."""
+    from benchmarks.report import Target
+
+    for value, limit, shown, verdict in [
+        (1.000073, 1.0, "1.0001", "MISS"),
+        (1.2504, 1.25, "1.2504", "MISS"),
+        (0.45004, 0.45, "0.45004", "MISS"),
+        (0.4499, 0.45, "0.45", "PASS"),  # rounds onto the limit, on the same side
+        (1.402, 1.25, "1.402", "MISS"),
+        (0.8617, 1.0, "0.862", "PASS"),
+        (None, 1.0, "–", "n/a"),
+    ]:
+        target = Target("x", value, limit)
+        assert (target.shown, target.verdict) == (shown, verdict)
 
 
 def test_peak_trace_records_every_block_in_both_directions_and_the_trim() -> None:

@@ -20,7 +20,7 @@ from benchmarks.gpu.run import Run
 from benchmarks.gpu.selection import part_blocks, part_selection
 from benchmarks.gpu.training import _emit_json, run_train_part, train_parts, train_worker
 from benchmarks.gpu.triton_check import part_triton_correctness, part_triton_timing, triton_min_numel
-from benchmarks.report import REPO, command_line, fmt
+from benchmarks.report import REPO, command_line
 
 FULL_OUT = REPO / "benchmarks" / "results" / "gpu"
 DEFAULT_BUDGET_S = 450.0  # 8 minutes less time for imports, CUDA start-up and writing the results
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
     print(f"SELECTION_TABLE[{device!r}] these measurements support: {measured_table_row(run)}")
     print(f"_TRITON_MIN_NUMEL these measurements support: {triton_min_numel(run.kernels)}")
     for target in targets(run):
-        print(f"{target.verdict}: {target.name} = {fmt(target.value)} (limit {target.limit})")
+        print(f"{target.verdict}: {target.name} = {target.shown} (limit {target.limit})")
     skipped = [p["part"] for p in run.parts if p["status"].startswith("skipped")]
     print(f"skipped: {', '.join(skipped) if skipped else 'nothing'}")
     print(f"results: {path} ({time.monotonic() - run.started:.0f} s)")

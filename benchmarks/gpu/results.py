@@ -204,7 +204,7 @@ def write_results(run: Run, out: Path, env: dict[str, str], command: str) -> Pat
     ]
     lines += [
         markdown_table(
-            ["target", "value", "limit", "verdict"], [[t.name, t.value, t.limit, t.verdict] for t in targets(run)]
+            ["target", "value", "limit", "verdict"], [[t.name, t.shown, t.limit, t.verdict] for t in targets(run)]
         )
     ]
     lines += ["", "## Parts", "", markdown_table(PART_COLUMNS, [[p[c] for c in PART_COLUMNS] for p in run.parts])]
