@@ -286,6 +286,9 @@ def test_an_fgvc_folder_finds_its_images_where_vpt_keeps_them(tmp_path, images):
     task = load_task(TrainConfig(data=str(tmp_path), data_format="fgvc", select_on="val"))
     assert [path for path, _ in task.train.files()] == [tmp_path / images / "a/0.png"]
     assert task.val[0][1] == 1 and task.test[0][1] == 1  # the images load
+    # the default protocol trains on train + val; the reference code, and so --protocol reference, on train alone
+    assert len(load_task(TrainConfig(data=str(tmp_path), data_format="fgvc")).train) == 2
+    assert len(load_task(TrainConfig(data=str(tmp_path), data_format="fgvc", protocol="reference")).train) == 1
 
 
 @pytest.mark.parametrize(

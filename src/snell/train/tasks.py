@@ -108,7 +108,7 @@ def load_task(config: TrainConfig) -> Task:
     if fmt == "vtab":
         task = _vtab_task(root, select, config.num_classes)
     elif fmt == "fgvc":
-        task = _fgvc_task(root, select, config.num_classes)
+        task = _fgvc_task(root, select, config.num_classes, train_only=config.protocol == "reference")
     elif fmt == "imagefolder":
         task = _imagefolder_task(root, select)
     elif fmt == "text":
@@ -150,16 +150,17 @@ def _vtab_task(root: Path, select: bool, num_classes: int | None) -> Task:
     return Task(root.name, "image", "vtab", train.num_classes, names, train, test, val)
 
 
-def _fgvc_task(root: Path, select: bool, num_classes: int | None) -> Task:
+def _fgvc_task(root: Path, select: bool, num_classes: int | None, train_only: bool = False) -> Task:
     # Every split takes its classes from train.json and val.json (or --num-classes), so a test label beyond
-    # them is an error.
+    # them is an error. The default protocol trains on train + val; the reference code (train_only) on train.json
+    # alone, even when it tests.
     images = D.fgvc_image_dir(root)
     train = D.FgvcJson(root, "train", num_classes=num_classes, image_dir=images)
     val = D.FgvcJson(root, "val", num_classes=num_classes, image_dir=images) if (root / "val.json").is_file() else None
     if select and val is None:
         raise UserError(f"{root / 'val.json'}: file not found (needed by --select-on val)")
     test = D.FgvcJson(root, "test", num_classes=num_classes, image_dir=images)
-    train_set = train if select or val is None else _concat([train, val])
+    train_set = train if select or train_only or val is None else _concat([train, val])
     names = [str(i) for i in range(train.num_classes)]
     return Task(root.name, "image", "fgvc", train.num_classes, names, train_set, test, val if select else None)
 
