@@ -180,3 +180,31 @@ def test_an_adapted_layer_inside_modules_to_save_is_refused_before_anything_chan
         snell.get_snell_model(model, snell.SnellConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.1"]))
     assert [type(m) for m in model.modules()] == types
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("route", ["core", "peft"])
+def test_phi3_fused_projections_are_adapted_one_matrix_at_a_time_where_their_parts_are_equal(route):
+    """Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj); the preset left both out. Equal parts are split as
+    the reference code splits q, k and v; grouped-query q/k/v (unequal parts) stay one matrix, with a warning."""
+
+    def phi3(kv_heads):
+        config = transformers.Phi3Config(
+            vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=kv_heads, pad_token_id=0,
+        )  # fmt: skip
+        return transformers.Phi3ForCausalLM(config)
+
+    def groups(model):
+        if route == "core":
+            snell.get_snell_model(model, snell.SnellConfig(r=4))
+            return {n.rpartition(".")[2]: layer.snell_spec.groups for n, layer in snell.snell_layers(model)}
+        peft = pytest.importorskip("peft")
+        from snell.integrations.peft import SnellPeftConfig, SnellPeftLayer
+
+        model = peft.get_peft_model(model, SnellPeftConfig(r=4, task_type="CAUSAL_LM"))
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, SnellPeftLayer)}
+        return {n.rpartition(".")[2]: m.snell_specs["default"].groups for n, m in layers.items()}
+
+    assert groups(phi3(4)) == {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
+    with pytest.warns(UserWarning, match="fuses q, k and v of unequal sizes"):
+        assert groups(phi3(1)) == {"qkv_proj": 1, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}

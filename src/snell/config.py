@@ -117,7 +117,8 @@ class SnellConfig:
             model's head (found by name, see :func:`snell.model.head_name`) without naming it in
             ``modules_to_save``; None or another type changes nothing.
         split_fused_qkv: give fused q/k/v projections (timm's ``qkv``) one adapter per q, k and v, so each
-            is sparsified as its own matrix, as the reference code does.
+            is sparsified as its own matrix, as the reference code does (and Phi-3's fused gate/up, one per half;
+            a grouped-query fused q/k/v, whose parts differ in size, stays one matrix, with a warning).
     """
 
     r: int = 8

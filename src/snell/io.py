@@ -263,7 +263,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"the adapter in {directory} was made for another architecture: {type(model).__name__} "
                 f"has no module {name!r}"
             )
-        spec = build_spec(name, modules[name], config)
+        spec = build_spec(name, modules[name], config, modules[name.rpartition(".")[0]])
         if _layer_record(spec) != record:
             raise ValueError(
                 f"the adapter in {directory} was made for another architecture: layer {name!r} is "

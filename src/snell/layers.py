@@ -9,6 +9,7 @@ Frozen normalisation layers with running statistics are held in eval mode the sa
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -22,9 +23,9 @@ from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell, sparse_delta
 from snell.spec import SnellSpec, to_weight_layout, with_sparsities
 
-# Fused projections whose output rows stack several matrices (q, k, v) that the reference code adapts
-# and sparsifies separately.
-FUSED_QKV_NAMES = frozenset({"qkv", "c_attn", "qkv_proj", "Wqkv"})
+# Fused projections whose output rows stack several matrices that the reference code adapts and sparsifies
+# separately (q, k, v), and how many: Phi-3 fuses q/k/v as qkv_proj, and its MLP's gate and up as gate_up_proj.
+FUSED_PARTS = {"qkv": 3, "c_attn": 3, "qkv_proj": 3, "Wqkv": 3, "gate_up_proj": 2}
 
 
 # Subclasses of nn.Linear whose own forward computes x·Wᵀ + b as nn.Linear's does (timm's casts for TorchScript only;
@@ -82,8 +83,26 @@ def call_through_forward(name: str, parent: nn.Module) -> None:
         parent.qkv_bias_separate = True
 
 
-def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
-    """Describe how ``module`` is adapted; raises TypeError/ValueError before anything is changed."""
+def _fused_groups(name: str, out_features: int, config: SnellConfig, parent: nn.Module | None) -> int:
+    """How many matrices the output rows of layer ``name`` stack, to adapt one by one (1: one matrix). A fused
+    q/k/v of grouped-query attention (its ``parent`` has ``num_key_value_groups`` > 1) stacks unequal q, k and v,
+    which equal groups would straddle: it is adapted as one matrix, with a warning."""
+    parts = FUSED_PARTS.get(name.rpartition(".")[2], 1) if config.split_fused_qkv else 1
+    if parts == 1 or out_features % parts:
+        return 1
+    if parts == 3 and getattr(parent, "num_key_value_groups", 1) != 1:
+        warnings.warn(
+            f"{type(parent).__name__} fuses q, k and v of unequal sizes (grouped-query attention): its fused "
+            "projection is adapted and sparsified as one matrix, not as q, k and v apart",
+            stacklevel=3,
+        )
+        return 1
+    return parts
+
+
+def build_spec(name: str, module: nn.Module, config: SnellConfig, parent: nn.Module | None = None) -> SnellSpec:
+    """Describe how ``module`` (a child of ``parent``) is adapted; raises TypeError/ValueError before anything is
+    changed."""
     op = describe_support(module)
     base = _BASES.get(op)
     owner = _own_forward(module, base) if base is not None else None
@@ -115,9 +134,7 @@ def build_spec(name: str, module: nn.Module, config: SnellConfig) -> SnellSpec:
             conv_groups=module.groups,
         )
     out_features = weight_shape[1] if op == "linear_t" else weight_shape[0]
-    groups = 1
-    if config.split_fused_qkv and name.rsplit(".", 1)[-1] in FUSED_QKV_NAMES and out_features % 3 == 0:
-        groups = 3
+    groups = _fused_groups(name, out_features, config, parent)
     spec = SnellSpec(
         op=op,
         weight_shape=weight_shape,

@@ -97,7 +97,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
     check_layer_sparsity_names(config, names, model)
     for name in names:
         check_forward_called(name, modules[name.rpartition(".")[0]])
-    return {name: build_spec(name, modules[name], config) for name in names}
+    return {name: build_spec(name, modules[name], config, modules[name.rpartition(".")[0]]) for name in names}
 
 
 def _named_matches(

@@ -61,7 +61,8 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         "hf_llama",
         ("Llama", "Mistral", "Qwen", "Gemma", "Phi3"),
-        r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
+        r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)"
+        r"|mlp\.(gate_proj|up_proj|gate_up_proj|down_proj))",
     ),
     Preset("hf_gpt2", ("GPT2",), r"(.*\.)?h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(c_fc|c_proj))"),
 )

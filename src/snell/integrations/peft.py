@@ -205,7 +205,9 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("snell_A", "snell_B", "snell_coefficients", "snell_mix")
     other_param_names = ("snell_specs", "snell_dropouts", "snell_learnable")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, name: str) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, name: str, parent: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.training = base_layer.training  # a model adapted in eval mode stays in eval mode (no adapter dropout)
         self.base_layer = base_layer
@@ -225,11 +227,12 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, name)
+        self.update_layer(adapter_name, config, name, parent)
 
-    def update_layer(self, adapter_name: str, config: SnellConfig, name: str) -> None:
-        """Add adapter ``adapter_name`` (spec and initial factors exactly as ``snell.get_snell_model`` makes them)."""
-        spec = build_spec(name, self.base_layer, config)
+    def update_layer(self, adapter_name: str, config: SnellConfig, name: str, parent: nn.Module | None = None) -> None:
+        """Add adapter ``adapter_name`` (spec and initial factors exactly as ``snell.get_snell_model`` makes them;
+        ``parent``, the module holding this layer, tells a grouped-query fused q/k/v apart)."""
+        spec = build_spec(name, self.base_layer, config, parent)
         a, b, coefficients = new_factors(spec, config, self.base_layer.weight)
         load_kernels(spec, self.base_layer.weight, a)
         self.snell_A[adapter_name] = a
@@ -392,7 +395,8 @@ class SnellPeftModel(BaseTuner):
         for name, module in modules.items():
             if name and not name.startswith(wrapped) and self._check_target_module_exists(peft_config, name):
                 check_forward_called(name, modules[name.rpartition(".")[0]])
-                build_spec(name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, config)
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                build_spec(name, base, config, modules[name.rpartition(".")[0]])
                 targets.append(name)
         if targets:
             check_layer_sparsity_names(config, targets, model)
@@ -409,9 +413,10 @@ class SnellPeftModel(BaseTuner):
     ) -> None:
         config = peft_config.snell_config()
         if isinstance(target, SnellPeftLayer):
-            target.update_layer(adapter_name, config, current_key)
+            target.update_layer(adapter_name, config, current_key, parent)
         else:
-            self._replace_module(parent, target_name, SnellPeftLayer(target, adapter_name, config, current_key), target)
+            layer = SnellPeftLayer(target, adapter_name, config, current_key, parent)
+            self._replace_module(parent, target_name, layer, target)
             call_through_forward(current_key, parent)
 
 
