@@ -560,6 +560,9 @@ def _gemm_bound(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
 
 def test_several_active_adapters_add_their_own_sparsified_updates_as_lora_adapters_do():
     model, layer = _two_adapters(dict(r=8, sparsity=0.8))
+    with pytest.raises(TypeError, match="does not support add_weighted_adapter: SNELL's ΔW is a sparsified kernel"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")  # LoRA's, which mixes factors
+    assert set(model.peft_config) == {"default", "other"}
     x = torch.randn(5, 12)
     w0, bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach()
     with torch.no_grad():

@@ -356,6 +356,15 @@ class SnellPeftModel(BaseTuner):
                 "this model already has snell.get_snell_model adapters; use a fresh model for get_peft_model"
             )
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused by name (peft's LoRA combines its low-rank products): a weighted sum of SNELL factors is not the
+        weighted sum of their kernelized, sparsified updates, so there is nothing exact to build."""
+        raise TypeError(
+            f"{type(self).__name__} does not support add_weighted_adapter: SNELL's ΔW is a sparsified kernel of "
+            "its factors, so mixing factors does not mix updates; activate several adapters together instead "
+            "(model.base_model.set_adapter([...]): their sparsified updates add up)"
+        )
+
     def _check_merge_allowed(self) -> None:
         """peft calls this before merging any layer (merge_adapter, merge_and_unload): every layer is checked as
         the core checks them, before the first weight changes. A refusal found at a later layer used to leave the
