@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES, SNELL_SETTINGS, build_snell
-from benchmarks.report import REPO
+from benchmarks.report import REPO, positive_int
 from benchmarks.run import TIMED_ENV
 from benchmarks.step import make_step
 
@@ -146,8 +146,8 @@ def main() -> None:
     against.add_argument("--against", choices=list(METHODS), help="method that --method is timed against")
     parser.add_argument("--method", choices=list(METHODS), default="snell8_s0.9")
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--pairs", type=positive_int, default=10)
     args = parser.parse_args()
     if args.baseline is not None and args.method not in SNELL_SETTINGS:
         parser.error(f"--baseline compares SNELL methods ({', '.join(SNELL_SETTINGS)}), got --method {args.method}")
@@ -157,7 +157,10 @@ def main() -> None:
     build_b = builder(args.model, args.method)
     with tempfile.TemporaryDirectory() as folder:
         if args.baseline is not None:
-            library = import_snell_revision(args.baseline, Path(folder))
+            try:
+                library = import_snell_revision(args.baseline, Path(folder))
+            except ValueError as err:
+                parser.error(str(err))
             build_a, label_a = builder(args.model, args.method, library), args.baseline
         else:
             build_a, label_a = builder(args.model, args.against), args.against

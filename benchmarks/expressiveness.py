@@ -38,7 +38,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import snell
-from benchmarks.report import REPO, command_line, environment, environment_markdown, markdown_table, write_csv
+from benchmarks.report import (
+    REPO,
+    command_line,
+    environment,
+    environment_markdown,
+    markdown_table,
+    positive_int,
+    write_csv,
+)
 
 KERNELS = ("linear", "piecewise_linear", "rbf", "sigmoid")
 PAPER_LR = 1e-4
@@ -180,18 +188,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke test")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results, or runs/bench-quick)")
-    parser.add_argument("--size", type=int, help="target is size×size (default 256; quick 48)")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, help="Adam steps per fit (default 3000; quick 60)")
-    parser.add_argument("--seeds", type=int, help="seeds per setting (default 3; quick 1)")
+    parser.add_argument("--size", type=positive_int, help="target is size×size (default 256; quick 48)")
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, help="Adam steps per fit (default 3000; quick 60)")
+    parser.add_argument("--seeds", type=positive_int, help="seeds per setting (default 3; quick 1)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[PAPER_LR, 1e-2])
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     # Matrices this small gain nothing from a second thread, and one thread is immune to a busy machine.
     torch.set_num_threads(1)
-    size = args.size or (48 if args.quick else 256)
-    steps = args.steps or (60 if args.quick else 3000)
-    seeds = args.seeds or (1 if args.quick else 3)
+    size = args.size if args.size is not None else 48 if args.quick else 256
+    steps = args.steps if args.steps is not None else 60 if args.quick else 3000
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick else 3
     out = args.out or REPO / ("runs/bench-quick" if args.quick else "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     env, command = environment(), command_line("benchmarks.expressiveness", argv)

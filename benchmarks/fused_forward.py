@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from benchmarks.fused_layer import paired
+from benchmarks.report import matrix_shape, positive_int
 from snell import fused_cpu
 from snell.layers import init_factors
 
@@ -56,12 +57,12 @@ def compare(m: int, n: int, rank: int, dtype: torch.dtype, mode: str, sparsity: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), metavar="OUTxIN")
-    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--shapes", nargs="+", type=matrix_shape, default=list(SHAPES), metavar="OUTxIN")
+    parser.add_argument("--ranks", nargs="+", type=positive_int, default=[8, 32])
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--mode", choices=("reference", "mask"), default="reference")
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     if not fused_cpu.available():

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from benchmarks.report import matrix_shape, positive_int
 from benchmarks.run import TIMED_ENV
 from snell import fused_cpu
 from snell.function import FusedSnell
@@ -183,16 +184,20 @@ def sweep(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-features", type=int, default=11008)
-    parser.add_argument("--in-features", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--out-features", type=positive_int, default=11008)
+    parser.add_argument("--in-features", type=positive_int, default=4096)
+    parser.add_argument("--tokens", type=positive_int, default=256)
+    parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--kernel", choices=("piecewise_linear", "mixk"), default="piecewise_linear")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument(
-        "--sweep", nargs="+", metavar="OUTxIN", help="time fwd + bwd for each of these shapes (OUTxINxKHxKW: a Conv2d)"
+        "--sweep",
+        nargs="+",
+        type=matrix_shape,
+        metavar="OUTxIN",
+        help="time fwd + bwd for each of these shapes (OUTxINxKHxKW: a Conv2d)",
     )
     parser.add_argument("--out", help="with --sweep: write the rows as JSON here")
     args = parser.parse_args()

@@ -17,6 +17,7 @@ import torch
 
 import snell
 from benchmarks.methods import ADAPTED_LAYERS, MODELS
+from benchmarks.report import positive_int
 
 
 def benchmark_inference(model_name: str, batch: int, rounds: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -55,8 +56,8 @@ def benchmark_inference(model_name: str, batch: int, rounds: int, seed: int = 0)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--rounds", type=positive_int, default=10)
     args = parser.parse_args()
     print(json.dumps(benchmark_inference(args.model, args.batch, args.rounds)))
 

@@ -37,6 +37,7 @@ from torch import nn
 from benchmarks import llama
 from benchmarks.in_turns import RatioTarget, drive_in_turns, measure
 from benchmarks.memory import SavedTensorBytes, run_steps
+from benchmarks.report import positive_int
 
 MB = 1024 * 1024
 LLAMA_LAYERS = r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -155,11 +156,13 @@ def method_parser(doc: str, seq: int, batch: int, rounds: int | None) -> argpars
     rounds in turns, and the worker mode."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--batch", type=int, default=batch)
-    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--batch", type=positive_int, default=batch)
+    parser.add_argument("--seq", type=positive_int, default=seq)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=rounds, help="time every method this many times, in turns")
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument(
+        "--rounds", type=positive_int, default=rounds, help="time every method this many times, in turns"
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--worker", action="store_true", help="run one method in this process (JSON on stdout)")
@@ -175,8 +178,10 @@ def write_rows(rows: list[dict[str, Any]], out: str | None) -> None:
 
 def main() -> None:
     parser = method_parser(__doc__, seq=512, batch=1, rounds=None)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=positive_int, default=2)
     args = parser.parse_args()
+    if args.worker and args.method is None:
+        parser.error("--worker needs --method")
     if args.worker:
         print(json.dumps(worker(args.method, args.layers, args.seq, args.warmup, args.steps, args.batch)))
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.metadata
 import os
@@ -106,6 +107,25 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, rounds, pairs, ...), else argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def matrix_shape(text: str) -> str:
+    """argparse type: a matrix shape OUTxIN (OUTxINxKHxKW for a Conv2d), each side an integer >= 1."""
+    sides = text.lower().split("x")
+    if len(sides) not in (2, 4) or not all(side.isdigit() and int(side) > 0 for side in sides):
+        raise argparse.ArgumentTypeError(f"expected a shape such as 11008x4096, got {text!r}")
+    return text
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -50,6 +50,8 @@ def drive(
 def main() -> None:
     parser = method_parser(__doc__, seq=256, batch=4, rounds=1)
     args = parser.parse_args()
+    if args.worker and args.method is None:
+        parser.error("--worker needs --method")
     if args.worker:
         print(json.dumps(worker(args.method, args.batch, args.seq, args.warmup, args.steps)))
         return

@@ -18,6 +18,7 @@ from torch import nn
 
 from benchmarks.memory import SavedTensorBytes, run_steps
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
+from benchmarks.report import positive_int
 
 MB = 1024 * 1024
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -100,9 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
     parser.add_argument("--method", choices=list(METHODS), required=True)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
     result = benchmark_training(args.model, args.method, args.batch, args.warmup, args.steps, args.dtype)

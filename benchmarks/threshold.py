@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import matrix_shape, positive_int
 from snell import sparsify
 from snell.kernels import kernel_delta
 from snell.layers import init_factors
@@ -87,8 +88,10 @@ def benchmark_shape(m: int, n: int, repeats: int) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shapes", nargs="+", default=[f"{m}x{n}" for m, n in SHAPES], help="MxN, ...")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--shapes", nargs="+", type=matrix_shape, default=[f"{m}x{n}" for m, n in SHAPES], help="MxN, ..."
+    )
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args()
     rows = []
     for shape in args.shapes:

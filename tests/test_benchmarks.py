@@ -71,6 +71,28 @@ def test_a_part_of_a_suite_never_writes_over_its_committed_results(
     assert (tmp_path / "chosen" / "runs.csv").is_file() and not (tmp_path / "committed").exists()
 
 
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("benchmarks.ab_step", ["--against", "lora8", "--pairs", "0"], "--pairs: expected an integer >= 1, got '0'"),
+        ("benchmarks.fused_forward", ["--shapes", "64x"], "--shapes: expected a shape such as 11008x4096, got '64x'"),
+        ("benchmarks.threshold", ["--repeats", "0"], "--repeats: expected an integer >= 1"),
+        ("benchmarks.expressiveness", ["--steps", "-1"], "--steps: expected an integer >= 1, got '-1'"),
+        ("benchmarks.llm_scale", ["--worker"], "--worker needs --method"),
+    ],
+)
+def test_a_benchmarks_bad_flag_value_is_one_line_and_exit_2(
+    module: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They raised StatisticsError, IndexError or KeyError tracebacks, or ran with another value than recorded."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main()  # reads sys.argv
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 class _SaveThree(torch.autograd.Function):
     """Saves x, a view of x and a parameter: only x's storage is new memory."""
 

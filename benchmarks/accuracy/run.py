@@ -41,6 +41,7 @@ from typing import Any
 from benchmarks.accuracy.pretrain_vit import MODEL_KWARGS as VIT_KWARGS
 from benchmarks.accuracy.pretrain_vit import MODEL_NAME as VIT_NAME
 from benchmarks.accuracy.pretrain_vit import WEIGHTS as VIT_WEIGHTS
+from benchmarks.report import positive_int
 from snell.train.config import TrainConfig
 from snell.train.data import package_dir
 from snell.train.search import (
@@ -452,8 +453,10 @@ def finals_sizes(finals: dict[str, list[dict[str, Any]]], task: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, 1 seed, one lr per method")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: fastest on a busy machine)")
+    parser.add_argument("--jobs", type=positive_int, default=2, help="runs at once, each in its own process")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads per run (1: fastest on a busy machine)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
