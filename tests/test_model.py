@@ -358,6 +358,24 @@ def test_drop_path_draws_one_factor_per_sample_and_q_k_v_group(sharing):
     assert 200 < mixed < 400 if sharing == "split" else mixed == 0
 
 
+def test_undropped_modules_keep_their_adapter_input_whole_as_the_reference_keeps_attn_proj(tmp_path):
+    """The reference code drops the adapter input of q, k, v, fc1 and fc2 but not of attn.proj: one dropout for
+    every layer could not express its recipes."""
+    model = _tiny_vit(depth=1)
+    config = snell.SnellConfig(r=4, sparsity=0.5, dropout=0.5, undropped_modules=["proj"])
+    snell.get_snell_model(model, config)
+    rates = {n.rpartition("blocks.0.")[2]: layer.snell_dropout for n, layer in snell.snell_layers(model)}
+    assert rates == {"attn.qkv": 0.5, "attn.proj": 0.0, "mlp.fc1": 0.5, "mlp.fc2": 0.5}
+    x = torch.randn(2, 5, model.embed_dim)
+    proj, fc1 = model.blocks[0].attn.proj.train(), model.blocks[0].mlp.fc1.train()
+    assert torch.equal(proj(x), proj(x)) and not torch.equal(fc1(x), fc1(x))
+    snell.save_adapter(model, tmp_path)
+    loaded = snell.load_adapter(_tiny_vit(depth=1), tmp_path)
+    assert loaded.blocks[0].attn.proj.snell_dropout == 0.0 and loaded.blocks[0].mlp.fc2.snell_dropout == 0.5
+    with pytest.raises(ValueError, match=r"undropped_modules \['proj_out'\] match none of the 4 layers adapted"):
+        snell.get_snell_model(_tiny_vit(depth=1), dataclasses.replace(config, undropped_modules=["proj_out"]))
+
+
 def test_dropout_training_step_is_a_function_of_the_seed():
     check_dropout_is_reproducible()
 

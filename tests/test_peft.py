@@ -502,6 +502,16 @@ def test_a_low_cpu_mem_usage_load_into_a_bf16_base_is_the_normal_load(tmp_path, 
     assert coefficients.dtype == torch.float32 and not coefficients.requires_grad
 
 
+def test_undropped_modules_reach_the_peft_layers_and_the_saved_config(tmp_path):
+    config = SnellPeftConfig(r=4, target_modules=["lin0", "lin1"], dropout=0.2, undropped_modules=["lin1"])
+    model = peft.get_peft_model(MLP(), config)
+    layers = model.base_model.model
+    assert layers.lin0.snell_dropouts["default"][0] == 0.2 and layers.lin1.snell_dropouts["default"][0] == 0.0
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(MLP(), tmp_path)
+    assert reloaded.base_model.model.lin1.snell_dropouts["default"][0] == 0.0
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=["linear", "conv2d", "conv1d"])
 def test_layers_report_in_and_out_features_as_lora_layers_do(case):
     base, fresh, _, config = _build(case)

@@ -56,6 +56,7 @@ def test_recipe_values_follow_the_reference_scripts() -> None:
     cifar = resolve_config("vtab/cifar", {})
     assert (cifar.lr, cifar.batch_size, cifar.epochs, cifar.sparsity, cifar.weight_decay) == (1e-3, 16, 200, 0.9, 0.01)
     assert (cifar.adapter_dropout, cifar.adapter_drop_path, cifar.drop_path_rate) == (0.1, 0.1, 0.1)
+    assert cifar.undropped_modules == r"(.*\.)?attn\.proj"  # the reference drops no attn.proj input
     camelyon = resolve_config("vtab/patch_camelyon", {})
     assert (camelyon.lr, camelyon.epochs, camelyon.sparsity, camelyon.weight_decay) == (7e-4, 100, 0.15, 0.05)
     dogs = resolve_config("fgvc/stanford_dogs", {})

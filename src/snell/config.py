@@ -82,6 +82,14 @@ def _checked_layer_sparsity(value: Any) -> dict[str, list[float]]:
     return checked
 
 
+def name_matches(name: str, selector: list[str] | str) -> bool:
+    """Whether module ``name`` is selected by ``selector``: a regular expression over the full name (str), or a list
+    of name suffixes, each matching whole dotted parts (``proj`` selects ``attn.proj``, not ``q_proj``)."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == s or name.endswith("." + s) for s in selector)
+
+
 @dataclass
 class SnellConfig:
     """Configuration of SNELL adapters.
@@ -111,6 +119,8 @@ class SnellConfig:
         parameters_to_save: parameter-name suffixes trained fully and saved with the adapter, for tensors
             that are no module of their own (e.g. a ViT's ``cls_token``, which the reference code trains).
         dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the single-GEMM path).
+        undropped_modules: like target_modules, adapted layers whose adapter input gets no dropout (the reference
+            code drops the input of q, k, v, fc1 and fc2, not of attn.proj: its recipes here give ``["proj"]``).
         drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
         task_type: what the model is fine-tuned for (peft's names: "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
             "CAUSAL_LM", ...; "IMAGE_CLS" for a timm classifier). A classification type trains and saves the
@@ -134,6 +144,7 @@ class SnellConfig:
     modules_to_save: list[str] | None = None
     parameters_to_save: list[str] | None = None
     dropout: float = 0.0
+    undropped_modules: list[str] | str | None = None
     drop_path: float = 0.0
     split_fused_qkv: bool = True
     task_type: str | None = None
@@ -195,7 +206,7 @@ class SnellConfig:
                 raise ValueError(f"coefficients must be finite numbers, got {self.coefficients}")
             if self.kernel == "mixk" and self.coefficients[self.num_pieces + 1] == 0.0:  # softmax(D / γ)
                 raise ValueError(f"mixk's γ (coefficients[{self.num_pieces + 1}]) divides D; it must not be 0")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "undropped_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -225,6 +236,11 @@ class SnellConfig:
         return (
             self.coefficients if self.coefficients is not None else default_coefficients(self.kernel, self.num_pieces)
         )
+
+    def dropout_for(self, name: str) -> float:
+        """The adapter-input dropout of adapted layer ``name``: ``dropout``, or 0 for ``undropped_modules``."""
+        undropped = self.undropped_modules is not None and name_matches(name, self.undropped_modules)
+        return 0.0 if undropped else float(self.dropout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -412,8 +412,8 @@ def load_kernels(spec: SnellSpec, weight: Tensor, factor: Tensor) -> None:
     kernel_path(spec, weight.device, factor.shape[-1], factor.dtype, weight.dtype)
 
 
-def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLayer:
-    """Turn ``module`` into a SNELL layer in place and return it."""
+def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig, name: str) -> SnellLayer:
+    """Turn ``module`` (named ``name`` in its model) into a SNELL layer in place and return it."""
     a, b, coefficients = new_factors(spec, config, module.weight)
     load_kernels(spec, module.weight, a)
     module.__class__ = _mixed_class(SnellLayer, type(module), "Snell")
@@ -425,7 +425,7 @@ def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig) -> SnellLaye
         module.register_buffer("snell_coefficients", coefficients, persistent=False)
     module.register_parameter("snell_mix", new_mix(spec, config, module.weight))
     module.snell_spec = spec
-    module.snell_dropout = float(config.dropout)
+    module.snell_dropout = config.dropout_for(name)
     module.snell_drop_path = float(config.drop_path)
     module.snell_merged = False
     module.snell_disabled = False

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
 from torch import nn
 
-from snell.config import HEAD_TASK_TYPES, SnellConfig
+from snell.config import HEAD_TASK_TYPES, SnellConfig, name_matches
 from snell.layers import (
     FrozenStatsNorm,
     SnellLayer,
@@ -34,17 +33,11 @@ logger = logging.getLogger("snell")
 T = TypeVar("T")
 
 
-def _name_matches(name: str, selector: Sequence[str] | str) -> bool:
-    if isinstance(selector, str):
-        return re.fullmatch(selector, name) is not None
-    return any(name == s or name.endswith("." + s) for s in selector)
-
-
 def _unmatched(selectors: Sequence[str], names: Iterable[str]) -> list[str]:
     """The entries of a list of name suffixes that match none of ``names``: a typo in one would silently
     adapt, exclude or save less than asked."""
     names = list(names)
-    return [s for s in selectors if not any(_name_matches(n, [s]) for n in names)]
+    return [s for s in selectors if not any(name_matches(n, [s]) for n in names)]
 
 
 def enclosing_module(name: str, modules: Iterable[str]) -> str | None:
@@ -67,7 +60,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         logger.info("snell: target_modules=None, using preset %r (%s)", preset.name, preset.pattern)
         selector = preset.pattern
     modules = dict(model.named_modules())
-    names = [n for n in modules if n and _name_matches(n, selector)]
+    names = [n for n in modules if n and name_matches(n, selector)]
     sample = ", ".join(n for n in list(modules)[1:9])
     if not names:
         raise ValueError(
@@ -91,10 +84,17 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
                 f"{type(model).__name__}, so they would exclude nothing"
             )
     if excluded is not None:
-        names = [n for n in names if not _name_matches(n, excluded)]
+        names = [n for n in names if not name_matches(n, excluded)]
         if not names:
             raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
     check_layer_sparsity_names(config, names, model)
+    if isinstance(config.undropped_modules, list):
+        idle = _unmatched(config.undropped_modules, names)
+        if idle:
+            raise ValueError(
+                f"undropped_modules {idle} match none of the {len(names)} layers adapted in {type(model).__name__}, "
+                "so they would keep dropout on none"
+            )
     for name in names:
         check_forward_called(name, modules[name.rpartition(".")[0]])
     return {name: build_spec(name, modules[name], config, modules[name.rpartition(".")[0]]) for name in names}
@@ -104,7 +104,7 @@ def _named_matches(
     model: nn.Module, named: Iterable[tuple[str, T]], setting: str, selectors: list[str]
 ) -> dict[str, T]:
     """The (name, object) pairs whose name ``selectors`` match; ValueError naming any selector matching none."""
-    found = {n: obj for n, obj in named if n and _name_matches(n, selectors)}
+    found = {n: obj for n, obj in named if n and name_matches(n, selectors)}
     missing = _unmatched(selectors, found)
     if missing:
         kind = setting.removesuffix("s_to_save")
@@ -145,7 +145,7 @@ def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, 
     selectors = list(config.modules_to_save or [])
     if config.task_type in HEAD_TASK_TYPES:
         head = head_name(model)
-        if not any(_name_matches(head, [s]) for s in selectors):
+        if not any(name_matches(head, [s]) for s in selectors):
             selectors.append(head)
     if not selectors:
         return {}
@@ -196,7 +196,7 @@ def inject(model: nn.Module, config: SnellConfig, specs: dict[str, SnellSpec]) -
         for param in model.parameters():
             param.requires_grad_(False)
         for name, spec in specs.items():
-            attached.append(attach(modules[name], spec, config))
+            attached.append(attach(modules[name], spec, config, name))
         for module in to_save.values():
             module.requires_grad_(True)
         for param in parameters_to_save.values():

@@ -124,6 +124,7 @@ _METHOD_FIELDS = (
     "layer_sparsity",
     "sparsify_mode",
     "dropout",
+    "undropped_modules",
     "drop_path",
     "split_fused_qkv",
     "format_version",
@@ -166,6 +167,9 @@ class SnellPeftConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules never adapted"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained fully and saved"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    undropped_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "adapted modules whose adapter input gets no dropout (the reference: proj)"}
+    )
     drop_path: float = field(default=0.0, metadata={"help": "per-sample DropPath on the adapter output"})
     split_fused_qkv: bool = field(default=True, metadata={"help": "one adapter per q, k, v of a fused projection"})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "SNELL adapter format version"})
@@ -242,7 +246,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         if mix is not None:
             self.snell_mix[adapter_name] = mix
         self.snell_specs[adapter_name] = spec
-        self.snell_dropouts[adapter_name] = (float(config.dropout), float(config.drop_path))
+        self.snell_dropouts[adapter_name] = (config.dropout_for(name), float(config.drop_path))
         self.snell_learnable[adapter_name] = config.learnable_coefficients
         self.set_adapter(self.active_adapters)
 

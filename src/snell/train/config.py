@@ -134,6 +134,13 @@ class TrainConfig:
     )
     split_fused_qkv: bool = _opt(True, "SNELL: one adapter per q, k and v of a fused qkv projection")
     adapter_dropout: float = _opt(0.0, "dropout on the adapter input (SNELL dropout, LoRA lora_dropout)")
+    undropped_modules: list | str | None = field(
+        default=None,
+        metadata=_meta(
+            "SNELL: adapted layers whose adapter input gets no --adapter-dropout, same syntax as --target-modules "
+            "(the reference code's: proj)"
+        ),
+    )
     adapter_drop_path: float = _opt(0.0, "SNELL: DropPath on the adapter output")
     lora_alpha: float | None = _opt(None, "LoRA/DoRA alpha (default: r, i.e. scale 1)")
     # SNELLA's sparsity allocation (the authors' train_alloc*.py flags in brackets; defaults: their snella32 scripts)
@@ -455,7 +462,7 @@ def _normalise(key: str, value: Any, source: str) -> Any:
             return int(value)
     except ValueError:
         raise UserError(f"{source}: {key} must be a number, got {value!r}") from None
-    if key in ("target_modules", "exclude_modules") and isinstance(value, str):
+    if key in ("target_modules", "exclude_modules", "undropped_modules") and isinstance(value, str):
         return parse_modules(value)
     if key == "coefficients" and isinstance(value, str):
         return parse_floats(value, key)
@@ -525,7 +532,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 _SNELL_OPTIONS = (
     "kernel", "num_pieces", "coefficients", "learnable_coefficients", "sparsity", "sparsify_mode", "adapter_drop_path",
-    "split_fused_qkv",
+    "split_fused_qkv", "undropped_modules",
 )  # fmt: skip
 _ALLOCATION_OPTIONS = (
     "target_sparsity", "init_sparsity", "alloc_epochs", "alloc_init_warmup", "alloc_final_warmup",

@@ -318,6 +318,7 @@ def snell_config(config: TrainConfig, model: nn.Module, head_names: list[str]) -
             modules_to_save=head_names,
             parameters_to_save=_token_parameters(model, config) or None,
             dropout=config.adapter_dropout,
+            undropped_modules=config.undropped_modules,
             drop_path=config.adapter_drop_path,
             split_fused_qkv=config.split_fused_qkv,
         )
