@@ -115,20 +115,23 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
         "--adapter-dropout",
         "0.1",
     ]  # fmt: skip  (dropout: the RNG state must be restored too)
-    straight = tmp_path / "straight"
-    assert _snell(*args, "--output-dir", str(straight)).returncode == 0
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "snell", *args, "--output-dir", str(killed)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    uninterrupted, process = (
+        subprocess.Popen(
+            [sys.executable, "-m", "snell", *args, "--output-dir", str(out)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for out in (straight, killed)
+    )  # fmt: skip  (side by side: one thread each)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "epoch-0002").exists() and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "summary.json").exists()
+    assert uninterrupted.wait(timeout=120) == 0
 
     resumed = _snell(*args, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -146,8 +149,20 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
     assert (killed / "curves.png").read_bytes()[:8] == PNG
 
 
+@pytest.fixture(scope="module")
+def accumulated_run(vtab_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process with --batch-size 8 --grad-accum 2: what both two-process cases below must match."""
+    out = tmp_path_factory.mktemp("accumulated") / "one"
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--batch-size", "8", "--grad-accum", "2"]
+    single = _snell(*args, "--output-dir", str(out))  # later flags win: BASE's --batch-size 16 is overridden
+    assert single.returncode == 0, single.stderr
+    return out
+
+
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_path: Path, sharding: list) -> None:
+def test_two_processes_match_one_with_gradient_accumulation(
+    vtab_dir: Path, tmp_path: Path, sharding: list, accumulated_run: Path
+) -> None:
     """Two processes are bit-identical to one process that accumulates the same two half-batches.
 
     Comparing a 2-process run with a 1-process run on whole batches cannot hold on every machine: the two
@@ -161,9 +176,6 @@ def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_
     (FSDP2; a timm ViT is one shard group) gloo's reduce-scatter halves each rank's gradient and sums: the same.
     """
     common = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2"]
-    accumulated = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
-    single = _snell(*accumulated)  # later flags win: BASE's --batch-size 16 is overridden
-    assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp = subprocess.run(
         [*torchrun, "-m", "snell", *common, *sharding, "--output-dir", str(tmp_path / "two")],
@@ -174,10 +186,10 @@ def test_two_processes_match_one_with_gradient_accumulation(vtab_dir: Path, tmp_
     assert summary["num_processes"] == 2
     first, second = summary["rank_fingerprints"]
     assert first == second  # both ranks hold the same trained tensors
-    steps = [[json.loads(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("one", "two")]  # fmt: skip
+    steps = [[json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+             for run in (accumulated_run, tmp_path / "two")]  # fmt: skip
     assert steps[0] == steps[1]  # the same optimizer steps per epoch
-    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    one = load_file(str(accumulated_run / "adapter" / "adapter_model.safetensors"))
     two = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert one.keys() == two.keys()
     for key in one:
