@@ -46,9 +46,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -71,10 +73,9 @@ def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, 
     at = common.index("-s")  # the allocator, not --sparsity, sets each matrix's sparsity
     common = [*common[:at], *common[at + 2 :], "--select-on", "none", "--method", "snella", "--target-sparsity", "0.5"]
     single = [*common, "--batch-size", "8", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
-    one = subprocess.Popen(
-        [sys.executable, "-m", "snell", *single], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )  # fmt: skip  (beside the sharded run's first half)
+    one = subprocess.Popen(  # beside the sharded run's first half, one thread each
+        [sys.executable, "-m", "snell", *single], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
     script = tmp_path / "stop_after_first_checkpoint.py"
     script.write_text(STOP_AFTER_FIRST_CHECKPOINT)
