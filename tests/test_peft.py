@@ -510,6 +510,8 @@ def test_undropped_modules_reach_the_peft_layers_and_the_saved_config(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = peft.PeftModel.from_pretrained(MLP(), tmp_path)
     assert reloaded.base_model.model.lin1.snell_dropouts["default"][0] == 0.0
+    with pytest.raises(ValueError, match=r"undropped_modules \['lin9'\] match none of the 2 layers adapted"):
+        peft.get_peft_model(MLP(), SnellPeftConfig(r=4, target_modules=["lin0", "lin1"], undropped_modules=["lin9"]))
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=["linear", "conv2d", "conv1d"])

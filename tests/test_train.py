@@ -25,7 +25,7 @@ from snell.train.config import (
     resolve_config,
 )
 from snell.train.data import DATA_DIR
-from snell.train.models import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
+from snell.train.models import apply_method, build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 
 VTAB_TASKS = {
@@ -330,6 +330,29 @@ def test_the_reference_protocol_evaluates_when_the_reference_code_does() -> None
     assert evaluated(epochs=12, eval_every=10, protocol="reference") == [1, *range(3, 13)]
     assert evaluated(epochs=100, eval_every=10, select_on="val") == list(range(10, 101, 10))
     assert evaluated(epochs=12, eval_every=5, select_on="val") == [5, 10, 12]
+
+
+@pytest.mark.parametrize("method", ["snell", "lora", "dora"])
+def test_every_method_of_the_harness_acts_on_a_beit_qkv(method: str) -> None:
+    """BEiT reads qkv.weight itself unless its qkv_bias_separate switch is set: SNELL set it, and the LoRA and DoRA
+    the same harness compares with it got a qkv adapter that never received a gradient."""
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    config = TrainConfig(method=method, model="beit_base_patch16_224", img_size=32, model_kwargs=kwargs)
+    model = apply_method(build_backbone(config, num_classes=3), config)
+    for name, param in model.named_parameters():
+        if param.requires_grad and ("lora_B" in name or "head" in name):
+            nn.init.normal_(param)  # LoRA's B starts at 0 and the harness zeroes the head: no gradient reaches A
+    model.train()(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    qkv = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".attn.qkv." in n}
+    assert qkv and all(grad is not None and grad.any() for grad in qkv.values()), qkv.keys()
+
+
+def test_lora_in_the_harness_ignores_snells_undropped_modules() -> None:
+    """The flag is named as ignored for LoRA; the run then stopped on it, LoRA's layers being found with SNELL's
+    config."""
+    config = TrainConfig(method="lora", model="vit_tiny_patch16_224", img_size=32, undropped_modules=["porj"])
+    model = apply_method(build_backbone(config, num_classes=3), config)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
 def test_paths_are_stored_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -88,6 +89,13 @@ def name_matches(name: str, selector: list[str] | str) -> bool:
     if isinstance(selector, str):
         return re.fullmatch(selector, name) is not None
     return any(name == s or name.endswith("." + s) for s in selector)
+
+
+def unmatched(selectors: Sequence[str], names: Iterable[str]) -> list[str]:
+    """The entries of a list of name suffixes that match none of ``names``: a typo in one would silently
+    adapt, exclude, spare or save less than asked."""
+    names = list(names)
+    return [s for s in selectors if not any(name_matches(n, [s]) for n in names)]
 
 
 @dataclass

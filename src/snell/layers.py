@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
-from snell.config import PIECEWISE_KERNELS, SnellConfig
+from snell.config import PIECEWISE_KERNELS, SnellConfig, unmatched
 from snell.dispatch import kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell, sparse_delta
@@ -162,6 +162,19 @@ def check_layer_sparsity_names(config: SnellConfig, adapted: list[str], model: n
         raise ValueError(
             f"layer_sparsity names {unknown}, which are not among the {len(adapted)} layers adapted in "
             f"{type(model).__name__} (full module names, such as {adapted[0]!r})"
+        )
+
+
+def check_undropped_names(config: SnellConfig, adapted: list[str], model: nn.Module) -> None:
+    """ValueError when an entry of an ``undropped_modules`` list matches none of the ``adapted`` layers: a typo would
+    silently leave dropout on every layer (a regex may match none: the recipes' one serves any backbone)."""
+    if not isinstance(config.undropped_modules, list):
+        return
+    idle = unmatched(config.undropped_modules, adapted)
+    if idle:
+        raise ValueError(
+            f"undropped_modules {idle} match none of the {len(adapted)} layers adapted in {type(model).__name__}, "
+            "so they would keep dropout on none"
         )
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 from torch import nn
 
-from snell.config import HEAD_TASK_TYPES, SnellConfig, name_matches
+from snell.config import HEAD_TASK_TYPES, SnellConfig, name_matches, unmatched
 from snell.layers import (
     FrozenStatsNorm,
     SnellLayer,
@@ -20,6 +20,7 @@ from snell.layers import (
     check_forward_called,
     check_layer_sparsity_names,
     check_mergeable,
+    check_undropped_names,
     detach,
     freeze_running_stats,
     has_running_stats,
@@ -31,13 +32,6 @@ from snell.spec import SnellSpec
 
 logger = logging.getLogger("snell")
 T = TypeVar("T")
-
-
-def _unmatched(selectors: Sequence[str], names: Iterable[str]) -> list[str]:
-    """The entries of a list of name suffixes that match none of ``names``: a typo in one would silently
-    adapt, exclude or save less than asked."""
-    names = list(names)
-    return [s for s in selectors if not any(name_matches(n, [s]) for n in names)]
 
 
 def enclosing_module(name: str, modules: Iterable[str]) -> str | None:
@@ -69,7 +63,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         )
     # Every list entry must match: a typo in one would silently adapt fewer layers (or exclude none).
     if isinstance(selector, list):
-        missing = _unmatched(selector, names)
+        missing = unmatched(selector, names)
         if missing:
             raise ValueError(
                 f"target_modules entries {missing} match no module of {type(model).__name__} "
@@ -77,7 +71,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
             )
     excluded = config.exclude_modules
     if isinstance(excluded, list):
-        idle = _unmatched(excluded, names)
+        idle = unmatched(excluded, names)
         if idle:
             raise ValueError(
                 f"exclude_modules {idle} match none of the {len(names)} modules that target_modules selects in "
@@ -88,13 +82,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         if not names:
             raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
     check_layer_sparsity_names(config, names, model)
-    if isinstance(config.undropped_modules, list):
-        idle = _unmatched(config.undropped_modules, names)
-        if idle:
-            raise ValueError(
-                f"undropped_modules {idle} match none of the {len(names)} layers adapted in {type(model).__name__}, "
-                "so they would keep dropout on none"
-            )
+    check_undropped_names(config, names, model)
     for name in names:
         check_forward_called(name, modules[name.rpartition(".")[0]])
     return {name: build_spec(name, modules[name], config, modules[name.rpartition(".")[0]]) for name in names}
@@ -105,7 +93,7 @@ def _named_matches(
 ) -> dict[str, T]:
     """The (name, object) pairs whose name ``selectors`` match; ValueError naming any selector matching none."""
     found = {n: obj for n, obj in named if n and name_matches(n, selectors)}
-    missing = _unmatched(selectors, found)
+    missing = unmatched(selectors, found)
     if missing:
         kind = setting.removesuffix("s_to_save")
         raise ValueError(f"{setting} {missing} match no {kind} of {type(model).__name__}")

@@ -78,6 +78,7 @@ from snell.layers import (  # noqa: E402
     check_forward_called,
     check_layer_sparsity_names,
     check_mergeable,
+    check_undropped_names,
     delta_weight,
     fold_delta,
     iter_snell_layers,
@@ -413,6 +414,7 @@ class SnellPeftModel(BaseTuner):
                 targets.append(name)
         if targets:
             check_layer_sparsity_names(config, targets, model)
+            check_undropped_names(config, targets, model)
 
     def _create_and_replace(
         self,

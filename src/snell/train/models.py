@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import snell
+from snell.layers import call_through_forward
 from snell.model import enclosing_module, resolve_targets
 from snell.sharded import like
 from snell.train.config import SNELL_METHODS, TrainConfig, UserError
@@ -329,7 +330,8 @@ def snell_config(config: TrainConfig, model: nn.Module, head_names: list[str]) -
 def adapted_layer_names(model: nn.Module, config: TrainConfig, head_names: list[str]) -> list[str]:
     """The layers SNELL would adapt (preset or --target-modules); LoRA and DoRA get the same ones."""
     try:
-        return sorted(resolve_targets(model, snell_config(config, model, head_names)))
+        layers = replace(snell_config(config, model, head_names), undropped_modules=None)  # SNELL's own
+        return sorted(resolve_targets(model, layers))
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None
 
@@ -365,6 +367,9 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
             head = enclosing_module(target, heads)
             if head is not None:
                 raise UserError(f"{target!r} is in the head {head!r}, trained fully; leave it out of --target-modules")
+        modules = dict(model.named_modules())
+        for target in targets:  # BEiT/EVA/Swin V2 attention must call its qkv, or LoRA's adapter there never acts
+            call_through_forward(target, modules[target.rpartition(".")[0]])
         model = get_peft_model(model, _peft_config(config, targets, heads))
     elif config.method == "full":
         model.requires_grad_(True)
