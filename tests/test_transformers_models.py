@@ -208,3 +208,28 @@ def test_phi3_fused_projections_are_adapted_one_matrix_at_a_time_where_their_par
     assert groups(phi3(4)) == {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
     with pytest.warns(UserWarning, match="fuses q, k and v of unequal sizes"):
         assert groups(phi3(1)) == {"qkv_proj": 1, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
+
+
+def test_an_adapter_file_keeps_the_grouping_it_records(tmp_path):
+    """Files written before Phi-3's gate_up_proj (and a grouped-query qkv_proj) were grouped as they are now record
+    their own grouping; load_adapter used to rebuild it by today's rule and refuse them as 'another architecture'.
+    Stand-in: an adapter saved with split_fused_qkv=False whose config then says True, as those files do."""
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = snell.get_snell_model(transformers.Phi3ForCausalLM(config), snell.SnellConfig(r=4, split_fused_qkv=False))
+    ids = torch.randint(64, (1, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+    snell.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved["split_fused_qkv"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    torch.manual_seed(0)
+    loaded = snell.load_adapter(transformers.Phi3ForCausalLM(config), tmp_path)
+    groups = {n.rpartition(".")[2]: layer.snell_spec.groups for n, layer in snell.snell_layers(loaded)}
+    assert groups == {"qkv_proj": 1, "o_proj": 1, "gate_up_proj": 1, "down_proj": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)

@@ -263,7 +263,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"the adapter in {directory} was made for another architecture: {type(model).__name__} "
                 f"has no module {name!r}"
             )
-        spec = build_spec(name, modules[name], config, modules[name.rpartition(".")[0]])
+        parent = modules[name.rpartition(".")[0]]
+        spec = build_spec(name, modules[name], config, parent)
+        if {**_layer_record(spec), "groups": record.get("groups")} == record != _layer_record(spec):
+            # the same layer, grouped by an older rule (Phi-3's gate_up_proj, a grouped-query qkv_proj): the file's
+            spec = build_spec(name, modules[name], config, parent, record["groups"])
         if _layer_record(spec) != record:
             raise ValueError(
                 f"the adapter in {directory} was made for another architecture: layer {name!r} is "

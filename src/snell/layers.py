@@ -100,9 +100,12 @@ def _fused_groups(name: str, out_features: int, config: SnellConfig, parent: nn.
     return parts
 
 
-def build_spec(name: str, module: nn.Module, config: SnellConfig, parent: nn.Module | None = None) -> SnellSpec:
+def build_spec(
+    name: str, module: nn.Module, config: SnellConfig, parent: nn.Module | None = None, groups: int | None = None
+) -> SnellSpec:
     """Describe how ``module`` (a child of ``parent``) is adapted; raises TypeError/ValueError before anything is
-    changed."""
+    changed. ``groups`` is the grouping an adapter file records for the layer (files from before Phi-3's gate_up_proj
+    and grouped-query qkv_proj were grouped as they are now keep theirs); None: this version's rule."""
     op = describe_support(module)
     base = _BASES.get(op)
     owner = _own_forward(module, base) if base is not None else None
@@ -134,7 +137,10 @@ def build_spec(name: str, module: nn.Module, config: SnellConfig, parent: nn.Mod
             conv_groups=module.groups,
         )
     out_features = weight_shape[1] if op == "linear_t" else weight_shape[0]
-    groups = _fused_groups(name, out_features, config, parent)
+    if groups is None:
+        groups = _fused_groups(name, out_features, config, parent)
+    elif groups < 1 or out_features % groups:
+        raise ValueError(f"layer {name!r}: {groups} adapter groups do not divide its {out_features} output features")
     spec = SnellSpec(
         op=op,
         weight_shape=weight_shape,
