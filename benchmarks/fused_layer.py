@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.report import matrix_shape, positive_int
+from benchmarks.report import layer_shape, positive_int
 from benchmarks.run import TIMED_ENV
 from snell import fused_cpu
 from snell.function import FusedSnell
@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument(
         "--sweep",
         nargs="+",
-        type=matrix_shape,
+        type=layer_shape,
         metavar="OUTxIN",
         help="time fwd + bwd for each of these shapes (OUTxINxKHxKW: a Conv2d)",
     )

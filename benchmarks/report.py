@@ -120,12 +120,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _shape(text: str, sides: tuple[int, ...], example: str) -> str:
+    parts = text.lower().split("x")
+    if len(parts) not in sides or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected a shape such as {example}, got {text!r}")
+    return text.lower()
+
+
 def matrix_shape(text: str) -> str:
-    """argparse type: a matrix shape OUTxIN (OUTxINxKHxKW for a Conv2d), each side an integer >= 1."""
-    sides = text.lower().split("x")
-    if len(sides) not in (2, 4) or not all(side.isdigit() and int(side) > 0 for side in sides):
-        raise argparse.ArgumentTypeError(f"expected a shape such as 11008x4096, got {text!r}")
-    return text
+    """argparse type: a matrix shape OUTxIN, each side an integer >= 1 (returned in lower case)."""
+    return _shape(text, (2,), "11008x4096")
+
+
+def layer_shape(text: str) -> str:
+    """argparse type: a Linear's OUTxIN or a Conv2d's OUTxINxKHxKW, each side an integer >= 1."""
+    return _shape(text, (2, 4), "11008x4096 or 64x32x3x3")
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -77,6 +77,7 @@ def test_a_part_of_a_suite_never_writes_over_its_committed_results(
         ("benchmarks.ab_step", ["--against", "lora8", "--pairs", "0"], "--pairs: expected an integer >= 1, got '0'"),
         ("benchmarks.fused_forward", ["--shapes", "64x"], "--shapes: expected a shape such as 11008x4096, got '64x'"),
         ("benchmarks.threshold", ["--repeats", "0"], "--repeats: expected an integer >= 1"),
+        ("benchmarks.threshold", ["--shapes", "8x4x3x3"], "--shapes: expected a shape such as 11008x4096, got"),
         ("benchmarks.expressiveness", ["--steps", "-1"], "--steps: expected an integer >= 1, got '-1'"),
         ("benchmarks.llm_scale", ["--worker"], "--worker needs --method"),
     ],
