@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,20 @@ def test_eval_reproduces_the_reported_accuracy(finished_run: Path, capsys: pytes
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["examples"] == 64
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
+
+
+def test_eval_of_val_works_for_a_run_made_under_the_reference_protocol(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Evaluating val set --select-on val on the run's config, which --protocol reference refuses: `snell eval
+    --split val` of such a run stopped on flags the user never typed."""
+    run = tmp_path / "reference"
+    shutil.copytree(finished_run, run)
+    record = json.loads((run / "config.json").read_text())
+    record["config"].update(protocol="reference", select_on="none")
+    (run / "config.json").write_text(json.dumps(record))
+    assert main(["eval", str(run), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 32  # val200's stand-in
 
 
 def test_merged_model_gives_the_adapted_outputs(finished_run: Path, tmp_path: Path) -> None:

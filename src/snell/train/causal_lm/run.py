@@ -278,8 +278,9 @@ def evaluate_run(
     run_dir: Path, config: TrainConfig, split: str, adapter: Path | None, data: str | None
 ) -> dict[str, Any]:
     """`snell eval` of a causal-LM run: loss, perplexity and (with answers) accuracy on one split."""
-    select_on = "val" if split == "val" else config.select_on  # the val file is read only when selecting on it
-    config = dataclasses.replace(config, progress=False, data=data or config.data, select_on=select_on)
+    config = dataclasses.replace(config, progress=False, data=data or config.data)
+    if split == "val":  # the val file is read only when selecting on it; the protocol reads none
+        config = dataclasses.replace(config, select_on="val", protocol="standard")
     splits = load_examples(config)
     examples = evaluated(splits, split, config)
     backbone, model = restore(run_dir, config, adapter)
