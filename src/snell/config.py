@@ -128,7 +128,7 @@ class SnellConfig:
             that are no module of their own (e.g. a ViT's ``cls_token``, which the reference code trains).
         dropout: dropout on the adapter input (the reference code uses 0.1; 0 keeps the single-GEMM path).
         undropped_modules: like target_modules, adapted layers whose adapter input gets no dropout (the reference
-            code drops the input of q, k, v, fc1 and fc2, not of attn.proj: its recipes here give ``["proj"]``).
+            code drops the input of q, k, v, fc1 and fc2, not of attn.proj: the recipes give a regex for it).
         drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
         task_type: what the model is fine-tuned for (peft's names: "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
             "CAUSAL_LM", ...; "IMAGE_CLS" for a timm classifier). A classification type trains and saves the

@@ -27,7 +27,7 @@ from torch import nn
 
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
-from snell.layers import SnellLayer, build_spec, check_layer_sparsity_names, factor_shapes, iter_snell_layers
+from snell.layers import SnellLayer, build_spec, check_layer_names, factor_shapes, iter_snell_layers
 from snell.model import (
     check_not_adapted,
     inject,
@@ -266,7 +266,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         parent = modules[name.rpartition(".")[0]]
         spec = build_spec(name, modules[name], config, parent)
         if {**_layer_record(spec), "groups": record.get("groups")} == record != _layer_record(spec):
-            # the same layer, grouped by an older rule (Phi-3's gate_up_proj, a grouped-query qkv_proj): the file's
+            # the same layer, grouped by an older rule (Phi-3's gate_up_proj, a grouped-query qkv_proj): keep the
+            # file's grouping, which its factors have
             spec = build_spec(name, modules[name], config, parent, record["groups"])
         if _layer_record(spec) != record:
             raise ValueError(
@@ -287,7 +288,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 found = None if tensor is None else tuple(tensor.shape)
                 raise ValueError(f"{directory / WEIGHTS_NAME}: {name}.{key} should have shape {shape}, found {found}")
     try:  # as get_snell_model refuses it: a layer it names would silently stay at the config's sparsity
-        check_layer_sparsity_names(config, list(specs), model)
+        check_layer_names(config, list(specs), model)
     except ValueError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
     module_states: dict[nn.Module, dict[str, torch.Tensor]] = {}

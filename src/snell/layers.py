@@ -160,23 +160,18 @@ def build_spec(
         raise ValueError(f"layer_sparsity[{name!r}]: {err}") from None
 
 
-def check_layer_sparsity_names(config: SnellConfig, adapted: list[str], model: nn.Module) -> None:
-    """ValueError when ``layer_sparsity`` names a layer that is not among ``adapted``: a typo or a short name there
-    would silently leave that layer at ``sparsity``."""
+def check_layer_names(config: SnellConfig, adapted: list[str], model: nn.Module) -> None:
+    """ValueError when a setting that names layers names one that is not among ``adapted``: a ``layer_sparsity``
+    key (a typo or a short name would silently leave that layer at ``sparsity``), or an entry of an
+    ``undropped_modules`` list (dropout would silently stay on every layer; a regex may match none: the recipes' one
+    serves any backbone)."""
     unknown = sorted(set(config.layer_sparsity or {}) - set(adapted))
     if unknown:
         raise ValueError(
             f"layer_sparsity names {unknown}, which are not among the {len(adapted)} layers adapted in "
             f"{type(model).__name__} (full module names, such as {adapted[0]!r})"
         )
-
-
-def check_undropped_names(config: SnellConfig, adapted: list[str], model: nn.Module) -> None:
-    """ValueError when an entry of an ``undropped_modules`` list matches none of the ``adapted`` layers: a typo would
-    silently leave dropout on every layer (a regex may match none: the recipes' one serves any backbone)."""
-    if not isinstance(config.undropped_modules, list):
-        return
-    idle = unmatched(config.undropped_modules, adapted)
+    idle = unmatched(config.undropped_modules, adapted) if isinstance(config.undropped_modules, list) else []
     if idle:
         raise ValueError(
             f"undropped_modules {idle} match none of the {len(adapted)} layers adapted in {type(model).__name__}, "

@@ -18,9 +18,8 @@ from snell.layers import (
     build_spec,
     call_through_forward,
     check_forward_called,
-    check_layer_sparsity_names,
+    check_layer_names,
     check_mergeable,
-    check_undropped_names,
     detach,
     freeze_running_stats,
     has_running_stats,
@@ -81,8 +80,7 @@ def resolve_targets(model: nn.Module, config: SnellConfig) -> dict[str, SnellSpe
         names = [n for n in names if not name_matches(n, excluded)]
         if not names:
             raise ValueError(f"exclude_modules={excluded!r} excludes every module target_modules={selector!r} selects")
-    check_layer_sparsity_names(config, names, model)
-    check_undropped_names(config, names, model)
+    check_layer_names(config, names, model)
     for name in names:
         check_forward_called(name, modules[name.rpartition(".")[0]])
     return {name: build_spec(name, modules[name], config, modules[name.rpartition(".")[0]]) for name in names}

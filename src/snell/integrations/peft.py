@@ -76,9 +76,8 @@ from snell.layers import (  # noqa: E402
     build_spec,
     call_through_forward,
     check_forward_called,
-    check_layer_sparsity_names,
+    check_layer_names,
     check_mergeable,
-    check_undropped_names,
     delta_weight,
     fold_delta,
     iter_snell_layers,
@@ -400,7 +399,8 @@ class SnellPeftModel(BaseTuner):
     def _prepare_model(self, peft_config: SnellPeftConfig, model: nn.Module) -> None:
         """Checks every module the config targets before peft wraps the first (peft wraps them one at a time, and
         a SNELL adapter changes its layer's output from the start, ΔW ≠ 0: one that cannot be adapted, found
-        halfway, would leave the model half-adapted), and that ``layer_sparsity`` names only those modules."""
+        halfway, would leave the model half-adapted), and that ``layer_sparsity`` and ``undropped_modules`` name only
+        those modules."""
         super()._prepare_model(peft_config, model)
         config = peft_config.snell_config()
         wrapped = tuple(name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
@@ -408,13 +408,13 @@ class SnellPeftModel(BaseTuner):
         modules = dict(model.named_modules())
         for name, module in modules.items():
             if name and not name.startswith(wrapped) and self._check_target_module_exists(peft_config, name):
-                check_forward_called(name, modules[name.rpartition(".")[0]])
+                parent = modules[name.rpartition(".")[0]]
+                check_forward_called(name, parent)
                 base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-                build_spec(name, base, config, modules[name.rpartition(".")[0]])
+                build_spec(name, base, config, parent)
                 targets.append(name)
         if targets:
-            check_layer_sparsity_names(config, targets, model)
-            check_undropped_names(config, targets, model)
+            check_layer_names(config, targets, model)
 
     def _create_and_replace(
         self,

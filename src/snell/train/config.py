@@ -13,7 +13,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -302,6 +302,11 @@ class TrainConfig:
                 f"r must be divisible by num_pieces for {kernel}, got r={self.r}, num_pieces={self.num_pieces}"
             )
         self._validate_allocation()
+
+    def evaluating(self, split: str) -> TrainConfig:
+        """This run's config for evaluating ``split``: val is its own set only when selecting on it, and the protocol,
+        which evaluating a split does not read, must allow that (--protocol reference refuses --select-on val)."""
+        return replace(self, select_on="val", protocol="standard") if split == "val" else self
 
     def evaluates_after(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) ends with an evaluation: every ``eval_every``-th and the last; with

@@ -45,9 +45,7 @@ def restore(
     changes: dict[str, Any] = {"progress": False}
     if data is not None:
         changes["data"] = data
-    if split == "val":  # the val split exists as its own set only when selecting on it; the protocol reads none
-        changes.update(select_on="val", protocol="standard")
-    config = dataclasses.replace(config, **changes)
+    config = dataclasses.replace(config, **changes).evaluating(split)
     set_seed(config.seed)  # a backbone without --checkpoint is random: rebuild the same one
     task = load_task(config)
     if task.num_classes != record.get("num_classes", task.num_classes):

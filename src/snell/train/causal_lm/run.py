@@ -278,9 +278,7 @@ def evaluate_run(
     run_dir: Path, config: TrainConfig, split: str, adapter: Path | None, data: str | None
 ) -> dict[str, Any]:
     """`snell eval` of a causal-LM run: loss, perplexity and (with answers) accuracy on one split."""
-    config = dataclasses.replace(config, progress=False, data=data or config.data)
-    if split == "val":  # the val file is read only when selecting on it; the protocol reads none
-        config = dataclasses.replace(config, select_on="val", protocol="standard")
+    config = dataclasses.replace(config, progress=False, data=data or config.data).evaluating(split)
     splits = load_examples(config)
     examples = evaluated(splits, split, config)
     backbone, model = restore(run_dir, config, adapter)
