@@ -201,6 +201,11 @@ def test_two_processes_match_one_with_gradient_accumulation(
     assert summary["num_processes"] == 2
     first, second = summary["rank_fingerprints"]
     assert first == second  # both ranks hold the same trained tensors
+    # ... built from one seed, each rank then draws its own dropout masks: their random states differ (one seed on
+    # both used to repeat rank 0's masks on rank 1's samples).
+    (latest,) = (tmp_path / "two" / "checkpoints").glob("epoch-*")
+    states = [torch.load(latest / f"rng-rank{rank}.pt", weights_only=False)["torch"] for rank in (0, 1)]
+    assert not torch.equal(*states)
     steps = [[json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
              for run in (accumulated_run, tmp_path / "two")]  # fmt: skip
     assert steps[0] == steps[1]  # the same optimizer steps per epoch

@@ -463,6 +463,10 @@ class Run:
         self.allocator = make_allocator(cfg, acc.unwrap_model(self.model))
         if cfg.ema_decay is not None:
             self.ema = WeightEma(acc.unwrap_model(self.model), cfg.ema_decay)
+        if acc.num_processes > 1:
+            # Built alike from --seed above; from here each process draws its own dropout masks, DropPath and
+            # augmentation for its own samples (one seed on every rank would repeat each rank's draws).
+            set_seed(cfg.seed + acc.process_index)
         progress = self._restore(optimizer, schedule) if self.resume else Progress()
         self._record(progress.metrics)
         if self.main:
