@@ -24,8 +24,10 @@ from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.demo import METHODS, SMOLLM2, TINY_MODEL_DIR, train_command
 from snell.train.causal_lm.run import CausalLMRun, build_causal_lm, check_config, check_trainable_dtype, restore
 from snell.train.causal_lm.scoring import ANSWER_FORMATS, answer_pattern, extract_answer, pattern_for, score
-from snell.train.config import UserError, config_from_args, resolve_config
+from snell.train.config import UserError
 from snell.train.evaluate import evaluate_run, load_run_config
+from snell.train.flags import config_from_args
+from snell.train.recipes import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,18 +15,12 @@ import torch
 from torch import nn
 
 import snell
-from snell.train.config import (
-    TrainConfig,
-    UserError,
-    add_train_arguments,
-    config_from_args,
-    known_recipes,
-    load_recipe,
-    resolve_config,
-)
+from snell.train.config import TrainConfig, UserError
 from snell.train.data import DATA_DIR
+from snell.train.flags import add_train_arguments, config_from_args
 from snell.train.models import apply_method, build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
+from snell.train.recipes import known_recipes, load_recipe, resolve_config
 
 VTAB_TASKS = {
     "cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon",

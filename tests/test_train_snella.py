@@ -19,10 +19,12 @@ from safetensors.torch import load_file
 import snell
 from snell.allocator import SparsityAllocator
 from snell.cli import _build_parser, main
-from snell.train.config import TrainConfig, UserError, config_from_args, known_recipes, resolve_config
+from snell.train.config import TrainConfig, UserError
 from snell.train.evaluate import restore
+from snell.train.flags import config_from_args
 from snell.train.loop import train
 from snell.train.optim import param_groups
+from snell.train.recipes import known_recipes, resolve_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from snell.train.config import add_train_arguments
+    from snell.train.flags import add_train_arguments
     from snell.train.search import add_search_arguments
 
     parser = _Parser(prog="snell", description="SNELL sparse fine-tuning: train, evaluate, merge.")
@@ -64,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
-        from snell.train.config import config_from_args
+        from snell.train.flags import config_from_args
         from snell.train.loop import train
 
         train(config_from_args(args), resume=args.resume)

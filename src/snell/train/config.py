@@ -1,24 +1,18 @@
 """Training options: one dataclass that is at once the CLI, the recipe format and the record of a run.
 
 Values are resolved in a fixed order, later wins: the defaults below < the recipe (``--recipe vtab/cifar``
-or a YAML file) < flags given on the command line. The resolved config is written to the run folder, so a
-run can be resumed, evaluated or merged without repeating its flags.
+or a YAML file, :mod:`snell.train.recipes`) < flags given on the command line (generated from the fields,
+:mod:`snell.train.flags`). The resolved config is written to the run folder, so a run can be resumed, evaluated or
+merged without repeating its flags.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import re
-import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from importlib import resources
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from snell.allocator import AllocatorConfig, scheduled_end
 from snell.config import PIECEWISE_KERNELS
@@ -392,241 +386,10 @@ class TrainConfig:
         return cls(**values)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Recipes
-
-
-def _recipe_root() -> Path:
-    return Path(str(resources.files("snell") / "recipes"))
-
-
-def known_recipes() -> list[str]:
-    """Names accepted by --recipe, such as "vtab/cifar", "fgvc/cub" and "snella/vtab/cifar" (any depth)."""
-    root = _recipe_root()
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
-
-
-def _key_line(text: str, key: str) -> int | None:
-    match = re.search(rf"^{re.escape(key)}\s*:", text, flags=re.MULTILINE)
-    return None if match is None else text.count("\n", 0, match.start()) + 1
-
-
-def load_recipe(name_or_path: str) -> tuple[dict[str, Any], str]:
-    """The values of a recipe and where they came from; errors name the file and line."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
-        if name_or_path not in known_recipes():
-            raise UserError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(known_recipes())}")
-        path = _recipe_root() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{path}:1: a recipe must be a mapping of option: value")
-    known = {f.name for f in fields(TrainConfig)}
-    for key in values:
-        if key not in known:
-            line = _key_line(text, str(key))
-            where = f"{path}:{line}" if line else str(path)
-            raise UserError(f"{where}: unknown option {key!r} (options are the `snell train` flags, with underscores)")
-    return values, str(path)
-
-
-def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < recipe < overrides (the flags given on the command line)."""
-    values: dict[str, Any] = {}
-    source = "command line"
-    if recipe is not None:
-        values, source = load_recipe(recipe)
-    values = {**values, **overrides}
-    values = {k: _normalise(k, v, source) for k, v in values.items()}
-    try:
-        return TrainConfig.from_dict(values, source)
-    except TypeError as err:
-        raise UserError(f"{source}: {err}") from None
-
-
-def _normalise(key: str, value: Any, source: str) -> Any:
-    """Bring YAML values to the types the flags produce (YAML reads 1e-3 as a string, for one)."""
-    default = next(f for f in fields(TrainConfig) if f.name == key)
-    kind = default.type
-    if value is None:
-        return None
-    try:
-        if kind in ("float", "float | None") and isinstance(value, (str, int)) and not isinstance(value, bool):
-            return float(value)
-        if kind in ("int", "int | None") and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise UserError(f"{source}: {key} must be a number, got {value!r}") from None
-    if key in ("target_modules", "exclude_modules", "undropped_modules") and isinstance(value, str):
-        return parse_modules(value)
-    if key == "coefficients" and isinstance(value, str):
-        return parse_floats(value, key)
-    if key == "coefficients" and isinstance(value, list):
-        return [float(v) for v in value]
-    return value
-
-
-# ------------------------------------------------------------------------------------------------------
-# Command-line flags, generated from the dataclass so that the three forms never drift apart
-
-
-def parse_modules(text: str) -> list[str] | str:
-    """ "re:<regex>" is a regular expression over full module names; anything else a comma-separated list."""
-    if text.startswith("re:"):
-        return text[3:]
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def parse_floats(text: str, name: str = "value") -> list[float]:
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be comma-separated numbers, got {text!r}") from None
-
-
-def _parse_json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; absent flags stay absent so recipes are not overridden by defaults."""
-    parser.add_argument(
-        "--recipe", default=None, help="vtab/<task>, fgvc/<dataset>, snella/{vtab,fgvc}/<task> or a recipe YAML file"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        default = None if f.default is MISSING else f.default
-        if f.default is MISSING and f.default_factory is not MISSING:
-            default = f.default_factory()
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        kwargs["help"] = f"{help_text} [default: {default}]" if default not in (None, {}) else help_text
-        if f.type == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif f.name == "model_kwargs":
-            kwargs["type"] = _parse_json_dict
-        elif f.name == "coefficients":
-            kwargs["type"] = lambda text: parse_floats(text, "coefficients")
-        elif f.type.startswith("int"):
-            kwargs["type"] = int
-        elif f.type.startswith("float"):
-            kwargs["type"] = float
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        # --rank: torchrun's own parser takes "--r" for an ambiguous abbreviation of its options.
-        names = {"sparsity": [flag, "-s"], "r": [flag, "--rank"]}.get(f.name, [flag])
-        parser.add_argument(*names, **kwargs)
-
-
-_SNELL_OPTIONS = (
-    "kernel", "num_pieces", "coefficients", "learnable_coefficients", "sparsity", "sparsify_mode", "adapter_drop_path",
-    "split_fused_qkv", "undropped_modules",
-)  # fmt: skip
-_ALLOCATION_OPTIONS = (
-    "target_sparsity", "init_sparsity", "alloc_epochs", "alloc_init_warmup", "alloc_final_warmup",
-    "alloc_mask_interval", "alloc_beta1", "alloc_beta2",
-)  # fmt: skip
-#: The options only some methods read, and those methods. Recipes carry them for any method (``--recipe vtab/cifar
-#: --method lora`` compares LoRA in SNELL's recipe); given as a flag to another method, the flag changes nothing.
-_METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(_SNELL_OPTIONS, SNELL_METHODS),
-    **dict.fromkeys(("r", "target_modules", "exclude_modules", "adapter_dropout"), (*SNELL_METHODS, "lora", "dora")),
-    "lora_alpha": ("lora", "dora"),
-    **dict.fromkeys(_ALLOCATION_OPTIONS, ("snella",)),
-}
-
-
-#: Options only one kind of model reads: the causal-LM route (snell.train.causal_lm) and the classifier route.
-_CAUSAL_LM_OPTIONS = (
-    "model_dtype", "gradient_checkpointing", "prompt_format", "packing", "train_on_prompt", "max_new_tokens",
-    "score_by", "num_beams",
-)  # fmt: skip
-_CLASSIFIER_OPTIONS = (
-    "shots", "data_seed", "img_size", "num_classes", "augment", "color_jitter", "normalize", "model_kwargs",
-    "pretrained", "drop_path_rate", "train_cls_token",
-)  # fmt: skip
-
-
-def _flag(name: str) -> str:
-    return "--rank" if name == "r" else "--" + name.replace("_", "-")
-
-
-def ignored_model_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> str | None:
-    """A warning naming the flags among ``flags`` that ``config.model``'s kind (causal LM or classifier) does not
-    read, or None: --model-dtype on a timm ViT trained in float32 without a word, and config.json recorded it."""
-    from snell.train.causal_lm.instructions import holds_instructions
-    from snell.train.causal_lm.source import is_causal_lm
-
-    causal = is_causal_lm(config.model)
-    if not causal and holds_instructions(config.data):  # the run refuses this pair in one line; no warning before it
-        return None
-    unread = [_flag(name) for name in sorted(flags) if name in (_CLASSIFIER_OPTIONS if causal else _CAUSAL_LM_OPTIONS)]
-    if not unread:
-        return None
-    kind = "a causal LM" if causal else "not a causal LM"
-    return f"warning: --model {config.model} is {kind}, which does not use {', '.join(unread)}; ignored"
-
-
-def method_reads(method: str, name: str) -> bool:
-    """Whether ``method`` reads the option ``name`` (every method reads the options no method owns)."""
-    return name not in _METHOD_OPTIONS or method in _METHOD_OPTIONS[name]
-
-
-def ignored_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> list[str]:
-    """The flags among ``flags`` (option names) that ``config.method`` does not read, as ``--flag`` strings."""
-    return [_flag(name) for name in sorted(flags) if not method_reads(config.method, name)]
-
-
 def first_process() -> bool:
     """Whether this is the first (or only) process of a launch, before any process group exists: torchrun and
     accelerate set RANK for every process they start."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The resolved config of a `snell train` command line; a flag its method does not read is named on stderr
-    (by the first process only, under torchrun), not refused: a script may give every method the same flags."""
-    names = {f.name for f in fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    config = resolve_config(args.recipe, overrides)
-    if config.method == "snella" and "sparsity" in overrides:  # a recipe's sparsity (vtab/dtd's 0.995) stays quiet
-        raise UserError(
-            f"--sparsity is SNELL's fixed ratio; --method snella starts every layer at --init-sparsity and ends at "
-            f"--target-sparsity, so leave --sparsity out (got {overrides['sparsity']!r})"
-        )
-    ignored = ignored_flags(config, overrides)
-    if ignored and first_process():
-        print(f"warning: --method {config.method} does not use {', '.join(ignored)}; ignored", file=sys.stderr)
-    unread = ignored_model_flags(config, overrides)
-    if unread and first_process():
-        print(unread, file=sys.stderr)
-    if config.method == "snella":
-        end = config.allocation_end()
-        if end < config.target_sparsity - 0.005 and first_process():  # the authors' schedule, at a short T
-            print(
-                f"warning: SNELLA's schedule ends at sparsity {end:.3f}, short of --target-sparsity "
-                f"{config.target_sparsity} (its last re-allocation is (1/T)^3 of the way short, at T = "
-                f"{config.allocation_epochs()} epochs); --alloc-final-warmup 1 makes the last epoch run at the target",
-                file=sys.stderr,
-            )
-    return config
 
 
 def check_output_folder(path: Path, flag: str) -> None:

