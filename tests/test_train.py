@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 import snell
+from snell.train.backbones import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 from snell.train.config import TrainConfig, UserError
 from snell.train.data import DATA_DIR
 from snell.train.flags import add_train_arguments, config_from_args
-from snell.train.models import apply_method, build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
+from snell.train.methods import apply_method
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 from snell.train.recipes import known_recipes, load_recipe, resolve_config
 

@@ -35,13 +35,7 @@ from snell.train.allocation import make_allocator, sparsity_record
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.ema import WeightEma
 from snell.train.fsdp import load_optimizer_state, optimizer_state, reshard, shard, unsharded
-from snell.train.models import (
-    load_mutable_state,
-    merge_trained,
-    mutable_state,
-    save_trained,
-    set_train_mode,
-)
+from snell.train.methods import load_mutable_state, merge_trained, mutable_state, save_trained, set_train_mode
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups
 from snell.train.plots import CURVES_FILE, SPARSITY_FILE, plot_curves, plot_sparsity
 from snell.train.precision import make_accelerator

@@ -22,13 +22,14 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
+from snell.train.backbones import Backbone, check_positions
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.evaluation import ALL_TASKS, answer_pool, evaluate_split
 from snell.train.causal_lm.loss import chunked_response_loss
 from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError, first_process
 from snell.train.loop import Progress, Report, Run
-from snell.train.models import Backbone, apply_method, check_positions, load_trained, merge_trained
+from snell.train.methods import apply_method, load_trained, merge_trained
 from snell.train.optim import EpochSampler
 from snell.train.precision import make_accelerator
 from snell.train.tasks import Task
