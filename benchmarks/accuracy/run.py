@@ -44,6 +44,7 @@ from benchmarks.accuracy.pretrain_vit import WEIGHTS as VIT_WEIGHTS
 from benchmarks.report import positive_int
 from snell.train.config import TrainConfig
 from snell.train.data import package_dir
+from snell.train.plots import plot_search
 from snell.train.search import (
     EarlyStop,
     Grid,
@@ -51,7 +52,6 @@ from snell.train.search import (
     available_cores,
     expand_grid,
     final_trial,
-    plot_search,
     run_trials,
     select_best,
 )

@@ -6,6 +6,7 @@ backend, so that plotting works on machines without a display and inside worker 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,44 @@ def plot_sparsity(metrics: list[dict[str, Any]], path: Path, title: str = "") ->
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_search(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Val accuracy against s, one line per (lr, r); stopped trials are crosses at their last evaluation.
+
+    The x axis is -log10(1 - s) (labelled with s), so that 0.9, 0.99 and 0.995 do not pile up at the right.
+    """
+
+    def x_of(s: float) -> float:
+        return -math.log10(max(1.0 - s, 1e-4))
+
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    series = sorted({(r["params"]["lr"], r["params"]["r"]) for r in records})
+    for lr, rank in series:
+        mine = sorted(
+            (r for r in records if (r["params"]["lr"], r["params"]["r"]) == (lr, rank)),
+            key=lambda r: r["params"]["sparsity"],
+        )
+        done = [r for r in mine if r["status"] == "finished"]
+        line = ax.plot(
+            [x_of(r["params"]["sparsity"]) for r in done],
+            [r["val_accuracy"] for r in done],
+            marker="o",
+            label=f"lr={lr:g}, r={rank}",
+        )[0]
+        stopped = [r for r in mine if r["status"] == "stopped"]
+        ax.scatter(
+            [x_of(r["params"]["sparsity"]) for r in stopped],
+            [r["val_accuracy"] for r in stopped],
+            marker="x",
+            color=line.get_color(),
+        )
+    sparsities = sorted({r["params"]["sparsity"] for r in records})
+    ax.set_xticks([x_of(s) for s in sparsities], [f"{s:g}" for s in sparsities])
+    ax.set_xlabel("sparsity s (snella: its target; fraction of each update zeroed; x = -log10(1 - s))")
+    ax.set_ylabel("val accuracy (last epoch)")
+    ax.set_title(title or "snell search: validation accuracy (x = stopped early)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
