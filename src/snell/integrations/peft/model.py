@@ -1,0 +1,103 @@
+"""SnellPeftModel: peft's tuner for SNELL, which checks and wraps the targeted modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from torch import nn
+
+from snell.integrations.peft.config import SnellPeftConfig
+from snell.integrations.peft.layer import SnellPeftLayer
+from snell.layers import build_spec, call_through_forward, check_forward_called, check_layer_names, iter_snell_layers
+from snell.model import check_merge_targets
+from snell.presets import detect_preset
+
+
+class SnellPeftModel(BaseTuner):
+    """peft's tuner for SNELL: which modules to wrap, and how."""
+
+    prefix = "snell_"
+    tuner_layer_cls = SnellPeftLayer
+    target_module_mapping: dict[str, list[str]] = {}  # noqa: RUF012 - peft's interface; presets come from snell
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        if any(True for _ in iter_snell_layers(model)):
+            raise ValueError(
+                "this model already has snell.get_snell_model adapters; use a fresh model for get_peft_model"
+            )
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused by name (peft's LoRA combines its low-rank products): a weighted sum of SNELL factors is not the
+        weighted sum of their kernelized, sparsified updates, so there is nothing exact to build."""
+        raise TypeError(
+            f"{type(self).__name__} does not support add_weighted_adapter: SNELL's ΔW is a sparsified kernel of "
+            "its factors, so mixing factors does not mix updates; activate several adapters together instead "
+            "(model.base_model.set_adapter([...]): their sparsified updates add up)"
+        )
+
+    def _check_merge_allowed(self) -> None:
+        """peft calls this before merging any layer (merge_adapter, merge_and_unload): every layer is checked as
+        the core checks them, before the first weight changes. A refusal found at a later layer used to leave the
+        earlier ones merged, or merged and unloaded, and their adapters out of the next save."""
+        super()._check_merge_allowed()
+        layers = [(n, m.get_base_layer()) for n, m in self.model.named_modules() if isinstance(m, SnellPeftLayer)]
+        check_merge_targets(self.model, layers)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's ``autocast_adapter_dtype``: True (the default) keeps the factors in float32, as they are created
+        (:func:`snell.layers.factor_dtype`); False stores A and B in the base weight's dtype, as LoRA does. The kernel
+        coefficients stay float32 either way: the default ±0.1 has no exact bf16 value, and rounding it would change
+        the kernel itself, not just the precision of what is trained."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for module in self.model.modules():
+            if isinstance(module, SnellPeftLayer) and adapter_name in module.snell_A:
+                module.cast_factors(adapter_name, module.get_base_layer().weight.dtype)
+
+    def _prepare_adapter_config(self, peft_config: SnellPeftConfig, model_config: dict) -> SnellPeftConfig:
+        """The preset for ``target_modules=None``; ``"all-linear"`` expanded to its layer names now, as peft does
+        only after ``_prepare_model``, so that its checks see the layers it will wrap."""
+        if peft_config.target_modules is None:
+            peft_config.target_modules = detect_preset(self.model).pattern
+        return _maybe_include_all_linear_layers(peft_config, self.model)
+
+    def _prepare_model(self, peft_config: SnellPeftConfig, model: nn.Module) -> None:
+        """Checks every module the config targets before peft wraps the first (peft wraps them one at a time, and
+        a SNELL adapter changes its layer's output from the start, ΔW ≠ 0: one that cannot be adapted, found
+        halfway, would leave the model half-adapted), and that ``layer_sparsity`` and ``undropped_modules`` name only
+        those modules."""
+        super()._prepare_model(peft_config, model)
+        config = peft_config.snell_config()
+        wrapped = tuple(name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer))
+        targets = []
+        modules = dict(model.named_modules())
+        for name, module in modules.items():
+            if name and not name.startswith(wrapped) and self._check_target_module_exists(peft_config, name):
+                parent = modules[name.rpartition(".")[0]]
+                check_forward_called(name, parent)
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                build_spec(name, base, config, parent)
+                targets.append(name)
+        if targets:
+            check_layer_names(config, targets, model)
+
+    def _create_and_replace(
+        self,
+        peft_config: SnellPeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        config = peft_config.snell_config()
+        if isinstance(target, SnellPeftLayer):
+            target.update_layer(adapter_name, config, current_key, parent)
+        else:
+            layer = SnellPeftLayer(target, adapter_name, config, current_key, parent)
+            self._replace_module(parent, target_name, layer, target)
+            call_through_forward(current_key, parent)
