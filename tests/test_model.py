@@ -585,6 +585,34 @@ def test_every_layer_the_timm_vit_preset_adapts_acts_and_merges(name, kwargs, sh
     torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-5)  # fp32 rounding of W0 + ΔW against two GEMMs
 
 
+@pytest.mark.parametrize("route", ["core", "peft"])
+@pytest.mark.parametrize("merge", [False, True], ids=["unload", "merge_and_unload"])
+def test_removing_the_adapters_turns_timms_qkv_switch_back(route: str, merge: bool) -> None:
+    """Injection sets BEiT's qkv_bias_separate (see above); removing the adapters turns it back, so an unloaded model
+    runs the untouched model's code: one F.linear with the bias, the same bits."""
+    name, kwargs, shape = _QKV_FROM_ITS_WEIGHT[0]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        untouched = model(x)
+    config = dict(r=4, sparsity=0.5)
+    if route == "peft":
+        peft = pytest.importorskip("peft")
+        from snell.integrations.peft import SnellPeftConfig
+
+        wrapped = peft.get_peft_model(model, SnellPeftConfig(**config))
+        plain = wrapped.merge_and_unload() if merge else wrapped.unload()
+    else:
+        snell.get_snell_model(model, snell.SnellConfig(**config))
+        plain = snell.merge_and_unload(model) if merge else snell.unload(model)
+    attention = [m for m in plain.modules() if hasattr(m, "qkv_bias_separate")]
+    assert attention and not any(m.qkv_bias_separate for m in attention)
+    if not merge:
+        with torch.no_grad():
+            assert torch.equal(plain(x), untouched)
+
+
 @pytest.mark.parametrize(("name", "head"), [("vit_tiny_patch16_224", "head"), ("convnext_atto", "head.fc"),
                                             ("resnet18", "fc"), ("efficientnet_b0", "classifier")])  # fmt: skip
 def test_image_cls_task_type_trains_the_timm_head(name, head):

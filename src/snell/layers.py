@@ -74,13 +74,25 @@ def call_through_forward(name: str, parent: nn.Module) -> None:
     attention compute ``F.linear(x, qkv.weight, q/k/v bias)`` when they have q and v biases, never calling qkv, so
     an adapter there would never act (and a merge would change the outputs). Their own ``qkv_bias_separate``
     computes ``qkv(x)`` and adds the same bias after it: x·Wᵀ + b in two steps. Call after every check has passed;
-    the switch stays set after unloading."""
+    :func:`restore_forward` turns the switch back when the adapters are removed."""
     if (
         name.rpartition(".")[2] == "qkv"
         and getattr(parent, "q_bias", None) is not None
         and getattr(parent, "qkv_bias_separate", None) is False
     ):
         parent.qkv_bias_separate = True
+        setattr(parent, _SWITCHED, True)
+
+
+_SWITCHED = "_snell_set_qkv_bias_separate"
+
+
+def restore_forward(model: nn.Module) -> None:
+    """Undo :func:`call_through_forward` in ``model`` once its adapters are gone, so that an unloaded model computes
+    exactly as before injection (one F.linear with the bias, not a product and an addition)."""
+    for module in model.modules():
+        if module.__dict__.pop(_SWITCHED, False):
+            module.qkv_bias_separate = False
 
 
 def _fused_groups(name: str, out_features: int, config: SnellConfig, parent: nn.Module | None) -> int:

@@ -24,6 +24,7 @@ from snell.layers import (
     freeze_running_stats,
     has_running_stats,
     iter_snell_layers,
+    restore_forward,
     thaw_running_stats,
 )
 from snell.presets import detect_preset
@@ -306,6 +307,7 @@ def _remove_adapters(model: nn.Module, merge: bool) -> nn.Module:
     for module in model.modules():
         if isinstance(module, FrozenStatsNorm):
             thaw_running_stats(module, model.training)
+    restore_forward(model)
     model.__dict__.pop("snell_config", None)
     return model
 

@@ -10,7 +10,14 @@ from torch import nn
 
 from snell.integrations.peft.config import SnellPeftConfig
 from snell.integrations.peft.layer import SnellPeftLayer
-from snell.layers import build_spec, call_through_forward, check_forward_called, check_layer_names, iter_snell_layers
+from snell.layers import (
+    build_spec,
+    call_through_forward,
+    check_forward_called,
+    check_layer_names,
+    iter_snell_layers,
+    restore_forward,
+)
 from snell.model import check_merge_targets
 from snell.presets import detect_preset
 
@@ -44,6 +51,13 @@ class SnellPeftModel(BaseTuner):
         super()._check_merge_allowed()
         layers = [(n, m.get_base_layer()) for n, m in self.model.named_modules() if isinstance(m, SnellPeftLayer)]
         check_merge_targets(self.model, layers)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """peft's unload (and merge), then the attention switches that injection set turned back
+        (:func:`snell.layers.restore_forward`): the unloaded model computes as it did before."""
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        restore_forward(model)
+        return model
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's ``autocast_adapter_dtype``: True (the default) keeps the factors in float32, as they are created
