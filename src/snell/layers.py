@@ -69,6 +69,10 @@ def check_forward_called(name: str, parent: nn.Module) -> None:
         )
 
 
+#: Marks a module whose ``qkv_bias_separate`` :func:`call_through_forward` set, for :func:`restore_forward`.
+_SWITCHED = "_snell_set_qkv_bias_separate"
+
+
 def call_through_forward(name: str, parent: nn.Module) -> None:
     """Make ``parent`` call module ``name``'s forward where it has a switch for it. timm's BEiT, EVA and Swin V2
     attention compute ``F.linear(x, qkv.weight, q/k/v bias)`` when they have q and v biases, never calling qkv, so
@@ -82,9 +86,6 @@ def call_through_forward(name: str, parent: nn.Module) -> None:
     ):
         parent.qkv_bias_separate = True
         setattr(parent, _SWITCHED, True)
-
-
-_SWITCHED = "_snell_set_qkv_bias_separate"
 
 
 def restore_forward(model: nn.Module) -> None:
