@@ -68,13 +68,6 @@ PRESETS: tuple[Preset, ...] = (
 )
 
 
-def find_preset(name: str) -> Preset:
-    for preset in PRESETS:
-        if preset.name == name:
-            return preset
-    raise ValueError(f"unknown preset {name!r}; known presets: {[p.name for p in PRESETS]}")
-
-
 def detect_preset(model: nn.Module) -> Preset:
     """The preset for ``model``'s family: by class name first, else the preset matching most modules."""
     class_names = [cls.__name__ for cls in type(model).__mro__]

@@ -22,8 +22,6 @@ from torchvision.datasets import ImageFolder
 from snell.train import data as D
 from snell.train.config import BUILTIN_DATA, TrainConfig, UserError
 
-IMAGE_FORMATS = ("vtab", "fgvc", "imagefolder", "builtin")
-
 
 @dataclass
 class Task:

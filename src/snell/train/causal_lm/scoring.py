@@ -77,9 +77,6 @@ class Scores:
     average: float
     overall: float
 
-    def as_dict(self) -> dict[str, object]:
-        return {"per_task": self.per_task, "counts": self.counts, "average": self.average, "overall": self.overall}
-
 
 def score(tasks: Sequence[str], correct: Sequence[bool]) -> Scores:
     """Per-task and averaged accuracy of examples labelled by task."""
