@@ -8,6 +8,7 @@ reset after the model is loaded, so the peak of the training steps alone is meas
 from __future__ import annotations
 
 import gc
+import os
 import re
 import resource
 import time
@@ -38,6 +39,15 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Highest resident set size since the last :func:`reset_peak_rss` (or process start)."""
     return _status_kib("VmHWM") * 1024
+
+
+def rss_counter_slack_bytes() -> int:
+    """How far VmRSS and VmHWM may be off, either way. Since Linux 6.2 a process's RSS is a per-CPU counter that
+    /proc reads without summing the CPUs' pending parts: each CPU holds fewer than ``batch`` = max(32, 2·CPUs) pages,
+    so a reading is within batch · CPUs pages of the truth (0.25 MB on 2 CPUs, 32 MB on 64). A peak of a few pages
+    above the loaded RSS can therefore read below it; only a peak outside this slack is a measurement."""
+    cpus = os.cpu_count() or 1
+    return max(32, 2 * cpus) * cpus * resource.getpagesize()
 
 
 def reset_peak_rss() -> None:

@@ -21,7 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import run  # noqa: E402
-from benchmarks.memory import SavedTensorBytes  # noqa: E402
+from benchmarks.memory import SavedTensorBytes, rss_counter_slack_bytes  # noqa: E402
 
 
 def test_quick_training_run_writes_csv_markdown_and_plot(tmp_path: Path) -> None:
@@ -201,10 +201,11 @@ def test_peak_trace_records_every_block_in_both_directions_and_the_trim() -> Non
     assert len(blocks) >= 2
     assert phases.count("after malloc_trim") == 1
     assert {name for phase, name, *_ in events if phase == "backward"} >= blocks
-    # each reading's high-water mark covers its RSS, and the step's peak covers every reading (to within the
-    # kernel's lazy high-water bookkeeping, which can lag the RSS by a few pages)
-    assert all(high >= rss for _, _, rss, high in events)
-    assert peak >= max(high for *_, high in events) - 1.0
+    # each reading's high-water mark covers its RSS, and the step's peak covers every reading, to within the
+    # kernel's per-CPU counters (each reading may be off by the slack, either way)
+    slack = 2 * rss_counter_slack_bytes() / 2**20
+    assert all(high >= rss - slack for _, _, rss, high in events)
+    assert peak >= max(high for *_, high in events) - slack
     assert heap_free >= 0.0
 
 
@@ -335,7 +336,9 @@ def test_smollm2_step_worker_trains_the_real_model_with_snell_on_all_seven_proje
     # trains A (n×8) and B (m×8) of each, 8·(m + n) parameters
     per_layer = 8 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
     assert row["trainable_params"] == 30 * per_layer
-    assert row["step_s"] > 0 and len(row["step_times"]) == 1 and row["peak_mb"] >= 0
+    assert row["step_s"] > 0 and len(row["step_times"]) == 1
+    # a warm process's step at 1 × 8 tokens may add nothing: its peak is 0, read through the kernel's counters
+    assert row["peak_mb"] >= -2 * rss_counter_slack_bytes() / 2**20
 
 
 def test_llm_memory_loads_a_causal_lm_folder_in_bf16_and_refuses_anything_else(tmp_path: Path) -> None:
