@@ -480,6 +480,24 @@ def _factor_grads(choice, spec, inputs, grad):
     return leaves[3].grad.double(), leaves[4].grad.double()
 
 
+def _sparsity_no_rounding_can_move(delta, error, around):
+    """The sparsity nearest ``around`` whose top-k boundary no rounding within ``error`` (float64, per entry) can
+    cross: every kept entry's exact |ΔW| minus its error exceeds every dropped entry's plus its error. Two paths whose
+    ΔW are each within ``error`` of ``delta`` then keep the same survivors, on any machine and summation order."""
+    magnitudes, order = delta.abs().flatten().sort(descending=True)
+    spread = error.flatten()[order]
+    lowest_kept = (magnitudes - spread).cummin(0).values
+    highest_dropped = (magnitudes + spread).flip(0).cummax(0).values.flip(0)
+    total = magnitudes.numel()
+    target = round((1 - around) * total)
+    separated = [k for k in range(target // 2, 2 * target) if lowest_kept[k - 1] > highest_dropped[k]]
+    assert separated, "no top-k boundary near the requested sparsity is wider than the rounding errors"
+    k = min(separated, key=lambda k: abs(k - target))
+    sparsity = 1 - k / total
+    assert snell.sparsify.keep_count(total, sparsity) == k
+    return sparsity
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("rank", [16, 32])
 def test_wide_pieces_match_the_torch_path_within_both_paths_rounding_bounds(rank, route, monkeypatch):
@@ -492,27 +510,29 @@ def test_wide_pieces_match_the_torch_path_within_both_paths_rounding_bounds(rank
     # reference mode the survivor factor |ΔW| that error relative to |ΔW|: each weight w_p = α_p·g·|ΔW|/d_p is off
     # by at most the sum ρ of those relative errors (+ γ_3), and dA_p[i] = Σ_j w_p·(a_i − b_j) by
     # Σ_j |w_p|·ρ·(|a_i| + |b_j|) on top of γ·M.
-    spec = _spec(shape=(600, 300))
-    inputs = _inputs(spec, r=rank)
+    inputs = _inputs(_spec(shape=(600, 300)), r=rank)
     x, _, _, a, b, coef = inputs
-    own, tau = _own_delta_and_tau(spec, a, b, coef)
-    keep = (own.abs() >= tau.float()).double()
-    torch_delta, _ = snell.function.sparse_delta(spec, a, b, coef, "torch")
-    assert torch.equal(torch_delta != 0, keep.bool())
-    grad = torch.randn(x.shape[0], 600, generator=torch.Generator().manual_seed(5))
-    fused, reference = _factor_grads("fused", spec, inputs, grad), _factor_grads("torch", spec, inputs, grad)
     width, m, n = rank // 2, 600, 300
     a64, b64, coef64 = a.double(), b.double(), coef.double()
     dists = _exact_distances(a64, b64, width)
     delta = sum(c * d for c, d in zip(coef64, dists, strict=True))
-    g_abs = (grad.double().T @ x.double()).abs()
     relative = []
     for p in range(2):
         cols = slice(p * width, (p + 1) * width)
         total = (a64[:, cols].abs().unsqueeze(0) + b64[:, cols].abs().unsqueeze(1)).square().sum(-1)
         relative.append(gamma(2 * width + 2) * total / (2 * dists[p].square()) + U32)
-    assert max(float((e * keep).max()) for e in relative) < 1e-3  # first order holds
     delta_error = sum(c.abs() * d * (e + gamma(2)) for c, d, e in zip(coef64, dists, relative, strict=True))
+    # The fused path's d_p sums w squared differences (relative error at most γ_{w+4}); two roundings combine them.
+    fused_error = sum(c.abs() * d * gamma(width + 6) for c, d in zip(coef64, dists, strict=True))
+    spec = _spec(shape=(600, 300), sparsity=_sparsity_no_rounding_can_move(delta, delta_error + fused_error, 0.9))
+    own, tau = _own_delta_and_tau(spec, a, b, coef)
+    keep = (own.abs() >= tau.float()).double()
+    assert max(float((e * keep).max()) for e in relative) < 1e-3  # first order holds
+    torch_delta, _ = snell.function.sparse_delta(spec, a, b, coef, "torch")
+    assert torch.equal(torch_delta != 0, keep.bool())  # as the choice of sparsity guarantees
+    grad = torch.randn(x.shape[0], 600, generator=torch.Generator().manual_seed(5))
+    fused, reference = _factor_grads("fused", spec, inputs, grad), _factor_grads("torch", spec, inputs, grad)
+    g_abs = (grad.double().T @ x.double()).abs()
     survivor_error = torch.where(keep.bool()[0], delta_error / delta.abs(), 0)
     depth = x.numel() + m + n + 64
     for index, (mine, theirs) in enumerate(zip(fused, reference, strict=True)):
