@@ -76,6 +76,34 @@ def test_allocation_follows_the_scores_caps_at_size_and_hands_the_rest_to_the_ot
     assert allocate(torch.zeros(3, dtype=torch.float64), 30.0, sizes).tolist() == [10.0, 10.0, 10.0]
 
 
+def test_the_rest_handed_out_again_is_capped_at_each_size_too():
+    """The first round caps unit 0 at 100 and leaves 490 to share: unit 1's share of it would exceed its size."""
+    sizes = torch.tensor([100.0, 100.0, 1000.0], dtype=torch.float64)
+    counts = allocate(torch.tensor([0.98, 0.01, 0.01], dtype=torch.float64), 600.0, sizes)
+    assert (counts <= sizes).all() and counts.sum() == 600
+
+
+def test_sensitivity_emas_follow_the_authors_update_and_count_a_missing_gradient_as_zero():
+    """I = |θ ⊙ ∇θ|, Ī ← β1·Ī + (1 − β1)·I, then Ū ← β2·Ū + (1 − β2)·|I − Ī| with the new Ī (the authors'
+    update_ipt); a step where a factor got no gradient counts as I = 0, so both averages still decay."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    snell.get_snell_model(model, snell.SnellConfig(r=4, kernel="mixk", sparsity=0.5, target_modules=["0"]))
+    allocator = SparsityAllocator(model, AllocatorConfig(target_sparsity=0.8, total_steps=10, beta1=0.85, beta2=0.7))
+    a = model[0].snell_A
+    a.grad = torch.randn_like(a)
+    current = (a.detach().double() * a.grad.double()).abs()
+    allocator.accumulate()
+    average, uncertainty = 0.15 * current, 0.3 * (current - 0.15 * current).abs()
+    torch.testing.assert_close(allocator.sensitivity["0.snell_A"], average)
+    torch.testing.assert_close(allocator.uncertainty["0.snell_A"], uncertainty)
+    a.grad = None
+    allocator.accumulate()
+    average = 0.85 * average
+    torch.testing.assert_close(allocator.sensitivity["0.snell_A"], average)
+    torch.testing.assert_close(allocator.uncertainty["0.snell_A"], 0.7 * uncertainty + 0.3 * average)
+
+
 def test_layers_get_their_share_of_the_budget_and_still_train():
     model = _model()
     allocator = SparsityAllocator(model, CONFIG)

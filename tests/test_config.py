@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from snell.config import FORMAT_VERSION, SnellConfig, default_coefficients
+from snell.config import FORMAT_VERSION, SnellConfig, default_coefficients, name_matches
 
 
 def test_defaults_match_the_reference_setup():
@@ -124,3 +124,10 @@ def test_assigning_a_field_that_does_not_exist_is_refused():
     with pytest.raises(AttributeError, match=r"SnellConfig has no field 'sparsty'; did you mean 'sparsity'\?"):
         cfg.sparsty = 0.5
     assert cfg.to_dict() == SnellConfig().to_dict() and not hasattr(cfg, "sparsty")
+
+
+def test_a_list_entry_matches_whole_dotted_parts():
+    """`proj` selects `attn.proj`, never `q_proj`: a suffix counts only at a dot."""
+    assert name_matches("blocks.0.attn.proj", ["proj"]) and name_matches("proj", ["proj"])
+    assert not name_matches("self_attn.q_proj", ["proj"])
+    assert name_matches("model.layers.0.self_attn.q_proj", ["self_attn.q_proj"])

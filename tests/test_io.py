@@ -272,3 +272,26 @@ def test_loading_into_a_deeper_model_of_the_same_widths_warns_about_the_layers_l
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the model it was saved from: no warning
         snell.load_adapter(_vit(), saved)
+
+
+def test_a_header_that_retypes_a_factor_is_refused_as_corrupt(tmp_path):
+    """The digest covers each tensor's name, dtype and shape, not only its bytes: a header edited so that a float32
+    factor reads as int32 (the same byte length) is refused, and the model is not changed."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+
+    snell.save_adapter(snell.get_snell_model(model(), snell.SnellConfig(r=4, target_modules=["0", "2"])), tmp_path)
+    path = tmp_path / WEIGHTS_NAME
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    assert header["0.snell_A"]["dtype"] == "F32"
+    header["0.snell_A"]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(raw[:8] + text.ljust(size) + raw[8 + size :])
+    fresh = model()
+    with pytest.raises(ValueError, match="is corrupt"):
+        snell.load_adapter(fresh, tmp_path)
+    assert list(snell.snell_layers(fresh)) == []

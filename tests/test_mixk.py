@@ -98,6 +98,23 @@ def test_mixk_at_sparsity_zero_still_scales_by_the_magnitude():
     torch.testing.assert_close(layer.delta_weight(), dense * dense.abs())
 
 
+def test_mixk_stays_finite_where_d_over_gamma_leaves_floats_exp_range(monkeypatch):
+    """softmax(D/γ) is max-subtracted: with γ = 1e-4 and D of order 1, exp(D/γ) alone overflows float32."""
+    monkeypatch.setenv("SNELL_KERNELS", "torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24))
+    config = snell.SnellConfig(
+        r=8, kernel="mixk", sparsity=0.5, target_modules=["0"], coefficients=[0.1, -0.1, 1.0, 1e-4, 0.0]
+    )
+    layer = snell.get_snell_model(model, config)[0]
+    with torch.no_grad():
+        layer.snell_A.mul_(10.0)
+        layer.snell_B.mul_(10.0)
+    model(torch.randn(4, 32)).sum().backward()
+    assert torch.isfinite(layer.delta_weight()).all()
+    assert torch.isfinite(layer.snell_A.grad).all() and torch.isfinite(layer.snell_B.grad).all()
+
+
 def test_mix_scalars_and_layer_sparsities_round_trip_through_an_adapter(tmp_path):
     model = _model(seed=1)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)

@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import math
 from collections import OrderedDict
 
 import pytest
@@ -15,6 +16,7 @@ from checks import (
 from torch import nn
 
 import snell
+import snell.presets
 from snell.io import adapter_state_dict
 
 
@@ -748,3 +750,103 @@ def test_a_compiled_model_finds_its_classification_head():
     model = torch.compile(_tiny_vit(depth=1))
     snell.get_snell_model(model, snell.SnellConfig(r=2, task_type="IMAGE_CLS"))
     assert model._orig_mod.head.weight.requires_grad and not model._orig_mod.patch_embed.proj.weight.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------------
+# Promises that no test held before a mutation audit (each test fails with the matching mutant of the code)
+
+
+def _two_linears() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_an_injection_interrupted_half_way_leaves_the_model_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second layer's attach is interrupted (Ctrl-C, out of memory on a large model): the first layer's adapter
+    comes off again and every parameter gets its requires_grad back."""
+    model = _two_linears()
+    real_attach, calls = snell.model.attach, []
+
+    def attach(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(snell.model, "attach", attach)
+    with pytest.raises(KeyboardInterrupt):
+        snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
+    assert list(snell.snell_layers(model)) == []
+    assert all(p.requires_grad for p in model.parameters())
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_a_nested_disable_block_leaves_the_outer_one_disabled() -> None:
+    model = _two_linears()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        plain = model(x)
+        snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
+        with snell.disable_adapters(model):
+            with snell.disable_adapters(model):
+                pass
+            assert torch.equal(model(x), plain)
+        assert not torch.equal(model(x), plain)
+
+
+def test_unloading_a_model_in_eval_mode_keeps_its_batchnorm_in_eval_mode() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+    snell.get_snell_model(net, snell.SnellConfig(r=4, sparsity=0.5, target_modules="0|2"))
+    assert not snell.unload(net.eval())[1].training
+
+
+def test_the_model_keeps_its_own_copy_of_the_config() -> None:
+    """A caller that reuses its config for another model must not change what this one records (and saves)."""
+    config = snell.SnellConfig(r=4, sparsity=0.5, target_modules=["0", "2"])
+    model = snell.get_snell_model(_two_linears(), config)
+    config.sparsity = 0.9
+    assert model.snell_config.sparsity == 0.5
+
+
+def test_batchnorm_inside_a_module_to_save_trains_its_running_statistics() -> None:
+    """Only normalisation layers outside modules_to_save are held in eval mode: one inside a fully trained, saved
+    module updates its statistics, which are saved with it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)))
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules="0", modules_to_save=["1"]))
+    norm = model[1][1]
+    before = norm.running_mean.clone()
+    model.train()(torch.randn(2, 3, 10, 10))
+    assert norm.training and not torch.equal(before, norm.running_mean)
+
+
+def test_factors_start_kaiming_uniform_per_piece() -> None:
+    """A ~ U(±1/√(n·r/P)) and B ~ U(±1/√(m·r/P)) (snell-method.md §2): 2048 and 1024 draws come within 5% of the
+    bound with probability 1 − 0.95^1024."""
+    layer = nn.Linear(256, 128)
+    snell.get_snell_model(nn.Sequential(layer), snell.SnellConfig(r=8, num_pieces=2, target_modules=["0"]))
+    for factor, fan in ((layer.snell_A, 256), (layer.snell_B, 128)):
+        bound = 1 / math.sqrt(fan * 8 / 2)
+        assert 0.95 * bound < factor.abs().max().item() <= bound
+
+
+def test_a_family_named_by_class_whose_pattern_matches_nothing_falls_back_to_the_layers() -> None:
+    """A class named like timm's ViT with a causal LM's layer names (transformers' CLIPVisionTransformer) gets the
+    preset that matches its modules, not timm's, which would adapt nothing."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(8, 8) for _ in range(4))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attention()
+
+    class MyVisionTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+    assert snell.presets.detect_preset(MyVisionTransformer()).name == "hf_llama"

@@ -1,10 +1,12 @@
 import contextlib
+import math
 
 import pytest
 import torch
 from checks import assert_keeps_exactly, assert_selection_is_exact
 from naive import naive_sparsify, reference_code_delta
 
+import snell
 from snell import sparsify
 from snell.kernels import kernel_delta
 
@@ -107,6 +109,27 @@ def test_selection_falls_back_when_the_sample_misses():
     assert sparsify.kth_largest(values, 100).item() == 1.0
 
 
+def test_the_fallback_after_a_missed_sample_takes_the_kth_of_distinct_values():
+    """The tests above miss with ties at the k-th value, where an off-by-one in the fallback cannot show. Here every
+    sampled position holds one of the largest values (all distinct), so the bracket lies far above the k-th largest,
+    the fallback decides, and exactly k entries reach τ."""
+    n, k = 600_000, 1000
+    values = torch.arange(1, n + 1, dtype=torch.float32).view(1, n) / n
+    sampled = torch.from_numpy(sparsify._sample_positions(n).copy()).unique()
+    values[0, sampled] = 2.0 + torch.arange(len(sampled), dtype=torch.float32) / n
+    assert sparsify.selection_method("cpu", n) == "banded" and sparsify._kth_largest_banded(values[0], k, False) is None
+    for select, signed in ((sparsify.kth_largest, values), (sparsify.kth_largest_magnitude, -values)):
+        tau = select(signed, k)
+        assert torch.equal(tau, values.topk(k, dim=1).values[:, -1:]) and int((signed.abs() >= tau).sum()) == k
+
+
+def test_a_layer_at_sparsity_one_keeps_nothing():
+    """k = 0 (sparsity 1, which SNELLA's allocator may reach): no entry of the layer's update survives."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24))
+    snell.get_snell_model(model, snell.SnellConfig(r=8, target_modules=["0"], layer_sparsity={"0": [1.0]}))
+    assert model[0].delta_weight().count_nonzero() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_scale_keeps_every_entry_at_or_above_its_matrix_tau(dtype):
     # Per-matrix τ taken from the entries themselves, so entries equal to τ (ties included) must survive.
@@ -121,7 +144,7 @@ def test_reference_scale_keeps_every_entry_at_or_above_its_matrix_tau(dtype):
 
 def test_keep_nothing_and_out_of_range_k():
     values = torch.rand(1, 10)
-    assert torch.isinf(sparsify.kth_largest(values, 0)).all()
+    assert sparsify.kth_largest(values, 0).eq(math.inf).all()  # +inf: nothing survives
     with pytest.raises(ValueError, match=r"k must be in \[0, 10\], got 11"):
         sparsify.kth_largest(values, 11)
 
