@@ -155,3 +155,23 @@ def test_resuming_a_run_without_an_average_with_one_is_refused_by_name(
     capsys.readouterr()
     assert main([*args, "--resume", "--ema-decay", "0.8"]) == 2
     assert "ema_decay: saved None vs now 0.8" in capsys.readouterr().err  # before anything is loaded or trained
+
+
+def test_a_resumed_run_remembers_that_the_average_was_selected_before_the_interruption(
+    vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted scores (model, then average, each epoch): the average of epoch 1 stays best, and the run is cut after
+    epoch 1. The resumed run's summary must still say the average was selected."""
+    scores = iter([0.1, 0.5, 0.2, 0.3])
+
+    def eval_metrics(self: ClassificationRun, loader: object, split: str) -> dict[str, float]:
+        score = next(scores)
+        return {"score": score, f"{split}_acc": score}
+
+    monkeypatch.setattr(ClassificationRun, "eval_metrics", eval_metrics)
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--select-on", "val"]
+    args += ["--output-dir", str(tmp_path / "run")]
+    stop_after_first_checkpoint(args, monkeypatch)
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["selected_epoch"], summary["selected_weights"]) == (1, "ema")

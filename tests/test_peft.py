@@ -21,6 +21,8 @@ import snell
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from bounds import U32, gamma  # noqa: E402
+
 from snell.integrations.peft import SnellPeftConfig, SnellPeftLayer, check_peft_version  # noqa: E402
 from snell.io import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
@@ -678,3 +680,104 @@ def test_the_peft_route_refuses_to_merge_into_a_tied_lm_head_as_the_core_does():
         model.merge_and_unload()  # peft's own warning comes first
     assert torch.equal(model.base_model.model.transformer.wte.weight, embeddings)
     assert not any(m.merged for m in model.modules() if isinstance(m, SnellPeftLayer))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Promises no test held before a mutation audit (each test below fails with the matching mutant of the code)
+
+
+def _scaled_mlp(**config) -> tuple[nn.Module, SnellPeftLayer]:
+    """An MLP with a SNELL adapter on lin0 whose ΔW is large enough that adding it twice, or not at all, shows."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MLP().eval(), SnellPeftConfig(r=4, sparsity=0.5, target_modules=["lin0"], **config))
+    layer = model.base_model.model.lin0
+    with torch.no_grad():
+        layer.snell_B["default"].mul_(100)
+    return model, layer
+
+
+def _fp32_sum_bound(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """|x·ΣWᵀ computed either way − exact| for a Linear: γ_{n+len(weights)}·|x|·Σ|W|ᵀ per output (two such paths
+    differ by twice that)."""
+    return 2 * gamma(x.shape[-1] + len(weights)) * (x.abs() @ sum(w.abs() for w in weights).T)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merging_and_unmerging_a_peft_layer_round_trips(safe_merge: bool) -> None:
+    """merge_adapter (safe or not) records the merge, so the forward does not add ΔW a second time; unmerge_adapter
+    subtracts it again: W0 back within two roundings of each entry."""
+    model, layer = _scaled_mlp()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        w0, before = layer.base_layer.weight.clone(), layer(x)
+        delta = layer.delta_weight("default")
+        model.merge_adapter(safe_merge=safe_merge)
+        assert layer.merged
+        bound = _fp32_sum_bound(x, w0, delta) + 1e-6
+        assert ((layer(x) - before).abs() <= bound).all()
+        model.unmerge_adapter()
+        assert not layer.merged
+        assert ((layer.base_layer.weight - w0).abs() <= 2 * U32 * (w0.abs() + delta.abs())).all()
+
+
+def test_disabling_a_merged_adapter_gives_the_base_model() -> None:
+    """As with LoRA: disable_adapter() unmerges first, so the disabled model computes W0 (within the unmerge's
+    rounding), not W0 + ΔW."""
+    model, layer = _scaled_mlp()
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        w0 = layer.base_layer.weight.clone()
+        base = torch.nn.functional.linear(x, w0, layer.base_layer.bias)
+        model.merge_adapter()
+        with model.disable_adapter():
+            out = layer(x)
+    rounding = 2 * U32 * (w0.abs() + layer.delta_weight("default").abs())
+    assert ((out - base).abs() <= _fp32_sum_bound(x, w0) + x.abs() @ rounding.T + 1e-6).all()
+
+
+def test_drop_path_and_split_fused_qkv_reach_the_peft_layers() -> None:
+    """Every method field of SnellPeftConfig builds the layer as SnellConfig's does."""
+    model, layer = _scaled_mlp(drop_path=0.5)
+    assert layer.snell_dropouts["default"] == (0.0, 0.5)
+    x = torch.randn(16, 12)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(1)
+        first = layer(x)
+        torch.manual_seed(2)
+        assert not torch.equal(first, layer(x))
+
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+    for split, groups in ((True, 3), (False, 1)):
+        config = SnellPeftConfig(r=4, target_modules=["qkv"], split_fused_qkv=split)
+        assert peft.get_peft_model(Fused(), config).base_model.model.qkv.snell_specs["default"].groups == groups
+
+
+def test_a_second_adapter_on_a_grouped_query_qkv_is_one_matrix_like_the_first() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_key_value_groups = 2
+            self.qkv_proj = nn.Linear(8, 36)  # q 24, k 6, v 6: divisible by 3, but not three equal parts
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attention()
+
+    config = dict(r=4, sparsity=0.5, target_modules=["qkv_proj"])
+    with pytest.warns(UserWarning, match="grouped-query"):
+        model = peft.get_peft_model(Net(), SnellPeftConfig(**config))
+        model.add_adapter("other", SnellPeftConfig(**config))
+    specs = model.base_model.model.attn.qkv_proj.snell_specs
+    assert specs["default"].groups == specs["other"].groups == 1
+
+
+def test_a_model_with_core_adapters_is_refused_by_get_peft_model() -> None:
+    core = snell.get_snell_model(MLP(), snell.SnellConfig(r=4, target_modules=["lin0"]))
+    with pytest.raises(ValueError, match=r"already has snell\.get_snell_model adapters"):
+        peft.get_peft_model(core, SnellPeftConfig(r=4, target_modules=["lin1"]))

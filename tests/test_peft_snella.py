@@ -247,3 +247,32 @@ def test_trainer_resumed_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_pa
             assert torch.equal(getattr(resumed_allocator, kind)[key], value), key
     mine, theirs = dict(resumed.named_parameters()), dict(straight.named_parameters())
     assert all(torch.equal(mine[name], value) for name, value in theirs.items() if value.requires_grad)
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(12, 24)
+        self.lin1 = nn.Linear(24, 24, bias=False)
+
+
+_SCHEDULE = AllocatorConfig(target_sparsity=0.8, total_steps=4, init_warmup=0, final_warmup=0, mask_interval=1)
+
+
+def test_the_allocator_covers_only_the_layers_of_its_adapter() -> None:
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_MLP(), SnellPeftConfig(r=4, kernel="mixk", target_modules=["lin0", "lin1"]))
+    model.add_adapter("other", SnellPeftConfig(r=4, kernel="mixk", target_modules=["lin0"]))
+    assert sorted(snella_allocator(model, _SCHEDULE, "other").sparsity()) == ["lin0"]
+
+
+def test_the_allocator_refuses_to_reallocate_a_merged_peft_adapter() -> None:
+    """Unmerging would subtract another ΔW than was added and leave W0 changed for good."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_MLP(), SnellPeftConfig(r=4, kernel="mixk", target_modules=["lin0", "lin1"]))
+    allocator = snella_allocator(model, _SCHEDULE)
+    before = allocator.sparsity()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        allocator.set_sparsity({name: [0.9] * len(values) for name, values in before.items()})
+    assert allocator.sparsity() == before

@@ -300,6 +300,9 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
         ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
         ({"adapter_dropout": 1.5}, r"adapter_dropout must lie in \[0, 1\), got 1.5"),
         ({"drop_path_rate": -0.1}, r"drop_path_rate must lie in \[0, 1\), got -0.1"),
+        ({"adapter_drop_path": 1.5}, r"adapter_drop_path must lie in \[0, 1\), got 1.5"),
+        ({"min_lr": -1e-5}, "min_lr must be a non-negative number, got -1e-05"),
+        ({"protocol": "reference", "select_on": "val"}, "--protocol reference selects on test"),
         ({"color_jitter": -1.0}, "color_jitter must be a non-negative number, got -1.0"),
         ({"lora_alpha": 0.0}, r"lora_alpha must be a positive number \(or unset: r\), got 0.0"),
         ({"lr": float("nan")}, "lr must be a finite number, got nan"),  # nan < 0 is False: a range check misses it

@@ -308,3 +308,30 @@ def test_eval_and_merge_read_a_run_whose_schedule_a_newer_snell_would_refuse(
     capsys.readouterr()
     assert main(["eval", str(old)]) == 0 and main(["merge", str(old)]) == 0
     assert (old / "merged").is_dir()
+
+
+def test_a_resumed_run_saves_the_allocation_of_the_epoch_selected_before_the_interruption(
+    vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch 1 scores best (scripted), the run is cut after it, and epoch 3 re-allocates: the resumed run's adapter
+    must hold epoch 1's weights with epoch 1's sparsities, not epoch 3's."""
+    from snell.train.classification import ClassificationRun
+
+    scores = iter([0.9, 0.1, 0.1])
+
+    def eval_metrics(self: ClassificationRun, loader: object, split: str) -> dict[str, float]:
+        score = next(scores)
+        return {"score": score, f"{split}_acc": score}
+
+    monkeypatch.setattr(ClassificationRun, "eval_metrics", eval_metrics)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "3", "--select-on", "val", "--output-dir", str(out)]
+    stop_after_first_checkpoint(args, monkeypatch)
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [json.loads(line)["sparsity"]["layers"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["selected_epoch"] == 1 and epochs[0] != epochs[-1]
+    _, _, _, model = restore(out)
+    held = {name: [layer.snell_spec.sparsity_of(g) for g in range(layer.snell_spec.groups)]
+            for name, layer in snell.snell_layers(model)}  # fmt: skip
+    assert held == epochs[0]
