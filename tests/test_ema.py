@@ -131,7 +131,8 @@ def test_without_evaluations_the_run_ends_with_the_average_and_resumes_exactly(
     args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--adapter-dropout", "0.1"]
     straight = tmp_path / "straight"
     assert main([*args, "--output-dir", str(straight)]) == 0
-    assert json.loads((straight / "summary.json").read_text())["selected_weights"] == "ema"
+    summary = json.loads((straight / "summary.json").read_text())
+    assert (summary["selected_weights"], summary["selected_epoch"]) == ("ema", 2)  # without evaluations: the last
     state = torch.load(next((straight / "checkpoints").iterdir()) / "state.pt", weights_only=False)
     _, _, _, model = restore(straight)
     trained = dict(model.named_parameters())

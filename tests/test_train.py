@@ -4,6 +4,7 @@ checkpoint loading."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from itertools import pairwise
 from pathlib import Path
@@ -19,7 +20,7 @@ from snell.train.backbones import build_backbone, efficientnet_keys_to_timm, loa
 from snell.train.config import TrainConfig, UserError
 from snell.train.data import DATA_DIR
 from snell.train.flags import add_train_arguments, config_from_args
-from snell.train.methods import apply_method
+from snell.train.methods import apply_method, load_trained, save_trained
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 from snell.train.recipes import known_recipes, load_recipe, resolve_config
 
@@ -90,6 +91,8 @@ def test_a_flag_the_method_does_not_read_is_named_and_a_recipes_value_is_not(
     assert "--method full does not use --adapter-dropout, --init-sparsity, --rank;" in capsys.readouterr().err
     _parse(["--method", "snell", "--lora-alpha", "16", "--target-sparsity", "0.5"])
     assert "--method snell does not use --lora-alpha, --target-sparsity;" in capsys.readouterr().err
+    _parse(["--method", "dora", "--lora-alpha", "8"])  # DoRA is LoRA's peft config: it reads the alpha
+    assert capsys.readouterr().err == ""
     # the recipe's SNELL values (sparsity, kernel, drop path) are not the user's flags: LoRA in SNELL's recipe
     for argv in (["--recipe", "vtab/cifar", "--method", "lora"], ["--method", "snell", "-s", "0.5", "--rank", "4"]):
         _parse(argv)
@@ -374,3 +377,25 @@ def test_an_unset_lr_is_the_methods_default() -> None:
     assert all(resolve_config(None, {"method": m}).lr == 1e-3 for m in ("lora", "dora", "full", "linear"))
     assert resolve_config(None, {"lr": 5e-3}).lr == 5e-3
     assert resolve_config("vtab/cifar", {}).lr == 1e-3
+
+
+@pytest.mark.parametrize("method", ["snell", "lora"])
+def test_the_cls_token_trains_by_default_and_a_lora_run_saves_it(method: str, tmp_path: Path) -> None:
+    """As the reference code, cls_token trains beside the adapters unless --no-train-cls-token; LoRA's peft folder
+    does not hold it, so the run saves it next to the adapter and load_trained restores it."""
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    config = TrainConfig(method=method, model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, sparsity=0.5)
+
+    def tokens(config: TrainConfig) -> tuple[nn.Module, list[nn.Parameter]]:
+        model = apply_method(build_backbone(config, num_classes=3), config)
+        return model, [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("cls_token")]
+
+    assert tokens(dataclasses.replace(config, train_cls_token=False))[1] == []
+    model, trained = tokens(config)
+    assert len(trained) == 1
+    with torch.no_grad():
+        trained[0].fill_(0.125)
+    save_trained(model, config, tmp_path)
+    loaded = load_trained(build_backbone(config, num_classes=3), config, tmp_path)
+    (token,) = [p for n, p in loaded.named_parameters() if n.endswith("cls_token")]
+    assert torch.equal(token, torch.full_like(token, 0.125))
