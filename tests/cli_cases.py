@@ -56,6 +56,18 @@ def stop_after_first_checkpoint(args: list[str], monkeypatch: pytest.MonkeyPatch
         assert main(args) == 130
 
 
+def script_scores(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> None:
+    """Every evaluation of a classification run scores the next of ``scores``, so a test decides which epoch (and
+    which weights) the selection keeps."""
+    remaining = iter(scores)
+
+    def eval_metrics(self: ClassificationRun, loader: object, split: str) -> dict[str, float]:
+        score = next(remaining)
+        return {"score": score, f"{split}_acc": score}
+
+    monkeypatch.setattr(ClassificationRun, "eval_metrics", eval_metrics)
+
+
 def assert_same_adapter(first: Path, second: Path) -> None:
     """The adapters of two run folders hold the same tensors, bit for bit."""
     a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (first, second))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import TINY_VIT, assert_same_adapter, stop_after_first_checkpoint
+from cli_cases import TINY_VIT, assert_same_adapter, script_scores, stop_after_first_checkpoint
 from torch import nn
 
 from snell.cli import main
@@ -163,13 +163,7 @@ def test_a_resumed_run_remembers_that_the_average_was_selected_before_the_interr
 ) -> None:
     """Scripted scores (model, then average, each epoch): the average of epoch 1 stays best, and the run is cut after
     epoch 1. The resumed run's summary must still say the average was selected."""
-    scores = iter([0.1, 0.5, 0.2, 0.3])
-
-    def eval_metrics(self: ClassificationRun, loader: object, split: str) -> dict[str, float]:
-        score = next(scores)
-        return {"score": score, f"{split}_acc": score}
-
-    monkeypatch.setattr(ClassificationRun, "eval_metrics", eval_metrics)
+    script_scores(monkeypatch, [0.1, 0.5, 0.2, 0.3])
     args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--select-on", "val"]
     args += ["--output-dir", str(tmp_path / "run")]
     stop_after_first_checkpoint(args, monkeypatch)

@@ -765,6 +765,7 @@ def test_an_injection_interrupted_half_way_leaves_the_model_as_it_was(monkeypatc
     """The second layer's attach is interrupted (Ctrl-C, out of memory on a large model): the first layer's adapter
     comes off again and every parameter gets its requires_grad back."""
     model = _two_linears()
+    snapshot = _snapshot(model)
     real_attach, calls = snell.model.attach, []
 
     def attach(*args, **kwargs):
@@ -776,9 +777,8 @@ def test_an_injection_interrupted_half_way_leaves_the_model_as_it_was(monkeypatc
     monkeypatch.setattr(snell.model, "attach", attach)
     with pytest.raises(KeyboardInterrupt):
         snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=["0", "2"]))
-    assert list(snell.snell_layers(model)) == []
+    _assert_unchanged(model, snapshot)
     assert all(p.requires_grad for p in model.parameters())
-    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
 def test_a_nested_disable_block_leaves_the_outer_one_disabled() -> None:
@@ -795,9 +795,8 @@ def test_a_nested_disable_block_leaves_the_outer_one_disabled() -> None:
 
 
 def test_unloading_a_model_in_eval_mode_keeps_its_batchnorm_in_eval_mode() -> None:
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
-    snell.get_snell_model(net, snell.SnellConfig(r=4, sparsity=0.5, target_modules="0|2"))
-    assert not snell.unload(net.eval())[1].training
+    model = snell.get_snell_model(ConvBN(), snell.SnellConfig(r=4, sparsity=0.5, target_modules=["conv1", "conv2"]))
+    assert not snell.unload(model.eval()).bn1.training
 
 
 def test_the_model_keeps_its_own_copy_of_the_config() -> None:

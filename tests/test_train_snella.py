@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT, assert_same_adapter, merged_and_adapted, stop_after_first_checkpoint
+from cli_cases import (
+    ENV,
+    PNG,
+    TINY_VIT,
+    assert_same_adapter,
+    merged_and_adapted,
+    script_scores,
+    stop_after_first_checkpoint,
+)
 from safetensors.torch import load_file
 
 import snell
@@ -315,15 +323,7 @@ def test_a_resumed_run_saves_the_allocation_of_the_epoch_selected_before_the_int
 ) -> None:
     """Epoch 1 scores best (scripted), the run is cut after it, and epoch 3 re-allocates: the resumed run's adapter
     must hold epoch 1's weights with epoch 1's sparsities, not epoch 3's."""
-    from snell.train.classification import ClassificationRun
-
-    scores = iter([0.9, 0.1, 0.1])
-
-    def eval_metrics(self: ClassificationRun, loader: object, split: str) -> dict[str, float]:
-        score = next(scores)
-        return {"score": score, f"{split}_acc": score}
-
-    monkeypatch.setattr(ClassificationRun, "eval_metrics", eval_metrics)
+    script_scores(monkeypatch, [0.9, 0.1, 0.1])
     out = tmp_path / "run"
     args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "3", "--select-on", "val", "--output-dir", str(out)]
     stop_after_first_checkpoint(args, monkeypatch)
