@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 import snell
 from snell.cli import main
+from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig
 from snell.train.evaluate import restore
 from snell.train.tasks import load_task
@@ -310,7 +311,36 @@ def test_existing_run_is_never_overwritten(finished_run: Path, vtab_dir: Path, c
     _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--output-dir", str(finished_run)], "already holds a run")
     _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, "--epochs", "5", "--select-on", "val",
                     "--output-dir", str(finished_run), "--resume"], "different options", "epochs")  # fmt: skip
+    same = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--select-on", "val"]
+    for flag, value in (("--lr", "1e-3"), ("--seed", "1")):  # a resumed run would mix two rates or random streams
+        args = [*same, flag, value, "--output-dir", str(finished_run), "--resume"]
+        _fails(capsys, args, "different options", flag[2:])
     assert _files(finished_run) == before
+
+
+def test_train_loss_and_accuracy_average_over_examples_not_batches(
+    vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """128 training images at batch 40 make batches of 40, 40, 40 and 8: the epoch's loss is Σ nᵢ·lossᵢ / Σ nᵢ, where
+    a mean of the batch means would weigh the 8 like the 40s. Both sides add the same float64 products in the same
+    order, so they agree to float64 rounding of four terms (rel 1e-12 is a thousand times that)."""
+    batches: list[tuple[float, float, int]] = []
+    scored = ClassificationRun._batch_loss
+
+    def recorded(self: ClassificationRun, inputs: object, labels: torch.Tensor) -> tuple:
+        loss, correct, seen = scored(self, inputs, labels)
+        batches.append((float(loss.detach().double()), float(correct), seen))
+        return loss, correct, seen
+
+    monkeypatch.setattr(ClassificationRun, "_batch_loss", recorded)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(vtab_dir), *BASE, "--epochs", "1", "--batch-size", "40",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    assert [n for *_, n in batches] == [40, 40, 40, 8]
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    total = sum(n for *_, n in batches)
+    assert record["train_loss"] == pytest.approx(sum(loss * n for loss, _, n in batches) / total, rel=1e-12)
+    assert record["train_acc"] == sum(correct for _, correct, _ in batches) / total  # counts: exact
 
 
 def test_a_folder_holding_another_tools_config_is_not_an_output_dir(

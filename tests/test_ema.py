@@ -158,6 +158,23 @@ def test_resuming_a_run_without_an_average_with_one_is_refused_by_name(
     assert "ema_decay: saved None vs now 0.8" in capsys.readouterr().err  # before anything is loaded or trained
 
 
+def test_a_checkpoint_that_lacks_the_average_its_options_need_is_refused_by_name(
+    vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The options match (the config check passes), but the checkpoint holds no average, as one copied from another
+    run would: resuming would silently restart the average from the current weights."""
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--output-dir", str(tmp_path / "run")]
+    stop_after_first_checkpoint(args, monkeypatch)
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").iterdir()
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    del state["ema"]
+    torch.save(state, checkpoint / "state.pt")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert f"{checkpoint}: holds no weight average" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_a_resumed_run_remembers_that_the_average_was_selected_before_the_interruption(
     vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

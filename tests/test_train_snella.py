@@ -49,8 +49,8 @@ ENTRIES = 2 * (4 * 64 * 64 + 2 * 256 * 64)
 @pytest.fixture(scope="module")
 def snella_run(vtab_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "snella"
-    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "3", "--select-on", "val", "--output-dir", str(out)]
-    assert main(args) == 0
+    args = ["train", "--data", str(vtab_dir), *BASE, "--epochs", "4", "--alloc-epochs", "3", "--select-on", "val"]
+    assert main([*args, "--output-dir", str(out)]) == 0
     return out
 
 
@@ -144,19 +144,21 @@ def test_mix_scalars_are_never_weight_decayed() -> None:
 
 
 def test_metrics_record_the_allocation_of_every_epoch(snella_run: Path) -> None:
-    """The schedule of 3 epochs is stepped before each: epoch 0 keeps the initial budget (t <= init_warmup = 0),
-    epochs 1 and 2 re-allocate int(V1 + (V0 − V1)·(1 − t/3)³) entries, V0 = 0.99·N and V1 = 0.5·N. Each unit's count
-    is floored once more after the hand-out, so at most one entry per unit is lost: the tolerance."""
+    """The schedule of T = 3 epochs (--alloc-epochs) is stepped before each of them: epoch 0 keeps the initial budget
+    (t <= init_warmup = 0), epochs 1 and 2 re-allocate int(V1 + (V0 − V1)·(1 − t/3)³) entries, V0 = 0.99·N and
+    V1 = 0.5·N. Each unit's count is floored once more after the hand-out, so at most one entry per unit is lost: the
+    tolerance. Epoch 3, after the schedule, keeps epoch 2's allocation unit for unit."""
     records = [m["sparsity"] for m in _metrics(snella_run)]
-    assert len(records) == 3
+    assert len(records) == 4
     assert all(s == 0.01 for groups in records[0]["layers"].values() for s in groups)
-    for t, record in zip((1, 2), records[1:], strict=True):
+    for t, record in zip((1, 2), records[1:3], strict=True):
         kept = int(0.5 * ENTRIES + (0.99 - 0.5) * ENTRIES * (1 - t / 3) ** 3)
         assert record["overall"] == pytest.approx(1 - kept / ENTRIES, abs=UNITS / ENTRIES)
         values = [s for groups in record["layers"].values() for s in groups]
         assert len(values) == UNITS and (record["min"], record["max"]) == (min(values), max(values))
         assert record["mean"] == pytest.approx(sum(values) / UNITS, rel=1e-12)
-    assert len({s for groups in records[-1]["layers"].values() for s in groups}) > 1  # the layers did compete
+    assert len({s for groups in records[2]["layers"].values() for s in groups}) > 1  # the layers did compete
+    assert records[3] == records[2]
     assert (snella_run / "sparsity.png").read_bytes()[:8] == PNG
 
 
@@ -311,7 +313,7 @@ def test_eval_and_merge_read_a_run_whose_schedule_a_newer_snell_would_refuse(
     old = tmp_path / "old"
     shutil.copytree(snella_run, old)
     record = json.loads((old / "config.json").read_text())
-    record["config"].update(epochs=1, output_dir=str(old))
+    record["config"].update(epochs=1, alloc_epochs=None, output_dir=str(old))
     (old / "config.json").write_text(json.dumps(record))
     capsys.readouterr()
     assert main(["eval", str(old)]) == 0 and main(["merge", str(old)]) == 0
