@@ -21,6 +21,7 @@ import torch
 from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kernels
 
 import snell
+import snell.dropout
 import snell.function
 import snell.fused_cpu_path
 import snell.io
@@ -315,22 +316,48 @@ def test_an_overflowing_band_is_redone_with_exact_room(monkeypatch):
     _assert_exact_top_k(a, b, coef, 0.9, tau)
 
 
-def test_dropout_path_on_the_fused_kernels_matches_the_torch_path():
+def test_dropout_on_the_fused_path_matches_the_naive_formula_within_rounding_bounds():
+    # y = x·W0ᵀ + b + (D⊙x)·ΔWˢᵀ, D drawn from its seed in forward and regenerated in backward, against float64 on
+    # the kernels' own survivors within the dropout-free check's γ·M: the branch's M is naive_with_bound's with D⊙x
+    # for x (D's scale 1/(1 − p) adds one rounding per entry, inside the 64 per-entry operations of the depth).
     spec = _spec(shape=(300, 200))
-    x, weight, bias, a, b, coef = _inputs(spec)
-    outs, grads = [], []
-    for choice in ("fused", "torch"):
-        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-        torch.manual_seed(0)
-        with snell_kernels(choice):
-            out = FusedSnellDropout.apply(leaves[0], weight, bias, leaves[1], leaves[2], coef, spec, 0.2, None)
-        out.backward(torch.ones_like(out))
-        outs.append(out)
-        grads.append([t.grad for t in leaves])
-    # Both paths select exactly: the survivors differ only where ΔW's last bits straddle τ (none here).
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    for mine, theirs in zip(*grads, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+    inputs = _inputs(spec)
+    x, weight, bias, a, b, coef = inputs
+    own, tau = _own_delta_and_tau(spec, a, b, coef)
+    keep = (own.abs() >= tau.float()).double()
+    torch.manual_seed(0)
+    kept = snell.dropout.dropout_keep(x, 0.2, snell.dropout._draw_seed())
+    assert 0 < int(kept.sum()) < x.numel()
+    mask = kept.double() / snell.dropout.keep_probability(0.2)
+    w64, bias64, coef64 = weight.double(), bias.double(), coef.double()
+    zeros = torch.zeros_like(w64), torch.zeros_like(bias64)
+
+    def layer(x, a, b, absolute=False):
+        """The layer with dropout in float64 and, with ``absolute``, its absolute-value computation M."""
+        branch, branch_abs, _ = naive_with_bound(spec, x * mask, *zeros, a, b, coef64, keep, tau)
+        if absolute:
+            return torch.nn.functional.linear(x, w64.abs(), bias64.abs()) + branch_abs
+        return torch.nn.functional.linear(x, w64, bias64) + branch
+
+    leaves = [t.double().requires_grad_() for t in (x, a, b)]
+    expected = layer(*leaves)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    ours = [t.clone().requires_grad_() for t in (x, a, b)]
+    torch.manual_seed(0)
+    with snell_kernels("fused"):
+        assert kernel_path(spec, torch.device("cpu"), 8, torch.float32) == "fused_cpu"
+        out = FusedSnellDropout.apply(ours[0], weight, bias, ours[1], ours[2], coef, spec, 0.2, None)
+    out.backward(grad.float())
+    depth = x.numel() + sum(spec.matrix_shape) + 64  # as in _check_against_naive
+    x_abs = x.double().abs().requires_grad_()
+    magnitude = layer(x_abs, a.double(), b.double(), absolute=True)
+    assert ((out.double() - expected).abs() <= gamma(depth) * magnitude.detach()).all()
+    magnitude.backward(grad.abs())  # dx = gy·W0 + D⊙(gy·ΔWˢ): M's backward sums its terms' magnitudes
+    dropped = [x * mask, weight, bias, a, b, coef]  # the factors see D⊙x where the dropout-free check sees x
+    scales = [x_abs.grad] + [abs_gradient_scale(spec, dropped, keep, tau, grad, dropped[i]) for i in (3, 4)]
+    for mine, theirs, scale in zip(ours, leaves, scales, strict=True):
+        assert ((mine.grad.double() - theirs.grad).abs() <= gamma(depth * 2) * scale).all()
 
 
 def test_bf16_layer_on_the_fused_path_saves_nothing_m_by_n():
