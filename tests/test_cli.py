@@ -102,14 +102,20 @@ def test_eval_of_val_works_for_a_run_made_under_the_reference_protocol(
     finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Evaluating val set --select-on val on the run's config, which --protocol reference refuses: `snell eval
-    --split val` of such a run stopped on flags the user never typed."""
+    --split val` of such a run stopped on flags the user never typed. That run trained on val, so its val score is
+    not held out, and eval says so; a run that selected on val gets no such warning."""
     run = tmp_path / "reference"
     shutil.copytree(finished_run, run)
     record = json.loads((run / "config.json").read_text())
     record["config"].update(protocol="reference", select_on="none")
     (run / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
     assert main(["eval", str(run), "--split", "val"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 32  # val200's stand-in
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["examples"] == 32  # val200's stand-in
+    assert "trained on its val split too (--select-on none)" in err
+    assert main(["eval", str(finished_run), "--split", "val"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_merged_model_gives_the_adapted_outputs(finished_run: Path, tmp_path: Path) -> None:

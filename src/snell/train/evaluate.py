@@ -76,10 +76,11 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
 
         result = causal.evaluate_run(run_dir, causal.recorded_config(config, record), split, adapter, data)
     else:
-        config, task, backbone, model = restore(run_dir, adapter, split, data)
+        # restore's config evaluates the split (it selects on val for val); the warning below reads the run's own
+        evaluating, task, backbone, model = restore(run_dir, adapter, split, data)
         dataset = task.test if split == "test" else task.val
-        accelerator = make_accelerator(config)
-        loader = accelerator.prepare(make_loader(dataset, task, config, backbone.tokenizer, train=False))
+        accelerator = make_accelerator(evaluating)
+        loader = accelerator.prepare(make_loader(dataset, task, evaluating, backbone.tokenizer, train=False))
         model = accelerator.prepare(model)
         examples, score = len(dataset), accuracy(model, loader, accelerator)
         result = {"run": str(run_dir), "split": split, "examples": examples, "accuracy": score}
