@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy
 import pytest
+import safetensors.torch
 import timm
 import torch
 from torch import nn
 
 import snell
+import snell.train.methods
 from snell.train.backbones import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 from snell.train.config import TrainConfig, UserError
 from snell.train.data import DATA_DIR
@@ -128,10 +130,22 @@ def test_flags_parse_lists_regexes_and_json() -> None:
     assert config.model_kwargs == {"img_size": 32}
 
 
+def test_model_kwargs_that_are_not_a_json_object_are_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        _parse(["--model-kwargs", "[1, 2]"])
+    assert stop.value.code == 2 and "expected a JSON object" in capsys.readouterr().err
+
+
 def test_user_recipe_file_is_copyable_and_errors_name_file_and_line(tmp_path: Path) -> None:
     good = tmp_path / "mine.yaml"
     good.write_text(Path(load_recipe("vtab/eurosat")[1]).read_text().replace("lr: 0.001", "lr: 2.0e-3"))
     assert resolve_config(str(good), {}).lr == 2e-3
+    # YAML 1.1 reads 1e-3 (no dot) as a string and [1, -1] as integers: both come out as the floats a flag gives
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("lr: 1e-3\ncoefficients: [1, -1]\n")
+    config = resolve_config(str(plain), {})
+    assert (type(config.lr), config.lr) == (float, 1e-3)
+    assert [(type(c), c) for c in config.coefficients] == [(float, 1.0), (float, -1.0)]
 
     unknown_key = tmp_path / "typo.yaml"
     unknown_key.write_text("method: snell\nepochs: 3\nlearning_rate: 0.1\n")
@@ -346,6 +360,52 @@ def test_every_method_of_the_harness_acts_on_a_beit_qkv(method: str) -> None:
     model.train()(torch.randn(2, 3, 32, 32)).square().sum().backward()
     qkv = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ".attn.qkv." in n}
     assert qkv and all(grad is not None and grad.any() for grad in qkv.values()), qkv.keys()
+
+
+def test_each_baseline_method_trains_what_it_names() -> None:
+    """LoRA's alpha defaults to its rank (scale 1, as SNELL's update has none) and takes --adapter-dropout; the linear
+    probe trains the head alone; full fine-tuning trains every parameter, also one a backbone builder had frozen."""
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, r=4, adapter_dropout=0.3)
+    lora = apply_method(build_backbone(config, num_classes=3), dataclasses.replace(config, method="lora"))
+    assert (lora.peft_config["default"].lora_alpha, lora.peft_config["default"].lora_dropout) == (4, 0.3)
+    backbone = build_backbone(config, num_classes=3)
+    probe = apply_method(backbone, dataclasses.replace(config, method="linear"))
+    trained = [name for name, p in probe.named_parameters() if p.requires_grad]
+    assert trained and all(any(name.startswith(f"{head}.") for head in backbone.head_names) for name in trained)
+    backbone = build_backbone(config, num_classes=3)
+    backbone.model.patch_embed.requires_grad_(False)
+    full = apply_method(backbone, dataclasses.replace(config, method="full"))
+    assert all(p.requires_grad for p in full.parameters())
+
+
+def test_training_mode_keeps_frozen_batch_norm_statistics() -> None:
+    """A frozen BatchNorm (an adapted CNN's) stays in eval mode, so its running statistics stay the pretrained ones
+    that the saved adapter assumes; a trained one updates them."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    net[1].requires_grad_(False)
+    before = [bn.running_mean.clone() for bn in net[1:]]
+    snell.train.methods.set_train_mode(net)
+    net(torch.randn(2, 3, 8, 8) + 5)
+    assert (net[1].training, net[2].training) == (False, True)
+    assert torch.equal(net[1].running_mean, before[0]) and not torch.equal(net[2].running_mean, before[1])
+
+
+def test_what_a_method_cannot_load_or_adapt_is_refused_by_name(tmp_path: Path) -> None:
+    """A LoRA target inside the head (which trains whole), a saved full state of another shape, and a LoRA folder
+    without its adapter_config.json: each a one-line UserError, not peft's or torch's traceback."""
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, r=4)
+    lora = dataclasses.replace(config, method="lora", target_modules=["head", "qkv"])
+    with pytest.raises(UserError, match="is in the head"):
+        apply_method(build_backbone(lora, num_classes=3), lora)
+    full = dataclasses.replace(config, method="full")
+    safetensors.torch.save_file({"head.weight": torch.zeros(5, 32)}, str(tmp_path / snell.train.methods.STATE_FILE))
+    with pytest.raises(UserError, match="does not fit this model"):
+        load_trained(build_backbone(full, num_classes=3), full, tmp_path)
+    lora = dataclasses.replace(config, method="lora")
+    with pytest.raises(UserError, match=r"no peft adapter \(adapter_config.json is missing\)"):
+        load_trained(build_backbone(lora, num_classes=3), lora, tmp_path)  # holds the full state only
 
 
 def test_lora_in_the_harness_ignores_snells_undropped_modules() -> None:
