@@ -82,11 +82,41 @@ def test_ema_and_fsdp_are_refused_together() -> None:
         TrainConfig(ema_decay=0.99, fsdp=True)
 
 
-def test_an_average_of_another_decay_is_not_loaded() -> None:
+def test_an_average_of_another_decay_or_other_tensors_is_not_loaded() -> None:
     model = _toy()
     ema = WeightEma(model, 0.9)
+    before = {name: t.clone() for name, t in ema.average.items()}
     with pytest.raises(ValueError, match="does not match"):
         ema.load_state_dict({"decay": 0.5, "average": ema.state_dict()["average"]})
+    short = {name: t + 1 for name, t in ema.state_dict()["average"].items() if name != "1.bias"}
+    with pytest.raises(ValueError, match="does not match"):
+        ema.load_state_dict({"decay": 0.9, "average": short})
+    assert all(torch.equal(t, before[name]) for name, t in ema.average.items())
+
+
+def test_a_model_that_trains_other_tensors_than_the_average_holds_is_refused() -> None:
+    """Averaging or swapping in a subset would silently give a model that is neither the trained one nor its average."""
+    model = _toy()
+    ema = WeightEma(model, 0.9)
+    model[1].weight.requires_grad_(False)
+    for call in (ema.update, ema.copy_to):
+        with pytest.raises(ValueError, match="the model's 2 trained parameters are not the 3 averaged"):
+            call(model)
+
+
+def test_a_bf16_models_average_is_kept_in_float32() -> None:
+    """At decay 0.9999 a bf16 average (spacing 2^-7 at 1) would never move: 100 steps from 1 towards 2 must move a
+    float32 one to 2 − 0.9999^100, within float32 rounding of 100 lerps (~300 u of 2 ≈ 4e-5)."""
+    model = nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightEma(model, 0.9999)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    for _ in range(100):
+        ema.update(model)
+    assert ema.average["weight"].dtype == torch.float32
+    assert float(ema.average["weight"]) == pytest.approx(2.0 - 0.9999**100, abs=4e-5)
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -171,12 +171,15 @@ def test_weight_decay_skips_1d_params_biases_pos_embed_and_cls_token() -> None:
     snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, modules_to_save=["head"]))
     model.cls_token.requires_grad_(True)
     model.pos_embed.requires_grad_(True)
+    model.norm.requires_grad_(True)  # a 1-D weight that is not a bias
+    model.reg_token = nn.Parameter(torch.zeros(1, 4, 192))  # 3-D tokens: skipped by name (register ViTs, DeiT's twin)
+    model.dist_token = nn.Parameter(torch.zeros(1, 1, 192))
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     decayed = {names[id(p)] for p in decay["params"]}
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "pos_embed", "head.bias"} <= skipped
+    assert {"cls_token", "pos_embed", "head.bias", "norm.weight", "reg_token", "dist_token"} <= skipped
     assert "head.weight" in decayed and any(n.endswith("snell_A") for n in decayed)
     assert all(p.ndim > 1 for p in decay["params"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -210,6 +213,13 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
     # after 19 steps: the 19th ran at seen[18] (what an epoch's record logs), the 20th and last will run at seen[19]
     assert schedule.last() == seen[18] and schedule.current() == seen[19]
 
+    # The warm-up's length rounds to the nearest step (0.5 epoch of 3 steps: 2), and a warm-up as long as the run
+    # is cut to leave its last step at lr.
+    half = WarmupCosine(optimizer, dataclasses.replace(config, warmup_epochs=0.5, warmup_lr=0.0), steps_per_epoch=3)
+    assert half.warmup_steps == 2 and half.rate(1) == pytest.approx(lr / 2)
+    whole = WarmupCosine(optimizer, dataclasses.replace(config, epochs=1, warmup_epochs=1), steps_per_epoch=5)
+    assert whole.warmup_steps == 4 and whole.rate(4) == pytest.approx(lr)
+
 
 def test_data_order_depends_on_seed_and_epoch_only() -> None:
     sampler = EpochSampler(50, seed=3)
@@ -221,6 +231,9 @@ def test_data_order_depends_on_seed_and_epoch_only() -> None:
     assert list(again) == first
     again.set_epoch(3)
     assert list(again) != first
+    other = EpochSampler(50, seed=4)
+    other.set_epoch(2)
+    assert list(other) != first
 
 
 def test_packaged_efficientnet_lite0_loads_completely() -> None:
