@@ -96,6 +96,8 @@ def test_class_balanced_split_is_disjoint_deterministic_and_seeded():
     assert not np.array_equal(a, class_balanced_split(labels, [6, 3], seed=2)[0])
     with pytest.raises(ValueError, match="class 2 has 9 examples"):
         class_balanced_split(labels, [30], seed=0)
+    a, b = class_balanced_split(labels, [7, 5], seed=0)  # sizes that are not a multiple of the class count
+    assert (len(a), len(b)) == (7, 5) and not set(a) & set(b)
 
 
 # ---------------------------------------------------------------------------------------------- IDX files
@@ -188,6 +190,22 @@ def test_vtab_folder_reads_lists_and_infers_num_classes(tmp_path):
     image, label = train[1]
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (40, 40, 40) and label == 1
     assert VtabFolder(root, "train800", num_classes=3).num_classes == 3
+
+
+def test_vtab_lists_as_editors_write_them(tmp_path):
+    """A byte-order mark (Windows editors), paths with spaces (the label is after the last blank), and line numbers
+    counted by newlines only: a form feed inside a line starts no new one."""
+    _png(tmp_path / "my images" / "a b.png")
+    _png(tmp_path / "images" / "0.png")
+    (tmp_path / "train800.txt").write_bytes("images/0.png 0\nmy images/a b.png 1\n".encode("utf-8-sig"))
+    train = VtabFolder(tmp_path, "train800")
+    assert train.targets == [0, 1] and [e.path for e in train.entries] == [
+        tmp_path / "images" / "0.png",
+        tmp_path / "my images" / "a b.png",
+    ]
+    (tmp_path / "test.txt").write_text("images/0.png 0\x0c\nimages/0.png x\n")
+    with pytest.raises(DataFormatError, match=r"test\.txt:2: label 'x'"):
+        VtabFolder(tmp_path, "test", num_classes=2)
 
 
 def test_vtab_missing_list_file_is_named(tmp_path):
@@ -300,11 +318,13 @@ def test_an_fgvc_folder_finds_its_images_where_vpt_keeps_them(tmp_path, images):
         ('{\n  "a.png": 0,\n  "b.png": 1,\n}', r"train\.json:4: invalid JSON"),
         ('[["a.png", 0]]', r"train\.json:1: expected a JSON object"),
         ('{\n  "a.png": 0,\n  "b.png": 7\n}', r"train\.json:3: label 7 is out of range \[0, 2\)"),
+        ('{\n  "a.png": 0,\n  "é.png": "x"\n}', r"train\.json:3: label 'x' of 'é\.png'"),  # unescaped non-ASCII key
     ],
 )
 def test_fgvc_bad_entries_name_file_and_line(tmp_path, text, message):
     _png(tmp_path / "a.png")
     _png(tmp_path / "b.png")
+    _png(tmp_path / "é.png")
     (tmp_path / "train.json").write_text(text)
     with pytest.raises(DataFormatError, match=message):
         FgvcJson(tmp_path, "train", num_classes=2)
@@ -432,11 +452,16 @@ def test_vtab_transforms_resize_straight_without_augmentation():
         assert transform.transforms[2].mean == [0.5, 0.5, 0.5]
         out = transform(Image.new("RGB", (100, 30), (255, 0, 0)))
         assert out.shape == (3, 64, 64) and torch.allclose(out[0], torch.ones(64, 64))
+    noise = Image.effect_noise((16, 16), 64).convert("RGB")  # the resize is bicubic, as the reference code's
+    plain = build_transforms("vtab", 8, mean=(0, 0, 0), std=(1, 1, 1))(noise)
+    assert torch.equal(plain, T.ToTensor()(T.Resize((8, 8), interpolation=T.InterpolationMode.BICUBIC)(noise)))
 
 
 def test_fgvc_transforms():
     train = build_transforms("fgvc", 224, train=True, color_jitter=0.4)
     assert _kinds(train) == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter, T.ToTensor, T.Normalize]
+    jitter = train.transforms[2]  # the authors' ColorJitter(c, c, c): brightness, contrast and saturation
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4) and jitter.hue is None
     assert _kinds(build_transforms("fgvc", 224, train=True))[:3] == [
         T.RandomResizedCrop,
         T.RandomHorizontalFlip,
