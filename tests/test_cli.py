@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted, stop_after_first_checkpoint
+from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted, script_scores, stop_after_first_checkpoint
 from safetensors.torch import load_file
 
 import snell
@@ -116,6 +116,18 @@ def test_eval_of_val_works_for_a_run_made_under_the_reference_protocol(
     assert "trained on its val split too (--select-on none)" in err
     assert main(["eval", str(finished_run), "--split", "val"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_reference_protocol_reports_the_best_test_accuracy_of_its_evaluations(
+    vtab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the reference code: the maximum over its evaluations, on test (here scripted: 0.9, then 0.1)."""
+    script_scores(monkeypatch, [0.9, 0.1])
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--protocol", "reference",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["test_accuracy"], summary["selected_epoch"]) == (0.9, 1) and "MAXIMUM" in summary["accuracy_kind"]
 
 
 def test_merged_model_gives_the_adapted_outputs(finished_run: Path, tmp_path: Path) -> None:
@@ -437,6 +449,8 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
     capsys.readouterr()  # save_pretrained's bars
     _fails(capsys, [*args, "--max-length", "65"], "--max-length 65 exceeds the model's 64 positions")
     _fails(capsys, [*args, "--checkpoint", str(model_dir / "config.json")], "--checkpoint applies to timm models")
+    timm_model = [*args[:3], "--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT, *args[5:]]
+    _fails(capsys, timm_model, "is text data but vit_tiny_patch16_224 is a timm model")
     assert not out.exists()
     args += ["--max-length", "64"]
     assert main(args) == 0
@@ -453,6 +467,10 @@ def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pyte
     for part in data.iterdir():
         (renamed / part.name).write_text(part.read_text().replace("sport", "aaa"))
     _fails(capsys, ["eval", str(out), "--data", str(renamed)], "class 0 is 'aaa', but the run's was 'sport'")
+    three = tmp_path / "three"  # and data with a class more
+    shutil.copytree(data, three)
+    (three / "train.csv").write_text((data / "train.csv").read_text() + "chess move board 1,games\n")
+    _fails(capsys, ["eval", str(out), "--data", str(three)], "has 3 classes but the run was trained on 2")
 
 
 # --------------------------------------------------------------------------------------------------------
