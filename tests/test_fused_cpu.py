@@ -139,6 +139,16 @@ def _force_route(monkeypatch, route):
 
 
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("rank", [6, 8, 12, 32])  # piece widths 3 and 6 take the generic loop, 4 and 16 their own
+def test_matrices_wider_than_a_column_tile_match_the_naive_formula(rank, route, monkeypatch):
+    # The kernels walk the columns in tiles: each column past the first tile must read its own a_i and write its own
+    # place in ΔW, dW, the merged weight and dA. A layer of in_features > 512 (ViT-B's 768, LLaMA's 4096) is one.
+    _force_route(monkeypatch, route)
+    spec = _spec(shape=(64, kernels._TILE + 88))
+    _check_against_naive(spec, _inputs(spec, r=rank))
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("rank", RANKS)
 def test_backward_rebuilds_the_forward_merged_weight_bit_for_bit(rank, route, monkeypatch):
     _force_route(monkeypatch, route)
