@@ -122,6 +122,24 @@ def test_wide_pieces_match_the_naive_formula_within_rounding_bounds(rank, mode):
     _check_against_naive(spec, _inputs(spec, r=rank))
 
 
+def test_frozen_factors_give_dx_from_the_forwards_merged_weight_bit_for_bit():
+    # Only x wants a gradient (A and B frozen, as in a frozen adapter): the backward skips the factor pass but must
+    # still rebuild every group's merged weight with that group's own τ, the forward's bit for bit. dx is then the
+    # same GEMM on the same matrix as grad_input on the forward's merged weight: equal, not merely close.
+    spec = _spec(sparsity=0.5, shape=(99, 80), groups=3)
+    x, weight, bias, a, b, coef = _inputs(spec)
+    merged, tau = snell.fused_cpu_path.merged_and_tau(spec, a, b, coef, weight, torch.float32)
+    assert len(set(tau.flatten().tolist())) == 3  # each group its own τ
+    grad = torch.randn(x.shape[0], 99, generator=torch.Generator().manual_seed(2))
+    expected = snell.spec.grad_input(spec, x, merged.reshape(spec.matrix_shape), grad)
+    dx, _, factors = snell.fused_cpu_path.backward(spec, x, weight, a, b, coef, tau, grad, True, False, False, False)
+    assert factors is None and torch.equal(dx, expected)
+    leaf = x.clone().requires_grad_()
+    with snell_kernels("fused"):
+        FusedSnell.apply(leaf, weight, bias, a, b, coef, spec).backward(grad)
+    assert torch.equal(leaf.grad, expected)
+
+
 def test_learnable_coefficients_get_the_naive_gradient():
     spec = _spec(mode="reference", shape=(96, 80))
     _check_against_naive(spec, _inputs(spec))
@@ -266,10 +284,27 @@ def test_the_one_pass_merge_writes_what_select_tau_and_merge_write(n, mode, spar
         assert our_tau == tau and torch.equal(_bits_of(ours), _bits_of(merged))
 
 
-def test_the_one_pass_merge_redoes_an_overflowing_band_with_exact_room(monkeypatch):
+def _band_room(a, b, coef, sparsity, overflowing):
+    """Band room per chunk that every chunk (``"every"``) or only some chunks (``"some"``) of a band pass overflow:
+    the fewest band entries a chunk holds, counted on the kernel's own float32 ΔW against the pass's bracket."""
+    if overflowing == "every":
+        return 1
+    m, n = b.shape[0], a.shape[0]
+    at, b_np, c_np = fused_cpu._factors(a, b, coef)
+    k = snell.sparsify.keep_count(m * n, sparsity)
+    lower, upper, chunk_rows, _ = fused_cpu._bracket(at, b_np, c_np[:2], at.shape[0] // 2, None, n, k)
+    magnitude = fused_cpu.dense_delta(a, b, coef, 2).abs()
+    inside = [int(((c > float(lower)) & (c <= float(upper))).sum()) for c in magnitude.split(chunk_rows)]
+    assert min(inside) < max(inside), inside
+    return min(inside)
+
+
+@pytest.mark.parametrize("overflowing", ["every", "some"])
+def test_the_one_pass_merge_redoes_an_overflowing_band_with_exact_room(overflowing, monkeypatch):
     _, weight, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=4)
     tau, merged = _two_pass_merge(a, b, coef, "reference", 0.9, weight, torch.float32)
-    monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: 1)
+    room = _band_room(a, b, coef, 0.9, overflowing)
+    monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: room)
     monkeypatch.setattr(fused_cpu, "select_tau", _refuse)
     monkeypatch.setattr(fused_cpu, "merge", _refuse)
     ours, our_tau = fused_cpu.merge_selected(a, b, coef, 2, "reference", 0.9, weight, torch.float32)
@@ -318,9 +353,11 @@ def test_a_sample_that_misses_falls_back_to_the_dense_selection(monkeypatch):
     _assert_exact_top_k(a, b, coef, 0.9, tau)
 
 
-def test_an_overflowing_band_is_redone_with_exact_room(monkeypatch):
-    monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: 1)
+@pytest.mark.parametrize("overflowing", ["every", "some"])
+def test_an_overflowing_band_is_redone_with_exact_room(overflowing, monkeypatch):
     _, _, _, a, b, coef = _inputs(_spec(shape=(600, 400)), seed=4)
+    room = _band_room(a, b, coef, 0.9, overflowing)
+    monkeypatch.setattr(fused_cpu, "_band_capacity", lambda expected: room)
     tau, band = fused_cpu.select_tau(a, b, coef, 2, 0.9)
     assert band > 1
     _assert_exact_top_k(a, b, coef, 0.9, tau)
