@@ -216,6 +216,18 @@ def test_same_tau_and_weight_at_any_thread_count(threads, rank):
     assert tau_1 == tau_n and torch.equal(merged_1, merged_n)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_backward_reaches_every_row_at_any_thread_count(threads):
+    # The backward hands a block's rows out to the threads: 3 rows over 2 or 3 threads must all be reduced into dB.
+    spec = _spec(shape=(3, 40))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check_against_naive(spec, _inputs(spec))
+    finally:
+        torch.set_num_threads(before)
+
+
 def _assert_exact_top_k(a, b, coef, sparsity, tau):
     delta = fused_cpu.dense_delta(a, b, coef, 2).abs()
     k = snell.sparsify.keep_count(delta.numel(), sparsity)

@@ -153,6 +153,22 @@ def _naive_layer(spec, x, weight, bias, a, b, coef, keep, tau):
     [((0.9,), 200, 120), ((0.0, 0.6, 0.95), 200, 120), ((0.9,), 48, fused_cpu_kernels._TILE + 88)],
 )
 def test_layer_output_and_gradients_match_float64_on_the_kernels_own_survivors(sparsities, rows, n, mode):
+    _check_layer(sparsities, rows, n, mode)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_backward_reaches_every_row_at_any_thread_count(threads):
+    # The column sums of the softmax backward are split over the threads by rows: 3 rows over 2 or 3 threads.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _check_layer((0.5,), 3, 40, "reference")
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_layer(sparsities, rows, n, mode):
+    """The fused mixk layer's output and gradients against float64 autograd on the kernels' own survivors."""
     groups = len(sparsities)
     spec = with_sparsities(SnellSpec("linear", (groups * rows, n), "mixk", 2, mode, 0.5, groups), list(sparsities))
     gen = torch.Generator().manual_seed(6)
