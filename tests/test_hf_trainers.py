@@ -19,13 +19,13 @@ from snell.io import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 WORDS = ["<pad>", "<eos>", "<unk>", "the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "big", "red"]
 
 
-def _llama() -> torch.nn.Module:
+def _llama(layers: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=len(WORDS),
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         pad_token_id=0,
         eos_token_id=1,
@@ -81,10 +81,10 @@ def _snell_trainer(output_dir, model) -> SnellTrainer:
     return SnellTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer)
 
 
-def _adapted_llama() -> torch.nn.Module:
-    model = _llama()
+def _adapted_llama(sparsity: float = 0.5, layers: int = 1) -> torch.nn.Module:
+    model = _llama(layers)
     torch.manual_seed(1)
-    return snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=["q_proj", "v_proj"]))
+    return snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=sparsity, target_modules=["q_proj", "v_proj"]))
 
 
 def test_trainer_saves_snell_adapters_that_load_adapter_restores_and_resumes_from_them(tmp_path):
@@ -96,6 +96,8 @@ def test_trainer_saves_snell_adapters_that_load_adapter_restores_and_resumes_fro
     for folder in (tmp_path / "final", tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"):
         assert (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
         assert not (folder / "model.safetensors").exists()  # the adapter alone, like a peft model's save
+        assert (folder / transformers.trainer.TRAINING_ARGS_NAME).is_file()  # with the training arguments
+        assert transformers.AutoTokenizer.from_pretrained(folder).pad_token == "<pad>"  # and the tokenizer
     # Same factors on the same base weights, same inputs, same process: exactly the trained outputs.
     restored = snell.load_adapter(_llama(), tmp_path / "final")
     torch.testing.assert_close(_logits(restored), trained, rtol=0, atol=0)
@@ -209,6 +211,18 @@ def test_resuming_restores_an_allocators_per_layer_sparsities_and_checks_the_fil
     with pytest.raises(ValueError, match="is corrupt"):
         restore_adapter(fresh, tmp_path / "checkpoint")
     torch.testing.assert_close(_logits(fresh), before, rtol=0, atol=0)
+    # An adapter of another config (sparsity 0.9, same tensor shapes), and one of the same config made for a model
+    # of one layer where this one has two (its second layer's factors would silently stay as they are).
+    snell.save_adapter(_adapted_llama(sparsity=0.9), tmp_path / "other")
+    with pytest.raises(ValueError, match="has another config than the model's"):
+        restore_adapter(fresh, tmp_path / "other")
+    torch.testing.assert_close(_logits(fresh), before, rtol=0, atol=0)
+    snell.save_adapter(_adapted_llama(), tmp_path / "shallow")
+    deeper = _adapted_llama(layers=2)
+    state = {name: t.clone() for name, t in deeper.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit the model"):
+        restore_adapter(deeper, tmp_path / "shallow")
+    assert all(torch.equal(t, state[name]) for name, t in deeper.state_dict().items())
 
 
 def test_reentrant_gradient_checkpointing_trains_a_model_that_takes_pixel_values(tmp_path):
