@@ -75,6 +75,9 @@ def test_packing_keeps_examples_whole_and_in_order() -> None:
         ("train.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', "train.jsonl:2: invalid JSON"),
         ("train.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n', "train.jsonl:3: missing"),
         ("train.jsonl", '{"instruction": "a", "output": 3}\n', "train.jsonl:1: 'output' must be a string"),
+        ("test.jsonl", '{"instruction": "a", "output": "1", "answer": 1}\n', "test.jsonl:1: 'answer' must be a string"),
+        ("test.jsonl", '{"instruction": "a", "output": "b", "task": 2}\n', "test.jsonl:1: 'task' must be a string"),
+        ("train.jsonl", '{"instruction": "  ", "output": "b"}\n', "train.jsonl:1: .*must not be empty"),
         ("train.json", '[{"instruction": "a", "output": "b"}, {"output": "b"}]', "train.json: item 1: missing"),
         ("train.json", '{"instruction": "a"}', "expected a JSON array"),
     ],
@@ -83,6 +86,17 @@ def test_bad_records_name_file_and_line(tmp_path: Path, name: str, content: str,
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError, match=message):
         I.read_examples(tmp_path / name)
+
+
+def test_records_read_as_editors_write_them(tmp_path: Path) -> None:
+    """A byte-order mark (Windows editors); an input of blanks only is no input (the no-input prompt); a train split
+    without a test split is refused by name."""
+    (tmp_path / "train.jsonl").write_bytes('{"instruction": "a", "input": " \\n", "output": "b"}\n'.encode("utf-8-sig"))
+    (example,) = I.read_examples(tmp_path / "train.jsonl")
+    assert (example.instruction, example.output) == ("a", "b")
+    assert I.build_prompt(example.instruction, example.input) == I.build_prompt("a")
+    with pytest.raises(UserError, match=r"no test\.jsonl or test\.json"):
+        I.load_splits(tmp_path, need_val=False)
 
 
 def test_a_split_given_both_as_jsonl_and_json_is_refused(tmp_path: Path) -> None:

@@ -30,6 +30,10 @@ def test_the_response_takes_each_choice_in_place_of_the_answer() -> None:
     assert response_with(_example("Which?", "", "I think so", "yes"), "no") == "no"  # output without its answer
     assert choices_for("boolq", ["true"]) == (["true", "false"], False)
     assert choices_for(None, ["tech", "sport", "tech"]) == (["sport", "tech"], True)
+    # the answer's last occurrence is the one replaced; a form is taken only when every answer is of it
+    asked = _example("Is it?", "", "true or false? the correct answer is true", "true")
+    assert response_with(asked, "false") == "true or false? the correct answer is false"
+    assert choices_for("mine", ["true", "maybe", "true"]) == (["maybe", "true"], True)
 
 
 def _plain_log_likelihood(model: torch.nn.Module, prompt: list[int], response: list[int]) -> float:
