@@ -63,6 +63,38 @@ def test_labels_mask_the_prompt_and_keep_the_response_and_eos(tiny: tuple[Path, 
     assert batch_inputs["attention_mask"][1].sum() == len(cut["input_ids"])
 
 
+def test_the_tokenizer_pads_on_the_right_with_unk_and_chat_prompts_get_no_second_bos() -> None:
+    """As LLM-Adapters: pad with unk (else eos), on the right for training even when the tokenizer was saved for
+    left-padded generation. A chat template writes its own special tokens, so nothing is added to its text; the
+    Alpaca prompt gets the tokenizer's <s>."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tokenizer.pad_token, tokenizer.padding_side = None, "left"
+    tokenizer = I.prepare_tokenizer(tokenizer)
+    assert (tokenizer.pad_token, tokenizer.padding_side) == (tokenizer.unk_token, "right")
+    short = I.encode(I.Example("Pick one.", "", "business", "business", None, "x:1"), tokenizer, 256)
+    long = I.encode(
+        I.Example("Pick one of these, please.", "A longer text.", "sport", "sport", None, "x:2"), tokenizer, 256
+    )
+    inputs, labels = I.train_collate(tokenizer)([short, long])
+    n = len(short["input_ids"])
+    assert inputs["input_ids"][0, :n].tolist() == short["input_ids"] and labels[0, :n].tolist() == short["labels"]
+    assert (labels[0, n:] == -100).all() and inputs["attention_mask"][0].tolist() == [1] * n + [0] * (
+        len(long["input_ids"]) - n
+    )
+    without_unk = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    without_unk.pad_token = without_unk.unk_token = None
+    assert I.prepare_tokenizer(without_unk).pad_token == without_unk.eos_token
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    example = I.Example("Is it?", "It rained.", "true", "true", None, "x:1")
+    chat = I.prompt_ids(example, tokenizer, "chat")
+    assert chat.count(tokenizer.bos_token_id) == 1 and chat[0] == tokenizer.bos_token_id
+    assert I.prompt_ids(example, tokenizer, "alpaca")[0] == tokenizer.bos_token_id
+
+
 def test_packing_keeps_examples_whole_and_in_order() -> None:
     items = [{"input_ids": [k] * n, "attention_mask": [1] * n, "labels": [k] * n} for k, n in enumerate((3, 4, 2, 5))]
     packed = I.pack(items, cutoff=7)

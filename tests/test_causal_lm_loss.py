@@ -117,16 +117,20 @@ def test_a_batch_without_response_tokens_still_backpropagates_zeros() -> None:
     assert all(float(p.grad.abs().max()) == 0 for p in model.parameters() if p.requires_grad)
 
 
-def test_a_model_that_rescales_its_logits_gets_the_full_logits_loss() -> None:
-    """Gemma-2 soft-caps its logits after the head: running the head alone would change the loss."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_a_model_that_rescales_its_logits_gets_the_full_logits_loss(family: str) -> None:
+    """Gemma-2 soft-caps its logits after the head, Cohere multiplies them by logit_scale: running the head alone
+    would change the loss."""
+    import transformers
 
     torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
-    )  # fmt: skip
-    model = Gemma2ForCausalLM(config).eval()
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(**common, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+        model = transformers.Gemma2ForCausalLM(config).eval()
+    else:
+        config = transformers.CohereConfig(**common, num_key_value_heads=1, logit_scale=0.0625)
+        model = transformers.CohereForCausalLM(config).eval()
     inputs, labels = _batch(64)
     with torch.no_grad():
         chunked = L.chunked_response_loss(model, inputs, labels)
