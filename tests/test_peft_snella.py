@@ -189,15 +189,16 @@ def test_trainer_checkpoints_hold_the_allocator_and_load_restores_it(tmp_path):
     model = _peft_model()
     allocator = snella_allocator(model, AllocatorConfig(target_sparsity=0.6, total_steps=2))
     trainer = _trainer(
-        tmp_path, model, SnellaCallback(allocator), num_train_epochs=2, max_grad_norm=0, save_strategy="epoch"
+        tmp_path, model, SnellaCallback(allocator), num_train_epochs=3, max_grad_norm=0, save_strategy="epoch"
     )
     trainer.train()
-    final = tmp_path / "checkpoint-6"  # 3 optimizer steps per epoch
+    final = tmp_path / "checkpoint-9"  # 3 optimizer steps per epoch
     assert (final / SnellaCallback.STATE_NAME).is_file() and (
         tmp_path / "checkpoint-3" / SnellaCallback.STATE_NAME
     ).is_file()
     fresh = SnellaCallback(snella_allocator(_peft_model(seed=5), AllocatorConfig(target_sparsity=0.6, total_steps=2)))
     fresh.load(final)
+    # the schedule's 2 steps were epochs 0 and 1: epoch 2, past it, re-allocated nothing
     assert fresh.last_update == 1 and fresh.allocator.sparsity() == allocator.sparsity()
     for key, value in allocator.sensitivity.items():
         assert torch.equal(fresh.allocator.sensitivity[key], value)
@@ -225,22 +226,25 @@ def test_load_best_model_at_end_brings_back_the_best_checkpoints_sparsities(tmp_
     assert model.peft_config["default"].layer_sparsity == saved
 
 
-def test_trainer_resumed_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path):
-    """Epoch 1's checkpoint resumed in a fresh process-like setup (a new model, allocator and callback, then
+@pytest.mark.parametrize("checkpoint", [3, 4], ids=["end-of-epoch-1", "inside-epoch-2"])
+def test_trainer_resumed_from_a_checkpoint_ends_like_an_uninterrupted_run(checkpoint, tmp_path):
+    """A checkpoint resumed in a fresh process-like setup (a new model, allocator and callback, then
     ``callback.load`` and ``train(resume_from_checkpoint=...)``) ends with the uninterrupted run's factors, mix
-    scalars, sparsities and EMAs, bit for bit: the same arithmetic in the same order on one CPU."""
+    scalars, sparsities and EMAs, bit for bit: the same arithmetic in the same order on one CPU. Inside epoch 2
+    (step 4 of 3 per epoch), that epoch's re-allocation happened before the save and must not run again."""
 
     def run(folder, resume=None):
         model = _peft_model(seed=0 if resume is None else 7)  # a resumed run's own init must not matter
         callback = SnellaCallback(snella_allocator(model, AllocatorConfig(target_sparsity=0.6, total_steps=3)))
         if resume is not None:
             callback.load(resume)
-        trainer = _trainer(folder, model, callback, num_train_epochs=3, max_grad_norm=0, save_strategy="epoch")
+        saving = {"save_strategy": "steps", "save_steps": checkpoint}
+        trainer = _trainer(folder, model, callback, num_train_epochs=3, max_grad_norm=0, **saving)
         trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         return model, callback.allocator
 
     straight, straight_allocator = run(tmp_path / "straight")
-    resumed, resumed_allocator = run(tmp_path / "resumed", resume=tmp_path / "straight" / "checkpoint-3")
+    resumed, resumed_allocator = run(tmp_path / "resumed", resume=tmp_path / "straight" / f"checkpoint-{checkpoint}")
     assert resumed_allocator.sparsity() == straight_allocator.sparsity()
     for kind in ("sensitivity", "uncertainty"):
         for key, value in getattr(straight_allocator, kind).items():
