@@ -127,6 +127,10 @@ def test_records_read_as_editors_write_them(tmp_path: Path) -> None:
     (example,) = I.read_examples(tmp_path / "train.jsonl")
     assert (example.instruction, example.output) == ("a", "b")
     assert I.build_prompt(example.instruction, example.input) == I.build_prompt("a")
+    # lines end at "\n" only: a raw U+2028 inside a JSON string (valid JSON) is text, not a line break
+    (tmp_path / "val.jsonl").write_text('{"instruction": "a\u2028b", "output": "c"}\n', encoding="utf-8")
+    (example,) = I.read_examples(tmp_path / "val.jsonl")
+    assert example.instruction == "a\u2028b" and example.origin.endswith("val.jsonl:1")
     with pytest.raises(UserError, match=r"no test\.jsonl or test\.json"):
         I.load_splits(tmp_path, need_val=False)
 
@@ -179,6 +183,7 @@ def test_the_form_is_inferred_from_the_answers_when_the_task_is_unnamed() -> Non
     assert extract_answer("technology? no, it is sport", topics) == "sport"  # whole words for free-form answers
     assert extract_answer("sports business", topics) == "business"
     assert answer_pattern(ANSWER_FORMATS["option"]).pattern == "option1|option2"
+    assert extract_answer("the answer is true_false", answer_pattern(["true", "true_false"])) == "true_false"
 
 
 def test_scores_per_task_average_and_overall() -> None:
