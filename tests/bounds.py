@@ -8,6 +8,8 @@ the longest chain of float32 roundings (GEMM depths plus the per-entry operation
 and holds for any summation order, so for any vector width, tile shape and thread count.
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,14 @@ class snell_kernels:
 
     def __exit__(self, *exc):
         self.mp.undo()
+
+
+@contextmanager
+def torch_threads(count):
+    """torch's (and so the fused kernels') thread count set to ``count`` inside, given back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

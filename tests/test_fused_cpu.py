@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kernels
+from bounds import U32, abs_gradient_scale, gamma, naive_with_bound, snell_kernels, torch_threads
 
 import snell
 import snell.dropout
@@ -203,16 +203,12 @@ def test_bf16_merge_rounds_like_torch():
 def test_same_tau_and_weight_at_any_thread_count(threads, rank):
     spec = _spec(shape=(1000, 300))
     _, weight, _, a, b, coef = _inputs(spec, r=rank)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         tau_1, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
         merged_1 = fused_cpu.merge(a, b, coef, 2, tau_1, "soft", 0.9, weight, torch.float32)
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         tau_n, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9)
         merged_n = fused_cpu.merge(a, b, coef, 2, tau_n, "soft", 0.9, weight, torch.float32)
-    finally:
-        torch.set_num_threads(before)
     assert tau_1 == tau_n and torch.equal(merged_1, merged_n)
 
 
@@ -220,12 +216,8 @@ def test_same_tau_and_weight_at_any_thread_count(threads, rank):
 def test_the_backward_reaches_every_row_at_any_thread_count(threads):
     # The backward hands a block's rows out to the threads: 3 rows over 2 or 3 threads must all be reduced into dB.
     spec = _spec(shape=(3, 40))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         _check_against_naive(spec, _inputs(spec))
-    finally:
-        torch.set_num_threads(before)
 
 
 def _assert_exact_top_k(a, b, coef, sparsity, tau):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from bounds import U32, gamma, snell_kernels
+from bounds import U32, gamma, snell_kernels, torch_threads
 from naive import naive_kernel
 
 import snell.sparsify
@@ -115,17 +115,13 @@ def test_same_statistics_tau_and_weight_at_any_thread_count(threads):
     a, b, coef = _factors(1000, 300, seed=4)
     weight = torch.randn(1000, 300, generator=torch.Generator().manual_seed(5))
     results = []
-    before = torch.get_num_threads()
-    try:
-        for count in (1, threads):
-            torch.set_num_threads(count)
+    for count in (1, threads):
+        with torch_threads(count):
             mix = fused_cpu.mix_stats(a, b, coef, 2)
             tau, _ = fused_cpu.select_tau(a, b, coef, 2, 0.9, mix)
             results.append(
                 (mix.stats, tau, fused_cpu.merge(a, b, coef, 2, tau, "soft", 0.9, weight, torch.float32, mix=mix))
             )
-    finally:
-        torch.set_num_threads(before)
     (stats_1, tau_1, merged_1), (stats_n, tau_n, merged_n) = results
     assert np.array_equal(stats_1, stats_n) and tau_1 == tau_n and torch.equal(merged_1, merged_n)
 
@@ -159,12 +155,8 @@ def test_layer_output_and_gradients_match_float64_on_the_kernels_own_survivors(s
 @pytest.mark.parametrize("threads", [2, 3])
 def test_the_backward_reaches_every_row_at_any_thread_count(threads):
     # The column sums of the softmax backward are split over the threads by rows: 3 rows over 2 or 3 threads.
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         _check_layer((0.5,), 3, 40, "reference")
-    finally:
-        torch.set_num_threads(before)
 
 
 def _check_layer(sparsities, rows, n, mode):
