@@ -40,6 +40,10 @@ def _parse(argv: list[str]) -> TrainConfig:
     return config_from_args(parser.parse_args(argv))
 
 
+TINY_VIT_KWARGS = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+"""A one-block ViT for the harness tests that build a model (with ``img_size=32``)."""
+
+
 def test_every_reference_task_has_a_recipe_that_resolves() -> None:
     # llm: tests/test_causal_lm.py; snella: tests/test_train_snella.py
     names = {name for name in known_recipes() if not name.startswith(("llm/", "snella/"))}
@@ -364,8 +368,7 @@ def test_the_reference_protocol_evaluates_when_the_reference_code_does() -> None
 def test_every_method_of_the_harness_acts_on_a_beit_qkv(method: str) -> None:
     """BEiT reads qkv.weight itself unless its qkv_bias_separate switch is set: SNELL set it, and the LoRA and DoRA
     the same harness compares with it got a qkv adapter that never received a gradient."""
-    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    config = TrainConfig(method=method, model="beit_base_patch16_224", img_size=32, model_kwargs=kwargs)
+    config = TrainConfig(method=method, model="beit_base_patch16_224", img_size=32, model_kwargs=TINY_VIT_KWARGS)
     model = apply_method(build_backbone(config, num_classes=3), config)
     for name, param in model.named_parameters():
         if param.requires_grad and ("lora_B" in name or "head" in name):
@@ -378,8 +381,9 @@ def test_every_method_of_the_harness_acts_on_a_beit_qkv(method: str) -> None:
 def test_each_baseline_method_trains_what_it_names() -> None:
     """LoRA's alpha defaults to its rank (scale 1, as SNELL's update has none) and takes --adapter-dropout; the linear
     probe trains the head alone; full fine-tuning trains every parameter, also one a backbone builder had frozen."""
-    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, r=4, adapter_dropout=0.3)
+    config = TrainConfig(
+        model="vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_VIT_KWARGS, r=4, adapter_dropout=0.3
+    )
     lora = apply_method(build_backbone(config, num_classes=3), dataclasses.replace(config, method="lora"))
     assert (lora.peft_config["default"].lora_alpha, lora.peft_config["default"].lora_dropout) == (4, 0.3)
     backbone = build_backbone(config, num_classes=3)
@@ -407,8 +411,7 @@ def test_training_mode_keeps_frozen_batch_norm_statistics() -> None:
 def test_what_a_method_cannot_load_or_adapt_is_refused_by_name(tmp_path: Path) -> None:
     """A LoRA target inside the head (which trains whole), a saved full state of another shape, and a LoRA folder
     without its adapter_config.json: each a one-line UserError, not peft's or torch's traceback."""
-    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, r=4)
+    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_VIT_KWARGS, r=4)
     lora = dataclasses.replace(config, method="lora", target_modules=["head", "qkv"])
     with pytest.raises(UserError, match="is in the head"):
         apply_method(build_backbone(lora, num_classes=3), lora)
@@ -456,8 +459,9 @@ def test_an_unset_lr_is_the_methods_default() -> None:
 def test_the_cls_token_trains_by_default_and_a_lora_run_saves_it(method: str, tmp_path: Path) -> None:
     """As the reference code, cls_token trains beside the adapters unless --no-train-cls-token; LoRA's peft folder
     does not hold it, so the run saves it next to the adapter and load_trained restores it."""
-    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    config = TrainConfig(method=method, model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, sparsity=0.5)
+    config = TrainConfig(
+        method=method, model="vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_VIT_KWARGS, sparsity=0.5
+    )
 
     def tokens(config: TrainConfig) -> tuple[nn.Module, list[nn.Parameter]]:
         model = apply_method(build_backbone(config, num_classes=3), config)
