@@ -181,6 +181,19 @@ def test_bf16_and_fp16_merges_round_like_torch():
         assert torch.equal(rounded[numbers], fp32.to(dtype)[numbers])
 
 
+def test_a_bf16_merge_rounds_halfway_values_to_even_as_torch_does():
+    # Random data almost never holds an exact tie (about 2^-16 per entry), so the test above cannot see the rule.
+    # Zero coefficients and a dense τ make ΔW = 0: the merge writes W0's float32 values exactly, each halfway
+    # between two bf16 numbers (1 + 2^-8 lies between 1 and 1 + 2^-7; even is 1), and rounds them.
+    halfway = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2 + 2**-7, 0.5 + 2**-10, 3 + 2**-7, 1.0, 1.5])
+    base = halfway.repeat(4, 1)[None]
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 8, 4, generator=gen), torch.rand(1, 4, 4, generator=gen)
+    tau = torch.full((1, 1, 1), -math.inf)
+    rounded = fused_triton.merge(a, b, torch.zeros(2), 2, tau, "mask", base, torch.bfloat16)
+    assert torch.equal(rounded.view(torch.int16), base.to(torch.bfloat16).view(torch.int16))
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99, 0.9999])
 def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta(sparsity):
     checks.assert_triton_tau_is_exact(3, 100, 150, sparsity)
@@ -246,6 +259,18 @@ def test_kernel_path_dispatch(monkeypatch):
     monkeypatch.setattr(fallback, "_said", set())
     with pytest.warns(UserWarning, match="TRITON_INTERPRET=1"):
         assert kernel_path(spec, CPU, 8, torch.float32) == "torch"
+
+
+def test_a_rank_the_pieces_do_not_split_or_a_matrix_int32_cannot_index_stays_on_the_torch_path(monkeypatch):
+    # The kernels take each piece as r // P columns (r = 7 with P = 2 would drop a column of A and B), and index the
+    # (m, n) matrix and count its histogram in int32: 2^31 entries is one too many.
+    monkeypatch.setenv("SNELL_KERNELS", "triton")
+    supports, fp32 = snell.triton_path.supports, (torch.float32,)
+    spec = _spec()
+    assert supports(spec, 8, fp32) and kernel_path(spec, CPU, 8, torch.float32) == "triton"
+    assert not supports(spec, 7, fp32) and kernel_path(spec, CPU, 7, torch.float32) == "torch"
+    assert supports(_spec(shape=(1 << 16, (1 << 15) - 1)), 8, fp32)
+    assert not supports(_spec(shape=(1 << 16, 1 << 15)), 8, fp32)
 
 
 def test_the_compile_check_leaves_torchs_random_state_alone():

@@ -81,6 +81,35 @@ def test_delta_is_the_mixed_kernel_within_its_rounding_bound(shape):
         assert ((ours[g].double() - exact).abs() <= 2 * bound).all()
 
 
+def test_a_column_far_below_zero_keeps_its_softmax():
+    # A = 1 and B = 0 make every d_p = ‖1_4‖ = 2, so D = −4 and z = D/γ = −400 in every entry: the softmax is 1/m
+    # whatever the shift, but only a running maximum that starts at −inf keeps exp(z − M) = 1. One started at 0
+    # underflows every exp to 0, and ΔW to NaN. Exact up to the rounding of 1/S and of the sum: 2 u of its 4.01.
+    m, n = 70, 5
+    a, b = torch.ones(1, n, 8), torch.zeros(1, m, 8)
+    coef = torch.tensor([[-1.0, -1.0, 1.0, 0.01, 0.0]])  # c_1, c_2, α, γ, β
+    delta, _ = _own_delta(a, b, coef)
+    assert ((delta.double() - (-4 + 1 / m)).abs() <= 2 * U32 * (4 + 1 / m)).all()
+
+
+def test_the_padding_rows_of_a_partial_tile_leave_the_gradients_finite():
+    # Rows 70..127 of the second 64-row tile are padding: they load B = 0, so their z is (2 + 2)/γ = 400 while every
+    # real row has D = 0 (its B rows equal A's). Unless exp's argument is clamped, the padding overflows to inf and
+    # the column pass's 0·inf is NaN, which reaches every gradient. With s = 1/m in every entry, α's gradient is
+    # Σ dW/m, and dW = gyᵀx with gy = 1 makes that Σ x: a float32 sum of its m·n + tokens terms, bounded by γ.
+    spec = SnellSpec("linear", (70, 5), "mixk", 2, "mask", 0.0)
+    assert spec.dense(0)
+    x = torch.linspace(-1, 1, 15).reshape(3, 5)
+    leaves = [t.clone().requires_grad_() for t in (x, torch.ones(1, 5, 8), torch.ones(1, 70, 8))]
+    coef = torch.tensor([[1.0, 1.0, 1.0, 0.01, 0.0]], requires_grad=True)
+    with snell_kernels("triton"):
+        assert kernel_path(spec, CPU, 8, torch.float32) == "triton"
+        FusedSnell.apply(leaves[0], None, None, *leaves[1:], coef, spec).sum().backward()
+    assert all(t.grad.isfinite().all() for t in (*leaves, coef))
+    bound = gamma(70 * 5 + 3) * float(x.abs().sum())
+    assert abs(float(coef.grad[0, 2]) - float(x.double().sum())) <= bound
+
+
 def test_tau_is_the_exact_kth_largest_of_the_kernels_own_delta_per_group():
     # One group keeps its dense ΔW (None: τ = −inf), one keeps everything at sparsity 0 (k = m·n: mixk's reference
     # and soft modes still select there), one nothing (+inf), and the others their own k.
