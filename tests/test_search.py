@@ -4,6 +4,7 @@ Fast: a tiny random-weight timm ViT on scikit-learn's digits (800/200/797), one 
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -87,6 +88,24 @@ def test_an_option_at_its_default_leaves_the_fingerprint_alone(monkeypatch):
     to_dict = TrainConfig.to_dict
     monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {**to_dict(self), "added_later": False})
     assert S.fingerprint(config) == before
+
+
+def test_every_option_but_the_grid_and_the_cosmetic_ones_is_in_the_fingerprint():
+    """A rerun into the same folder with another dataset, seed, model, schedule... is another search and must be
+    refused, not mixed into the table; only the options trials differ by, and those that change no result, are
+    left out (trials' own folder, val selection and standard protocol are the search's)."""
+    config = tiny_config()
+    before = S.fingerprint(config)
+    left_out = set()
+    for field in dataclasses.fields(TrainConfig):
+        changed = copy.copy(config)
+        object.__setattr__(changed, field.name, f"another {field.name}")  # no validation: only the hash is read
+        if S.fingerprint(changed) == before:
+            left_out.add(field.name)
+    grid = {"sparsity", "target_sparsity", "lr", "r"}
+    set_by_the_search = {"output_dir", "select_on", "protocol"}
+    cosmetic = {"progress", "num_workers"}
+    assert left_out == grid | set_by_the_search | cosmetic
 
 
 def test_winner_is_the_val_best_even_when_test_disagrees(tmp_path, monkeypatch):
