@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from llm_cases import TASKS, train_args
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snell.cli import _build_parser, main
+from snell.io import tensors_digest
 from snell.train.causal_lm import demo, is_causal_lm
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.demo import METHODS, SMOLLM2, TINY_MODEL_DIR, train_command
@@ -203,15 +205,22 @@ def test_causal_lm_folders_are_recognised(tiny: tuple[Path, Path], tmp_path: Pat
 def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model_dir, data = tiny
     run = tmp_path / "run"
-    extra = ("--model-dtype", "bfloat16", "--bf16", "--gradient-checkpointing", "--grad-accum", "2")
+    extra = ("--model-dtype", "bfloat16", "--bf16", "--gradient-checkpointing", "--grad-accum", "2", "--merge")
     assert main(train_args(model_dir, data, run, *extra)) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["test_accuracy_per_task"]) == set(TASKS) and 0 <= summary["test_accuracy"] <= 1
     assert summary["accuracy_kind"].endswith("(mean over tasks; answers by greedy generation)")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all({"val_loss", "val_ppl", "val_acc", "val_acc_per_task"} <= set(r) for r in records)
-    # the loss is a mean over response tokens, and so is the throughput: not examples
-    assert all(r["response_tokens_per_s"] > 0 and "examples_per_s" not in r for r in records)
+    # the loss is a mean over response tokens, and so is the throughput: not examples (train: the train split alone)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train = I.read_examples(data / "train.jsonl")
+    tokens = sum(sum(label != I.IGNORE_INDEX for label in I.encode(e, tokenizer, 96)["labels"]) for e in train)
+    assert tokens > 2 * len(train) and "examples_per_s" not in records[0]
+    assert all(r["response_tokens_per_s"] * r["epoch_time_s"] == pytest.approx(tokens, rel=1e-6) for r in records)
+    assert all(0 <= r["train_acc"] <= 1 for r in records)
+    # --gradient-checkpointing switched the cache off for training; the merged folder is for generation
+    assert json.loads((run / "merged" / "config.json").read_text())["use_cache"] is True
     predictions = json.loads((run / "test_predictions.json").read_text())
     records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
     assert [(p["task"], p["answer"]) for p in predictions] == [(r["task"], r["answer"]) for r in records]
@@ -223,6 +232,22 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     result = evaluate_run(run)
     assert result["loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
     assert result["accuracy"] == summary["test_accuracy"]
+    # --data scores another folder's records, --adapter another adapter: the run's factors times 1000 (ΔW 10^3 to
+    # 10^6 times the trained one). The tiny random model's near-uniform predictions move little (0.05 here), but the
+    # same evaluation repeated gives the same loss to the bit, so any move above 1e-3 is the adapter's.
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    lines = (data / "test.jsonl").read_text().splitlines()[:3]
+    (other / "test.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    assert evaluate_run(run, data=str(other))["examples"] == 3
+    scaled = tmp_path / "scaled"
+    shutil.copytree(run / "adapter", scaled)
+    with safe_open(str(scaled / "adapter_model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    factors = {k: v * 1000 for k, v in factors.items()}
+    metadata["tensors_sha256"] = tensors_digest(factors)  # a file of its own, not a corrupted one
+    save_file(factors, str(scaled / "adapter_model.safetensors"), metadata=metadata)
+    assert abs(evaluate_run(run, adapter=scaled)["loss"] - result["loss"]) > 1e-3
 
     assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -252,6 +277,97 @@ def test_an_evaluation_split_without_a_response_token_within_max_length_is_refus
     for train, what in ((False, "evaluation"), (True, "training")):
         with pytest.raises(UserError, match=f"no {what} example has a response token within --max-length 4"):
             encode_split(examples, backbone, config, train=train)
+
+
+def test_a_prompt_of_exactly_max_length_leaves_no_response_token(tiny: tuple[Path, Path]) -> None:
+    from types import SimpleNamespace
+
+    from snell.train.causal_lm.run import encode_split
+
+    model_dir, data = tiny
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    backbone = SimpleNamespace(tokenizer=tokenizer, info={"prompt_format": "alpaca"})
+    example = I.read_examples(data / "test.jsonl")[0]
+    length = len(I.encode(example, tokenizer, 10_000)["prompt_ids"])
+    config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": length})
+    with pytest.raises(UserError, match=f"no evaluation example has a response token within --max-length {length}"):
+        encode_split([example], backbone, config, train=False)
+    encode_split([example], backbone, dataclasses.replace(config, max_length=length + 1), train=False)
+
+
+def test_training_on_the_prompt_loses_no_example_to_max_length(
+    tiny: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """--train-on-prompt labels the prompt's tokens too: a record cut inside its prompt still trains on them, so it
+    is neither warned about nor, all of them so, refused."""
+    from types import SimpleNamespace
+
+    from snell.train.causal_lm.run import encode_split
+
+    model_dir, data = tiny
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    backbone = SimpleNamespace(tokenizer=tokenizer, info={"prompt_format": "alpaca"})
+    examples = I.read_examples(data / "train.jsonl")
+    config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 8})
+    with pytest.raises(UserError, match="no training example has a response token"):
+        encode_split(examples, backbone, config, train=True)
+    encoded = encode_split(examples, backbone, dataclasses.replace(config, train_on_prompt=True), train=True)
+    assert all(item["labels"] == item["input_ids"] and len(item["labels"]) == 8 for item in encoded.items)
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("score_by", ["generate", "likelihood"])
+def test_a_prompt_that_scoring_would_run_past_the_positions_is_refused_before_anything_trains(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, score_by: str
+) -> None:
+    """Scoring starts from the whole prompt, which --max-length does not cut (as LLM-Adapters evaluates): a test
+    record whose prompt alone is longer than the tiny LLaMA's 256 positions passed every check and trained; a model
+    with learned positions then crashed in the evaluation, and a rotary one ran past its positions."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny[1], data)
+    lines = (data / "test.jsonl").read_text().splitlines()
+    long = {**json.loads(lines[0]), "instruction": " ".join(["is the sky blue?"] * 80)}
+    (data / "test.jsonl").write_text("".join(f"{line}\n" for line in [*lines, json.dumps(long)]))
+    out = tmp_path / "run"
+    assert main(train_args(tiny[0], data, out, "--score-by", score_by)) == 2
+    err = capsys.readouterr().err.strip()
+    # (after a warning: the record's response does not fit --max-length either)
+    last = err.splitlines()[-1]
+    assert last.startswith("snell train: error: ") and f"test.jsonl:{len(lines) + 1}: its whole prompt (" in last
+    assert "exceeds the model's 256 positions" in last and "Traceback" not in err and not out.exists()
+
+
+def test_scoring_positions_are_the_longest_prompt_plus_what_scoring_adds(tiny: tuple[Path, Path]) -> None:
+    from types import SimpleNamespace
+
+    from snell.train.causal_lm.evaluation import answer_pool
+    from snell.train.causal_lm.likelihood import choice_tokens
+    from snell.train.causal_lm.run import check_scoring_positions, encode_split
+
+    model_dir, data = tiny
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
+    backbone = SimpleNamespace(model=model, tokenizer=tokenizer, info={"prompt_format": "alpaca"})
+    examples = I.read_examples(data / "test.jsonl")
+    config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 96})
+    dataset = encode_split(examples, backbone, config, train=False)
+    prompt = max(len(item["prompt_ids"]) for item in dataset.items)
+    pool = answer_pool({"test": examples})
+    # generation: the prompt plus --max-new-tokens must fit
+    fits = dataclasses.replace(config, max_new_tokens=256 - prompt)
+    check_scoring_positions(examples, dataset, backbone, fits, pool)
+    over = dataclasses.replace(fits, max_new_tokens=257 - prompt)
+    with pytest.raises(UserError, match="plus --max-new-tokens: 257 exceeds the model's 256 positions"):
+        check_scoring_positions(examples, dataset, backbone, over, pool)
+    # likelihood: the prompt plus the longest response a choice is written into (whatever the new tokens)
+    by_likelihood = dataclasses.replace(config, score_by="likelihood", max_new_tokens=10_000)
+    choices = {e.task: sorted({p.answer for p in pool if p.task == e.task}) for e in examples}
+    longest = max(len(t) for c in choice_tokens(examples, [choices[e.task] for e in examples], tokenizer) for t in c)
+    model.config.max_position_embeddings = prompt + longest
+    check_scoring_positions(examples, dataset, backbone, by_likelihood, pool)
+    model.config.max_position_embeddings -= 1
+    with pytest.raises(UserError, match=f"plus the longest choice: {prompt + longest} exceeds"):
+        check_scoring_positions(examples, dataset, backbone, by_likelihood, pool)
 
 
 def test_max_eval_samples_limits_what_is_scored_not_what_trains_nor_a_tasks_answers(

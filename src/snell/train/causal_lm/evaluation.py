@@ -39,6 +39,22 @@ def _answer_sets(examples: list[I.Example], pool: list[I.Example]) -> tuple[list
     return tasks, {task: choices_for(task, values)[0] for task, values in answers.items()}
 
 
+def longest_scoring_sequence(
+    examples: list[I.Example], prompt_lengths: list[int], pool: list[I.Example], tokenizer: Any, config: TrainConfig
+) -> int:
+    """The most positions that scoring ``examples`` by ``--score-by`` feeds the model in one sequence: the longest
+    prompt (scoring never cuts it, as LLM-Adapters' evaluation) plus ``--max-new-tokens``, or plus the longest choice
+    (every record's choices are padded to the split's longest); 0 without answers (only the loss, on sequences cut to
+    ``--max-length``)."""
+    if not examples or examples[0].answer is None:
+        return 0
+    if config.score_by == "generate":
+        return max(prompt_lengths) + config.max_new_tokens
+    tasks, choices = _answer_sets(examples, pool)
+    tokens = choice_tokens(examples, [choices[t] for t in tasks], tokenizer)
+    return max(prompt_lengths) + max(len(choice) for options in tokens for choice in options)
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module,

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from snell.train.backbones import Backbone, check_positions
 from snell.train.causal_lm import instructions as I
-from snell.train.causal_lm.evaluation import ALL_TASKS, answer_pool, evaluate_split
+from snell.train.causal_lm.evaluation import ALL_TASKS, answer_pool, evaluate_split, longest_scoring_sequence
 from snell.train.causal_lm.loss import chunked_response_loss
 from snell.train.causal_lm.source import find_source, load_causal_lm
 from snell.train.config import TrainConfig, UserError, first_process
@@ -117,7 +117,8 @@ def encode_split(examples: list[I.Example], backbone: Backbone, config: TrainCon
     """Tokenised examples; a warning names how many lost their whole response to ``--max-length``."""
     tokenizer, prompt_format = backbone.tokenizer, backbone.info["prompt_format"]
     items = [I.encode(e, tokenizer, config.max_length, prompt_format, config.train_on_prompt) for e in examples]
-    lost = [e.origin for e, item in zip(examples, items, strict=True) if len(item["prompt_ids"]) >= config.max_length]
+    # no label left to count: the prompt fills --max-length (--train-on-prompt labels the prompt too, so loses none)
+    lost = [e.origin for e, item in zip(examples, items, strict=True) if set(item["labels"]) == {I.IGNORE_INDEX}]
     if lost and len(lost) == len(items):  # an evaluation would report loss 0 and perplexity 1 on no token at all
         what = "training" if train else "evaluation"
         raise UserError(f"no {what} example has a response token within --max-length {config.max_length}; raise it")
@@ -131,6 +132,20 @@ def encode_split(examples: list[I.Example], backbone: Backbone, config: TrainCon
     if train and config.packing:
         items = I.pack(items, config.max_length)
     return I.EncodedSplit(items)
+
+
+def check_scoring_positions(
+    examples: list[I.Example], dataset: I.EncodedSplit, backbone: Backbone, config: TrainConfig, pool: list[I.Example]
+) -> None:
+    """Refuse, before anything trains, an evaluation split whose scoring would run past the model's positions: its
+    prompts are never cut (:func:`longest_scoring_sequence`), so --max-length does not bound them."""
+    prompts = [len(item["prompt_ids"]) for item in dataset.items]
+    tokens = longest_scoring_sequence(examples, prompts, pool, backbone.tokenizer, config)
+    if tokens:
+        longest = examples[prompts.index(max(prompts))].origin
+        added = "--max-new-tokens" if config.score_by == "generate" else "the longest choice"
+        what = f"{longest}: its whole prompt ({max(prompts)} tokens, never cut for scoring) plus {added}:"
+        check_positions(backbone.model, tokens, what)
 
 
 def make_loader(dataset: I.EncodedSplit, tokenizer: Any, config: TrainConfig, train: bool) -> DataLoader:
@@ -168,6 +183,9 @@ class CausalLMRun(Run):
             "val": encode_split(self.eval_examples["val"], self.backbone, config, False) if select else None,
             "test": encode_split(self.eval_examples["test"], self.backbone, config, False),
         }
+        for split, examples in self.eval_examples.items():
+            if sets[split] is not None:
+                check_scoring_positions(examples, sets[split], self.backbone, config, self.answer_pool)
         names = sorted({e.task or ALL_TASKS for e in self.eval_examples["test"]})
         self.task = Task(Path(config.data).name, "causal_lm", "instructions", 0, names, sets["train"], sets["test"])
         self.task.val = sets["val"]
@@ -285,6 +303,7 @@ def evaluate_run(
     backbone, model = restore(run_dir, config, adapter)
     accelerator = make_accelerator(config)
     dataset = encode_split(examples, backbone, config, train=False)
+    check_scoring_positions(examples, dataset, backbone, config, answer_pool(splits))
     loader = accelerator.prepare(make_loader(dataset, backbone.tokenizer, config, train=False))
     result = evaluate_split(
         accelerator.prepare(model),
