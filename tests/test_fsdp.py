@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from accelerate.state import AcceleratorState
 from llm_cases import train_args
 from safetensors.torch import load_file
@@ -27,6 +29,8 @@ from transformers import AutoModelForCausalLM
 import snell
 from snell.cli import main
 from snell.io import adapter_state_dict
+from snell.train.config import UserError
+from snell.train.fsdp import shard
 
 STOP_AFTER_FIRST_CHECKPOINT = """
 import sys
@@ -164,3 +168,17 @@ def test_fsdp_is_refused_where_it_cannot_work(
     assert "launch with torchrun or accelerate launch" in capsys.readouterr().err
     assert main([*train_args(*tiny, tmp_path / "merge"), "--fsdp", "--merge"]) == 2
     assert "snell merge RUN_DIR" in capsys.readouterr().err
+
+
+def test_a_process_group_of_one_process_is_refused_by_shard() -> None:
+    """`torchrun --nproc_per_node 1 ... --fsdp` initialises a group of world size 1: nothing to shard over, so refused
+    as an uninitialised process is. One in-process gloo group stands in for torchrun's."""
+    with socket.socket() as free:  # a port no other test's group holds
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match="--fsdp shards over several processes: launch with torchrun"):
+            shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()

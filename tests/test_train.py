@@ -18,7 +18,7 @@ from torch import nn
 
 import snell
 import snell.train.methods
-from snell.train.backbones import build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
+from snell.train.backbones import _outermost, build_backbone, efficientnet_keys_to_timm, load_timm_checkpoint
 from snell.train.config import TrainConfig, UserError
 from snell.train.data import DATA_DIR
 from snell.train.flags import add_train_arguments, config_from_args
@@ -277,6 +277,81 @@ def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None
     truncated.write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])
     with pytest.raises(UserError, match=r"truncated\.npz: does not fit VisionTransformer"):
         load_timm_checkpoint(model, truncated, skip_prefix="head")
+
+
+@pytest.mark.parametrize(
+    ("layout", "error"),
+    [
+        pytest.param("nested", None, id="nested"),  # DeiT's and MAE's scripts save {"model": state_dict, ...}
+        pytest.param("ddp", None, id="ddp"),  # a DistributedDataParallel model's keys start with "module."
+        pytest.param("number", "expected a state dict of tensors", id="number"),  # a float where a tensor belongs
+    ],
+)
+def test_checkpoints_as_training_scripts_save_them_load_or_are_refused(
+    layout: str, error: str | None, tmp_path: Path
+) -> None:
+    kwargs = {"img_size": 32, "patch_size": 8, **TINY_VIT_KWARGS}
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=5, **kwargs)
+    state = source.state_dict()
+    saved = {
+        "nested": {"model": state, "epoch": torch.tensor(3)},
+        "ddp": {f"module.{k}": v for k, v in state.items()},
+        "number": {**state, "norm.bias": 0.0},
+    }[layout]
+    torch.save(saved, tmp_path / f"{layout}.pth")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **kwargs)
+    if error is not None:  # one line naming the file, not an AttributeError from deep in the loader
+        with pytest.raises(UserError, match=rf"{layout}\.pth: {error}"):
+            load_timm_checkpoint(model, tmp_path / f"{layout}.pth", skip_prefix="head")
+        return
+    info = load_timm_checkpoint(model, tmp_path / f"{layout}.pth", skip_prefix="head")
+    assert info["skipped_head_keys"] == 2  # the 5-class head's weight and bias
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("head.")), layout
+
+
+def test_a_distilled_deit_checkpoint_loads_with_both_of_its_heads_replaced(tmp_path: Path) -> None:
+    """DeiT's distilled model has two heads (head and head_dist): a checkpoint with another number of classes skips
+    both, and loads every other weight; skipping the first head only refused the file over head_dist's shape."""
+    kwargs = {"img_size": 32, "patch_size": 8, **TINY_VIT_KWARGS}
+    source = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **kwargs)
+    torch.save(source.state_dict(), tmp_path / "deit.pth")
+    config = TrainConfig(
+        model="deit_tiny_distilled_patch16_224", model_kwargs=kwargs, checkpoint=str(tmp_path / "deit.pth")
+    )
+    backbone = build_backbone(config, 3)
+    assert backbone.head_names == ["head", "head_dist"]
+    assert backbone.info["skipped_head_keys"] == 4  # weight and bias of each head
+    loaded = backbone.model.state_dict()
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "head_dist."))}
+    assert all(torch.equal(loaded[k], v) for k, v in body.items())
+
+
+def test_an_efficientnet_checkpoint_with_one_block_too_many_is_refused_by_name(tmp_path: Path) -> None:
+    """Block indices run from 0: index n in an n-block model is one past the last, refused in one line rather than
+    an IndexError traceback."""
+    model = timm.create_model("efficientnet_lite0", num_classes=3)
+    n = sum(len(stage) for stage in model.blocks)
+    state = {"_conv_stem.weight": torch.zeros(32, 3, 3, 3), f"_blocks.{n}._depthwise_conv.weight": torch.zeros(1)}
+    torch.save(state, tmp_path / "extra_block.pth")
+    with pytest.raises(UserError, match=rf"^checkpoint block {n} does not exist in {n}-block EfficientNet$"):
+        load_timm_checkpoint(model, tmp_path / "extra_block.pth", skip_prefix="classifier")
+
+
+def test_drop_path_rate_reaches_the_timm_models_blocks() -> None:
+    """timm raises each block's stochastic depth linearly from 0 to the rate, so with two blocks only the second
+    drops a path (after its attention and after its MLP)."""
+    kwargs = {**TINY_VIT_KWARGS, "depth": 2}
+    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=kwargs, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in build_backbone(config, 3).model.modules() if type(m).__name__ == "DropPath"]
+    assert rates == pytest.approx([0.2, 0.2])  # from a float32 linspace
+
+
+def test_the_head_modules_of_a_transformers_classifier_are_the_outermost_names() -> None:
+    """A name inside another (head.dense in head) is not a head of its own; one that merely begins with another's
+    letters (head_dist beside head, classifier2) is, else it is neither trained nor saved as a head."""
+    names = {"head", "head.dense", "head_dist", "classifier", "classifier2"}
+    assert _outermost(names) == ["classifier", "classifier2", "head", "head_dist"]
 
 
 @pytest.mark.parametrize(("name", "size"), [("vit_tiny_patch16_224", 8), ("convnext_atto", 16)])
