@@ -6,8 +6,11 @@ Fast: a tiny random-weight timm ViT on scikit-learn's digits (800/200/797), one 
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
+from concurrent.futures import Future
+from typing import ClassVar
 
 import pytest
 import torch
@@ -311,3 +314,149 @@ def test_grid_flags_the_method_does_not_read_are_named_and_make_no_trials(tmp_pa
         result = S.search_from_args(parser.parse_args(argv))
         assert [r["key"] for r in result.records] == keys
         assert capsys.readouterr().err.splitlines() == [f"warning: --method {method} does not use {ignored}; ignored"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Gaps a mutation audit found: each test fails with the mutant named in its comment
+
+
+def test_a_tie_at_a_margin_of_zero_does_not_stop_a_trial():
+    assert not S.EarlyStop(margin=0.0).should_stop(1, 0.70, [{1: 0.70}])
+
+
+def test_a_nan_val_accuracy_never_wins():
+    records = [{"key": "a", "status": "finished", "val_accuracy": math.nan}]
+    assert S.select_best([*records, {"key": "b", "status": "finished", "val_accuracy": 0.5}])["key"] == "b"
+
+
+def test_a_table_line_without_a_key_is_skipped(tmp_path):
+    table = tmp_path / S.TRIALS_FILE
+    table.write_text('{"other": 1}\n{"key": "a", "status": "finished"}\n')
+    assert [r["key"] for r in S.read_table(table)] == ["a"]
+
+
+def test_a_causal_lm_without_answers_is_ranked_by_inverse_perplexity(tmp_path):
+    # the runs' own score: a lower loss ranks higher, and stays comparable with early stopping's margin
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 0.5}\n{"epoch": 2, "val_loss": 0.25}\n')
+    assert S._val_score_curve(tmp_path) == {1: math.exp(-0.5), 2: math.exp(-0.25)}
+
+
+def test_a_stopped_trial_is_no_reference_for_early_stopping(tmp_path):
+    """Only finished trials set the bar: a stopped one's curve ends where it went wrong, or is a fluke."""
+    (trial,) = S.expand_grid(tiny_config(), S.Grid(sparsity=(0.9,)), tmp_path, S.EarlyStop(margin=0.15))
+    stopped = {**fake_record(trial, 1.0), "key": "other", "status": "stopped", "val_curve": {"1": 1.0}}
+    S.append_record(trial.table, stopped)
+    (record,) = S.run_trials([trial], verbose=False)
+    assert record["status"] == "finished"
+
+
+def test_a_rerun_does_not_train_a_stopped_trial_again(tmp_path, monkeypatch):
+    (trial,) = S.expand_grid(tiny_config(), S.Grid(sparsity=(0.9,)), tmp_path)
+    S.append_record(trial.table, {**fake_record(trial, 0.1), "status": "stopped"})
+    monkeypatch.setattr(S, "train_trial", lambda t: pytest.fail("the stopped trial trained again"))
+    (record,) = S.run_trials([trial], verbose=False)
+    assert record["status"] == "stopped"
+
+
+def test_a_trial_killed_after_its_first_checkpoint_resumes_from_it(tmp_path, monkeypatch):
+    from snell.train.classification import ClassificationRun
+
+    (trial,) = S.expand_grid(tiny_config(epochs=2), S.Grid(sparsity=(0.9,)), tmp_path, early_stop=None)
+    save = ClassificationRun._save_checkpoint
+
+    def save_then_die(self, *args):
+        save(self, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassificationRun, "_save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            S.run_trials([trial], verbose=False)
+    (record,) = S.run_trials([trial], verbose=False)
+    assert record["status"] == "finished" and record["epochs_trained"] == 2
+
+
+def test_the_tables_and_search_json_hold_every_trial_and_the_retrain(tmp_path, monkeypatch):
+    def fake(trial):
+        record = fake_record(trial, trial.params["sparsity"], 0.4)
+        if trial.params["sparsity"] == 0.0 and not trial.final:
+            record["status"] = "stopped"
+        return record
+
+    monkeypatch.setattr(S, "train_trial", fake)
+    grid = S.Grid(sparsity=(0.0, 0.5))
+    result = S.search(tiny_config(), grid, tmp_path, early_stop=None, verbose=False)
+    keys = [t.key for t in S.expand_grid(tiny_config(), grid, tmp_path)]
+    assert [r["key"] for r in S.read_table(tmp_path / S.TRIALS_FILE)] == keys  # the retrain has its own table
+    assert [r["key"] for r in S.read_table(tmp_path / S.FINAL_FILE)] == [result.final["key"]]
+    saved = json.loads((tmp_path / S.RESULT_FILE).read_text())
+    assert saved["final"] == result.final and saved["trials"] == result.records  # the stopped trial included
+    assert [r["status"] for r in result.records] == ["stopped", "finished"]
+
+
+class _InlinePool:
+    """ProcessPoolExecutor's interface, running each trial at once in this process."""
+
+    made: ClassVar[list] = []
+
+    def __init__(self, max_workers, **_):
+        self.max_workers, self.threads = max_workers, []
+        _InlinePool.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, trial, threads):
+        self.threads.append(threads)
+        future = Future()
+        future.set_result(fn(trial, threads))
+        return future
+
+
+def test_parallel_trials_share_the_cores_and_each_sets_its_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(S, "available_cores", lambda: 4)
+    monkeypatch.setattr(S, "train_trial", lambda t: {**fake_record(t, 0.5, 0.5), "threads": torch.get_num_threads()})
+    _InlinePool.made.clear()
+    result = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.5)), tmp_path, jobs=2, early_stop=None, verbose=False)
+    (pool,) = _InlinePool.made[:1]
+    assert pool.max_workers == 2 and pool.threads == [2, 2]
+    assert all(r["threads"] == 2 for r in result.records)
+
+
+def _search_call(monkeypatch, argv):
+    """The arguments `snell search ARGV` calls search() with, by name."""
+    parser = argparse.ArgumentParser()
+    S.add_search_arguments(parser)
+    seen, signature = {}, inspect.signature(S.search)
+    monkeypatch.setattr(S, "search", lambda *a, **k: seen.update(signature.bind(*a, **k).arguments))
+    S.search_from_args(parser.parse_args(["--data", "digits", "--model", "test_vit", *argv]))
+    return seen
+
+
+def test_the_command_line_passes_the_margin_the_threads_and_per_sparsity_rates(monkeypatch):
+    assert _search_call(monkeypatch, [])["early_stop"] == S.EarlyStop(margin=0.15, after_epoch=1)
+    assert _search_call(monkeypatch, ["--early-stop-margin", "0"])["early_stop"].margin == 0.0
+    assert _search_call(monkeypatch, ["--early-stop-margin", "0.3"])["early_stop"].margin == 0.3
+    threads = _search_call(monkeypatch, ["--threads", "1"])
+    assert threads["isolate"] is True and threads["threads"] == 1
+    assert _search_call(monkeypatch, [])["grid"].lr_per_sparsity
+    assert not _search_call(monkeypatch, ["--lr", "0.01"])["grid"].lr_per_sparsity
+
+
+def test_the_command_line_refuses_a_protocol_zero_threads_a_fractional_rank_and_an_empty_grid(monkeypatch, capsys):
+    with pytest.raises(UserError, match="set by snell search"):
+        _search_call(monkeypatch, ["--protocol", "standard"])
+    with pytest.raises(UserError, match="--threads must be >= 1"):
+        _search_call(monkeypatch, ["--threads", "0"])
+    with pytest.raises(SystemExit):
+        _search_call(monkeypatch, ["--grid-r", "4.5"])
+    assert "expected comma-separated integers, got '4.5'" in capsys.readouterr().err
+    # `--grid-lr ,` is a grid of nothing, not "no grid": it fell back to the base rate, and at s = 0 to 2e-2
+    for flag, name in (("--grid-lr", "lr"), ("--grid-r", "r")):
+        call = _search_call(monkeypatch, ["--grid-sparsity", "0,0.9", flag, ","])
+        with pytest.raises(UserError, match=f"the {name} grid is empty"):
+            call["grid"].points(call["base"])

@@ -82,8 +82,9 @@ class Grid:
         means something to SNELL and SNELLA, and r to them, LoRA and DoRA: other methods get one point per value they
         read, at the base config's others."""
         sparsity = self.sparsity if method_reads(base.method, "sparsity") else (base.sparsity,)
-        ranks = self.r if self.r and method_reads(base.method, "r") else (base.r,)
-        values = (sparsity, self.lr or (base.lr,), ranks)
+        # None is "not a grid flag"; an empty tuple (`--grid-lr ,`) is a grid with nothing in it, refused below
+        ranks = self.r if self.r is not None and method_reads(base.method, "r") else (base.r,)
+        values = (sparsity, (base.lr,) if self.lr is None else self.lr, ranks)
         for name, options in zip(("sparsity", "lr", "r"), values, strict=True):
             if not options:
                 raise UserError(f"the {name} grid is empty")
