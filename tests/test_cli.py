@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 import snell
 from snell.cli import main
 from snell.train.classification import ClassificationRun
-from snell.train.config import TrainConfig
+from snell.train.config import TrainConfig, UserError
 from snell.train.evaluate import restore
 from snell.train.tasks import load_task
 
@@ -617,11 +618,76 @@ def test_too_many_shots_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_output_into_a_closed_pipe_ends_quietly(finished_run: Path) -> None:
     """`snell eval RUN | head -1`: the reader leaves before the output is written; that ended in a BrokenPipeError
-    traceback. Here the pipe is closed before the process writes anything (loading torch takes seconds)."""
+    traceback. Here the pipe is closed before the process writes anything (loading torch takes seconds). Buffered
+    output, as in a real pipe: under PYTHONUNBUFFERED every print fails at once, inside the command, and neither the
+    flush at the end nor the exit's own flush is reached."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
     process = subprocess.Popen(
         [sys.executable, "-m", "snell", "eval", str(finished_run)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# The image and text demos, without training: `snell train` stood in for by a script that writes a summary
+
+
+def _fake_train(tmp_path: Path, code: int = 0) -> Callable[[str, Path], list[str]]:
+    """A command_for whose "training" records its argv and writes a summary with test 0.9 and val 0.8."""
+    script = tmp_path / "fake_train.py"
+    summary = {"test_accuracy": 0.9, "best_val_accuracy": 0.8, "trainable_params": 10, "peak_memory_mb": 1.0,
+               "wall_time_s": 1.0, "config": {"lr": 0.01}}  # fmt: skip
+    script.write_text(
+        "import json, pathlib, sys\n"
+        "run = pathlib.Path(sys.argv[1]); run.mkdir(parents=True, exist_ok=True)\n"
+        "(run / 'argv.json').write_text(json.dumps(sys.argv))\n"
+        f"(run / 'summary.json').write_text({json.dumps(json.dumps(summary))})\n"
+        f"sys.exit({code})\n"
+    )
+    return lambda method, run: [sys.executable, str(script), str(run)]
+
+
+def test_the_demo_tables_test_accuracy_passes_no_progress_and_stops_at_a_failed_method(tmp_path: Path) -> None:
+    from snell.train import demo
+
+    for out, progress in ((tmp_path / "quiet", False), (tmp_path / "bars", True)):
+        out.mkdir()
+        demo.train_and_compare(["snell"], _fake_train(tmp_path), out, "title", progress=progress)
+        (row,) = json.loads((out / "results.json").read_text())["rows"]
+        assert (row["test_accuracy"], row["val_accuracy"]) == (0.9, 0.8)
+        argv = json.loads((out / "runs" / "snell" / "argv.json").read_text())
+        assert ("--no-progress" in argv) == (not progress)
+    with pytest.raises(UserError, match=r"`snell train` for snell failed \(exit code 1\)"):
+        demo.train_and_compare(["snell"], _fake_train(tmp_path, code=1), tmp_path / "failed", "title", False)
+
+
+def test_the_demo_passes_epochs_and_refuses_no_methods_and_a_folder_in_use(tmp_path: Path, monkeypatch) -> None:
+    from snell.train import demo
+
+    command = demo.train_command("image", "snell", tmp_path, 2)
+    assert command[command.index("--epochs") + 1] == "2"
+    monkeypatch.setattr(demo, "train_and_compare", lambda *args: pytest.fail("the demo trained"))
+    with pytest.raises(UserError, match="the demo compares"):
+        demo.run_demo("image", [], tmp_path / "none", 1, False)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "mine.txt").write_text("x")
+    with pytest.raises(UserError, match="is not empty"):
+        demo.run_demo("image", ["snell"], tmp_path / "used", 1, False)
+
+
+def test_the_demo_command_line_parses_methods_refuses_model_and_raises_under_snell_debug(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from snell.train import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda task, methods, *rest: seen.append(methods))
+    assert main(["demo", "--model", str(tmp_path)]) == 2
+    assert "--model is for --task llm" in capsys.readouterr().err and not seen
+    assert main(["demo", "--methods", " snell , lora,"]) == 0 and seen == [["snell", "lora"]]
+    monkeypatch.setenv("SNELL_DEBUG", "1")  # the traceback, for a developer
+    with pytest.raises(UserError, match="--model is for --task llm"):
+        main(["demo", "--model", str(tmp_path)])
