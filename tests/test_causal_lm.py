@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -514,6 +515,77 @@ def test_linear_probing_is_refused_for_a_causal_lm(
 ) -> None:
     assert main(train_args(*tiny, tmp_path / "run", "--method", "linear")) == 2
     assert "classification head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data_format": "vtab"}, "a causal LM reads instruction data (train.jsonl, ...); leave --data-format at auto"),
+        ({"data": None}, "no data given: pass --data"),
+    ],
+    ids=["data-format", "no-data"],
+)
+def test_options_a_causal_lm_cannot_use_are_refused(changes: dict, message: str) -> None:
+    config = resolve_config(None, {"model": "model.gguf", "data": "data", **changes})
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_config(config)
+
+
+def test_a_val_split_with_answers_on_some_records_only_is_refused_by_line(tmp_path: Path) -> None:
+    from snell.train.causal_lm.run import load_examples
+
+    scored = json.dumps({"instruction": "a", "output": "the answer is true", "answer": "true"})
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(f"{scored}\n")
+    (tmp_path / "val.jsonl").write_text(f"{scored}\n{json.dumps({'instruction': 'a', 'output': 'b'})}\n")
+    with pytest.raises(UserError, match=r"val\.jsonl:2: no 'answer' field, but other val records have one"):
+        load_examples(resolve_config(None, {"model": "model.gguf", "data": str(tmp_path)}))
+
+
+def test_loaders_shuffle_by_seed_and_evaluation_batches_by_its_own_size() -> None:
+    from snell.train.causal_lm.run import make_loader
+    from snell.train.optim import EpochSampler
+
+    config = resolve_config(None, {"model": "model.gguf", "data": "data", "batch_size": 4, "eval_batch_size": 16})
+    tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()  # only read by the collators
+    for seed in (1, 7):
+        loader = make_loader(list(range(40)), tokenizer, dataclasses.replace(config, seed=seed), train=True)
+        assert list(loader.sampler) == list(EpochSampler(40, seed)) and loader.batch_size == 4
+    assert make_loader(list(range(40)), tokenizer, config, train=False).batch_size == 16
+
+
+def test_an_evaluation_hands_the_model_back_in_training_mode_and_scores_lower_loss_higher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing else in the loop turns training mode back on: after the first validation the next epochs would train
+    without dropout. Without answers the score is 1/perplexity, so --select-on val keeps the lowest loss."""
+    import snell.train.causal_lm.run as run_module
+
+    loss = {"value": 2.0}
+
+    def evaluate_split(model, *args):
+        model.eval()
+        return {"loss": loss["value"], "perplexity": math.exp(loss["value"])}
+
+    monkeypatch.setattr(run_module, "evaluate_split", evaluate_split)
+    run = object.__new__(CausalLMRun)  # only what _evaluate reads
+    run.model = torch.nn.Dropout(0.5).train()
+    run.accelerator = run.config = run.answer_pool = None
+    run.backbone = type("Backbone", (), {"tokenizer": None})()
+    run.eval_examples = {"val": []}
+    worse = run.eval_metrics(None, "val")
+    assert run.model.training and worse["score"] == pytest.approx(math.exp(-2.0), rel=1e-12)
+    loss["value"] = 0.5
+    assert run.eval_metrics(None, "val")["score"] > worse["score"]
+
+
+def test_a_run_recorded_before_prompt_formats_evaluates_with_alpaca() -> None:
+    from snell.train.causal_lm.run import recorded_config
+
+    config = resolve_config(None, {"model": "model.gguf", "data": "data", "prompt_format": "chat"})
+    for record in ({}, {"backbone": None}, {"backbone": {"architecture": "LlamaForCausalLM"}}):
+        assert recorded_config(config, record).prompt_format == "alpaca"
+    assert recorded_config(config, {"backbone": {"prompt_format": "chat"}}).prompt_format == "chat"
 
 
 def test_commonsense_recipe_takes_llm_adapters_values() -> None:
