@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 from concurrent.futures import Future
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -348,6 +349,9 @@ def test_a_stopped_trial_is_no_reference_for_early_stopping(tmp_path):
     S.append_record(trial.table, stopped)
     (record,) = S.run_trials([trial], verbose=False)
     assert record["status"] == "finished"
+    # and a trial never evaluates test: only the retrain of the winner does
+    summary = json.loads((Path(trial.config.output_dir) / "summary.json").read_text())
+    assert math.isnan(summary["test_accuracy"]) and "test not evaluated" in summary["accuracy_kind"]
 
 
 def test_a_rerun_does_not_train_a_stopped_trial_again(tmp_path, monkeypatch):
