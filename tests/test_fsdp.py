@@ -33,7 +33,9 @@ from snell.train.config import UserError
 from snell.train.fsdp import shard
 
 STOP_AFTER_FIRST_CHECKPOINT = """
+import json
 import sys
+from torch.distributed.fsdp import FSDPModule
 from snell.cli import main
 from snell.train.causal_lm.run import CausalLMRun
 
@@ -42,6 +44,8 @@ save = CausalLMRun._save_checkpoint
 
 def save_then_stop(self, *args):
     save(self, *args)
+    groups = sorted(type(m).__name__ for m in self.model.modules() if isinstance(m, FSDPModule))
+    (self.out.parent / f"shard_groups_rank{self.accelerator.process_index}.json").write_text(json.dumps(groups))
     raise KeyboardInterrupt
 
 
@@ -90,6 +94,10 @@ def test_two_sharded_processes_resume_and_match_one_unsharded(tiny: tuple[Path, 
     assert one.returncode == 0, errors[-3000:]
     assert not (tmp_path / "two" / "summary.json").exists()
     assert [d.name for d in (tmp_path / "two" / "checkpoints").iterdir()] == ["epoch-0001"]
+    # one shard group per decoder layer, then the root: a forward gathers one layer's weights at a time
+    layers = json.loads((tiny[0] / "config.json").read_text())["num_hidden_layers"]
+    groups = sorted(["FSDPLlamaDecoderLayer"] * layers + ["FSDPLlamaForCausalLM"])
+    assert [json.loads((tmp_path / f"shard_groups_rank{rank}.json").read_text()) for rank in (0, 1)] == [groups] * 2
     done = _run([*torchrun, "-m", "snell", *sharded, "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout
