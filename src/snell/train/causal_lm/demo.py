@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import UserError
+from snell.train.config import UserError, check_output_folder
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
 from snell.train.demo import _flags, train_and_compare
 from snell.train.flags import method_reads
@@ -160,12 +160,16 @@ def run_llm_demo(
     skipped = [m for m in methods if m == "linear"]
     methods = [m for m in methods if m != "linear"]
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
+    if unknown:
         raise UserError(f"unknown methods {unknown}; for a causal LM choose from {list(METHODS)}")
+    if not methods:
+        why = "linear (a new classification head) does not apply to a causal LM" if skipped else "no methods given"
+        raise UserError(f"{why}; choose from {list(METHODS)}")
     path, demo = demo_model(model)
     if skipped:
         print("linear (a new classification head) does not apply to a causal LM; skipped", flush=True)
     out = output_dir or Path("results") / "demo" / f"llm-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_folder(out, "--output-dir")  # a file there: one line, not iterdir's NotADirectoryError
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --output-dir")
     data = write_task(out / "data", demo.shots)
