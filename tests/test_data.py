@@ -490,3 +490,114 @@ def test_data_with_one_class_is_refused(tmp_path):
     _png(tmp_path / "train" / "dog" / "b.png")
     _png(tmp_path / "test" / "dog" / "b.png")
     assert load_task(TrainConfig(data=str(tmp_path), data_format="imagefolder")).num_classes == 2
+
+
+# ---------------------------------------------------------------------------------------------- gaps a mutation
+# audit found: each test fails with the mutant named in its comment
+
+
+def test_text_labels_are_checked_stripped_and_typed(tmp_path):
+    from snell.train.data.text import TextDataset
+
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):  # a label equal to the class count
+        TextDataset(["a", "b"], [0, 2], ["x", "y"])
+    (tmp_path / "spaces.csv").write_text("text,label\nx, sport\ny,sport\nz,tech\n")  # " sport" is "sport"
+    spaces = TextClassificationFile(tmp_path / "spaces.csv")
+    assert (spaces.class_names, spaces.labels.tolist()) == (["sport", "tech"], [0, 0, 1])
+    (tmp_path / "ids.csv").write_text("text,label\nx, 1\ny,0\n")  # " 1" is the class id 1
+    assert TextClassificationFile(tmp_path / "ids.csv").labels.tolist() == [1, 0]
+    (tmp_path / "mixed.csv").write_text("text,label\na,2\nb,sport\nc,2\n")  # ids only when every label is one
+    mixed = TextClassificationFile(tmp_path / "mixed.csv")
+    assert (mixed.class_names, mixed.labels.tolist()) == (["2", "sport"], [0, 1, 0])
+    (tmp_path / "bool.jsonl").write_text('{"text": "a", "label": true}\n{"text": "b", "label": false}\n')
+    with pytest.raises(DataFormatError, match=r"bool\.jsonl:1: 'label' must be an integer or a string, got True"):
+        TextClassificationFile(tmp_path / "bool.jsonl")
+    (tmp_path / "fields.csv").write_text('text,label\n"a\nb"\nc,x\n')  # a bad record is named by its first line
+    with pytest.raises(DataFormatError, match=r"fields\.csv:2: expected 2 fields, got 1"):
+        TextClassificationFile(tmp_path / "fields.csv")
+
+
+def test_few_shot_split_takes_a_class_with_exactly_the_examples_it_needs():
+    split = few_shot_split(np.repeat(np.arange(2), 4), shots=2, seed=0, val_per_class=1, test_per_class=1)
+    assert sorted(np.concatenate([split.train, split.val, split.test]).tolist()) == list(range(8))
+
+
+def test_formats_are_detected_from_train800val200_alone_and_from_ndjson(tmp_path):
+    from snell.train.config import TrainConfig
+    from snell.train.tasks import detect_format, load_task
+
+    vtab = export_vtab_folder(load_builtin_task("digits"), tmp_path / "vtab")
+    (vtab / "train800.txt").unlink()
+    (vtab / "val200.txt").unlink()
+    assert detect_format(str(vtab)) == "vtab" and load_task(TrainConfig(data=str(vtab))).sizes["train"] == 1000
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "train.ndjson").write_text(json.dumps({"text": "a", "label": 0}) + "\n")
+    assert detect_format(str(tmp_path / "text")) == "text"
+
+
+def _text_folder(path: Path, val: bool = True) -> Path:
+    """train.csv (9 rows), val.jsonl (6) and test.csv (4), three classes."""
+    path.mkdir()
+    (path / "train.csv").write_text("text,label\n" + "".join(f"t{i},{'abc'[i % 3]}\n" for i in range(9)))
+    if val:
+        (path / "val.jsonl").write_text(
+            "".join(json.dumps({"text": f"v{i}", "label": "abc"[i % 3]}) + "\n" for i in range(6))
+        )
+    (path / "test.csv").write_text("text,label\n" + "".join(f"s{i},{'abc'[i % 3]}\n" for i in range(4)))
+    return path
+
+
+def test_text_and_bbc_tasks_train_on_val_by_default_and_select_on_it_when_asked(tmp_path):
+    """The default protocol trains on train + val and has no val split; --select-on val trains on train alone and
+    keeps val (limited by --max-eval-samples) to select on. BBC's few-shot draw follows --data-seed, not --seed."""
+    from snell.train.config import TrainConfig, UserError
+    from snell.train.tasks import load_task
+
+    folder = _text_folder(tmp_path / "text")
+    default = load_task(TrainConfig(data=str(folder)))
+    assert default.sizes == {"train": 15, "test": 4} and default.val is None
+    select = load_task(TrainConfig(data=str(folder), select_on="val", max_eval_samples=3))
+    assert select.sizes == {"train": 9, "val": 3, "test": 3}
+    with pytest.raises(UserError, match=r"no val\.csv or val\.jsonl"):
+        load_task(TrainConfig(data=str(_text_folder(tmp_path / "no_val", val=False)), select_on="val"))
+    default = load_task(TrainConfig(data="bbc_news", shots=4))
+    assert default.sizes == {"train": 120, "test": 500} and default.val is None
+    select = load_task(TrainConfig(data="bbc_news", shots=4, select_on="val", seed=0, data_seed=0))
+    assert select.sizes == {"train": 20, "val": 100, "test": 500}
+    other_seed = load_task(TrainConfig(data="bbc_news", shots=4, select_on="val", seed=5, data_seed=0))
+    assert other_seed.train.texts == select.train.texts
+
+
+def test_image_tasks_select_on_val_by_holding_it_out_of_training(tmp_path):
+    from snell.train.config import TrainConfig
+    from snell.train.tasks import load_task
+
+    vtab = export_vtab_folder(load_builtin_task("digits"), tmp_path / "vtab")
+    for data in ("digits", str(vtab)):  # built in, and the same task as a VTAB-1k folder
+        select, default = load_task(TrainConfig(data=data, select_on="val")), load_task(TrainConfig(data=data))
+        assert "val" not in default.sizes and select.sizes["train"] + select.sizes["val"] == default.sizes["train"]
+
+
+def test_an_fgvc_folder_without_val_json_trains_but_cannot_select_on_val(tmp_path):
+    from snell.train.config import TrainConfig, UserError
+    from snell.train.tasks import load_task
+
+    for name in ("a/0.png", "a/1.png", "b/2.png"):
+        _png(tmp_path / name)
+    (tmp_path / "train.json").write_text(json.dumps({"a/0.png": 0, "a/1.png": 1}))
+    (tmp_path / "test.json").write_text(json.dumps({"b/2.png": 1}))
+    assert load_task(TrainConfig(data=str(tmp_path), data_format="fgvc")).sizes == {"train": 2, "test": 1}
+    with pytest.raises(UserError, match=r"val\.json: file not found \(needed by --select-on val\)"):
+        load_task(TrainConfig(data=str(tmp_path), data_format="fgvc", select_on="val"))
+
+
+def test_a_broken_test_image_past_max_eval_samples_is_never_read(tmp_path):
+    from snell.train.config import TrainConfig
+    from snell.train.tasks import load_task
+
+    vtab = export_vtab_folder(load_builtin_task("digits"), tmp_path / "vtab")
+    last = (vtab / "test.txt").read_text().split()[-2]  # "path label" lines: the last image listed
+    (vtab / last).write_bytes(b"not an image")
+    assert load_task(TrainConfig(data=str(vtab), max_eval_samples=10)).sizes["test"] == 10
+    with pytest.raises(DataFormatError):
+        load_task(TrainConfig(data=str(vtab)))
