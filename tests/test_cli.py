@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 
 import snell
 from snell.cli import main
+from snell.train import plots
 from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError
 from snell.train.evaluate import restore
@@ -521,6 +523,45 @@ def test_a_checkpoint_backbone_is_recorded_without_warning(
 
 def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
     assert (finished_run / "curves.png").read_bytes()[:8] == PNG
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch, plot: Callable, *args) -> Any:
+    """The figure ``plot`` would save, kept open so a test can read what it draws (close it after)."""
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: figures.append(fig) or path)
+    plot(*args, Path("unused.png"))
+    (figure,) = figures
+    return figure
+
+
+def test_the_curves_plot_draws_every_evaluated_accuracy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reference protocol reports test accuracy: the accuracy panel must show it next to train and val.
+    metrics = [
+        {"epoch": e, "train_loss": 1 / e, "train_acc": e / 8, "val_acc": e / 4, "test_acc": e / 5} for e in (1, 2)
+    ]
+    figure = _drawn(monkeypatch, plots.plot_curves, metrics)
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[1].get_lines()}
+    plots.pyplot().close(figure)
+    assert lines == {"train": [1 / 8, 2 / 8], "val": [1 / 4, 2 / 4], "test": [1 / 5, 2 / 5]}
+
+
+def test_a_plot_into_a_folder_that_does_not_exist_yet_creates_it(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "deeper" / "curves.png"
+    assert plots.plot_curves([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5}], path) == path
+    assert path.read_bytes()[:8] == PNG
+
+
+def test_each_search_line_holds_only_its_own_finished_trials_in_order_of_sparsity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trials = [((0.1, 0.9), 0.5, "finished"), ((0.1, 0.5), 0.4, "finished"), ((0.01, 0.9), 0.7, "finished"),
+              ((0.01, 0.5), 0.3, "stopped")]  # fmt: skip
+    records = [{"params": {"lr": lr, "r": 8, "sparsity": s}, "status": status, "val_accuracy": accuracy}
+               for (lr, s), accuracy, status in trials]  # fmt: skip
+    figure = _drawn(monkeypatch, plots.plot_search, records)
+    lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines()}
+    plots.pyplot().close(figure)
+    assert lines == {"lr=0.01, r=8": [0.7], "lr=0.1, r=8": [0.4, 0.5]}
 
 
 def test_an_output_path_that_is_a_file_is_a_user_error(

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import gamma, snell_kernels
 from checks import CASES, DROPOUT_CASES, KERNELS, MODES, assert_dropout_matches_naive, assert_matches_naive, spec_id
 from checks import make_inputs as _inputs
 from checks import make_spec as _spec
@@ -8,10 +9,13 @@ from naive import naive_kernel, naive_sparsify
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import snell.dropout
+import snell.function
 import snell.spec
 import snell.torch_path
-from snell import kernels, sparsify
-from snell.function import FusedSnell
+from snell import fused_cpu, kernels, sparsify
+from snell.function import FusedSnell, sparse_delta
+
+needs_numba = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
 
 
 @pytest.mark.parametrize("spec", CASES, ids=spec_id)
@@ -58,6 +62,59 @@ def test_adapter_branch_alone_when_weight_is_none():
     full = FusedSnell.apply(x, weight, bias, a, b, coef, spec)
     branch = FusedSnell.apply(x, None, None, a, b, coef, spec)
     torch.testing.assert_close(branch, full - F.linear(x, weight, bias))
+
+
+def test_learnable_coefficients_get_their_gradient_when_the_factors_are_frozen():
+    # Training only the kernel's coefficients is a valid setup: A and B frozen must not silence the coefficients'
+    # gradient, which is the same one (same path, same float64 arithmetic) as when A and B train too.
+    spec = _spec()
+    x, weight, _, a, b, coef = _inputs(spec)
+    grads = []
+    for train_factors in (True, False):
+        leaves = [t.clone().requires_grad_(train_factors) for t in (a, b)]
+        learnable = (coef * 2).requires_grad_()
+        FusedSnell.apply(x, weight, None, *leaves, learnable, spec).square().sum().backward()
+        assert learnable.grad is not None, f"no coefficient gradient with trained factors={train_factors}"
+        grads.append(learnable.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+
+
+@needs_numba
+def test_the_default_path_is_chosen_on_the_factors_rank(monkeypatch):
+    # By default a 128x128 Linear (2^14 entries) takes the fused CPU path at r = 8 (4 columns a piece) and the torch
+    # path at r = 64 (32 a piece): the rule reads r from the factors, not n. Both agree numerically, so only the
+    # implementation the forward asks for shows the choice.
+    monkeypatch.setenv("SNELL_KERNELS", "auto")
+    used = []
+    real = snell.function.implementation
+    monkeypatch.setattr(snell.function, "implementation", lambda path: used.append(path) or real(path))
+    spec = _spec(shape=(128, 128), sparsity=0.9)
+    x, weight, _, _, _, coef = _inputs(spec, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    for r, expected in ((8, "fused_cpu"), (64, "torch")):
+        used.clear()
+        a, b = torch.randn(128, r, generator=gen), torch.randn(128, r, generator=gen)
+        FusedSnell.apply(x, weight, None, a, b, coef, spec)
+        assert used == [expected], (r, used)
+
+
+@needs_numba
+def test_sparse_delta_of_bf16_factors_is_computed_in_float32():
+    # All arithmetic on ΔW is in float32 or wider: the fused CPU path writes ΔW in the dtype it is given, so bf16
+    # factors must still give a float32 ΔWˢ. bf16 values are exact in float32 and float64, and the fused d_p sums
+    # w squared differences (relative error at most γ_{w+4}) that two roundings combine: |error| <= γ_{w+6}·Σ|α_p|·d_p
+    # (as in test_fused_cpu), about 5e-7 relative here, where one bf16 rounding is 2^-9.
+    spec = _spec(sparsity=0.0)
+    _, _, _, a, b, coef = (t.bfloat16() for t in _inputs(spec, r=4, dtype=torch.float32))
+    with snell_kernels("fused"):
+        assert snell.function.kernel_path(spec, torch.device("cpu"), 4, torch.bfloat16) == "fused_cpu"
+        delta, _ = sparse_delta(spec, a, b, coef)
+    assert delta.dtype == torch.float32
+    a64, b64, coef64 = a.double().unsqueeze(0), b.double().unsqueeze(0), coef.double()
+    expected = naive_kernel("piecewise_linear", a64, b64, coef64, 2)
+    bound = gamma(2 + 6) * naive_kernel("piecewise_linear", a64, b64, coef64.abs(), 2)
+    assert ((delta.double() - expected).abs() <= bound).all()
 
 
 def _saved_bytes(fn):

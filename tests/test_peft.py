@@ -9,8 +9,13 @@ last-bit differences into different survivors, so nothing here compares independ
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+import importlib.metadata
 import json
+import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -277,6 +282,69 @@ def test_snell_is_registered_in_peft_lookup_tables_because_register_peft_method_
     # The public route takes only names of peft's own PeftType enum. If this starts to pass, switch to it.
     with pytest.raises(ValueError, match="Unknown PEFT type"):
         register_peft_method(name="snell", config_cls=SnellPeftConfig, model_cls=SnellPeftModel)
+
+
+@contextlib.contextmanager
+def _fresh_package(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Inside, ``import snell.integrations.peft`` runs the package again (as a notebook's reload does); after, every
+    module, the parent's attribute and peft's three table entries are the ones the rest of the session imported."""
+    from peft import mapping
+
+    import snell.integrations
+
+    for table in (
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
+    ):
+        monkeypatch.setitem(table, "SNELL", table["SNELL"])
+    monkeypatch.setattr(snell.integrations, "peft", snell.integrations.peft)
+    name = "snell.integrations.peft"
+    ours = {key: module for key, module in sys.modules.items() if key == name or key.startswith(name + ".")}
+    for key in ours:
+        del sys.modules[key]
+    try:
+        yield
+    finally:
+        for key in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+            del sys.modules[key]
+        sys.modules.update(ours)
+
+
+def test_an_unsupported_peft_is_refused_when_the_package_is_imported(monkeypatch):
+    # The pin guards peft internals the registration relies on, so it must run at import, not only when called.
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.20.0" if name == "peft" else real(name))
+    pinned = r"supports peft>=0\.21\.2,<0\.22, but peft 0\.20\.0 is installed"
+    with _fresh_package(monkeypatch), pytest.raises(ImportError, match=pinned):
+        importlib.import_module("snell.integrations.peft")
+
+
+def test_importing_the_package_again_registers_its_new_classes():
+    # A notebook's importlib.reload makes new classes: the tables must hold them (not the stale ones, which a
+    # reloaded SnellPeftConfig is not an instance of), and replacing our own earlier entries is no conflict.
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    with pytest.MonkeyPatch.context() as monkeypatch, _fresh_package(monkeypatch):
+        fresh = importlib.import_module("snell.integrations.peft")
+        assert fresh.SnellPeftConfig is not SnellPeftConfig
+        assert PEFT_TYPE_TO_CONFIG_MAPPING["SNELL"] is fresh.SnellPeftConfig
+        assert PEFT_TYPE_TO_TUNER_MAPPING["SNELL"] is fresh.SnellPeftModel
+        assert PEFT_TYPE_TO_PREFIX_MAPPING["SNELL"] == "snell_"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SNELL"] is SnellPeftConfig
+
+
+def test_another_packages_snell_method_is_refused_not_replaced(monkeypatch):
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    class Foreign:  # defined here, not in snell.integrations.peft
+        pass
+
+    with _fresh_package(monkeypatch):
+        monkeypatch.setitem(PEFT_TYPE_TO_CONFIG_MAPPING, "SNELL", Foreign)
+        with pytest.raises(RuntimeError, match=r"peft already has a method registered as 'SNELL': <class .*Foreign"):
+            importlib.import_module("snell.integrations.peft")
+        assert PEFT_TYPE_TO_CONFIG_MAPPING["SNELL"] is Foreign
 
 
 @pytest.mark.parametrize("route", ["get_peft_model", "add_adapter"])

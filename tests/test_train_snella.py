@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 import snell
 from snell.allocator import SparsityAllocator
 from snell.cli import _build_parser, main
+from snell.train import plots
 from snell.train.config import TrainConfig, UserError
 from snell.train.evaluate import restore
 from snell.train.flags import config_from_args
@@ -160,6 +161,22 @@ def test_metrics_record_the_allocation_of_every_epoch(snella_run: Path) -> None:
     assert len({s for groups in records[2]["layers"].values() for s in groups}) > 1  # the layers did compete
     assert records[3] == records[2]
     assert (snella_run / "sparsity.png").read_bytes()[:8] == PNG
+
+
+def test_the_sparsity_map_shows_each_matrixs_kept_ratio_by_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The map is titled "kept ratio": 1 − s, one row per matrix (q, k and v of a fused projection each) and one
+    # column per epoch. Binary fractions, so 1 − s is exact.
+    def record(epoch: int, layers: dict) -> dict:
+        values = [s for groups in layers.values() for s in groups]
+        return {"epoch": epoch, "sparsity": {"overall": 0.5, "min": min(values), "max": max(values), "layers": layers}}
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: figures.append(fig) or path)
+    metrics = [record(0, {"q": [0.75], "qkv": [0.75, 0.75, 0.75]}), record(1, {"q": [1.0], "qkv": [0.5, 0.875, 0.625]})]
+    plots.plot_sparsity(metrics, Path("unused.png"))
+    image = figures[0].axes[1].images[0].get_array().tolist()
+    plots.pyplot().close(figures[0])
+    assert image == [[0.25, 0.0], [0.25, 0.5], [0.25, 0.125], [0.25, 0.375]]
 
 
 def test_the_adapter_holds_the_selected_epochs_allocation_and_eval_reproduces_it(
