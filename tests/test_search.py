@@ -431,12 +431,15 @@ def test_parallel_trials_share_the_cores_and_each_sets_its_threads(tmp_path, mon
     assert all(r["threads"] == 2 for r in result.records)
 
 
+_SEARCH = inspect.signature(S.search)  # taken before any test stands in for search()
+
+
 def _search_call(monkeypatch, argv):
     """The arguments `snell search ARGV` calls search() with, by name."""
     parser = argparse.ArgumentParser()
     S.add_search_arguments(parser)
-    seen, signature = {}, inspect.signature(S.search)
-    monkeypatch.setattr(S, "search", lambda *a, **k: seen.update(signature.bind(*a, **k).arguments))
+    seen = {}
+    monkeypatch.setattr(S, "search", lambda *a, **k: seen.update(_SEARCH.bind(*a, **k).arguments))
     S.search_from_args(parser.parse_args(["--data", "digits", "--model", "test_vit", *argv]))
     return seen
 
