@@ -189,6 +189,13 @@ def train_and_compare(
     print(f"\n{title}\n\n{table}\n\nTotal demo wall time: {total:.0f} s; results in {out}", flush=True)
 
 
+def check_new_output_folder(out: Path) -> None:
+    """A demo writes a fresh results folder: refuse a file there, or a folder that already holds something."""
+    check_output_folder(out, "--output-dir")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; choose another --output-dir")
+
+
 def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int | None, progress: bool) -> Path:
     """Train every method on the demo task, print the comparison table and return the results folder."""
     offered = list(LEARNING_RATES[task])  # the methods whose rate was chosen on this task's val split
@@ -196,9 +203,7 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
     if unknown or not methods:
         raise UserError(f"the demo compares {offered}; got {unknown or 'none'}")
     out = output_dir or Path("results") / "demo" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_output_folder(out, "--output-dir")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose another --output-dir")
+    check_new_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = IMAGE_SETTINGS if task == "image" else TEXT_SETTINGS
     backbone = "EfficientNet-Lite0 (ImageNet)" if task == "image" else "all-MiniLM-L6-v2"

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import UserError, check_output_folder
+from snell.train.config import UserError
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
-from snell.train.demo import _flags, train_and_compare
+from snell.train.demo import _flags, check_new_output_folder, train_and_compare
 from snell.train.flags import method_reads
 
 TINY_MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
@@ -162,16 +162,14 @@ def run_llm_demo(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown methods {unknown}; for a causal LM choose from {list(METHODS)}")
+    not_linear = "linear (a new classification head) does not apply to a causal LM"
     if not methods:
-        why = "linear (a new classification head) does not apply to a causal LM" if skipped else "no methods given"
-        raise UserError(f"{why}; choose from {list(METHODS)}")
+        raise UserError(f"{not_linear if skipped else 'no methods given'}; choose from {list(METHODS)}")
     path, demo = demo_model(model)
     if skipped:
-        print("linear (a new classification head) does not apply to a causal LM; skipped", flush=True)
+        print(f"{not_linear}; skipped", flush=True)
     out = output_dir or Path("results") / "demo" / f"llm-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_output_folder(out, "--output-dir")  # a file there: one line, not iterdir's NotADirectoryError
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose another --output-dir")
+    check_new_output_folder(out)
     data = write_task(out / "data", demo.shots)
     scoring = "likelihood over the 5 sections" if demo.settings.get("score_by") == "likelihood" else "generation"
     title = (

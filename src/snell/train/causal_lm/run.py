@@ -44,7 +44,8 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
     progress = config.progress and first_process()  # one bar, not one per process
     model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype), progress=progress)
     check_positions(model, config.max_length, "--max-length")
-    # a prompt keeps up to --max-length tokens, and greedy or beam scoring appends --max-new-tokens to it
+    # generation may follow a training-length sequence; the whole prompts it starts from, which --max-length does
+    # not cut, are checked once encoded (check_scoring_positions)
     if config.score_by == "generate":
         check_positions(model, config.max_length + config.max_new_tokens, "--max-length + --max-new-tokens")
     if config.gradient_checkpointing:
