@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -13,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from snell.cli import main
+from snell.train import plots
 from snell.train.classification import ClassificationRun
 from snell.train.data import ImageTask, load_builtin_task
 from snell.train.evaluate import restore
@@ -72,3 +75,12 @@ def assert_same_adapter(first: Path, second: Path) -> None:
     """The adapters of two run folders hold the same tensors, bit for bit."""
     a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (first, second))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def drawn(monkeypatch: pytest.MonkeyPatch, plot: Callable, *args: Any) -> Any:
+    """The figure ``plot(*args, path)`` would save, kept open so a test can read what it draws (close it after)."""
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: figures.append(fig) or path)
+    plot(*args, Path("unused.png"))
+    (figure,) = figures
+    return figure

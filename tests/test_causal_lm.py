@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -263,14 +264,21 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)  # bf16 weights: the merge rounds once
 
 
+def _alpaca_backbone(model_dir: Path, positions: int | None = None) -> SimpleNamespace:
+    """What encode_split and check_scoring_positions read of a Backbone: the tiny case's tokenizer and the Alpaca
+    prompt (and, given ``positions``, a model config that has that many), without loading the model."""
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=positions))
+    return SimpleNamespace(
+        model=model, tokenizer=AutoTokenizer.from_pretrained(model_dir), info={"prompt_format": "alpaca"}
+    )
+
+
 def test_an_evaluation_split_without_a_response_token_within_max_length_is_refused(tiny: tuple[Path, Path]) -> None:
     """Its loss would be 0 and its perplexity 1 over no token at all, a perfect score when selecting on val."""
-    from types import SimpleNamespace
-
     from snell.train.causal_lm.run import encode_split
 
     model_dir, data = tiny
-    backbone = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir), info={"prompt_format": "alpaca"})
+    backbone = _alpaca_backbone(model_dir)
     examples = I.read_examples(data / "test.jsonl")
     config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 96})
     assert len(encode_split(examples, backbone, config, train=False)) == len(examples)
@@ -281,15 +289,12 @@ def test_an_evaluation_split_without_a_response_token_within_max_length_is_refus
 
 
 def test_a_prompt_of_exactly_max_length_leaves_no_response_token(tiny: tuple[Path, Path]) -> None:
-    from types import SimpleNamespace
-
     from snell.train.causal_lm.run import encode_split
 
     model_dir, data = tiny
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    backbone = SimpleNamespace(tokenizer=tokenizer, info={"prompt_format": "alpaca"})
+    backbone = _alpaca_backbone(model_dir)
     example = I.read_examples(data / "test.jsonl")[0]
-    length = len(I.encode(example, tokenizer, 10_000)["prompt_ids"])
+    length = len(I.encode(example, backbone.tokenizer, 10_000)["prompt_ids"])
     config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": length})
     with pytest.raises(UserError, match=f"no evaluation example has a response token within --max-length {length}"):
         encode_split([example], backbone, config, train=False)
@@ -301,13 +306,10 @@ def test_training_on_the_prompt_loses_no_example_to_max_length(
 ) -> None:
     """--train-on-prompt labels the prompt's tokens too: a record cut inside its prompt still trains on them, so it
     is neither warned about nor, all of them so, refused."""
-    from types import SimpleNamespace
-
     from snell.train.causal_lm.run import encode_split
 
     model_dir, data = tiny
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    backbone = SimpleNamespace(tokenizer=tokenizer, info={"prompt_format": "alpaca"})
+    backbone = _alpaca_backbone(model_dir)
     examples = I.read_examples(data / "train.jsonl")
     config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 8})
     with pytest.raises(UserError, match="no training example has a response token"):
@@ -339,16 +341,13 @@ def test_a_prompt_that_scoring_would_run_past_the_positions_is_refused_before_an
 
 
 def test_scoring_positions_are_the_longest_prompt_plus_what_scoring_adds(tiny: tuple[Path, Path]) -> None:
-    from types import SimpleNamespace
-
     from snell.train.causal_lm.evaluation import answer_pool
     from snell.train.causal_lm.likelihood import choice_tokens
     from snell.train.causal_lm.run import check_scoring_positions, encode_split
 
     model_dir, data = tiny
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
-    backbone = SimpleNamespace(model=model, tokenizer=tokenizer, info={"prompt_format": "alpaca"})
+    backbone = _alpaca_backbone(model_dir, positions=256)
+    tokenizer, model = backbone.tokenizer, backbone.model
     examples = I.read_examples(data / "test.jsonl")
     config = resolve_config(None, {"data": str(data), "model": str(model_dir), "max_length": 96})
     dataset = encode_split(examples, backbone, config, train=False)

@@ -19,12 +19,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import timm
 import torch
-from cli_cases import ENV, PNG, TINY_VIT, merged_and_adapted, script_scores, stop_after_first_checkpoint
+from cli_cases import ENV, PNG, TINY_VIT, drawn, merged_and_adapted, script_scores, stop_after_first_checkpoint
 from safetensors.torch import load_file
 
 import snell
@@ -525,21 +524,12 @@ def test_run_folder_has_a_curves_plot(finished_run: Path) -> None:
     assert (finished_run / "curves.png").read_bytes()[:8] == PNG
 
 
-def _drawn(monkeypatch: pytest.MonkeyPatch, plot: Callable, *args) -> Any:
-    """The figure ``plot`` would save, kept open so a test can read what it draws (close it after)."""
-    figures = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: figures.append(fig) or path)
-    plot(*args, Path("unused.png"))
-    (figure,) = figures
-    return figure
-
-
 def test_the_curves_plot_draws_every_evaluated_accuracy(monkeypatch: pytest.MonkeyPatch) -> None:
     # The reference protocol reports test accuracy: the accuracy panel must show it next to train and val.
     metrics = [
         {"epoch": e, "train_loss": 1 / e, "train_acc": e / 8, "val_acc": e / 4, "test_acc": e / 5} for e in (1, 2)
     ]
-    figure = _drawn(monkeypatch, plots.plot_curves, metrics)
+    figure = drawn(monkeypatch, plots.plot_curves, metrics)
     lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[1].get_lines()}
     plots.pyplot().close(figure)
     assert lines == {"train": [1 / 8, 2 / 8], "val": [1 / 4, 2 / 4], "test": [1 / 5, 2 / 5]}
@@ -558,7 +548,7 @@ def test_each_search_line_holds_only_its_own_finished_trials_in_order_of_sparsit
               ((0.01, 0.5), 0.3, "stopped")]  # fmt: skip
     records = [{"params": {"lr": lr, "r": 8, "sparsity": s}, "status": status, "val_accuracy": accuracy}
                for (lr, s), accuracy, status in trials]  # fmt: skip
-    figure = _drawn(monkeypatch, plots.plot_search, records)
+    figure = drawn(monkeypatch, plots.plot_search, records)
     lines = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines()}
     plots.pyplot().close(figure)
     assert lines == {"lr=0.01, r=8": [0.7], "lr=0.1, r=8": [0.4, 0.5]}

@@ -18,6 +18,7 @@ from cli_cases import (
     PNG,
     TINY_VIT,
     assert_same_adapter,
+    drawn,
     merged_and_adapted,
     script_scores,
     stop_after_first_checkpoint,
@@ -170,12 +171,10 @@ def test_the_sparsity_map_shows_each_matrixs_kept_ratio_by_epoch(monkeypatch: py
         values = [s for groups in layers.values() for s in groups]
         return {"epoch": epoch, "sparsity": {"overall": 0.5, "min": min(values), "max": max(values), "layers": layers}}
 
-    figures = []
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=110: figures.append(fig) or path)
     metrics = [record(0, {"q": [0.75], "qkv": [0.75, 0.75, 0.75]}), record(1, {"q": [1.0], "qkv": [0.5, 0.875, 0.625]})]
-    plots.plot_sparsity(metrics, Path("unused.png"))
-    image = figures[0].axes[1].images[0].get_array().tolist()
-    plots.pyplot().close(figures[0])
+    figure = drawn(monkeypatch, plots.plot_sparsity, metrics)
+    image = figure.axes[1].images[0].get_array().tolist()
+    plots.pyplot().close(figure)
     assert image == [[0.25, 0.0], [0.25, 0.5], [0.25, 0.125], [0.25, 0.375]]
 
 
