@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from snell.train.config import TrainConfig, UserError
 from snell.train.data import (
     VTAB_SPLITS,
     ArrayImageDataset,
@@ -31,6 +32,7 @@ from snell.train.data import (
     load_idx_task,
     read_idx,
 )
+from snell.train.tasks import detect_format, load_task
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +297,6 @@ def test_fgvc_json_reads_splits_relative_to_image_dir(tmp_path):
 def test_an_fgvc_folder_finds_its_images_where_vpt_keeps_them(tmp_path, images):
     """VPT (and the reference code) keep CUB's and NABirds' images in images/, Stanford Dogs' in Images/, Oxford
     Flowers' and Stanford Cars' beside the json files; the paths in the json files are relative to that folder."""
-    from snell.train.config import TrainConfig
-    from snell.train.tasks import load_task
 
     for split, (name, label) in {"train": ("a/0.png", 0), "val": ("b/1.png", 1), "test": ("b/2.png", 1)}.items():
         _png(tmp_path / images / name, value=label)
@@ -480,8 +480,6 @@ def test_fgvc_transforms():
 
 def test_data_with_one_class_is_refused(tmp_path):
     """A 1-way head's cross-entropy is 0 whatever the input: the run used to train nothing and report accuracy 1."""
-    from snell.train.config import TrainConfig, UserError
-    from snell.train.tasks import load_task
 
     for split in ("train", "test"):
         _png(tmp_path / split / "cat" / "a.png")
@@ -523,8 +521,6 @@ def test_few_shot_split_takes_a_class_with_exactly_the_examples_it_needs():
 
 
 def test_formats_are_detected_from_train800val200_alone_and_from_ndjson(tmp_path):
-    from snell.train.config import TrainConfig
-    from snell.train.tasks import detect_format, load_task
 
     vtab = export_vtab_folder(load_builtin_task("digits"), tmp_path / "vtab")
     (vtab / "train800.txt").unlink()
@@ -550,8 +546,6 @@ def _text_folder(path: Path, val: bool = True) -> Path:
 def test_text_and_bbc_tasks_train_on_val_by_default_and_select_on_it_when_asked(tmp_path):
     """The default protocol trains on train + val and has no val split; --select-on val trains on train alone and
     keeps val (limited by --max-eval-samples) to select on. BBC's few-shot draw follows --data-seed, not --seed."""
-    from snell.train.config import TrainConfig, UserError
-    from snell.train.tasks import load_task
 
     folder = _text_folder(tmp_path / "text")
     default = load_task(TrainConfig(data=str(folder)))
@@ -569,8 +563,6 @@ def test_text_and_bbc_tasks_train_on_val_by_default_and_select_on_it_when_asked(
 
 
 def test_image_tasks_select_on_val_by_holding_it_out_of_training(tmp_path):
-    from snell.train.config import TrainConfig
-    from snell.train.tasks import load_task
 
     vtab = export_vtab_folder(load_builtin_task("digits"), tmp_path / "vtab")
     for data in ("digits", str(vtab)):  # built in, and the same task as a VTAB-1k folder
@@ -579,8 +571,6 @@ def test_image_tasks_select_on_val_by_holding_it_out_of_training(tmp_path):
 
 
 def test_an_fgvc_folder_without_val_json_trains_but_cannot_select_on_val(tmp_path):
-    from snell.train.config import TrainConfig, UserError
-    from snell.train.tasks import load_task
 
     for name in ("a/0.png", "a/1.png", "b/2.png"):
         _png(tmp_path / name)
@@ -592,8 +582,6 @@ def test_an_fgvc_folder_without_val_json_trains_but_cannot_select_on_val(tmp_pat
 
 
 def test_a_broken_test_image_past_max_eval_samples_is_never_read(tmp_path):
-    from snell.train.config import TrainConfig
-    from snell.train.tasks import load_task
 
     vtab = export_vtab_folder(load_builtin_task("digits"), tmp_path / "vtab")
     last = (vtab / "test.txt").read_text().split()[-2]  # "path label" lines: the last image listed
