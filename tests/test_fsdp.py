@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -178,15 +179,64 @@ def test_fsdp_is_refused_where_it_cannot_work(
     assert "snell merge RUN_DIR" in capsys.readouterr().err
 
 
-def test_a_process_group_of_one_process_is_refused_by_shard() -> None:
-    """`torchrun --nproc_per_node 1 ... --fsdp` initialises a group of world size 1: nothing to shard over, so refused
-    as an uninitialised process is. One in-process gloo group stands in for torchrun's."""
+@pytest.fixture
+def one_process_group() -> Iterator[None]:
+    """An in-process gloo group of world size 1, standing in for `torchrun --nproc_per_node 1`'s."""
     with socket.socket() as free:  # a port no other test's group holds
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        with pytest.raises(UserError, match="--fsdp shards over several processes: launch with torchrun"):
-            shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.device("cpu"))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_a_process_group_of_one_process_is_refused_by_shard() -> None:
+    """`torchrun --nproc_per_node 1 ... --fsdp` initialises a group of world size 1: nothing to shard over, so refused
+    as an uninitialised process is."""
+    with pytest.raises(UserError, match="--fsdp shards over several processes: launch with torchrun"):
+        shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.device("cpu"))
+
+
+@pytest.mark.usefixtures("one_process_group", "one_thread")
+def test_a_model_sharded_at_its_root_only_gets_its_gradients_into_its_shards(tiny: tuple[Path, Path]) -> None:
+    """A causal LM without ``_no_split_modules`` is sharded as one group. FSDP2 ends that group's backward (reshard,
+    reduce-scatter into the shards' gradients) from hooks on the root forward's outputs, which the chunked loss
+    leaves out of its graph: the optimizer's parameters, the shards, got no gradient and nothing trained. One
+    process's shards are whole tensors, so their gradients are an unsharded model's full-logits gradients: the
+    same fp32 operations, though on gathered copies at other addresses, where a BLAS may block a sum otherwise
+    (a few ulps, far inside 1e-4 of the tensor's largest entry). The bug left no gradient at all."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from snell.train.causal_lm.loss import chunked_response_loss, response_loss
+
+    def adapted() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float32)
+        config = snell.SnellConfig(r=4, sparsity=0.5, target_modules=r".*\.(q_proj|down_proj)")
+        model = snell.get_snell_model(model, config).train()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # factors that give ΔW entries to keep, the same in both models
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        return model
+
+    ids = torch.randint(4, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs, labels = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone()
+    whole, sharded = adapted(), fully_shard(adapted())
+    for sums, _, counts in (
+        response_loss(whole(**inputs).logits, labels),
+        chunked_response_loss(sharded, inputs, labels),
+    ):
+        (sums.sum() / counts.sum()).backward()
+    expected = {name: p.grad for name, p in whole.named_parameters() if p.requires_grad}
+    got = {name: p for name, p in sharded.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys() and len(got) == 8
+    for name, param in got.items():
+        assert isinstance(param, DTensor) and isinstance(param.grad, DTensor), name  # resharded after backward
+        scale = float(expected[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(param.grad.full_tensor(), expected[name], rtol=0, atol=1e-4 * scale)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from snell.train.causal_lm.instructions import IGNORE_INDEX
@@ -46,10 +47,16 @@ def _chunkable(model: nn.Module) -> bool:
     """Whether the head can run outside the model's forward with the same result.
 
     Under FSDP2 the root keeps its parameters (the head's among them) gathered from its forward to the end of
-    backward, so the head runs whole here too. Not where the model changes the
-    head's output after it (Gemma-2's soft-capping, Cohere's logit scale), or cannot skip its own logits.
+    backward, so the head runs whole here too. That end (the reshard and the reduce-scatter of every group) is
+    hooked on the outputs of the sharded modules' forwards: the decoder layers' are in the chunks' graph, the
+    root's own are not. So a model sharded at its root only (no ``_no_split_modules``) trains on the full logits;
+    chunked, its gradients never reached its shards. Not where the model changes the head's output after it
+    (Gemma-2's soft-capping, Cohere's logit scale), or cannot skip its own logits.
     """
     base = extract_model_from_parallel(model)
+    groups = [module for module in base.modules() if isinstance(module, FSDPModule)]
+    if torch.is_grad_enabled() and groups == [base]:
+        return False
     config = getattr(base, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
