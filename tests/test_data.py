@@ -373,7 +373,26 @@ def test_csv_integer_labels_and_line_numbers_after_multiline_field(tmp_path):
         TextClassificationFile(path)
     path.write_text("text,label\na,0\nb,9\n")
     with pytest.raises(DataFormatError, match=r"d\.csv:3: label 9 is out of range \[0, 2\)"):
-        TextClassificationFile(path, class_names=["x", "y"])
+        TextClassificationFile(path, class_names=["0", "1"])
+
+
+def test_class_ids_are_refused_where_the_training_file_named_its_classes(tmp_path):
+    """Ids mean the training file's classes in sorted-name order, which nobody writes by hand: a held-out file
+    with ids after a training file with names used to be read through that order silently."""
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": "tech"}\n{"text": "b", "label": "sport"}\n')
+    names = TextClassificationFile(tmp_path / "train.jsonl").class_names
+    (tmp_path / "test.jsonl").write_text('{"text": "c", "label": 0}\n')
+    with pytest.raises(DataFormatError, match=r"test\.jsonl:1: label 0 is a class id, but the training file names"):
+        TextClassificationFile(tmp_path / "test.jsonl", class_names=names)
+    # Twelve classes named "0" to "11" sort as "0", "1", "10", "11", "2", ...: ids would not be the numbers.
+    twelve = [str(i) for i in range(12)]
+    with pytest.raises(DataFormatError, match=r"label 0 is a class id, but the training file names its classes"):
+        TextClassificationFile(tmp_path / "test.jsonl", class_names=sorted(twelve))
+    # A training file of ids (or of names that are the ids in order) gives ids their meaning.
+    (tmp_path / "train.csv").write_text("text,label\na,1\nb,0\n")
+    names = TextClassificationFile(tmp_path / "train.csv").class_names
+    assert TextClassificationFile(tmp_path / "test.jsonl", class_names=names).labels.tolist() == [0]
+    assert TextClassificationFile(tmp_path / "test.jsonl", class_names=twelve).labels.tolist() == [0]
 
 
 def test_jsonl_labels_and_errors(tmp_path):

@@ -131,6 +131,12 @@ def _resolve_text_labels(
     path: Path, rows: list[tuple[str, int | str, int]], class_names: Sequence[str] | None
 ) -> tuple[list[int], list[str]]:
     if isinstance(rows[0][1], int):
+        if class_names is not None and list(class_names) != [str(i) for i in range(len(class_names))]:
+            # The training file named its classes; their ids are its sorted order, which nobody writes by hand.
+            raise DataFormatError(
+                f"{path}:{rows[0][2]}: label {rows[0][1]} is a class id, but the training file names its classes "
+                f"{list(class_names)}; use those names here too"
+            )
         size = len(class_names) if class_names is not None else max(label for _, label, _ in rows) + 1
         for _, label, line in rows:
             if not 0 <= label < size:
