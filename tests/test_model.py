@@ -529,6 +529,12 @@ def test_preset_detection_for_timm_families():
     assert "conv_head" in effnet and any(n.endswith("conv_pwl") for n in effnet)
     effnet_model = timm.create_model("efficientnet_lite0")
     assert all(effnet_model.get_submodule(n).kernel_size == (1, 1) for n in effnet)
+    # MobileNetV4 (timm's MobileNetV3 class): its universal inverted residuals' pointwise convs, not conv_head alone
+    mnv4 = targets("mobilenetv4_conv_small")
+    assert sorted({n.rsplit(".", 2)[-2] for n in mnv4 if n.startswith("blocks.")}) == ["pw_exp", "pw_proj"]
+    assert len(mnv4) == 25 and "conv_head" in mnv4
+    hybrid = targets("mobilenetv4_hybrid_medium")  # and its attention blocks' 1x1 projections
+    assert {n.rsplit(".", 2)[-2] for n in hybrid if ".attn." in n} == {"query", "key", "value", "output"}
     resnet = targets("resnet18")
     assert len(resnet) == 16 and "layer1.0.conv2" in resnet and "conv1" not in resnet
     assert not any("downsample" in n for n in resnet)

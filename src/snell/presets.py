@@ -35,7 +35,10 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         "timm_efficientnet",
         ("EfficientNet", "MobileNet"),
-        r"(.*\.)?blocks\.\d+\.\d+\.conv_(pw|pwl)|(.*\.)?conv_head",
+        # conv_pw/conv_pwl of inverted-residual and depthwise-separable blocks; MobileNetV4's universal
+        # inverted residuals (pw_exp/pw_proj) and its hybrids' 1x1 attention projections (query/key/value/output)
+        r"(.*\.)?blocks\.\d+\.\d+\.(conv_pw|conv_pwl|pw_exp\.conv|pw_proj\.conv|attn\.(query|key|value|output)\.proj)"
+        r"|(.*\.)?conv_head",
     ),
     # Every conv of the residual blocks (BasicBlock: two 3x3; Bottleneck: 1x1, 3x3 (grouped in ResNeXt),
     # 1x1): unlike EfficientNet, ResNet-18/34 blocks have no pointwise conv to restrict to. Stem and
