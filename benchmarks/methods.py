@@ -81,13 +81,15 @@ def _reference(model: nn.Module) -> nn.Module:
 
 def build_snell(model: nn.Module, rank: int, sparsity: float, dropout: float, library: ModuleType = snell) -> nn.Module:
     """SNELL-r on the adapted layers, built with ``library`` (the installed snell, or another version of it
-    imported under its own names, as :mod:`benchmarks.ab_step` does)."""
+    imported under its own names, as :mod:`benchmarks.ab_step` does). With dropout, attn.proj's input stays
+    undropped, as in the reference code, its reference-style copy and the shipped recipes."""
     config = library.SnellConfig(
         r=rank,
         sparsity=sparsity,
         dropout=dropout,
         drop_path=dropout,
         target_modules=ADAPTED_LAYERS,
+        undropped_modules=r"(.*\.)?attn\.proj" if dropout else None,
         modules_to_save=["head"],
     )
     return library.get_snell_model(model, config)

@@ -460,3 +460,21 @@ def test_profile_step_times_the_llama_steps_fused_passes(
     with pytest.raises(SystemExit) as stopped:
         profile_step.main()
     assert stopped.value.code == 2 and "snell8_s0.9: not one of" in capsys.readouterr().err
+
+
+def test_snell_with_dropout_drops_the_inputs_the_reference_style_baseline_drops() -> None:
+    """`snell8_s0.9_dropout` is the like-for-like partner of `reference_snell8`: the same layers get input dropout
+    (attn.proj's input stays undropped in both, as in the reference code), so neither pays a dropout path alone."""
+    import snell
+    from benchmarks import methods
+    from benchmarks.reference_snell import ReferenceSnellLinear
+
+    ours = methods.METHODS["snell8_s0.9_dropout"].build(methods.MODELS["vit_tiny_test"].create())
+    reference = methods.METHODS["reference_snell8"].build(methods.MODELS["vit_tiny_test"].create())
+    dropped = {name: layer.snell_dropout for name, layer in snell.snell_layers(ours)}
+    expected = {
+        name: {branch.dropout.p for branch in module.branches}.pop()
+        for name, module in reference.named_modules()
+        if isinstance(module, ReferenceSnellLinear)
+    }
+    assert dropped == expected and sorted(set(dropped.values())) == [0.0, 0.1]
