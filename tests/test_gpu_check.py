@@ -174,3 +174,16 @@ def test_rank_costs_pair_each_layers_r32_with_its_r8_per_path() -> None:
         ["4x4", "bfloat16", "piecewise_linear", "torch", 2.0, 3.0, 1.5],
         ["4x4", "bfloat16", "piecewise_linear", "triton", 1.0, 1.5, 1.5],
     ]
+
+
+def test_only_a_whole_gpu_run_writes_into_the_committed_results(tmp_path: Path) -> None:
+    """The result files are written from one run alone: a rerun of some parts (or a smoke run) goes to a fresh temp
+    folder, or the committed folder would lose every other part's rows; ``--out`` always wins."""
+    from benchmarks.gpu.cli import FULL_OUT, results_folder
+
+    assert results_folder(None, smoke=False, every_part=True) == FULL_OUT
+    for smoke, every_part in ((False, False), (True, True), (True, False)):
+        folder = results_folder(None, smoke=smoke, every_part=every_part)
+        assert folder != FULL_OUT and folder.is_dir() and not any(folder.iterdir())
+        folder.rmdir()
+    assert results_folder(tmp_path, smoke=False, every_part=False) == tmp_path

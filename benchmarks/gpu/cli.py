@@ -40,6 +40,17 @@ PARTS: tuple[tuple[str, float, Callable[[Run], None]], ...] = (
 """The checks before training, with a guess at their seconds on an H200."""
 
 
+def results_folder(out: Path | None, smoke: bool, every_part: bool) -> Path:
+    """``--out``; else the committed results for a whole run on a GPU, and a fresh temp folder for anything less
+    (a smoke run, or ``--parts``): the result files are written from this run alone, so a rerun of some parts
+    into the committed folder would empty the other parts' tables."""
+    if out is not None:
+        return out
+    if smoke or not every_part:
+        return Path(tempfile.mkdtemp(prefix="snell-gpu-smoke-" if smoke else "snell-gpu-parts-"))
+    return FULL_OUT
+
+
 def main(argv: Sequence[str] | None = None) -> Run | None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu",
@@ -66,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
     run = Run(device, args.smoke, args.budget_s)
     command = command_line("benchmarks.gpu", sys.argv[1:] if argv is None else argv)
     env = environment(device, args.commit)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="snell-gpu-smoke-")) if args.smoke else FULL_OUT)
+    out = results_folder(args.out, args.smoke, every_part=set(args.parts) == set(names))
     run.save = lambda: write_results(run, out, env, command)
     print(f"results (rewritten after every part): {out}")
     print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
