@@ -42,16 +42,16 @@ def measure(module: str, args: list[str], warmup: int, steps: int, timeout: floa
 def _verdicts(rows: dict[str, dict], target: RatioTarget) -> str | None:
     """The target's line, or None when this run did not time both methods in every round."""
     mine, theirs = rows.get(target.method), rows.get(target.against)
-    if mine is None or theirs is None or len(mine["round_steps"]) != len(theirs["round_steps"]):
+    if mine is None or theirs is None or None in mine["round_steps"] + theirs["round_steps"]:
         return None
     pairs = zip(mine["round_steps"], theirs["round_steps"], strict=True)
     step = statistics.median(a / b for a, b in pairs)
+    peak = None if mine["peak_mb"] is None or not theirs["peak_mb"] else mine["peak_mb"] / theirs["peak_mb"]
     parts = []
-    for column, value, limit in (
-        ("step", step, target.step_limit),
-        ("peak", mine["peak_mb"] / theirs["peak_mb"], target.peak_limit),
-    ):
-        if limit is not None:
+    for column, value, limit in (("step", step, target.step_limit), ("peak", peak, target.peak_limit)):
+        if value is None:
+            parts.append(f"{column} n/a")
+        elif limit is not None:
             judged = Target(f"{column}: {target.method} / {target.against}", value, limit)
             shown = judged.show(lambda v, digits: f"{v:.{digits}f}")
             parts.append(f"{column} {shown} (target <= {limit}: {judged.verdict})")
@@ -73,8 +73,9 @@ def drive_in_turns(
 ) -> list[dict]:
     """Every method's ``module --worker --method M *worker_args`` ``rounds`` times in turns; prints ``setting`` and
     the load average, each row, each method's median step and peak, then every target's ratios and verdicts, and the
-    load average at the end. Returns a row per method timed, with its ``round_steps`` and their median as
-    ``step_s``."""
+    load average at the end. Returns a row per method timed, with its ``round_steps`` (None for a round it failed)
+    and their median as ``step_s``; ``peak_mb`` is None when the method's first round, the one that measures it,
+    failed."""
     from benchmarks.run import TIMED_ENV, run_worker
 
     print(f"{setting}, load average {os.getloadavg()[0]:.2f} at start")
@@ -90,12 +91,16 @@ def drive_in_turns(
             if row is None:
                 print(f"{method}, round {round_index + 1}: {status}")
                 continue
-            rows.setdefault(method, {**row, "round_steps": []})["round_steps"].append(row["step_s"])
+            if round_index > 0 and method not in rows:  # its round 1 failed: no memory worker measured its peak
+                row = {**row, "peak_mb": None}  # the timed worker's runs under the pinned allocator
+            # Indexed by round, None where the round failed: a ratio pairs steps of the same round only.
+            rows.setdefault(method, {**row, "round_steps": [None] * rounds})["round_steps"][round_index] = row["step_s"]
             times = ", ".join(f"{t:.2f}" for t in row["step_times"])
             print(f"{method:>8}, round {round_index + 1}: step {row['step_s']:.2f} s ({times})", flush=True)
     for method, row in rows.items():
-        row["step_s"] = statistics.median(row["round_steps"])
-        print(f"{method:>8}: step {row['step_s']:.2f} s, peak above the loaded model {row['peak_mb']:.0f} MB")
+        row["step_s"] = statistics.median(step for step in row["round_steps"] if step is not None)
+        peak = "not measured" if row["peak_mb"] is None else f"{row['peak_mb']:.0f} MB"
+        print(f"{method:>8}: step {row['step_s']:.2f} s, peak above the loaded model {peak}")
     for target in targets:
         line = _verdicts(rows, target)
         if line is not None:

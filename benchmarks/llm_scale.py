@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -143,10 +144,8 @@ def drive(
         for other in ("full", "lora8", "lora32"):
             if method in by_method and other in by_method:
                 mine, theirs = by_method[method]["two_layers"], by_method[other]["two_layers"]
-                print(
-                    f"{method} / {other} (2 layers): step {mine['step_s'] / theirs['step_s']:.3f}, "
-                    f"peak {mine['peak_mb'] / theirs['peak_mb']:.3f}"
-                )
+                peak = mine["peak_mb"] / theirs["peak_mb"] if theirs["peak_mb"] else math.nan  # 0 MB: no ratio
+                print(f"{method} / {other} (2 layers): step {mine['step_s'] / theirs['step_s']:.3f}, peak {peak:.3f}")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     return rows
 

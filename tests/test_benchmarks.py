@@ -478,3 +478,51 @@ def test_snell_with_dropout_drops_the_inputs_the_reference_style_baseline_drops(
         if isinstance(module, ReferenceSnellLinear)
     }
     assert dropped == expected and sorted(set(dropped.values())) == [0.0, 0.1]
+
+
+def test_rounds_in_turns_pair_steps_of_the_same_round_and_peaks_of_the_memory_worker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed worker leaves a hole in its round, not a shift: LoRA-8 failing round 2 and SNELL-8 round 3 must not
+    pair SNELL-8's round 2 with LoRA-8's round 3 (the drift the turns cancel), so no verdict. A method whose first
+    round failed has no peak: the timed workers' runs under the pinned allocator are not the memory worker's. A
+    peak of 0 MB gives no ratio rather than a ZeroDivisionError that loses the whole run."""
+    from benchmarks import in_turns, run
+
+    count: dict[str, int] = {}
+
+    def method_of(args: list[str]) -> str:
+        return args[args.index("--method") + 1]
+
+    def workers(memory_peaks: dict[str, float], failing: set[tuple[str, int]]) -> None:
+        def timed(module, args, *rest):
+            method = method_of(args)
+            count[method] = count.get(method, 0) + 1
+            if (method, count[method]) in failing:
+                return None, "failed (exit 1)"
+            step = {"lora8": 2.0, "snell8": 3.0}[method] * count[method]  # the machine slows down, round by round
+            return {"step_s": step, "step_times": [step], "peak_mb": 999.0}, "ok"  # a timed worker's peak
+
+        def measure(module, args, warmup, steps, timeout):
+            row, status = timed(module, args)
+            return (None, status) if row is None else ({**row, "peak_mb": memory_peaks[method_of(args)]}, status)
+
+        count.clear()
+        monkeypatch.setattr(run, "run_worker", timed)
+        monkeypatch.setattr(in_turns, "measure", measure)
+
+    target = in_turns.RatioTarget("snell8", "lora8", step_limit=1.4, peak_limit=0.85)
+    workers({"lora8": 100.0, "snell8": 80.0}, {("lora8", 2), ("snell8", 3)})
+    rows = in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 3, [target])
+    assert [row["round_steps"] for row in rows] == [[2.0, None, 6.0], [3.0, 6.0, None]]
+    assert [row["step_s"] for row in rows] == [4.0, 4.5] and [row["peak_mb"] for row in rows] == [100.0, 80.0]
+    assert "snell8 / lora8" not in capsys.readouterr().out
+
+    workers({"lora8": 100.0, "snell8": 80.0}, {("lora8", 1)})
+    rows = in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 2, [target])
+    assert {row["round_steps"][1]: row["peak_mb"] for row in rows} == {4.0: None, 6.0: 80.0}  # lora8's is None
+    assert "   lora8: step 4.00 s, peak above the loaded model not measured" in capsys.readouterr().out
+
+    workers({"lora8": 0.0, "snell8": 0.0}, set())
+    in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 1, [target])
+    assert "snell8 / lora8: step 1.500 (target <= 1.4: MISS), peak n/a" in capsys.readouterr().out
