@@ -38,7 +38,7 @@ from torch import nn
 from benchmarks import llama
 from benchmarks.in_turns import RatioTarget, drive_in_turns, measure
 from benchmarks.memory import SavedTensorBytes, run_steps
-from benchmarks.report import positive_int
+from benchmarks.report import non_negative_int, positive_int
 
 MB = 1024 * 1024
 LLAMA_LAYERS = r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -157,7 +157,7 @@ def method_parser(doc: str, seq: int, batch: int, rounds: int | None) -> argpars
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--batch", type=positive_int, default=batch)
     parser.add_argument("--seq", type=positive_int, default=seq)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument(
         "--rounds", type=positive_int, default=rounds, help="time every method this many times, in turns"

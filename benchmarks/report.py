@@ -109,15 +109,24 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
         writer.writerows(rows)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of steps, rounds, pairs, ...), else argparse's one-line error."""
+def _int_from(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, rounds, pairs, ...), else argparse's one-line error."""
+    return _int_from(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (warm-up steps), else argparse's one-line error."""
+    return _int_from(text, 0)
 
 
 def _shape(text: str, sides: tuple[int, ...], example: str) -> str:

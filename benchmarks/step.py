@@ -18,7 +18,7 @@ from torch import nn
 
 from benchmarks.memory import SavedTensorBytes, run_steps
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
-from benchmarks.report import positive_int
+from benchmarks.report import non_negative_int, positive_int
 
 MB = 1024 * 1024
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
     parser.add_argument("--method", choices=list(METHODS), required=True)
     parser.add_argument("--batch", type=positive_int, default=8)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()

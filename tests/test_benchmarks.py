@@ -80,6 +80,8 @@ def test_a_part_of_a_suite_never_writes_over_its_committed_results(
         ("benchmarks.threshold", ["--shapes", "8x4x3x3"], "--shapes: expected a shape such as 11008x4096, got"),
         ("benchmarks.expressiveness", ["--steps", "-1"], "--steps: expected an integer >= 1, got '-1'"),
         ("benchmarks.llm_scale", ["--worker"], "--worker needs --method"),
+        ("benchmarks.llm_scale", ["--warmup", "-2"], "--warmup: expected an integer >= 0, got '-2'"),
+        ("benchmarks.step", ["--method", "head", "--warmup", "-1"], "--warmup: expected an integer >= 0, got '-1'"),
     ],
 )
 def test_a_benchmarks_bad_flag_value_is_one_line_and_exit_2(
