@@ -97,6 +97,63 @@ def test_kept_fraction_matches_quantile(sparsity: float) -> None:
     assert dense[survivors].abs().min() >= dense[~survivors].abs().max()
 
 
+def test_the_kernel_uses_the_reference_alphas_and_refuses_an_unknown_kernel() -> None:
+    """α = (+0.1, −0.1), written out: A's row at the origin, B's at distance 3 in piece 0 and 4 in piece 1."""
+    A = torch.zeros(2, 1, 2, dtype=torch.float64)
+    B = torch.tensor([[[3.0, 0.0]], [[0.0, 4.0]]], dtype=torch.float64)
+    torch.testing.assert_close(rs.kernel_delta(A, B), torch.tensor([[0.1 * 3 - 0.1 * 4]], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        rs.kernel_delta(A, B, "rbf")
+
+
+def test_an_entry_equal_to_tau_is_kept() -> None:
+    """|ΔW| = 1, 2, 3 at s = 0.5: torch.quantile lands exactly on 2, which is kept (|ΔW| ≥ τ) as ΔW·|ΔW|."""
+    out = rs.sparsify(torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64), 0.5)
+    assert torch.equal(out, torch.tensor([[0.0, -4.0, 9.0]], dtype=torch.float64))
+
+
+def test_both_factors_are_kaiming_uniform_not_zero() -> None:
+    """kaiming_uniform_(a=√5) on (P, rows, r/P) draws from U(±1/√(rows·r/P)): 256 or more seeded draws reach past
+    half the bound, and their standard deviation is bound/√3 to within 25 % (its standard error is about 3 %)."""
+    torch.manual_seed(0)
+    branch = rs.ReferenceSnellLinear(nn.Linear(48, 32), r=8).branches[0]
+    for factor, rows in ((branch.A, 48), (branch.B, 32)):
+        bound = 1 / math.sqrt(rows * 4)
+        values = factor.detach()
+        assert 0.5 * bound < values.abs().max() <= bound
+        assert abs(float(values.std()) - bound / math.sqrt(3)) < 0.25 * bound / math.sqrt(3)
+
+
+def test_the_branch_drops_its_input_then_its_output_in_training_only() -> None:
+    """y = W0·x + b + DropPath(ΔWˢ·Dropout(x)): with p = 1 either way the training output is the base layer's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    for dropout, drop_path in ((1.0, 0.0), (0.0, 1.0)):
+        layer = rs.ReferenceSnellLinear(nn.Linear(6, 4), r=4, sparsity=0.5, dropout=dropout, drop_path=drop_path)
+        with torch.no_grad():
+            assert torch.equal(layer.train()(x), layer.base(x))
+            assert not torch.allclose(layer.eval()(x), layer.base(x))
+
+
+def test_the_branches_compute_their_kernel_in_order_and_in_the_layers_dtype() -> None:
+    """Dense (s = 0) float64 layers: the output is the base output plus each branch's x·ΔWᵢᵀ, the i-th branch
+    giving the i-th slice of the outputs, with the layer's own kernel. Only rounding differs (1e-10)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for kernel, splits in (("linear", 1), ("piecewise_linear", 3)):
+        base = nn.Linear(6, 6).double()
+        layer = rs.ReferenceSnellLinear(
+            base, r=4, sparsity=0.0, dropout=0.0, drop_path=0.0, kernel=kernel, splits=splits
+        )
+        assert all(b.A.dtype == b.B.dtype == torch.float64 for b in layer.branches)
+        with torch.no_grad():
+            deltas = [rs.kernel_delta(b.A, b.B, kernel) for b in layer.branches]
+            expected = base(x) + torch.cat([x @ delta.T for delta in deltas], dim=-1)
+            torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-10, atol=1e-10)
+        other = "piecewise_linear" if kernel == "linear" else "linear"  # differs here: the wrong kernel shows
+        assert (rs.kernel_delta(layer.branches[0].A, layer.branches[0].B, other) - deltas[0]).abs().max() > 1e-6
+
+
 def test_zero_sparsity_is_dense_kernel_without_magnitude_factor() -> None:
     A, B = _factors(n=10, m=12, r=4)
     for kernel in rs.KERNELS:
