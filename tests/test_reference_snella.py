@@ -198,3 +198,50 @@ def test_allocator_ratios_equal_the_authors_over_a_scripted_run(schedule):
             sensitivity = sensitivity if group is None else sensitivity[group]
             _close(sensitivity, _unsplit(theirs.exp_avg_ipt[f"{name}.{factor}"]))
     assert reallocations >= 3
+
+
+def test_the_oracles_schedule_ends_its_cubic_span_at_t_minus_the_final_warm_up():
+    """T = 8, warm-ups 1 and 2, interval 4, one 10×8 unit at target 0.3: step 6 = T − w1 is still cubic (an
+    int volume, re-allocating on a multiple of the interval only); step 7 takes the target and re-allocates."""
+    module = ref.ReferenceSNELLA(10, 8, q_dim=8, init_thres=0.01)
+    alloc = ref.ReferenceAllocator({"a": module}, 0.3, 1, 2, 4, 0.85, 0.85, 8)
+    volume, reallocate = alloc.schedule_threshold(6)
+    assert (volume, reallocate) == (56, False) and isinstance(volume, int)
+    assert alloc.schedule_threshold(7) == (alloc.target_nonzero_param, True)
+
+
+def test_the_oracles_averages_use_their_own_betas_and_count_nan_as_zero():
+    """One step from zero with β1 = 0.5, β2 = 0.9: Ī = 0.5·I and Ū = 0.1·|I − Ī| = 0.05·I (float64, exact up to
+    rounding); a NaN gradient entry counts as sensitivity 0, as in the authors' code."""
+    torch.manual_seed(0)
+    module = ref.ReferenceSNELLA(6, 4, q_dim=4, init_thres=0.5).double()
+    for param in (module.In_Qs, module.Out_Qs):
+        param.grad = torch.randn_like(param)
+    module.In_Qs.grad[0, 0, 0] = float("nan")
+    alloc = ref.ReferenceAllocator({"a": module}, 0.8, 0, 0, 1, 0.5, 0.9, 10)
+    alloc.update_ipt()
+    for factor in ("In_Qs", "Out_Qs"):
+        param = getattr(module, factor)
+        ipt = (param * param.grad).abs().detach().nan_to_num(0.0)
+        torch.testing.assert_close(alloc.exp_avg_ipt[f"a.{factor}"], 0.5 * ipt, rtol=1e-12, atol=0)
+        torch.testing.assert_close(alloc.exp_avg_unc[f"a.{factor}"], 0.05 * ipt, rtol=1e-12, atol=0)
+    assert alloc.ipt["a.In_Qs"][0, 0, 0] == 0
+
+
+def test_the_oracle_shares_equally_without_scores_and_hands_out_every_left_over():
+    """All-zero gradients: two 80-entry units share a budget of 80 equally. Sizes (10, 12, 100), shares (0.6, 0.2,
+    0.2), budget 40: (24 → 10, 8, 8) leaves 14; 7 each to the last two, the second capped at 12, leaves 3, which a
+    second round gives the third: (10, 12, 18). Small integers, exact in float64."""
+    modules = {name: ref.ReferenceSNELLA(10, 8, q_dim=8, init_thres=0.01).double() for name in ("a", "b")}
+    for module in modules.values():
+        for param in (module.In_Qs, module.Out_Qs):
+            param.grad = torch.zeros_like(param)
+    alloc = ref.ReferenceAllocator(modules, 0.5, 0, 0, 1, 0.85, 0.85, 10)
+    alloc.update_ipt()
+    assert alloc.mask_to_target_ratio(80) == {"a": 0.5, "b": 0.5}
+    shares = torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)
+    assert alloc.param_alloc(shares, 40, torch.tensor([10.0, 12.0, 100.0], dtype=torch.float64)).tolist() == [
+        10,
+        12,
+        18,
+    ]
