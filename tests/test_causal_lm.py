@@ -99,6 +99,21 @@ def test_the_tokenizer_pads_on_the_right_with_unk_and_chat_prompts_get_no_second
     assert I.prompt_ids(example, tokenizer, "alpaca")[0] == tokenizer.bos_token_id
 
 
+def test_the_tiny_tokenizer_is_byte_level_and_llama_style() -> None:
+    """The tests' and the demo's tokenizer: any text round-trips without <unk>, characters never seen in training
+    included (a prompt never loses one); <s> is prepended once; </s> ends a sequence and <pad> is a token of its
+    own (swapped, every padded position would read as an end of sequence)."""
+    from snell.train.causal_lm.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["the sky is blue today"] * 20, vocab_size=300)
+    text = "naïve café: ☃ Ωmega"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert ids[0] == tokenizer.bos_token_id == tokenizer.convert_tokens_to_ids("<s>") and ids.count(ids[0]) == 1
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("</s>", "<pad>")
+    assert tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("</s>") != tokenizer.pad_token_id
+
+
 def test_packing_keeps_examples_whole_and_in_order() -> None:
     items = [{"input_ids": [k] * n, "attention_mask": [1] * n, "labels": [k] * n} for k, n in enumerate((3, 4, 2, 5))]
     packed = I.pack(items, cutoff=7)

@@ -525,6 +525,7 @@ def test_preset_detection_for_timm_families():
 
     convnext = targets("convnext_atto")
     assert convnext and all(n.endswith(("mlp.fc1", "mlp.fc2")) for n in convnext)
+    assert sum(n.endswith("mlp.fc1") for n in convnext) == sum(n.endswith("mlp.fc2") for n in convnext)
     effnet = targets("efficientnet_lite0")
     assert "conv_head" in effnet and any(n.endswith("conv_pwl") for n in effnet)
     effnet_model = timm.create_model("efficientnet_lite0")
@@ -537,6 +538,8 @@ def test_preset_detection_for_timm_families():
     assert {n.rsplit(".", 2)[-2] for n in hybrid if ".attn." in n} == {"query", "key", "value", "output"}
     resnet = targets("resnet18")
     assert len(resnet) == 16 and "layer1.0.conv2" in resnet and "conv1" not in resnet
+    bottlenecks = targets("resnet50", layers=(1, 1, 1, 1))  # 1x1, 3x3 and 1x1: the last one too
+    assert len(bottlenecks) == 12 and {"layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3"} <= set(bottlenecks)
     assert not any("downsample" in n for n in resnet)
     regnet = targets("regnetx_002")
     assert "s1.b1.conv2.conv" in regnet and all(n.endswith(("conv1.conv", "conv2.conv", "conv3.conv")) for n in regnet)
@@ -544,6 +547,11 @@ def test_preset_detection_for_timm_families():
     assert "layers.0.blocks.0.attn.qkv" in swin and "layers.0.blocks.0.mlp.fc2" in swin
     with pytest.raises(ValueError, match="no SNELL preset fits model class TinyNet"):
         snell.get_snell_model(TinyNet(), snell.SnellConfig())
+    # Presets match whole names: not a dropout named after its layer, not a module inside an adapted layer
+    vit, llama = (next(p for p in snell.presets.PRESETS if p.name == name) for name in ("timm_vit", "hf_llama"))
+    assert vit.matches("blocks.0.attn.proj") and not vit.matches("blocks.0.attn.proj_drop")
+    assert llama.matches("model.layers.0.self_attn.q_proj")
+    assert not llama.matches("model.layers.0.self_attn.q_proj.lora_A")
 
 
 _TINY_BLOCKS = {"depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
