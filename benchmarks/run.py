@@ -166,6 +166,12 @@ def _step_args(job: TrainJob, warmup: int, steps: int) -> list[str]:
     ]
 
 
+_PINNED_OR_MEMORY = frozenset(
+    {"step_times", "step_s_median", "step_s_min", "minor_faults_per_step", "system_s_per_step", "peak_mb"}
+)
+"""A step worker's columns that the default-malloc worker does not fill: the pinned timed and memory workers do."""
+
+
 def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, str, int], dict[str, Any]]) -> dict:
     """The job's default-malloc timed worker, its memory worker and its first pinned timed worker, or the reason
     it was skipped or failed."""
@@ -178,7 +184,10 @@ def _first_round(job: TrainJob, timeout: float, measured: dict[tuple[str, str, s
     default, status = run_worker("benchmarks.step", timed_args, timeout, DEFAULT_MALLOC_ENV)
     memory = timed = None
     if default is not None:
-        row.update(default, peak_default_malloc_mb=default["peak_mb"], step_s_default_malloc=default["step_s_median"])
+        # Its step times, faults and peak are the default-malloc columns; the plain ones are the pinned and memory
+        # workers' alone, blank in a row whose later worker failed.
+        row.update({key: value for key, value in default.items() if key not in _PINNED_OR_MEMORY})
+        row.update(peak_default_malloc_mb=default["peak_mb"], step_s_default_malloc=default["step_s_median"])
         row.update(
             minor_faults_per_step_default_malloc=default["minor_faults_per_step"],
             system_s_per_step_default_malloc=default["system_s_per_step"],
