@@ -33,8 +33,10 @@ def measure(module: str, args: list[str], warmup: int, steps: int, timeout: floa
     from benchmarks.run import MEMORY_ENV, TIMED_ENV, run_worker  # not in the workers, which import this module
 
     timed, status = run_worker(module, [*args, "--warmup", str(warmup), "--steps", str(steps)], timeout, TIMED_ENV)
+    if timed is None:  # no row either way: do not spend up to another timeout on its memory
+        return None, status
     memory, memory_status = run_worker(module, [*args, "--warmup", "1", "--steps", "1"], timeout, MEMORY_ENV)
-    if timed is None or memory is None:
+    if memory is None:
         return None, f"{status}, memory worker {memory_status}"
     return {**timed, **{key: memory[key] for key in ("peak_mb", "saved_mb") if key in memory}}, "ok"
 

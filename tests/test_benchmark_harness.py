@@ -161,7 +161,7 @@ def test_measure_takes_the_timed_row_with_the_memory_workers_peak_and_fails_with
     under the 1 MiB mmap threshold with one warm-up and one step. Its row is the timed one (step 1.0 s, not the memory
     worker's 9.0) with the memory worker's peak and saved bytes (100 and 7 MB, not the timed worker's 500 and 70,
     which depend on allocator history). If either worker fails the method has no row, rather than a crash or half a
-    row."""
+    row, and a failed timed worker costs no memory worker (up to another timeout, for nothing)."""
     calls: list[tuple[str, list[str]]] = []
     failing: set[str] = set()
 
@@ -182,11 +182,12 @@ def test_measure_takes_the_timed_row_with_the_memory_workers_peak_and_fails_with
         ("memory", [*args, "--warmup", "1", "--steps", "1"]),
         ("timed", [*args, "--warmup", "2", "--steps", "3"]),
     ]
-    for kind in ("memory", "timed"):
+    for kind, started in (("memory", ["timed", "memory"]), ("timed", ["timed"])):
         failing.clear()
         failing.add(kind)
+        calls.clear()
         row, status = in_turns.measure("benchmarks.llm_scale", args, 2, 3, 60.0)
-        assert row is None and f"{kind} failed" in status
+        assert row is None and f"{kind} failed" in status and [k for k, _ in calls] == started
 
 
 def test_rounds_in_turns_measure_the_first_round_only_and_judge_complete_rounds_only(
