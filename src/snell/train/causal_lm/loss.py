@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import torch
@@ -54,14 +55,21 @@ def _chunkable(model: nn.Module) -> bool:
     (Gemma-2's soft-capping, Cohere's logit scale), or cannot skip its own logits.
     """
     base = extract_model_from_parallel(model)
-    groups = [module for module in base.modules() if isinstance(module, FSDPModule)]
-    if torch.is_grad_enabled() and groups == [base]:
+    if torch.is_grad_enabled() and _sharded_at_root_only(base):
         return False
     config = getattr(base, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
     forward = (base.get_base_model() if hasattr(base, "get_base_model") else base).forward  # peft's, or the model's
     return base.get_output_embeddings() is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def _sharded_at_root_only(model: nn.Module) -> bool:
+    """An FSDP2 root with no group inside it. Asked every step: a model that is not sharded is not walked, and a
+    sharded one only up to its first inner group."""
+    return isinstance(model, FSDPModule) and not any(
+        isinstance(module, FSDPModule) for module in islice(model.modules(), 1, None)
+    )
 
 
 @contextmanager
