@@ -310,13 +310,18 @@ def test_rounds_pool_every_steps_time_and_average_the_faults() -> None:
 def test_a_jobs_first_round_takes_its_peak_from_the_memory_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """_first_round runs a default-malloc timed worker, then a memory worker under the 1 MiB mmap threshold with
     one warm-up and one step, then a pinned timed worker. The row's peak_mb is the memory worker's (100 MB); the
-    default-malloc worker's 300 MB is its own column, and the pinned worker's steps start round_times."""
+    default-malloc worker's 300 MB is its own column, and the pinned worker's steps start round_times. When the
+    memory worker fails, the plain step and peak columns stay blank beside the failed status: the default-malloc
+    numbers keep their own columns and never stand in for the pinned ones."""
     calls: list[tuple[str, list[str]]] = []
     kinds = {id(run.DEFAULT_MALLOC_ENV): "default", id(run.MEMORY_ENV): "memory", id(run.TIMED_ENV): "timed"}
+    failing: set[str] = set()
 
-    def worker(module: str, args: list[str], timeout: float, env: dict[str, str]) -> tuple[dict, str]:
+    def worker(module: str, args: list[str], timeout: float, env: dict[str, str]) -> tuple[dict | None, str]:
         kind = kinds.get(id(env), "other")
         calls.append((kind, args[-4:]))
+        if kind in failing:
+            return None, f"failed (exit 137): {kind} killed"
         peak, step = {"default": (300.0, 2.0), "memory": (100.0, 9.0), "timed": (250.0, 1.5)}.get(kind, (0.0, 0.0))
         row = {"step_times": [step], "step_s_median": step, "minor_faults_per_step": 5.0, "system_s_per_step": 0.1}
         return {**row, "saved_mb": 3.0, "loaded_mb": 10.0, "trainable_params": 7, "peak_mb": peak}, "ok"
@@ -331,6 +336,12 @@ def test_a_jobs_first_round_takes_its_peak_from_the_memory_worker(monkeypatch: p
     ]
     assert (row["peak_mb"], row["peak_default_malloc_mb"], row["step_s_default_malloc"]) == (100.0, 300.0, 2.0)
     assert (row["round_times"], row["status"]) == ([[1.5]], "ok")
+
+    failing.add("memory")
+    row = run._first_round(run.TrainJob("vit_tiny_test", "lora8", "fp32", warmup=1, steps=2), 60.0, {})
+    assert row["status"] == "failed (exit 137): memory killed"
+    assert (row["peak_default_malloc_mb"], row["step_s_default_malloc"], row["trainable_params"]) == (300.0, 2.0, 7)
+    assert not {"peak_mb", "step_s_median", "step_s_min", "minor_faults_per_step"} & row.keys()
 
 
 def test_targets_divide_the_columns_and_rows_their_names_say() -> None:

@@ -534,25 +534,3 @@ def test_rounds_in_turns_pair_steps_of_the_same_round_and_peaks_of_the_memory_wo
     workers({"lora8": 0.0, "snell8": 0.0}, set())
     in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 1, [target])
     assert "snell8 / lora8: step 1.500 (target <= 1.4: MISS), peak n/a" in capsys.readouterr().out
-
-
-def test_a_job_whose_memory_worker_failed_reports_no_pinned_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plain step and peak columns are the pinned and memory workers'; the default-malloc worker's numbers
-    have columns of their own. A job whose memory worker failed used to show the default-malloc step and peak in
-    the plain columns, beside its failed status."""
-
-    def worker(module, args, timeout, env):
-        if env is run.MEMORY_ENV:
-            return None, "failed (exit 137): killed"
-        times = [2.0, 4.0]
-        return {
-            "step_times": times, "step_s_median": 3.0, "step_s_min": 2.0, "minor_faults_per_step": 5.0,
-            "system_s_per_step": 0.5, "peak_mb": 300.0, "saved_mb": 10.0, "loaded_mb": 100.0, "trainable_params": 7,
-        }, "ok"  # fmt: skip
-
-    monkeypatch.setattr(run, "run_worker", worker)
-    monkeypatch.setattr(run, "estimated_bytes", lambda job, measured: 0)
-    row = run._first_round(run.TrainJob("vit_tiny_test", "lora8", "fp32", 1, 2), 60.0, {})
-    assert row["status"] == "failed (exit 137): killed"
-    assert (row["peak_default_malloc_mb"], row["step_s_default_malloc"], row["trainable_params"]) == (300.0, 3.0, 7)
-    assert not {"peak_mb", "step_s_median", "step_s_min", "minor_faults_per_step"} & row.keys()
