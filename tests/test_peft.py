@@ -74,6 +74,14 @@ def _llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _opt() -> nn.Module:
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=24, ffn_dim=48, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, word_embed_proj_dim=24,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config)
+
+
 def _tokens(batch: int = 2) -> dict:
     return {"input_ids": torch.randint(0, VOCAB, (batch, 6), generator=torch.Generator().manual_seed(1))}
 
@@ -87,6 +95,7 @@ CASES = [
     ("gpt2-conv1d", _gpt2, _tokens, dict(target_modules=["c_attn", "c_proj"])),
     ("bert", _bert, _tokens, dict(task_type="SEQ_CLS")),  # preset targets; the classifier joins modules_to_save
     ("llama", _llama, _tokens, dict(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")),
+    ("opt", _opt, _tokens, dict(task_type="CAUSAL_LM")),  # no family preset: the block rule's pattern
 ]
 IDS = [case[0] for case in CASES]
 
@@ -844,3 +853,19 @@ def test_a_model_with_core_adapters_is_refused_by_get_peft_model() -> None:
     core = snell.get_snell_model(MLP(), snell.SnellConfig(r=4, target_modules=["lin0"]))
     with pytest.raises(ValueError, match=r"already has snell\.get_snell_model adapters"):
         peft.get_peft_model(core, SnellPeftConfig(r=4, target_modules=["lin1"]))
+
+
+def test_the_default_targets_through_peft_are_the_cores_on_a_family_no_preset_names(tmp_path):
+    """OPT: every projection of its decoder layers (q/k/v/out_proj, fc1, fc2), through peft as in the core; the
+    pattern peft stores in its config selects them again on a fresh model."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_opt(), SnellPeftConfig(r=4, sparsity=0.5, task_type="CAUSAL_LM"))
+    wrapped = [name for name, m in model.base_model.model.named_modules() if isinstance(m, SnellPeftLayer)]
+    core = [name for name, _ in snell.snell_layers(snell.get_snell_model(_opt(), snell.SnellConfig(r=4)))]
+    assert wrapped == core
+    assert sorted(n.rpartition("layers.0.")[2] for n in core) == [
+        "fc1", "fc2", "self_attn.k_proj", "self_attn.out_proj", "self_attn.q_proj", "self_attn.v_proj",
+    ]  # fmt: skip
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(_opt(), tmp_path)
+    assert [n for n, m in reloaded.base_model.model.named_modules() if isinstance(m, SnellPeftLayer)] == wrapped

@@ -30,34 +30,103 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-@pytest.mark.parametrize(
-    ("build", "expected_suffixes", "count"),
-    [
-        (
-            _bert,
-            ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-            12,
-        ),
-        (_llama, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 14),
-        (_gpt2, ("c_attn", "c_proj", "c_fc"), 8),
-    ],
+def _opt():
+    config = transformers.OPTConfig(
+        vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, word_embed_proj_dim=32,
+    )  # fmt: skip
+    return transformers.OPTForCausalLM(config)
+
+
+def _phi():
+    config = transformers.PhiConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    return transformers.PhiForCausalLM(config)
+
+
+def _gpt_neox():
+    config = transformers.GPTNeoXConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    return transformers.GPTNeoXForCausalLM(config)
+
+
+def _deberta_v2():
+    config = transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_labels=3
+    )
+    return transformers.DebertaV2ForSequenceClassification(config)
+
+
+def _distilbert():
+    config = transformers.DistilBertConfig(vocab_size=50, dim=32, hidden_dim=64, n_layers=2, n_heads=2, num_labels=3)
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+def _qwen3_5():
+    """Qwen3.5's hybrid decoder: three linear-attention (Gated DeltaNet) layers, then one full-attention layer."""
+    config = transformers.Qwen3_5TextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    )  # fmt: skip
+    return transformers.Qwen3_5ForCausalLM(config)
+
+
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LINEAR_ATTENTION = tuple(
+    f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
 )
-def test_presets_pick_the_attention_and_mlp_projections(build, expected_suffixes, count):
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+# (model, its blocks, the layers adapted in each block): BERT, LLaMA and GPT-2 as before the block rule (the
+# reference code's projections); the families no preset names get every linear layer of their blocks, where the
+# preset matching most names used to leave out OPT's out_proj/fc1/fc2, Phi's dense/fc1/fc2 and DeBERTa's q/k/v
+# projections, and GPT-NeoX and DistilBERT got no preset at all. Qwen3.5's linear-attention layers had none adapted.
+_FAMILIES = [
+    (_bert, "bert.encoder.layer", [(
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense",
+    )] * 2),
+    (_llama, "model.layers", [_ATTENTION + _MLP] * 2),
+    (_gpt2, "transformer.h", [("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] * 2),
+    (_opt, "model.decoder.layers", [(
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2",
+    )] * 2),
+    (_phi, "model.layers", [(
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2",
+    )] * 2),
+    (_gpt_neox, "gpt_neox.layers", [(
+        "attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
+    )] * 2),
+    (_deberta_v2, "deberta.encoder.layer", [(
+        "attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj", "attention.output.dense",
+        "intermediate.dense", "output.dense",
+    )] * 2),
+    (_distilbert, "distilbert.transformer.layer", [(
+        "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2",
+    )] * 2),
+    (_qwen3_5, "model.layers", [_LINEAR_ATTENTION + _MLP] * 3 + [_ATTENTION + _MLP]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "blocks", "per_block"), _FAMILIES, ids=[f[0].__name__[1:] for f in _FAMILIES])
+def test_the_default_adapts_every_projection_of_every_block(build, blocks, per_block):
+    """Each adapter acts (its factors get a gradient; the outputs move with B) and merges."""
     torch.manual_seed(0)
     model = build().eval()
     ids = torch.randint(0, 50, (2, 7))
     before = model(input_ids=ids).logits
     snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
-    names = [n for n, _ in snell.snell_layers(model)]
-    assert len(names) == count
-    assert all(n.endswith(expected_suffixes) for n in names)
+    names = {n for n, _ in snell.snell_layers(model)}
+    assert names == {f"{blocks}.{i}.{layer}" for i, layers in enumerate(per_block) for layer in layers}
     with torch.no_grad():
         for _, layer in snell.snell_layers(model):
             layer.B.mul_(30)
     adapted = model(input_ids=ids).logits
     assert (adapted - before).abs().max() > 1e-4
     adapted.sum().backward()
-    assert all(layer.A.grad is not None for _, layer in snell.snell_layers(model))
+    assert all(layer.A.grad.abs().sum() > 0 for _, layer in snell.snell_layers(model))
     merged = snell.merge_and_unload(model)
     torch.testing.assert_close(merged(input_ids=ids).logits, adapted.detach(), rtol=1e-4, atol=1e-5)
 

@@ -58,6 +58,22 @@ def describe_support(module: nn.Module) -> str | None:
     return None
 
 
+def takes_adapter(module: nn.Module, parent: nn.Module) -> bool:
+    """Whether :func:`build_spec` accepts ``module``'s layer as such (its type, forward, parent and padding), whatever
+    the config: the presets' block rule adapts only such layers, so that a default never names one it refuses."""
+    op = describe_support(module)
+    if op is None or (op in _BASES and _own_forward(module, _BASES[op]) is not None):
+        return False
+    if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+        return False
+    if op != "conv2d":
+        return True
+    padding = module.padding
+    return module.padding_mode == "zeros" and (
+        not isinstance(padding, str) or padding == "valid" or module.kernel_size == (1, 1)
+    )
+
+
 def check_forward_called(name: str, parent: nn.Module) -> None:
     """TypeError when module ``name``'s parent does not call its forward: nn.MultiheadAttention reads out_proj's weight
     itself, and nn.TransformerEncoderLayer's inference fast path reads linear1's and linear2's, so an adapter there

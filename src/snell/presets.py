@@ -1,10 +1,12 @@
-"""Where SNELL adapters go by default, per model family (used when ``target_modules`` is None).
+"""Where SNELL adapters go by default (``target_modules`` None): the reference code's choice per model family, and
+every projection of the repeated blocks for any other model.
 
-Each preset is a regular expression over full module names, matching the layers the reference code
-adapts (timm ViT/Swin: q, k, v, attn.proj, mlp.fc1, mlp.fc2, or EVA-02's separate q/k/v and SwiGLU fc1_g/fc1_x;
-ConvNeXt: the pointwise MLP), the convs of CNN blocks (EfficientNet/MobileNet: pointwise; ResNet/ResNeXt, RegNet:
-every block conv), or the usual attention/MLP projections of a language model. Families are recognised by class
-names, so the core never imports timm or transformers.
+Each family preset is a regular expression over full module names, matching the layers the reference code adapts
+(timm ViT/Swin: q, k, v, attn.proj, mlp.fc1, mlp.fc2, or EVA-02's separate q/k/v and SwiGLU fc1_g/fc1_x;
+ConvNeXt: the pointwise MLP), or the convs of CNN blocks (EfficientNet/MobileNet: pointwise; ResNet/ResNeXt,
+RegNet: every block conv). Families are recognised by class names, so the core never imports timm or
+transformers. Every other model gets the block rule (:func:`block_preset`), which gives transformers' LLaMA, BERT
+and GPT-2 the reference code's layers and other families all of theirs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+
+from snell.layers import takes_adapter
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ PRESETS: tuple[Preset, ...] = (
     Preset(
         "timm_vit",
         ("VisionTransformer", "SwinTransformer", "Deit", "Eva", "Beit"),
-        r"(.*\.)?blocks\.\d+\.(attn\.(qkv|q_proj|k_proj|v_proj|proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))",
+        r"(.*\.)?blocks\.\d+\.(attn\.(qkv|q_proj|k_proj|v_proj|q|kv|proj)|mlp\.(fc1|fc1_g|fc1_x|fc2))",
     ),
     Preset("timm_convnext", ("ConvNeXt",), r"(.*\.)?stages\.\d+\.blocks\.\d+\.mlp\.(fc1|fc2)"),
     Preset(
@@ -46,45 +50,85 @@ PRESETS: tuple[Preset, ...] = (
     Preset("timm_resnet", ("ResNet",), r"(.*\.)?layer\d+\.\d+\.conv\d"),
     # RegNetX/Y: the 1x1, grouped 3x3 and 1x1 conv of every block (not the SE, stem or shortcut convs).
     Preset("timm_regnet", ("RegNet",), r"(.*\.)?s\d+\.b\d+\.conv\d\.conv"),
-    Preset(
-        "hf_bert",
-        ("Bert", "Roberta", "Electra", "XLMRoberta"),
-        r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-        r"|intermediate\.dense|output\.dense)",
-    ),
-    # transformers before 5.x: encoder.layer.N.attention.attention.query ...; from 5.x (one attention module, an
-    # mlp, and for ViT itself layers.N): ...layer(s).N.attention.q_proj ... o_proj, mlp.fc1, mlp.fc2
-    Preset(
-        "hf_vit",
-        ("ViTModel", "ViTFor", "ViTMAE", "Dinov2"),
-        r"(.*\.)?encoder\.layer\.\d+\.(attention\.attention\.(query|key|value)|attention\.output\.dense"
-        r"|intermediate\.dense|output\.dense)"
-        r"|(.*\.)?(encoder\.layer|layers)\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(fc1|fc2))",
-    ),
-    Preset(
-        "hf_llama",
-        ("Llama", "Mistral", "Qwen", "Gemma", "Phi3"),
-        r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)"
-        r"|mlp\.(gate_proj|up_proj|gate_up_proj|down_proj))",
-    ),
-    Preset("hf_gpt2", ("GPT2",), r"(.*\.)?h\.\d+\.(attn\.(c_attn|c_proj)|mlp\.(c_fc|c_proj))"),
 )
 
 
 def detect_preset(model: nn.Module) -> Preset:
-    """The preset for ``model``'s family: by class name first, else the preset matching most modules."""
+    """The preset for ``model``: its family's, when a family names its class and every module the family's pattern
+    matches takes an adapter; else the block rule (:func:`block_preset`)."""
     class_names = [cls.__name__ for cls in type(model).__mro__]
-    module_names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
     for preset in PRESETS:
-        if any(key in cls for cls in class_names for key in preset.class_keywords) and any(
-            preset.matches(n) for n in module_names
-        ):
+        if not any(key in cls for cls in class_names for key in preset.class_keywords):
+            continue
+        matched = [name for name in modules if name and preset.matches(name)]
+        if matched and all(takes_adapter(modules[n], modules[n.rpartition(".")[0]]) for n in matched):
             return preset
-    counts = {preset.name: sum(preset.matches(n) for n in module_names) for preset in PRESETS}
-    best = max(PRESETS, key=lambda p: counts[p.name])
-    if counts[best.name] == 0:
+    return block_preset(model)
+
+
+def _block_layer(module: nn.Module, parent: nn.Module) -> bool:
+    """A layer the block rule adapts: one SNELL takes, and not a depthwise conv (a k×k matrix per channel, which
+    the reference code's CNN presets never adapt)."""
+    if not takes_adapter(module, parent):
+        return False
+    return not (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels)
+
+
+def block_preset(model: nn.Module) -> Preset:
+    """The block rule: every linear layer (and conv, but depthwise) inside the entries of the model's outermost
+    ``nn.ModuleList``/``nn.Sequential`` containers, the repeated blocks: a transformers model's ``layers``/``layer``/
+    ``h``/``block``, a CNN's stages. That is what the reference code adapts in ViT, BERT and LLaMA (every
+    projection of attention and MLP), so any other transformer family gets the same: OPT's ``out_proj``/``fc1``/``fc2``,
+    DeBERTa's ``query_proj``, GPT-NeoX's ``query_key_value``, a hybrid's linear-attention projections. Embeddings,
+    stems and heads outside the blocks stay as they are. The pattern names exactly those layers (``peft`` stores it
+    in its adapter config). ValueError when there are none."""
+    modules = dict(model.named_modules())
+    blocks: dict[str, list[str]] = {}  # container name -> names of its entries that are blocks
+    inside: list[str] = []  # prefixes of the blocks found so far: their nested containers belong to them
+    for name, module in modules.items():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or name.startswith(tuple(inside)):
+            continue
+        prefix = f"{name}." if name else ""
+        entries = [
+            key
+            for key, entry in module.named_children()
+            if any(
+                _block_layer(sub, entry.get_submodule(n.rpartition(".")[0])) for n, sub in entry.named_modules() if n
+            )
+        ]
+        if entries:
+            blocks[name] = entries
+            inside.extend(f"{prefix}{key}." for key in entries)
+    layers = [
+        n for n, m in modules.items() if n.startswith(tuple(inside)) and _block_layer(m, modules[n.rpartition(".")[0]])
+    ]
+    if not layers:
         raise ValueError(
-            f"no SNELL preset fits model class {type(model).__name__}; pass target_modules explicitly "
-            f"(known presets: {[p.name for p in PRESETS]})"
+            f"no SNELL preset fits model class {type(model).__name__}: no family preset names it, and it has no "
+            "nn.ModuleList/nn.Sequential blocks with linear or conv layers; pass target_modules explicitly"
         )
-    return best
+    return Preset("blocks", (), _pattern_for(blocks, layers, list(modules)))
+
+
+def _pattern_for(blocks: dict[str, list[str]], layers: list[str], names: list[str]) -> str:
+    """A regex that fully matches exactly ``layers`` among ``names``: per container, its block keys (``\\d+`` when
+    they are all digits) and the layers' names within a block; the names themselves where that would match more."""
+    parts = []
+    for container, keys in blocks.items():
+        prefix = f"{container}." if container else ""
+        within = sorted(
+            {
+                n[len(prefix) :].partition(".")[2]
+                for n in layers
+                if n.startswith(prefix) and n[len(prefix) :].partition(".")[0] in keys
+            }
+        )
+        if not within:
+            continue
+        key = r"\d+" if all(k.isdigit() for k in keys) else "|".join(re.escape(k) for k in keys)
+        parts.append(f"{re.escape(prefix)}({key})\\.({'|'.join(re.escape(w) for w in within)})")
+    pattern = "|".join(parts)
+    if [n for n in names if n and re.fullmatch(pattern, n)] == layers:
+        return pattern
+    return "|".join(re.escape(n) for n in layers)
