@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from llm_cases import TASKS, train_args
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 from snell.cli import main
 from snell.train.causal_lm import instructions as I
@@ -108,6 +109,33 @@ def test_instruction_data_with_a_model_that_is_not_a_causal_lm_is_one_line(
     assert "is a path that does not exist" in capsys.readouterr().err
     assert main(train_args(tiny[0], tiny[1], tmp_path / "chat", "--prompt-format", "chat")) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_a_gpt2_lm_head_folder_is_a_causal_lm_that_trains_and_merges(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """GPT-2's causal LM class is GPT2LMHeadModel, not ...ForCausalLM: instruction data with it was refused as
+    "not a causal LM". A classifier and a multimodal ...ForConditionalGeneration folder are still not causal LMs."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny[0])
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    gpt2 = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    assert find_source(gpt2) == ModelSource(gpt2)
+    run = tmp_path / "run"
+    assert main([*train_args(gpt2, tiny[1], run, "--merge"), "--epochs", "1"]) == 0
+    factors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the block rule: every Conv1D of the blocks
+    expected = {f"transformer.h.{i}.{n}" for i in range(2) for n in layers}
+    assert {key.rpartition(".snell_")[0] for key in factors} == expected
+    assert type(AutoModelForCausalLM.from_pretrained(run / "merged")).__name__ == "GPT2LMHeadModel"
+    for architecture in ("GPT2ForSequenceClassification", "Gemma3ForConditionalGeneration"):
+        folder = tmp_path / architecture
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+        assert find_source(folder) is None
 
 
 def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) -> None:

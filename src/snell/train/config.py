@@ -192,7 +192,7 @@ class TrainConfig:
     merge: bool = _opt(False, "also write the model with the adapter merged into its weights")
     fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state over the processes (FSDP2)")
     progress: bool = _opt(True, "show progress bars")
-    # causal language models (a transformers folder whose architecture is ...ForCausalLM)
+    # causal language models (a transformers causal-LM folder or a .gguf file: causal_lm.source.find_source)
     model_dtype: str = _opt(
         "float32", "causal LM: dtype of the base weights (SNELL/LoRA factors stay float32)", MODEL_DTYPES
     )

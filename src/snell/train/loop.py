@@ -583,7 +583,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if holds_instructions(config.data):
         raise UserError(
             f"{config.data} holds instruction data, which trains a causal LM, but --model {config.model} is "
-            f"{describe_model(config.model)}; give a ...ForCausalLM folder or a .gguf file"
+            f"{describe_model(config.model)}; give a causal LM folder (...ForCausalLM, GPT2LMHeadModel) or a .gguf file"
         )
     from snell.train.classification import ClassificationRun
 

@@ -40,7 +40,10 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
     format resolved against that tokenizer (recorded in ``info``, so the run folder says which one trained)."""
     source = find_source(config.model)
     if source is None:
-        raise UserError(f"{config.model}: not a causal LM (a ...ForCausalLM folder, a .gguf file or a folder with one)")
+        raise UserError(
+            f"{config.model}: not a causal LM (a ...ForCausalLM or GPT2LMHeadModel folder, a .gguf file or a "
+            "folder with one)"
+        )
     progress = config.progress and first_process()  # one bar, not one per process
     model, tokenizer = load_causal_lm(source, getattr(torch, config.model_dtype), progress=progress)
     check_positions(model, config.max_length, "--max-length")

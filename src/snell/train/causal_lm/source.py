@@ -1,6 +1,7 @@
 """Where a causal LM comes from: a transformers folder, or a GGUF file (llama.cpp's single-file format).
 
-``--model`` names either a folder whose ``config.json`` has a ``...ForCausalLM`` architecture, a ``.gguf``
+``--model`` names either a folder whose ``config.json`` has a causal-LM architecture (``...ForCausalLM``,
+``GPT2LMHeadModel`` ...: :func:`is_causal_architecture`), a ``.gguf``
 file, or a folder holding exactly one ``.gguf`` file and no ``config.json``. transformers reads GGUF files
 itself (through the ``gguf`` package): it dequantizes the weights into plain ``nn.Linear`` layers and builds
 the tokenizer, chat template included, from the file's metadata. What it leaves behind is a quantizer marker
@@ -48,6 +49,19 @@ def _architectures(config: Path) -> list[str]:
         return []
 
 
+def is_causal_architecture(name: str) -> bool:
+    """A class transformers' ``AutoModelForCausalLM`` builds for text: any ``...ForCausalLM``, and the older heads it
+    maps to under other names (GPT-2's ``GPT2LMHeadModel``, GPT's, CTRL's, XLM's, XLNet's, BERT as a decoder). Its
+    ``...ForConditionalGeneration`` entries take images or audio, which this pipeline does not feed."""
+    if name.endswith("ForCausalLM"):
+        return True
+    if name.endswith("ForConditionalGeneration"):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def find_source(model: str | Path) -> ModelSource | None:
     """The causal LM that ``model`` names, or None when it names something else (a timm name, a classifier)."""
     path = Path(model)
@@ -57,7 +71,7 @@ def find_source(model: str | Path) -> ModelSource | None:
         return None
     config = path / "config.json"
     if config.is_file():
-        return ModelSource(path) if any(a.endswith("ForCausalLM") for a in _architectures(config)) else None
+        return ModelSource(path) if any(is_causal_architecture(a) for a in _architectures(config)) else None
     ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}"))
     if len(ggufs) > 1:
         raise UserError(f"{path} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); pass one of them as --model")
@@ -65,7 +79,7 @@ def find_source(model: str | Path) -> ModelSource | None:
 
 
 def is_causal_lm(model: str | Path) -> bool:
-    """True for a transformers ``...ForCausalLM`` folder, a ``.gguf`` file, or a folder holding one."""
+    """True for a transformers causal-LM folder, a ``.gguf`` file, or a folder holding one."""
     return find_source(model) is not None
 
 
