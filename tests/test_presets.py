@@ -205,3 +205,24 @@ def test_the_timm_presets_are_kept_where_they_apply():
     pvt = _timm("pvt_v2_b0")  # its attention is q and kv, not qkv
     snell.get_snell_model(pvt, snell.SnellConfig(r=4))
     assert {"stages.0.blocks.0.attn.q", "stages.0.blocks.0.attn.kv"} <= set(_adapted(pvt))
+
+
+def test_a_layer_registered_under_two_names_merges_and_a_tied_weight_is_still_refused():
+    """CoaT uses one MLP in two branches: its layers are adapted once and act at both uses, so merging gives the same
+    outputs; merging used to be refused as if two modules tied one weight. Two modules sharing a weight still are."""
+    torch.manual_seed(0)
+    model = _Net().eval()
+    model.blocks[1].mlp = model.blocks[0].mlp
+    x = torch.randn(3, 4)
+    snell.get_snell_model(model, snell.SnellConfig(r=2, sparsity=0.5))
+    assert sorted(_adapted(model)) == ["blocks.0.attn", "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.attn"]
+    with torch.no_grad():
+        for _, layer in snell.snell_layers(model):
+            layer.B.mul_(30)
+        adapted = model(x)
+        torch.testing.assert_close(snell.merge_and_unload(model)(x), adapted, rtol=1e-5, atol=1e-6)
+    tied = _Net()
+    tied.blocks[1].attn.weight = tied.blocks[0].attn.weight
+    snell.get_snell_model(tied, snell.SnellConfig(r=2, target_modules=["blocks.0.attn"]))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.weight is shared with blocks\.1\.attn\.weight"):
+        snell.merge_and_unload(tied)

@@ -255,12 +255,15 @@ def check_merge_targets(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
     weight ΔWˢ goes into) cannot take ΔWˢ: its weight is shared with another module (an LM head tied to the input
     embeddings), so merging would change that module too, and the outputs with it; or it is computed on every
     forward (:func:`snell.layers.check_mergeable`). The peft route checks its base layers with it too."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
+    owners: dict[int, dict[int, str]] = {}  # parameter -> the modules holding it (one name each)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(prefix=module_name, recurse=False):
+            owners.setdefault(id(param), {}).setdefault(id(module), param_name)
     for name, layer in layers:
         check_mergeable(name, layer)
-        others = [n for n in owners.get(id(layer.weight), []) if not n.startswith(f"{name}.")]
+        # The same layer registered under several names (CoaT shares an MLP between branches) is one adapted
+        # layer: each use computes with W0 + ΔWˢ, merged or not. Another module holding the weight is not.
+        others = [n for module, n in owners.get(id(layer.weight), {}).items() if module != id(layer)]
         if others:
             raise ValueError(
                 f"{name}.weight is shared with {others[0]} (tied weights): merging ΔW into it would change both; "
