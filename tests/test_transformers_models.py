@@ -302,3 +302,28 @@ def test_an_adapter_file_keeps_the_grouping_it_records(tmp_path):
     assert groups == {"qkv_proj": 1, "o_proj": 1, "gate_up_proj": 1, "down_proj": 1}
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_longformer_trains_through_its_in_place_query_scaling() -> None:
+    """Longformer divides its query projection's output in place. F.linear returns a view for a 3-D input with a
+    bias, and autograd refused that edit on a SNELL layer's output (a custom Function's view), so every Longformer
+    step failed. Its classifier attends globally from the first token: every first-layer projection, the global
+    ones included, gets a gradient (the last layer's local q/k/v feed nothing the classifier reads)."""
+    config = transformers.LongformerConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        attention_window=4, max_position_embeddings=40, num_labels=3, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LongformerForSequenceClassification(config).eval()
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
+    layer0 = {n: layer for n, layer in snell.snell_layers(model) if ".layer.0." in n}
+    within = {n.rpartition("layer.0.")[2] for n in layer0}
+    assert within == {
+        *(f"attention.self.{n}" for n in ("query", "key", "value", "query_global", "key_global", "value_global")),
+        "attention.output.dense", "intermediate.dense", "output.dense",
+    }  # fmt: skip
+    ids = torch.randint(2, 50, (2, 8))
+    out = model(input_ids=ids).logits
+    out.sum().backward()
+    assert all(layer.A.grad.abs().sum() > 0 for layer in layer0.values())
+    torch.testing.assert_close(snell.merge_and_unload(model)(input_ids=ids).logits, out.detach(), rtol=1e-4, atol=1e-5)

@@ -89,7 +89,10 @@ class FusedSnellDropout(torch.autograd.Function):
                     out.addcmul_(branch, sample_scale.to(x.dtype), value=inverse_keep)
         ctx.spec, ctx.p, ctx.seed, ctx.path = spec, p, seed, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau, sample_scale)
-        return out
+        # F.linear of a 3-D input with a bias returns a view of its 2-D GEMM, and autograd refuses in-place edits of
+        # a custom Function's view outputs (Longformer divides its query projection in place): the same storage,
+        # as a plain tensor.
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):

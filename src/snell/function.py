@@ -39,7 +39,10 @@ class FusedSnell(torch.autograd.Function):
             out = layer_op(spec, x, matrix, None if bias is None else bias.to(x.dtype))
         ctx.spec, ctx.path = spec, path
         ctx.save_for_backward(x, weight, bias, a, b, coefficients, tau)
-        return out
+        # F.linear of a 3-D input with a bias returns a view of its 2-D GEMM, and autograd refuses in-place edits of
+        # a custom Function's view outputs (Longformer divides its query projection in place): the same storage,
+        # as a plain tensor.
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
