@@ -1,6 +1,7 @@
 """The default targets (``target_modules=None``): a family's preset where its class names it and every layer it
 names takes an adapter, else every linear layer and conv (but depthwise) inside the model's repeated blocks."""
 
+import json
 import re
 
 import pytest
@@ -226,3 +227,17 @@ def test_a_layer_registered_under_two_names_merges_and_a_tied_weight_is_still_re
     snell.get_snell_model(tied, snell.SnellConfig(r=2, target_modules=["blocks.0.attn"]))
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.weight is shared with blocks\.1\.attn\.weight"):
         snell.merge_and_unload(tied)
+
+
+def test_loading_a_file_that_adapts_fewer_layers_than_the_block_rule_says_the_default_may_have_changed(tmp_path):
+    """An adapter saved with target_modules=None before the block rule covers fewer layers than the rule selects now:
+    it loads what it holds, and the warning names that cause beside a mix-up of base models."""
+    old = _Net()
+    snell.get_snell_model(old, snell.SnellConfig(r=2, exclude_modules=["mlp.2"]))  # stands in for a narrower default
+    snell.save_adapter(old, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["exclude_modules"] = None  # as the older default wrote it: target_modules None, nothing excluded
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="before the default became every projection of the blocks"):
+        model = snell.load_adapter(_Net(), tmp_path)
+    assert sorted(_adapted(model)) == ["blocks.0.attn", "blocks.0.mlp.0", "blocks.1.attn", "blocks.1.mlp.0"]

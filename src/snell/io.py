@@ -36,6 +36,7 @@ from snell.model import (
     resolve_targets,
     uncompiled,
 )
+from snell.presets import detect_preset
 from snell.spec import SnellSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -322,7 +323,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         warnings.warn(
             f"the adapter in {directory} adapts {len(records)} layers, but its target_modules select {len(selected)} "
             f"in this {type(model).__name__} (e.g. {extra[0]!r} is not in the file): those stay unadapted; check "
-            "that this is the base model the adapter was trained on",
+            "that this is the base model the adapter was trained on"
+            + (
+                " (or, its target_modules being None, that it was not saved before the default became every "
+                "projection of the blocks: OPT, Phi, DeBERTa and other families no preset names got fewer layers then)"
+                if config.target_modules is None and detect_preset(model).name == "blocks"
+                else ""
+            ),
             stacklevel=2,
         )
     current = base_model_record(model)
