@@ -121,7 +121,10 @@ class TrainConfig:
     sparsify_mode: str = _opt("reference", "SNELL sparsifier", ("reference", "mask", "soft"))
     target_modules: list | str | None = field(
         default=None,
-        metadata=_meta("adapted layers: comma-separated name suffixes, or re:<regex> (default: the family's preset)"),
+        metadata=_meta(
+            "adapted layers: comma-separated name suffixes, or re:<regex> (default: the family's preset, else every "
+            "projection of the blocks)"
+        ),
     )
     exclude_modules: list | str | None = field(
         default=None, metadata=_meta("layers never adapted, same syntax as --target-modules")

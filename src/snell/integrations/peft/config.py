@@ -59,8 +59,8 @@ def _names(value: Any) -> list[str] | str | None:
 class SnellPeftConfig(PeftConfig):
     """A SNELL adapter for peft. The method fields mean what they mean in :class:`snell.SnellConfig` and are
     validated by it; ``target_modules`` / ``exclude_modules`` take a list of name suffixes or a regex, and
-    ``target_modules=None`` picks snell's preset for the model family. As in peft, a list entry that matches no
-    module is skipped (``snell.get_snell_model`` refuses it).
+    ``target_modules=None`` picks snell's default (the family's preset, else every projection of the blocks). As in
+    peft, a list entry that matches no module is skipped (``snell.get_snell_model`` refuses it).
 
     ``task_type="SEQ_CLS"`` makes peft add the classifier head (``classifier`` / ``score``) to
     ``modules_to_save``, so the new head is trained and saved by default, as with LoRA. The core's
@@ -81,7 +81,11 @@ class SnellPeftConfig(PeftConfig):
     )
     sparsify_mode: str = field(default="reference", metadata={"help": "reference, mask or soft"})
     target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "name suffixes or a regex; None: snell's preset for the model family"}
+        default=None,
+        metadata={
+            "help": "name suffixes or a regex; None: snell's default (the family's preset, else every projection of "
+            "the blocks)"
+        },
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "modules never adapted"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained fully and saved"})
