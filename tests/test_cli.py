@@ -310,6 +310,21 @@ def test_an_adapter_on_the_head_is_refused_for_every_adapter_method(
     assert not out.exists()
 
 
+def test_lora_on_a_grouped_conv_at_a_rank_its_groups_do_not_divide_is_one_line(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """ResNeXt's grouped 3x3 convs are among SNELL's targets, so LoRA's and DoRA's too; peft refuses a rank their
+    groups do not divide, with a traceback that named no layer."""
+    out = tmp_path / "out"
+    args = ["train", "--data", str(vtab_dir), *BASE[4:], "--model", "resnext26ts", "--output-dir", str(out)]
+    for method in ("lora", "dora"):  # stage 0's convs have 2 groups, stage 1's 4: rank 6 fails at stage 1
+        message = f"{method} cannot adapt 'stages.1.0.conv2_kxk.conv', a conv with 4 groups, at --rank 6"
+        assert main([*args, "--method", method, "--rank", "6"]) == 2
+        err = capsys.readouterr().err  # after the warnings (random weights, -s unused by LoRA): the one-line error
+        assert "Traceback" not in err and message in err.splitlines()[-1], err
+    assert not out.exists()
+
+
 def test_resuming_on_another_process_count_is_refused_by_every_process(
     vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
