@@ -138,6 +138,18 @@ def test_a_gpt2_lm_head_folder_is_a_causal_lm_that_trains_and_merges(tiny: tuple
         assert find_source(folder) is None
 
 
+def test_merge_into_a_tied_lm_head_is_refused_before_training(
+    tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The tiny LLaMA ties its head to the embeddings: SNELL on the head trains, but --merge failed only after the
+    whole run, with a traceback."""
+    run = tmp_path / "run"
+    assert main(train_args(*tiny, run, "--target-modules", "lm_head", "--merge")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("snell train: error: --merge: lm_head.weight is shared with model.embed_tokens.weight")
+    assert not run.exists()
+
+
 def test_gguf_sources_are_a_file_or_a_folder_with_exactly_one(tmp_path: Path) -> None:
     (tmp_path / "a.gguf").write_bytes(b"GGUF")
     assert find_source(tmp_path / "a.gguf").gguf_file == "a.gguf" and find_source(tmp_path).gguf_file == "a.gguf"

@@ -322,6 +322,10 @@ def test_lora_on_a_grouped_conv_at_a_rank_its_groups_do_not_divide_is_one_line(
         assert main([*args, "--method", method, "--rank", "6"]) == 2
         err = capsys.readouterr().err  # after the warnings (random weights, -s unused by LoRA): the one-line error
         assert "Traceback" not in err and message in err.splitlines()[-1], err
+    # at a rank every group divides, LoRA trains; but peft cannot merge a grouped conv: --merge would fail at the end
+    assert main([*args, "--method", "lora", "--rank", "16", "--merge"]) == 2
+    message = "--merge: peft cannot merge lora into 'stages.0.0.conv2_kxk.conv', a conv with 2 groups"
+    assert message in capsys.readouterr().err.splitlines()[-1]
     assert not out.exists()
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import snell
 from snell.layers import call_through_forward
-from snell.model import enclosing_module, resolve_targets
+from snell.model import check_merge_targets, enclosing_module, resolve_targets
 from snell.sharded import like
 from snell.train.backbones import Backbone
 from snell.train.config import SNELL_METHODS, TrainConfig, UserError
@@ -128,7 +128,30 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] in tokens:
                 param.requires_grad_(True)
+    if config.merge:
+        check_merge_possible(model, config)
     return model
+
+
+def check_merge_possible(model: nn.Module, config: TrainConfig) -> None:
+    """UserError when the trained update could not be merged: ``--merge`` would fail after the whole run (SNELL into a
+    tied or parametrized weight; peft's LoRA and DoRA into a grouped conv, which peft does not merge)."""
+    if config.method in SNELL_METHODS:
+        try:
+            check_merge_targets(model, snell.snell_layers(model))
+        except ValueError as err:
+            raise UserError(f"--merge: {err}") from None
+    elif config.method in ("lora", "dora"):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in model.named_modules():
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else None
+            if isinstance(base, nn.Conv2d) and base.groups > 1:
+                raise UserError(
+                    f"--merge: peft cannot merge {config.method} into {name.removeprefix('base_model.model.')!r}, "
+                    f"a conv with {base.groups} groups; train without --merge (the adapter is saved), or leave "
+                    "grouped convs out with --exclude-modules"
+                )
 
 
 def set_train_mode(model: nn.Module) -> None:
@@ -238,6 +261,7 @@ def load_trained(backbone: Backbone, config: TrainConfig, directory: Path) -> nn
 
 def merge_trained(model: nn.Module, config: TrainConfig) -> nn.Module:
     """The plain backbone class with the update folded into its weights (inference costs the base model)."""
+    check_merge_possible(model, config)  # `snell merge` of a run trained without --merge: one line, not a traceback
     if config.method in SNELL_METHODS:
         return snell.merge_and_unload(model)
     if config.method in ("lora", "dora"):
