@@ -74,6 +74,14 @@ def _llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _roberta() -> nn.Module:
+    config = transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=16, num_labels=3, pad_token_id=1,
+    )  # fmt: skip
+    return transformers.RobertaForSequenceClassification(config)
+
+
 def _opt() -> nn.Module:
     config = transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=24, ffn_dim=48, num_hidden_layers=1, num_attention_heads=2,
@@ -869,3 +877,23 @@ def test_the_default_targets_through_peft_are_the_cores_on_a_family_no_preset_na
     model.save_pretrained(tmp_path)
     reloaded = peft.PeftModel.from_pretrained(_opt(), tmp_path)
     assert [n for n, m in reloaded.base_model.model.named_modules() if isinstance(m, SnellPeftLayer)] == wrapped
+
+
+def test_a_classifier_module_kept_by_seq_cls_unloads_and_merges():
+    """RoBERTa's classifier (as ELECTRA's, MPNet's, XLM-R's) is a module with dense and out_proj, not a Linear; peft's
+    generic replacement copied a `weight` it does not have onto it, so merge_and_unload and unload failed. Both now
+    give back the trained head. In float32 the merged model computes the adapted one's outputs up to the rounding of
+    W0 + ΔWˢ (a few ulps of outputs of order 0.1)."""
+    torch.manual_seed(0)
+    inputs = _tokens()
+    for unload in ("merge_and_unload", "unload"):
+        model = peft.get_peft_model(_roberta().eval(), SnellPeftConfig(r=4, sparsity=0.5, task_type="SEQ_CLS"))
+        _train(model, inputs)
+        with torch.no_grad():
+            adapted = _output(model, inputs)
+            trained_head = model.base_model.model.classifier.modules_to_save["default"].out_proj.weight.clone()
+            plain = getattr(model, unload)()
+            assert type(plain.classifier).__name__ == "RobertaClassificationHead"
+            assert torch.equal(plain.classifier.out_proj.weight, trained_head)
+            if unload == "merge_and_unload":
+                torch.testing.assert_close(_output(plain, inputs), adapted, rtol=0, atol=1e-5)

@@ -6,6 +6,7 @@ from typing import Any
 
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from snell.integrations.peft.config import SnellPeftConfig
@@ -51,6 +52,16 @@ class SnellPeftModel(BaseTuner):
         super()._check_merge_allowed()
         layers = [(n, m.get_base_layer()) for n, m in self.model.named_modules() if isinstance(m, SnellPeftLayer)]
         check_merge_targets(self.model, layers)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Unloading a ``modules_to_save`` head gives back the head itself, onto which peft's generic replacement
+        copies the wrapper's ``weight``: a head with none of its own (RoBERTa's, ELECTRA's, MPNet's classifier is a
+        module with ``dense`` and ``out_proj``) failed ``merge_and_unload`` and ``unload``. LoRA's model does no such
+        copy; SNELL layers wrap their base layer, so a head only needs to be put back."""
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """peft's unload (and merge), then the attention switches that injection set turned back
