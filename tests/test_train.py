@@ -551,3 +551,24 @@ def test_the_cls_token_trains_by_default_and_a_lora_run_saves_it(method: str, tm
     loaded = load_trained(build_backbone(config, num_classes=3), config, tmp_path)
     (token,) = [p for n, p in loaded.named_parameters() if n.endswith("cls_token")]
     assert torch.equal(token, torch.full_like(token, 0.125))
+
+
+def test_a_merged_timm_model_with_a_module_under_two_names_saves_and_loads_back(tmp_path: Path) -> None:
+    """CoaT registers its MLPs and position encodings under several names, so its state dict holds one tensor under
+    several keys, and safetensors refused to write the merged model (after the whole run). Each key now gets its own
+    copy, and a fresh model of the same kind loads the file strictly and computes the same outputs."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        net.append(net[0])  # the first layer again, under a second name
+        return net
+
+    trained = model()
+    with torch.no_grad():
+        trained[0].weight.add_(1.0)
+    snell.train.methods.save_merged(trained, argparse.Namespace(kind="timm"), tmp_path)  # what it reads of a Backbone
+    fresh = model()
+    fresh.load_state_dict(safetensors.torch.load_file(str(tmp_path / "model.safetensors")), strict=True)
+    x = torch.randn(3, 4)
+    assert torch.equal(fresh(x), trained(x))

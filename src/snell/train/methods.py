@@ -276,6 +276,13 @@ def save_merged(model: nn.Module, backbone: Backbone, directory: Path) -> Path:
         model.save_pretrained(str(directory), safe_serialization=True)
         backbone.tokenizer.save_pretrained(str(directory))
     else:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # A module registered under several names (CoaT shares MLPs and position encodings) puts one tensor under
+        # several keys; safetensors refuses shared memory, and each key must load back alone: each gets its copy.
+        state, storages = {}, set()
+        for key, value in model.state_dict().items():
+            value = value.detach().cpu().contiguous()
+            storage = value.untyped_storage().data_ptr()
+            state[key] = value.clone() if storage in storages else value
+            storages.add(storage)
         save_file(state, str(directory / MERGED_FILE))
     return directory
