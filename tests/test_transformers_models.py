@@ -303,3 +303,18 @@ def test_longformer_trains_through_its_in_place_query_scaling() -> None:
     out.sum().backward()
     assert all(layer.A.grad.abs().sum() > 0 for layer in layer0.values())
     torch.testing.assert_close(snell.merge_and_unload(model)(input_ids=ids).logits, out.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_mamba_mixer_adapts_its_input_projection_and_refuses_the_layers_it_reads_by_weight() -> None:
+    """Mamba multiplies by dt_proj.weight itself, and its fused kernels take x_proj's and out_proj's weights: adapters
+    there never acted (no gradient) while merging them changed the outputs. The default leaves them out; naming one
+    is refused before anything changes."""
+    config = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, state_size=8)
+    torch.manual_seed(0)
+    model = _tiny("MambaConfig", "MambaForCausalLM", **config)
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
+    assert [n for n, _ in snell.snell_layers(model)] == [f"backbone.layers.{i}.mixer.in_proj" for i in range(2)]
+    explicit = _tiny("MambaConfig", "MambaForCausalLM", **config)
+    with pytest.raises(TypeError, match=r"'backbone\.layers\.0\.mixer\.dt_proj' belongs to a MambaMixer, which reads"):
+        snell.get_snell_model(explicit, snell.SnellConfig(r=4, target_modules=["dt_proj"]))
+    assert not any(True for _ in snell.snell_layers(explicit))

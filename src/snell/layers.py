@@ -64,7 +64,8 @@ def takes_adapter(module: nn.Module, parent: nn.Module) -> bool:
     op = describe_support(module)
     if op is None or (op in _BASES and _own_forward(module, _BASES[op]) is not None):
         return False
-    if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+    child = next((n for n, c in parent.named_children() if c is module), "")
+    if _weight_read_by(parent, child):
         return False
     if op != "conv2d":
         return True
@@ -74,11 +75,26 @@ def takes_adapter(module: nn.Module, parent: nn.Module) -> bool:
     )
 
 
+# A Mamba mixer (the selective-scan SSM of Mamba, Mamba-2 and their hybrids: the module holding the parameters
+# ``A_log`` and ``D``; gated-delta-rule layers have A_log without D and call their projections) hands these layers'
+# weights to its fused kernels, and Mamba's and Jamba's own paths multiply by dt_proj.weight on every device.
+_SSM_WEIGHTS_READ = ("x_proj", "dt_proj", "out_proj")
+
+
+def _weight_read_by(parent: nn.Module, child: str) -> bool:
+    """Whether ``parent`` may compute with its child ``child``'s weight without calling the child's forward."""
+    if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+        return True
+    selective_scan = all(isinstance(getattr(parent, p, None), nn.Parameter) for p in ("A_log", "D"))
+    return selective_scan and child in _SSM_WEIGHTS_READ
+
+
 def check_forward_called(name: str, parent: nn.Module) -> None:
     """TypeError when module ``name``'s parent does not call its forward: nn.MultiheadAttention reads out_proj's weight
-    itself, and nn.TransformerEncoderLayer's inference fast path reads linear1's and linear2's, so an adapter there
-    would never act, or act in training and not in eval."""
-    if isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+    itself, nn.TransformerEncoderLayer's inference fast path reads linear1's and linear2's, and a Mamba mixer passes
+    x_proj's, dt_proj's and out_proj's to its kernels, so an adapter there would never act, or act in training and not
+    in eval (or on the CPU and not on a GPU), while merging it would change the outputs."""
+    if _weight_read_by(parent, name.rpartition(".")[2]):
         raise TypeError(
             f"module {name!r} belongs to a {type(parent).__name__}, which reads its weight without calling its "
             "forward: it cannot take a SNELL adapter"
