@@ -58,21 +58,37 @@ def describe_support(module: nn.Module) -> str | None:
     return None
 
 
-def takes_adapter(module: nn.Module, parent: nn.Module) -> bool:
-    """Whether :func:`build_spec` accepts ``module``'s layer as such (its type, forward, parent and padding), whatever
-    the config: the presets' block rule adapts only such layers, so that a default never names one it refuses."""
+def takes_adapter(name: str, module: nn.Module, parent: nn.Module) -> bool:
+    """Whether ``module`` (``name``, a child of ``parent``) is a layer that :func:`build_spec` and
+    :func:`check_forward_called` accept whatever the config: the presets' block rule adapts only such layers, so that
+    a default never names one they refuse."""
+    return _refusal(name, module) is None and not _weight_read_by(parent, name.rpartition(".")[2])
+
+
+def _refusal(name: str, module: nn.Module) -> Exception | None:
+    """The error :func:`build_spec` raises for ``module``'s layer itself (its type, its forward, a conv's padding),
+    whatever the config; None when it takes an adapter."""
     op = describe_support(module)
-    if op is None or (op in _BASES and _own_forward(module, _BASES[op]) is not None):
-        return False
-    child = next((n for n, c in parent.named_children() if c is module), "")
-    if _weight_read_by(parent, child):
-        return False
+    base = _BASES.get(op)
+    owner = _own_forward(module, base) if base is not None else None
+    if owner is not None:
+        return TypeError(
+            f"module {name!r} is a {type(module).__name__}, whose {owner.__name__}.forward does more than "
+            f"{base.__name__}'s (SNELL replaces the forward and would drop it): it cannot take a SNELL adapter"
+        )
+    if op is None:
+        return TypeError(
+            f"module {name!r} of type {type(module).__name__} cannot take a SNELL adapter; supported: "
+            "nn.Linear, nn.Conv2d, transformers Conv1D"
+        )
     if op != "conv2d":
-        return True
+        return None
+    if module.padding_mode != "zeros":
+        return ValueError(f"conv {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
     padding = module.padding
-    return module.padding_mode == "zeros" and (
-        not isinstance(padding, str) or padding == "valid" or module.kernel_size == (1, 1)
-    )
+    if isinstance(padding, str) and padding != "valid" and module.kernel_size != (1, 1):
+        return ValueError(f"conv {name!r} uses padding={padding!r}; give explicit integer padding")
+    return None
 
 
 # A Mamba mixer (the selective-scan SSM of Mamba, Mamba-2 and their hybrids: the module holding the parameters
@@ -151,30 +167,15 @@ def build_spec(
     """Describe how ``module`` (a child of ``parent``) is adapted; raises TypeError/ValueError before anything is
     changed. ``groups`` is the grouping an adapter file records for the layer (files from before Phi-3's gate_up_proj
     and grouped-query qkv_proj were grouped as they are now keep theirs); None: this version's rule."""
+    refusal = _refusal(name, module)
+    if refusal is not None:
+        raise refusal
     op = describe_support(module)
-    base = _BASES.get(op)
-    owner = _own_forward(module, base) if base is not None else None
-    if owner is not None:
-        raise TypeError(
-            f"module {name!r} is a {type(module).__name__}, whose {owner.__name__}.forward does more than "
-            f"{base.__name__}'s (SNELL replaces the forward and would drop it): it cannot take a SNELL adapter"
-        )
-    if op is None:
-        raise TypeError(
-            f"module {name!r} of type {type(module).__name__} cannot take a SNELL adapter; supported: "
-            "nn.Linear, nn.Conv2d, transformers Conv1D"
-        )
     weight_shape = tuple(module.weight.shape)
     conv = {}
     if op == "conv2d":
-        if module.padding_mode != "zeros":
-            raise ValueError(f"conv {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
-        padding = module.padding
-        if isinstance(padding, str):
-            if padding == "valid" or module.kernel_size == (1, 1):
-                padding = (0, 0)
-            else:
-                raise ValueError(f"conv {name!r} uses padding={padding!r}; give explicit integer padding")
+        # a string here is "valid", or "same" on a 1x1 kernel (_refusal): both pad nothing
+        padding = (0, 0) if isinstance(module.padding, str) else module.padding
         conv = dict(
             stride=tuple(module.stride),
             padding=tuple(padding),

@@ -62,15 +62,15 @@ def detect_preset(model: nn.Module) -> Preset:
         if not any(key in cls for cls in class_names for key in preset.class_keywords):
             continue
         matched = [name for name in modules if name and preset.matches(name)]
-        if matched and all(takes_adapter(modules[n], modules[n.rpartition(".")[0]]) for n in matched):
+        if matched and all(takes_adapter(n, modules[n], modules[n.rpartition(".")[0]]) for n in matched):
             return preset
     return block_preset(model)
 
 
-def _block_layer(module: nn.Module, parent: nn.Module) -> bool:
+def _block_layer(name: str, module: nn.Module, parent: nn.Module) -> bool:
     """A layer the block rule adapts: one SNELL takes, and not a depthwise conv (a k×k matrix per channel, which
     the reference code's CNN presets never adapt)."""
-    if not takes_adapter(module, parent):
+    if not takes_adapter(name, module, parent):
         return False
     return not (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels)
 
@@ -94,14 +94,15 @@ def block_preset(model: nn.Module) -> Preset:
             key
             for key, entry in module.named_children()
             if any(
-                _block_layer(sub, entry.get_submodule(n.rpartition(".")[0])) for n, sub in entry.named_modules() if n
+                _block_layer(n, sub, entry.get_submodule(n.rpartition(".")[0])) for n, sub in entry.named_modules() if n
             )
         ]
         if entries:
             blocks[name] = entries
             inside.extend(f"{prefix}{key}." for key in entries)
+    in_blocks = tuple(inside)
     layers = [
-        n for n, m in modules.items() if n.startswith(tuple(inside)) and _block_layer(m, modules[n.rpartition(".")[0]])
+        n for n, m in modules.items() if n.startswith(in_blocks) and _block_layer(n, m, modules[n.rpartition(".")[0]])
     ]
     if not layers:
         raise ValueError(
