@@ -108,12 +108,12 @@ def apply_method(backbone: Backbone, config: TrainConfig) -> nn.Module:
         modules = dict(model.named_modules())
         for target in targets:  # BEiT/EVA/Swin V2 attention must call its qkv, or LoRA's adapter there never acts
             call_through_forward(target, modules[target.rpartition(".")[0]])
-            groups = getattr(modules[target], "groups", 1)
-            if isinstance(modules[target], nn.Conv2d) and config.r % groups:  # peft refuses it with a traceback
+            layer = modules[target]
+            if isinstance(layer, nn.Conv2d) and config.r % layer.groups:  # peft refuses it with a traceback
                 raise UserError(
-                    f"{config.method} cannot adapt {target!r}, a conv with {groups} groups, at --rank {config.r}: peft "
-                    f"needs a rank divisible by a conv's groups; give a multiple of {groups}, or leave such convs out "
-                    "with --exclude-modules"
+                    f"{config.method} cannot adapt {target!r}, a conv with {layer.groups} groups, at --rank "
+                    f"{config.r}: peft needs a rank divisible by a conv's groups; give a multiple of {layer.groups}, "
+                    "or leave such convs out with --exclude-modules"
                 )
         model = get_peft_model(model, _peft_config(config, targets, heads))
     elif config.method == "full":
