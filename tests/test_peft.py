@@ -622,6 +622,33 @@ def test_layers_report_in_and_out_features_as_lora_layers_do(case):
         assert (model.base_model.model.conv.in_features, model.base_model.model.conv.out_features) == (3, 8)
 
 
+class EvenKernelDownsample(nn.Module):
+    """DaViT's downsampling: it reads its conv's kernel size in the forward to pad for an even kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.head = nn.Linear(8 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k_h, k_w = self.conv.kernel_size
+        x = nn.functional.pad(x, (0, -x.shape[-1] % k_w, 0, -x.shape[-2] % k_h))
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_a_model_reading_its_layers_geometry_runs_and_other_names_stay_the_wrapped_modules():
+    model = peft.get_peft_model(EvenKernelDownsample(), SnellPeftConfig(r=4, target_modules=["conv"]))
+    conv = model.base_model.model.conv
+    assert isinstance(conv, SnellPeftLayer)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    assert conv.snell_B["default"].grad is not None
+    assert (conv.kernel_size, conv.stride, conv.groups) == ((2, 2), (2, 2), 1)
+    conv.get_base_layer().hook_state = "the wrapped conv's own"
+    assert not hasattr(conv, "hook_state")
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        conv.no_such_attribute  # noqa: B018
+
+
 def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_touches_no_weight():
     torch.manual_seed(0)
     model = peft.get_peft_model(MLP().eval(), SnellPeftConfig(r=4, sparsity=0.0, target_modules=["lin0"]))

@@ -22,6 +22,12 @@ from snell.layers import (
 )
 from snell.spec import SnellSpec
 
+# What a model may read off a Linear / Conv2d / Conv1D it calls (``in_features``/``out_features`` are set in __init__).
+_LAYER_GEOMETRY = frozenset(
+    {"kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"}
+    | {"nf", "nx"}  # Conv1D's
+)
+
 
 class SnellPeftLayer(nn.Module, BaseTunerLayer):
     """peft's wrapper around one adapted Linear / Conv2d / Conv1D: factors per adapter name, the core's math."""
@@ -162,6 +168,17 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
             y = adapted_forward(x, weight, bias, *factors, self.snell_specs[name], *dropout)
             out = y if out is None else out + y
         return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Models read their layers' geometry (DaViT's downsampling reads `conv.kernel_size`); the core's class swap
+        # keeps those attributes, a wrapper must forward them. Only these: forwarding every name would also answer
+        # for hooks and flags that belong to the wrapped module alone (accelerate's `_hf_hook`, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _LAYER_GEOMETRY:
+                raise
+        return getattr(self.get_base_layer(), name)
 
     def __repr__(self) -> str:
         return "snell." + super().__repr__()
