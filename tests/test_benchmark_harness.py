@@ -162,6 +162,35 @@ def test_measure_takes_the_timed_row_with_the_memory_workers_peak_and_fails_with
         assert row is None and f"{kind} failed" in status and [k for k, _ in calls] == started
 
 
+def _fake_step_workers(
+    monkeypatch: pytest.MonkeyPatch,
+    steps: dict[str, list[float]],
+    memory_peaks: dict[str, float],
+    failing: set[tuple[str, int]],
+) -> list[tuple[str, str]]:
+    """Fake workers for drive_in_turns: a method's round n takes steps[method][n - 1] s, or fails where (method, n)
+    is in ``failing``. A timed worker reports a 999 MB peak, measure (round 1) the memory worker's
+    memory_peaks[method]. Returns the log of (worker, method), in call order."""
+    log: list[tuple[str, str]] = []
+
+    def worker(kind: str, args: list[str]) -> tuple[dict | None, str]:
+        method = _method_of(args)
+        log.append((kind, method))
+        round_no = sum(1 for _, m in log if m == method)
+        if (method, round_no) in failing:
+            return None, "failed (exit 1): boom"
+        step = steps[method][round_no - 1]
+        return {"step_s": step, "step_times": [step], "peak_mb": 999.0}, "ok"
+
+    def measure(module: str, args: list[str], *rest: object) -> tuple[dict | None, str]:
+        row, status = worker("measure", args)
+        return (None, status) if row is None else ({**row, "peak_mb": memory_peaks[_method_of(args)]}, status)
+
+    monkeypatch.setattr(in_turns, "measure", measure)
+    monkeypatch.setattr(run, "run_worker", lambda module, args, *rest: worker("timed", args))
+    return log
+
+
 def test_rounds_in_turns_measure_the_first_round_only_and_judge_complete_rounds_only(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -171,26 +200,10 @@ def test_rounds_in_turns_measure_the_first_round_only_and_judge_complete_rounds_
     (its rounds are not all there); with every round there, the verdict is on the median of the per-round ratios
     (1.5, 1.25, 1.5: 1.5, where their mean would be 1.417)."""
     steps = {"lora8": [2.0, 4.0, 4.0], "snell8": [3.0, 5.0, 6.0]}
-    log: list[tuple[str, str]] = []
-    failing: set[tuple[str, int]] = set()
-
-    def worker(kind: str, args: list[str], peak: float) -> tuple[dict | None, str]:
-        method = _method_of(args)
-        log.append((kind, method))
-        round_no = sum(1 for _, m in log if m == method)
-        if (method, round_no) in failing:
-            return None, "failed (exit 1): boom"
-        step = steps[method][round_no - 1]
-        return {"step_s": step, "step_times": [step], "peak_mb": peak}, "ok"
-
-    def measure(module: str, args: list[str], *rest: object) -> tuple[dict | None, str]:
-        return worker("measure", args, {"lora8": 100.0, "snell8": 80.0}[_method_of(args)])  # the memory workers'
-
-    monkeypatch.setattr(in_turns, "measure", measure)
-    monkeypatch.setattr(run, "run_worker", lambda module, args, *rest: worker("timed", args, 999.0))
+    peaks = {"lora8": 100.0, "snell8": 80.0}
     target = in_turns.RatioTarget("snell8", "lora8", step_limit=1.6, peak_limit=1.0)
 
-    failing.add(("lora8", 2))
+    log = _fake_step_workers(monkeypatch, steps, peaks, {("lora8", 2)})
     rows = in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 3, [target])
     assert log == [
         ("measure", "lora8"),
@@ -206,11 +219,37 @@ def test_rounds_in_turns_measure_the_first_round_only_and_judge_complete_rounds_
     ]
     assert "snell8 / lora8" not in capsys.readouterr().out
 
-    failing.clear()
-    log.clear()
+    _fake_step_workers(monkeypatch, steps, peaks, set())
     in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 3, [target])
     verdict = "snell8 / lora8: step 1.500 (target <= 1.6: PASS), peak 0.800 (target <= 1.0: PASS)"
     assert verdict in capsys.readouterr().out
+
+
+def test_rounds_in_turns_pair_steps_of_the_same_round_and_peaks_of_the_memory_worker(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed worker leaves a hole in its round, not a shift: LoRA-8 failing round 2 and SNELL-8 round 3 must not
+    pair SNELL-8's round 2 with LoRA-8's round 3 (the drift the turns cancel), so no verdict. A method whose first
+    round failed has no peak: the timed workers' runs under the pinned allocator are not the memory worker's. A
+    peak of 0 MB gives no ratio rather than a ZeroDivisionError that loses the whole run."""
+    steps = {"lora8": [2.0, 4.0, 6.0], "snell8": [3.0, 6.0, 9.0]}  # the machine slows down, round by round
+    target = in_turns.RatioTarget("snell8", "lora8", step_limit=1.4, peak_limit=0.85)
+    peaks = {"lora8": 100.0, "snell8": 80.0}
+
+    _fake_step_workers(monkeypatch, steps, peaks, {("lora8", 2), ("snell8", 3)})
+    rows = in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 3, [target])
+    assert [row["round_steps"] for row in rows] == [[2.0, None, 6.0], [3.0, 6.0, None]]
+    assert [row["step_s"] for row in rows] == [4.0, 4.5] and [row["peak_mb"] for row in rows] == [100.0, 80.0]
+    assert "snell8 / lora8" not in capsys.readouterr().out
+
+    _fake_step_workers(monkeypatch, steps, peaks, {("lora8", 1)})
+    rows = in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 2, [target])
+    assert {row["round_steps"][1]: row["peak_mb"] for row in rows} == {4.0: None, 6.0: 80.0}  # lora8's is None
+    assert "   lora8: step 4.00 s, peak above the loaded model not measured" in capsys.readouterr().out
+
+    _fake_step_workers(monkeypatch, steps, {"lora8": 0.0, "snell8": 0.0}, set())
+    in_turns.drive_in_turns("m", "setting", ["lora8", "snell8"], [], 1, 1, 60.0, 1, [target])
+    assert "snell8 / lora8: step 1.500 (target <= 1.4: MISS), peak n/a" in capsys.readouterr().out
 
 
 def test_a_target_at_its_limit_passes_and_numbers_keep_their_sign() -> None:
