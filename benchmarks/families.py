@@ -6,14 +6,17 @@ config shrunk to 2 layers of width 64, listed as not built when it does not buil
 above ``--max-params``) is adapted with ``target_modules=None``, B scaled by 3 so that ΔW shows, and run forward
 and backward on random inputs. A row records the default's rule, the layers adapted, the adapters without a
 gradient where the plain model's weight gets one ("idle": an adapter that never acts), and the largest change of
-the outputs by merging, relative to their largest magnitude. Rerun it after a timm or transformers upgrade: a new
-family that the default misses or cannot merge shows up here first.
+the outputs by merging, relative to their largest magnitude. With ``--route peft`` the same happens through
+``peft.get_peft_model`` with ``SnellPeftConfig(target_modules=None)``, and a row also says whether peft's wrappers
+sit on exactly the layers the core adapts. Rerun it after a timm, transformers or peft upgrade: a new family that
+the default misses or cannot merge shows up here first.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import sys
@@ -28,7 +31,7 @@ from torch import nn
 import snell
 from snell.presets import detect_preset
 
-FIELDS = ("library", "family", "model", "rule", "layers", "idle", "merge_error", "status")
+FIELDS = ("library", "family", "model", "rule", "layers", "idle", "merge_error", "targets", "status")
 _SMALL = dict(  # what the shrunk transformers configs set, where the config has the field
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     num_hidden_layers=2, n_layer=2, num_layers=2, n_embd=64, n_head=4, d_model=64, ffn_dim=128, n_inner=128,
@@ -46,41 +49,63 @@ def _layers_with_gradient(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-def check(name: str, model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> dict[str, object]:
-    """Adapt ``model`` with the default targets and check it as the module docstring says; ``run`` gives the output."""
+def _adapt_with_peft(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``model`` through ``peft.get_peft_model`` with the default targets, and each wrapper's A and B by the name of
+    the layer it wraps (the core's naming)."""
+    from peft import get_peft_model
+
+    from snell.integrations.peft import SnellPeftConfig, SnellPeftLayer
+
+    wrapped = get_peft_model(model, SnellPeftConfig(r=4, sparsity=0.5))
+    prefix = "base_model.model."
+    factors = {
+        layer_name.removeprefix(prefix): (layer.snell_A["default"], layer.snell_B["default"])
+        for layer_name, layer in wrapped.named_modules()
+        if isinstance(layer, SnellPeftLayer)
+    }
+    return wrapped, factors
+
+
+def check(
+    name: str, model: nn.Module, run: Callable[[nn.Module], torch.Tensor], route: str = "core"
+) -> dict[str, object]:
+    """Adapt ``model`` with the default targets through ``route`` ("core" or "peft") and check it as the module
+    docstring says; ``run`` gives the output."""
     run(model).float().sum().backward()
     acting = {n.removesuffix(".weight") for n in _layers_with_gradient(model)}
     model.zero_grad(set_to_none=True)
     model.train().eval()  # timm's LeViT-like attention caches its biases in eval, with this backward's graph in them
+    core_model = copy.deepcopy(model) if route == "peft" else model
     try:
         rule = detect_preset(model).name
-        snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5))
+        snell.get_snell_model(core_model, snell.SnellConfig(r=4, sparsity=0.5))
     except (TypeError, ValueError) as err:
         return {"model": name, "status": f"refused: {str(err)[:80]}"}
-    layers = list(snell.snell_layers(model))
+    core_layers = [layer_name for layer_name, _ in snell.snell_layers(core_model)]
+    row: dict[str, object] = {"model": name, "rule": rule, "layers": len(core_layers)}
     try:
+        if route == "peft":
+            model, factors = _adapt_with_peft(model)
+            same = sorted(factors) == sorted(core_layers)
+            row["targets"] = "same" if same else f"differ: peft {len(factors)}, core {len(core_layers)}"
+        else:
+            factors = {layer_name: (layer.A, layer.B) for layer_name, layer in snell.snell_layers(model)}
         with torch.no_grad():
-            for _, layer in layers:
-                layer.B.mul_(3)
+            for _, b in factors.values():
+                b.mul_(3)
         out = run(model)
         out.float().sum().backward()
-        idle = [n for n, layer in layers if n in acting and (layer.A.grad is None or layer.A.grad.abs().sum() == 0)]
+        idle = [n for n, (a, _) in factors.items() if n in acting and (a.grad is None or a.grad.abs().sum() == 0)]
         with torch.no_grad():
-            merged = run(snell.merge_and_unload(model))
+            merged = run(model.merge_and_unload() if route == "peft" else snell.merge_and_unload(model))
     except Exception as err:  # a family that fails with SNELL is what this sweep looks for
-        return {
-            "model": name,
-            "rule": rule,
-            "layers": len(layers),
-            "status": f"FAILED: {type(err).__name__}: {err}"[:120],
-        }
+        return {**row, "status": f"FAILED: {type(err).__name__}: {err}"[:120]}
     error = ((merged - out.detach()).abs().max() / out.detach().abs().max().clamp_min(1e-12)).item()
-    status = "ok" if not idle and error < 1e-4 else "CHECK"
-    return {"model": name, "rule": rule, "layers": len(layers), "idle": len(idle), "merge_error": f"{error:.1e}",
-            "status": status}  # fmt: skip
+    status = "ok" if not idle and error < 1e-4 and row.get("targets", "same") == "same" else "CHECK"
+    return {**row, "idle": len(idle), "merge_error": f"{error:.1e}", "status": status}
 
 
-def timm_rows(max_params: float, only: set[str]) -> Iterator[dict[str, object]]:
+def timm_rows(max_params: float, only: set[str], route: str) -> Iterator[dict[str, object]]:
     import timm
     from timm.models import _registry
 
@@ -102,7 +127,7 @@ def timm_rows(max_params: float, only: set[str]) -> Iterator[dict[str, object]]:
         except TypeError:  # no zero_init_last: nothing of the residual branch starts at zero
             model = timm.create_model(name, num_classes=3).eval()
         x = torch.randn(1, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
-        yield {"library": "timm", "family": family, **check(name, model, lambda m, x=x: m(x))}
+        yield {"library": "timm", "family": family, **check(name, model, lambda m, x=x: m(x), route)}
 
 
 def _size_rank(name: str) -> int:
@@ -111,7 +136,7 @@ def _size_rank(name: str) -> int:
     return next((i for i, word in enumerate(words) if word in name), len(words))
 
 
-def transformers_rows(kind: str, max_params: float, only: set[str]) -> Iterator[dict[str, object]]:
+def transformers_rows(kind: str, max_params: float, only: set[str], route: str) -> Iterator[dict[str, object]]:
     import transformers
     from transformers.models.auto import modeling_auto
 
@@ -145,7 +170,7 @@ def transformers_rows(kind: str, max_params: float, only: set[str]) -> Iterator[
         except Exception as err:  # a config that does not shrink is this sweep's limit, not a finding
             yield {**row, "status": f"not built small: {type(err).__name__}"}
             continue
-        yield {**row, **check(type(model).__name__, model, lambda m: m(input_ids=ids).logits)}
+        yield {**row, **check(type(model).__name__, model, lambda m: m(input_ids=ids).logits, route)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["timm", "causal_lm", "classifier"])  # fmt: skip
     parser.add_argument("--only", nargs="+", default=[], help="family names (timm modules, transformers types)")
     parser.add_argument("--max-params", type=float, default=40e6, help="models above this are skipped")
+    parser.add_argument("--route", choices=["core", "peft"], default="core",
+                        help="adapt through snell.get_snell_model or through peft.get_peft_model")  # fmt: skip
     parser.add_argument("--out", type=Path, help="CSV file for the rows")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -162,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for library in args.libraries:
         if library == "timm":
-            source = timm_rows(args.max_params, only)
+            source = timm_rows(args.max_params, only, args.route)
         else:
-            source = transformers_rows(library, args.max_params, only)
+            source = transformers_rows(library, args.max_params, only, args.route)
         for row in source:
             rows.append(row)
             print(" ".join(f"{key}={row[key]}" for key in FIELDS if key in row), flush=True)

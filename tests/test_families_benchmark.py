@@ -40,6 +40,23 @@ def test_an_adapter_that_never_acts_is_flagged_and_a_working_one_is_not():
     assert float(bad["merge_error"]) > 1e-3
 
 
+def test_through_peft_the_same_checks_run_and_the_targets_are_compared_with_the_cores(monkeypatch):
+    x = torch.randn(3, 6)
+    good = families.check("good", _model(False), lambda m: m(x), route="peft")
+    assert (good["status"], good["targets"], good["layers"], good["idle"]) == ("ok", "same", 2, 0)
+    bad = families.check("bad", _model(True), lambda m: m(x), route="peft")
+    assert bad["status"] == "CHECK" and bad["idle"] == 1 and float(bad["merge_error"]) > 1e-3
+
+    def adapt_one_layer(model):  # peft wrapping fewer layers than the core adapts
+        wrapped, factors = adapt(model)
+        return wrapped, dict(list(factors.items())[:1])
+
+    adapt = families._adapt_with_peft
+    monkeypatch.setattr(families, "_adapt_with_peft", adapt_one_layer)
+    fewer = families.check("fewer", _model(False), lambda m: m(x), route="peft")
+    assert (fewer["status"], fewer["targets"]) == ("CHECK", "differ: peft 1, core 2")
+
+
 def test_a_timm_and_a_transformers_family_run_end_to_end(tmp_path: Path):
     out = tmp_path / "rows.csv"
     argv = ["--libraries", "timm", "classifier", "--only", "resnest", "longformer", "--out", str(out)]
@@ -48,4 +65,10 @@ def test_a_timm_and_a_transformers_family_run_end_to_end(tmp_path: Path):
     assert [(r["library"], r["family"], r["rule"], r["status"]) for r in rows] == [
         ("timm", "resnest", "blocks", "ok"),
         ("transformers classifier", "longformer", "blocks", "ok"),
+    ]
+    assert families.main([*argv, "--route", "peft"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["family"], r["targets"], r["status"]) for r in rows] == [
+        ("resnest", "same", "ok"),
+        ("longformer", "same", "ok"),
     ]
