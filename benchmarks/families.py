@@ -5,8 +5,9 @@ For each family, the smallest model (timm: one per architecture module; transfor
 config shrunk to 2 layers of width 64, listed as not built when it does not build that small; either skipped
 above ``--max-params``) is adapted with ``target_modules=None``, B scaled by 3 so that ΔW shows, and run forward
 and backward on random inputs. A row records the default's rule, the layers adapted, the adapters without a
-gradient where the plain model's weight gets one ("idle": an adapter that never acts), and the largest change of
-the outputs by merging, relative to their largest magnitude. With ``--route peft`` the same happens through
+gradient where the plain model's weight gets one ("idle": an adapter that never acts), whether the adapter saved and
+loaded into a fresh copy of the model gives the same outputs bit for bit ("reload"), and the largest change of the
+outputs by merging, relative to their largest magnitude. With ``--route peft`` the same happens through
 ``peft.get_peft_model`` with ``SnellPeftConfig(target_modules=None)``, and a row also says whether peft's wrappers
 sit on exactly the layers the core adapts. Rerun it after a timm, transformers or peft upgrade: a new family that
 the default misses or cannot merge shows up here first.
@@ -20,6 +21,7 @@ import copy
 import csv
 import io
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,7 +33,7 @@ from torch import nn
 import snell
 from snell.presets import detect_preset
 
-FIELDS = ("library", "family", "model", "rule", "layers", "idle", "merge_error", "targets", "status")
+FIELDS = ("library", "family", "model", "rule", "layers", "idle", "reload", "merge_error", "targets", "status")
 _SMALL = dict(  # what the shrunk transformers configs set, where the config has the field
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
     num_hidden_layers=2, n_layer=2, num_layers=2, n_embd=64, n_head=4, d_model=64, ffn_dim=128, n_inner=128,
@@ -66,6 +68,18 @@ def _adapt_with_peft(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch
     return wrapped, factors
 
 
+def _reload(adapted: nn.Module, plain: nn.Module, route: str) -> nn.Module:
+    """``adapted``'s adapter saved as ``route`` saves it, loaded into ``plain`` (an untouched copy of the base)."""
+    with tempfile.TemporaryDirectory() as folder:
+        if route == "peft":
+            from peft import PeftModel
+
+            adapted.save_pretrained(folder)
+            return PeftModel.from_pretrained(plain, folder).eval()
+        snell.save_adapter(adapted, folder)
+        return snell.load_adapter(plain, folder).eval()
+
+
 def check(
     name: str, model: nn.Module, run: Callable[[nn.Module], torch.Tensor], route: str = "core"
 ) -> dict[str, object]:
@@ -76,6 +90,7 @@ def check(
     model.zero_grad(set_to_none=True)
     model.train().eval()  # timm's LeViT-like attention caches its biases in eval, with this backward's graph in them
     core_model = copy.deepcopy(model) if route == "peft" else model
+    plain = copy.deepcopy(model)
     try:
         rule = detect_preset(model).name
         snell.get_snell_model(core_model, snell.SnellConfig(r=4, sparsity=0.5))
@@ -96,12 +111,16 @@ def check(
         out = run(model)
         out.float().sum().backward()
         idle = [n for n, (a, _) in factors.items() if n in acting and (a.grad is None or a.grad.abs().sum() == 0)]
+        with torch.no_grad():  # the same arithmetic on the same weights in this process: equal bit for bit
+            expected, reloaded = run(model), run(_reload(model, plain, route))
+        row["reload"] = "exact" if torch.equal(expected, reloaded) else f"{(expected - reloaded).abs().max():.1e}"
         with torch.no_grad():
             merged = run(model.merge_and_unload() if route == "peft" else snell.merge_and_unload(model))
     except Exception as err:  # a family that fails with SNELL is what this sweep looks for
         return {**row, "status": f"FAILED: {type(err).__name__}: {err}"[:120]}
     error = ((merged - out.detach()).abs().max() / out.detach().abs().max().clamp_min(1e-12)).item()
-    status = "ok" if not idle and error < 1e-4 and row.get("targets", "same") == "same" else "CHECK"
+    fine = not idle and error < 1e-4 and row["reload"] == "exact" and row.get("targets", "same") == "same"
+    status = "ok" if fine else "CHECK"
     return {**row, "idle": len(idle), "merge_error": f"{error:.1e}", "status": status}
 
 

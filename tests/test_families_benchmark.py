@@ -34,16 +34,36 @@ def _model(reads_weight: bool) -> nn.Module:
 def test_an_adapter_that_never_acts_is_flagged_and_a_working_one_is_not():
     x = torch.randn(3, 6)
     good = families.check("good", _model(False), lambda m: m(x))
-    assert good["status"] == "ok" and good["rule"] == "blocks" and good["layers"] == 2 and good["idle"] == 0
+    assert (good["status"], good["rule"], good["layers"], good["idle"], good["reload"]) == (
+        "ok",
+        "blocks",
+        2,
+        0,
+        "exact",
+    )
     bad = families.check("bad", _model(True), lambda m: m(x))
     assert bad["status"] == "CHECK" and bad["idle"] == 1  # and merging moves the outputs, which it must not
     assert float(bad["merge_error"]) > 1e-3
 
 
+def test_an_adapter_that_does_not_reload_is_flagged(monkeypatch):
+    x = torch.randn(3, 6)
+    monkeypatch.setattr(families, "_reload", lambda adapted, plain, route: plain)  # as if nothing were loaded
+    for route in ("core", "peft"):
+        lost = families.check("lost", _model(False), lambda m: m(x), route)
+        assert lost["status"] == "CHECK" and float(lost["reload"]) > 0
+
+
 def test_through_peft_the_same_checks_run_and_the_targets_are_compared_with_the_cores(monkeypatch):
     x = torch.randn(3, 6)
     good = families.check("good", _model(False), lambda m: m(x), route="peft")
-    assert (good["status"], good["targets"], good["layers"], good["idle"]) == ("ok", "same", 2, 0)
+    assert (good["status"], good["targets"], good["layers"], good["idle"], good["reload"]) == (
+        "ok",
+        "same",
+        2,
+        0,
+        "exact",
+    )
     bad = families.check("bad", _model(True), lambda m: m(x), route="peft")
     assert bad["status"] == "CHECK" and bad["idle"] == 1 and float(bad["merge_error"]) > 1e-3
 
@@ -68,7 +88,7 @@ def test_a_timm_and_a_transformers_family_run_end_to_end(tmp_path: Path):
     ]
     assert families.main([*argv, "--route", "peft"]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert [(r["family"], r["targets"], r["status"]) for r in rows] == [
-        ("resnest", "same", "ok"),
-        ("longformer", "same", "ok"),
+    assert [(r["family"], r["targets"], r["reload"], r["status"]) for r in rows] == [
+        ("resnest", "same", "exact", "ok"),
+        ("longformer", "same", "exact", "ok"),
     ]
