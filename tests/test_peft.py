@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import snell
+from snell import sparsify
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -647,6 +648,29 @@ def test_a_model_reading_its_layers_geometry_runs_and_other_names_stay_the_wrapp
     assert not hasattr(conv, "hook_state")
     with pytest.raises(AttributeError, match="no_such_attribute"):
         conv.no_such_attribute  # noqa: B018
+
+
+def test_a_peft_model_compiles_into_one_graph_on_the_accelerator_path_geometry_read_included():
+    """What a GPU user's torch.compile meets: dynamo traces peft's wrappers (their attribute forwarding too) and
+    FusedSnell's forward and backward without a break. aot_eager runs the same aten ops as eager, unfused."""
+    model = peft.get_peft_model(
+        EvenKernelDownsample(), SnellPeftConfig(r=4, sparsity=0.5, target_modules=["conv", "head"])
+    )
+    x = torch.randn(2, 3, 5, 5)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    with sparsify.device_path_on_cpu():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        out.square().sum().backward()
+        compiled_grads = [p.grad.clone() for p in trained]
+        model.zero_grad()
+        expected = model(x)
+        expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for mine, theirs in zip(compiled_grads, [p.grad for p in trained], strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_touches_no_weight():
