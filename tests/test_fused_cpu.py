@@ -487,6 +487,42 @@ def test_the_compile_check_runs_every_kernel(monkeypatch):
     assert fused_cpu._compiles() and "merge_band" in names and ran == set(names)
 
 
+def test_a_compilation_of_this_module_is_announced_once_and_other_compilations_are_not(caplog):
+    # numba sends "numba:compile" only when it compiles; a function loaded from its cache sends nothing (a cold
+    # cache in a fresh process printed the line, a warm one did not: checked by hand, NUMBA_CACHE_DIR empty or not).
+    from numba import njit
+    from numba.core import event
+
+    from snell.compile_notice import CompileNotice
+
+    def plus_one(x):
+        return x + 1
+
+    def twice(x):
+        return 2 * x
+
+    twice.__module__ = "another.package"
+    notice = CompileNotice(__name__)
+    with event.install_listener("numba:compile", notice), caplog.at_level("WARNING", logger="snell"):
+        njit(twice)(1)
+        assert not caplog.records
+        njit(plus_one)(1)
+        njit(plus_one)(1.0)
+        njit(plus_one)(1j)
+    assert [record.getMessage()[:46] for record in caplog.records] == ["snell: compiling the fused CPU kernels with nu"]
+
+
+def test_the_compile_check_announces_compilations_of_the_kernels_once_per_process(monkeypatch):
+    import snell.compile_notice
+
+    announced = []
+    monkeypatch.setattr(snell.compile_notice, "announce_compiles", announced.append)
+    assert fused_cpu._compiles.__wrapped__() and announced == [kernels.__name__]
+    monkeypatch.undo()
+    first = snell.compile_notice.announce_compiles("a.module")
+    assert snell.compile_notice.announce_compiles("a.module") is first  # registered once, not once per call
+
+
 def test_starting_the_kernels_keeps_torchs_thread_count():
     # numba's OpenMP pool starts once per process and set the process's OpenMP thread count to its own, which torch
     # reads: a fresh process with a pool of two, one torch thread, then the check that starts the pool.

@@ -77,8 +77,12 @@ def _launch_threads() -> None:
 @functools.cache
 def _compiles() -> bool:
     """Start numba's threads, then compile (or load from numba's cache) every kernel on a tiny problem; False, with
-    one warning, if any fails. The bf16 variants are compiled on first use."""
+    one warning, if any fails. The bf16 variants are compiled on first use. A compilation is announced once
+    (:mod:`snell.compile_notice`)."""
     try:
+        from snell.compile_notice import announce_compiles  # it needs numba
+
+        announce_compiles(kernels.__name__)
         _launch_threads()
         # Its own generator: drawn from torch's default one, the check (run once per process, at the first fused
         # layer) shifted the first run's dropout masks against a later run in the same process with the same seed.
