@@ -525,6 +525,10 @@ def test_peft_type_behaves_as_a_peft_type_member_wherever_peft_reads_it(tmp_path
     assert str(config.peft_type) == "PeftType.SNELL" and str(peft.PeftType.LORA) == "PeftType.LORA"
     model = peft.get_peft_model(MLP(), config)
     assert model.get_model_status().peft_types == {"default": "SNELL"}
+    # trained factors beside frozen coefficients, as the README says; all trained with learnable coefficients
+    assert model.get_model_status().requires_grad == {"default": "irregular"}
+    learnable = SnellPeftConfig(r=4, target_modules=["lin0"], learnable_coefficients=True)
+    assert peft.get_peft_model(MLP(), learnable).get_model_status().requires_grad == {"default": True}
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["peft_type"] == "SNELL"  # a plain JSON string
     loaded = peft.PeftConfig.from_pretrained(tmp_path)
