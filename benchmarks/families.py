@@ -8,9 +8,10 @@ and backward on random inputs. A row records the default's rule, the layers adap
 gradient where the plain model's weight gets one ("idle": an adapter that never acts), whether the adapter saved and
 loaded into a fresh copy of the model gives the same outputs bit for bit ("reload"), and the largest change of the
 outputs by merging, relative to their largest magnitude. With ``--route peft`` the same happens through
-``peft.get_peft_model`` with ``SnellPeftConfig(target_modules=None)``, and a row also says whether peft's wrappers
-sit on exactly the layers the core adapts. Rerun it after a timm, transformers or peft upgrade: a new family that
-the default misses or cannot merge shows up here first.
+``peft.get_peft_model`` with ``SnellPeftConfig(target_modules=None)`` (transformers models with their task type:
+a classifier's head is then peft's ``modules_to_save``, which the save, the load and the merge handle too), and a
+row also says whether peft's wrappers sit on exactly the layers the core adapts. Rerun it after a timm,
+transformers or peft upgrade: a new family that the default misses or cannot merge shows up here first.
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ def _layers_with_gradient(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-def _adapt_with_peft(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def _adapt_with_peft(
+    model: nn.Module, task_type: str | None
+) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """``model`` through ``peft.get_peft_model`` with the default targets, and each wrapper's A and B by the name of
     the layer it wraps (the core's naming)."""
     from peft import get_peft_model
 
     from snell.integrations.peft import SnellPeftConfig, SnellPeftLayer
 
-    wrapped = get_peft_model(model, SnellPeftConfig(r=4, sparsity=0.5))
+    wrapped = get_peft_model(model, SnellPeftConfig(r=4, sparsity=0.5, task_type=task_type))
     prefix = "base_model.model."
     factors = {
         layer_name.removeprefix(prefix): (layer.snell_A["default"], layer.snell_B["default"])
@@ -81,10 +84,14 @@ def _reload(adapted: nn.Module, plain: nn.Module, route: str) -> nn.Module:
 
 
 def check(
-    name: str, model: nn.Module, run: Callable[[nn.Module], torch.Tensor], route: str = "core"
+    name: str,
+    model: nn.Module,
+    run: Callable[[nn.Module], torch.Tensor],
+    route: str = "core",
+    task_type: str | None = None,
 ) -> dict[str, object]:
-    """Adapt ``model`` with the default targets through ``route`` ("core" or "peft") and check it as the module
-    docstring says; ``run`` gives the output."""
+    """Adapt ``model`` with the default targets through ``route`` ("core" or "peft", with peft's ``task_type``) and
+    check it as the module docstring says; ``run`` gives the output."""
     run(model).float().sum().backward()
     acting = {n.removesuffix(".weight") for n in _layers_with_gradient(model)}
     model.zero_grad(set_to_none=True)
@@ -100,7 +107,7 @@ def check(
     row: dict[str, object] = {"model": name, "rule": rule, "layers": len(core_layers)}
     try:
         if route == "peft":
-            model, factors = _adapt_with_peft(model)
+            model, factors = _adapt_with_peft(model, task_type)
             same = sorted(factors) == sorted(core_layers)
             row["targets"] = "same" if same else f"differ: peft {len(factors)}, core {len(core_layers)}"
         else:
@@ -189,7 +196,8 @@ def transformers_rows(kind: str, max_params: float, only: set[str], route: str) 
         except Exception as err:  # a config that does not shrink is this sweep's limit, not a finding
             yield {**row, "status": f"not built small: {type(err).__name__}"}
             continue
-        yield {**row, **check(type(model).__name__, model, lambda m: m(input_ids=ids).logits, route)}
+        task_type = {"causal_lm": "CAUSAL_LM", "classifier": "SEQ_CLS"}[kind]
+        yield {**row, **check(type(model).__name__, model, lambda m: m(input_ids=ids).logits, route, task_type)}
 
 
 def main(argv: list[str] | None = None) -> int:

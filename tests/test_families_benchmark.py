@@ -67,8 +67,8 @@ def test_through_peft_the_same_checks_run_and_the_targets_are_compared_with_the_
     bad = families.check("bad", _model(True), lambda m: m(x), route="peft")
     assert bad["status"] == "CHECK" and bad["idle"] == 1 and float(bad["merge_error"]) > 1e-3
 
-    def adapt_one_layer(model):  # peft wrapping fewer layers than the core adapts
-        wrapped, factors = adapt(model)
+    def adapt_one_layer(model, task_type):  # peft wrapping fewer layers than the core adapts
+        wrapped, factors = adapt(model, task_type)
         return wrapped, dict(list(factors.items())[:1])
 
     adapt = families._adapt_with_peft
