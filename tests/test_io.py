@@ -296,3 +296,52 @@ def test_a_header_that_retypes_a_factor_is_refused_as_corrupt(tmp_path):
     with pytest.raises(ValueError, match="is corrupt"):
         snell.load_adapter(fresh, tmp_path)
     assert list(snell.snell_layers(fresh)) == []
+
+
+class _Distilled(nn.Module):
+    """A distilled classifier as timm declares one (DeiT, LeViT): two heads, averaged in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pretrained_cfg = {"classifier": ("head", "head_dist")}
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+        self.head, self.head_dist = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(x)
+        return (self.head(features) + self.head_dist(features)) / 2
+
+
+def test_both_heads_of_a_distilled_model_are_saved_and_an_adapter_holding_one_loads_with_a_warning(tmp_path):
+    torch.manual_seed(0)
+    model = snell.get_snell_model(
+        _Distilled(), snell.SnellConfig(r=2, target_modules=["blocks.0"], task_type="IMAGE_CLS")
+    )
+    with torch.no_grad():
+        for head in (model.head, model.head_dist):
+            head.weight.add_(1.0)
+    x = torch.randn(4, 8)
+    snell.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    loaded = snell.load_adapter(_Distilled(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    # a file saved when only the first head was trained and saved: it loads, and head_dist stays the model's own
+    metadata, tensors = _read(tmp_path / WEIGHTS_NAME)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("head_dist.")}
+    save_file(tensors, tmp_path / WEIGHTS_NAME, metadata={**metadata, "tensors_sha256": tensors_digest(tensors)})
+    torch.manual_seed(0)
+    fresh = _Distilled()
+    own = fresh.head_dist.weight.detach().clone()
+    with pytest.warns(UserWarning, match="holds no 'head_dist', a head of this _Distilled"):
+        snell.load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh.head.weight, model.head.weight) and torch.equal(fresh.head_dist.weight, own)
+
+    # only a distilled model's second head may be missing: a model's one head never is
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+    save_file(tensors, tmp_path / WEIGHTS_NAME, metadata={**metadata, "tensors_sha256": tensors_digest(tensors)})
+    single = _Distilled()
+    single.pretrained_cfg = {"classifier": "head"}
+    with pytest.raises(ValueError, match=r"head\.weight should have shape \(3, 8\) for this model, found None"):
+        snell.load_adapter(single, tmp_path)

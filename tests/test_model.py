@@ -627,13 +627,17 @@ def test_removing_the_adapters_turns_timms_qkv_switch_back(route: str, merge: bo
             assert torch.equal(plain(x), untouched)
 
 
-@pytest.mark.parametrize(("name", "head"), [("vit_tiny_patch16_224", "head"), ("convnext_atto", "head.fc"),
-                                            ("resnet18", "fc"), ("efficientnet_b0", "classifier")])  # fmt: skip
-def test_image_cls_task_type_trains_the_timm_head(name, head):
+@pytest.mark.parametrize(("name", "heads"), [("vit_tiny_patch16_224", {"head"}), ("convnext_atto", {"head.fc"}),
+                                             ("resnet18", {"fc"}), ("efficientnet_b0", {"classifier"}),
+                                             ("deit_tiny_distilled_patch16_224", {"head", "head_dist"})])  # fmt: skip
+def test_image_cls_task_type_trains_and_saves_the_timm_heads(name, heads):
+    """Both heads of a distilled model: in eval mode it averages their outputs, and a head_dist left frozen (random,
+    for a new number of classes) was half of every prediction."""
     model = timm.create_model(name, pretrained=False, num_classes=3)
     snell.get_snell_model(model, snell.SnellConfig(r=4, task_type="IMAGE_CLS"))
     trainable = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and "snell_" not in n}
-    assert trainable == {head}
+    assert trainable == heads
+    assert {key.rsplit(".", 1)[0] for key in adapter_state_dict(model) if "snell_" not in key} == heads
 
 
 def test_a_classification_task_type_without_a_head_says_to_name_it():

@@ -26,10 +26,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snell import __version__
-from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
+from snell.config import FORMAT_VERSION, HEAD_TASK_TYPES, METHOD, METHOD_KEY, SnellConfig
 from snell.layers import SnellLayer, build_spec, check_layer_names, factor_shapes, iter_snell_layers
 from snell.model import (
     check_not_adapted,
+    head_names,
     inject,
     resolve_modules_to_save,
     resolve_parameters_to_save,
@@ -293,7 +294,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except ValueError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
     module_states: dict[nn.Module, dict[str, torch.Tensor]] = {}
+    heads = head_names(model) if config.task_type in HEAD_TASK_TYPES else []
     for module_name, module in resolve_modules_to_save(model, config).items():
+        if len(heads) > 1 and module_name in heads and not any(k.startswith(f"{module_name}.") for k in tensors):
+            warnings.warn(
+                f"the adapter in {directory} holds no {module_name!r}, a head of this {type(model).__name__} (saved "
+                f"before task_type={config.task_type!r} trained every head of a distilled model): it keeps the "
+                "model's own",
+                stacklevel=2,
+            )
+            continue
         state = {}
         for key, value in module.state_dict().items():
             tensor = tensors.get(f"{module_name}.{key}")

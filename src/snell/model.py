@@ -109,18 +109,24 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def head_name(model: nn.Module) -> str:
-    """The name of ``model``'s classification head: timm's ``pretrained_cfg["classifier"]`` where the model has
-    one (e.g. ``head.fc`` for ConvNeXt), else the first of classifier, score, qa_outputs, head, fc that is a
-    child module with parameters. ValueError if none is."""
+def head_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s classification heads: timm's ``pretrained_cfg["classifier"]`` where the model has
+    one (e.g. ``head.fc`` for ConvNeXt; both of a distilled model's, DeiT's ``head`` and ``head_dist``, whose
+    outputs it averages in eval mode), else the first of classifier, score, qa_outputs, head, fc that is a child
+    module with parameters. ValueError if there is none."""
     model = uncompiled(model)  # torch.compile's wrapper has neither the model's pretrained_cfg nor its names
     modules = dict(model.named_modules())
+
+    def has_parameters(name: str) -> bool:
+        return name in modules and any(True for _ in modules[name].parameters())
+
     declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    candidates = [declared] if isinstance(declared, str) else []
-    for name in (*candidates, *_HEAD_NAMES):
-        module = modules.get(name)
-        if module is not None and any(True for _ in module.parameters()):
-            return name
+    names = [declared] if isinstance(declared, str) else list(declared) if isinstance(declared, (tuple, list)) else []
+    if names and all(isinstance(name, str) and has_parameters(name) for name in names):
+        return names
+    for name in _HEAD_NAMES:
+        if has_parameters(name):
+            return [name]
     raise ValueError(
         f"cannot find the classification head of {type(model).__name__} (looked for {list(_HEAD_NAMES)}); "
         "name it in modules_to_save"
@@ -131,9 +137,9 @@ def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, 
     """modules_to_save by full name, plus the head when ``config.task_type`` is a classification."""
     selectors = list(config.modules_to_save or [])
     if config.task_type in HEAD_TASK_TYPES:
-        head = head_name(model)
-        if not any(name_matches(head, [s]) for s in selectors):
-            selectors.append(head)
+        for head in head_names(model):
+            if not any(name_matches(head, [s]) for s in selectors):
+                selectors.append(head)
     if not selectors:
         return {}
     found = _named_matches(model, model.named_modules(), "modules_to_save", selectors)
