@@ -8,10 +8,11 @@ and backward on random inputs. A row records the default's rule, the layers adap
 gradient where the plain model's weight gets one ("idle": an adapter that never acts), whether the adapter saved and
 loaded into a fresh copy of the model gives the same outputs bit for bit ("reload"), and the largest change of the
 outputs by merging, relative to their largest magnitude. With ``--route peft`` the same happens through
-``peft.get_peft_model`` with ``SnellPeftConfig(target_modules=None)`` (transformers models with their task type:
-a classifier's head is then peft's ``modules_to_save``, which the save, the load and the merge handle too), and a
-row also says whether peft's wrappers sit on exactly the layers the core adapts. Rerun it after a timm,
-transformers or peft upgrade: a new family that the default misses or cannot merge shows up here first.
+``peft.get_peft_model`` with ``SnellPeftConfig(target_modules=None)``, and a row also says whether peft's wrappers
+sit on exactly the layers the core adapts. Each model gets its task type (IMAGE_CLS for timm, which peft does not
+have; SEQ_CLS; CAUSAL_LM): a classifier's heads are then trained in full, and moved by 0.01 with B so that the
+reload and the merge must carry them. Rerun it after a timm, transformers or peft upgrade: a new family that the
+default misses or cannot merge shows up here first.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def check(
     route: str = "core",
     task_type: str | None = None,
 ) -> dict[str, object]:
-    """Adapt ``model`` with the default targets through ``route`` ("core" or "peft", with peft's ``task_type``) and
-    check it as the module docstring says; ``run`` gives the output."""
+    """Adapt ``model`` with the default targets and ``task_type`` through ``route`` ("core" or "peft"; peft has no
+    "IMAGE_CLS") and check it as the module docstring says; ``run`` gives the output."""
     run(model).float().sum().backward()
     acting = {n.removesuffix(".weight") for n in _layers_with_gradient(model)}
     model.zero_grad(set_to_none=True)
@@ -100,21 +101,25 @@ def check(
     plain = copy.deepcopy(model)
     try:
         rule = detect_preset(model).name
-        snell.get_snell_model(core_model, snell.SnellConfig(r=4, sparsity=0.5))
+        snell.get_snell_model(core_model, snell.SnellConfig(r=4, sparsity=0.5, task_type=task_type))
     except (TypeError, ValueError) as err:
         return {"model": name, "status": f"refused: {str(err)[:80]}"}
     core_layers = [layer_name for layer_name, _ in snell.snell_layers(core_model)]
     row: dict[str, object] = {"model": name, "rule": rule, "layers": len(core_layers)}
     try:
         if route == "peft":
-            model, factors = _adapt_with_peft(model, task_type)
+            model, factors = _adapt_with_peft(model, None if task_type == "IMAGE_CLS" else task_type)
             same = sorted(factors) == sorted(core_layers)
             row["targets"] = "same" if same else f"differ: peft {len(factors)}, core {len(core_layers)}"
         else:
             factors = {layer_name: (layer.A, layer.B) for layer_name, layer in snell.snell_layers(model)}
+        factor_ids = {id(tensor) for pair in factors.values() for tensor in pair}
         with torch.no_grad():
             for _, b in factors.values():
                 b.mul_(3)
+            for param in model.parameters():
+                if param.requires_grad and id(param) not in factor_ids:  # a head trained in full
+                    param.add_(0.01)
         out = run(model)
         out.float().sum().backward()
         idle = [n for n, (a, _) in factors.items() if n in acting and (a.grad is None or a.grad.abs().sum() == 0)]
@@ -153,7 +158,7 @@ def timm_rows(max_params: float, only: set[str], route: str) -> Iterator[dict[st
         except TypeError:  # no zero_init_last: nothing of the residual branch starts at zero
             model = timm.create_model(name, num_classes=3).eval()
         x = torch.randn(1, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
-        yield {"library": "timm", "family": family, **check(name, model, lambda m, x=x: m(x), route)}
+        yield {"library": "timm", "family": family, **check(name, model, lambda m, x=x: m(x), route, "IMAGE_CLS")}
 
 
 def _size_rank(name: str) -> int:
