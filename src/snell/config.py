@@ -132,8 +132,8 @@ class SnellConfig:
         drop_path: per-sample DropPath on the adapter output (reference 0.1; 0 keeps the fused path).
         task_type: what the model is fine-tuned for (peft's names: "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS",
             "CAUSAL_LM", ...; "IMAGE_CLS" for a timm classifier). A classification type trains and saves the
-            model's head (found by name, see :func:`snell.model.head_names`) without naming it in
-            ``modules_to_save``; None or another type changes nothing.
+            model's head, both of a distilled one (found by name, see :func:`snell.model.head_names`) without
+            naming it in ``modules_to_save``; None or another type changes nothing.
         split_fused_qkv: give fused q/k/v projections (timm's ``qkv``) one adapter per q, k and v, so each
             is sparsified as its own matrix, as the reference code does (and Phi-3's fused gate/up, one per half;
             a grouped-query fused q/k/v, whose parts differ in size, stays one matrix, with a warning).
