@@ -197,6 +197,25 @@ def test_a_cnn_no_preset_names_gets_its_block_convs_not_its_head_alone():
     assert any(n.endswith("primary_conv.0") for n in adapted)
 
 
+def test_a_classifier_timm_declares_inside_a_container_is_left_to_the_head_and_trains_in_full():
+    """MetaFormer's head is an nn.Sequential whose MLP ends in the classifier (pretrained_cfg: head.fc.fc2): the
+    block rule adapted it, a layer a new task replaces, and task_type="IMAGE_CLS" was refused for the clash. Its
+    pre-logits layer (head.fc.fc1) keeps its adapter."""
+    with torch.device("meta"):
+        caformer = timm.create_model("caformer_s18", num_classes=3)
+    pattern = block_preset(caformer).pattern
+    head = [name for name, _ in caformer.named_modules() if name.startswith("head") and re.fullmatch(pattern, name)]
+    assert head == ["head.fc.fc1"] and caformer.pretrained_cfg["classifier"] == "head.fc.fc2"
+
+    model = _Net()
+    model.head = nn.Sequential(nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3)))
+    model.pretrained_cfg = {"classifier": "head.1.2"}
+    snell.get_snell_model(model, snell.SnellConfig(r=2, task_type="IMAGE_CLS"))
+    assert "head.1.0" in _adapted(model) and "head.1.2" not in _adapted(model)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad and "snell_" not in name}
+    assert trained == {"head.1.2.weight", "head.1.2.bias"}
+
+
 def test_the_timm_presets_are_kept_where_they_apply():
     """The reference code's choices stand for the families it covers: ViT's q/k/v/proj/fc1/fc2 only, not Swin's
     patch merging; EfficientNet's pointwise convs and conv_head, not its depthwise or SE convs."""

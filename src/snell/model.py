@@ -27,7 +27,7 @@ from snell.layers import (
     restore_forward,
     thaw_running_stats,
 )
-from snell.presets import detect_preset
+from snell.presets import declared_classifiers, detect_preset
 from snell.spec import SnellSpec
 
 logger = logging.getLogger("snell")
@@ -120,9 +120,8 @@ def head_names(model: nn.Module) -> list[str]:
     def has_parameters(name: str) -> bool:
         return name in modules and any(True for _ in modules[name].parameters())
 
-    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    names = [declared] if isinstance(declared, str) else list(declared) if isinstance(declared, (tuple, list)) else []
-    if names and all(isinstance(name, str) and has_parameters(name) for name in names):
+    names = declared_classifiers(model)
+    if names and all(has_parameters(name) for name in names):
         return names
     for name in _HEAD_NAMES:
         if has_parameters(name):

@@ -75,14 +75,23 @@ def _block_layer(name: str, module: nn.Module, parent: nn.Module) -> bool:
     return not (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels)
 
 
+def declared_classifiers(model: nn.Module) -> list[str]:
+    """The classifier modules timm declares for ``model`` (``pretrained_cfg["classifier"]``: a name, or a distilled
+    model's two), or none."""
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = [declared] if isinstance(declared, str) else list(declared) if isinstance(declared, (tuple, list)) else []
+    return names if all(isinstance(name, str) for name in names) else []
+
+
 def block_preset(model: nn.Module) -> Preset:
     """The block rule: every linear layer (and conv, but depthwise) inside the entries of the model's outermost
     ``nn.ModuleList``/``nn.Sequential`` containers, the repeated blocks: a transformers model's ``layers``/``layer``/
     ``h``/``block``, a CNN's stages. That is what the reference code adapts in ViT, BERT and LLaMA (every
     projection of attention and MLP), so any other transformer family gets the same: OPT's ``out_proj``/``fc1``/``fc2``,
     DeBERTa's ``query_proj``, GPT-NeoX's ``query_key_value``, a hybrid's linear-attention projections. Embeddings,
-    stems and heads outside the blocks stay as they are. The pattern names exactly those layers (``peft`` stores it
-    in its adapter config). ValueError when there are none."""
+    stems and heads outside the blocks stay as they are, and so does a classifier timm declares inside a container
+    (MetaFormer's ``head.fc.fc2``, which a new task replaces and ``task_type="IMAGE_CLS"`` trains in full). The
+    pattern names exactly those layers (``peft`` stores it in its adapter config). ValueError when there are none."""
     modules = dict(model.named_modules())
     blocks: dict[str, list[str]] = {}  # container name -> names of its entries that are blocks
     inside: list[str] = []  # prefixes of the blocks found so far: their nested containers belong to them
@@ -101,8 +110,13 @@ def block_preset(model: nn.Module) -> Preset:
             blocks[name] = entries
             inside.extend(f"{prefix}{key}." for key in entries)
     in_blocks = tuple(inside)
+    classifiers = tuple(f"{name}." for name in declared_classifiers(model))
     layers = [
-        n for n, m in modules.items() if n.startswith(in_blocks) and _block_layer(n, m, modules[n.rpartition(".")[0]])
+        n
+        for n, m in modules.items()
+        if n.startswith(in_blocks)
+        and not f"{n}.".startswith(classifiers)
+        and _block_layer(n, m, modules[n.rpartition(".")[0]])
     ]
     if not layers:
         raise ValueError(
