@@ -640,6 +640,25 @@ def test_image_cls_task_type_trains_and_saves_the_timm_heads(name, heads):
     assert {key.rsplit(".", 1)[0] for key in adapter_state_dict(model) if "snell_" not in key} == heads
 
 
+def test_seq_cls_trains_every_module_a_transformers_classifier_adds_to_its_base_model():
+    """DeBERTa's classifier reads a pooler that its base checkpoints do not hold (newly initialised, as the "not
+    initialized from the model checkpoint" notice says): with the classifier alone trained, it stayed random."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    cases = [
+        (transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(hidden_size=32, **small)),
+         {"pooler.dense", "classifier"}),
+        (transformers.BertForSequenceClassification(transformers.BertConfig(hidden_size=32, **small)), {"classifier"}),
+        (transformers.XLMForSequenceClassification(transformers.XLMConfig(emb_dim=32, n_layers=1, n_heads=2,
+                                                                          vocab_size=100)),
+         {"sequence_summary.summary"}),
+    ]  # fmt: skip
+    for model, heads in cases:
+        snell.get_snell_model(model, snell.SnellConfig(r=2, task_type="SEQ_CLS"))
+        trained = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad and "snell_" not in n}
+        assert trained == heads, type(model).__name__
+
+
 def test_a_classification_task_type_without_a_head_says_to_name_it():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"cannot find the classification head of Sequential.*modules_to_save"):

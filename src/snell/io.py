@@ -299,8 +299,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if len(heads) > 1 and module_name in heads and not any(k.startswith(f"{module_name}.") for k in tensors):
             warnings.warn(
                 f"the adapter in {directory} holds no {module_name!r}, a head of this {type(model).__name__} (saved "
-                f"before task_type={config.task_type!r} trained every head of a distilled model): it keeps the "
-                "model's own",
+                f"before task_type={config.task_type!r} trained every head: a distilled model's second one, "
+                "DeBERTa's pooler): it keeps the model's own",
                 stacklevel=2,
             )
             continue

@@ -112,8 +112,10 @@ def uncompiled(model: nn.Module) -> nn.Module:
 def head_names(model: nn.Module) -> list[str]:
     """The names of ``model``'s classification heads: timm's ``pretrained_cfg["classifier"]`` where the model has
     one (e.g. ``head.fc`` for ConvNeXt; both of a distilled model's, DeiT's ``head`` and ``head_dist``, whose
-    outputs it averages in eval mode), else the first of classifier, score, qa_outputs, head, fc that is a child
-    module with parameters. ValueError if there is none."""
+    outputs it averages in eval mode); for a transformers task model, every child with parameters beside its base
+    model (``base_model_prefix``): what a base checkpoint leaves newly initialised, DeBERTa's ``pooler`` with its
+    ``classifier``, XLM's ``sequence_summary``; else the first of classifier, score, qa_outputs, head, fc that is a
+    child module with parameters. ValueError if there is none."""
     model = uncompiled(model)  # torch.compile's wrapper has neither the model's pretrained_cfg nor its names
     modules = dict(model.named_modules())
 
@@ -123,6 +125,11 @@ def head_names(model: nn.Module) -> list[str]:
     names = declared_classifiers(model)
     if names and all(has_parameters(name) for name in names):
         return names
+    base = getattr(model, "base_model_prefix", None)
+    if isinstance(base, str) and base in dict(model.named_children()):
+        beside = [name for name, _ in model.named_children() if name != base and has_parameters(name)]
+        if beside:
+            return beside
     for name in _HEAD_NAMES:
         if has_parameters(name):
             return [name]
