@@ -143,15 +143,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in module.state_dict().items():
             tensors[f"{module_name}.{key}"] = value
     tensors.update(resolve_parameters_to_save(model, config))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    # Tied weights saved twice (embeddings and LM head both in modules_to_save) share a storage, which safetensors
-    # refuses to write: the second name gets its own copy, and loading writes the same values to both.
+    # Tied weights saved twice (embeddings and LM head both in modules_to_save) share a storage.
+    return savable(tensors)
+
+
+def savable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` detached, on the CPU and contiguous, as safetensors writes them. safetensors refuses tensors that
+    share memory (a tensor under several keys: tied weights, a module registered under two names), and each key must
+    load back alone: every key after the first on a storage gets its own copy, and loading writes the same values."""
+    out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in tensors.items():
-        if value.untyped_storage().data_ptr() in seen:
-            tensors[key] = value.clone()
-        seen.add(value.untyped_storage().data_ptr())
-    return tensors
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in seen else value
+        seen.add(storage)
+    return out
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, list[float]] | None:

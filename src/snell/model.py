@@ -126,8 +126,9 @@ def head_names(model: nn.Module) -> list[str]:
     if names and all(has_parameters(name) for name in names):
         return names
     base = getattr(model, "base_model_prefix", None)
-    if isinstance(base, str) and base in dict(model.named_children()):
-        beside = [name for name, _ in model.named_children() if name != base and has_parameters(name)]
+    children = [name for name, _ in model.named_children()]
+    if isinstance(base, str) and base in children:
+        beside = [name for name in children if name != base and has_parameters(name)]
         if beside:
             return beside
     for name in _HEAD_NAMES:

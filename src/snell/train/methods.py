@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import snell
+from snell.io import savable
 from snell.layers import call_through_forward
 from snell.model import check_merge_targets, enclosing_module, resolve_targets
 from snell.sharded import like
@@ -277,12 +278,6 @@ def save_merged(model: nn.Module, backbone: Backbone, directory: Path) -> Path:
         backbone.tokenizer.save_pretrained(str(directory))
     else:
         # A module registered under several names (CoaT shares MLPs and position encodings) puts one tensor under
-        # several keys; safetensors refuses shared memory, and each key must load back alone: each gets its copy.
-        state, storages = {}, set()
-        for key, value in model.state_dict().items():
-            value = value.detach().cpu().contiguous()
-            storage = value.untyped_storage().data_ptr()
-            state[key] = value.clone() if storage in storages else value
-            storages.add(storage)
-        save_file(state, str(directory / MERGED_FILE))
+        # several keys.
+        save_file(savable(model.state_dict()), str(directory / MERGED_FILE))
     return directory
