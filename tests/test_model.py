@@ -666,6 +666,22 @@ def test_a_classification_task_type_without_a_head_says_to_name_it():
     assert not list(snell.snell_layers(model))
 
 
+def test_a_classification_task_type_takes_the_head_named_in_modules_to_save(tmp_path):
+    """Naming the head, as the error above asks, is enough: the lookup's failure no longer refuses a model whose
+    head it cannot find by name, in get_snell_model and in load_adapter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    config = snell.SnellConfig(target_modules=["0"], task_type="SEQ_CLS", modules_to_save=["1"])
+    snell.get_snell_model(model, config)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "snell_" not in n] == ["1.weight", "1.bias"]
+    with torch.no_grad():
+        model[1].weight.add_(0.5)
+    snell.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = snell.load_adapter(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), tmp_path)
+    assert torch.equal(fresh[1].weight, model[1].weight)
+
+
 class PaddedConv(nn.Conv2d):
     """A Conv2d whose own forward pads first, as timm's Conv2dSame does: SNELL would drop the padding."""
 

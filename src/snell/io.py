@@ -26,15 +26,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from snell import __version__
-from snell.config import FORMAT_VERSION, HEAD_TASK_TYPES, METHOD, METHOD_KEY, SnellConfig
+from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
 from snell.layers import SnellLayer, build_spec, check_layer_names, factor_shapes, iter_snell_layers
 from snell.model import (
     check_not_adapted,
-    head_names,
     inject,
     resolve_modules_to_save,
     resolve_parameters_to_save,
     resolve_targets,
+    task_heads,
     uncompiled,
 )
 from snell.presets import detect_preset
@@ -301,7 +301,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except ValueError as err:
         raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
     module_states: dict[nn.Module, dict[str, torch.Tensor]] = {}
-    heads = head_names(model) if config.task_type in HEAD_TASK_TYPES else []
+    heads = task_heads(model, config.task_type, named=bool(config.modules_to_save))
     for module_name, module in resolve_modules_to_save(model, config).items():
         if len(heads) > 1 and module_name in heads and not any(k.startswith(f"{module_name}.") for k in tensors):
             warnings.warn(

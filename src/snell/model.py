@@ -140,13 +140,26 @@ def head_names(model: nn.Module) -> list[str]:
     )
 
 
+def task_heads(model: nn.Module, task_type: str | None, named: bool) -> list[str]:
+    """The heads that ``task_type`` trains besides ``modules_to_save``: none unless it is a classification type;
+    else :func:`head_names`, and none when no head can be found but ``named`` says the user's ``modules_to_save``
+    names modules of the model (their head under another name, as the lookup's error asks them to do)."""
+    if task_type not in HEAD_TASK_TYPES:
+        return []
+    try:
+        return head_names(model)
+    except ValueError:
+        if named:
+            return []
+        raise
+
+
 def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, nn.Module]:
     """modules_to_save by full name, plus the head when ``config.task_type`` is a classification."""
     selectors = list(config.modules_to_save or [])
-    if config.task_type in HEAD_TASK_TYPES:
-        for head in head_names(model):
-            if not any(name_matches(head, [s]) for s in selectors):
-                selectors.append(head)
+    for head in task_heads(model, config.task_type, named=bool(selectors)):
+        if not any(name_matches(head, [s]) for s in selectors):
+            selectors.append(head)
     if not selectors:
         return {}
     found = _named_matches(model, model.named_modules(), "modules_to_save", selectors)
