@@ -952,3 +952,51 @@ def test_a_classifier_module_kept_by_seq_cls_unloads_and_merges():
             assert torch.equal(plain.classifier.out_proj.weight, trained_head)
             if unload == "merge_and_unload":
                 torch.testing.assert_close(_output(plain, inputs), adapted, rtol=0, atol=1e-5)
+
+
+def _small_classifiers() -> dict:
+    """Tiny transformers classifiers whose new heads differ: BERT's classifier alone; DeBERTa's classifier and the
+    pooler it reads, which base checkpoints do not hold; XLM's sequence_summary, named neither classifier nor score."""
+    small = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=VOCAB)
+    return {
+        "bert": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(hidden_size=24, **small)),
+        "deberta": lambda: transformers.DebertaV2ForSequenceClassification(
+            transformers.DebertaV2Config(hidden_size=24, **small)
+        ),
+        "xlm": lambda: transformers.XLMForSequenceClassification(
+            transformers.XLMConfig(emb_dim=24, n_layers=1, n_heads=2, vocab_size=VOCAB)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "deberta", "xlm"])
+def test_seq_cls_trains_saves_and_reloads_the_heads_the_core_trains(name, tmp_path):
+    """peft's SEQ_CLS trains `classifier`/`score` only: DeBERTa's pooler stayed at its random init, frozen, and XLM's
+    head was not trained at all. Through SnellPeftConfig they are the core's heads; the adapter's config names them,
+    so a reload puts back the trained ones (checked on a fresh model whose heads were changed first)."""
+    factory = _small_classifiers()[name]
+    torch.manual_seed(0)
+    core = snell.get_snell_model(factory(), snell.SnellConfig(r=2, task_type="SEQ_CLS"))
+    core_heads = {n.rsplit(".", 1)[0] for n, p in core.named_parameters() if p.requires_grad and "snell_" not in n}
+    torch.manual_seed(0)
+    model = peft.get_peft_model(factory().eval(), SnellPeftConfig(r=2, task_type="SEQ_CLS"))
+    trained = {
+        n.replace("base_model.model.", "").replace(".modules_to_save.default", "").rsplit(".", 1)[0]
+        for n, p in model.named_parameters()
+        if p.requires_grad and "snell_" not in n
+    }
+    assert trained == core_heads
+    inputs = _tokens()
+    _train(model, inputs)
+    with torch.no_grad():
+        adapted = _output(model, inputs)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = factory().eval()
+    with torch.no_grad():
+        for head in {h.split(".")[0] for h in core_heads}:
+            for p in fresh.get_submodule(head).parameters():
+                p.add_(1.0)
+    reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(_output(reloaded, inputs), adapted)

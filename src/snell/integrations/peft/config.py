@@ -63,8 +63,9 @@ class SnellPeftConfig(PeftConfig):
     peft, a list entry that matches no module is skipped (``snell.get_snell_model`` refuses it).
 
     ``task_type="SEQ_CLS"`` makes peft add the classifier head (``classifier`` / ``score``) to
-    ``modules_to_save``, so the new head is trained and saved by default, as with LoRA. The core's
-    ``parameters_to_save`` (bare tensors such as a ViT's ``cls_token``) has no peft counterpart here.
+    ``modules_to_save``, so the new head is trained and saved by default, as with LoRA; SNELL adds every head the
+    core's task types train (:func:`snell.model.head_names`: DeBERTa's ``pooler``, XLM's ``sequence_summary``).
+    The core's ``parameters_to_save`` (bare tensors such as a ViT's ``cls_token``) has no peft counterpart here.
     """
 
     r: int = field(default=8, metadata={"help": "rank of the factors A and B"})

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from snell.config import name_matches
 from snell.integrations.peft.config import SnellPeftConfig
 from snell.integrations.peft.layer import SnellPeftLayer
 from snell.layers import (
@@ -19,7 +20,7 @@ from snell.layers import (
     iter_snell_layers,
     restore_forward,
 )
-from snell.model import check_merge_targets
+from snell.model import check_merge_targets, task_heads
 from snell.presets import detect_preset
 
 
@@ -84,10 +85,27 @@ class SnellPeftModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: SnellPeftConfig, model_config: dict) -> SnellPeftConfig:
         """The preset for ``target_modules=None``; ``"all-linear"`` expanded to its layer names now, as peft does
-        only after ``_prepare_model``, so that its checks see the layers it will wrap."""
+        only after ``_prepare_model``, so that its checks see the layers it will wrap; and a classification
+        task's heads added to ``modules_to_save`` as the core finds them."""
         if peft_config.target_modules is None:
             peft_config.target_modules = detect_preset(self.model).pattern
+        self._add_task_heads(peft_config)
         return _maybe_include_all_linear_layers(peft_config, self.model)
+
+    def _add_task_heads(self, peft_config: SnellPeftConfig) -> None:
+        """peft's ``SEQ_CLS`` / ``TOKEN_CLS`` put ``classifier`` and ``score`` in ``modules_to_save`` before the tuner
+        is built. The core's task types train every head a base checkpoint leaves newly initialised
+        (:func:`snell.model.head_names`): DeBERTa's ``pooler`` too, which peft left frozen at its random init, and
+        XLM's ``sequence_summary``, which it did not train at all. Added here, so peft wraps, trains and saves them
+        (and writes them into the adapter's config, which reloads them)."""
+        saved = list(peft_config.modules_to_save or [])
+        names = [name for name, _ in self.model.named_modules() if name]
+        named = any(name_matches(name, saved) for name in names)
+        missing = [
+            head for head in task_heads(self.model, peft_config.task_type, named) if not name_matches(head, saved)
+        ]
+        if missing:
+            peft_config.modules_to_save = saved + missing
 
     def _prepare_model(self, peft_config: SnellPeftConfig, model: nn.Module) -> None:
         """Checks every module the config targets before peft wraps the first (peft wraps them one at a time, and
