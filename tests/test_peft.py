@@ -1000,3 +1000,20 @@ def test_seq_cls_trains_saves_and_reloads_the_heads_the_core_trains(name, tmp_pa
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(_output(reloaded, inputs), adapted)
+
+
+def test_seq_cls_on_a_model_without_a_findable_head_asks_for_it_before_wrapping():
+    """peft's SEQ_CLS silently trained no head when the model has no `classifier`/`score`; the core's lookup says so
+    before any layer is wrapped, and a head named in modules_to_save is taken as it is."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"cannot find the classification head of Sequential.*modules_to_save"):
+        peft.get_peft_model(model, SnellPeftConfig(target_modules=["0"], task_type="SEQ_CLS"))
+    assert type(model[0]) is nn.Linear and not any(isinstance(m, SnellPeftLayer) for m in model.modules())
+    adapted = peft.get_peft_model(
+        model, SnellPeftConfig(target_modules=["0"], task_type="SEQ_CLS", modules_to_save=["1"])
+    )
+    assert adapted.peft_config["default"].modules_to_save == ["1", "classifier", "score"]
+    assert {n for n, p in adapted.named_parameters() if p.requires_grad and "snell_" not in n} == {
+        "base_model.model.1.modules_to_save.default.weight",
+        "base_model.model.1.modules_to_save.default.bias",
+    }
