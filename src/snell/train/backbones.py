@@ -191,6 +191,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _has_block_stages(model: nn.Module) -> bool:
+    """Whether ``model.blocks`` is timm's EfficientNet layout, stages of blocks (a ViT's blocks are one list)."""
+    blocks = getattr(model, "blocks", None)
+    return isinstance(blocks, nn.Sequential) and len(blocks) > 0 and all(isinstance(s, nn.Sequential) for s in blocks)
+
+
 def efficientnet_keys_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename an EfficientNet state dict in the ``_blocks.<i>._expand_conv`` style (the EfficientNet-PyTorch
     naming, used by the efficientnet-lite0 package) to timm's ``blocks.<stage>.<block>.conv_pw`` names.
@@ -244,14 +250,25 @@ def load_timm_checkpoint(model: nn.Module, path: Path, skip_prefix: str | tuple[
             raise UserError(f"{path}: does not fit {type(model).__name__}: {err}") from None
         return {"checkpoint": str(path), "format": "npz"}
     state = _read_state_dict(path)
-    if any(k.startswith("_blocks.") for k in state) and hasattr(model, "blocks"):
-        state = efficientnet_keys_to_timm(state, model)
+    if any(k.startswith("_blocks.") for k in state):
+        if not _has_block_stages(model):
+            raise UserError(
+                f"{path}: an EfficientNet-PyTorch checkpoint (keys '_blocks.<i>...') does not fit "
+                f"{type(model).__name__}, which has no EfficientNet block stages"
+            )
+        try:
+            state = efficientnet_keys_to_timm(state, model)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state = filter_fn(state, model)
         except (KeyError, RuntimeError, ValueError) as err:
-            raise UserError(f"{path}: does not fit {type(model).__name__}: {err}") from None
+            raise UserError(
+                f"{path}: does not fit {type(model).__name__}: timm's conversion of its checkpoints failed "
+                f"({type(err).__name__}: {err})"
+            ) from None
     own = {k: v for k, v in model.state_dict().items() if enclosing_module(k, prefixes) is None}
     given = {k: v for k, v in state.items() if enclosing_module(k, prefixes) is None}
     missing = sorted(set(own) - set(given))
