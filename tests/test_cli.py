@@ -415,6 +415,11 @@ def test_user_errors_exit_nonzero_without_traceback_from_the_shell(tmp_path: Pat
             "snell search: error: argument --grid-sparsity: expected comma-separated",
         ),
         (["bogus"], "snell: error: argument command: invalid choice: 'bogus'"),
+        (["train", "--bogus-flag"], "snell train: error: unrecognized arguments: --bogus-flag"),
+        (
+            ["merge", "run", "--adapter", "a"],
+            "snell merge: error: unrecognized arguments: --adapter a (see snell merge",
+        ),
     ],
 )
 def test_a_malformed_flag_value_is_one_line_not_the_usage_block(argv: list[str], message: str) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -20,8 +21,21 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors: a mistyped flag value printed the whole usage block (about 50
     lines for `snell train`) before the message. Subcommands' parsers are of this class too."""
 
+    commands: dict[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(  # type: ignore[override] - argparse's overloads
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """An unknown flag after a command is that command's error (`snell train: error: ...`): argparse reports
+        it from the top-level parser, which only says `snell: error:`."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            owner = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -59,6 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, default=None, help="--task llm: another causal LM (default: SmolLM2-135M-Instruct)"
     )
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.commands = dict(commands.choices)
     return parser
 
 
