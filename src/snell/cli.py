@@ -45,7 +45,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="snell", description="SNELL sparse fine-tuning: train, evaluate, merge.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune a model (snell, lora, dora, full or linear)")
+    train = commands.add_parser("train", help="fine-tune a model (snell, snella, lora, dora, full or linear)")
     add_train_arguments(train)
 
     search = commands.add_parser("search", help="pick sparsity (lr, rank) on val, retrain the winner, report test")
@@ -53,21 +53,29 @@ def _build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a run's saved adapter")
     evaluate.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
-    evaluate.add_argument("--split", default="test", choices=("test", "val"))
+    evaluate.add_argument(
+        "--split", default="test", choices=("test", "val"), help="the split to evaluate on [default: test]"
+    )
     evaluate.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: RUN_DIR/adapter)")
     evaluate.add_argument("--data", default=None, help="evaluate on other data with the same classes")
 
     merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
-    merge.add_argument("run_dir", type=Path)
+    merge.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
     merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="overwrite a merged model already in the output folder")
 
     demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
-    demo.add_argument("--task", default="image", choices=("image", "text", "llm"))
+    demo.add_argument(
+        "--task", default="image", choices=("image", "text", "llm"), help="what to fine-tune [default: image]"
+    )
     demo.add_argument(
         "--output-dir", type=Path, default=None, help="results folder (default: results/demo/<task>-<time>)"
     )
-    demo.add_argument("--methods", default="snell,lora,full,linear", help="comma-separated methods to compare")
+    demo.add_argument(
+        "--methods",
+        default="snell,lora,full,linear",
+        help="comma-separated methods to compare [default: snell,lora,full,linear]",
+    )
     demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
     demo.add_argument(
         "--model", type=Path, default=None, help="--task llm: another causal LM (default: SmolLM2-135M-Instruct)"

@@ -23,15 +23,16 @@ def _parse_json_dict(text: str) -> dict:
     return value
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; absent flags stay absent so recipes are not overridden by defaults."""
+def add_train_arguments(parser: argparse.ArgumentParser, helps: dict[str, str] | None = None) -> None:
+    """One flag per TrainConfig field; absent flags stay absent so recipes are not overridden by defaults. ``helps``
+    replaces a field's help text (`snell search` writes elsewhere by default)."""
     parser.add_argument(
         "--recipe", default=None, help="vtab/<task>, fgvc/<dataset>, snella/{vtab,fgvc}/<task> or a recipe YAML file"
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
+        help_text = (helps or {}).get(f.name, f.metadata["help"])
         default = None if f.default is MISSING else f.default
         if f.default is MISSING and f.default_factory is not MISSING:
             default = f.default_factory()

@@ -526,7 +526,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """`snell search` takes every `snell train` flag (the base config) plus the grid and scheduling flags."""
-    add_train_arguments(parser)
+    add_train_arguments(parser, helps={"output_dir": "search folder (default: runs/search-<data>-<method>)"})
     parser.add_argument(
         "--grid-sparsity",
         type=_floats,
