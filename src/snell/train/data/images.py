@@ -68,7 +68,9 @@ class _ImageListDataset(Dataset):
     ):
         if not entries:
             raise DataFormatError(f"{split_file}: no samples listed")
-        source = f", the classes of {classes_from} (set num_classes if they lack the highest)" if classes_from else ""
+        source = ""
+        if classes_from:
+            source = f", the classes of {classes_from} (if they lack the highest, set num_classes: --num-classes)"
         for entry in entries:
             if not 0 <= entry.label < num_classes:
                 raise DataFormatError(f"{entry.origin}: label {entry.label} is out of range [0, {num_classes}){source}")
