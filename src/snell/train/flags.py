@@ -84,7 +84,9 @@ _CLASSIFIER_OPTIONS = (
 )  # fmt: skip
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The `snell train` flag of TrainConfig field ``name`` (``r`` is ``--rank``: under torchrun ``--r`` is taken
+    for an abbreviation of torchrun's own options)."""
     return "--rank" if name == "r" else "--" + name.replace("_", "-")
 
 
@@ -97,7 +99,8 @@ def ignored_model_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -
     causal = is_causal_lm(config.model)
     if not causal and holds_instructions(config.data):  # the run refuses this pair in one line; no warning before it
         return None
-    unread = [_flag(name) for name in sorted(flags) if name in (_CLASSIFIER_OPTIONS if causal else _CAUSAL_LM_OPTIONS)]
+    other = _CLASSIFIER_OPTIONS if causal else _CAUSAL_LM_OPTIONS
+    unread = [flag_name(name) for name in sorted(flags) if name in other]
     if not unread:
         return None
     kind = "a causal LM" if causal else "not a causal LM"
@@ -111,7 +114,7 @@ def method_reads(method: str, name: str) -> bool:
 
 def ignored_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> list[str]:
     """The flags among ``flags`` (option names) that ``config.method`` does not read, as ``--flag`` strings."""
-    return [_flag(name) for name in sorted(flags) if not method_reads(config.method, name)]
+    return [flag_name(name) for name in sorted(flags) if not method_reads(config.method, name)]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -26,7 +26,7 @@ from typing import Any
 
 from snell.train.config import UserError
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
-from snell.train.demo import _flags, check_new_output_folder, train_and_compare
+from snell.train.demo import check_new_output_folder, flag_args, train_and_compare
 from snell.train.flags import method_reads
 
 TINY_MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
@@ -150,7 +150,7 @@ def train_command(
     settings |= {"model": model, "data": data, "method": method, "lr": demo.learning_rates[method]}
     if epochs is not None:
         settings["epochs"] = epochs
-    return [sys.executable, "-m", "snell", "train", *_flags({**settings, "output_dir": out_dir})]
+    return [sys.executable, "-m", "snell", "train", *flag_args({**settings, "output_dir": out_dir})]
 
 
 def run_llm_demo(
