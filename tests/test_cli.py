@@ -252,7 +252,7 @@ def _copy_vtab(vtab_dir: Path, target: Path) -> Path:
 def _fails(capsys: pytest.CaptureFixture, argv: list[str], *fragments: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith(f"snell {argv[0]}: error:")
+    assert err.startswith(f"snell {argv[0]}: error:") and err.count("\n") == 1, err  # one line, no traceback
     for fragment in fragments:
         assert fragment in err, err
 
@@ -523,9 +523,10 @@ def test_img_size_sizes_the_model_and_a_failed_start_blocks_no_rerun(
             main([*args, "--img-size", "48"])
     assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
     capsys.readouterr()
-    assert main([*args, "--img-size", "32"]) == 0
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "RANDOM weights" in err
+    assert main([*args, "--img-size", "32", "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING" in captured.err and "RANDOM weights" in captured.err
+    assert f"{out} holds no run to resume (no epoch checkpoint yet): starting a new run" in captured.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["img_size"] == 32 and summary["backbone_weights"] == "random"
     assert (out / "curves.png").read_bytes()[:8] == PNG
@@ -640,6 +641,23 @@ def test_a_broken_test_image_fails_before_training(
     assert not out.exists()  # nothing was trained or written
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--target-modules", "nosuch"], "target_modules=['nosuch'] matches no module of VisionTransformer"),
+        (["--fsdp"], "--fsdp shards over several processes"),
+    ],
+)
+def test_a_refusal_after_the_model_is_built_is_still_one_line_and_writes_nothing(
+    flags: list[str], message: str, vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The RANDOM-weights warning came before the method's own checks, so their error was the second line; --fsdp
+    on one process was refused after config.json was written."""
+    out = tmp_path / "run"
+    _fails(capsys, ["train", "--data", str(vtab_dir), *BASE, *flags, "--output-dir", str(out)], message)
+    assert not out.exists()
+
+
 def test_resume_accepts_the_same_folders_spelt_relative(
     finished_run: Path, vtab_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -647,7 +665,8 @@ def test_resume_accepts_the_same_folders_spelt_relative(
     monkeypatch.chdir(vtab_dir.parent)
     assert main(["train", "--data", vtab_dir.name, *BASE, "--epochs", "2", "--select-on", "val",
                  "--output-dir", os.path.relpath(finished_run), "--resume"]) == 0  # fmt: skip
-    assert "already finished" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "already finished" in captured.out and captured.err == ""  # no model built, so no RANDOM warning
     assert _files(finished_run) == before
 
 

@@ -65,15 +65,15 @@ class ClassificationRun(Run):
                 f"{self.task.name} is {self.task.kind} data but {config.model} is a {self.backbone.kind} model; "
                 f"use a {'transformers model folder' if wanted == 'transformers' else 'timm model name'}"
             )
-        if self.backbone.weights == "random" and self.main:
+        attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
+        self.model = apply_method(self.backbone, config)
+        if self.backbone.weights == "random" and self.main:  # after the method's checks: their error is one line
             print(
                 f"snell: WARNING: {config.model} starts from RANDOM weights (no --checkpoint, no --pretrained); "
                 "fine-tuning a random backbone says nothing about fine-tuning a pretrained one",
                 file=sys.stderr,
                 flush=True,
             )
-        attach_transforms(self.task, config, self.backbone.img_size, self.backbone.mean, self.backbone.std)
-        self.model = apply_method(self.backbone, config)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return make_loader(dataset, self.task, self.config, self.backbone.tokenizer, train)

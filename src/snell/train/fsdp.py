@@ -38,14 +38,19 @@ def block_names(model: nn.Module) -> set[str]:
     return names
 
 
+def check_fsdp_processes(world: int) -> None:
+    """--fsdp needs several processes to shard over."""
+    if world < 2:
+        raise UserError("--fsdp shards over several processes: launch with torchrun or accelerate launch")
+
+
 def shard(model: nn.Module, device: torch.device) -> nn.Module:
     """Shard ``model`` in place over all processes: each block, then the root (embeddings, head, final norm).
 
     A model without ``_no_split_modules`` (timm) is sharded at the root only: correct, but every forward then
     gathers the whole model, so it saves memory between steps only.
     """
-    if not dist.is_initialized() or dist.get_world_size() < 2:
-        raise UserError("--fsdp shards over several processes: launch with torchrun or accelerate launch")
+    check_fsdp_processes(dist.get_world_size() if dist.is_initialized() else 1)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

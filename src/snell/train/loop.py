@@ -34,7 +34,14 @@ from snell.sharded import full
 from snell.train.allocation import make_allocator, sparsity_record
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
 from snell.train.ema import WeightEma
-from snell.train.fsdp import load_optimizer_state, optimizer_state, reshard, shard, unsharded
+from snell.train.fsdp import (
+    check_fsdp_processes,
+    load_optimizer_state,
+    optimizer_state,
+    reshard,
+    shard,
+    unsharded,
+)
 from snell.train.methods import load_mutable_state, merge_trained, mutable_state, save_trained, set_train_mode
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups
 from snell.train.plots import CURVES_FILE, SPARSITY_FILE, plot_curves, plot_sparsity
@@ -153,6 +160,8 @@ class Run:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         world = self.accelerator.num_processes
+        if config.fsdp:
+            check_fsdp_processes(world)  # before the run folder is written
         for name in ("batch_size", "eval_batch_size"):
             if getattr(config, name) % world:
                 raise UserError(f"{name} {getattr(config, name)} must be divisible by the {world} processes")
@@ -163,6 +172,9 @@ class Run:
         self.ema: WeightEma | None = None  # --ema-decay's, made in fit() likewise
         self._check_output_dir()
         self.accelerator.wait_for_everyone()
+        self.finished = self.resume and (self.out / SUMMARY_FILE).is_file()
+        if self.finished:  # nothing to build: fit() reports the summary
+            return
         set_seed(config.seed)
         self._build()
         self.rss_after_model = current_rss_mb()
@@ -222,6 +234,8 @@ class Run:
             return
         if not holds_run:
             self.resume = False  # nothing to continue: start afresh, with this command's options
+            if self.main:  # a mistyped folder would otherwise train from scratch without a word
+                print(f"{self.out} holds no run to resume (no epoch checkpoint yet): starting a new run", flush=True)
             return
         if not saved.is_file():
             raise UserError(f"{saved}: not found, but {self.out} holds a run; cannot tell its options")
@@ -433,7 +447,7 @@ class Run:
     def fit(self) -> dict[str, Any]:
         """Train, select or report per the protocol, save the result, and return the summary."""
         cfg, acc = self.config, self.accelerator
-        if self.resume and (self.out / SUMMARY_FILE).is_file():
+        if self.finished:
             if self.main:
                 print(f"{self.out} already finished; its summary is {self.out / SUMMARY_FILE}", flush=True)
             return json.loads((self.out / SUMMARY_FILE).read_text())
