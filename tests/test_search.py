@@ -46,7 +46,13 @@ def tiny_config(**changes) -> TrainConfig:
 
 def fake_record(trial: S.Trial, val: float, test: float | None = None) -> dict:
     record = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint, "status": "finished"}
-    record.update(val_curve={"1": val}, val_accuracy=val, epochs_trained=1, wall_time_s=0.0)
+    record.update(
+        options=S.fingerprint_options(trial.config),
+        val_curve={"1": val},
+        val_accuracy=val,
+        epochs_trained=1,
+        wall_time_s=0.0,
+    )
     if trial.final:
         record["test_accuracy"] = test
     return record
@@ -157,8 +163,16 @@ def test_rerun_skips_finished_trials_after_a_crash(tmp_path, monkeypatch):
     assert rerun == ["s=0.9,lr=0.01,r=8", "s=0.99,lr=0.01,r=8"]
     assert [r["key"] for r in result.records] == [t.key for t in S.expand_grid(tiny_config(), grid, tmp_path)]
     assert len(S.read_table(tmp_path / S.TRIALS_FILE)) == 4
-    with pytest.raises(UserError, match="other options"):
-        S.search(tiny_config(epochs=2), grid, tmp_path, retrain=False, verbose=False)
+    with pytest.raises(UserError, match=r"other options \(epochs: saved 1 vs now 2, fp16: saved False vs now True\)"):
+        S.search(tiny_config(epochs=2, fp16=True), grid, tmp_path, retrain=False, verbose=False)
+    # a table written before records carried their options: named by fingerprint
+    records = S.read_table(tmp_path / S.TRIALS_FILE)
+    old = tmp_path / "old"
+    for record in records:
+        S.append_record(old / S.TRIALS_FILE, {k: v for k, v in record.items() if k != "options"})
+    fp = S.fingerprint(tiny_config(epochs=2))
+    with pytest.raises(UserError, match=rf"other options \(fingerprint {records[0]['fingerprint']} vs {fp}\)"):
+        S.search(tiny_config(epochs=2), grid, old, retrain=False, verbose=False)
 
 
 def test_early_stop_rule():
@@ -185,6 +199,7 @@ def test_a_real_trial_stops_after_its_first_evaluation(tmp_path):
     S.append_record(trial.table, reference)
     (record,) = S.run_trials([trial], verbose=False)
     assert record["status"] == "stopped" and record["epochs_trained"] == 1
+    assert record["options"] == S.fingerprint_options(base)  # what a refusal compares: the search's, not the point's
     assert list(record["val_curve"]) == ["1"] and 0.0 <= record["val_accuracy"] < 0.85
     assert not (tmp_path / "trials" / trial.key / "checkpoints").exists()
     with pytest.raises(UserError, match="no trial finished"):

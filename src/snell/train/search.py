@@ -153,16 +153,32 @@ class TrialStopped(Exception):
 # The results table
 
 
-def fingerprint(config: TrainConfig) -> str:
-    """A short hash of everything that must be equal across the trials of one search.
+def fingerprint_options(config: TrainConfig) -> dict[str, Any]:
+    """Everything that must be equal across the trials of one search, as far as it differs from the defaults.
 
     Options at their default value are left out: an option that a later snell adds (at a default that keeps the old
-    behaviour) then leaves the hash alone, and a search's table stays resumable after an upgrade.
+    behaviour) then leaves the fingerprint alone, and a search's table stays resumable after an upgrade.
     """
     defaults = TrainConfig().to_dict()
     changed = {k: v for k, v in config.to_dict().items() if k not in defaults or v != defaults[k]}
-    values = {k: v for k, v in changed.items() if k not in _NOT_IN_FINGERPRINT}
+    return {k: v for k, v in changed.items() if k not in _NOT_IN_FINGERPRINT}
+
+
+def fingerprint(config: TrainConfig) -> str:
+    """A short hash of :func:`fingerprint_options`, which each record of a table carries."""
+    values = fingerprint_options(config)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _option_changes(saved: dict[str, Any], mine: dict[str, Any]) -> str:
+    """``"epochs: saved 2 vs now 3, ..."`` between two :func:`fingerprint_options` (absent: the default)."""
+    defaults = TrainConfig().to_dict()
+    names = sorted(
+        k for k in saved.keys() | mine.keys() if saved.get(k, defaults.get(k)) != mine.get(k, defaults.get(k))
+    )
+    return ", ".join(
+        f"{k}: saved {saved.get(k, defaults.get(k))!r} vs now {mine.get(k, defaults.get(k))!r}" for k in names
+    )
 
 
 def trial_key(params: dict[str, Any], method: str = "snell") -> str:
@@ -202,12 +218,16 @@ def read_table(table: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _completed(table: Path, fp: str) -> dict[str, dict[str, Any]]:
+def _completed(table: Path, fp: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The records of ``table``, refused when it holds a search with other options than ``options`` (hashed:
+    ``fp``), which are named where its records carry theirs."""
     records = read_table(table)
-    others = sorted({r.get("fingerprint") for r in records} - {fp})
-    if others:
+    other = next((r for r in records if r.get("fingerprint") != fp), None)
+    if other is not None:
+        changes = _option_changes(other["options"], options) if isinstance(other.get("options"), dict) else ""
         raise UserError(
-            f"{table} holds trials of a search with other options (fingerprint {others[0]} vs {fp}); "
+            f"{table} holds trials of a search with other options ("
+            f"{changes or 'fingerprint ' + str(other.get('fingerprint')) + ' vs ' + fp}); "
             "use another output folder, or the same options to resume it"
         )
     return {r["key"]: r for r in records}
@@ -288,7 +308,12 @@ def _val_score_curve(out: Path, weights: str = "model") -> dict[int, float]:
 def train_trial(trial: Trial) -> dict[str, Any]:
     """Train one trial and return its record (search trials: val only; final runs: test as well)."""
     started = time.time()
-    record: dict[str, Any] = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint}
+    record: dict[str, Any] = {
+        "key": trial.key,
+        "params": trial.params,
+        "fingerprint": trial.fingerprint,
+        "options": fingerprint_options(trial.config),
+    }
     if not trial.final:
         run = _run_class(trial.config, val_only=True)(trial)
         try:
@@ -371,7 +396,8 @@ def run_trials(
         fps = {t.fingerprint for t in trials if t.table == table}
         if len(fps) > 1:
             raise UserError(f"trials with different base options share the table {table}")
-        done.update({(table, k): r for k, r in _completed(table, fps.pop()).items()})
+        options = fingerprint_options(next(t for t in trials if t.table == table).config)
+        done.update({(table, k): r for k, r in _completed(table, fps.pop(), options).items()})
     pending = [t for t in trials if (t.table, t.key) not in done]
     if verbose and len(pending) < len(trials):
         print(f"skipping {len(trials) - len(pending)} trial(s) already in their tables", flush=True)
