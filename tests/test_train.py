@@ -353,7 +353,8 @@ def test_an_efficientnet_checkpoint_with_one_block_too_many_is_refused_by_name(t
     n = sum(len(stage) for stage in model.blocks)
     state = {"_conv_stem.weight": torch.zeros(32, 3, 3, 3), f"_blocks.{n}._depthwise_conv.weight": torch.zeros(1)}
     torch.save(state, tmp_path / "extra_block.pth")
-    with pytest.raises(UserError, match=rf"extra_block\.pth: checkpoint block {n} does not exist in {n}-block EfficientNet$"):
+    message = rf"extra_block\.pth: checkpoint block {n} does not exist in {n}-block EfficientNet$"
+    with pytest.raises(UserError, match=message):
         load_timm_checkpoint(model, tmp_path / "extra_block.pth", skip_prefix="classifier")
 
 
