@@ -519,6 +519,28 @@ def test_what_a_method_cannot_load_or_adapt_is_refused_by_name(tmp_path: Path) -
         load_trained(build_backbone(lora, num_classes=3), lora, tmp_path)  # holds the full state only
 
 
+def test_a_lora_run_given_another_adapter_refuses_it_in_one_line(tmp_path: Path) -> None:
+    """`snell eval RUN --adapter DIR` on a LoRA run: a SNELL adapter ended in peft's KeyError traceback, a LoRA
+    adapter of another model in torch's size-mismatch listing, a DoRA one would load as plain LoRA."""
+    config = TrainConfig(model="vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_VIT_KWARGS, r=4, sparsity=0.5)
+    lora = dataclasses.replace(config, method="lora")
+    for method in ("snell", "dora"):
+        other = dataclasses.replace(config, method=method)
+        save_trained(apply_method(build_backbone(other, num_classes=3), other), other, tmp_path / method)
+    wider = dataclasses.replace(lora, model_kwargs={**TINY_VIT_KWARGS, "embed_dim": 96})
+    save_trained(apply_method(build_backbone(wider, num_classes=3), wider), wider, tmp_path / "wider")
+    cases = [
+        ("snell", r"holds a SNELL adapter, not the lora adapter of this run"),
+        ("dora", r"holds a peft DoRA adapter, not the lora adapter of this run"),
+        ("wider", r"wider: the adapter was made for another model \(size mismatch for .*\)$"),
+    ]
+    for folder, message in cases:
+        with pytest.raises(UserError, match=message):
+            load_trained(build_backbone(lora, num_classes=3), lora, tmp_path / folder)
+    assert isinstance(load_trained(build_backbone(config, 3), dataclasses.replace(config, method="dora"),
+                                   tmp_path / "dora"), nn.Module)  # fmt: skip
+
+
 def test_lora_in_the_harness_ignores_snells_undropped_modules() -> None:
     """The flag is named as ignored for LoRA; the run then stopped on it, LoRA's layers being found with SNELL's
     config."""

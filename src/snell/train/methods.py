@@ -7,6 +7,7 @@ provide, is always trained fully.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,23 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path, trainin
     return directory
 
 
+def _check_peft_adapter(directory: Path, method: str) -> None:
+    """A `--method lora`/`dora` run's adapter folder holds a peft LoRA adapter (DoRA is LoRA with use_dora): another
+    kind (a SNELL one given with --adapter) ended in a KeyError traceback inside peft."""
+    path = directory / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: no peft adapter (adapter_config.json is missing)")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not readable JSON ({err})") from None
+    kind = saved.get("peft_type") if isinstance(saved, dict) else None
+    dora = bool(saved.get("use_dora")) if isinstance(saved, dict) else False
+    if kind != "LORA" or dora != (method == "dora"):
+        found = "a peft DoRA adapter" if kind == "LORA" and dora else f"a {kind or 'non-peft'} adapter"
+        raise UserError(f"{directory} holds {found}, not the {method} adapter of this run")
+
+
 def load_trained(backbone: Backbone, config: TrainConfig, directory: Path) -> nn.Module:
     """``backbone`` with a result saved by :func:`save_trained` applied (for evaluation or merging)."""
     model = backbone.model
@@ -234,9 +252,12 @@ def load_trained(backbone: Backbone, config: TrainConfig, directory: Path) -> nn
         elif config.method in ("lora", "dora"):
             from peft import PeftModel
 
-            if not (directory / "adapter_config.json").is_file():
-                raise UserError(f"{directory}: no peft adapter (adapter_config.json is missing)")
-            model = PeftModel.from_pretrained(model, str(directory))
+            _check_peft_adapter(directory, config.method)
+            try:
+                model = PeftModel.from_pretrained(model, str(directory))
+            except RuntimeError as err:  # torch's load_state_dict: shapes of another model
+                detail = " ".join(line.strip() for line in str(err).splitlines()[1:2])
+                raise UserError(f"{directory}: the adapter was made for another model ({detail})") from None
         else:
             path = directory / STATE_FILE
             if not path.is_file():
