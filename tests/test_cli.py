@@ -680,6 +680,11 @@ def test_merge_never_overwrites_a_merged_model_unless_forced(
     assert (target / "model.safetensors").read_bytes() == b"someone's model"
     assert main(["merge", str(finished_run), "--output", str(target), "--force"]) == 0
     assert load_file(str(target / "model.safetensors"))
+    mine = tmp_path / "mine"  # a folder of the user's: a transformers merge would replace its config.json
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    _fails(capsys, ["merge", str(finished_run), "--output", str(mine)], "is not empty (config.json, ...)", "--force")
+    assert [p.name for p in mine.iterdir()] == ["config.json"] and "mine" in (mine / "config.json").read_text()
 
 
 def test_too_many_shots_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -98,7 +98,8 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
 def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) -> Path:
     """Write the run's model with the update folded into the weights; returns the output folder.
 
-    An output folder that already holds a merged model is refused unless ``force``, before any work.
+    An output folder that is not empty (a merged model, or files of the user's, whose ``config.json`` or tokenizer
+    files the merge would replace) is refused unless ``force``, before any work; a run folder always.
     """
     output = output or run_dir / "merged"
     check_output_folder(output, "--output")
@@ -107,6 +108,12 @@ def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) ->
     existing = [output / name for name in MERGED_FILES if (output / name).exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it, or choose another --output")
+    held = sorted(output.iterdir()) if output.is_dir() else []
+    if held and not force:
+        raise UserError(
+            f"--output {output} is not empty ({held[0].name}, ...): the merge would replace files of the same names; "
+            "pass --force to write into it, or choose another --output"
+        )
     config, record = load_run_config(run_dir)
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
