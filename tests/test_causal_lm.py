@@ -269,6 +269,9 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token is not None
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors' writer gave the weights 0o600, unlike every other file of the folder
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "merged").glob("*.safetensors")} == {0o666 & ~umask}
     config, _ = load_run_config(run)
     _, adapted = restore(run, config, None)
     ids = torch.tensor([[1, 5, 9, 30, 42, 7]])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from itertools import pairwise
 from pathlib import Path
@@ -539,6 +540,28 @@ def test_a_lora_run_given_another_adapter_refuses_it_in_one_line(tmp_path: Path)
             load_trained(build_backbone(lora, num_classes=3), lora, tmp_path / folder)
     assert isinstance(load_trained(build_backbone(config, 3), dataclasses.replace(config, method="dora"),
                                    tmp_path / "dora"), nn.Module)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_saved_and_merged_files_are_readable_as_any_new_file(method: str, tmp_path: Path) -> None:
+    """safetensors' writer leaves its files 0o600: a LoRA adapter (peft's save_pretrained), a full state and a
+    merged model were unreadable to the rest of a group, unlike snell's own adapters. Mode 0o666 less the umask."""
+    config = TrainConfig(
+        method=method, model="vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_VIT_KWARGS, r=4, sparsity=0.5
+    )
+    backbone = build_backbone(config, num_classes=3)
+    model = apply_method(backbone, config)
+    umask = os.umask(0o027)
+    try:
+        save_trained(model, config, tmp_path / "adapter")
+        snell.train.methods.save_merged(snell.train.methods.merge_trained(model, config), backbone, tmp_path / "merged")
+    finally:
+        os.umask(umask)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.relative_to(tmp_path).as_posix(): oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.relative_to(tmp_path).as_posix(): oct(0o640) for f in files
+    }
 
 
 def test_lora_in_the_harness_ignores_snells_undropped_modules() -> None:

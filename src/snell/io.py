@@ -107,13 +107,18 @@ def _describe(record: dict) -> str:
     return f"{record.get('class')}" + (f" ({name})" if name else "")
 
 
+def _new_file(path: str) -> int:
+    """Create the empty file ``path`` and return its mode: 0o666 less the umask, as the kernel applies it."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return os.stat(path).st_mode & 0o777
+
+
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Write via a temporary file and a rename, so an interrupted save leaves no half-written file. The file
     ends with mode 0o666 less the umask, like any new file (mkstemp, and safetensors' writer, give 0o600,
     which hides adapters from the rest of a group)."""
     tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
-    mode = os.stat(tmp).st_mode & 0o777
+    mode = _new_file(tmp)
     try:
         write(tmp)
         os.chmod(tmp, mode)
@@ -121,6 +126,25 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors' ``save_file``, written atomically and readable as any new file is (its writer gives 0o600)."""
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp))
+
+
+def open_safetensors_modes(directory: str | Path) -> None:
+    """Give the ``*.safetensors`` files that a ``save_pretrained`` (transformers', peft's) wrote in ``directory`` the
+    mode any new file gets, 0o666 less the umask: safetensors' writer leaves them 0o600, which hides a merged model or
+    an adapter from the rest of a group."""
+    directory = Path(directory)
+    probe = str(directory / f".mode.{secrets.token_hex(8)}.tmp")
+    try:
+        mode = _new_file(probe)
+    finally:
+        Path(probe).unlink(missing_ok=True)
+    for path in directory.glob("*.safetensors"):
+        os.chmod(path, mode)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import snell
-from snell.io import savable
+from snell.io import open_safetensors_modes, savable, write_safetensors
 from snell.layers import call_through_forward
 from snell.model import check_merge_targets, enclosing_module, resolve_targets
 from snell.sharded import like
@@ -207,20 +207,21 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path, trainin
         snell.save_adapter(model, directory, training)
     elif config.method in ("lora", "dora"):
         model.save_pretrained(str(directory))
+        open_safetensors_modes(directory)
     else:
         state, stored = {}, set()
         for name, tensor in mutable_state(model).items():
             if tensor.data_ptr() not in stored:  # tied weights (a causal LM's lm_head = embeddings) are stored once
                 stored.add(tensor.data_ptr())
                 state[name] = tensor.detach().cpu().contiguous()
-        save_file(state, str(directory / STATE_FILE))
+        write_safetensors(state, directory / STATE_FILE)
     extra = {  # peft adapters cannot hold a bare parameter; a SNELL adapter holds it (parameters_to_save)
         n: p.detach().cpu().contiguous()
         for n, p in model.named_parameters()
         if p.requires_grad and n.rsplit(".", 1)[-1] in TOKEN_PARAMS and config.method in ("lora", "dora")
     }
     if extra:
-        save_file(extra, str(directory / EXTRA_FILE))
+        write_safetensors(extra, directory / EXTRA_FILE)
     return directory
 
 
@@ -297,8 +298,9 @@ def save_merged(model: nn.Module, backbone: Backbone, directory: Path) -> Path:
     if backbone.kind == "transformers":
         model.save_pretrained(str(directory), safe_serialization=True)
         backbone.tokenizer.save_pretrained(str(directory))
+        open_safetensors_modes(directory)
     else:
         # A module registered under several names (CoaT shares MLPs and position encodings) puts one tensor under
         # several keys.
-        save_file(savable(model.state_dict()), str(directory / MERGED_FILE))
+        write_safetensors(savable(model.state_dict()), directory / MERGED_FILE)
     return directory

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
+from snell.io import open_safetensors_modes
 from snell.train.backbones import Backbone, check_positions
 from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.evaluation import ALL_TASKS, answer_pool, evaluate_split, longest_scoring_sequence
@@ -278,6 +279,7 @@ def save_merged(model: nn.Module, tokenizer: Any, directory: Path, prompt_format
     model.config.use_cache = True  # switched off for gradient checkpointing; generation wants it
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
+    open_safetensors_modes(directory)
     (directory / PROMPT_FILE).write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
     return directory
 
