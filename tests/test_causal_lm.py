@@ -257,6 +257,10 @@ def test_train_eval_merge_with_snell(tiny: tuple[Path, Path], tmp_path: Path, ca
     lines = (data / "test.jsonl").read_text().splitlines()[:3]
     (other / "test.jsonl").write_text("".join(f"{line}\n" for line in lines))
     assert evaluate_run(run, data=str(other))["examples"] == 3
+    only_test = tmp_path / "only_test"  # evaluating other data needs no training split
+    only_test.mkdir()
+    shutil.copy(other / "test.jsonl", only_test / "test.jsonl")
+    assert evaluate_run(run, data=str(only_test))["examples"] == 3
     scaled = tmp_path / "scaled"
     shutil.copytree(run / "adapter", scaled)
     with safe_open(str(scaled / "adapter_model.safetensors"), "pt") as f:

@@ -182,15 +182,17 @@ def read_examples(path: Path) -> list[Example]:
     return examples
 
 
-def load_splits(root: Path, need_val: bool) -> dict[str, list[Example]]:
-    """train and test (and val when selecting on it) from an instruction-data folder."""
+def load_splits(root: Path, need_val: bool, need_train: bool = True) -> dict[str, list[Example]]:
+    """train and test (and val when selecting on it) from an instruction-data folder; an evaluation of other data
+    (``need_train=False``) needs no training split."""
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; a causal LM trains on a folder with train.jsonl and test.jsonl")
+    needed = {"train": need_train, "val": need_val, "test": True}
     splits = {}
     for split in SPLITS:
         path = split_file(root, split)
         if path is None:
-            if split != "val" or need_val:
+            if needed[split]:
                 raise UserError(f"{root}: no {split}.jsonl or {split}.json")
             continue
         splits[split] = read_examples(path)

@@ -103,10 +103,12 @@ def _check_answers(split: str, examples: list[I.Example]) -> bool:
     return all(have)
 
 
-def load_examples(config: TrainConfig) -> dict[str, list[I.Example]]:
+def load_examples(config: TrainConfig, evaluating: str | None = None) -> dict[str, list[I.Example]]:
     """The splits a run uses, whole: ``--max-eval-samples`` limits what is evaluated (:func:`evaluated`), not the
-    val records that train under the default protocol, nor the answers a task may take."""
-    splits = I.load_splits(Path(config.data), need_val=config.select_on == "val")
+    val records that train under the default protocol, nor the answers a task may take. ``snell eval`` of split
+    ``evaluating`` needs only that split (other data may hold nothing else)."""
+    need_val = config.select_on == "val" if evaluating is None else evaluating == "val"
+    splits = I.load_splits(Path(config.data), need_val=need_val, need_train=evaluating is None)
     for split in ("val", "test"):
         if split in splits:
             _check_answers(split, splits[split])
@@ -304,7 +306,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """`snell eval` of a causal-LM run: loss, perplexity and (with answers) accuracy on one split."""
     config = dataclasses.replace(config, progress=False, data=data or config.data).evaluating(split)
-    splits = load_examples(config)
+    splits = load_examples(config, evaluating=split)
     examples = evaluated(splits, split, config)
     backbone, model = restore(run_dir, config, adapter)
     accelerator = make_accelerator(config)
