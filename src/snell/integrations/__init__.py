@@ -5,4 +5,6 @@ transformers nor timm.
   ``peft_config=``).
 - :mod:`snell.integrations.transformers`: ``SnellTrainer`` so that ``Trainer.save_model`` and every checkpoint
   of a model from ``snell.get_snell_model`` hold a SNELL adapter.
+- :mod:`snell.integrations.causal_lm`: ``load_causal_lm`` for a causal LM folder or GGUF file, trainable and
+  savable (transformers' own GGUF load leaves it marked quantized).
 """
