@@ -658,6 +658,19 @@ def test_a_refusal_after_the_model_is_built_is_still_one_line_and_writes_nothing
     assert not out.exists()
 
 
+def test_eval_and_merge_of_an_unfinished_run_say_how_to_finish_it(
+    vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They said "adapter folder not found": the adapter is written when the run ends."""
+    run = tmp_path / "run"
+    stop_after_first_checkpoint(["train", "--data", str(vtab_dir), *BASE, "--epochs", "2", "--output-dir", str(run)],
+                                monkeypatch)  # fmt: skip
+    capsys.readouterr()
+    for command in (["eval", str(run)], ["merge", str(run)]):
+        _fails(capsys, command, f"{run} holds a run that has not finished", "--resume, or give --adapter")
+    assert not (run / "merged").exists()
+
+
 def test_resume_accepts_the_same_folders_spelt_relative(
     finished_run: Path, vtab_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -799,6 +812,11 @@ def test_the_demo_command_line_parses_methods_refuses_model_and_raises_under_sne
     assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "--model is for --task llm" in capsys.readouterr().err and not seen
     assert main(["demo", "--methods", " snell , lora,"]) == 0 and seen == [["snell", "lora"]]
+    assert main(["demo", "--task", "text"]) == 0 and seen[-1] == ["snell", "lora", "full", "linear"]
+    from snell.train.causal_lm import demo as llm_demo  # a causal LM has no head to probe: dora, not linear
+
+    monkeypatch.setattr(llm_demo, "run_llm_demo", lambda methods, *rest: seen.append(methods))
+    assert main(["demo", "--task", "llm"]) == 0 and seen[-1] == ["snell", "lora", "dora", "full"]
     monkeypatch.setenv("SNELL_DEBUG", "1")  # the traceback, for a developer
     with pytest.raises(UserError, match="--model is for --task llm"):
         main(["demo", "--model", str(tmp_path)])

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import NoReturn
 
 USAGE_ERROR = 2
+#: What `snell demo` compares by default: a causal LM has no head for linear probing.
+DEMO_METHODS = {"image": "snell,lora,full,linear", "text": "snell,lora,full,linear", "llm": "snell,lora,dora,full"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="overwrite a merged model already in the output folder")
 
-    demo = commands.add_parser("demo", help="compare snell, lora, full and linear on real data, offline")
+    demo = commands.add_parser("demo", help="compare the methods on real data and models, offline")
     demo.add_argument(
         "--task", default="image", choices=("image", "text", "llm"), help="what to fine-tune [default: image]"
     )
@@ -73,8 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--methods",
-        default="snell,lora,full,linear",
-        help="comma-separated methods to compare [default: snell,lora,full,linear]",
+        default=None,
+        help=f"comma-separated methods [default: {DEMO_METHODS['image']}; --task llm: {DEMO_METHODS['llm']}]",
     )
     demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
     demo.add_argument(
@@ -109,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.task == "llm":
         from snell.train.causal_lm.demo import run_llm_demo
 
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in (args.methods or DEMO_METHODS["llm"]).split(",") if m.strip()]
         run_llm_demo(methods, args.output_dir, args.epochs, args.progress, args.model)
     else:
         from snell.train.config import UserError
@@ -118,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("--model is for --task llm; the image and text demos use their packaged models")
         from snell.train.demo import run_demo
 
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in (args.methods or DEMO_METHODS[args.task]).split(",") if m.strip()]
         run_demo(args.task, methods, args.output_dir, args.epochs, args.progress)
     return 0
 

@@ -66,11 +66,22 @@ def restore(
     return config, task, backbone, model
 
 
+def check_finished(run_dir: Path, adapter: Path | None = None) -> None:
+    """A run that has not finished has no adapter yet (it is written at the end): say so, and how to finish it,
+    rather than "adapter folder not found"."""
+    if adapter is None and not (run_dir / SUMMARY_FILE).is_file() and not (run_dir / "adapter").exists():
+        raise UserError(
+            f"{run_dir} holds a run that has not finished (no {SUMMARY_FILE}, no adapter yet): finish it with its "
+            "`snell train` command plus --resume, or give --adapter"
+        )
+
+
 def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None, data: str | None = None) -> dict:
     """Accuracy of a run's saved result on one split."""
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
     config, record = load_run_config(run_dir)
+    check_finished(run_dir, adapter)
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
 
@@ -115,6 +126,7 @@ def merge_run(run_dir: Path, output: Path | None = None, force: bool = False) ->
             "pass --force to write into it, or choose another --output"
         )
     config, record = load_run_config(run_dir)
+    check_finished(run_dir)
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
 

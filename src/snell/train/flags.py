@@ -29,7 +29,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, helps: dict[str, str] |
     parser.add_argument(
         "--recipe", default=None, help="vtab/<task>, fgvc/<dataset>, snella/{vtab,fgvc}/<task> or a recipe YAML file"
     )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its last checkpoint (none there yet: start it, and say so)",
+    )
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = (helps or {}).get(f.name, f.metadata["help"])

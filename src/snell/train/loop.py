@@ -148,6 +148,8 @@ class Run:
 
     #: what :meth:`_batch_loss` counts as scored predictions, which the epoch's throughput is per
     scored_unit = "examples"
+    #: what the training split holds, for the opening line (a packed causal-LM split: sequences of examples)
+    train_unit = "examples"
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.started = time.time()
@@ -480,7 +482,7 @@ class Run:
         if self.main:
             print(
                 f"{cfg.method} on {self.task.name}: {self.trainable:,} of {self.total:,} parameters trainable; "
-                f"train {len(self.task.train)} examples, {cfg.epochs} epochs x {steps_per_epoch} steps "
+                f"train {len(self.task.train)} {self.train_unit}, {cfg.epochs} epoch(s) x {steps_per_epoch} steps "
                 f"on {acc.num_processes} process(es)",
                 flush=True,
             )

@@ -71,7 +71,9 @@ def build_causal_lm(config: TrainConfig) -> Backbone:
 def check_config(config: TrainConfig) -> None:
     """Options that mean nothing, or something else, for a causal LM."""
     if config.method == "linear":
-        raise UserError("--method linear trains a classification head; a causal LM has none (use snell, lora, full)")
+        raise UserError(
+            "--method linear trains a classification head; a causal LM has none (use snell, snella, lora, dora or full)"
+        )
     if config.data_format != "auto":
         raise UserError("a causal LM reads instruction data (train.jsonl, ...); leave --data-format at auto")
     if not config.data:
@@ -197,6 +199,8 @@ class CausalLMRun(Run):
         self.task = Task(Path(config.data).name, "causal_lm", "instructions", 0, names, sets["train"], sets["test"])
         self.task.val = sets["val"]
         self.task.sizes = {k: len(v) for k, v in sets.items() if v is not None}
+        if config.packing:
+            self.train_unit = f"packed sequences (of {len(train)} examples)"
         self.model = apply_method(self.backbone, config)
 
     def _loader(self, dataset: I.EncodedSplit, train: bool) -> DataLoader:
