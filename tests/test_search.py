@@ -279,9 +279,9 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(S, "train_trial", lambda trial: trained.append(trial) or fake_record(trial, 0.5))
     out = ["--output-dir", str(tmp_path / "bad")]
-    with pytest.raises(UserError, match=r"sparsity must lie in \[0, 1\), got 1\.0"):
+    with pytest.raises(UserError, match=r"sparsity \(--sparsity\) must lie in \[0, 1\), got 1\.0"):
         S.search_from_args(parser.parse_args([*argv, *out, "--grid-sparsity", "0,1"]))
-    with pytest.raises(UserError, match="r must be divisible by num_pieces for piecewise_linear, got r=3"):
+    with pytest.raises(UserError, match=r"r \(--rank\) must be divisible by num_pieces for piecewise_linear, got r=3"):
         S.search_from_args(parser.parse_args([*argv, *out, "--grid-r", "4,3"]))  # r = 4 trained, then r = 3 failed
     for margin in ("-1", "nan"):  # a negative margin stopped every trial that tied the best
         with pytest.raises(UserError, match=f"--early-stop-margin must be a finite number >= 0, got {margin}"):

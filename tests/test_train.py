@@ -168,7 +168,7 @@ def test_user_recipe_file_is_copyable_and_errors_name_file_and_line(tmp_path: Pa
 
     bad_value = tmp_path / "bad.yaml"
     bad_value.write_text("method: sparse\n")
-    with pytest.raises(UserError, match="method must be one of"):
+    with pytest.raises(UserError, match=r"method \(--method\) must be one of"):
         resolve_config(str(bad_value), {})
 
 
@@ -422,26 +422,28 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"img_size": 0}, r"img_size must be a positive integer \(or unset\), got 0"),
+        ({"img_size": 0}, r"img_size \(--img-size\) must be a positive integer \(or unset\), got 0"),
         ({"img_size": 64, "model_kwargs": {"img_size": 32}}, "img_size 64 differs from model_kwargs img_size 32"),
-        ({"max_eval_samples": 0}, r"max_eval_samples must be a positive integer \(or unset\), got 0"),
-        ({"num_classes": 0}, r"num_classes must be a positive integer \(or unset\), got 0"),
-        ({"shots": 0}, "shots must be a positive integer, got 0"),
-        ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
-        ({"adapter_dropout": 1.5}, r"adapter_dropout must lie in \[0, 1\), got 1.5"),
-        ({"drop_path_rate": -0.1}, r"drop_path_rate must lie in \[0, 1\), got -0.1"),
-        ({"adapter_drop_path": 1.5}, r"adapter_drop_path must lie in \[0, 1\), got 1.5"),
-        ({"min_lr": -1e-5}, "min_lr must be a non-negative number, got -1e-05"),
+        ({"max_eval_samples": 0}, r"max_eval_samples \(--max-eval-samples\) must be a positive integer \(or unset\)"),
+        ({"num_classes": 0}, r"num_classes \(--num-classes\) must be a positive integer \(or unset\), got 0"),
+        ({"shots": 0}, r"shots \(--shots\) must be a positive integer, got 0"),
+        ({"num_workers": -1}, r"num_workers \(--num-workers\) must be an integer >= 0, got -1"),
+        ({"adapter_dropout": 1.5}, r"adapter_dropout \(--adapter-dropout\) must lie in \[0, 1\), got 1.5"),
+        ({"drop_path_rate": -0.1}, r"drop_path_rate \(--drop-path-rate\) must lie in \[0, 1\), got -0.1"),
+        ({"adapter_drop_path": 1.5}, r"adapter_drop_path \(--adapter-drop-path\) must lie in \[0, 1\), got 1.5"),
+        ({"min_lr": -1e-5}, r"min_lr \(--min-lr\) must be a non-negative number, got -1e-05"),
         ({"protocol": "reference", "select_on": "val"}, "--protocol reference selects on test"),
-        ({"color_jitter": -1.0}, "color_jitter must be a non-negative number, got -1.0"),
-        ({"lora_alpha": 0.0}, r"lora_alpha must be a positive number \(or unset: r\), got 0.0"),
-        ({"lr": float("nan")}, "lr must be a finite number, got nan"),  # nan < 0 is False: a range check misses it
-        ({"warmup_epochs": float("nan")}, "warmup_epochs must be a finite number, got nan"),
-        ({"weight_decay": float("inf")}, "weight_decay must be a finite number, got inf"),
-        ({"sparsity": float("nan")}, "sparsity must be a finite number, got nan"),
-        ({"bf16": "no"}, "bf16 must be true or false, got 'no'"),  # a recipe's quoted "no" was true: bf16 on
-        ({"merge": 0}, "merge must be true or false, got 0"),
-        ({"epochs": True}, "epochs must be a number, got True"),  # bool is an int to isinstance
+        ({"color_jitter": -1.0}, r"color_jitter \(--color-jitter\) must be a non-negative number, got -1.0"),
+        ({"lora_alpha": 0.0}, r"lora_alpha \(--lora-alpha\) must be a positive number \(or unset: r\), got 0.0"),
+        # nan < 0 is False: a range check misses it
+        ({"lr": float("nan")}, r"lr \(--lr\) must be a finite number, got nan"),
+        ({"warmup_epochs": float("nan")}, r"warmup_epochs \(--warmup-epochs\) must be a finite number, got nan"),
+        ({"weight_decay": float("inf")}, r"weight_decay \(--weight-decay\) must be a finite number, got inf"),
+        ({"sparsity": float("nan")}, r"sparsity \(--sparsity\) must be a finite number, got nan"),
+        # a recipe's quoted "no" was true: bf16 on
+        ({"bf16": "no"}, r"bf16 \(--bf16\) must be true or false, got 'no'"),
+        ({"merge": 0}, r"merge \(--merge\) must be true or false, got 0"),
+        ({"epochs": True}, r"epochs \(--epochs\) must be a number, got True"),  # bool is an int to isinstance
     ],
 )
 def test_values_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:

@@ -63,17 +63,17 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"target_sparsity": 1.0}, r"target_sparsity must lie in \[0, 1\), got 1.0"),
-        ({"init_sparsity": -0.1}, r"init_sparsity must lie in \[0, 1\), got -0.1"),
-        ({"alloc_beta1": 1.0}, r"alloc_beta1 must lie in \(0, 1\), got 1.0"),
-        ({"alloc_beta2": 0}, r"alloc_beta2 must lie in \(0, 1\), got 0"),
-        ({"alloc_mask_interval": 0}, "alloc_mask_interval must be an integer >= 1, got 0"),
-        ({"alloc_init_warmup": -1}, "alloc_init_warmup must be an integer >= 0, got -1"),
-        ({"alloc_epochs": 0}, r"alloc_epochs must be a positive integer \(or unset\), got 0"),
-        ({"alloc_epochs": 11}, r"alloc_epochs must be in \[1, epochs=10\] .*got 11"),
+        ({"target_sparsity": 1.0}, r"target_sparsity \(--target-sparsity\) must lie in \[0, 1\), got 1.0"),
+        ({"init_sparsity": -0.1}, r"init_sparsity \(--init-sparsity\) must lie in \[0, 1\), got -0.1"),
+        ({"alloc_beta1": 1.0}, r"alloc_beta1 \(--alloc-beta1\) must lie in \(0, 1\), got 1.0"),
+        ({"alloc_beta2": 0}, r"alloc_beta2 \(--alloc-beta2\) must lie in \(0, 1\), got 0"),
+        ({"alloc_mask_interval": 0}, r"alloc_mask_interval \(--alloc-mask-interval\) must be an integer >= 1, got 0"),
+        ({"alloc_init_warmup": -1}, r"alloc_init_warmup \(--alloc-init-warmup\) must be an integer >= 0, got -1"),
+        ({"alloc_epochs": 0}, r"alloc_epochs \(--alloc-epochs\) must be a positive integer \(or unset\), got 0"),
+        ({"alloc_epochs": 11}, r"alloc_epochs \(--alloc-epochs\) must be in \[1, epochs=10\] .*got 11"),
         ({"alloc_init_warmup": 5, "alloc_final_warmup": 5}, "must be below the schedule's 10 epochs, got 5 \\+ 5"),
-        ({"r": 9}, "r must be divisible by num_pieces for mixk, got r=9, num_pieces=2"),
-        ({"kernel": "rbf"}, "kernel must be mixk or unset, got 'rbf'"),
+        ({"r": 9}, r"r \(--rank\) must be divisible by num_pieces for mixk, got r=9, num_pieces=2"),
+        ({"kernel": "rbf"}, r"kernel \(--kernel\) must be mixk or unset, got 'rbf'"),
     ],
 )
 def test_allocation_options_that_cannot_work_name_the_value_and_the_range(values: dict, message: str) -> None:

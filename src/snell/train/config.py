@@ -241,40 +241,40 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise UserError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+                raise UserError(f"{called(f.name)} must be one of {list(choices)}, got {value!r}")
             # nan passes every range check below (each comparison is false), inf the open-ended ones
             if f.type.startswith("float") and isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{f.name} must be a finite number, got {value!r}")
+                raise UserError(f"{called(f.name)} must be a finite number, got {value!r}")
             # a recipe's quoted "no" is a non-empty string, so true; YAML's true is an int to isinstance
             if f.type == "bool" and not isinstance(value, bool):
-                raise UserError(f"{f.name} must be true or false, got {value!r}")
+                raise UserError(f"{called(f.name)} must be true or false, got {value!r}")
             if f.type.startswith(("int", "float")) and isinstance(value, bool):
-                raise UserError(f"{f.name} must be a number, got {value!r}")
+                raise UserError(f"{called(f.name)} must be a number, got {value!r}")
         positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "num_pieces")
         positive += ("max_length", "shots")
         positive += ("max_new_tokens", "num_beams")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UserError(f"{called(name)} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("img_size", "max_eval_samples", "num_classes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise UserError(f"{name} must be a positive integer (or unset), got {value!r}")
+                raise UserError(f"{called(name)} must be a positive integer (or unset), got {value!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise UserError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+            raise UserError(f"{called('num_workers')} must be an integer >= 0, got {self.num_workers!r}")
         for name in ("sparsity", "drop_path_rate", "adapter_dropout", "adapter_drop_path"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise UserError(f"{name} must lie in [0, 1), got {value!r}")
+                raise UserError(f"{called(name)} must lie in [0, 1), got {value!r}")
         if self.augment not in (None, "vtab", "fgvc"):
-            raise UserError(f"augment must be vtab or fgvc, got {self.augment!r}")
+            raise UserError(f"{called('augment')} must be vtab or fgvc, got {self.augment!r}")
         if self.select_on == "val" and self.protocol == "reference":
             raise UserError(
                 "--protocol reference selects on test by definition; it cannot be combined with --select-on val"
             )
         decay = self.ema_decay
         if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
-            raise UserError(f"ema_decay must lie in (0, 1), got {decay!r}")
+            raise UserError(f"{called('ema_decay')} must lie in (0, 1), got {decay!r}")
         if decay is not None and self.fsdp:  # the average would be of this process's shards, and so would the swap
             raise UserError("--ema-decay cannot be combined with --fsdp")
         if self.bf16 and self.fp16:
@@ -284,19 +284,20 @@ class TrainConfig:
         if self.fsdp and self.merge:  # merging rewrites weights that only the main process would hold whole
             raise UserError("--merge cannot be combined with --fsdp; run `snell merge RUN_DIR` after training")
         if not isinstance(self.model_kwargs, dict):
-            raise UserError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
+            raise UserError(f"{called('model_kwargs')} must be a mapping, got {self.model_kwargs!r}")
         kwargs_size = self.model_kwargs.get("img_size")
         if self.img_size is not None and kwargs_size is not None and kwargs_size != self.img_size:
             raise UserError(f"img_size {self.img_size} differs from model_kwargs img_size {kwargs_size!r}; give one")
         if self.lora_alpha is not None and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
-            raise UserError(f"lora_alpha must be a positive number (or unset: r), got {self.lora_alpha!r}")
+            raise UserError(f"{called('lora_alpha')} must be a positive number (or unset: r), got {self.lora_alpha!r}")
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "color_jitter"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise UserError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+                raise UserError(f"{called(name)} must be a non-negative number, got {getattr(self, name)!r}")
         kernel = "mixk" if self.method == "snella" else self.kernel
         if self.method in SNELL_METHODS and kernel in PIECEWISE_KERNELS and self.r % self.num_pieces:
             raise UserError(
-                f"r must be divisible by num_pieces for {kernel}, got r={self.r}, num_pieces={self.num_pieces}"
+                f"{called('r')} must be divisible by num_pieces for {kernel}, "
+                f"got r={self.r}, num_pieces={self.num_pieces}"
             )
         self._validate_allocation()
 
@@ -347,29 +348,31 @@ class TrainConfig:
         for name in ("target_sparsity", "init_sparsity"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise UserError(f"{name} must lie in [0, 1), got {value!r}")
+                raise UserError(f"{called(name)} must lie in [0, 1), got {value!r}")
         for name in ("alloc_beta1", "alloc_beta2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise UserError(f"{name} must lie in (0, 1), got {value!r}")
+                raise UserError(f"{called(name)} must lie in (0, 1), got {value!r}")
         for name, least in (("alloc_init_warmup", 0), ("alloc_final_warmup", 0), ("alloc_mask_interval", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
+                raise UserError(f"{called(name)} must be an integer >= {least}, got {value!r}")
         if self.alloc_epochs is not None and (
             isinstance(self.alloc_epochs, bool) or not isinstance(self.alloc_epochs, int) or self.alloc_epochs < 1
         ):
-            raise UserError(f"alloc_epochs must be a positive integer (or unset), got {self.alloc_epochs!r}")
+            raise UserError(
+                f"{called('alloc_epochs')} must be a positive integer (or unset), got {self.alloc_epochs!r}"
+            )
         if self.method != "snella":
             return
         if self.kernel != "mixk":
             raise UserError(
-                f"--method snella trains the mixk kernel; kernel must be mixk or unset, got {self.kernel!r}"
+                f"--method snella trains the mixk kernel; {called('kernel')} must be mixk or unset, got {self.kernel!r}"
             )
         length = self.allocation_epochs()
         if length > self.epochs:
             raise UserError(
-                f"alloc_epochs must be in [1, epochs={self.epochs}] (a longer schedule never reaches "
+                f"{called('alloc_epochs')} must be in [1, epochs={self.epochs}] (a longer schedule never reaches "
                 f"--target-sparsity), got {length}"
             )
         if self.alloc_init_warmup + self.alloc_final_warmup >= length:
@@ -403,6 +406,17 @@ def check_output_folder(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path} {detail}; give a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable")
+
+
+def flag_name(name: str) -> str:
+    """The `snell train` flag of TrainConfig field ``name`` (``r`` is ``--rank``: under torchrun ``--r`` is taken
+    for an abbreviation of torchrun's own options)."""
+    return "--rank" if name == "r" else "--" + name.replace("_", "-")
+
+
+def called(name: str) -> str:
+    """A field as an error names it, for recipe files and the command line alike: ``max_length (--max-length)``."""
+    return f"{name} ({flag_name(name)})"
 
 
 def default_output_dir(config: TrainConfig) -> Path:

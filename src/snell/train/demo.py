@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snell.train.config import UserError, check_output_folder
-from snell.train.flags import config_from_args, flag_name, method_reads
+from snell.train.config import UserError, check_output_folder, flag_name
+from snell.train.flags import config_from_args, method_reads
 from snell.train.plots import pyplot, save_figure
 
 #: Settings shared by every method of a demo task; values are `snell train` flags.

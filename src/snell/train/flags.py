@@ -9,7 +9,7 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
-from snell.train.config import SNELL_METHODS, TrainConfig, UserError, first_process
+from snell.train.config import SNELL_METHODS, TrainConfig, UserError, first_process, flag_name
 from snell.train.recipes import parse_floats, resolve_config
 
 
@@ -86,12 +86,6 @@ _CLASSIFIER_OPTIONS = (
     "shots", "data_seed", "img_size", "num_classes", "augment", "color_jitter", "normalize", "model_kwargs",
     "pretrained", "drop_path_rate", "train_cls_token",
 )  # fmt: skip
-
-
-def flag_name(name: str) -> str:
-    """The `snell train` flag of TrainConfig field ``name`` (``r`` is ``--rank``: under torchrun ``--r`` is taken
-    for an abbreviation of torchrun's own options)."""
-    return "--rank" if name == "r" else "--" + name.replace("_", "-")
 
 
 def ignored_model_flags(config: TrainConfig, flags: set[str] | dict[str, Any]) -> str | None:
