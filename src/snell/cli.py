@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -127,6 +128,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `snell` console script and of `python -m snell`."""
+    # peft reads a model attribute that transformers renamed: a warning about the installed pair that a user of the
+    # command cannot act on (the library leaves warnings alone).
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     args = _build_parser().parse_args(argv)
     from snell.train.config import UserError
     from snell.train.data import DataFormatError

@@ -206,7 +206,9 @@ def save_trained(model: nn.Module, config: TrainConfig, directory: Path, trainin
     if config.method in SNELL_METHODS:
         snell.save_adapter(model, directory, training)
     elif config.method in ("lora", "dora"):
-        model.save_pretrained(str(directory))
+        # The harness never adapts embeddings; "auto" would look for the base model's config.json to compare vocab
+        # sizes, and warn for a GGUF model's folder, which has none.
+        model.save_pretrained(str(directory), save_embedding_layers=False)
         open_safetensors_modes(directory)
     else:
         state, stored = {}, set()
