@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from snell.train.causal_lm.demo import SMOLLM2, smollm2_file, write_task
-from snell.train.demo import _flags
+from snell.train.demo import flag_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "llm_study"
@@ -136,7 +136,7 @@ def run_dir(task: str, key: str, point: dict[str, Any], seed: int) -> Path:
 
 def command(data: Path, key: str, point: dict[str, Any], seed: int, out: Path) -> list[str]:
     flags = {**SETTINGS, **METHODS[key].flags, **point, "seed": seed, "model": smollm2_file(), "data": data}
-    return [sys.executable, "-m", "snell", "train", *_flags({**flags, "output_dir": out}), "--no-progress"]
+    return [sys.executable, "-m", "snell", "train", *flag_args({**flags, "output_dir": out}), "--no-progress"]
 
 
 def run(data: Path, task: str, key: str, point: dict[str, Any], seed: int, execute: bool) -> dict[str, Any] | None:

@@ -73,7 +73,7 @@ def test_applied_swaps_in_the_average_and_gives_the_model_back_bit_for_bit_even_
 def test_a_decay_outside_0_1_is_refused_by_value(decay: object) -> None:
     with pytest.raises(ValueError, match=r"ema decay must lie in \(0, 1\)"):
         WeightEma(_toy(), decay)  # type: ignore[arg-type]
-    with pytest.raises(UserError, match=r"ema_decay must (lie in \(0, 1\)|be a number, got True)"):
+    with pytest.raises(UserError, match=r"ema_decay \(--ema-decay\) must (lie in \(0, 1\)|be a number, got True)"):
         TrainConfig(ema_decay=decay)  # type: ignore[arg-type]
 
 
