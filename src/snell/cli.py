@@ -65,7 +65,11 @@ def _build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
     merge.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
     merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
-    merge.add_argument("--force", action="store_true", help="write into a non-empty output folder (its files of the same names are replaced)")
+    merge.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty output folder (its files of the same names are replaced)",
+    )
 
     demo = commands.add_parser("demo", help="compare the methods on real data and models, offline")
     demo.add_argument(
