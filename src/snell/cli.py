@@ -60,7 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--split", default="test", choices=("test", "val"), help="the split to evaluate on [default: test]"
     )
     evaluate.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: RUN_DIR/adapter)")
-    evaluate.add_argument("--data", default=None, help="evaluate on other data with the same classes")
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="evaluate on other data: a classifier's with the same classes, a causal LM's folder with the split",
+    )
 
     merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
     merge.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
