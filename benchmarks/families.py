@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in source:
             rows.append(row)
             print(" ".join(f"{key}={row[key]}" for key in FIELDS if key in row), flush=True)
+    unknown = sorted(only - {str(r["family"]) for r in rows})
+    if unknown:  # a mistyped name printed "0 adapted" and passed
+        print(f"families: error: --only {' '.join(unknown)}: no such family in {', '.join(args.libraries)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     checked = [r for r in rows if "rule" in r]
     flagged = [r for r in checked if r["status"] != "ok"]
     print(f"{len(checked)} adapted, {len(flagged)} to check, {len(rows) - len(checked)} not adapted "

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from benchmarks.fused_layer import paired
-from benchmarks.report import matrix_shape, positive_int
-from snell import fused_cpu
+from benchmarks.report import matrix_shape, positive_int, sparsity
+from snell import SnellConfig, fused_cpu
 from snell.layers import init_factors
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -61,10 +61,15 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="+", type=positive_int, default=[8, 32])
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--mode", choices=("reference", "mask"), default="reference")
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sparsity", type=sparsity, default=0.9)
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
+    for rank in args.ranks:  # the library's own checks: the factors here are built by hand
+        try:
+            SnellConfig(r=rank, sparsity=args.sparsity)
+        except ValueError as err:
+            parser.error(str(err))
     if not fused_cpu.available():
         raise SystemExit("the fused kernels are unavailable here (is numba installed?)")
     torch.manual_seed(0)

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.report import layer_shape, positive_int
+from benchmarks.report import layer_shape, positive_int, sparsity
 from benchmarks.run import TIMED_ENV
-from snell import fused_cpu
+from snell import SnellConfig, fused_cpu
 from snell.function import FusedSnell
 from snell.layers import init_factors
 from snell.spec import SnellSpec
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--in-features", type=positive_int, default=4096)
     parser.add_argument("--tokens", type=positive_int, default=256)
     parser.add_argument("--rank", type=positive_int, default=8)
-    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--sparsity", type=sparsity, default=0.9)
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--kernel", choices=("piecewise_linear", "mixk"), default="piecewise_linear")
     parser.add_argument("--rounds", type=positive_int, default=7)
@@ -201,6 +201,10 @@ def main() -> None:
     )
     parser.add_argument("--out", help="with --sweep: write the rows as JSON here")
     args = parser.parse_args()
+    try:  # the library's own checks: the factors here are built by hand, past get_snell_model's
+        SnellConfig(r=args.rank, kernel=args.kernel, sparsity=args.sparsity)
+    except ValueError as err:
+        parser.error(str(err))
     if any(os.environ.get(name) != value for name, value in TIMED_ENV.items()):
         # the suite's pinned allocator (as ab_step): no method pays page faults for its m×n buffers
         os.execve(

@@ -35,7 +35,15 @@ from torch import nn
 
 from benchmarks.llm_scale import LLAMA_LAYERS
 from benchmarks.memory import SavedTensorBytes, run_steps
-from benchmarks.report import REPO, command_line, environment, environment_markdown, markdown_table
+from benchmarks.report import (
+    REPO,
+    command_line,
+    environment,
+    environment_markdown,
+    markdown_table,
+    non_negative_int,
+    positive_int,
+)
 
 MB = 1024 * 1024
 OUT = REPO / "benchmarks" / "results" / "llm_memory"
@@ -107,6 +115,24 @@ def batch(size: int, seq: int, prompt: int, vocab: int) -> tuple[dict[str, torch
     labels = ids.clone()
     labels[:, :prompt] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
+
+
+def job_spec(text: str) -> str:
+    """argparse type: ``method:loss[:ckpt][:torchpath]`` or ``eval:loss``, every part checked (a mistyped loss ran
+    as "plain", a mistyped method failed in its worker, a job without a loss failed at the report)."""
+    method, _, rest = text.partition(":")
+    loss, *flags = rest.split(":")
+    problems = []
+    if method != "eval" and method not in METHODS:
+        problems.append(f"method {method!r} is not eval or one of {', '.join(METHODS)}")
+    if loss not in ("plain", "chunked"):
+        problems.append(f"loss {loss!r} is not plain or chunked")
+    unknown = [flag for flag in flags if flag not in ("ckpt", "torchpath")]
+    if unknown:
+        problems.append(f"unknown options {unknown} (ckpt, torchpath)")
+    if problems:
+        raise argparse.ArgumentTypeError(f"{text!r}: {'; '.join(problems)}")
+    return text
 
 
 def worker(job: str, model_path: str, size: int, seq: int, prompt: int, warm: bool = False) -> dict[str, Any]:
@@ -244,13 +270,19 @@ def drive(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--jobs", nargs="+", default=JOBS, help="method:loss[:ckpt][:torchpath] (SNELL without numba) or eval:loss"
+        "--jobs",
+        nargs="+",
+        type=job_spec,
+        default=JOBS,
+        help="method:loss[:ckpt][:torchpath] (SNELL without numba) or eval:loss",
     )
     parser.add_argument("--model", help="a .gguf file or a transformers folder (default: the SmolLM2 GGUF)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--eval-batch", type=int, default=100)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--prompt", type=int, default=192, help="tokens of each sequence masked out of the loss")
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--eval-batch", type=positive_int, default=100)
+    parser.add_argument("--seq", type=positive_int, default=256)
+    parser.add_argument(
+        "--prompt", type=non_negative_int, default=192, help="tokens of each sequence masked out of the loss"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--warm", action="store_true", help="load each method's kernels before the window opens")
     parser.add_argument("--worker", metavar="JOB", help="run one job in this process (JSON on stdout)")

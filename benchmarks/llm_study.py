@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import positive_int
 from snell.train.causal_lm.demo import SMOLLM2, smollm2_file, write_task
 from snell.train.demo import flag_args
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="bbc,wordnet", help="comma-separated: " + ", ".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument("--jobs", type=positive_int, default=2, help="runs at once, one thread each")
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from the runs that exist; run nothing"
     )

@@ -22,6 +22,7 @@ from torch import nn
 
 from benchmarks.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
+from benchmarks.report import positive_int
 from benchmarks.step import make_step
 
 MB = 1024 * 1024
@@ -95,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
     parser.add_argument("--method", choices=list(METHODS), required=True)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) when the forward ends")
     args = parser.parse_args()
     events, peak, heap_free = trace_step(args.model, args.method, args.batch, args.trim)

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import llama, llm_scale
 from benchmarks.methods import METHODS, MODELS, NUM_CLASSES
+from benchmarks.report import positive_int
 from benchmarks.step import DTYPES, make_step
 from snell import fused_cpu, fused_cpu_kernels, fused_cpu_path
 
@@ -75,18 +76,26 @@ def time_fused_passes(step: Callable[[], object], steps: int) -> None:
         print(f"{label:48s} {spent[label] / steps * 1e3:9.1f} ms")
 
 
+#: The profiler table's CPU sort keys (torch.autograd.profiler_util).
+SORT_KEYS = ("self_cpu_time_total", "cpu_time_total", "cpu_time", "self_cpu_memory_usage", "cpu_memory_usage", "count")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_b16")
     parser.add_argument("--method", required=True, help="a vision method, or with --llama-layers an llm_scale one")
-    parser.add_argument("--llama-layers", type=int, metavar="N", help="profile llm_scale's step of N decoder layers")
-    parser.add_argument("--seq", type=int, default=256, help="tokens of the LLaMA step")
+    parser.add_argument(
+        "--llama-layers", type=positive_int, metavar="N", help="profile llm_scale's step of N decoder layers"
+    )
+    parser.add_argument("--seq", type=positive_int, default=256, help="tokens of the LLaMA step")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--batch", type=int, help="images (default 8), or with --llama-layers sequences (default 1)")
-    parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--sort", default="self_cpu_time_total", help="profiler table sort key")
+    parser.add_argument(
+        "--batch", type=positive_int, help="images (default 8), or with --llama-layers sequences (default 1)"
+    )
+    parser.add_argument("--rows", type=positive_int, default=25)
+    parser.add_argument("--sort", default="self_cpu_time_total", choices=SORT_KEYS, help="profiler table sort key")
     parser.add_argument("--by-shape", action="store_true", help="one row per (op, input shapes)")
-    parser.add_argument("--fused-passes", type=int, metavar="N", help="time N steps' fused CPU passes instead")
+    parser.add_argument("--fused-passes", type=positive_int, metavar="N", help="time N steps' fused CPU passes instead")
     args = parser.parse_args()
     methods = llm_scale.METHODS if args.llama_layers else METHODS
     if args.method not in methods:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata
+import math
 import os
 import platform
 import subprocess
@@ -127,6 +128,28 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (warm-up steps), else argparse's one-line error."""
     return _int_from(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (seconds of a budget or a timeout), else argparse's one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def sparsity(text: str) -> float:
+    """argparse type: a fraction of ΔW zeroed, in [0, 1), else argparse's one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}")
+    return value
 
 
 def _shape(text: str, sides: tuple[int, ...], example: str) -> str:

@@ -31,7 +31,16 @@ import torch
 
 from benchmarks import plots
 from benchmarks.methods import METHODS, MODELS
-from benchmarks.report import REPO, Target, command_line, environment, environment_markdown, markdown_table, write_csv
+from benchmarks.report import (
+    REPO,
+    Target,
+    command_line,
+    environment,
+    environment_markdown,
+    markdown_table,
+    positive_float,
+    write_csv,
+)
 
 FULL_OUT = REPO / "benchmarks" / "results"
 QUICK_OUT = REPO / "runs" / "bench-quick"
@@ -435,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> list[Target]:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="training/inference models to keep")
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, help="training methods to keep")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
+    parser.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per worker process")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     out = output_folder(args)

@@ -529,3 +529,43 @@ def test_llm_step_commands_pass_their_flags_to_the_workers_and_judge_their_targe
     monkeypatch.setattr(sys, "argv", ["llm_scale", "--methods", "lora32", "snell32", "--rounds", "1", "--seq", "8"])
     llm_scale.main()
     assert "snell32 / lora32: step 1.500, peak 0.900 (target <= 1.0: PASS)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("profile_step", ["--method", "snell8_s0.9", "--batch", "0"], "--batch: expected an integer >= 1, got '0'"),
+        ("profile_step", ["--method", "snell8_s0.9", "--sort", "bogus"], "--sort: invalid choice: 'bogus'"),
+        ("profile_step", ["--method", "snell8", "--llama-layers", "0"], "--llama-layers: expected an integer >= 1"),
+        ("fused_layer", ["--sparsity", "1.5"], "--sparsity: expected a sparsity in [0, 1), got '1.5'"),
+        ("fused_layer", ["--rank", "7"], "r must be divisible by num_pieces for piecewise_linear, got r=7"),
+        ("fused_forward", ["--ranks", "8", "7"], "r must be divisible by num_pieces"),
+        ("llm_study", ["--jobs", "0"], "--jobs: expected an integer >= 1, got '0'"),
+        ("run", ["--timeout", "-1"], "--timeout: expected a number > 0, got '-1'"),
+        ("gpu.cli", ["--smoke", "--budget-s", "-5"], "--budget-s: expected a number > 0, got '-5'"),
+        ("peak_trace", ["--method", "lora8", "--batch", "0"], "--batch: expected an integer >= 1, got '0'"),
+        ("llm_memory", ["--jobs", "lora8:bogus"], "'lora8:bogus': loss 'bogus' is not plain or chunked"),
+        ("llm_memory", ["--jobs", "bogus:plain:ckpt:x"], "method 'bogus' is not eval or one of"),
+    ],
+)
+def test_a_benchmark_refuses_a_bad_value_before_any_work(
+    module: str, argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Each ended in a traceback deep inside (a negative batch, a rank the library refuses, an unknown sort key), ran
+    silently with a meaningless setting (a negative timeout or budget, --fused-passes -1), or reported a mistyped
+    job's failure as a row and exited 0."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(*([argv] if "argv" in main.__code__.co_varnames[: main.__code__.co_argcount] else []))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_families_refuses_an_unknown_family_name(capsys: pytest.CaptureFixture) -> None:
+    """--only with a mistyped family printed "0 adapted" and passed."""
+    from benchmarks import families
+
+    assert families.main(["--libraries", "timm", "--only", "no_such_family"]) == 2
+    assert "families: error: --only no_such_family: no such family in timm" in capsys.readouterr().err
