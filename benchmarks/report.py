@@ -130,15 +130,25 @@ def non_negative_int(text: str) -> int:
     return _int_from(text, 0)
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (seconds of a budget or a timeout), else argparse's one-line error."""
+def _float_from(text: str, low: float, strict: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (seconds of a timeout), else argparse's one-line error."""
+    return _float_from(text, 0.0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (seconds of a budget: 0 plans and skips every part), else argparse's
+    one-line error."""
+    return _float_from(text, 0.0, strict=False)
 
 
 def sparsity(text: str) -> float:

@@ -542,7 +542,7 @@ def test_llm_step_commands_pass_their_flags_to_the_workers_and_judge_their_targe
         ("fused_forward", ["--ranks", "8", "7"], "r must be divisible by num_pieces"),
         ("llm_study", ["--jobs", "0"], "--jobs: expected an integer >= 1, got '0'"),
         ("run", ["--timeout", "-1"], "--timeout: expected a number > 0, got '-1'"),
-        ("gpu.cli", ["--smoke", "--budget-s", "-5"], "--budget-s: expected a number > 0, got '-5'"),
+        ("gpu.cli", ["--smoke", "--budget-s", "-5"], "--budget-s: expected a number >= 0, got '-5'"),
         ("peak_trace", ["--method", "lora8", "--batch", "0"], "--batch: expected an integer >= 1, got '0'"),
         ("llm_memory", ["--jobs", "lora8:bogus"], "'lora8:bogus': loss 'bogus' is not plain or chunked"),
         ("llm_memory", ["--jobs", "bogus:plain:ckpt:x"], "method 'bogus' is not eval or one of"),

@@ -20,7 +20,7 @@ from benchmarks.gpu.run import Run
 from benchmarks.gpu.selection import part_blocks, part_selection
 from benchmarks.gpu.training import _emit_json, run_train_part, train_parts, train_worker
 from benchmarks.gpu.triton_check import part_triton_correctness, part_triton_timing, triton_min_numel
-from benchmarks.report import REPO, command_line, positive_float
+from benchmarks.report import REPO, command_line, non_negative_float
 
 FULL_OUT = REPO / "benchmarks" / "results" / "gpu"
 DEFAULT_BUDGET_S = 450.0  # 8 minutes less time for imports, CUDA start-up and writing the results
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> Run | None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--budget-s", type=positive_float, default=DEFAULT_BUDGET_S, help="skip parts that would not fit"
+        "--budget-s", type=non_negative_float, default=DEFAULT_BUDGET_S, help="skip parts that would not fit"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, one step, a temp folder")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/gpu, or a temp folder)")
