@@ -128,9 +128,11 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors' ``save_file``, written atomically and readable as any new file is (its writer gives 0o600)."""
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp))
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def open_safetensors_modes(directory: str | Path) -> None:
@@ -229,7 +231,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, training: dict[
     except TypeError as err:
         raise ValueError(f"the adapter config cannot be written as JSON ({err}); nothing was saved") from None
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(tensors, out / WEIGHTS_NAME, metadata)
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
     return out
 

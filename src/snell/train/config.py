@@ -408,6 +408,15 @@ def check_output_folder(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: {existing} is not writable")
 
 
+def option_changes(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """``"epochs: saved 2 vs now 3, ..."`` for the options whose values differ between two config dicts (an option
+    absent from one: its default), or "" when none does."""
+    defaults = TrainConfig().to_dict()
+    before, after = {**defaults, **saved}, {**defaults, **now}
+    names = sorted(k for k in saved.keys() | now.keys() if before.get(k) != after.get(k))
+    return ", ".join(f"{k}: saved {before.get(k)!r} vs now {after.get(k)!r}" for k in names)
+
+
 def flag_name(name: str) -> str:
     """The `snell train` flag of TrainConfig field ``name`` (``r`` is ``--rank``: under torchrun ``--r`` is taken
     for an abbreviation of torchrun's own options)."""

@@ -173,9 +173,10 @@ def check_commands(methods: list[str], command_for: Callable[[str, Path], list[s
     ``--epochs`` failed in the first child, after the demo had made its folder (which then refused the rerun)."""
     from snell.cli import _build_parser
 
+    parser = _build_parser()
     for method in methods:
         command = [str(part) for part in command_for(method, out / "runs" / method)]
-        config_from_args(_build_parser().parse_args(command[command.index("train") :]))
+        config_from_args(parser.parse_args(command[command.index("train") :]))
 
 
 def train_and_compare(

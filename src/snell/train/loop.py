@@ -32,7 +32,7 @@ import snell
 from snell.allocator import SparsityAllocator
 from snell.sharded import full
 from snell.train.allocation import make_allocator, sparsity_record
-from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir
+from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir, option_changes
 from snell.train.ema import WeightEma
 from snell.train.fsdp import (
     check_fsdp_processes,
@@ -246,11 +246,10 @@ class Run:
             stored = TrainConfig.from_dict(json.loads(saved.read_text())["config"], str(saved)).to_dict()
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{saved}: unreadable run config ({err})") from None
-        mine = self.config.to_dict()
         ignored = ("progress", "num_workers")
-        diff = sorted(k for k in mine if k not in ignored and stored.get(k) != mine[k])
-        if diff:
-            details = ", ".join(f"{k}: saved {stored.get(k)!r} vs now {mine[k]!r}" for k in diff)
+        mine = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
+        details = option_changes({k: v for k, v in stored.items() if k not in ignored}, mine)
+        if details:
             raise UserError(f"--resume with different options than {saved}: {details}")
 
     def _train_epoch(self, loader: DataLoader, optimizer: Any, schedule: WarmupCosine, epoch: int) -> dict:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import snell
+from snell.config import METHOD_KEY
 from snell.io import open_safetensors_modes, savable, write_safetensors
 from snell.layers import call_through_forward
 from snell.model import check_merge_targets, enclosing_module, resolve_targets
@@ -237,7 +238,7 @@ def _check_peft_adapter(directory: Path, method: str) -> None:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not readable JSON ({err})") from None
-    kind = saved.get("peft_type") if isinstance(saved, dict) else None
+    kind = saved.get(METHOD_KEY) if isinstance(saved, dict) else None
     dora = bool(saved.get("use_dora")) if isinstance(saved, dict) else False
     if kind != "LORA" or dora != (method == "dora"):
         found = "a peft DoRA adapter" if kind == "LORA" and dora else f"a {kind or 'non-peft'} adapter"

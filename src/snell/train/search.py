@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from snell.train.classification import ClassificationRun
-from snell.train.config import TrainConfig, UserError, check_output_folder, default_lr, first_process
+from snell.train.config import TrainConfig, UserError, check_output_folder, default_lr, first_process, option_changes
 from snell.train.flags import add_train_arguments, config_from_args, method_reads
 from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
 from snell.train.plots import plot_search
@@ -170,17 +170,6 @@ def fingerprint(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _option_changes(saved: dict[str, Any], mine: dict[str, Any]) -> str:
-    """``"epochs: saved 2 vs now 3, ..."`` between two :func:`fingerprint_options` (absent: the default)."""
-    defaults = TrainConfig().to_dict()
-    names = sorted(
-        k for k in saved.keys() | mine.keys() if saved.get(k, defaults.get(k)) != mine.get(k, defaults.get(k))
-    )
-    return ", ".join(
-        f"{k}: saved {saved.get(k, defaults.get(k))!r} vs now {mine.get(k, defaults.get(k))!r}" for k in names
-    )
-
-
 def trial_key(params: dict[str, Any], method: str = "snell") -> str:
     """A readable, file-name-safe identifier of a grid point: "s=0.9,lr=0.003,r=8" for SNELL, "target=0.8,lr=0.02,r=8"
     for snella, "lr=0.001,r=8" for the others."""
@@ -224,7 +213,7 @@ def _completed(table: Path, fp: str, options: dict[str, Any]) -> dict[str, dict[
     records = read_table(table)
     other = next((r for r in records if r.get("fingerprint") != fp), None)
     if other is not None:
-        changes = _option_changes(other["options"], options) if isinstance(other.get("options"), dict) else ""
+        changes = option_changes(other["options"], options) if isinstance(other.get("options"), dict) else ""
         raise UserError(
             f"{table} holds trials of a search with other options ("
             f"{changes or 'fingerprint ' + str(other.get('fingerprint')) + ' vs ' + fp}); "
