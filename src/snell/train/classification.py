@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from snell.train.backbones import Backbone, build_backbone
+from snell.train.checkpoint import Progress
 from snell.train.config import TrainConfig, UserError
-from snell.train.loop import Progress, Report, Run
+from snell.train.loop import Report, Run
 from snell.train.methods import apply_method, save_merged
 from snell.train.optim import EpochSampler
 from snell.train.tasks import Task, attach_transforms, load_task, make_collate

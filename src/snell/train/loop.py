@@ -13,15 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import resource
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
@@ -30,18 +26,11 @@ from tqdm.auto import tqdm
 
 import snell
 from snell.allocator import SparsityAllocator
-from snell.sharded import full
 from snell.train.allocation import make_allocator, sparsity_record
+from snell.train.checkpoint import Progress, checkpoint_dirs, cpu_copies, restore_checkpoint, save_checkpoint
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir, option_changes
 from snell.train.ema import WeightEma
-from snell.train.fsdp import (
-    check_fsdp_processes,
-    load_optimizer_state,
-    optimizer_state,
-    reshard,
-    shard,
-    unsharded,
-)
+from snell.train.fsdp import check_fsdp_processes, reshard, shard, unsharded
 from snell.train.methods import load_mutable_state, merge_trained, mutable_state, save_trained, set_train_mode
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups
 from snell.train.plots import CURVES_FILE, SPARSITY_FILE, plot_curves, plot_sparsity
@@ -50,9 +39,8 @@ from snell.train.precision import make_accelerator
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CHECKPOINTS = "checkpoints"
 # ------------------------------------------------------------------------------------------------------
-# Memory, files, RNG
+# Memory and files
 
 
 def is_run_config(path: Path) -> bool:
@@ -90,44 +78,8 @@ def write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole CPU copies; collective when the tensors are shards (--fsdp), so every process calls it."""
-    return {k: full(v.detach()).to("cpu", copy=True) for k, v in tensors.items()}
-
-
 # ------------------------------------------------------------------------------------------------------
 # The run
-
-
-@dataclass
-class Progress:
-    """Everything a checkpoint restores besides tensors owned by the model, optimizer and schedule."""
-
-    epoch: int = 0  # epochs completed
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    best_score: float = -1.0
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    train_time: float = 0.0
-    #: snella: the per-layer sparsities that go with ``best_state`` (they are no tensor of the model).
-    best_sparsity: dict[str, list[float]] | None = None
-    #: --ema-decay: whether ``best_state`` holds the model's weights ("model") or their moving average ("ema").
-    best_weights: str = "model"
 
 
 class Report(NamedTuple):
@@ -136,11 +88,6 @@ class Report(NamedTuple):
     fields: dict[str, Any]  # summary.json's task-specific fields (test_accuracy, accuracy_kind, ...)
     line: str  # the closing line, after "<method>: "
     files: dict[str, Any]  # more JSON files for the run folder, by name
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / CHECKPOINTS
-    return sorted(root.glob("epoch-[0-9][0-9][0-9][0-9]")) if root.is_dir() else []
 
 
 class Run:
@@ -312,100 +259,14 @@ class Run:
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def _save_checkpoint(self, progress: Progress, optimizer: Any, schedule: WarmupCosine) -> None:
-        """Write checkpoints/epoch-NNNN via a temporary folder and a rename, then drop older ones."""
-        acc = self.accelerator
-        root = self.out / CHECKPOINTS
-        final = root / f"epoch-{progress.epoch:04d}"
-        tmp = root / f".tmp-epoch-{progress.epoch:04d}"
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-rank{acc.process_index}.pt")
-        model_state = _cpu(mutable_state(acc.unwrap_model(self.model)))  # gathered by all when sharded
-        optimizer_dict = optimizer_state(self.model, optimizer)
-        # Gathered by all when sharded; the EMAs and the current sparsities: snella resumes bit for bit.
-        allocator_state = self.allocator.state_dict() if self.allocator is not None else None
-        if self.main:
-            state = {
-                "model": model_state,
-                "optimizer": optimizer_dict,
-                "schedule": schedule.state_dict(),
-                "progress": {
-                    "epoch": progress.epoch,
-                    "metrics": progress.metrics,
-                    "best_score": progress.best_score,
-                    "best_epoch": progress.best_epoch,
-                    "train_time": progress.train_time,
-                    "best_sparsity": progress.best_sparsity,
-                    "best_weights": progress.best_weights,
-                },
-                "best_state": progress.best_state,
-            }
-            if allocator_state is not None:
-                state["allocator"] = allocator_state
-            if self.ema is not None:
-                state["ema"] = self.ema.state_dict()
-            if acc.scaler is not None:  # --fp16's loss scale and its count of good steps
-                state["scaler"] = acc.scaler.state_dict()
-            torch.save(state, tmp / "state.pt")
-        acc.wait_for_everyone()
-        if self.main:
-            for path in tmp.iterdir():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, final)
-            for old in checkpoint_dirs(self.out):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        save_checkpoint(self.out, self.accelerator, self.model, optimizer, schedule, progress, self._parts())
 
     def _restore(self, optimizer: Any, schedule: WarmupCosine) -> Progress:
-        found = [d for d in checkpoint_dirs(self.out) if (d / "state.pt").is_file()]
-        if not found:
-            return Progress()
-        latest = found[-1]
-        # Every process reads the same folder, so every one refuses (one alone would leave the others to fail in a
-        # collective); each process's data order and random state are its own, so the count must match.
-        written = len(list(latest.glob("rng-rank*.pt")))
-        if written != self.accelerator.num_processes:
-            raise UserError(
-                f"{latest}: written by a run of {written} process(es), resumed on {self.accelerator.num_processes}; "
-                "resume with the same process count"
-            )
-        rank_file = latest / f"rng-rank{self.accelerator.process_index}.pt"
-        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=False)
-        load_mutable_state(self.accelerator.unwrap_model(self.model), state["model"])
-        load_optimizer_state(self.model, optimizer, state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        optional = (
-            (self.allocator, "allocator", "allocator state; it was not written by a snella run"),
-            (self.ema, "ema", "weight average; it was not written by a run with --ema-decay"),
-            (self.accelerator.scaler, "scaler", "loss scale; it was not written by a run with --fp16"),
-        )
-        for part, key, missing in optional:
-            if part is None:
-                continue
-            if key not in state:
-                raise UserError(f"{latest}: holds no {missing}")
-            try:
-                part.load_state_dict(state[key])
-            except ValueError as err:
-                raise UserError(f"{latest}: {err}") from None
-        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
-        info = state["progress"]
-        if self.main:
-            print(f"resuming {self.out} after epoch {info['epoch']}", flush=True)
-        return Progress(
-            info["epoch"],
-            info["metrics"],
-            info["best_score"],
-            info["best_epoch"],
-            state["best_state"],
-            info["train_time"],
-            info.get("best_sparsity"),
-            info.get("best_weights", "model"),
-        )
+        return restore_checkpoint(self.out, self.accelerator, self.model, optimizer, schedule, self._parts())
+
+    def _parts(self) -> dict[str, Any]:
+        """The run's optional parts a checkpoint holds (None: this run has none)."""
+        return {"allocator": self.allocator, "ema": self.ema, "scaler": self.accelerator.scaler}
 
     # -- the whole run ---------------------------------------------------------------------------------
 
@@ -524,7 +385,7 @@ class Run:
         """Keep the model's current state as the selection if ``score`` beats the best so far (a tie keeps it)."""
         if score > progress.best_score:
             progress.best_score, progress.best_epoch, progress.best_weights = score, epoch + 1, weights
-            progress.best_state = _cpu(mutable_state(self.accelerator.unwrap_model(self.model)))
+            progress.best_state = cpu_copies(mutable_state(self.accelerator.unwrap_model(self.model)))
             progress.best_sparsity = self.allocator.sparsity() if self.allocator is not None else None
 
     def _finish(self, progress: Progress, eval_split: str | None) -> dict[str, Any]:
@@ -542,7 +403,8 @@ class Run:
         report = self._report(progress, eval_split)
         peak, peak_kind = peak_memory_mb(acc.device)
         peaks = acc.gather(torch.tensor([peak], device=acc.device)).cpu().tolist()
-        fingerprint = float(sum(t.double().sum() + t.double().abs().sum() for t in _cpu(mutable_state(model)).values()))
+        trained = cpu_copies(mutable_state(model)).values()
+        fingerprint = float(sum(t.double().sum() + t.double().abs().sum() for t in trained))
         fingerprints = acc.gather(torch.tensor([fingerprint], dtype=torch.float64, device=acc.device)).cpu().tolist()
         summary = {
             "method": cfg.method,

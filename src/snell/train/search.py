@@ -39,10 +39,11 @@ from typing import Any
 
 import torch
 
+from snell.train.checkpoint import CHECKPOINTS, Progress
 from snell.train.classification import ClassificationRun
 from snell.train.config import TrainConfig, UserError, check_output_folder, default_lr, first_process, option_changes
 from snell.train.flags import add_train_arguments, config_from_args, method_reads
-from snell.train.loop import CHECKPOINTS, METRICS_FILE, Progress, Report, write_json_atomic
+from snell.train.loop import METRICS_FILE, Report, write_json_atomic
 from snell.train.plots import plot_search
 
 TRIALS_FILE = "trials.jsonl"

@@ -28,8 +28,9 @@ from snell.train.causal_lm import instructions as I
 from snell.train.causal_lm.evaluation import ALL_TASKS, answer_pool, evaluate_split, longest_scoring_sequence
 from snell.train.causal_lm.loss import chunked_response_loss
 from snell.train.causal_lm.source import find_source, load_causal_lm
+from snell.train.checkpoint import Progress
 from snell.train.config import TrainConfig, UserError, first_process
-from snell.train.loop import Progress, Report, Run
+from snell.train.loop import Report, Run
 from snell.train.methods import apply_method, load_trained, merge_trained
 from snell.train.optim import EpochSampler
 from snell.train.precision import make_accelerator
