@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from snell.train import search as S
+from snell.train import trials as T
 from snell.train.config import TrainConfig, UserError
 
 
@@ -44,10 +45,10 @@ def tiny_config(**changes) -> TrainConfig:
     return TrainConfig(**{**values, **changes})
 
 
-def fake_record(trial: S.Trial, val: float, test: float | None = None) -> dict:
+def fake_record(trial: T.Trial, val: float, test: float | None = None) -> dict:
     record = {"key": trial.key, "params": trial.params, "fingerprint": trial.fingerprint, "status": "finished"}
     record.update(
-        options=S.fingerprint_options(trial.config),
+        options=T.fingerprint_options(trial.config),
         val_curve={"1": val},
         val_accuracy=val,
         epochs_trained=1,
@@ -91,13 +92,13 @@ def test_snella_grid_sets_the_target_sparsity_and_keeps_the_allocators_start(tmp
 
 def test_an_option_at_its_default_leaves_the_fingerprint_alone(monkeypatch):
     config = tiny_config()
-    before = S.fingerprint(config)
-    assert S.fingerprint(dataclasses.replace(config, fp16=True)) != before  # a changed option is a different search
+    before = T.fingerprint(config)
+    assert T.fingerprint(dataclasses.replace(config, fp16=True)) != before  # a changed option is a different search
     # An option a later snell adds, at the default that keeps the old behaviour, must not orphan the tables of
     # searches run before it.
     to_dict = TrainConfig.to_dict
     monkeypatch.setattr(TrainConfig, "to_dict", lambda self: {**to_dict(self), "added_later": False})
-    assert S.fingerprint(config) == before
+    assert T.fingerprint(config) == before
 
 
 def test_every_option_but_the_grid_and_the_cosmetic_ones_is_in_the_fingerprint():
@@ -105,12 +106,12 @@ def test_every_option_but_the_grid_and_the_cosmetic_ones_is_in_the_fingerprint()
     refused, not mixed into the table; only the options trials differ by, and those that change no result, are
     left out (trials' own folder, val selection and standard protocol are the search's)."""
     config = tiny_config()
-    before = S.fingerprint(config)
+    before = T.fingerprint(config)
     left_out = set()
     for field in dataclasses.fields(TrainConfig):
         changed = copy.copy(config)
         object.__setattr__(changed, field.name, f"another {field.name}")  # no validation: only the hash is read
-        if S.fingerprint(changed) == before:
+        if T.fingerprint(changed) == before:
             left_out.add(field.name)
     grid = {"sparsity", "target_sparsity", "lr", "r"}
     set_by_the_search = {"output_dir", "select_on", "protocol"}
@@ -128,7 +129,7 @@ def test_winner_is_the_val_best_even_when_test_disagrees(tmp_path, monkeypatch):
         val, test = scores[trial.params["sparsity"]]
         return fake_record(trial, val, test)
 
-    monkeypatch.setattr(S, "train_trial", fake_train)
+    monkeypatch.setattr(T, "train_trial", fake_train)
     result = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.5, 0.9)), tmp_path, early_stop=None, verbose=False)
     assert result.best["params"]["sparsity"] == 0.9
     assert all("test_accuracy" not in r for r in result.records)  # trials carry no test number to select on
@@ -149,45 +150,45 @@ def test_rerun_skips_finished_trials_after_a_crash(tmp_path, monkeypatch):
         calls.append(trial.key)
         return fake_record(trial, 0.5 + 0.1 * len(calls))
 
-    monkeypatch.setattr(S, "train_trial", crashing)
+    monkeypatch.setattr(T, "train_trial", crashing)
     grid = S.Grid(sparsity=(0.0, 0.5, 0.9, 0.99))
     with pytest.raises(RuntimeError, match="killed"):
         S.search(tiny_config(), grid, tmp_path, retrain=False, verbose=False)
-    assert [r["key"] for r in S.read_table(tmp_path / S.TRIALS_FILE)] == calls
+    assert [r["key"] for r in T.read_table(tmp_path / S.TRIALS_FILE)] == calls
     with open(tmp_path / S.TRIALS_FILE, "a") as table:
         table.write('{"key": "torn line of a writer killed mid-wr')  # must not break the rerun
 
     rerun = []
-    monkeypatch.setattr(S, "train_trial", lambda trial: rerun.append(trial.key) or fake_record(trial, 0.1))
+    monkeypatch.setattr(T, "train_trial", lambda trial: rerun.append(trial.key) or fake_record(trial, 0.1))
     result = S.search(tiny_config(), grid, tmp_path, retrain=False, verbose=False)
     assert rerun == ["s=0.9,lr=0.01,r=8", "s=0.99,lr=0.01,r=8"]
     assert [r["key"] for r in result.records] == [t.key for t in S.expand_grid(tiny_config(), grid, tmp_path)]
-    assert len(S.read_table(tmp_path / S.TRIALS_FILE)) == 4
+    assert len(T.read_table(tmp_path / S.TRIALS_FILE)) == 4
     with pytest.raises(UserError, match=r"other options \(epochs: saved 1 vs now 2, fp16: saved False vs now True\)"):
         S.search(tiny_config(epochs=2, fp16=True), grid, tmp_path, retrain=False, verbose=False)
     # a table written before records carried their options: named by fingerprint
-    records = S.read_table(tmp_path / S.TRIALS_FILE)
+    records = T.read_table(tmp_path / S.TRIALS_FILE)
     old = tmp_path / "old"
     for record in records:
-        S.append_record(old / S.TRIALS_FILE, {k: v for k, v in record.items() if k != "options"})
-    fp = S.fingerprint(tiny_config(epochs=2))
+        T.append_record(old / S.TRIALS_FILE, {k: v for k, v in record.items() if k != "options"})
+    fp = T.fingerprint(tiny_config(epochs=2))
     with pytest.raises(UserError, match=rf"other options \(fingerprint {records[0]['fingerprint']} vs {fp}\)"):
         S.search(tiny_config(epochs=2), grid, old, retrain=False, verbose=False)
 
 
 def test_early_stop_rule():
-    rule = S.EarlyStop(margin=0.15, after_epoch=1)
+    rule = T.EarlyStop(margin=0.15, after_epoch=1)
     finished = [{1: 0.50, 2: 0.90}, {1: 0.70}]
     assert rule.should_stop(1, 0.54, finished)  # more than 0.15 below the best at epoch 1 (0.70)
     assert not rule.should_stop(1, 0.56, finished)
     assert not rule.should_stop(3, 0.01, finished)  # nobody finished was evaluated at epoch 3
     assert not rule.should_stop(1, 0.01, [])  # nothing finished yet: nothing to compare with
-    assert not S.EarlyStop(margin=0.15, after_epoch=2).should_stop(1, 0.01, finished)
+    assert not T.EarlyStop(margin=0.15, after_epoch=2).should_stop(1, 0.01, finished)
 
 
 def test_a_real_trial_stops_after_its_first_evaluation(tmp_path):
     base = tiny_config(epochs=2)
-    (trial,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path, S.EarlyStop(margin=0.15))
+    (trial,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path, T.EarlyStop(margin=0.15))
     reference = {
         "key": "other",
         "params": {},
@@ -196,10 +197,10 @@ def test_a_real_trial_stops_after_its_first_evaluation(tmp_path):
         "val_curve": {"1": 1.0, "2": 1.0},
         "val_accuracy": 1.0,
     }
-    S.append_record(trial.table, reference)
-    (record,) = S.run_trials([trial], verbose=False)
+    T.append_record(trial.table, reference)
+    (record,) = T.run_trials([trial], verbose=False)
     assert record["status"] == "stopped" and record["epochs_trained"] == 1
-    assert record["options"] == S.fingerprint_options(base)  # what a refusal compares: the search's, not the point's
+    assert record["options"] == T.fingerprint_options(base)  # what a refusal compares: the search's, not the point's
     assert list(record["val_curve"]) == ["1"] and 0.0 <= record["val_accuracy"] < 0.85
     assert not (tmp_path / "trials" / trial.key / "checkpoints").exists()
     with pytest.raises(UserError, match="no trial finished"):
@@ -211,16 +212,16 @@ def test_with_a_weight_average_trials_are_ranked_and_stopped_on_the_average(tmp_
     stopped early) by the average's val score, not the raw model's."""
     base = tiny_config(epochs=2, ema_decay=0.9)
     (trial,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path / "full", early_stop=None)
-    (record,) = S.run_trials([trial], verbose=False)
+    (record,) = T.run_trials([trial], verbose=False)
     metrics = [json.loads(line) for line in (tmp_path / "full" / "trials" / trial.key / "metrics.jsonl").open()]
     assert any(m["ema_val_acc"] != m["val_acc"] for m in metrics)  # else this test could not tell them apart
     assert record["val_curve"] == {str(m["epoch"]): m["ema_val_acc"] for m in metrics}
     assert record["val_accuracy"] == metrics[-1]["ema_val_acc"]
     # the same trial again, against a finished one no score can reach: it stops at epoch 1 on the average's score
-    (again,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path / "stop", S.EarlyStop(margin=0.0))
+    (again,) = S.expand_grid(base, S.Grid(sparsity=(0.9,)), tmp_path / "stop", T.EarlyStop(margin=0.0))
     other = {"key": "other", "params": {}, "fingerprint": again.fingerprint, "status": "finished"}
-    S.append_record(again.table, {**other, "val_curve": {"1": 1.01, "2": 1.01}, "val_accuracy": 1.01})
-    (stopped,) = S.run_trials([again], verbose=False)
+    T.append_record(again.table, {**other, "val_curve": {"1": 1.01, "2": 1.01}, "val_accuracy": 1.01})
+    (stopped,) = T.run_trials([again], verbose=False)
     assert stopped["status"] == "stopped" and stopped["val_curve"] == {"1": metrics[0]["ema_val_acc"]}
 
 
@@ -239,7 +240,7 @@ def test_search_retrains_the_winner_on_train_and_val_and_reports_test(tmp_path, 
     assert result.plot == tmp_path / S.PLOT_FILE and result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     with monkeypatch.context() as patch:
-        patch.setattr(S, "train_trial", lambda trial: pytest.fail(f"{trial.key} ran again"))
+        patch.setattr(T, "train_trial", lambda trial: pytest.fail(f"{trial.key} ran again"))
         again = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.9)), tmp_path, early_stop=None, verbose=False)
     assert again.final == final
 
@@ -269,7 +270,7 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
         "--no-early-stop",
         "--no-retrain",
     ]
-    monkeypatch.setattr(S, "train_trial", lambda trial: fake_record(trial, trial.params["lr"]))
+    monkeypatch.setattr(T, "train_trial", lambda trial: fake_record(trial, trial.params["lr"]))
     result = S.search_from_args(parser.parse_args(argv))
     assert len(result.records) == 4 and result.best["params"] == {"sparsity": 0.0, "lr": 0.01, "r": 8}
     assert result.final is None
@@ -277,7 +278,7 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
         S.search_from_args(parser.parse_args([*argv, "--select-on", "val"]))
     # values out of range are refused before any trial trains (s = 0 trained first, then s = 1 was refused)
     trained = []
-    monkeypatch.setattr(S, "train_trial", lambda trial: trained.append(trial) or fake_record(trial, 0.5))
+    monkeypatch.setattr(T, "train_trial", lambda trial: trained.append(trial) or fake_record(trial, 0.5))
     out = ["--output-dir", str(tmp_path / "bad")]
     with pytest.raises(UserError, match=r"sparsity \(--sparsity\) must lie in \[0, 1\), got 1\.0"):
         S.search_from_args(parser.parse_args([*argv, *out, "--grid-sparsity", "0,1"]))
@@ -292,7 +293,7 @@ def test_command_line_builds_the_grid(tmp_path, monkeypatch):
 def test_snell_search_subcommand(tmp_path, monkeypatch, capsys):
     from snell import cli
 
-    monkeypatch.setattr(S, "train_trial", lambda trial: fake_record(trial, 1.0 - trial.params["sparsity"], 0.5))
+    monkeypatch.setattr(T, "train_trial", lambda trial: fake_record(trial, 1.0 - trial.params["sparsity"], 0.5))
     argv = ["search", "--data", "digits", "--output-dir", str(tmp_path), "--grid-sparsity", "0.5,0.9"]
     assert cli.main(argv) == 0
     assert "retrained on train+val: test accuracy 0.5000" in capsys.readouterr().out
@@ -314,7 +315,7 @@ def test_grid_flags_the_method_does_not_read_are_named_and_make_no_trials(tmp_pa
     and --grid-r 4,8 two identical full fine-tuning trials."""
     parser = argparse.ArgumentParser()
     S.add_search_arguments(parser)
-    monkeypatch.setattr(S, "train_trial", lambda trial: fake_record(trial, 0.5))
+    monkeypatch.setattr(T, "train_trial", lambda trial: fake_record(trial, 0.5))
     base = ["--data", "digits", "--model", "test_vit", "--no-early-stop", "--no-retrain"]
     cases = [
         (
@@ -337,7 +338,7 @@ def test_grid_flags_the_method_does_not_read_are_named_and_make_no_trials(tmp_pa
 
 
 def test_a_tie_at_a_margin_of_zero_does_not_stop_a_trial():
-    assert not S.EarlyStop(margin=0.0).should_stop(1, 0.70, [{1: 0.70}])
+    assert not T.EarlyStop(margin=0.0).should_stop(1, 0.70, [{1: 0.70}])
 
 
 def test_a_nan_val_accuracy_never_wins():
@@ -348,21 +349,21 @@ def test_a_nan_val_accuracy_never_wins():
 def test_a_table_line_without_a_key_is_skipped(tmp_path):
     table = tmp_path / S.TRIALS_FILE
     table.write_text('{"other": 1}\n{"key": "a", "status": "finished"}\n')
-    assert [r["key"] for r in S.read_table(table)] == ["a"]
+    assert [r["key"] for r in T.read_table(table)] == ["a"]
 
 
 def test_a_causal_lm_without_answers_is_ranked_by_inverse_perplexity(tmp_path):
     # the runs' own score: a lower loss ranks higher, and stays comparable with early stopping's margin
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 0.5}\n{"epoch": 2, "val_loss": 0.25}\n')
-    assert S._val_score_curve(tmp_path) == {1: math.exp(-0.5), 2: math.exp(-0.25)}
+    assert T._val_score_curve(tmp_path) == {1: math.exp(-0.5), 2: math.exp(-0.25)}
 
 
 def test_a_stopped_trial_is_no_reference_for_early_stopping(tmp_path):
     """Only finished trials set the bar: a stopped one's curve ends where it went wrong, or is a fluke."""
-    (trial,) = S.expand_grid(tiny_config(), S.Grid(sparsity=(0.9,)), tmp_path, S.EarlyStop(margin=0.15))
+    (trial,) = S.expand_grid(tiny_config(), S.Grid(sparsity=(0.9,)), tmp_path, T.EarlyStop(margin=0.15))
     stopped = {**fake_record(trial, 1.0), "key": "other", "status": "stopped", "val_curve": {"1": 1.0}}
-    S.append_record(trial.table, stopped)
-    (record,) = S.run_trials([trial], verbose=False)
+    T.append_record(trial.table, stopped)
+    (record,) = T.run_trials([trial], verbose=False)
     assert record["status"] == "finished"
     # and a trial never evaluates test: only the retrain of the winner does
     summary = json.loads((Path(trial.config.output_dir) / "summary.json").read_text())
@@ -371,9 +372,9 @@ def test_a_stopped_trial_is_no_reference_for_early_stopping(tmp_path):
 
 def test_a_rerun_does_not_train_a_stopped_trial_again(tmp_path, monkeypatch):
     (trial,) = S.expand_grid(tiny_config(), S.Grid(sparsity=(0.9,)), tmp_path)
-    S.append_record(trial.table, {**fake_record(trial, 0.1), "status": "stopped"})
-    monkeypatch.setattr(S, "train_trial", lambda t: pytest.fail("the stopped trial trained again"))
-    (record,) = S.run_trials([trial], verbose=False)
+    T.append_record(trial.table, {**fake_record(trial, 0.1), "status": "stopped"})
+    monkeypatch.setattr(T, "train_trial", lambda t: pytest.fail("the stopped trial trained again"))
+    (record,) = T.run_trials([trial], verbose=False)
     assert record["status"] == "stopped"
 
 
@@ -390,8 +391,8 @@ def test_a_trial_killed_after_its_first_checkpoint_resumes_from_it(tmp_path, mon
     with monkeypatch.context() as patch:
         patch.setattr(ClassificationRun, "_save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            S.run_trials([trial], verbose=False)
-    (record,) = S.run_trials([trial], verbose=False)
+            T.run_trials([trial], verbose=False)
+    (record,) = T.run_trials([trial], verbose=False)
     assert record["status"] == "finished" and record["epochs_trained"] == 2
 
 
@@ -402,12 +403,12 @@ def test_the_tables_and_search_json_hold_every_trial_and_the_retrain(tmp_path, m
             record["status"] = "stopped"
         return record
 
-    monkeypatch.setattr(S, "train_trial", fake)
+    monkeypatch.setattr(T, "train_trial", fake)
     grid = S.Grid(sparsity=(0.0, 0.5))
     result = S.search(tiny_config(), grid, tmp_path, early_stop=None, verbose=False)
     keys = [t.key for t in S.expand_grid(tiny_config(), grid, tmp_path)]
-    assert [r["key"] for r in S.read_table(tmp_path / S.TRIALS_FILE)] == keys  # the retrain has its own table
-    assert [r["key"] for r in S.read_table(tmp_path / S.FINAL_FILE)] == [result.final["key"]]
+    assert [r["key"] for r in T.read_table(tmp_path / S.TRIALS_FILE)] == keys  # the retrain has its own table
+    assert [r["key"] for r in T.read_table(tmp_path / S.FINAL_FILE)] == [result.final["key"]]
     saved = json.loads((tmp_path / S.RESULT_FILE).read_text())
     assert saved["final"] == result.final and saved["trials"] == result.records  # the stopped trial included
     assert [r["status"] for r in result.records] == ["stopped", "finished"]
@@ -436,9 +437,9 @@ class _InlinePool:
 
 
 def test_parallel_trials_share_the_cores_and_each_sets_its_threads(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "ProcessPoolExecutor", _InlinePool)
-    monkeypatch.setattr(S, "available_cores", lambda: 4)
-    monkeypatch.setattr(S, "train_trial", lambda t: {**fake_record(t, 0.5, 0.5), "threads": torch.get_num_threads()})
+    monkeypatch.setattr(T, "ProcessPoolExecutor", _InlinePool)
+    monkeypatch.setattr(T, "available_cores", lambda: 4)
+    monkeypatch.setattr(T, "train_trial", lambda t: {**fake_record(t, 0.5, 0.5), "threads": torch.get_num_threads()})
     _InlinePool.made.clear()
     result = S.search(tiny_config(), S.Grid(sparsity=(0.0, 0.5)), tmp_path, jobs=2, early_stop=None, verbose=False)
     (pool,) = _InlinePool.made[:1]
@@ -460,7 +461,7 @@ def _search_call(monkeypatch, argv):
 
 
 def test_the_command_line_passes_the_margin_the_threads_and_per_sparsity_rates(monkeypatch):
-    assert _search_call(monkeypatch, [])["early_stop"] == S.EarlyStop(margin=0.15, after_epoch=1)
+    assert _search_call(monkeypatch, [])["early_stop"] == T.EarlyStop(margin=0.15, after_epoch=1)
     assert _search_call(monkeypatch, ["--early-stop-margin", "0"])["early_stop"].margin == 0.0
     assert _search_call(monkeypatch, ["--early-stop-margin", "0.3"])["early_stop"].margin == 0.3
     threads = _search_call(monkeypatch, ["--threads", "1"])

@@ -10,7 +10,7 @@ Protocol, the same for every method of a task (epochs, batch, warmup + cosine sc
    at each learning rate of its family's grid (3 values; SNELLA 5) and is scored on the validation split only.
    SNELL's grid also spans the sparsity s (`snell search`); "snell s=0" is the best s = 0 point of the same
    grid. SNELLA's spans its allocator's target sparsity; its schedule reaches the target in the last epoch.
-   Hopeless trials stop early (snell.train.search.EarlyStop: 15 points below the best finished trial
+   Hopeless trials stop early (snell.train.trials.EarlyStop: 15 points below the best finished trial
    of the same method at the same epoch).
 2. Final: the selected setting is retrained with 3 seeds and evaluated once on the test split: on train + val
    (train800val200) for the image tasks; on the few-shot documents alone for text (adding the 20 validation
@@ -45,16 +45,8 @@ from benchmarks.report import positive_int
 from snell.train.config import TrainConfig
 from snell.train.data import package_dir
 from snell.train.plots import plot_search
-from snell.train.search import (
-    EarlyStop,
-    Grid,
-    Trial,
-    available_cores,
-    expand_grid,
-    final_trial,
-    run_trials,
-    select_best,
-)
+from snell.train.search import Grid, expand_grid, final_trial, select_best
+from snell.train.trials import EarlyStop, Trial, available_cores, run_trials
 
 ROOT = Path(__file__).resolve().parents[2]
 EFFICIENTNET = "efficientnet_lite0"
