@@ -227,6 +227,60 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
     assert whole.warmup_steps == 4 and whole.rate(4) == pytest.approx(lr)
 
 
+@pytest.mark.parametrize(("epochs", "warmup_epochs"), [(30, 10), (12, 0), (5, 5), (7, 2.5)])
+def test_reference_schedule_is_timms_cosine_stepped_after_each_epoch(epochs: int, warmup_epochs: float) -> None:
+    """--lr-schedule reference gives every step of epoch e the rate the authors' train.py trains epoch e at: timm's
+    CosineLRScheduler (their create_scheduler's arguments) with step(epoch) called after each epoch."""
+    from timm.scheduler import CosineLRScheduler
+
+    lr, warm, low, steps_per_epoch = 1e-3, 1e-6, 1e-5, 3
+    decayed, kept = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    groups = [{"params": [decayed], "weight_decay": 0.01}, {"params": [kept], "weight_decay": 0.0}]
+    authors = torch.optim.AdamW(groups, lr=lr)
+    timm_schedule = CosineLRScheduler(
+        authors, t_initial=epochs, lr_min=low, warmup_t=warmup_epochs, warmup_lr_init=warm
+    )
+    expected = []
+    for epoch in range(epochs):
+        expected.append([g["lr"] for g in authors.param_groups])
+        timm_schedule.step(epoch)
+
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(2, 2))]},
+            {"params": [torch.nn.Parameter(torch.zeros(2))]},
+        ],
+        lr=9.0,
+    )
+    config = TrainConfig(
+        epochs=epochs, lr=lr, warmup_lr=warm, min_lr=low, warmup_epochs=warmup_epochs, lr_schedule="reference"
+    )
+    schedule = WarmupCosine(optimizer, config, steps_per_epoch)
+    seen = []
+    for _ in range(epochs * steps_per_epoch):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        schedule.step()
+    # Both evaluate the same float64 expression up to the order of one multiplication and division.
+    for step, rates in enumerate(seen):
+        assert rates == pytest.approx(expected[step // steps_per_epoch], rel=1e-12)
+    if 0 < warmup_epochs < epochs:  # timm's cosine spans the warm-up, so after one the peak is never reached
+        assert max(r[0] for r in seen) < lr
+    # A resumed schedule (any step, as a checkpoint holds its step count) sets the rate an unbroken one had.
+    resumed = WarmupCosine(optimizer, config, steps_per_epoch)
+    for step in range(epochs * steps_per_epoch):
+        resumed.load_state_dict({"step_count": step})
+        assert optimizer.param_groups[0]["lr"] == seen[step][0]
+
+
+def test_every_image_recipe_uses_the_authors_schedule() -> None:
+    names = [n for n in known_recipes() if n.startswith(("vtab/", "fgvc/", "snella/"))]
+    assert len(names) == 38 and all(resolve_config(n, {}).lr_schedule == "reference" for n in names)
+    assert resolve_config("llm/commonsense", {}).lr_schedule == "per-step"
+    assert TrainConfig().lr_schedule == "per-step"
+    with pytest.raises(UserError, match=r"lr_schedule \(--lr-schedule\) must be one of \['per-step', 'reference'\]"):
+        TrainConfig(lr_schedule="epoch")
+
+
 def test_data_order_depends_on_seed_and_epoch_only() -> None:
     sampler = EpochSampler(50, seed=3)
     sampler.set_epoch(2)

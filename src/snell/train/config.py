@@ -166,6 +166,12 @@ class TrainConfig:
     warmup_epochs: float = _opt(1.0, "linear warmup length in epochs, from --warmup-lr to --lr")
     warmup_lr: float = _opt(1e-6, "learning rate at the first step")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
+    lr_schedule: str = _opt(
+        "per-step",
+        "per-step: a new rate every optimizer step, the cosine over the steps after the warmup; reference: the "
+        "authors' (timm's cosine over all epochs, warmup included, set after each epoch: epoch e runs at t = e - 1)",
+        ("per-step", "reference"),
+    )
     ema_decay: float | None = _opt(
         None,
         "keep a moving average of the trained weights with this decay (e.g. 0.9999), score it at every evaluation "

@@ -1,4 +1,4 @@
-"""What every run optimises with: AdamW parameter groups, the warmup-cosine schedule and the epoch sampler.
+"""What every run optimises with: AdamW parameter groups, the warmup-cosine schedules and the epoch sampler.
 
 The schedule and the sampler are pure functions of (config, step) and (seed, epoch), so a resumed run and a run
 on N processes see the same rates and the same data order as one uninterrupted process."""
@@ -50,14 +50,30 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, war
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def epoch_cosine(t: float, epochs: int, warmup_epochs: float, lr: float, warmup_lr: float, min_lr: float) -> float:
+    """The rate of timm's ``CosineLRScheduler(t_initial=epochs, warmup_t=warmup_epochs)`` at epoch ``t``: linear from
+    ``warmup_lr`` during the warm-up, else the cosine from ``lr`` to ``min_lr`` over all ``epochs`` (the warm-up is
+    part of it, not a prefix), for t < ``epochs``."""
+    if t < warmup_epochs:
+        return warmup_lr + (lr - warmup_lr) * t / warmup_epochs
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
+
+
 class WarmupCosine:
-    """Sets the learning rate of every group before each optimizer step; its state is the step count."""
+    """Sets the learning rate of every group before each optimizer step; its state is the step count.
+
+    ``--lr-schedule per-step`` (:func:`warmup_cosine`): a new rate at every optimizer step, the cosine over the steps
+    after the warm-up. ``reference``: the authors' (their ``train.py`` builds timm's cosine scheduler and calls
+    ``step(epoch)`` after each epoch), constant within an epoch: epoch e runs at :func:`epoch_cosine` of t = e - 1,
+    epoch 0 at ``warmup_lr`` (at ``lr`` without a warm-up), so the peak is never reached after a warm-up.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
         self.optimizer = optimizer
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
         self.total_steps = config.epochs * steps_per_epoch
         self.warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), self.total_steps - 1)
-        self.lr, self.warmup_lr, self.min_lr = config.lr, config.warmup_lr, config.min_lr
         self.step_count = 0
         self._apply()
 
@@ -70,7 +86,13 @@ class WarmupCosine:
         return self.rate(max(self.step_count - 1, 0))
 
     def rate(self, step: int) -> float:
-        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.lr, self.warmup_lr, self.min_lr)
+        cfg = self.config
+        if cfg.lr_schedule == "per-step":
+            return warmup_cosine(step, self.total_steps, self.warmup_steps, cfg.lr, cfg.warmup_lr, cfg.min_lr)
+        epoch = step // self.steps_per_epoch
+        if epoch == 0:  # the rate timm's scheduler sets when it is made
+            return cfg.warmup_lr if cfg.warmup_epochs > 0 else cfg.lr
+        return epoch_cosine(epoch - 1, cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.warmup_lr, cfg.min_lr)
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
