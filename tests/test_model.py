@@ -1,7 +1,11 @@
 import copy
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import timm
@@ -399,6 +403,34 @@ def test_deepcopy_state_dict_and_compile():
     model.train()
     compiled(x).sum().backward()
     assert model.blocks[0].attn.qkv.A.grad is not None
+
+
+def test_a_model_saved_whole_loads_in_a_process_that_never_injected(tmp_path: Path) -> None:
+    """torch.save(model) pickles each adapted module; its class is made by snell at injection, so the file must
+    name the parts it is made of, not a class that a fresh process does not have. Also two base classes of one name
+    (timm's Linear and torch's), whose adapted classes share their name."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3, zero_init_last=False)
+    model.fc = nn.Sequential(OrderedDict(torch_linear=nn.Linear(512, 8), timm_linear=timm.layers.Linear(8, 3)))
+    snell.get_snell_model(model, snell.SnellConfig(r=4, sparsity=0.5, target_modules=r".*\.conv[12]|fc\..*_linear"))
+    assert {type(model.fc.torch_linear).__name__, type(model.fc.timm_linear).__name__} == {"SnellLinear"}
+    x = torch.randn(2, 3, 32, 32)
+    torch.save({"model": model, "x": x, "y": model.eval()(x)}, tmp_path / "whole.pt")
+    check = (
+        "import sys, torch\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "model = saved['model'].eval()\n"
+        "assert torch.equal(model(saved['x']), saved['y'])\n"
+        "model.train()\n"
+        "assert not model.layer1[0].bn1.training and model.layer1[0].conv1.training\n"
+        "print(type(model.layer1[0].conv1).__name__, type(model.layer1[0].bn1).__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "whole.pt")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SnellConv2d", "FrozenStatsBatchNorm2d"]
 
 
 def test_compiled_training_steps_on_the_fused_cpu_path_do_not_recompile_as_tau_moves(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -308,8 +309,30 @@ def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weig
         weight.copy_(weight.to(wide).add_(delta, alpha=sign))
 
 
-class SnellLayer(nn.Module):
+class _Mixin(nn.Module):
+    """What snell puts in front of a module's own class at run time (:func:`_mixed_class`)."""
+
+    #: the mixed class's name is this followed by the base class's
+    class_prefix: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its parts: the mixed class exists in a process only once made there, so pickling it by name
+        # would make a model saved whole (torch.save) unloadable elsewhere, and two base classes of the same name
+        # (timm's Linear, torch's) would share one.
+        mixin, base = type(self).__bases__
+        return _remix, (mixin, base), self.__getstate__()
+
+
+def _remix(mixin: type[_Mixin], base: type[nn.Module]) -> nn.Module:
+    """An empty instance of the mixed class, for unpickling (which then sets its state)."""
+    cls = _mixed_class(mixin, base)
+    return cls.__new__(cls)
+
+
+class SnellLayer(_Mixin):
     """Mixin placed in front of the original layer class; never instantiated directly."""
+
+    class_prefix = "Snell"
 
     snell_spec: SnellSpec
     snell_dropout: float
@@ -373,10 +396,12 @@ class SnellLayer(nn.Module):
         )
 
 
-class FrozenStatsNorm(nn.Module):
+class FrozenStatsNorm(_Mixin):
     """Mixin for a frozen normalisation layer with running statistics: it stays in eval mode whatever
     ``model.train()`` says, because the adapter does not store those statistics (training would otherwise
     move them and the saved adapter would not reproduce the trained model)."""
+
+    class_prefix = "FrozenStats"
 
     def train(self, mode: bool = True) -> FrozenStatsNorm:
         return super().train(False)
@@ -385,13 +410,11 @@ class FrozenStatsNorm(nn.Module):
 _mixed_classes: dict[tuple[type, type], type] = {}
 
 
-def _mixed_class(mixin: type, base_cls: type, prefix: str) -> type:
-    """The subclass of ``base_cls`` with ``mixin`` in front (one per pair, registered here for pickling)."""
+def _mixed_class(mixin: type[_Mixin], base_cls: type[nn.Module]) -> type:
+    """The subclass of ``base_cls`` with ``mixin`` in front (one per pair; its instances pickle as the pair)."""
     if (mixin, base_cls) not in _mixed_classes:
-        name = f"{prefix}{base_cls.__name__}"
-        cls = type(name, (mixin, base_cls), {"__module__": __name__, "__qualname__": name})
-        globals().setdefault(name, cls)
-        _mixed_classes[mixin, base_cls] = cls
+        name = f"{mixin.class_prefix}{base_cls.__name__}"
+        _mixed_classes[mixin, base_cls] = type(name, (mixin, base_cls), {"__module__": __name__, "__qualname__": name})
     return _mixed_classes[mixin, base_cls]
 
 
@@ -405,7 +428,7 @@ def has_running_stats(module: nn.Module) -> bool:
 
 def freeze_running_stats(module: nn.Module) -> None:
     """Keep the normalisation layer ``module`` in eval mode from now on (see FrozenStatsNorm)."""
-    module.__class__ = _mixed_class(FrozenStatsNorm, type(module), "FrozenStats")
+    module.__class__ = _mixed_class(FrozenStatsNorm, type(module))
     module.train(False)
 
 
@@ -476,7 +499,7 @@ def attach(module: nn.Module, spec: SnellSpec, config: SnellConfig, name: str) -
     """Turn ``module`` (named ``name`` in its model) into a SNELL layer in place and return it."""
     a, b, coefficients = new_factors(spec, config, module.weight)
     load_kernels(spec, module.weight, a)
-    module.__class__ = _mixed_class(SnellLayer, type(module), "Snell")
+    module.__class__ = _mixed_class(SnellLayer, type(module))
     module.snell_A = a
     module.snell_B = b
     if config.learnable_coefficients:
