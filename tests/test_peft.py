@@ -690,6 +690,28 @@ def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_touches_no_weigh
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
 
 
+@pytest.mark.parametrize("first", [None, ["query"]])
+def test_a_further_adapter_with_the_preset_targets_the_layers_a_fresh_model_would(first):
+    """target_modules=None on add_adapter: the preset is found on the model as it was before the first adapter; on
+    the wrapped model it saw each wrapper's base_layer as the nn.Linear, and matched nothing or left out every layer
+    the first adapter had wrapped."""
+    expected = sorted(snell.model.resolve_targets(_bert(), snell.SnellConfig(r=4)))
+    model = peft.get_peft_model(_bert(), SnellPeftConfig(r=4, sparsity=0.5, task_type="SEQ_CLS", target_modules=first))
+    wrappers = (SnellPeftLayer, peft.utils.other.ModulesToSaveWrapper)
+    before = {name: type(module) for name, module in model.named_modules() if isinstance(module, wrappers)}
+    config = SnellPeftConfig(r=4, sparsity=0.5, task_type="SEQ_CLS")
+    model.add_adapter("two", config)
+
+    def holding(adapter: str) -> list[str]:
+        layers = model.base_model.model.named_modules()
+        return sorted(n for n, m in layers if isinstance(m, SnellPeftLayer) and adapter in m.snell_A)
+
+    assert holding("two") == expected and "base_layer" not in config.target_modules
+    assert holding("default") == (expected if first is None else [n for n in expected if n.endswith("query")])
+    after = {name: type(module) for name, module in model.named_modules() if isinstance(module, wrappers)}
+    assert before and before.items() <= after.items()  # every wrapper is back in its place
+
+
 def _two_adapters(other: dict) -> tuple[nn.Module, SnellPeftLayer]:
     """An MLP with "default" (r 4, sparsity 0.5) on lin0 and "other" (``other``) on lin0 and lin1, both active; B × 100
     makes each ΔWˢ visible (as in the merge test)."""

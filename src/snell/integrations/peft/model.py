@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from snell.config import name_matches
@@ -22,6 +24,32 @@ from snell.layers import (
 )
 from snell.model import check_merge_targets, task_heads
 from snell.presets import detect_preset
+
+
+@contextmanager
+def as_before_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every module peft wrapped back in its place (a tuner layer's base layer, a saved module's
+    original), put back as found on exit: the model a further adapter's preset must look at, as the first adapter's
+    did (the wrappers are no ``nn.Linear``, and their ``base_layer`` children are not where an adapter goes)."""
+    swaps = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            original = module.get_base_layer()
+        elif isinstance(module, ModulesToSaveWrapper):
+            original = module.original_module
+        else:
+            continue
+        if any(name.startswith(f"{outer}.") for outer, *_ in swaps):  # inside a wrapper already swapped
+            continue
+        parent, _, child = name.rpartition(".")
+        swaps.append((name, model.get_submodule(parent), child, module, original))
+    try:
+        for _, parent, child, _, original in swaps:
+            setattr(parent, child, original)
+        yield model
+    finally:
+        for _, parent, child, wrapper, _ in reversed(swaps):
+            setattr(parent, child, wrapper)
 
 
 class SnellPeftModel(BaseTuner):
@@ -87,8 +115,9 @@ class SnellPeftModel(BaseTuner):
         """The preset for ``target_modules=None``; ``"all-linear"`` expanded to its layer names now, as peft does
         only after ``_prepare_model``, so that its checks see the layers it will wrap; and a classification
         task's heads added to ``modules_to_save`` as the core finds them."""
-        if peft_config.target_modules is None:
-            peft_config.target_modules = detect_preset(self.model).pattern
+        if peft_config.target_modules is None:  # a further adapter's too: the layers the first one wrapped count
+            with as_before_adapters(self.model) as model:
+                peft_config.target_modules = detect_preset(model).pattern
         self._add_task_heads(peft_config)
         return _maybe_include_all_linear_layers(peft_config, self.model)
 
