@@ -405,6 +405,22 @@ def test_deepcopy_state_dict_and_compile():
     assert model.blocks[0].attn.qkv.A.grad is not None
 
 
+def test_a_compiled_model_is_adapted_as_the_model_it_wraps() -> None:
+    """Through torch.compile's wrapper the preset saw a class named OptimizedModule (the block rule then took ResNet's
+    downsample convs too) and regexes had to name its ``_orig_mod.`` prefix."""
+    config = snell.SnellConfig(r=4)
+    plain = snell.get_snell_model(timm.create_model("resnet10t", num_classes=3), config)
+    compiled = torch.compile(timm.create_model("resnet10t", num_classes=3))
+    assert snell.get_snell_model(compiled, config) is compiled
+    inner = compiled._orig_mod
+    assert [n for n, _ in snell.snell_layers(inner)] == [n for n, _ in snell.snell_layers(plain)]
+    assert inner.snell_config == config
+    regex = snell.get_snell_model(
+        torch.compile(_tiny_vit(depth=1)), snell.SnellConfig(target_modules=r"blocks\.0\.mlp\.fc1")
+    )
+    assert [n for n, _ in snell.snell_layers(regex._orig_mod)] == ["blocks.0.mlp.fc1"]
+
+
 def test_a_model_saved_whole_loads_in_a_process_that_never_injected(tmp_path: Path) -> None:
     """torch.save(model) pickles each adapted module; its class is made by snell at injection, so the file must
     name the parts it is made of, not a class that a fresh process does not have. Also two base classes of one name

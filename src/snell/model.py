@@ -237,9 +237,12 @@ def get_snell_model(model: nn.Module, config: SnellConfig) -> nn.Module:
 
     Every parameter is frozen except the adapter factors, ``config.modules_to_save`` and
     ``config.parameters_to_save``. Frozen normalisation layers with running statistics (BatchNorm) stay in
-    eval mode even under ``model.train()``, since the adapter does not store their statistics.
+    eval mode even under ``model.train()``, since the adapter does not store their statistics. A ``torch.compile``
+    wrapper is adapted through the model it wraps: its names (without ``_orig_mod.``) and its family's preset.
     """
-    return inject(model, config, resolve_targets(model, config))
+    inner = uncompiled(model)
+    inject(inner, config, resolve_targets(inner, config))
+    return model
 
 
 def snell_layers(model: nn.Module) -> Iterator[tuple[str, SnellLayer]]:
