@@ -418,8 +418,10 @@ def _mixed_class(mixin: type[_Mixin], base_cls: type[nn.Module]) -> type:
     return _mixed_classes[mixin, base_cls]
 
 
-def _unmixed_class(module: nn.Module, mixin: type) -> type:
-    return next(base for base in type(module).__mro__[1:] if not issubclass(base, mixin))
+def _unmixed_class(module: _Mixin) -> type:
+    """The class ``module`` had before :func:`_mixed_class` put a mixin in front of it."""
+    _, base = type(module).__bases__
+    return base
 
 
 def has_running_stats(module: nn.Module) -> bool:
@@ -434,7 +436,7 @@ def freeze_running_stats(module: nn.Module) -> None:
 
 def thaw_running_stats(module: FrozenStatsNorm, mode: bool) -> None:
     """Give ``module`` its own class back, in training mode ``mode``."""
-    module.__class__ = _unmixed_class(module, FrozenStatsNorm)
+    module.__class__ = _unmixed_class(module)
     module.train(mode)
 
 
@@ -521,7 +523,7 @@ def detach(module: SnellLayer) -> nn.Module:
         delattr(module, name)
     for name in ("snell_spec", "snell_dropout", "snell_drop_path", "snell_merged", "snell_disabled"):
         module.__dict__.pop(name, None)
-    module.__class__ = _unmixed_class(module, SnellLayer)
+    module.__class__ = _unmixed_class(module)
     return module
 
 
