@@ -72,6 +72,26 @@ def test_head_of_another_size_is_refused(saved):
     _assert_unchanged(other, snapshot)
 
 
+@pytest.mark.parametrize(
+    ("edit", "unused"),
+    [({"modules_to_save": None}, "head.bias"), ({"kernel": "piecewise_linear"}, "blocks.0.attn.proj.snell_mix")],
+)
+def test_a_config_that_leaves_trained_tensors_unread_is_refused(tmp_path, edit, unused):
+    """The checksum covers the tensors, not the config: an edited adapter_config.json (no modules_to_save, mixk's
+    kernel changed) loaded, dropping the trained head or mixk's (α, γ, β) without a word."""
+    config = snell.SnellConfig(kernel="mixk", sparsity=0.5, modules_to_save=["head"])
+    snell.save_adapter(snell.get_snell_model(_vit(), config), tmp_path)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**record, **edit}))
+    other = _vit()
+    snapshot = _snapshot(other)
+    with pytest.raises(
+        ValueError, match=rf"holds \d+ tensor\(s\) that .*{CONFIG_NAME} does not use \(e\.g\. '{unused}'\)"
+    ):
+        snell.load_adapter(other, tmp_path)
+    _assert_unchanged(other, snapshot)
+
+
 def test_layer_sparsity_naming_a_layer_the_adapter_does_not_hold_is_refused(saved):
     """get_snell_model refuses such a config; load_adapter loaded it and left the layer at the config's sparsity."""
     config = json.loads((saved / CONFIG_NAME).read_text())

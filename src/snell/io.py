@@ -292,6 +292,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config, base_model, records, tensors = read_adapter(directory)
     modules = dict(model.named_modules())
     specs: dict[str, SnellSpec] = {}
+    used: set[str] = set()  # the tensors of the file that the config reads
     for name, record in records.items():
         if name not in modules:
             raise ValueError(
@@ -317,6 +318,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             expected["snell_mix"] = (spec.groups, 3)
             if config.learnable_coefficients:
                 expected["snell_coefficients"] = (spec.num_pieces,)
+        used.update(f"{name}.{key}" for key in expected)
         for key, shape in expected.items():
             tensor = tensors.get(f"{name}.{key}")
             if tensor is None or tuple(tensor.shape) != shape:
@@ -347,6 +349,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                     f"for this model, found {found}"
                 )
             state[key] = tensor
+            used.add(f"{module_name}.{key}")
         module_states[module] = state
     parameters = resolve_parameters_to_save(model, config)
     for name, param in parameters.items():
@@ -357,6 +360,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 f"{directory / WEIGHTS_NAME}: {name} should have shape {tuple(param.shape)} for this model, "
                 f"found {found}"
             )
+    unused = sorted(set(tensors) - used - set(parameters))
+    if unused:  # trained values the config would drop: an edited config, or weights of another adapter
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} holds {len(unused)} tensor(s) that {directory / CONFIG_NAME} does not use "
+            f"(e.g. {unused[0]!r}): the config and the weights are not of one adapter"
+        )
     try:  # what the saved config's targets select in this model: a deeper model of the same widths selects more
         selected = set(resolve_targets(model, config))
     except (TypeError, ValueError):  # a target list entry this model lacks: the records above are what counts
