@@ -26,12 +26,12 @@ def naive_kernel(kernel, a, b, coefficients, num_pieces=1):
 
 
 def naive_sparsify(delta, sparsity, mode, dense_at_zero=True):
-    """Keep the round((1-s)·N) largest |ΔW| of each matrix (last two dims), per the three modes; at s = 0 the
-    dense ΔW unless ``dense_at_zero`` is False (mixk: SNELLA's module sparsifies at every ratio)."""
+    """Keep the round((1-s)·N) largest |ΔW| of each matrix (last two dims; at least one below s = 1), per the three
+    modes; at s = 0 the dense ΔW unless ``dense_at_zero`` is False (mixk: SNELLA's module sparsifies at every ratio)."""
     if sparsity == 0 and dense_at_zero:
         return delta
     flat = delta.detach().abs().flatten(-2)
-    k = round((1 - sparsity) * flat.shape[-1])
+    k = 0 if sparsity == 1 else max(1, round((1 - sparsity) * flat.shape[-1]))  # at least one below s = 1
     if k == 0:  # s = 1: nothing kept
         return delta * 0
     tau = flat.topk(k, dim=-1).values[..., -1:].unsqueeze(-1)

@@ -130,6 +130,26 @@ def test_a_layer_at_sparsity_one_keeps_nothing():
     assert model[0].delta_weight().count_nonzero() == 0
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_a_small_layer_at_a_high_sparsity_keeps_its_largest_entry_and_trains(fused, monkeypatch):
+    """round((1 − s)·N) is 0 for a 4×4 matrix at s = 0.97: the layer kept nothing and its factors never got a gradient.
+    The reference's threshold, strictly above an interpolated quantile, keeps the largest entry; so does snell."""
+    if fused:
+        pytest.importorskip("numba")
+        monkeypatch.setattr("snell.dispatch._FUSED_FROM", ((1, 1),))
+    assert sparsify.keep_count(16, 0.97) == 1 and sparsify.keep_count(16, 1.0) == 0
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    snell.get_snell_model(model, snell.SnellConfig(r=2, sparsity=0.97, target_modules=["0"]))
+    delta = model[0].delta_weight()
+    assert delta.count_nonzero() == 1
+    layer = model[0]
+    dense = kernel_delta("piecewise_linear", layer.A.detach(), layer.B.detach(), layer.kernel_coefficients(), 2)
+    assert delta.abs().argmax() == dense.abs().argmax()
+    model(torch.randn(3, 4)).square().sum().backward()
+    assert model[0].A.grad.abs().sum() > 0 and model[0].B.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_scale_keeps_every_entry_at_or_above_its_matrix_tau(dtype):
     # Per-matrix τ taken from the entries themselves, so entries equal to τ (ties included) must survive.

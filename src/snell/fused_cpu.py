@@ -300,7 +300,7 @@ def _band_pass(
 def select_tau(
     a: Tensor, b: Tensor, coefficients: Tensor, num_pieces: int, sparsity: float, mix: Mix | None = None
 ) -> tuple[float, int]:
-    """(τ, band size): the exact k-th largest |ΔW| of the fused kernel's own ΔW, k = round((1 − s)·m·n);
+    """(τ, band size): the exact k-th largest |ΔW| of the fused kernel's own ΔW, k = keep_count(m·n, s);
     +inf for k = 0. The band size (0 when the dense fallback ran) is for the benchmarks."""
     m, n = b.shape[0], a.shape[0]
     k = keep_count(m * n, sparsity)

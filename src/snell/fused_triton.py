@@ -229,7 +229,7 @@ def select_tau(
     stats: Tensor | None = None,
 ) -> Tensor:
     """τ (G, 1, 1) float32 on the factors' device: per group the exact k-th largest |ΔW| of the kernels' own ΔW,
-    k = round((1 − s)·m·n) with s the group's entry of ``sparsities`` (+inf for k = 0), or −inf where it is None (the
+    k = keep_count(m·n, s) with s the group's entry of ``sparsities`` (+inf for k = 0), or −inf where it is None (the
     group keeps its dense ΔW). a: (G, n, r), b: (G, m, r); ``stats``: mixk's column statistics (G, 2, n) or None for
     the piecewise-linear kernel. No host read."""
     from snell.sparsify import keep_count

@@ -1,10 +1,10 @@
 """Competition-based sparsification: keep the largest-magnitude entries of ΔW, with no stored indices.
 
-The threshold τ is the k-th largest |ΔW| of each matrix (k = round((1 − s)·N)), found by selection, not
-by a sort or torch.quantile (which refuses more than 2^24 entries and anything but fp32/fp64). It stays
-a tensor on ΔW's device, so no host synchronisation happens on an accelerator. τ is one scalar per
-matrix: the forward saves it and the backward reuses it instead of selecting again. Which exact selection
-runs is decided in one place, :func:`selection_method` over :data:`SELECTION_TABLE`, per device and size.
+The threshold τ is the k-th largest |ΔW| of each matrix (k = round((1 − s)·N), at least 1 below s = 1:
+:func:`keep_count`), found by selection, not by a sort or torch.quantile (which refuses more than 2^24 entries and
+anything but fp32/fp64). It stays a tensor on ΔW's device, so no host synchronisation happens on an accelerator.
+τ is one scalar per matrix: the forward saves it and the backward reuses it instead of selecting again. Which exact
+selection runs is decided in one place, :func:`selection_method` over :data:`SELECTION_TABLE`, per device and size.
 """
 
 from __future__ import annotations
@@ -53,8 +53,13 @@ def _sample_positions(n: int) -> np.ndarray:
 
 
 def keep_count(numel: int, sparsity: float) -> int:
-    """Number of entries a matrix of ``numel`` entries keeps at ``sparsity`` (fraction zeroed)."""
-    return round((1.0 - sparsity) * numel)
+    """Number of entries a matrix of ``numel`` entries keeps at ``sparsity`` (fraction zeroed): round((1 − s)·N), and
+    at least one below s = 1, as the reference's threshold (strictly above an interpolated quantile) keeps the
+    largest entry; a small matrix at a high sparsity would otherwise keep none, its factors never getting a gradient.
+    """
+    if sparsity >= 1.0:
+        return 0
+    return max(1, round((1.0 - sparsity) * numel))
 
 
 def _beyond(array: np.ndarray, cut: float, magnitude: bool) -> np.ndarray:
