@@ -405,6 +405,28 @@ def test_deepcopy_state_dict_and_compile():
     assert model.blocks[0].attn.qkv.A.grad is not None
 
 
+@pytest.mark.parametrize("path", ["torch", "fused_cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_merged_weight_is_bit_for_bit_the_weight_the_forward_multiplies_by(path, dtype, monkeypatch):
+    """Merging adds ΔWˢ (rounded) to W0; the torch path's forward built W0 + ΔW·S with addcmul, whose fused
+    multiply-add rounds once, so a few merged weights differed in their last bit (a bf16 model's logits by 1e-3)."""
+    if path == "fused_cpu":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("SNELL_KERNELS", {"torch": "torch", "fused_cpu": "fused"}[path])  # the merge's path too
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 192)).to(dtype)
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.5, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.snell_B.mul_(30)  # ΔW of the weights' own size, so that every bit of the sum counts
+    spec, factors = layer.snell_spec, (layer.snell_A, layer.snell_B, layer.kernel_coefficients())
+    with torch.no_grad():
+        merged, _ = snell.dispatch.implementation(path).merged_and_tau(spec, *factors, layer.weight, dtype)
+    forward_weight = snell.spec.to_weight_layout(spec, merged).to(dtype)
+    layer.merge()
+    assert torch.equal(layer.weight, forward_weight)
+
+
 def test_a_compiled_model_is_adapted_as_the_model_it_wraps() -> None:
     """Through torch.compile's wrapper the preset saw a class named OptimizedModule (the block rule then took ResNet's
     downsample convs too) and regexes had to name its ``_orig_mod.`` prefix."""
