@@ -471,13 +471,14 @@ def test_a_model_saved_whole_loads_in_a_process_that_never_injected(tmp_path: Pa
     assert done.stdout.split() == ["SnellConv2d", "FrozenStatsBatchNorm2d"]
 
 
-def test_compiled_training_steps_on_the_fused_cpu_path_do_not_recompile_as_tau_moves(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The fused CPU path returns τ as a Python float; traced by dynamo, every step's new τ compiled again until
-    torch.compile's recompile limit, after which it ran eagerly with a warning."""
-    pytest.importorskip("numba")
-    monkeypatch.setattr("snell.dispatch._FUSED_FROM", ((1, 16),))
+@pytest.mark.parametrize("path", ["fused_cpu", "torch"])
+def test_compiled_training_steps_do_not_recompile_as_tau_moves(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused CPU path returns τ as a Python float, and the torch path read τ on the host to zero the entries
+    below it; traced by dynamo, every step's new τ compiled again until torch.compile's recompile limit, after which
+    it ran eagerly with a warning."""
+    if path == "fused_cpu":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("SNELL_KERNELS", {"fused_cpu": "fused", "torch": "torch"}[path])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
     snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.9, target_modules=["0", "2"]))
@@ -498,6 +499,7 @@ def test_compiled_training_steps_on_the_fused_cpu_path_do_not_recompile_as_tau_m
             delta = model[0].delta_weight()
             taus.add(float(delta[delta != 0].abs().min()))  # the smallest kept |ΔW|: τ, or just above it
     assert len(taus) == 3  # τ did move
+    torch.testing.assert_close(compiled(x), model(x))
 
 
 def test_large_llama_mlp_matrix_trains():

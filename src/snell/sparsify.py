@@ -227,10 +227,11 @@ def _zero_below_(magnitude: Tensor, tau: Tensor) -> Tensor:
     On the CPU this is one ``threshold_`` pass per matrix (x > the float just below τ is x >= τ): there
     ``masked_fill_`` and the comparison that builds its mask took about 20 times as long (341×3072: 1.3 vs
     0.05 ms). Elsewhere the comparison stays a tensor, so no device synchronisation reads τ. NaN entries are
-    zeroed by the fast path and kept by the other; ΔW ⊙ S is NaN there either way. The other path is also
-    the one torch.compile traces without a graph break (the host read breaks it).
+    zeroed by the fast path and kept by the other; ΔW ⊙ S is NaN there either way. torch.compile takes the other
+    path: the host read broke its graph in every layer, and the graph after the break was compiled again for every
+    new τ (a float constant there) until the recompile limit sent the rest of the run to eager mode.
     """
-    if _path(magnitude.device.type) == "cpu" and tau.dtype == magnitude.dtype:
+    if _path(magnitude.device.type) == "cpu" and tau.dtype == magnitude.dtype and not torch.compiler.is_compiling():
         if tau.numel() == 1:
             below = torch.nextafter(tau, tau.new_tensor(-math.inf)).item()
             return F.threshold_(magnitude, below, 0.0)
