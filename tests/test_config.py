@@ -60,6 +60,8 @@ def test_json_round_trip_keeps_every_field():
         ({"kernel": "rbf", "coefficients": [1.0, float("inf"), -1.0]}, r"coefficients must be finite"),
         ({"kernel": "mixk", "coefficients": [0.1, -0.1, 1.0, 0.0, 0.0]}, r"mixk's γ \(coefficients\[3\]\) divides D"),
         ({"format_version": FORMAT_VERSION + 1}, r"format_version .* upgrade snell"),
+        ({"format_version": "1"}, r"format_version must be an integer, got '1'"),
+        ({"format_version": True}, r"format_version must be an integer, got True"),
         ({"coefficients": 0.1}, r"coefficients must be a list of 2 numbers \(or None\), got 0.1"),
         ({"coefficients": [1, None]}, r"coefficients must be a list of 2 numbers .*got \[1, None\]"),
         ({"coefficients": ["a", "b"]}, r"coefficients must be a list of 2 numbers"),

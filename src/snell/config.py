@@ -258,7 +258,9 @@ class SnellConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a SNELL config must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(
                 f"this adapter config has format_version {version!r}, but this snell reads versions "
                 f"<= {FORMAT_VERSION}; upgrade snell to load it"
