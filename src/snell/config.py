@@ -98,6 +98,16 @@ def unmatched(selectors: Sequence[str], names: Iterable[str]) -> list[str]:
     return [s for s in selectors if not any(name_matches(n, [s]) for n in names)]
 
 
+def _check_format_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"this adapter config has format_version {version}, but this snell reads versions <= {FORMAT_VERSION}; "
+            "upgrade snell to load it"
+        )
+
+
 @dataclass
 class SnellConfig:
     """Configuration of SNELL adapters.
@@ -233,11 +243,7 @@ class SnellConfig:
                 object.__setattr__(self, name, list(value))
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be None or one of {TASK_TYPES}, got {self.task_type!r}")
-        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"this adapter config has format_version {self.format_version!r}, but this snell reads "
-                f"versions <= {FORMAT_VERSION}; upgrade snell to load it"
-            )
+        _check_format_version(self.format_version)
 
     @property
     def kernel_coefficients(self) -> list[float]:
@@ -257,14 +263,7 @@ class SnellConfig:
     def from_dict(cls, data: dict[str, Any]) -> SnellConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a SNELL config must be a JSON object, got {type(data).__name__}")
-        version = data.get("format_version", FORMAT_VERSION)
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ValueError(f"format_version must be an integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"this adapter config has format_version {version!r}, but this snell reads versions "
-                f"<= {FORMAT_VERSION}; upgrade snell to load it"
-            )
+        _check_format_version(data.get("format_version", FORMAT_VERSION))  # before the keys: a newer one may add some
         data = {k: v for k, v in data.items() if k not in ADAPTER_FILE_KEYS}
         if data.get(METHOD_KEY) == METHOD:
             data = {k: v for k, v in data.items() if k != METHOD_KEY}
