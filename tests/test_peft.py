@@ -690,6 +690,22 @@ def test_safe_merge_of_a_broken_adapter_raises_peft_message_and_touches_no_weigh
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
 
 
+@pytest.mark.parametrize("route", ["core", "peft"])
+def test_a_classification_task_type_on_a_language_model_is_refused(route):
+    """SEQ_CLS on a ...ForCausalLM found lm_head as its head and trained a full copy of the vocabulary-sized output
+    embeddings (28 M parameters on SmolLM2), silently."""
+    model = _llama()
+    kinds = [type(m) for m in model.modules()]
+    config = {"r": 4, "task_type": "SEQ_CLS", "target_modules": ["q_proj"]}
+    message = r"task_type='SEQ_CLS' trains the classification head, but 'lm_head' is the language-model head"
+    with pytest.raises(ValueError, match=message):
+        if route == "core":
+            snell.get_snell_model(model, snell.SnellConfig(**config))
+        else:
+            peft.get_peft_model(model, SnellPeftConfig(**config))
+    assert [type(m) for m in model.modules()] == kinds and all(p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("first", [None, ["query"]])
 def test_a_further_adapter_with_the_preset_targets_the_layers_a_fresh_model_would(first):
     """target_modules=None on add_adapter: the preset is found on the model as it was before the first adapter; on

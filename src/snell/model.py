@@ -147,11 +147,22 @@ def task_heads(model: nn.Module, task_type: str | None, named: bool) -> list[str
     if task_type not in HEAD_TASK_TYPES:
         return []
     try:
-        return head_names(model)
+        heads = head_names(model)
     except ValueError:
         if named:
             return []
         raise
+    inner = uncompiled(model)
+    output_embeddings = getattr(inner, "get_output_embeddings", lambda: None)()
+    lm_heads = [head for head in heads if inner.get_submodule(head) is output_embeddings is not None]
+    if lm_heads:  # a language model given a classification task: its vocabulary-sized head is no classifier
+        raise ValueError(
+            f"task_type={task_type!r} trains the classification head, but {lm_heads[0]!r} is the language-model head "
+            f"of {type(inner).__name__} (its output embeddings): load the model as a classifier "
+            "(AutoModelForSequenceClassification, ...ForTokenClassification), or use task_type None or 'CAUSAL_LM' "
+            "to train it as a language model"
+        )
+    return heads
 
 
 def resolve_modules_to_save(model: nn.Module, config: SnellConfig) -> dict[str, nn.Module]:
