@@ -408,8 +408,8 @@ def test_deepcopy_state_dict_and_compile():
 @pytest.mark.parametrize("path", ["torch", "fused_cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_merged_weight_is_bit_for_bit_the_weight_the_forward_multiplies_by(path, dtype, monkeypatch):
-    """Merging adds ΔWˢ (rounded) to W0; the torch path's forward built W0 + ΔW·S with addcmul, whose fused
-    multiply-add rounds once, so a few merged weights differed in their last bit (a bf16 model's logits by 1e-3)."""
+    """Merging added ΔWˢ (rounded) to W0, while the torch path's forward builds W0 + ΔW·S with addcmul, whose fused
+    multiply-add rounds once: a few merged weights differed in their last bit (a bf16 model's logits by 1e-3)."""
     if path == "fused_cpu":
         pytest.importorskip("numba")
     monkeypatch.setenv("SNELL_KERNELS", {"torch": "torch", "fused_cpu": "fused"}[path])  # the merge's path too

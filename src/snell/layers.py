@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.utils import parametrize
 
 from snell.config import PIECEWISE_KERNELS, SnellConfig, unmatched
-from snell.dispatch import kernel_path
+from snell.dispatch import implementation, kernel_path
 from snell.dropout import FusedSnellDropout
 from snell.function import FusedSnell, sparse_delta
 from snell.spec import SnellSpec, to_weight_layout, with_sparsities
@@ -298,15 +298,21 @@ def check_mergeable(name: str, module: nn.Module) -> None:
 def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor, sign: int = 1) -> None:
     """weight ← weight + sign·ΔWˢ in place, summed in float32 (or wider) and rounded once to the weight's dtype.
 
-    That is how the adapted forward builds the weight it multiplies by (W0 + ΔWˢ in float32, then cast), so a
-    merged bf16 model computes what the adapted one did. Adding a ΔWˢ already rounded to bf16 would round twice
-    and move some weights by one unit in the last place."""
+    Merging builds W0 + ΔWˢ the way the adapted forward of a model in the weight's dtype does, by the same path
+    (:func:`snell.dispatch.kernel_path`): a merged model computes what the adapted one did, bit for bit. (Adding
+    ΔWˢ to W0 apart would round twice: the torch path's forward adds with a fused multiply-add.) Unmerging subtracts
+    ΔWˢ in float32 and rounds once, which gives a half-precision W0 back to within a unit in its last place."""
+    if sign > 0:
+        path = kernel_path(spec, weight.device, a.shape[-1], weight.dtype, a.dtype, weight.dtype)
+        merged, _ = implementation(path).merged_and_tau(spec, a, b, coefficients, weight, weight.dtype)
+        weight.copy_(to_weight_layout(spec, merged.reshape(spec.grouped_shape)).to(weight.dtype))
+        return
     wide = torch.promote_types(torch.promote_types(weight.dtype, a.dtype), torch.float32)
     delta = delta_weight(spec, a, b, coefficients, wide)
-    if weight.dtype == wide:  # nothing to round: add in place (``weight.to(wide)`` would be weight itself)
-        weight.add_(delta, alpha=sign)
+    if weight.dtype == wide:  # nothing to round: subtract in place (``weight.to(wide)`` would be weight itself)
+        weight.sub_(delta)
     else:
-        weight.copy_(weight.to(wide).add_(delta, alpha=sign))
+        weight.copy_(weight.to(wide).sub_(delta))
 
 
 class _Mixin(nn.Module):

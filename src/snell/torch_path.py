@@ -44,11 +44,7 @@ def _merged(base: Tensor | None, delta: Tensor, scale: Tensor | None, out: Tenso
             return torch.mul(delta, scale, out=out)
         return delta if out is None or out is delta else out.copy_(delta)
     base = base.to(delta.dtype)
-    if scale is None:
-        return torch.add(base, delta, out=out)
-    # ΔW ⊙ S rounded, then W0 added, as a merge adds ΔWˢ (layers.fold_delta): addcmul's fused multiply-add rounds
-    # once, and the merged model's weights then differed from the adapted forward's in the last bit of a few.
-    return torch.mul(delta, scale, out=out).add_(base)
+    return torch.add(base, delta, out=out) if scale is None else torch.addcmul(base, delta, scale, out=out)
 
 
 def _block_scale(spec: SnellSpec, group: int, delta: Tensor, tau: Tensor) -> Tensor | None:
