@@ -10,6 +10,7 @@ import pytest
 import torch
 from cli_cases import TINY_VIT, assert_same_adapter, stop_after_first_checkpoint
 
+import snell
 from snell.cli import main
 from snell.train.config import TrainConfig, UserError
 from snell.train.precision import make_accelerator
@@ -87,3 +88,25 @@ def test_fp16_skips_overflowing_steps_and_resumes_bit_identical(
     stop_after_first_checkpoint([*args, "--output-dir", str(tmp_path / "cut")], monkeypatch)
     assert main([*args, "--output-dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_adapter(tmp_path / "straight", tmp_path / "cut")
+
+
+@pytest.mark.parametrize("kernel", ["piecewise_linear", "mixk"])
+def test_an_overflowing_fp16_backward_reaches_the_factors_so_the_loss_scaler_skips_the_step(kernel: str) -> None:
+    """The torch path (which fp16 always takes) divided the gradient by the piece distances and zeroed every
+    non-finite quotient, meant for a zero distance: an inf from the scaled loss became a zero gradient, the scaler
+    never saw it, and AdamW stepped. Only the factors train here, as in an LLM with a frozen head."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+    snell.get_snell_model(net, snell.SnellConfig(r=4, kernel=kernel, sparsity=0.5, target_modules=["0"]))
+    factors = [p for p in net.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in factors]
+    optimizer = torch.optim.AdamW(factors, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # beyond fp16's 65504: the backward overflows
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = net(torch.randn(8, 32)).float().square().mean()
+    scaler.scale(loss).backward()
+    assert not all(torch.isfinite(p.grad).all() for p in factors)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**23  # the step was skipped and the scale halved
+    assert all(torch.equal(p, q) for p, q in zip(factors, before, strict=True))

@@ -19,6 +19,8 @@ rows. It is max-subtracted (exp ≤ 1, column sums ≥ 1), so it neither overflo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -119,9 +121,11 @@ def kernel_delta(
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
-def _safe_divide(g: Tensor, d: Tensor, out: Tensor | None = None) -> Tensor:
-    """g / d, with 0 where d = 0 (the zero subgradient of ‖a − b‖ at a = b): two passes."""
-    return torch.div(g, d, out=out).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+def _divide_distances_(g: Tensor, d: Tensor) -> Tensor:
+    """g / d into ``d``, with 0 where d = 0 (the zero subgradient of ‖a − b‖ at a = b, as d = +inf gives it) and a
+    non-finite quotient wherever g is not finite: an fp16 overflow must reach the loss scaler, which skips the step
+    on an inf or NaN gradient (zeroing every non-finite quotient hid it, and the step was taken)."""
+    return torch.div(g, d.masked_fill_(d == 0, math.inf), out=d)
 
 
 def kernel_backward(
@@ -157,7 +161,7 @@ def kernel_backward(
             if need_coefficients:
                 grad_coef[p] = (g * dist).sum()
             # ∂‖a − b‖/∂a = (a − b)/‖a − b‖; the coefficient scales the small results, not the m×n matrix.
-            quotient = _safe_divide(g, dist, out=dist)
+            quotient = _divide_distances_(g, dist)
             grad_a, grad_b = _pairwise_grads(quotient, _piece(a, p, width), _piece(b, p, width))
             grads_a.append(grad_a.mul_(coefficients[p]))
             grads_b.append(grad_b.mul_(coefficients[p]))
