@@ -6,6 +6,7 @@ import sys
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from snell.dispatch import implementation, kernel_path
 from snell.function import in_factor_layouts, sparse_delta
@@ -95,6 +96,7 @@ class FusedSnellDropout(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
+    @once_differentiable  # its backward is no autograd graph: a second derivative is refused, not wrong
     def backward(ctx, grad_out):
         x, weight, bias, a, b, coefficients, tau, sample_scale = ctx.saved_tensors
         spec: SnellSpec = ctx.spec

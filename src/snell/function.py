@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from snell.dispatch import implementation, kernel_path
 from snell.spec import SnellSpec, bias_grad, layer_op, to_weight_layout, without_autocast
@@ -45,6 +46,7 @@ class FusedSnell(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
+    @once_differentiable  # its backward is no autograd graph: a second derivative is refused, not wrong
     def backward(ctx, grad_out):
         x, weight, bias, a, b, coefficients, tau = ctx.saved_tensors
         spec: SnellSpec = ctx.spec
