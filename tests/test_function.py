@@ -329,3 +329,26 @@ def test_a_second_derivative_is_refused_not_wrong(kernels, dropout, monkeypatch)
     (grad_a,) = torch.autograd.grad(model(torch.randn(3, 24)).square().sum(), model[0].A, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         grad_a.square().sum().backward()
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dx_is_computed_with_the_weight_the_forward_multiplied_by(kernels, dtype, monkeypatch):
+    """With x = I the forward's output is the merged weight itself, and with dy = I the input's gradient is the
+    weight the backward multiplied by: the two must be the same tensor, bit for bit. On the torch path a half-precision
+    backward rounded ΔW·S and W0 + ΔW·S apart (3 % of the bf16 weights one unit off)."""
+    if kernels == "fused":
+        pytest.importorskip("numba")
+        if dtype == torch.float16:
+            pytest.skip("the fused CPU path takes float32 and bfloat16")
+    monkeypatch.setenv("SNELL_KERNELS", kernels)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=False).to(dtype))
+    snell.get_snell_model(model, snell.SnellConfig(r=8, sparsity=0.9, target_modules=["0"]))
+    with torch.no_grad():
+        model[0].snell_B.normal_()  # ΔW of the weights' own size
+        model[0].snell_A.normal_()
+    x = torch.eye(96, dtype=dtype, requires_grad=True)
+    y = model(x)
+    y.backward(torch.eye(96, 80, dtype=dtype))
+    assert torch.equal(x.grad[:80], y.detach().T)
