@@ -63,7 +63,19 @@ def takes_adapter(name: str, module: nn.Module, parent: nn.Module) -> bool:
     """Whether ``module`` (``name``, a child of ``parent``) is a layer that :func:`build_spec` and
     :func:`check_forward_called` accept whatever the config: the presets' block rule adapts only such layers, so that
     a default never names one they refuse."""
-    return _refusal(name, module) is None and not _weight_read_by(parent, name.rpartition(".")[2])
+    return adapter_refusal(name, module, parent) is None
+
+
+def adapter_refusal(name: str, module: nn.Module, parent: nn.Module) -> Exception | None:
+    """The error :func:`build_spec` or :func:`check_forward_called` raises for ``module`` whatever the config, or None
+    when it takes an adapter."""
+    refusal = _refusal(name, module)
+    if refusal is None:
+        try:
+            check_forward_called(name, parent)
+        except TypeError as err:
+            return err
+    return refusal
 
 
 def _refusal(name: str, module: nn.Module) -> Exception | None:

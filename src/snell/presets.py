@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from snell.layers import takes_adapter
+from snell.layers import adapter_refusal, describe_support, takes_adapter
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,15 @@ def block_preset(model: nn.Module) -> Preset:
         and _block_layer(n, m, modules[n.rpartition(".")[0]])
     ]
     if not layers:
+        refusals = (
+            adapter_refusal(n, m, modules[n.rpartition(".")[0]]) for n, m in modules.items() if describe_support(m)
+        )
+        refused = next((err for err in refusals if err is not None), None)
         raise ValueError(
             f"no SNELL preset fits model class {type(model).__name__}: no family preset names it, and it has no "
-            "nn.ModuleList/nn.Sequential blocks with linear or conv layers; pass target_modules explicitly"
+            "nn.ModuleList/nn.Sequential blocks with linear or conv layers that take an adapter"
+            + (f" ({refused})" if refused is not None else "")
+            + "; pass target_modules explicitly"
         )
     return Preset("blocks", (), _pattern_for(blocks, layers, list(modules)))
 
