@@ -329,6 +329,38 @@ def test_lora_on_a_grouped_conv_at_a_rank_its_groups_do_not_divide_is_one_line(
     assert not out.exists()
 
 
+def test_lora_and_dora_train_at_an_odd_rank(vtab_dir: Path, tmp_path: Path) -> None:
+    """Their layers were found through a SNELL config, whose piecewise kernel refused any rank its 2 pieces do not
+    divide: --method lora --rank 1 (or 3, 5) stopped with SNELL's error."""
+    for method, rank in (("lora", "1"), ("dora", "3")):
+        out = tmp_path / method
+        argv = ["train", "--data", str(vtab_dir), *BASE, "--method", method, "--rank", rank, "--epochs", "1"]
+        assert main([*argv, "--output-dir", str(out)]) == 0
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == int(rank)
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        ("/nonexistent/model", None, "--model /nonexistent/model: no such folder, and no timm model name"),
+        ("timm/vit_tiny_patch16_224", None, "timm's names have no '/'"),
+        ("EMPTY", None, "a folder without a transformers model (no config.json), and no timm name"),
+        ("vit_tiny_patch16_224", TINY_VIT.replace('"num_heads": 2', '"num_heads": 3'), "dim should be divisible"),
+    ],
+)
+def test_a_model_timm_cannot_build_is_one_line(
+    model: str, kwargs: str | None, message: str, vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """timm refuses a name with '/' or a bad value with a ValueError or an assert: a traceback, exit 1."""
+    if model == "EMPTY":
+        model = str(tmp_path / "empty")
+        Path(model).mkdir()
+    flags = ["--model", model, *(["--model-kwargs", kwargs] if kwargs else []), "--no-progress"]
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--data", str(vtab_dir), *flags, "--output-dir", str(out)], message)
+    assert not out.exists()
+
+
 def test_resuming_on_another_process_count_is_refused_by_every_process(
     vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

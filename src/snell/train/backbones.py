@@ -6,6 +6,7 @@ Every method runs on the same backbone object built the same way, so a compariso
 
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 import zipfile
@@ -110,6 +111,8 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
         raise
     except TypeError as err:
         raise UserError(f"timm model {config.model!r} does not accept these --model-kwargs: {err}") from None
+    except (ValueError, AssertionError) as err:  # timm's own checks of a name, or of the values of its arguments
+        raise UserError(_timm_refusal(config, err)) from None
     classifier = model.get_classifier()  # a tuple for distilled models (DeiT's head and head_dist, LeViT, ...)
     classifiers = classifier if isinstance(classifier, tuple) else (classifier,)
     heads = [name for name, module in model.named_modules() if any(module is c for c in classifiers)]
@@ -130,6 +133,21 @@ def _build_timm(config: TrainConfig, num_classes: int) -> Backbone:
         mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     weights = config.checkpoint or ("pretrained" if config.pretrained else "random")
     return Backbone(model, "timm", heads, mean, std, img_size, info=info, weights=weights)
+
+
+def _timm_refusal(config: TrainConfig, err: Exception) -> str:
+    """One line for what timm refused: a path given as --model that holds no model, or the value timm's check named."""
+    path = Path(config.model)
+    if path.is_dir():
+        return f"--model {config.model}: a folder without a transformers model (no config.json), and no timm name"
+    if "/" in config.model or config.model.startswith("."):
+        return (
+            f"--model {config.model}: no such folder, and no timm model name (timm's names have no '/'; a hub model "
+            "is 'hf-hub:org/name', with --pretrained and hub access)"
+        )
+    detail = str(err) or f"{type(err).__name__} in timm"
+    kwargs = f" with --model-kwargs {json.dumps(config.model_kwargs)}" if config.model_kwargs else ""
+    return f"timm cannot build {config.model!r}{kwargs}: {detail}"
 
 
 def _check_image_size(model: nn.Module, channels: int, size: int, name: str) -> None:

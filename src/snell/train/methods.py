@@ -69,9 +69,11 @@ def snell_config(config: TrainConfig, model: nn.Module, head_names: list[str]) -
 
 
 def adapted_layer_names(model: nn.Module, config: TrainConfig, head_names: list[str]) -> list[str]:
-    """The layers SNELL would adapt (preset or --target-modules); LoRA and DoRA get the same ones."""
+    """The layers SNELL would adapt (preset or --target-modules); LoRA and DoRA get the same ones, at any rank: only
+    the targets are read, not SNELL's kernel (whose pieces must divide r)."""
+    targets_only = replace(config, kernel="linear", num_pieces=1, coefficients=None)
     try:
-        layers = replace(snell_config(config, model, head_names), undropped_modules=None)  # SNELL's own
+        layers = replace(snell_config(targets_only, model, head_names), undropped_modules=None)
         return sorted(resolve_targets(model, layers))
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None
