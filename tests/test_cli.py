@@ -361,6 +361,19 @@ def test_a_model_timm_cannot_build_is_one_line(
     assert not out.exists()
 
 
+def test_a_run_folder_as_model_and_a_builtin_task_under_a_folder_format_are_named(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run folder has a config.json, so it was taken for a transformers model ("--checkpoint applies to timm models
+    only"); a vtab/ recipe's data_format with --data digits said "digits: no such file or folder"."""
+    out = str(tmp_path / "out")
+    _fails(capsys, ["train", "--data", "digits", "--model", str(finished_run), "--output-dir", out],
+           f"--model {finished_run} is a snell run folder, not a model")  # fmt: skip
+    _fails(capsys, ["train", "--recipe", "vtab/cifar", "--data", "digits", "--output-dir", out],
+           "--data digits is a built-in task, but data_format 'vtab'")  # fmt: skip
+    assert not Path(out).exists()
+
+
 def test_resuming_on_another_process_count_is_refused_by_every_process(
     vtab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from snell.model import enclosing_module
-from snell.train.config import TrainConfig, UserError
+from snell.train.config import TrainConfig, UserError, is_run_config
 
 
 @dataclass
@@ -45,6 +45,11 @@ def is_transformers_dir(model: str) -> bool:
 def build_backbone(config: TrainConfig, num_classes: int) -> Backbone:
     """The model of ``config`` with a fresh ``num_classes`` head, weights loaded and checked."""
     if is_transformers_dir(config.model):
+        if is_run_config(Path(config.model) / "config.json"):
+            raise UserError(
+                f"--model {config.model} is a snell run folder, not a model: give the model it was trained from "
+                "(its config.json's model), or evaluate or merge the run with snell eval / snell merge"
+            )
         return _build_transformers(config, num_classes)
     return _build_timm(config, num_classes)
 

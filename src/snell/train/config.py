@@ -8,6 +8,7 @@ merged without repeating its flags.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -437,3 +438,13 @@ def called(name: str) -> str:
 def default_output_dir(config: TrainConfig) -> Path:
     data_name = Path(config.data).stem if config.data else "data"
     return Path("runs") / f"{data_name}-{config.method}-seed{config.seed}"
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a ``snell train`` run's config.json (a JSON object with the run's "config"), not another
+    tool's file of that name, such as a transformers model's."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("config"), dict)

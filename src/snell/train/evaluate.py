@@ -19,8 +19,8 @@ from torch import nn
 from snell.train.backbones import Backbone, build_backbone
 from snell.train.causal_lm import is_causal_lm
 from snell.train.classification import accuracy, make_loader
-from snell.train.config import TrainConfig, UserError, check_output_folder
-from snell.train.loop import CONFIG_FILE, SUMMARY_FILE, is_run_config
+from snell.train.config import TrainConfig, UserError, check_output_folder, is_run_config
+from snell.train.loop import CONFIG_FILE, SUMMARY_FILE
 from snell.train.methods import MERGED_FILES, load_trained, merge_trained, save_merged
 from snell.train.precision import make_accelerator
 from snell.train.tasks import Task, attach_transforms, load_task

@@ -28,7 +28,14 @@ import snell
 from snell.allocator import SparsityAllocator
 from snell.train.allocation import make_allocator, sparsity_record
 from snell.train.checkpoint import Progress, checkpoint_dirs, cpu_copies, restore_checkpoint, save_checkpoint
-from snell.train.config import TrainConfig, UserError, check_output_folder, default_output_dir, option_changes
+from snell.train.config import (
+    TrainConfig,
+    UserError,
+    check_output_folder,
+    default_output_dir,
+    is_run_config,
+    option_changes,
+)
 from snell.train.ema import WeightEma
 from snell.train.fsdp import check_fsdp_processes, reshard, shard, unsharded
 from snell.train.methods import load_mutable_state, merge_trained, mutable_state, save_trained, set_train_mode
@@ -41,16 +48,6 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # ------------------------------------------------------------------------------------------------------
 # Memory and files
-
-
-def is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a ``snell train`` run's config.json (a JSON object with the run's "config"), not another
-    tool's file of that name, such as a transformers model's."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(record, dict) and isinstance(record.get("config"), dict)
 
 
 def current_rss_mb() -> float:

@@ -100,6 +100,11 @@ def load_task(config: TrainConfig) -> Task:
     select = config.select_on == "val"
     root = Path(config.data)
     if fmt != "builtin" and not root.exists():
+        if config.data in BUILTIN_DATA:  # --data-format, or a recipe's (vtab/..., fgvc/...), says what to read
+            raise UserError(
+                f"--data {config.data} is a built-in task, but data_format {config.data_format!r} (--data-format, or "
+                f"the recipe's) reads a {config.data_format} folder: pass --data-format auto, or that folder"
+            )
         raise UserError(f"{root}: no such file or folder")
     if config.num_classes is not None and fmt not in ("vtab", "fgvc"):
         raise UserError(f"--num-classes applies to VTAB and FGVC folders; {config.data} is {fmt} data")
