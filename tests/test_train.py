@@ -346,6 +346,9 @@ def test_checkpoint_that_does_not_fit_is_refused_by_name(tmp_path: Path) -> None
     for name in ("deit.pth", "garbage.pth"):
         with pytest.raises(UserError, match=rf"{name}: not a readable checkpoint"):
             load_timm_checkpoint(model, tmp_path / name, skip_prefix="head")
+    (tmp_path / "text.pth").write_text("hello\n")  # the unpickler's bare KeyError read "...: 101"
+    with pytest.raises(UserError, match=r"text\.pth: not a readable checkpoint .*: KeyError: 101$"):
+        load_timm_checkpoint(model, tmp_path / "text.pth", skip_prefix="head")
     truncated = tmp_path / "truncated.npz"  # the first bytes of a real .npz: zipfile's own error, not a traceback
     numpy.savez(tmp_path / "whole.npz", weight=numpy.zeros((64, 64), numpy.float32))
     truncated.write_bytes((tmp_path / "whole.npz").read_bytes()[:3000])

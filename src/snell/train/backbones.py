@@ -205,7 +205,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"refuses ({str(err).splitlines()[0]}); save its state dict alone with torch.save"
         ) from None
     except Exception as err:  # any bytes reach the unpickler: IndexError, KeyError, ... on garbage
-        raise UserError(f"{path}: not a readable checkpoint (corrupt, truncated or not a state dict?): {err}") from None
+        detail = f"{type(err).__name__}: {err}"  # a bare KeyError reads "101"
+        message = f"not a readable checkpoint (corrupt, truncated or not a state dict?): {detail}"
+        raise UserError(f"{path}: {message}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
