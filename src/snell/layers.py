@@ -307,18 +307,20 @@ def check_mergeable(name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor, sign: int = 1) -> None:
-    """weight ← weight + sign·ΔWˢ in place, summed in float32 (or wider) and rounded once to the weight's dtype.
+def fold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor) -> None:
+    """weight ← weight + ΔWˢ in place, built the way the adapted forward of a model in the weight's dtype builds the
+    weight it multiplies by, by the same path (:func:`snell.dispatch.kernel_path`): a merged model computes what the
+    adapted one did, bit for bit. (Adding ΔWˢ to W0 apart would round twice: the torch path's forward adds with a fused
+    multiply-add.)"""
+    path = kernel_path(spec, weight.device, a.shape[-1], weight.dtype, a.dtype, weight.dtype)
+    merged, _ = implementation(path).merged_and_tau(spec, a, b, coefficients, weight, weight.dtype)
+    weight.copy_(to_weight_layout(spec, merged.reshape(spec.grouped_shape)).to(weight.dtype))
 
-    Merging builds W0 + ΔWˢ the way the adapted forward of a model in the weight's dtype does, by the same path
-    (:func:`snell.dispatch.kernel_path`): a merged model computes what the adapted one did, bit for bit. (Adding
-    ΔWˢ to W0 apart would round twice: the torch path's forward adds with a fused multiply-add.) Unmerging subtracts
-    ΔWˢ in float32 and rounds once, which gives a half-precision W0 back to within a unit in its last place."""
-    if sign > 0:
-        path = kernel_path(spec, weight.device, a.shape[-1], weight.dtype, a.dtype, weight.dtype)
-        merged, _ = implementation(path).merged_and_tau(spec, a, b, coefficients, weight, weight.dtype)
-        weight.copy_(to_weight_layout(spec, merged.reshape(spec.grouped_shape)).to(weight.dtype))
-        return
+
+@torch.no_grad()
+def unfold_delta(spec: SnellSpec, a: Tensor, b: Tensor, coefficients: Tensor, weight: Tensor) -> None:
+    """weight ← weight − ΔWˢ in place, subtracted in float32 (or wider) and rounded once to the weight's dtype: a
+    half-precision W0 comes back to within a unit in its last place."""
     wide = torch.promote_types(torch.promote_types(weight.dtype, a.dtype), torch.float32)
     delta = delta_weight(spec, a, b, coefficients, wide)
     if weight.dtype == wide:  # nothing to round: subtract in place (``weight.to(wide)`` would be weight itself)
@@ -404,7 +406,7 @@ class SnellLayer(_Mixin):
         if not self.snell_merged:
             raise ValueError("adapters are not merged into this layer's weight; there is nothing to unmerge")
         self.snell_merged = False
-        fold_delta(self.snell_spec, self.snell_A, self.snell_B, self.kernel_coefficients(), self.weight, sign=-1)
+        unfold_delta(self.snell_spec, self.snell_A, self.snell_B, self.kernel_coefficients(), self.weight)
 
     def extra_repr(self) -> str:
         spec = self.snell_spec

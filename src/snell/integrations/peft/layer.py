@@ -19,6 +19,7 @@ from snell.layers import (
     load_kernels,
     new_factors,
     new_mix,
+    unfold_delta,
 )
 from snell.spec import SnellSpec
 
@@ -149,7 +150,7 @@ class SnellPeftLayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.snell_A:
-                fold_delta(self.snell_specs[name], *self._factors(name), weight, sign=-1)
+                unfold_delta(self.snell_specs[name], *self._factors(name), weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged:
