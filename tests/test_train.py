@@ -110,6 +110,24 @@ def test_a_flag_the_method_does_not_read_is_named_and_a_recipes_value_is_not(
     assert capsys.readouterr().err == ""
 
 
+def test_a_warm_up_that_lasts_the_whole_run_is_named(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe's 10 warm-up epochs in a 5-epoch trial run: the rate never reaches the cosine. The rate checks are
+    exact comparisons of the values given: --lr equal to --min-lr and --warmup-lr (a constant rate) is a schedule."""
+    monkeypatch.delenv("RANK", raising=False)
+    _parse(["--recipe", "vtab/cifar", "--epochs", "5"])
+    assert capsys.readouterr().err == (
+        "warning: the warm-up (--warmup-epochs 10) lasts the whole run (--epochs 5): the rate climbs from --warmup-lr "
+        "all along and never follows the cosine; give --warmup-epochs below --epochs\n"
+    )
+    for argv in (["--recipe", "vtab/cifar", "--epochs", "11"], ["--epochs", "2", "--warmup-epochs", "0"]):
+        _parse(argv)
+        assert capsys.readouterr().err == ""
+    constant = _parse(["--lr", "1e-5", "--warmup-lr", "1e-5", "--min-lr", "1e-5"])
+    assert (constant.lr, constant.warmup_lr, constant.min_lr) == (1e-5, 1e-5, 1e-5)
+
+
 def test_a_flag_the_kind_of_model_does_not_read_is_named(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -489,6 +507,9 @@ def test_img_size_builds_a_vit_for_it_and_leaves_cnns_as_they_are() -> None:
         ({"drop_path_rate": -0.1}, r"drop_path_rate \(--drop-path-rate\) must lie in \[0, 1\), got -0.1"),
         ({"adapter_drop_path": 1.5}, r"adapter_drop_path \(--adapter-drop-path\) must lie in \[0, 1\), got 1.5"),
         ({"min_lr": -1e-5}, r"min_lr \(--min-lr\) must be a non-negative number, got -1e-05"),
+        # the default --min-lr 1e-5 under a small --lr would make the cosine climb
+        ({"lr": 5e-6}, r"min_lr \(--min-lr\) 1e-05 is above lr \(--lr\) 5e-06: the cosine would raise the rate"),
+        ({"lr": 5e-7, "min_lr": 0.0}, r"warmup_lr \(--warmup-lr\) 1e-06 is above lr \(--lr\) 5e-07: the warm-up"),
         ({"protocol": "reference", "select_on": "val"}, "--protocol reference selects on test"),
         ({"color_jitter": -1.0}, r"color_jitter \(--color-jitter\) must be a non-negative number, got -1.0"),
         ({"lora_alpha": 0.0}, r"lora_alpha \(--lora-alpha\) must be a positive number \(or unset: r\), got 0.0"),

@@ -300,6 +300,15 @@ class TrainConfig:
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "color_jitter"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise UserError(f"{called(name)} must be a non-negative number, got {getattr(self, name)!r}")
+        for name, wrong_way in (
+            ("warmup_lr", "the warm-up would lower the rate from it to lr"),
+            ("min_lr", "the cosine would raise the rate from lr to it"),
+        ):
+            if getattr(self, name) > self.lr:  # e.g. a small --lr under the default --min-lr 1e-5
+                raise UserError(
+                    f"{called(name)} {getattr(self, name)!r} is above {called('lr')} {self.lr!r}: "
+                    f"{wrong_way}; give {flag_name(name)} at most --lr (0 is allowed)"
+                )
         kernel = "mixk" if self.method == "snella" else self.kernel
         if self.method in SNELL_METHODS and kernel in PIECEWISE_KERNELS and self.r % self.num_pieces:
             raise UserError(
