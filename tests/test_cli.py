@@ -465,6 +465,9 @@ def test_user_errors_exit_nonzero_without_traceback_from_the_shell(tmp_path: Pat
             ["merge", "run", "--adapter", "a"],
             "snell merge: error: unrecognized arguments: --adapter a (see snell merge",
         ),
+        # an unset shell variable: Path("") is the current folder, which merge would have written into
+        (["merge", "run", "--output", ""], "snell merge: error: argument --output: an empty path"),
+        (["eval", ""], "snell eval: error: argument run_dir: an empty path"),
     ],
 )
 def test_a_malformed_flag_value_is_one_line_not_the_usage_block(argv: list[str], message: str) -> None:

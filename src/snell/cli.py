@@ -41,6 +41,13 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one (an unset shell variable) is refused rather than read as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a file or folder")
+    return Path(text)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from snell.train.flags import add_train_arguments
     from snell.train.search import add_search_arguments
@@ -55,11 +62,11 @@ def _build_parser() -> argparse.ArgumentParser:
     add_search_arguments(search)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's saved adapter")
-    evaluate.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
+    evaluate.add_argument("run_dir", type=_path, help="the run folder written by `snell train`")
     evaluate.add_argument(
         "--split", default="test", choices=("test", "val"), help="the split to evaluate on [default: test]"
     )
-    evaluate.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: RUN_DIR/adapter)")
+    evaluate.add_argument("--adapter", type=_path, default=None, help="adapter folder (default: RUN_DIR/adapter)")
     evaluate.add_argument(
         "--data",
         default=None,
@@ -67,8 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
-    merge.add_argument("run_dir", type=Path, help="the run folder written by `snell train`")
-    merge.add_argument("--output", type=Path, default=None, help="output folder (default: RUN_DIR/merged)")
+    merge.add_argument("run_dir", type=_path, help="the run folder written by `snell train`")
+    merge.add_argument("--output", type=_path, default=None, help="output folder (default: RUN_DIR/merged)")
     merge.add_argument(
         "--force",
         action="store_true",
@@ -80,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--task", default="image", choices=("image", "text", "llm"), help="what to fine-tune [default: image]"
     )
     demo.add_argument(
-        "--output-dir", type=Path, default=None, help="results folder (default: results/demo/<task>-<time>)"
+        "--output-dir", type=_path, default=None, help="results folder (default: results/demo/<task>-<time>)"
     )
     demo.add_argument(
         "--methods",
@@ -89,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
     demo.add_argument(
-        "--model", type=Path, default=None, help="--task llm: another causal LM (default: SmolLM2-135M-Instruct)"
+        "--model", type=_path, default=None, help="--task llm: another causal LM (default: SmolLM2-135M-Instruct)"
     )
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.commands = dict(commands.choices)

@@ -257,6 +257,9 @@ class TrainConfig:
                 raise UserError(f"{called(f.name)} must be true or false, got {value!r}")
             if f.type.startswith(("int", "float")) and isinstance(value, bool):
                 raise UserError(f"{called(f.name)} must be a number, got {value!r}")
+        for name in ("data", "model", "checkpoint", "output_dir"):  # "" is an unset shell variable, not "." or None
+            if getattr(self, name) == "":
+                raise UserError(f"{called(name)} is empty; give a path or name, or leave it out")
         positive = ("epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "r", "num_pieces")
         positive += ("max_length", "shots")
         positive += ("max_new_tokens", "num_beams")
