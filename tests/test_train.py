@@ -673,13 +673,17 @@ def test_paths_are_stored_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_an_unset_lr_is_the_methods_default() -> None:
-    """SNELL's sparsified kernel (reference or soft mode, s > 0) squares its small update and gets 2e-2; every
-    other setting keeps 1e-3; a given rate, from a flag or a recipe, is never replaced."""
+    """SNELL's sparsified kernel (reference or soft mode, s > 0; mixk at any s) squares its small update and gets
+    2e-2; every other setting keeps 1e-3; a given rate, from a flag or a recipe, is never replaced."""
     assert resolve_config(None, {}).lr == 2e-2  # snell, s = 0.9, reference mode
     assert resolve_config(None, {"sparsify_mode": "soft"}).lr == 2e-2
     assert resolve_config(None, {"sparsity": 0.0}).lr == 1e-3  # the dense kernel, no squared factor
     assert resolve_config(None, {"sparsify_mode": "mask"}).lr == 1e-3
     assert all(resolve_config(None, {"method": m}).lr == 1e-3 for m in ("lora", "dora", "full", "linear"))
+    # mixk is sparsified, so squared, at every ratio in the reference mode (SNELLA's module), and dense in mask mode
+    assert resolve_config(None, {"method": "snella"}).lr == 2e-2
+    assert resolve_config(None, {"kernel": "mixk", "sparsity": 0.0}).lr == 2e-2
+    assert resolve_config(None, {"kernel": "mixk", "sparsity": 0.0, "sparsify_mode": "mask"}).lr == 1e-3
     assert resolve_config(None, {"lr": 5e-3}).lr == 5e-3
     assert resolve_config("vtab/cifar", {}).lr == 1e-3
 

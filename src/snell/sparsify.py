@@ -1,8 +1,9 @@
 """Competition-based sparsification: keep the largest-magnitude entries of ΔW, with no stored indices.
 
 The threshold τ is the k-th largest |ΔW| of each matrix (k = round((1 − s)·N), at least 1 below s = 1:
-:func:`keep_count`), found by selection, not by a sort or torch.quantile (which refuses more than 2^24 entries and
-anything but fp32/fp64). It stays a tensor on ΔW's device, so no host synchronisation happens on an accelerator.
+:func:`keep_count`), found by selection, not by a sort or torch.quantile (which refuses anything but fp32/fp64, and
+under the reference code's torch 1.12 more than 2^24 entries). It stays a tensor on ΔW's device, so no host
+synchronisation happens on an accelerator.
 τ is one scalar per matrix: the forward saves it and the backward reuses it instead of selecting again. Which exact
 selection runs is decided in one place, :func:`selection_method` over :data:`SELECTION_TABLE`, per device and size.
 """

@@ -17,6 +17,7 @@ from typing import Any
 
 from snell.allocator import AllocatorConfig, scheduled_end
 from snell.config import PIECEWISE_KERNELS
+from snell.spec import keeps_dense
 
 METHODS = ("snell", "snella", "lora", "dora", "full", "linear")
 #: The methods whose result is a SNELL adapter (saved, loaded and merged by snell itself).
@@ -38,15 +39,20 @@ SPARSE_SNELL_LR = 2e-2
 DEFAULT_LR = 1e-3
 
 
-def default_lr(method: str, sparsify_mode: str, sparsity: float) -> float:
+def default_lr(method: str, kernel: str, sparsify_mode: str, sparsity: float) -> float:
     """The peak learning rate of an unset ``--lr``: SNELL's sparsified kernel needs about 20x LoRA's.
 
-    SNELLA (mixk) multiplies every kept entry by its detached |ΔW| at every ratio, 0 included, and its ΔW starts
-    near 1e-3 too (D plus a softmax over m outputs, each about 1/m), so the same squared start applies to it whatever
-    its initial sparsity. The authors' SNELLA scripts use 1e-3 (their recipes set it)."""
-    sparse = isinstance(sparsity, (int, float)) and sparsity > 0
-    squared = sparsify_mode in ("reference", "soft") and (method == "snella" or (method == "snell" and sparse))
-    return SPARSE_SNELL_LR if squared else DEFAULT_LR
+    The update is squared wherever a matrix is sparsified in the reference or soft mode (:func:`snell.spec.keeps_dense`
+    is false): SNELL at s > 0, and the mixk kernel (SNELLA's, and SNELL's with ``--kernel mixk``) at every ratio, 0
+    included; mixk's ΔW starts near 1e-3 too (D plus a softmax over m outputs, each about 1/m). The authors' SNELLA
+    scripts use 1e-3 (their recipes set it)."""
+    if method not in SNELL_METHODS or sparsify_mode not in ("reference", "soft"):
+        return DEFAULT_LR
+    return (
+        DEFAULT_LR
+        if keeps_dense("mixk" if method == "snella" else kernel, sparsify_mode, sparsity)
+        else SPARSE_SNELL_LR
+    )
 
 
 class UserError(Exception):
@@ -227,7 +233,7 @@ class TrainConfig:
         if self.method == "snella" and self.kernel == "piecewise_linear":
             self.kernel = "mixk"  # mixk builds on the piecewise-linear D: the default means "snella's own kernel"
         if self.lr is None:
-            self.lr = default_lr(self.method, self.sparsify_mode, self.sparsity)
+            self.lr = default_lr(self.method, self.kernel, self.sparsify_mode, self.sparsity)
         self.validate()
         self._resolve_paths()
 

@@ -63,7 +63,7 @@ class Grid:
         points = [{"sparsity": float(s), "lr": float(lr), "r": int(r)} for s, lr, r in itertools.product(*values)]
         if self.lr_per_sparsity and self.lr is None:
             for point in points:
-                point["lr"] = default_lr(base.method, base.sparsify_mode, point["sparsity"])
+                point["lr"] = default_lr(base.method, base.kernel, base.sparsify_mode, point["sparsity"])
         return points
 
 
