@@ -479,6 +479,37 @@ def test_a_malformed_flag_value_is_one_line_not_the_usage_block(argv: list[str],
     assert len(lines) == 1 and lines[0].startswith(message) and lines[0].endswith("--help)")
 
 
+def test_under_torchrun_the_first_process_prints_the_line_and_each_tells_the_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process met the same flags and printed the same line, then torchrun's report showed no message for
+    any. Now the first prints it and each writes it to its launcher error file, as torch's own reader shows it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    cases = [
+        (
+            ["train", "--data", "digits", "-s", "2"],
+            "snell train: error: sparsity (--sparsity) must lie in [0, 1), got 2.0",
+        ),
+        (["train", "--bogus"], "snell train: error: unrecognized arguments: --bogus (see snell train --help)"),
+    ]
+    for argv, line in cases:
+        failures = {}
+        for rank in (0, 1):
+            error_file = tmp_path / f"{argv[-1]}-{rank}.json"
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+            with contextlib.redirect_stderr(io.StringIO()) as stderr:
+                try:
+                    code = main(argv)
+                except SystemExit as exit_info:  # argparse's errors leave by SystemExit
+                    code = exit_info.code
+            assert code == 2 and stderr.getvalue() == (f"{line}\n" if rank == 0 else "")
+            failures[rank] = ProcessFailure(local_rank=rank, pid=rank, exitcode=2, error_file=str(error_file))
+        report = ChildFailedError("snell", failures).format_msg()
+        assert report.count(f"traceback : {line}") == 2, report
+
+
 def test_text_classifier_from_a_transformers_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A transformers model folder (tiny random BERT with MiniLM's tokenizer) on CSV/JSONL text files."""
     transformers = pytest.importorskip("transformers")

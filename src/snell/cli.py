@@ -1,15 +1,17 @@
 """The `snell` command: train, search, eval, merge and demo. Thin: parsing here, the work in snell.train.
 
 User mistakes (a bad file, flag, recipe or checkpoint) end with one line on stderr and exit code 2, no
-traceback; set SNELL_DEBUG=1 to see the traceback anyway.
+traceback (under torchrun, from the first process); set SNELL_DEBUG=1 to see the traceback anyway.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str) -> NoReturn:
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        _report(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        self.exit(USAGE_ERROR)
 
     def parse_args(  # type: ignore[override] - argparse's overloads
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -141,6 +144,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(line: str) -> None:
+    """A user error's one line: on stderr from the first process only (under torchrun every process meets the same
+    flags and files), and into the launcher's error file from every process, so that torchrun's failure report (and
+    accelerate launch's, which runs it) shows each failed process's line, including one only another process met."""
+    from snell.train.config import first_process
+
+    if first_process():
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun's format: a message without "py_callstack" is shown as it is
+        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `snell` console script and of `python -m snell`."""
     # peft reads a model attribute that transformers renamed: a warning about the installed pair that a user of the
@@ -160,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataFormatError, FileNotFoundError) as err:
         if os.environ.get("SNELL_DEBUG"):
             raise
-        print(f"snell {args.command}: error: {err}", file=sys.stderr)
+        _report(f"snell {args.command}: error: {err}")
         return USAGE_ERROR
     except KeyboardInterrupt:
         print(f"snell {args.command}: interrupted", file=sys.stderr)
