@@ -240,3 +240,26 @@ def test_a_model_sharded_at_its_root_only_gets_its_gradients_into_its_shards(tin
         scale = float(expected[name].abs().max())
         assert scale > 0, name
         torch.testing.assert_close(param.grad.full_tensor(), expected[name], rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_saving_a_sharded_model_names_the_shard_and_unsharded_saves_it(tmp_path: Path) -> None:
+    """save_adapter on a sharded model failed inside safetensors ("invalid python storage"); it now names the
+    shard before writing anything, and the harness's way, inside ``unsharded``, writes the whole tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    from snell.train.fsdp import unsharded
+
+    torch.manual_seed(0)
+    model = snell.get_snell_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8)), snell.SnellConfig(r=4, sparsity=0.5, target_modules=["0"])
+    )
+    expected = {key: value.clone() for key, value in adapter_state_dict(model).items()}
+    fully_shard(model)
+    with pytest.raises(ValueError, match=r"'0\.snell_A' is a shard of an FSDP-sharded model \(a DTensor\)"):
+        snell.save_adapter(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    with unsharded(model):
+        snell.save_adapter(model, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[key], expected[key]) for key in saved)

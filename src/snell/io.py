@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from snell import __version__
 from snell.config import FORMAT_VERSION, METHOD, METHOD_KEY, SnellConfig
@@ -169,6 +170,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in module.state_dict().items():
             tensors[f"{module_name}.{key}"] = value
     tensors.update(resolve_parameters_to_save(model, config))
+    sharded = next((key for key, value in tensors.items() if isinstance(value, DTensor)), None)
+    if sharded is not None:  # saving this process's shard would fail deep inside safetensors, or save a slice
+        raise ValueError(
+            f"{sharded!r} is a shard of an FSDP-sharded model (a DTensor): save from whole tensors, e.g. inside "
+            "snell.train.fsdp.unsharded(model) on every process (it gathers), then save_adapter on the first"
+        )
     # Tied weights saved twice (embeddings and LM head both in modules_to_save) share a storage.
     return savable(tensors)
 
