@@ -169,6 +169,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(vtab_dir: Path, tmp
     assert not (killed / "summary.json").exists()
     assert uninterrupted.wait(timeout=120) == 0
 
+    killed = killed.rename(tmp_path / "moved")  # a run folder moved or copied elsewhere resumes there
     resumed = _snell(*args, "--output-dir", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout

@@ -190,7 +190,7 @@ class Run:
             stored = TrainConfig.from_dict(json.loads(saved.read_text())["config"], str(saved)).to_dict()
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{saved}: unreadable run config ({err})") from None
-        ignored = ("progress", "num_workers")
+        ignored = ("progress", "num_workers", "output_dir")  # output_dir: a run folder moved elsewhere resumes there
         mine = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
         details = option_changes({k: v for k, v in stored.items() if k not in ignored}, mine)
         if details:
