@@ -122,12 +122,13 @@ def test_mix_scalars_and_layer_sparsities_round_trip_through_an_adapter(tmp_path
         model(torch.randn(5, 10)).square().sum().backward()
         opt.step()
         opt.zero_grad()
-    model.qkv.snell_spec = with_sparsities(model.qkv.snell_spec, [0.3, 0.6, 0.95])
+    # one group at the config's own 0.5: a layer is recorded when any group differs, not only when all do
+    model.qkv.snell_spec = with_sparsities(model.qkv.snell_spec, [0.5, 0.6, 0.95])
     model.fc.snell_spec = with_sparsities(model.fc.snell_spec, [0.8])
     assert not torch.equal(model.qkv.snell_mix, torch.tensor([[1.0, 1.0, 0.0]] * 3))
     snell.save_adapter(model, tmp_path)
     config = snell.SnellConfig.from_json((tmp_path / "adapter_config.json").read_text())
-    assert config.layer_sparsity == {"qkv": [0.3, 0.6, 0.95], "fc": [0.8]}
+    assert config.layer_sparsity == {"qkv": [0.5, 0.6, 0.95], "fc": [0.8]}
     torch.manual_seed(5)
     loaded = snell.load_adapter(Block(), tmp_path)
     loaded.load_state_dict({k: v for k, v in model.state_dict().items() if "snell" not in k}, strict=False)

@@ -138,6 +138,8 @@ def test_a_small_layer_at_a_high_sparsity_keeps_its_largest_entry_and_trains(fus
         pytest.importorskip("numba")
         monkeypatch.setattr("snell.dispatch._FUSED_FROM", ((1, 1),))
     assert sparsify.keep_count(16, 0.97) == 1 and sparsify.keep_count(16, 1.0) == 0
+    # round, not floor or ceil: 30.72 → 31, 4.2 → 4 (no .5 ties, where Python's round goes to even)
+    assert sparsify.keep_count(3072, 0.99) == 31 and sparsify.keep_count(21, 0.8) == 4
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     snell.get_snell_model(model, snell.SnellConfig(r=2, sparsity=0.97, target_modules=["0"]))

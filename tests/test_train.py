@@ -223,6 +223,8 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine() -> None:
     middle = 10 + (100 - 1 - 10) / 2
     assert warmup_cosine(middle, 100, 10, lr, warm, low) == pytest.approx((lr + low) / 2)
     assert warmup_cosine(99, 100, 10, lr, warm, low) == pytest.approx(low)
+    # past the last step (more optimizer steps than planned) the rate stays at the floor, not back up the cosine
+    assert warmup_cosine(100, 100, 10, lr, warm, low) == warmup_cosine(150, 100, 10, lr, warm, low) == low
     quarter = warmup_cosine(10 + 89 / 4, 100, 10, lr, warm, low)
     assert quarter == pytest.approx(low + (lr - low) * (1 + math.cos(math.pi / 4)) / 2)
 
@@ -317,6 +319,8 @@ def test_data_order_depends_on_seed_and_epoch_only() -> None:
     other = EpochSampler(50, seed=4)
     other.set_epoch(2)
     assert list(other) != first
+    # (seed, epoch) as a pair: seed 4 at epoch 2 is not seed 3 at epoch 3, so a seed sweep draws other orders
+    assert list(other) != list(again)
 
 
 def test_packaged_efficientnet_lite0_loads_completely() -> None:
