@@ -127,6 +127,9 @@ def test_packing_keeps_examples_whole_and_in_order() -> None:
         ("train.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', "train.jsonl:2: invalid JSON"),
         ("train.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n', "train.jsonl:3: missing"),
         ("train.jsonl", '{"instruction": "a", "output": 3}\n', "train.jsonl:1: 'output' must be a string"),
+        # null may stand for an absent input, answer or task, not for a required field (it was a traceback)
+        ("train.jsonl", '{"instruction": null, "output": "b"}\n', "train.jsonl:1: 'instruction' must be a string"),
+        ("train.jsonl", '{"instruction": "a", "output": null}\n', "train.jsonl:1: 'output' must be a string, got None"),
         ("test.jsonl", '{"instruction": "a", "output": "1", "answer": 1}\n', "test.jsonl:1: 'answer' must be a string"),
         ("test.jsonl", '{"instruction": "a", "output": "b", "task": 2}\n', "test.jsonl:1: 'task' must be a string"),
         ("train.jsonl", '{"instruction": "  ", "output": "b"}\n', "train.jsonl:1: .*must not be empty"),

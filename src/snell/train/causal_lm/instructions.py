@@ -163,7 +163,8 @@ def read_examples(path: Path) -> list[Example]:
             raise UserError(f"{origin}: missing field(s) {missing}")
         for name in (*FIELDS, "answer", "task"):
             value = record.get(name, "")
-            if value is not None and not isinstance(value, str):
+            # null stands for "none" where a field may be absent (input, answer, task), never for the two required
+            if not isinstance(value, str) and (value is not None or name in ("instruction", "output")):
                 raise UserError(f"{origin}: {name!r} must be a string, got {value!r}")
         if not record["instruction"].strip() or not record["output"].strip():
             raise UserError(f"{origin}: 'instruction' and 'output' must not be empty")
