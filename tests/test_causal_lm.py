@@ -475,6 +475,8 @@ def test_full_fine_tuning_of_half_precision_weights_is_refused_before_anything_i
     warning, err = capsys.readouterr().err.strip().splitlines()  # train_args' SNELL flags, then the one-line error
     assert warning == "warning: --method full does not use --rank, --sparsity; ignored"
     assert f"--model-dtype {dtype}" in err and "--model-dtype float32" in err
+    # the dtype's own rounding: half a unit in the last place of 8 (bf16) or 11 (fp16) significant bits
+    assert f"any step under about |w|/{ {'bfloat16': 512, 'float16': 4096}[dtype] })" in err
     assert not out.exists()
 
 

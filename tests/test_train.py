@@ -24,6 +24,7 @@ from snell.train.backbones import _outermost, build_backbone, efficientnet_keys_
 from snell.train.config import TrainConfig, UserError
 from snell.train.data import DATA_DIR
 from snell.train.flags import add_train_arguments, config_from_args
+from snell.train.loop import _shown
 from snell.train.methods import apply_method, load_trained, save_trained
 from snell.train.optim import EpochSampler, WarmupCosine, param_groups, warmup_cosine
 from snell.train.recipes import known_recipes, load_recipe, resolve_config
@@ -304,6 +305,11 @@ def test_every_image_recipe_uses_the_authors_schedule() -> None:
     assert TrainConfig().lr_schedule == "per-step"
     with pytest.raises(UserError, match=r"lr_schedule \(--lr-schedule\) must be one of \['per-step', 'reference'\]"):
         TrainConfig(lr_schedule="epoch")
+
+
+def test_the_progress_line_shows_small_rates_in_significant_digits() -> None:
+    """Four decimals turned the last epochs' lr of 1e-5 into 0.0; losses and accuracies keep four decimals."""
+    assert [_shown(v) for v in (1e-5, -2.5e-6, 0.0, 2.329249, 0.00123456)] == [1e-5, -2.5e-6, 0.0, 2.3292, 0.0012]
 
 
 def test_data_order_depends_on_seed_and_epoch_only() -> None:

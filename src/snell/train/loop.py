@@ -87,6 +87,12 @@ class Report(NamedTuple):
     files: dict[str, Any]  # more JSON files for the run folder, by name
 
 
+def _shown(value: float) -> float:
+    """A metric as the progress line prints it: 4 decimals, or 3 significant digits below 0.001 (an lr of 1e-5 read
+    0.0)."""
+    return round(value, 4) if abs(value) >= 1e-3 or value == 0 else float(f"{value:.3g}")
+
+
 class Run:
     """One training run in ``out``: set-up, epochs, checkpoints and the final report."""
 
@@ -370,7 +376,7 @@ class Run:
             progress.metrics.append(record)
             self._record(progress.metrics)
             if self.main:
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k != "sparsity"}
+                shown = {k: _shown(v) if isinstance(v, float) else v for k, v in record.items() if k != "sparsity"}
                 if "sparsity" in record:  # the overall ratio only: the per-layer dict is for the file and the plot
                     shown["sparsity"] = round(record["sparsity"]["overall"], 4)
                 if cfg.progress:

@@ -90,9 +90,10 @@ def check_trainable_dtype(config: TrainConfig) -> None:
     train. SNELL, LoRA and DoRA keep their factors in float32 and are not affected.
     """
     if config.method == "full" and config.model_dtype != "float32":
+        swallowed = {"bfloat16": "|w|/512", "float16": "|w|/4096"}[config.model_dtype]  # 2^-9, 2^-12 of |w| at most
         raise UserError(
             f"--method full trains the base weights, and in --model-dtype {config.model_dtype} their rounding "
-            "swallows fine-tuning steps (bfloat16: any step under about |w|/512); use --model-dtype float32, "
+            f"swallows fine-tuning steps (any step under about {swallowed}); use --model-dtype float32, "
             "with --bf16 for bfloat16 compute"
         )
 
