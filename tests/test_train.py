@@ -111,18 +111,19 @@ def test_a_flag_the_method_does_not_read_is_named_and_a_recipes_value_is_not(
     assert capsys.readouterr().err == ""
 
 
-def test_a_warm_up_that_lasts_the_whole_run_is_named(
+def test_the_warm_up_is_a_tenth_of_the_run_by_default_and_one_lasting_the_whole_run_is_named(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A recipe's 10 warm-up epochs in a 5-epoch trial run: the rate never reaches the cosine. The rate checks are
-    exact comparisons of the values given: --lr equal to --min-lr and --warmup-lr (a constant rate) is a schedule."""
+    """A recipe's 10 warm-up epochs in a 5-epoch trial run: the rate never reaches the cosine. The default was one
+    epoch: all of a 1-epoch fine-tune, half of a 2-epoch one. The rate checks are exact comparisons of the values
+    given: --lr equal to --min-lr and --warmup-lr (a constant rate) is a schedule."""
     monkeypatch.delenv("RANK", raising=False)
     _parse(["--recipe", "vtab/cifar", "--epochs", "5"])
     assert capsys.readouterr().err == (
         "warning: the warm-up (--warmup-epochs 10) lasts the whole run (--epochs 5): the rate climbs from --warmup-lr "
         "all along and never follows the cosine; give --warmup-epochs below --epochs\n"
     )
-    # the default 1-epoch warm-up in a 1-epoch smoke run is the schedule's design: its last step runs at --lr
+    # the default warm-up is 10 % of the run, at most one epoch: never the whole run
     for argv in (
         ["--recipe", "vtab/cifar", "--epochs", "11"],
         ["--epochs", "2", "--warmup-epochs", "0"],
@@ -130,6 +131,9 @@ def test_a_warm_up_that_lasts_the_whole_run_is_named(
     ):
         _parse(argv)
         assert capsys.readouterr().err == ""
+    assert [_parse(["--epochs", str(n)]).warmup_epochs for n in (1, 4, 10, 30)] == [0.1, 0.4, 1.0, 1.0]
+    assert _parse(["--epochs", "2", "--warmup-epochs", "1.5"]).warmup_epochs == 1.5  # given: kept
+    capsys.readouterr()
     constant = _parse(["--lr", "1e-5", "--warmup-lr", "1e-5", "--min-lr", "1e-5"])
     assert (constant.lr, constant.warmup_lr, constant.min_lr) == (1e-5, 1e-5, 1e-5)
 

@@ -170,7 +170,9 @@ class TrainConfig:
         None, "peak learning rate (default: the method's: 2e-2 for SNELL's sparsified kernel, 1e-3 otherwise)"
     )
     weight_decay: float = _opt(1e-2, "AdamW weight decay (never on 1-D params, biases, pos_embed, cls_token)")
-    warmup_epochs: float = _opt(1.0, "linear warmup length in epochs, from --warmup-lr to --lr")
+    warmup_epochs: float | None = _opt(
+        None, "linear warmup length in epochs, from --warmup-lr to --lr (default: 10%% of the run, at most 1 epoch)"
+    )
     warmup_lr: float = _opt(1e-6, "learning rate at the first step")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
     lr_schedule: str = _opt(
@@ -234,6 +236,9 @@ class TrainConfig:
             self.kernel = "mixk"  # mixk builds on the piecewise-linear D: the default means "snella's own kernel"
         if self.lr is None:
             self.lr = default_lr(self.method, self.kernel, self.sparsify_mode, self.sparsity)
+        if self.warmup_epochs is None:  # one epoch was the whole of a 1-epoch fine-tune, half of a 2-epoch one
+            epochs = self.epochs if isinstance(self.epochs, int) and not isinstance(self.epochs, bool) else 10
+            self.warmup_epochs = min(1.0, max(epochs, 0) / 10)
         self.validate()
         self._resolve_paths()
 

@@ -132,10 +132,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     unread = ignored_model_flags(config, overrides)
     if unread and first_process():
         print(unread, file=sys.stderr)
-    # a recipe's or the user's warm-up (vtab's 10 epochs) in a shorter run; the default 1-epoch one in a 1-epoch run
-    # is the schedule's own design (the rate reaches --lr at the last step)
-    default_warmup = next(f.default for f in fields(TrainConfig) if f.name == "warmup_epochs")
-    if config.warmup_epochs != default_warmup and 0 < config.epochs <= config.warmup_epochs and first_process():
+    if 0 < config.epochs <= config.warmup_epochs and first_process():  # a recipe's 10 warm-up epochs, --epochs 5
         print(
             f"warning: the warm-up (--warmup-epochs {config.warmup_epochs:g}) lasts the whole run (--epochs "
             f"{config.epochs}): the rate climbs from --warmup-lr all along and never follows the cosine; give "
