@@ -644,6 +644,8 @@ def test_data_without_answers_reports_loss_and_perplexity(
     assert main(["eval", str(run)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "accuracy" not in result and result["perplexity"] == pytest.approx(summary["test_perplexity"], rel=1e-6)
+    assert main(["eval", str(run), "--max-eval-samples", "3"]) == 0  # the split's first 3 records only
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 3 < result["examples"]
 
 
 def test_llm_demo_task_is_bbc_news_written_as_instructions(tmp_path: Path) -> None:

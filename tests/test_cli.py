@@ -100,6 +100,28 @@ def test_eval_reproduces_the_reported_accuracy(finished_run: Path, capsys: pytes
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-12)
 
 
+def test_eval_scores_as_many_records_as_asked(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--max-eval-samples N scores the split's first N records, `all` the whole split, and without it eval scores what
+    the run scored: a run trained with a quick evaluation subset can still be scored on its whole test split."""
+    limited = tmp_path / "limited"
+    shutil.copytree(finished_run, limited)
+    record = json.loads((limited / "config.json").read_text())
+    record["config"]["max_eval_samples"] = 10
+    (limited / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    for extra, examples in (([], 10), (["--max-eval-samples", "20"], 20), (["--max-eval-samples", "all"], 64)):
+        assert main(["eval", str(limited), *extra]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == examples
+    whole = json.loads((finished_run / "summary.json").read_text())["test_accuracy"]
+    assert main(["eval", str(limited), "--max-eval-samples", "all"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(whole, abs=1e-12)
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        main(["eval", str(limited), "--max-eval-samples", "0"])
+    assert exit_info.value.code == 2 and "expected a positive number of records or 'all', got '0'" in stderr.getvalue()
+
+
 def test_eval_of_val_works_for_a_run_made_under_the_reference_protocol(
     finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

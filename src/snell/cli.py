@@ -51,6 +51,15 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _eval_limit(text: str) -> int | None:
+    """`snell eval --max-eval-samples`: a positive count, or "all" (None: no limit)."""
+    if text == "all":
+        return None
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of records or 'all', got {text!r}")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from snell.train.flags import add_train_arguments
     from snell.train.search import add_search_arguments
@@ -74,6 +83,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="evaluate on other data: a classifier's with the same classes, a causal LM's folder with the split",
+    )
+    evaluate.add_argument(
+        "--max-eval-samples",
+        type=_eval_limit,
+        default=argparse.SUPPRESS,  # a string default would go through the type
+        help="score the split's first N records, or all of them [default: the run's own --max-eval-samples]",
     )
 
     merge = commands.add_parser("merge", help="fold a run's adapter into the backbone weights")
@@ -117,9 +132,11 @@ def _run(args: argparse.Namespace) -> int:
 
         search_from_args(args)
     elif args.command == "eval":
+        from snell.train.config import RUNS_OWN_LIMIT
         from snell.train.evaluate import evaluate_run
 
-        result = evaluate_run(args.run_dir, args.split, args.adapter, args.data)
+        limit = getattr(args, "max_eval_samples", RUNS_OWN_LIMIT)
+        result = evaluate_run(args.run_dir, args.split, args.adapter, args.data, limit)
         if result.get("accuracy") is not None:  # a causal LM's data without answers gives loss and perplexity only
             print(f"{result['split']} accuracy: {result['accuracy']:.4f} ({result['examples']} examples)")
         print(json.dumps(result))

@@ -55,6 +55,10 @@ def default_lr(method: str, kernel: str, sparsify_mode: str, sparsity: float) ->
     )
 
 
+#: `snell eval`'s --max-eval-samples when not given: the limit the run trained with (None, "all", is no limit).
+RUNS_OWN_LIMIT = "run"
+
+
 class UserError(Exception):
     """A problem with the user's input (file, flag, recipe, checkpoint): reported without a traceback."""
 

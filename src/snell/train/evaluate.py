@@ -19,7 +19,7 @@ from torch import nn
 from snell.train.backbones import Backbone, build_backbone
 from snell.train.causal_lm import is_causal_lm
 from snell.train.classification import accuracy, make_loader
-from snell.train.config import TrainConfig, UserError, check_output_folder, is_run_config
+from snell.train.config import RUNS_OWN_LIMIT, TrainConfig, UserError, check_output_folder, is_run_config
 from snell.train.loop import CONFIG_FILE, SUMMARY_FILE
 from snell.train.methods import MERGED_FILES, load_trained, merge_trained, save_merged
 from snell.train.precision import make_accelerator
@@ -39,13 +39,20 @@ def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def restore(
-    run_dir: Path, adapter: Path | None = None, split: str = "test", data: str | None = None
+    run_dir: Path,
+    adapter: Path | None = None,
+    split: str = "test",
+    data: str | None = None,
+    max_eval_samples: int | str | None = RUNS_OWN_LIMIT,
 ) -> tuple[TrainConfig, Task, Backbone, nn.Module]:
-    """Config, data, backbone and the trained model of a run (the adapter of ``run_dir`` unless given)."""
+    """Config, data, backbone and the trained model of a run (the adapter of ``run_dir`` unless given), scoring
+    ``max_eval_samples`` records of val and test (None: all; the default: as many as the run did)."""
     config, record = load_run_config(run_dir)
     changes: dict[str, Any] = {"progress": False}
     if data is not None:
         changes["data"] = data
+    if max_eval_samples != RUNS_OWN_LIMIT:
+        changes["max_eval_samples"] = max_eval_samples
     config = dataclasses.replace(config, **changes).evaluating(split)
     set_seed(config.seed)  # a backbone without --checkpoint is random: rebuild the same one
     task = load_task(config)
@@ -76,8 +83,15 @@ def check_finished(run_dir: Path, adapter: Path | None = None) -> None:
         )
 
 
-def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None, data: str | None = None) -> dict:
-    """Accuracy of a run's saved result on one split."""
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    adapter: Path | None = None,
+    data: str | None = None,
+    max_eval_samples: int | str | None = RUNS_OWN_LIMIT,
+) -> dict:
+    """Accuracy of a run's saved result on one split: its first ``max_eval_samples`` records (None: all of them; the
+    default: as many as the run scored)."""
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
     config, record = load_run_config(run_dir)
@@ -85,10 +99,12 @@ def evaluate_run(run_dir: Path, split: str = "test", adapter: Path | None = None
     if is_causal_lm(config.model):
         from snell.train.causal_lm import run as causal
 
+        if max_eval_samples != RUNS_OWN_LIMIT:
+            config = dataclasses.replace(config, max_eval_samples=max_eval_samples)
         result = causal.evaluate_run(run_dir, causal.recorded_config(config, record), split, adapter, data)
     else:
         # restore's config evaluates the split (it selects on val for val); the warning below reads the run's own
-        evaluating, task, backbone, model = restore(run_dir, adapter, split, data)
+        evaluating, task, backbone, model = restore(run_dir, adapter, split, data, max_eval_samples)
         dataset = task.test if split == "test" else task.val
         accelerator = make_accelerator(evaluating)
         loader = accelerator.prepare(make_loader(dataset, task, evaluating, backbone.tokenizer, train=False))
