@@ -44,15 +44,11 @@ def default_lr(method: str, kernel: str, sparsify_mode: str, sparsity: float) ->
 
     The update is squared wherever a matrix is sparsified in the reference or soft mode (:func:`snell.spec.keeps_dense`
     is false): SNELL at s > 0, and the mixk kernel (SNELLA's, and SNELL's with ``--kernel mixk``) at every ratio, 0
-    included; mixk's ΔW starts near 1e-3 too (D plus a softmax over m outputs, each about 1/m). The authors' SNELLA
-    scripts use 1e-3 (their recipes set it)."""
+    included; mixk's ΔW starts near 1e-3 too (D plus a softmax over m outputs, each about 1/m). ``kernel`` is the
+    resolved one (snella's is mixk). The authors' SNELLA scripts use 1e-3 (their recipes set it)."""
     if method not in SNELL_METHODS or sparsify_mode not in ("reference", "soft"):
         return DEFAULT_LR
-    return (
-        DEFAULT_LR
-        if keeps_dense("mixk" if method == "snella" else kernel, sparsify_mode, sparsity)
-        else SPARSE_SNELL_LR
-    )
+    return DEFAULT_LR if keeps_dense(kernel, sparsify_mode, sparsity) else SPARSE_SNELL_LR
 
 
 #: `snell eval`'s --max-eval-samples when not given: the limit the run trained with (None, "all", is no limit).
@@ -241,8 +237,8 @@ class TrainConfig:
         if self.lr is None:
             self.lr = default_lr(self.method, self.kernel, self.sparsify_mode, self.sparsity)
         if self.warmup_epochs is None:  # one epoch was the whole of a 1-epoch fine-tune, half of a 2-epoch one
-            epochs = self.epochs if isinstance(self.epochs, int) and not isinstance(self.epochs, bool) else 10
-            self.warmup_epochs = min(1.0, max(epochs, 0) / 10)
+            # a bad --epochs is refused by validate() before warmup_epochs is read
+            self.warmup_epochs = min(1.0, self.epochs / 10) if isinstance(self.epochs, int) else 1.0
         self.validate()
         self._resolve_paths()
 

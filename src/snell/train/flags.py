@@ -132,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     unread = ignored_model_flags(config, overrides)
     if unread and first_process():
         print(unread, file=sys.stderr)
-    if 0 < config.epochs <= config.warmup_epochs and first_process():  # a recipe's 10 warm-up epochs, --epochs 5
+    if config.epochs <= config.warmup_epochs and first_process():  # a recipe's 10 warm-up epochs, --epochs 5
         print(
             f"warning: the warm-up (--warmup-epochs {config.warmup_epochs:g}) lasts the whole run (--epochs "
             f"{config.epochs}): the rate climbs from --warmup-lr all along and never follows the cosine; give "
